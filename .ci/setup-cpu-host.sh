@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 machine (root) for building and testing CPU images: Docker engine,
+# debootstrap, CRIU's build deps, the local base image, CRIU's source tarball, and this package.
+# Idempotent; used by .ci/run and by newcomers. No registry is needed: the base image is made
+# with debootstrap and CRIU's source comes from Debian's source index.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${FV_WORK:-$REPO/.fv-work}
+BASE_IMAGE=${FV_BASE_IMAGE:-fv-local/debian:bookworm}
+mkdir -p "$WORK"
+
+need=""
+command -v dockerd >/dev/null || need="$need docker.io"
+command -v debootstrap >/dev/null || need="$need debootstrap"
+command -v git >/dev/null || need="$need git"
+command -v curl >/dev/null || need="$need curl"
+command -v xz >/dev/null || need="$need xz-utils"
+if [ -n "$need" ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+fi
+
+# Docker engine: no default bridge, so containers use --network host and tests stay on 127.0.0.1.
+if ! docker info >/dev/null 2>&1; then
+  setsid dockerd --bridge=none --iptables=false --ip-masq=false >"$WORK/dockerd.log" 2>&1 < /dev/null &
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see $WORK/dockerd.log" >&2; exit 1; }
+fi
+
+# Local base image (no registry here): Debian 12 minbase by debootstrap.
+if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+  rm -rf "$WORK/rootfs"
+  debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1
+  tar -C "$WORK/rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
+  rm -rf "$WORK/rootfs"
+fi
+
+# CRIU's release tarball from Debian's source index (GitHub is not reachable here).
+if ! ls "$WORK"/criu_*.orig.tar.* >/dev/null 2>&1; then
+  A=$WORK/apt; mkdir -p "$A/lists/partial"
+  src=$( { awk '/^URIs:/{print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null; awk '/^deb /{print $2}' /etc/apt/sources.list 2>/dev/null; } | grep -v security | head -1 || true)
+  echo "deb-src $src sid main" > "$A/sources.list"
+  o="-oDir::Etc::SourceList=$A/sources.list -oDir::Etc::SourceParts=/dev/null -oDir::State::Lists=$A/lists"
+  apt-get $o update -qq
+  read -r dir sum file < <(apt-cache $o showsrc criu | awk '/^Package:/{if(f)exit} /^Directory:/{d=$2} /^Checksums-Sha256:/{c=1;next} /^[A-Z]/{c=0} c&&/orig\.tar/{h=$1;f=$3} END{print d, h, f}')
+  curl -fsSL -o "$WORK/$file" "$src/$dir/$file"
+  echo "$sum  $WORK/$file" | sha256sum -c --quiet
+fi
+ls "$WORK"/criu_*.orig.tar.* | head -1 > "$WORK/criu-src.path"
+
+python3 -m pip install -q -e "$REPO[test]"
+echo "ready: base image $BASE_IMAGE, CRIU source $(cat "$WORK/criu-src.path")"

@@ -1,0 +1,137 @@
+"""Baking: run the built image as `fvboot bake`, then turn its /fv output into image layers.
+
+The token for model downloads goes in through a bind-mounted file: bind mounts are in no layer,
+the bake container's config (with its Env) is never committed, and fvboot keeps the token out of
+the server's environment, so neither the image nor the checkpoint can hold it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from docker.errors import APIError, DockerException
+
+from . import __version__
+from .engine import DockerEngine
+from .errors import BakeError
+from .options import BuildOptions, Device
+from .render import render_template
+
+TOKEN_PATH = "/run/fv-secrets/token"
+IMPORT_PATH = "/fv-import/model"
+
+
+@dataclass(frozen=True)
+class BakeLayersContext:
+    """The typed context of baked.Dockerfile.j2."""
+
+    fvbuild_version: str
+    built_image: str
+    bake_image: str
+    labels: tuple[tuple[str, str], ...]
+
+
+def bake_command(opts: BuildOptions) -> list[str]:
+    cmd = ["bake", "--model", opts.model, "--port", str(opts.port),
+           "--warmup-requests", str(opts.warmup_requests)]
+    if os.environ.get(opts.hf_token_env):
+        cmd += ["--token-file", TOKEN_PATH]
+    return cmd + ["--", *opts.vllm_args]
+
+
+def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str,
+               on_line: Callable[[str], None]) -> dict[str, float]:
+    """Bake BUILT_ID and tag the result TAG; returns seconds per phase."""
+    t0 = time.monotonic()
+    volumes = {}
+    token = os.environ.get(opts.hf_token_env)
+    tmpdir = tempfile.mkdtemp(prefix="fvbuild-")
+    if token:
+        token_file = Path(tmpdir) / "token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
+        volumes[str(token_file)] = {"bind": TOKEN_PATH, "mode": "ro"}
+    if Path(opts.model).is_dir():
+        volumes[str(Path(opts.model).resolve())] = {"bind": IMPORT_PATH, "mode": "ro"}
+    gpus = None
+    if opts.device is Device.cuda:
+        from docker.types import DeviceRequest
+
+        gpus = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    container = None
+    bake_ref = f"fvbuild-bake-tmp:{built_id.split(':')[-1][:12]}"
+    try:
+        container = engine.run_criu_container(built_id, bake_command(opts), opts.network,
+                                              volumes=volumes, device_requests=gpus)
+        tail: list[str] = []
+        for chunk in container.logs(stream=True, follow=True):
+            for line in chunk.decode(errors="replace").splitlines():
+                tail = (tail + [line])[-40:]
+                on_line(line)
+        code = container.wait()["StatusCode"]
+        if code != 0:
+            reason = next((l for l in reversed(tail) if l.startswith("fvboot: ")), tail[-1] if tail else "")
+            raise BakeError(f"bake failed (exit {code}): {reason.removeprefix('fvboot: ')}")
+        t_run = time.monotonic()
+        container.commit(repository=bake_ref.split(":")[0], tag=bake_ref.split(":")[1])
+        manifest = _read_manifest(engine, bake_ref)
+        labels = (
+            ("org.fast-vllm.baked", "true"),
+            ("org.fast-vllm.baked-at", manifest.get("baked_at", "")),
+            ("org.fast-vllm.baked-device", _device_summary(manifest.get("device", {}))),
+            ("org.fast-vllm.baked-vllm", manifest.get("vllm", {}).get("version", "")),
+            ("org.fast-vllm.baked-criu", manifest.get("criu", {}).get("version", "")),
+        )
+        ctx = BakeLayersContext(__version__, built_id, bake_ref, labels)
+        ctxdir = Path(tmpdir) / "layers"
+        ctxdir.mkdir()
+        (ctxdir / "Dockerfile").write_text(render_template("baked.Dockerfile.j2", ctx))
+        result = None
+        for item in engine.build(ctxdir, network_mode=opts.network):
+            if hasattr(item, "image_id"):
+                result = item
+            else:
+                on_line(item.text)
+        engine.tag(result.image_id, tag)
+        return {"bake run": t_run - t0, "layers": time.monotonic() - t_run}
+    except (APIError, DockerException) as e:
+        raise BakeError(f"bake failed: {e}") from None
+    finally:
+        if container is not None:
+            try:
+                container.remove(force=True)
+            except (APIError, DockerException):
+                pass
+        engine.remove_image(bake_ref)
+        for p in sorted(Path(tmpdir).rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        os.rmdir(tmpdir)
+
+
+def _device_summary(dev: dict) -> str:
+    if dev.get("kind") != "cuda":
+        return "cpu"
+    return f"{dev['gpus'][0]['name']} x{len(dev['gpus'])}, driver {dev.get('driver')}, CUDA {dev.get('cuda')}"
+
+
+def _read_manifest(engine: DockerEngine, image: str) -> dict:
+    import json
+
+    code, out = engine.run_once(image, ["-c", "cat /fv/manifest.json"], entrypoint=["sh"], criu_caps=False)
+    if code != 0:
+        raise BakeError("the bake wrote no /fv/manifest.json")
+    return json.loads(out)
+
+
+def read_image_manifest(engine: DockerEngine, image: str) -> Optional[dict]:
+    """The manifest of a baked image, or None for an image that was not baked."""
+    engine.inspect(image)
+    try:
+        return _read_manifest(engine, image)
+    except BakeError:
+        return None

@@ -1,0 +1,171 @@
+"""The fvbuild command line: `render`, `image`, `inspect`. The only place where errors become
+messages and exit codes; everything below raises typed FvBuildError."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import FvBuildError, ImageNotBakedError
+from .options import BuildOptions, load_options
+
+console = Console(stderr=True, highlight=False)
+
+
+def _options_params(f):
+    """The flags shared by `render` and `image`; each maps to one BuildOptions field."""
+    decorators = [
+        click.option("--model", help="HF repo id, local model folder, or synthetic:NAME (e.g. synthetic:tiny)"),
+        click.option("--tag", help="image name[:tag] (default fast-vllm/<model>:<device>)"),
+        click.option("--device", type=click.Choice(["cuda", "cpu"]), help="target (default cuda)"),
+        click.option("--base-image", help="FROM image (default: vLLM's image for cuda, debian:bookworm for cpu)"),
+        click.option("--vllm-version", help="vLLM version (default: 0.26.0 cuda, 0.32.0 cpu)"),
+        click.option("--vllm-arg", "vllm_args", multiple=True, help="extra `vllm serve` argument (repeat)"),
+        click.option("--port", type=int, help="port the server listens on (default 8000)"),
+        click.option("--criu-repo", help="CRIU git repo URL or local git repo"),
+        click.option("--criu-ref", help="CRIU tag, branch or commit (default v4.2.1)"),
+        click.option("--criu-src", type=click.Path(path_type=Path), help="local CRIU source folder or tarball (offline)"),
+        click.option("--criu-patches", type=click.Path(path_type=Path), help="folder with a patch `series`"),
+        click.option("--wheels", multiple=True, type=click.Path(path_type=Path), help="folder of wheels pip may use (repeat)"),
+        click.option("--extra-index-url", "extra_index_urls", multiple=True, help="extra package index (repeat)"),
+        click.option("--ca-cert", type=click.Path(path_type=Path), help="extra CA bundle (PEM) for every stage"),
+        click.option("--network", help="docker network mode for build and bake (e.g. host)"),
+        click.option("--cuda-checkpoint", type=click.Choice(["fast-vllm", "nvidia"]), help="which cuda-checkpoint CRIU runs"),
+        click.option("--warmup-requests", type=int, help="warm-up requests before the checkpoint (default 4)"),
+        click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+                     help="TOML/YAML file of options (flags override it)"),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def _load(values: dict[str, Any], **extra: Any) -> BuildOptions:
+    config_file = values.pop("config_file", None)
+    values.update(extra)
+    return load_options(values, config_file)
+
+
+def _fail(e: FvBuildError) -> None:
+    console.print(f"[bold red]fvbuild:[/] {e}", markup=True, soft_wrap=True)
+    sys.exit(e.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fvbuild")
+def main() -> None:
+    """Build vLLM images that start in seconds: CRIU checkpoints baked into the image."""
+
+
+@main.command()
+@_options_params
+@click.option("--context-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="also write the full build context here")
+def render(context_dir: Optional[Path], **values: Any) -> None:
+    """Print the rendered Dockerfile and the build-context listing; builds nothing."""
+    from . import buildcontext
+
+    try:
+        opts = _load(values)
+        if context_dir is not None:
+            bc = buildcontext.assemble(opts, context_dir, check_remote=False)
+            dockerfile, listing = bc.dockerfile, bc.listing()
+        else:
+            with tempfile.TemporaryDirectory(prefix="fvbuild-render-") as tmp:
+                bc = buildcontext.assemble(opts, Path(tmp) / "ctx", check_remote=False)
+                dockerfile, listing = bc.dockerfile, bc.listing()
+    except FvBuildError as e:
+        _fail(e)
+    click.echo(dockerfile, nl=False)
+    click.echo("\n# build context:")
+    for path, size in listing:
+        if path != "Dockerfile":
+            click.echo(f"#   {path}  ({size} bytes)")
+    if opts.criu_src is None and not Path(opts.criu_repo).is_dir():
+        click.echo("#   (CRIU is fetched by the build: no source in the context)")
+
+
+@main.command()
+@_options_params
+@click.option("--bake/--no-bake", default=None, help="bake the checkpoint after the build (default: bake)")
+def image(bake: Optional[bool], **values: Any) -> None:
+    """Build the image and bake a checkpoint of the warmed server into it."""
+    from .bake import bake_image
+    from .buildcontext import assemble
+    from .engine import DockerEngine
+
+    try:
+        opts = _load(values, bake=bake)
+        engine = DockerEngine.connect()
+        engine.ensure_image(opts.resolved_base_image)
+        tag = opts.resolved_tag
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="fvbuild-ctx-") as tmp:
+            bc = assemble(opts, Path(tmp) / "ctx")
+            result = _show_build(engine.build(bc.path, network_mode=opts.network))
+        phases = dict(result.stage_seconds)
+        if opts.bake:
+            unbaked = f"{tag}-unbaked"
+            engine.tag(result.image_id, unbaked)
+            console.print(f"built {unbaked}; baking (vLLM start, warm-up, weight dump, checkpoint)...")
+            phases.update(bake_image(engine, opts, result.image_id, tag, _bake_line))
+        else:
+            engine.tag(result.image_id, tag)
+        info = engine.inspect(tag)
+    except FvBuildError as e:
+        _fail(e)
+    table = Table(title=f"{tag}  ({info['Size'] / 1e9:.2f} GB)")
+    table.add_column("stage / phase")
+    table.add_column("seconds", justify="right")
+    for name, secs in phases.items():
+        table.add_row(name, f"{secs:.1f}")
+    table.add_row("total", f"{time.monotonic() - t0:.1f}")
+    console.print(table)
+    click.echo(tag)
+
+
+def _show_build(events):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    result = None
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("build", total=None)
+        for ev in events:
+            if hasattr(ev, "image_id"):
+                result = ev
+            elif ev.kind == "step":
+                progress.update(task, total=ev.total, completed=ev.step,
+                                description=f"[{ev.stage}] {ev.text[:70]}")
+            else:
+                progress.console.print(f"  {ev.text}", markup=False, highlight=False)
+    return result
+
+
+def _bake_line(line: str) -> None:
+    console.print(f"  bake| {line}", markup=False, highlight=False)
+
+
+@main.command()
+@click.argument("image_ref")
+def inspect(image_ref: str) -> None:
+    """Print the bake manifest of a baked image."""
+    from .bake import read_image_manifest
+    from .engine import DockerEngine
+
+    try:
+        manifest = read_image_manifest(DockerEngine.connect(), image_ref)
+        if manifest is None:
+            raise ImageNotBakedError(f"{image_ref} carries no fast-vllm checkpoint; build it with `fvbuild image`")
+    except FvBuildError as e:
+        _fail(e)
+    click.echo(json.dumps(manifest, indent=2))

@@ -1,0 +1,64 @@
+"""RenderContext: the one typed object the templates see (rendered with StrictUndefined)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import __version__
+from .options import BuildOptions
+
+
+@dataclass(frozen=True)
+class CriuSource:
+    """Where the criu stage takes CRIU's source: a git fetch in the build, or an archive in the context."""
+
+    kind: Literal["git", "local"]
+    describe: str  # e.g. "v4.2.1 from https://..." or "criu-4.2.1.tar.xz"
+    repo: str = ""
+    ref: str = ""
+    archive: str = ""  # build-context path of the source tarball (kind == "local")
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    fvbuild_version: str
+    model: str
+    device: Literal["cpu", "cuda"]
+    base_image: str
+    vllm_version: str
+    port: int
+    criu: CriuSource
+    patches: tuple[str, ...]
+    ca_cert: bool
+    wheel_dirs: tuple[str, ...]
+    extra_index_urls: tuple[str, ...]
+    cuda_checkpoint: str
+    labels: tuple[tuple[str, str], ...] = field(default=())
+
+
+def make_context(opts: BuildOptions, criu: CriuSource, patches: tuple[str, ...]) -> RenderContext:
+    """Everything the templates need, decided once from validated options."""
+    labels = (
+        ("org.fast-vllm.version", __version__),
+        ("org.fast-vllm.model", opts.model),
+        ("org.fast-vllm.device", opts.device.value),
+        ("org.fast-vllm.vllm-version", opts.resolved_vllm_version),
+        ("org.fast-vllm.criu", criu.describe),
+        ("org.fast-vllm.criu-patches", ",".join(patches)),
+    )
+    return RenderContext(
+        fvbuild_version=__version__,
+        model=opts.model,
+        device=opts.device.value,
+        base_image=opts.resolved_base_image,
+        vllm_version=opts.resolved_vllm_version,
+        port=opts.port,
+        criu=criu,
+        patches=patches,
+        ca_cert=opts.ca_cert is not None,
+        wheel_dirs=tuple(f"wheels/{i}" for i in range(len(opts.wheels))),
+        extra_index_urls=tuple(opts.extra_index_urls),
+        cuda_checkpoint=opts.cuda_checkpoint.value,
+        labels=labels,
+    )

@@ -1,0 +1,184 @@
+"""DockerEngine: the only module that talks to Docker (build, run, commit, tag, inspect).
+
+A seam like repo2docker's ContainerEngine: the rest of the builder sees typed results and typed
+errors, never docker-py exceptions. Build output is a generator of events; the CLI shows them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from .errors import (BaseImageMissingError, BuildFailedError, CriuSourceError,
+                     DockerUnavailableError, PatchError)
+
+# The minimal capability set CRIU needs in a container on Docker 20.10 (see README):
+# --privileged is not needed (and fails on hosts without CAP_SYS_RESOURCE).
+CRIU_CAPS = ["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "DAC_READ_SEARCH", "SYS_TIME"]
+CRIU_SECURITY_OPT = ["seccomp=unconfined", "apparmor=unconfined"]
+_STEP_RE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+_STAGE_RE = re.compile(r"^FROM \S+(?: AS (\S+))?", re.IGNORECASE)
+
+
+@dataclass
+class BuildEvent:
+    kind: str  # "step" | "log"
+    text: str
+    step: int = 0
+    total: int = 0
+    stage: str = ""
+
+
+@dataclass
+class BuildResult:
+    image_id: str
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class DockerEngine:
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+
+    @classmethod
+    def connect(cls, timeout: int = 600) -> "DockerEngine":
+        try:
+            client = docker.from_env(timeout=timeout)
+            client.ping()
+        except DockerException as e:
+            where = getattr(getattr(e, "request", None), "url", None) or "the default socket"
+            raise DockerUnavailableError(
+                f"cannot reach the Docker daemon ({_short(e)}); start dockerd or set DOCKER_HOST"
+                + ("" if where == "the default socket" else f" (tried {where})")) from None
+        return cls(client)
+
+    # ---- images -----------------------------------------------------------------------------
+    def ensure_image(self, name: str) -> None:
+        """The base image must be local or pullable; say how to get it if neither."""
+        try:
+            self.client.images.get(name)
+            return
+        except ImageNotFound:
+            pass
+        try:
+            self.client.images.pull(name)
+        except (APIError, DockerException) as e:
+            raise BaseImageMissingError(
+                f"base image {name} is not on this machine and cannot be pulled ({_short(e)}); "
+                "load or import it first (README: 'local base image') or pass --base-image") from None
+
+    def image_exists(self, name: str) -> bool:
+        try:
+            self.client.images.get(name)
+            return True
+        except ImageNotFound:
+            return False
+
+    def inspect(self, name: str) -> dict:
+        try:
+            return self.client.api.inspect_image(name)
+        except ImageNotFound:
+            raise BaseImageMissingError(f"image {name} does not exist") from None
+
+    def tag(self, image_id: str, ref: str) -> None:
+        repo, _, tag = ref.rpartition(":")
+        self.client.api.tag(image_id, repo, tag)
+
+    def remove_image(self, ref: str) -> None:
+        try:
+            self.client.api.remove_image(ref, force=True, noprune=False)
+        except NotFound:
+            pass
+
+    # ---- build ------------------------------------------------------------------------------
+    def build(self, context: Path, network_mode: Optional[str] = None,
+              dockerfile: str = "Dockerfile") -> Iterator[BuildEvent | BuildResult]:
+        """Yield events while building CONTEXT; the last item is the BuildResult. Untagged: the
+        caller tags only a finished image, so a failed build leaves no half-tagged image."""
+        stage, stage_start, seconds = "", time.monotonic(), {}
+        image_id, tail = None, []
+        try:
+            stream = self.client.api.build(path=str(context), dockerfile=dockerfile, rm=True,
+                                           forcerm=True, decode=True, network_mode=network_mode,
+                                           pull=False)
+            for chunk in stream:
+                if "errorDetail" in chunk or "error" in chunk:
+                    msg = chunk.get("error") or chunk["errorDetail"].get("message", "")
+                    raise _build_error(msg, tail)
+                if "aux" in chunk and "ID" in chunk["aux"]:
+                    image_id = chunk["aux"]["ID"]
+                text = chunk.get("stream", "")
+                for line in text.splitlines():
+                    line = line.rstrip()
+                    if not line:
+                        continue
+                    m = _STEP_RE.match(line)
+                    if m:
+                        s = _STAGE_RE.match(m.group(3))
+                        if s:
+                            if stage:
+                                seconds[stage] = time.monotonic() - stage_start
+                            stage, stage_start = s.group(1) or f"stage{len(seconds)}", time.monotonic()
+                        yield BuildEvent("step", m.group(3), int(m.group(1)), int(m.group(2)), stage)
+                    else:
+                        tail = (tail + [line])[-60:]
+                        yield BuildEvent("log", line, stage=stage)
+                m = re.search(r"Successfully built ([0-9a-f]+)", text)
+                if m and not image_id:
+                    image_id = m.group(1)
+        except (APIError, DockerException) as e:
+            if isinstance(e, (PatchError, CriuSourceError, BuildFailedError)):
+                raise
+            raise BuildFailedError(f"docker build failed: {_short(e)}") from None
+        if stage:
+            seconds[stage] = time.monotonic() - stage_start
+        if not image_id:
+            raise BuildFailedError("docker build ended without an image id:\n" + "\n".join(tail[-20:]))
+        yield BuildResult(image_id, seconds)
+
+    # ---- containers -------------------------------------------------------------------------
+    def run_criu_container(self, image: str, command: list[str], network_mode: Optional[str],
+                           volumes: Optional[dict] = None, environment: Optional[dict] = None,
+                           name: Optional[str] = None, device_requests: Optional[list] = None):
+        """Start a detached container with the capability set CRIU needs."""
+        return self.client.containers.run(
+            image, command, detach=True, name=name, network_mode=network_mode,
+            cap_add=CRIU_CAPS, security_opt=CRIU_SECURITY_OPT, shm_size="1g",
+            volumes=volumes or {}, environment=environment or {},
+            device_requests=device_requests or None)
+
+    def run_once(self, image: str, command: list[str], network_mode: Optional[str] = None,
+                 entrypoint: Optional[list[str]] = None, criu_caps: bool = True) -> tuple[int, str]:
+        """Run a short command to completion; returns (exit code, output)."""
+        kwargs = dict(cap_add=CRIU_CAPS, security_opt=CRIU_SECURITY_OPT) if criu_caps else {}
+        c = self.client.containers.run(image, command, detach=True, network_mode=network_mode,
+                                       entrypoint=entrypoint, **kwargs)
+        try:
+            code = c.wait()["StatusCode"]
+            return code, c.logs().decode(errors="replace")
+        finally:
+            c.remove(force=True)
+
+
+def _short(e: Exception) -> str:
+    text = getattr(e, "explanation", None) or str(e)
+    text = str(text).strip().splitlines()[-1] if str(text).strip() else type(e).__name__
+    return text[:300]
+
+
+def _build_error(msg: str, tail: list[str]) -> Exception:
+    """Map our markers in the build log to typed errors; otherwise show the failing output."""
+    for line in reversed(tail):
+        if line.startswith("fvbuild-error: patch: "):
+            return PatchError(line.removeprefix("fvbuild-error: patch: ")
+                              + "; fix or drop it in criu-patches/series")
+        if line.startswith("fvbuild-error: criu-ref: "):
+            return CriuSourceError(line.removeprefix("fvbuild-error: criu-ref: ")
+                                   + "; pick an existing tag or branch (--criu-ref)")
+    shown = "\n  ".join(tail[-15:])
+    return BuildFailedError(f"docker build failed: {msg.strip()}\n  {shown}")

@@ -1,0 +1,39 @@
+"""Jinja2 rendering of the Dockerfile templates: one typed context, StrictUndefined."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import jinja2
+
+from .context import RenderContext
+
+
+def docker_quote(value: str) -> str:
+    """Quote a value for LABEL/ENV lines. Refuses newlines and never echoes the value (it may be a secret)."""
+    if "\n" in value or "\r" in value:
+        raise ValueError("a value for a Dockerfile LABEL/ENV line contains a newline")
+    return json.dumps(value)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(str(files("fvbuild.templates"))))),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["docker_quote"] = docker_quote
+    return env
+
+
+def render_template(name: str, ctx: object) -> str:
+    return _environment().get_template(name).render(ctx=ctx)
+
+
+def render_dockerfile(ctx: RenderContext) -> str:
+    return render_template("Dockerfile.j2", ctx)

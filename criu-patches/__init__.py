@@ -1,0 +1,1 @@
+"""CRIU patches applied by fvbuild (package data: see `series`)."""
