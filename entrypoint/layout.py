@@ -1,0 +1,55 @@
+"""Where everything lives under FV_HOME (/fv in images; any folder in host mode)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    home: Path
+
+    @classmethod
+    def from_env(cls, home: str | None = None) -> "Layout":
+        return cls(Path(home or os.environ.get("FV_HOME", "/fv")))
+
+    @property
+    def model_dir(self) -> Path:
+        return self.home / "model"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.home / "weights"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.home / "checkpoint"
+
+    @property
+    def images_dir(self) -> Path:
+        """CRIU's image directory."""
+        return self.checkpoint_dir / "criu"
+
+    @property
+    def shm_archive(self) -> Path:
+        """/dev/shm as it was at the dump: CRIU does not store it, vLLM's queues live there."""
+        return self.checkpoint_dir / "dev-shm.tar"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.checkpoint_dir / "admin-token"
+
+    @property
+    def manifest(self) -> Path:
+        return self.home / "manifest.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def run_dir(self) -> Path:
+        """Scratch files of one start (logs); never part of the checkpoint."""
+        return Path(os.environ.get("FV_RUN_DIR", "/tmp/fvboot"))

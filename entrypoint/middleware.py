@@ -1,0 +1,73 @@
+"""GateMiddleware: the ASGI middleware fvboot passes to vLLM (`--middleware`).
+
+Two jobs, both inside the server process so they survive checkpoint and restore:
+- a gate: while closed (from just before the dump until the restored weights are back and
+  checked), client requests wait instead of reaching an engine without weights; they get 503
+  with Retry-After only if the gate stays shut past FV_GATE_WAIT_S. `/health` says 503 while shut.
+- the dev endpoints fvboot needs (sleep, wake_up, collective_rpc, ...) answer only requests that
+  carry the admin token, which clients never see (it lives in a root-only file of the image).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+ADMIN_HEADER = b"x-fastvllm-admin"
+DEV_PATHS = ("/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_prefix_cache",
+             "/reset_mm_cache", "/server_info", "/pause", "/resume", "/update_weights",
+             "/init_weight_transfer", "/scale_elastic_ep", "/fv/")
+GATE_OPEN, GATE_CLOSE, GATE_STATE = "/fv/gate/open", "/fv/gate/close", "/fv/gate/state"
+
+
+class GateMiddleware:
+    def __init__(self, app) -> None:
+        self.app = app
+        self._token = os.environ.get("FV_ADMIN_TOKEN", "").encode()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._wait_s = float(os.environ.get("FV_GATE_WAIT_S", "600"))
+        self._first_served = False
+
+    async def _reply(self, send, status: int, body: dict, headers=()) -> None:
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(data)).encode()), *headers]})
+        await send({"type": "http.response.body", "body": data})
+
+    def _is_admin(self, scope) -> bool:
+        if not self._token:
+            return False
+        return any(k == ADMIN_HEADER and v == self._token for k, v in scope.get("headers", ()))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if self._is_admin(scope):
+            if path == GATE_CLOSE:
+                self._open.clear()
+                return await self._reply(send, 200, {"gate": "closed"})
+            if path == GATE_OPEN:
+                self._open.set()
+                return await self._reply(send, 200, {"gate": "open"})
+            if path == GATE_STATE:
+                return await self._reply(send, 200, {"gate": "open" if self._open.is_set() else "closed"})
+            return await self.app(scope, receive, send)
+        if path.startswith(DEV_PATHS):
+            return await self._reply(send, 403, {"error": "this endpoint is reserved to fvboot"})
+        if not self._open.is_set():
+            if path in ("/health", "/ping", "/ready"):
+                return await self._reply(send, 503, {"status": "restoring"}, [(b"retry-after", b"1")])
+            try:
+                await asyncio.wait_for(self._open.wait(), self._wait_s)
+            except asyncio.TimeoutError:
+                return await self._reply(send, 503, {"error": "server is starting"}, [(b"retry-after", b"5")])
+        await self.app(scope, receive, send)
+        if not self._first_served and path.startswith("/v1/"):
+            self._first_served = True
+            print(f"fvboot-event first_request_served {time.time():.6f}", file=sys.stderr, flush=True)

@@ -1,0 +1,45 @@
+"""Puts the model to serve into FV_HOME/model: a synthetic one made here, a local folder given to
+the bake container, or a Hugging Face repo downloaded with a token read from a file.
+
+The token is read from a file (mounted only into the bake container) and only in this short
+download step; it never enters the server's environment, so no checkpoint page holds it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from . import synthetic
+from .errors import BakeFailed
+
+IMPORT_DIR = Path("/fv-import/model")
+
+
+def prepare_model(model: str, dest: Path, token_file: Optional[Path]) -> str:
+    """Fill DEST; return the name clients use in requests (the model as the user wrote it)."""
+    name = synthetic.parse_name(model)
+    if (dest / "config.json").exists():
+        return model
+    if name is not None:
+        synthetic.make_model(name, dest)
+        return model
+    local = Path(model)
+    for candidate in (IMPORT_DIR, local):
+        if (candidate / "config.json").exists():
+            shutil.copytree(candidate, dest, dirs_exist_ok=True)
+            return model
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise BakeFailed("huggingface_hub is not installed; cannot download " + model) from None
+    token = token_file.read_text().strip() if token_file and token_file.exists() else None
+    try:
+        snapshot_download(model, local_dir=str(dest), token=token,
+                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+    except Exception as e:  # hub errors carry the reason (gated, not found, offline)
+        raise BakeFailed(f"cannot download {model}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    finally:
+        token = None
+    return model

@@ -1,0 +1,39 @@
+"""PID 1 of the served tree's own PID namespace: starts vLLM, reaps orphans, forwards signals.
+
+The tree gets its own PID and mount namespace so that CRIU restores it with its original PIDs in
+any fresh container (PIDs in a namespace start at 1, whatever runs beside it). This init is the
+root of the checkpoint; it must be a session leader inside the namespace (CRIU refuses a session
+leader outside it), hence setsid() here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from .noiouring import disable_io_uring
+
+
+def main(argv: list[str]) -> int:
+    os.setsid()
+    if os.environ.get("FV_DISABLE_IO_URING", "1") == "1":
+        disable_io_uring()
+    pid = os.fork()
+    if pid == 0:
+        os.execvp(argv[0], argv)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda s, _f: os.kill(pid, s))
+    while True:
+        try:
+            died, status = os.wait()
+        except ChildProcessError:
+            return 0
+        except InterruptedError:
+            continue
+        if died == pid:
+            return os.waitstatus_to_exitcode(status) & 0xFF
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,225 @@
+"""`fvboot serve` (the image's default): restore the baked server, or start vLLM normally.
+
+Restore: manifest -> compatibility check -> (page-cache prefetch || criu restore) -> weights back
+-> probe answers equal the bake's -> gate opens. Any failure on that path is logged as one line
+with its reason and leads to a normal start with the same arguments, which still reuses the
+compile caches baked into the image. Requests that arrive meanwhile wait at the gate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import criu, manifest
+from .control import ServerControl
+from .errors import CheckpointUnusable, FvBootError, ServerDied
+from .launcher import Pipes, ServedTree, server_env, vllm_command
+from .layout import Layout
+from .timeline import Timeline
+
+_PR_SET_CHILD_SUBREAPER = 36
+PROBE_LOGPROB_TOL = 1e-3
+
+
+def log(msg: str) -> None:
+    print(f"fvboot: {msg}", file=sys.stderr, flush=True)
+
+
+def become_subreaper() -> None:
+    """The restored tree is reparented to us, so we can wait for it (and reap what it leaves)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def check_compatible(m: dict, layout: Layout, run_args: list[str]) -> None:
+    """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here."""
+    if m.get("format") != manifest.FORMAT:
+        raise CheckpointUnusable(f"manifest format {m.get('format')} is not {manifest.FORMAT}")
+    if run_args and run_args != m["vllm"]["args"]:
+        raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {m['vllm']['args']}")
+    baked, here = m["device"], manifest.device_info()
+    if baked["kind"] != here["kind"]:
+        raise CheckpointUnusable(f"baked on {baked['kind']}, running on {here['kind']}")
+    if here["kind"] == "cuda":
+        b_names = [g["name"] for g in baked["gpus"]]
+        h_names = [g["name"] for g in here["gpus"]][: len(b_names)]
+        if b_names != h_names:
+            raise CheckpointUnusable(f"baked on {b_names}, this machine has {h_names}")
+        if baked["driver"] != here["driver"]:
+            raise CheckpointUnusable(f"baked with driver {baked['driver']}, this machine has {here['driver']}")
+    problem = manifest.verify_files(layout.home, m["files"])
+    if problem:
+        raise CheckpointUnusable(problem)
+    if shutil.which("criu") is None:
+        raise CheckpointUnusable("criu is not on PATH")
+
+
+def prefetch(layout: Layout) -> list[subprocess.Popen]:
+    """Read the checkpoint, then the weights, into the page cache while CRIU restores."""
+    procs = []
+    if shutil.which("vmtouch"):
+        for d in (layout.images_dir, layout.weights_dir):
+            procs.append(subprocess.Popen(["vmtouch", "-qt", str(d)], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+    return procs
+
+
+def restore_dev_shm(layout: Layout) -> None:
+    with tarfile.open(layout.shm_archive) as tf:
+        for member in tf.getmembers():
+            target = Path("/dev/shm") / member.name
+            if target.exists():
+                target.unlink()
+        tf.extractall("/dev/shm")
+
+
+class RestoredTree:
+    """The restored namespace init, reparented to us."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.code: Optional[int] = None
+
+    def alive(self) -> bool:
+        if self.code is not None:
+            return False
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return os.path.exists(f"/proc/{self.pid}")
+        if pid == 0:
+            return True
+        self.code = os.waitstatus_to_exitcode(status)
+        return False
+
+    def terminate(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)  # the PID namespace dies with its init
+        except ProcessLookupError:
+            return
+        while self.alive():
+            time.sleep(0.02)
+
+
+def _same_answers(now: list[dict], baked: list[dict]) -> Optional[str]:
+    for a, b in zip(now, baked):
+        if a["text"] != b["text"]:
+            return f"probe {b['prompt']!r} answered {a['text']!r}, baked answer {b['text']!r}"
+        if len(a["logprobs"]) != len(b["logprobs"]) or any(
+                abs(x - y) > PROBE_LOGPROB_TOL for x, y in zip(a["logprobs"], b["logprobs"])):
+            return f"probe {b['prompt']!r}: logprobs differ from the bake's"
+    return None
+
+
+def restore(layout: Layout, m: dict, tl: Timeline, pipes: Pipes) -> RestoredTree:
+    token = layout.admin_token_file.read_text().strip()
+    ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
+    restore_dev_shm(layout)
+    tl.mark("restore issued")
+    pid = criu.restore(layout.images_dir, layout.run_dir,
+                       [(pipes.out_w, m["pipes"]["stdout"]), (pipes.err_w, m["pipes"]["stderr"])])
+    tree = RestoredTree(pid)
+    tl.mark("restore done")
+    try:
+        gpu = m["device"]["kind"] == "cuda"
+        if gpu:
+            ctl.wake_up(["weights"])
+        stats = ctl.rpc("fv_load_weights", str(layout.weights_dir))
+        tl.mark("weights loaded")
+        log(f"weights: {stats}")
+        if gpu:
+            ctl.wake_up(["kv_cache"])
+        else:
+            ctl.wake_up()
+        tl.mark("engine awake")
+        mismatch = _same_answers(ctl.probe(), m["probe"])
+        if mismatch:
+            raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
+        tl.mark("answers checked")
+        ctl.gate("open")
+        tl.mark("ready")
+    except BaseException:
+        tree.terminate()
+        raise
+    return tree
+
+
+def serve(layout: Layout, run_args: list[str]) -> int:
+    tl = Timeline("serve")
+    become_subreaper()
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    pipes = Pipes.create()
+    pipes.pump(lambda ev, args: ev == "first_request_served" and _first_request(tl, args))
+    tree = None
+    m: Optional[dict] = None
+    try:
+        if not layout.manifest.exists():
+            raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
+        m = manifest.read(layout.manifest)
+        check_compatible(m, layout, run_args)
+        tl.mark("checks passed")
+        readers = prefetch(layout)
+        tree = restore(layout, m, tl, pipes)
+        for r in readers:
+            r.poll()
+        log(f"restored from checkpoint in {tl.events[-1][1]:.2f} s since start")
+    except (CheckpointUnusable, FvBootError, OSError, ValueError, KeyError) as e:
+        reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
+        log(f"checkpoint not used: {reason}; starting vLLM normally (compile caches reused)")
+        tl.mark("fallback start")
+        tree = _cold_start(layout, m, run_args, pipes, tl)
+    tl.print_table()
+    return _supervise(tree)
+
+
+def _first_request(tl: Timeline, args: list[str]) -> None:
+    tl.mark("first request served", float(args[0]) if args else None)
+
+
+def _cold_start(layout: Layout, m: Optional[dict], run_args: list[str], pipes: Pipes, tl: Timeline):
+    if m is not None:
+        cmd, args = m["vllm"]["command"], run_args or m["vllm"]["args"]
+        cmd = cmd[: len(cmd) - len(m["vllm"]["args"])] + args
+        cmd = [c for c in cmd if c != "--enable-sleep-mode"]
+        port, name = m["vllm"]["port"], m["model"]["served_name"]
+    else:
+        port = int(os.environ.get("FV_PORT", "8000"))
+        name = os.environ.get("FV_SERVED_MODEL", str(layout.model_dir))
+        cmd = vllm_command(str(layout.model_dir), name, port, run_args, sleep_mode=False)
+    tree = ServedTree(cmd, server_env(""), pipes, namespaced=False)
+    ServerControl(port, "", name).wait_healthy(3600, tree.alive)
+    tl.mark("ready")
+    return tree
+
+
+def _supervise(tree) -> int:
+    """Wait for the tree, reaping whatever is reparented to us; forward SIGTERM/SIGINT to it."""
+    root = tree.pid if isinstance(tree, RestoredTree) else tree.proc.pid
+
+    def stop(signum, _frame):
+        try:
+            os.kill(root, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if pid == root:
+            code = os.waitstatus_to_exitcode(status)
+            break
+    log(f"vLLM exited with code {code}")
+    return code & 0xFF if code >= 0 else 128 - code
