@@ -14,6 +14,7 @@ command -v dockerd >/dev/null || need="$need docker.io"
 command -v debootstrap >/dev/null || need="$need debootstrap"
 command -v git >/dev/null || need="$need git"
 command -v curl >/dev/null || need="$need curl"
+command -v docker-compose >/dev/null || need="$need docker-compose"
 command -v xz >/dev/null || need="$need xz-utils"
 if [ -n "$need" ]; then
   apt-get update -qq

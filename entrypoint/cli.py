@@ -13,7 +13,7 @@ from . import __version__
 from .errors import FvBootError
 from .layout import Layout
 
-COMMANDS = ("bake", "serve", "inspect", "make-model", "cuda-checkpoint")
+COMMANDS = ("bake", "serve", "inspect", "check", "make-model", "cuda-checkpoint")
 
 
 def _bake(argv: list[str]) -> int:
@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             return _bake(rest)
         if cmd == "inspect":
             return _inspect(rest)
+        if cmd == "check":
+            from .bake import criu_check
+
+            r = criu_check()
+            sys.stdout.write(r.stdout + r.stderr)
+            return r.returncode
         if cmd == "make-model":
             from .synthetic import main as make_model
 

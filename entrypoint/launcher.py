@@ -94,7 +94,7 @@ class ServedTree:
         self.pipes = pipes
         argv = [sys.executable, "-m", "fvboot.nsinit", *cmd]
         if namespaced:
-            argv = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "private", "--kill-child", *argv]
+            argv = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "private", *argv]
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=pipes.out_w,
                                      stderr=pipes.err_w, close_fds=True, start_new_session=True)
         self.namespaced = namespaced

@@ -16,7 +16,8 @@ from .noiouring import disable_io_uring
 
 
 def main(argv: list[str]) -> int:
-    os.setsid()
+    if os.getsid(0) != os.getpid():  # already a session leader when started without unshare
+        os.setsid()
     if os.environ.get("FV_DISABLE_IO_URING", "1") == "1":
         disable_io_uring()
     pid = os.fork()

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -73,12 +72,11 @@ def prefetch(layout: Layout) -> list[subprocess.Popen]:
 
 
 def restore_dev_shm(layout: Layout) -> None:
-    with tarfile.open(layout.shm_archive) as tf:
-        for member in tf.getmembers():
-            target = Path("/dev/shm") / member.name
-            if target.exists():
-                target.unlink()
-        tf.extractall("/dev/shm")
+    """Put /dev/shm back as it was at the dump (over any leftovers of an earlier run)."""
+    r = subprocess.run(["tar", "--sparse", "--overwrite", "-xf", str(layout.shm_archive), "-C", "/dev/shm"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CheckpointUnusable(f"cannot restore /dev/shm: {r.stderr.strip()}")
 
 
 class RestoredTree:
@@ -161,6 +159,8 @@ def serve(layout: Layout, run_args: list[str]) -> int:
     tree = None
     m: Optional[dict] = None
     try:
+        if os.environ.get("FV_RESTORE", "1") == "0":
+            raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         if not layout.manifest.exists():
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
         m = manifest.read(layout.manifest)

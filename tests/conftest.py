@@ -1,0 +1,84 @@
+"""Shared fixtures: a Docker engine (skip with the reason when none answers, unless CI requires
+it), the CPU build inputs found on this machine, and one baked image per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = Path(os.environ.get("FV_WORK", REPO / ".fv-work"))
+
+
+def _docker_reason() -> str | None:
+    try:
+        import docker
+
+        docker.from_env(timeout=10).ping()
+        return None
+    except Exception as e:  # any failure means: no usable engine
+        return f"no Docker engine answers ({type(e).__name__}); run .ci/setup-cpu-host.sh"
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    reason = _docker_reason()
+    if reason:
+        if os.environ.get("FV_REQUIRE_DOCKER") == "1":
+            pytest.fail(reason + " (FV_REQUIRE_DOCKER=1)")
+        pytest.skip(reason)
+    import docker
+
+    return docker.from_env(timeout=900)
+
+
+def e2e_device() -> str:
+    return os.environ.get("FV_E2E_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def build_flags(docker_client) -> list[str]:
+    """fvbuild flags for this machine: local base image, local CRIU source, local wheels, CA."""
+    device = e2e_device()
+    flags = ["--device", device, "--network", "host"]
+    if device == "cpu":
+        base = os.environ.get("FV_BASE_IMAGE", "fv-local/debian:bookworm")
+        flags += ["--base-image", base]
+        src_file = WORK / "criu-src.path"
+        src = os.environ.get("FV_CRIU_SRC") or (src_file.read_text().strip() if src_file.exists() else "")
+        if not src:
+            pytest.skip("no CRIU source tarball: run .ci/setup-cpu-host.sh (or set FV_CRIU_SRC)")
+        flags += ["--criu-src", src]
+        wheels = os.environ.get("FV_WHEELS", "/opt/wheels")
+        if Path(wheels).is_dir():
+            flags += ["--wheels", wheels]
+        ca = os.environ.get("FV_CA_CERT", "/etc/ssl/certs/ca-certificates.crt")
+        if Path(ca).is_file():
+            flags += ["--ca-cert", ca]
+        flags += ["--vllm-arg=--max-model-len=512", "--vllm-arg=--kv-cache-memory-bytes=67108864"]
+    return flags
+
+
+def fvbuild(*args: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
+    """Run the real CLI as a user would."""
+    return subprocess.run([sys.executable, "-m", "fvbuild.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+CANARY = "hf_fastvllm_canary_7d2c41b9e0"
+MODEL = os.environ.get("FV_E2E_MODEL", "synthetic:tiny")
+
+
+@pytest.fixture(scope="session")
+def baked_image(build_flags) -> str:
+    """Build and bake the test image once per session, with a canary token in the environment."""
+    tag = f"fv-test/{MODEL.replace(':', '-')}:{e2e_device()}"
+    r = fvbuild("image", "--model", MODEL, "--tag", tag, *build_flags, env={"HF_TOKEN": CANARY})
+    if r.returncode != 0:
+        pytest.fail(f"fvbuild image failed ({r.returncode}):\n{r.stderr[-6000:]}")
+    assert r.stdout.strip().splitlines()[-1] == tag
+    return tag

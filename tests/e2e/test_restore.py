@@ -1,0 +1,243 @@
+"""Bake -> docker run -> restore, end to end with the real vLLM, CRIU and Docker.
+
+Parametrised by FV_E2E_DEVICE: CPU CI runs it on the CPU image of synthetic:tiny; GPU CI runs the
+very same tests on the CUDA image (README). Answers are compared with those the server gave
+before the checkpoint (recorded in the manifest at bake time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import CANARY, REPO, e2e_device, fvbuild
+
+pytestmark = [pytest.mark.docker, pytest.mark.e2e]
+PORT = 8000
+URL = f"http://127.0.0.1:{PORT}"
+CAPS = ["--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE", "--cap-add", "NET_ADMIN",
+        "--cap-add", "DAC_READ_SEARCH", "--cap-add", "SYS_TIME", "--security-opt", "seccomp=unconfined",
+        "--security-opt", "apparmor=unconfined", "--network", "host", "--shm-size", "1g"]
+GPU = ["--gpus", "all"] if e2e_device() == "cuda" else []
+
+
+@pytest.fixture(scope="session")
+def manifest(baked_image) -> dict:
+    r = fvbuild("inspect", baked_image)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _complete(prompt: str, max_tokens: int, model: str, timeout: float = 600) -> dict:
+    r = requests.post(f"{URL}/v1/completions", timeout=timeout, json={
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+        "logprobs": 2, "seed": 0})
+    r.raise_for_status()
+    c = r.json()["choices"][0]
+    return {"text": c["text"], "logprobs": c["logprobs"]["token_logprobs"]}
+
+
+def _answers(manifest: dict) -> list[dict]:
+    name = manifest["model"]["served_name"]
+    return [_complete(p["prompt"], len(p["logprobs"]) or 12, name) for p in manifest["probe"]]
+
+
+def _assert_same_as_bake(manifest: dict) -> None:
+    for got, baked in zip(_answers(manifest), manifest["probe"]):
+        assert got["text"] == baked["text"]
+        assert [round(x, 4) for x in got["logprobs"]] == baked["logprobs"]
+
+
+def _wait_ready(timeout: float = 900, container: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{URL}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if container and subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", container],
+                                        capture_output=True, text=True).stdout.strip() != "true":
+            raise AssertionError("container exited:\n" + _logs(container)[-4000:])
+        time.sleep(0.2)
+    raise AssertionError(f"server not ready after {timeout} s:\n" + (_logs(container)[-4000:] if container else ""))
+
+
+def _logs(container: str) -> str:
+    r = subprocess.run(["docker", "logs", container], capture_output=True, text=True)
+    return r.stdout + r.stderr
+
+
+class Container:
+    """`docker run -d` of the baked image with the documented flags; removed on exit."""
+
+    def __init__(self, image: str, *pre: str, entry: list[str] | None = None) -> None:
+        cmd = ["docker", "run", "-d", *CAPS, *GPU, *pre]
+        if entry:
+            cmd += ["--entrypoint", entry[0], image, *entry[1:]]
+        else:
+            cmd.append(image)
+        self.id = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+    def logs(self) -> str:
+        return _logs(self.id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(["docker", "rm", "-f", self.id], capture_output=True)
+
+
+@pytest.fixture
+def restored(baked_image, docker_services):
+    """The baked image started by pytest-docker (compose), as a user starts it."""
+    docker_services.wait_until_responsive(timeout=600, pause=0.2, check=lambda: _ready())
+    return docker_services
+
+
+def _ready() -> bool:
+    try:
+        return requests.get(f"{URL}/health", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file():
+    return str(REPO / "tests" / "e2e" / "docker-compose.yml")
+
+
+@pytest.fixture(scope="session")
+def docker_compose_command():
+    return os.environ.get("FV_COMPOSE", "docker-compose")
+
+
+@pytest.fixture(scope="session")
+def docker_setup(baked_image):
+    os.environ["FV_E2E_IMAGE"] = baked_image
+    return ["up -d"]
+
+
+def test_restored_server_answers_like_before_the_checkpoint(restored, manifest):
+    _assert_same_as_bake(manifest)
+
+
+def test_logs_show_the_restored_server_and_the_timeline(restored, manifest, docker_compose_project_name):
+    out = subprocess.run(["docker-compose", "-f", str(REPO / "tests/e2e/docker-compose.yml"), "-p",
+                          docker_compose_project_name, "logs", "--no-color"], capture_output=True, text=True,
+                         env={**os.environ}).stdout
+    _complete("log line please", 4, manifest["model"]["served_name"])
+    assert "restored from checkpoint" in out
+    assert "fvboot serve timeline" in out and "restore done" in out and "ready" in out
+    assert '"fvboot_timeline"' in out
+    time.sleep(0.5)
+    out = subprocess.run(["docker-compose", "-f", str(REPO / "tests/e2e/docker-compose.yml"), "-p",
+                          docker_compose_project_name, "logs", "--no-color"], capture_output=True, text=True).stdout
+    assert "POST /v1/completions" in out  # uvicorn's access log: the restored process's own output
+    assert "first request served" in out
+
+
+def test_dev_endpoints_are_refused_to_clients(restored):
+    for method, path in [("POST", "/sleep?level=1"), ("POST", "/wake_up"), ("POST", "/collective_rpc"),
+                         ("GET", "/is_sleeping"), ("POST", "/fv/gate/close")]:
+        r = requests.request(method, URL + path, json={"method": "fv_release_weights"}, timeout=10)
+        assert r.status_code == 403, (path, r.status_code)
+    assert requests.get(f"{URL}/health", timeout=5).status_code == 200
+
+
+def test_the_same_image_restores_again_in_fresh_containers(baked_image, manifest):
+    for _ in range(2):
+        with Container(baked_image) as c:
+            _wait_ready(container=c.id)
+            _assert_same_as_bake(manifest)
+            assert "restored from checkpoint" in c.logs()
+
+
+def test_requests_sent_during_restore_are_all_answered_correctly(baked_image, manifest):
+    name = manifest["model"]["served_name"]
+    prompts = [p["prompt"] for p in manifest["probe"]] * 3
+    results, errors = [None] * len(prompts), []
+
+    def client(i):
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                results[i] = _complete(prompts[i], 12, name)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.02)  # nothing listens yet: the restore has not created the socket
+            except requests.HTTPError as e:
+                errors.append(str(e))
+                return
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        with Container(baked_image) as c:
+            futures = [pool.submit(client, i) for i in range(len(prompts))]
+            for f in futures:
+                f.result()
+            logs = c.logs()
+    assert not errors, errors
+    assert "restored from checkpoint" in logs
+    baked = {p["prompt"]: p["text"] for p in manifest["probe"]}
+    for prompt, got in zip(prompts, results):
+        assert got is not None and got["text"] == baked[prompt]
+
+
+def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> None:
+    with Container(baked_image, entry=["sh", "-c", shell + " && exec fvboot"]) as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    line = next(l for l in logs.splitlines() if "checkpoint not used" in l)
+    assert reason in line, line
+    assert "starting vLLM normally" in line
+
+
+def test_corrupt_checkpoint_file_falls_back(baked_image, manifest):
+    victim = next(f["path"] for f in manifest["files"] if f["path"].endswith("pstree.img"))
+    _fallback(baked_image, manifest, f"printf 'garbage' | dd of=/fv/{victim} bs=1 seek=4 conv=notrunc 2>/dev/null",
+              f"{victim} is corrupt")
+
+
+def test_manifest_from_another_device_falls_back(baked_image, manifest):
+    other = "cuda" if e2e_device() == "cpu" else "cpu"
+    _fallback(baked_image, manifest,
+              f"python3 -c \"import json;p='/fv/manifest.json';m=json.load(open(p));m['device']['kind']='{other}';"
+              f"json.dump(m,open(p,'w'))\"", f"baked on {other}")
+
+
+def test_missing_weight_dump_falls_back(baked_image, manifest):
+    _fallback(baked_image, manifest, "rm -f /fv/weights/rank0.fvw", "weights/rank0.fvw is missing")
+
+
+def test_canary_token_is_nowhere_in_the_image(baked_image, tmp_path):
+    """HF_TOKEN was set while building and baking: no layer, config or checkpoint page holds it."""
+    tar = tmp_path / "image.tar"
+    subprocess.run(["docker", "save", "-o", str(tar), baked_image], check=True)
+    needle = CANARY.encode()
+    found = []
+    with tarfile.open(tar) as outer:
+        for m in outer.getmembers():
+            if not m.isfile():
+                continue
+            data = outer.extractfile(m).read()
+            if needle in data:
+                found.append(m.name)
+            if m.name.endswith("layer.tar"):
+                import io
+
+                with tarfile.open(fileobj=io.BytesIO(data)) as layer:
+                    for lm in layer.getmembers():
+                        if lm.isfile() and needle in layer.extractfile(lm).read():
+                            found.append(f"{m.name}:{lm.name}")
+    assert not found, found
+    cfg = subprocess.run(["docker", "inspect", baked_image], capture_output=True, text=True).stdout
+    assert CANARY not in cfg
