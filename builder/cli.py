@@ -169,3 +169,7 @@ def inspect(image_ref: str) -> None:
     except FvBuildError as e:
         _fail(e)
     click.echo(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    main()
