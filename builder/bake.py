@@ -7,6 +7,7 @@ the server's environment, so neither the image nor the checkpoint can hold it.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 from docker.errors import APIError, DockerException
 
 from . import __version__
-from .engine import DockerEngine
+from .engine import DockerEngine, _file_from_archive
 from .errors import BakeError
 from .options import BuildOptions, Device
 from .render import render_template
@@ -78,8 +79,11 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
             reason = next((l for l in reversed(tail) if l.startswith("fvboot: ")), tail[-1] if tail else "")
             raise BakeError(f"bake failed (exit {code}): {reason.removeprefix('fvboot: ')}")
         t_run = time.monotonic()
+        raw = _file_from_archive(container, "/fv/manifest.json")
+        if raw is None:
+            raise BakeError("the bake wrote no /fv/manifest.json")
+        manifest = json.loads(raw)
         container.commit(repository=bake_ref.split(":")[0], tag=bake_ref.split(":")[1])
-        manifest = _read_manifest(engine, bake_ref)
         labels = (
             ("org.fast-vllm.baked", "true"),
             ("org.fast-vllm.baked-at", manifest.get("baked_at", "")),
@@ -119,19 +123,8 @@ def _device_summary(dev: dict) -> str:
     return f"{dev['gpus'][0]['name']} x{len(dev['gpus'])}, driver {dev.get('driver')}, CUDA {dev.get('cuda')}"
 
 
-def _read_manifest(engine: DockerEngine, image: str) -> dict:
-    import json
-
-    code, out = engine.run_once(image, ["-c", "cat /fv/manifest.json"], entrypoint=["sh"], criu_caps=False)
-    if code != 0:
-        raise BakeError("the bake wrote no /fv/manifest.json")
-    return json.loads(out)
-
-
 def read_image_manifest(engine: DockerEngine, image: str) -> Optional[dict]:
     """The manifest of a baked image, or None for an image that was not baked."""
     engine.inspect(image)
-    try:
-        return _read_manifest(engine, image)
-    except BakeError:
-        return None
+    raw = engine.read_file(image, "/fv/manifest.json")
+    return json.loads(raw) if raw else None

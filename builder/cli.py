@@ -172,4 +172,4 @@ def inspect(image_ref: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="fvbuild")

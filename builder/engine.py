@@ -152,6 +152,14 @@ class DockerEngine:
             volumes=volumes or {}, environment=environment or {},
             device_requests=device_requests or None)
 
+    def read_file(self, image: str, path: str) -> bytes | None:
+        """One file from an image, through a created (never started) container."""
+        c = self.client.containers.create(image, entrypoint=["true"])
+        try:
+            return _file_from_archive(c, path)
+        finally:
+            c.remove(force=True)
+
     def run_once(self, image: str, command: list[str], network_mode: Optional[str] = None,
                  entrypoint: Optional[list[str]] = None, criu_caps: bool = True) -> tuple[int, str]:
         """Run a short command to completion; returns (exit code, output)."""
@@ -163,6 +171,21 @@ class DockerEngine:
             return code, c.logs().decode(errors="replace")
         finally:
             c.remove(force=True)
+
+
+def _file_from_archive(container, path: str) -> bytes | None:
+    """Read one file out of a container (running or not) with the archive API."""
+    import io
+    import tarfile
+
+    try:
+        stream, _ = container.get_archive(path)
+    except NotFound:
+        return None
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tf:
+        member = tf.next()
+        f = tf.extractfile(member) if member is not None else None
+        return f.read() if f is not None else None
 
 
 def _short(e: Exception) -> str:

@@ -51,6 +51,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     layout.checkpoint_dir.mkdir(parents=True)
     layout.weights_dir.mkdir(parents=True)
 
+    _check_port_free(port)
     served_name = prepare_model(model, layout.model_dir, token_file)
     tl.mark("model ready")
     dev = manifest.device_info()
@@ -112,6 +113,18 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     tl.mark("manifest written")
     tl.print_table()
     return data
+
+
+def _check_port_free(port: int) -> None:
+    """Another server on the port would answer our health checks (host networking)."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            raise BakeFailed(f"port {port} is already in use here; stop what listens on it or choose --port") from None
 
 
 def _vllm_version() -> str:

@@ -22,6 +22,13 @@ DUMP_FLAGS = COMMON_FLAGS + ("--link-remap", "--network-lock", "skip")
 RESTORE_FLAGS = COMMON_FLAGS + ("--root", "/", "--restore-detached")
 
 
+def _criu() -> list[str]:
+    """The criu command; FV_CRIU_PLUGIN_DIR points CRIU at its plugins (cuda_plugin.so) when they
+    are not in the compiled-in /usr/lib/criu (host mode, e.g. the GPU benchmark)."""
+    plugins = os.environ.get("FV_CRIU_PLUGIN_DIR")
+    return ["criu", "-L", plugins] if plugins else ["criu"]
+
+
 class CriuError(FvBootError):
     def __init__(self, action: str, log: Path, rc: int) -> None:
         self.log = log
@@ -48,7 +55,7 @@ def version() -> str:
 
 def dump(pid: int, images: Path, log: Path) -> None:
     images.mkdir(parents=True, exist_ok=True)
-    cmd = ["criu", "dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4", *DUMP_FLAGS]
+    cmd = [*_criu(), "dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4", *DUMP_FLAGS]
     rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True).returncode
     if rc != 0:
         raise CriuError("dump", log, rc)
@@ -63,7 +70,7 @@ def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]]) -> 
     workdir.mkdir(parents=True, exist_ok=True)
     log, pidfile = workdir / "criu-restore.log", workdir / "restored.pid"
     pidfile.unlink(missing_ok=True)
-    cmd = ["criu", "restore", "-D", str(images), "-W", str(workdir), "-o", str(log), "-v4",
+    cmd = [*_criu(), "restore", "-D", str(images), "-W", str(workdir), "-o", str(log), "-v4",
            "--pidfile", str(pidfile), *RESTORE_FLAGS]
     for fd, key in inherit:
         cmd += ["--inherit-fd", f"fd[{fd}]:{key}"]

@@ -106,4 +106,4 @@ def test_stopped_docker_daemon_is_a_clear_error(tmp_path):
 
 def test_unknown_option_is_a_clear_error():
     r = fvbuild("image", "--model", "synthetic:tiny", "--colour", "blue")
-    assert r.returncode == 2 and "No such option: --colour" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "No such option '--colour'" in r.stderr and "Traceback" not in r.stderr

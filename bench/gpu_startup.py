@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""GPU start-up benchmark, host mode (the GPU machine has no Docker): fvboot bake and fvboot
+serve run directly, on synthetic:llama-3.2-3b (Llama-3.2-3B-Instruct's exact shapes).
+
+Phases (each fits one device call; state lives in $FV_BENCH_HOME, default /root/fv):
+  bake     make the model, `fvboot bake` (its first vLLM start is the naive start: no caches),
+           then restore with files in page cache and with the page cache dropped
+  restore  restore again (page cache warm, then dropped)
+  cached   a normal vLLM start that reuses the compile caches the bake left (FV_RESTORE=0)
+
+Every start is timed from launching `fvboot serve` to the first correct token (the greedy answer
+recorded at bake); the restore timeline (criu restore, weights, wake, checks) comes from fvboot's
+own JSON lines. Results: $OUT/gpu_startup_<phase>.json and $FV_BENCH_HOME/results/.
+
+    source .devkit/remote.sh && python3 bench/gpu_startup.py bake
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOME = Path(os.environ.get("FV_BENCH_HOME", "/root/fv"))
+RUN = Path("/tmp/fvbench")
+PORT = 8000
+MODEL = os.environ.get("FV_BENCH_MODEL", "synthetic:llama-3.2-3b")
+VLLM_ARGS = os.environ.get("FV_BENCH_VLLM_ARGS", "--max-model-len 4096 --gpu-memory-utilization 0.85").split()
+
+
+def setup_env() -> dict:
+    """fvboot importable, a `criu` executable (with its libraries) and `cuda-checkpoint` on PATH."""
+    lib = RUN / "pylib"
+    lib.mkdir(parents=True, exist_ok=True)
+    link = lib / "fvboot"
+    if not link.exists():
+        link.symlink_to(REPO / "entrypoint")
+    bindir = RUN / "bin"
+    bindir.mkdir(exist_ok=True)
+    criu_dir = os.environ.get("FV_CRIU_DIR", "")
+    (bindir / "criu").write_text(f'#!/bin/sh\nLD_LIBRARY_PATH={criu_dir}/lib exec {criu_dir}/criu "$@"\n')
+    (bindir / "cuda-checkpoint").write_text(
+        f'#!/bin/sh\nPYTHONPATH={lib} exec {sys.executable} -m fvboot.cuda_checkpoint "$@"\n')
+    for f in ("criu", "cuda-checkpoint"):
+        (bindir / f).chmod(0o755)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{lib}:{env.get('PYTHONPATH', '')}"
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    env["FV_CRIU_PLUGIN_DIR"] = criu_dir
+    env["FV_HOME"] = str(HOME)
+    env["FV_RUN_DIR"] = str(RUN / "run")
+    for k, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+                   ("TRITON_CACHE_DIR", "triton"), ("CUDA_CACHE_PATH", "nv"),
+                   ("FLASHINFER_WORKSPACE_BASE", "flashinfer")):
+        env[k] = str(HOME / "cache" / sub)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"])
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def expected_answer() -> tuple[str, str, str]:
+    m = json.loads((HOME / "manifest.json").read_text())
+    p = m["probe"][0]
+    return m["model"]["served_name"], p["prompt"], p["text"]
+
+
+def first_token(name: str, prompt: str, want: str, proc: subprocess.Popen, t0: float, limit: float) -> float:
+    body = json.dumps({"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0.0}).encode()
+    while time.monotonic() - t0 < limit:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fvboot serve exited with {proc.returncode}")
+        req = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=limit) as r:
+                text = json.loads(r.read())["choices"][0]["text"]
+            took = time.monotonic() - t0
+            if text != want:
+                raise RuntimeError(f"WRONG ANSWER {text!r} != {want!r}")
+            return took
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.005)
+    raise RuntimeError(f"no answer within {limit} s")
+
+
+def serve_once(env: dict, label: str, extra_env: dict | None = None, limit: float = 400) -> dict:
+    """Launch `fvboot serve`, time the first correct token, stop it; returns the measurement."""
+    name, prompt, want = expected_answer()
+    out = RUN / f"serve-{label}.log"
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "fvboot", "serve"], env={**env, **(extra_env or {})},
+                            stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        took = first_token(name, prompt, want, proc, t0, limit)
+        log(f"{label}: first correct token after {took:.2f} s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _wait_gpu_free()
+    text = out.read_text(errors="replace")
+    timeline = [json.loads(l)["fvboot_timeline"] for l in text.splitlines() if l.startswith('{"fvboot_timeline"')]
+    weights = [l for l in text.splitlines() if l.startswith("fvboot: weights:")]
+    fell_back = [l for l in text.splitlines() if "checkpoint not used" in l]
+    return {"label": label, "first_token_s": round(took, 3), "timeline": timeline,
+            "weights": weights[-1] if weights else None, "fallback": fell_back[0] if fell_back else None}
+
+
+def _wait_gpu_free(timeout: float = 60) -> None:
+    """Let the previous tree's processes go before the next start (PIDs, ports, GPU memory)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+        if not r.stdout.strip():
+            return
+        time.sleep(0.5)
+
+
+def phase_bake(env: dict) -> dict:
+    res: dict = {}
+    model_dir = HOME / "model"
+    if not (model_dir / "config.json").exists():
+        t = time.monotonic()
+        subprocess.run([sys.executable, "-m", "fvboot", "make-model", MODEL, str(model_dir)], env=env, check=True)
+        res["make_model_s"] = round(time.monotonic() - t, 1)
+        log(f"model made in {res['make_model_s']} s")
+    drop_caches()
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "fvboot", "bake", "--model", MODEL, "--port", str(PORT), "--",
+                        *VLLM_ARGS], env=env, stdout=(RUN / "bake.log").open("w"), stderr=subprocess.STDOUT)
+    res["bake_s"] = round(time.monotonic() - t, 1)
+    if r.returncode != 0:
+        print((RUN / "bake.log").read_text()[-8000:])
+        raise SystemExit(f"bake failed ({r.returncode})")
+    m = json.loads((HOME / "manifest.json").read_text())
+    res["bake_timeline"] = m["timeline"]
+    res["naive_start_to_healthy_s"] = m["timeline"]["server healthy"] - m["timeline"]["model ready"]
+    res["weights"] = m["weights"]
+    res["device"] = m["device"]
+    res["checkpoint_bytes"] = sum(f["size"] for f in m["files"] if f["path"].startswith("checkpoint/"))
+    log(f"baked in {res['bake_s']} s; checkpoint {res['checkpoint_bytes'] / 1e9:.2f} GB")
+    time.sleep(2)
+    res["restore_warm"] = serve_once(env, "restore-warm")
+    drop_caches()
+    res["restore_cold"] = serve_once(env, "restore-cold")
+    return res
+
+
+def phase_restore(env: dict) -> dict:
+    res = {"restore_warm": serve_once(env, "restore-warm-2")}
+    res["restore_warm_3"] = serve_once(env, "restore-warm-3")
+    drop_caches()
+    res["restore_cold"] = serve_once(env, "restore-cold-2")
+    return res
+
+
+def phase_cached(env: dict) -> dict:
+    drop_caches()
+    return {"cached_start": serve_once(env, "cached-start", {"FV_RESTORE": "0"}, limit=500)}
+
+
+def main() -> None:
+    phase = sys.argv[1] if len(sys.argv) > 1 else "bake"
+    RUN.mkdir(parents=True, exist_ok=True)
+    (RUN / "run").mkdir(exist_ok=True)
+    HOME.mkdir(parents=True, exist_ok=True)
+    env = setup_env()
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    log(f"phase {phase} on {gpu}")
+    res = {"phase": phase, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpu": gpu,
+           "model": MODEL, "vllm_args": VLLM_ARGS}
+    try:
+        res.update({"bake": phase_bake, "restore": phase_restore, "cached": phase_cached}[phase](env))
+    finally:
+        (HOME / "results").mkdir(exist_ok=True)
+        text = json.dumps(res, indent=2)
+        (HOME / "results" / f"gpu_startup_{phase}.json").write_text(text)
+        out = os.environ.get("OUT")
+        if out:
+            Path(out, f"gpu_startup_{phase}.json").write_text(text)
+            for f in RUN.glob("*.log"):
+                Path(out, f.name).write_text(f.read_text(errors="replace")[-200000:])
+            for f in (RUN / "run").glob("criu-restore.log"):
+                Path(out, "criu-restore.log").write_text(f.read_text(errors="replace")[-400000:])
+            dump_log = HOME / "checkpoint" / "criu-dump.log"
+            if dump_log.exists():
+                Path(out, "criu-dump.log").write_text(dump_log.read_text(errors="replace")[-400000:])
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

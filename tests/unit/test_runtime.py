@@ -1,0 +1,146 @@
+"""fvboot's pieces that need no Docker: the gate middleware, the manifest checks, the compatibility
+decision, the io_uring switch. The whole loop runs for real in tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fvboot import manifest
+from fvboot.errors import CheckpointUnusable
+from fvboot.layout import Layout
+from fvboot.middleware import GateMiddleware
+from fvboot.serve import _same_answers, check_compatible
+
+
+async def _app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _call(mw, path, admin=None):
+    sent = []
+    headers = [(b"x-fastvllm-admin", admin.encode())] if admin else []
+
+    async def send(msg):
+        sent.append(msg)
+
+    await mw({"type": "http", "path": path, "headers": headers}, None, send)
+    return sent[0]["status"], dict(sent[0].get("headers", []))
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    monkeypatch.setenv("FV_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setenv("FV_GATE_WAIT_S", "0.3")
+    return GateMiddleware(_app)
+
+
+def test_dev_endpoints_need_the_admin_token(gate):
+    async def run():
+        assert (await _call(gate, "/collective_rpc"))[0] == 403
+        assert (await _call(gate, "/sleep"))[0] == 403
+        assert (await _call(gate, "/fv/gate/open"))[0] == 403
+        assert (await _call(gate, "/collective_rpc", admin="wrong"))[0] == 403
+        assert (await _call(gate, "/collective_rpc", admin="s3cret"))[0] == 200
+    asyncio.run(run())
+
+
+def test_closed_gate_holds_requests_until_opened(gate):
+    async def run():
+        await _call(gate, "/fv/gate/close", admin="s3cret")
+        assert (await _call(gate, "/health"))[0] == 503
+        waiting = asyncio.ensure_future(_call(gate, "/v1/completions"))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # held, not refused
+        await _call(gate, "/fv/gate/open", admin="s3cret")
+        assert (await waiting)[0] == 200
+    asyncio.run(run())
+
+
+def test_gate_shut_too_long_answers_503_with_retry_after(gate):
+    async def run():
+        await _call(gate, "/fv/gate/close", admin="s3cret")
+        status, headers = await _call(gate, "/v1/completions")
+        assert status == 503 and headers[b"retry-after"] == b"5"
+    asyncio.run(run())
+
+
+def test_without_a_token_no_request_is_admin(monkeypatch):
+    monkeypatch.delenv("FV_ADMIN_TOKEN", raising=False)
+    mw = GateMiddleware(_app)
+    assert asyncio.run(_call(mw, "/collective_rpc", admin=""))[0] == 403
+
+
+def _home(tmp_path):
+    layout = Layout(tmp_path)
+    layout.images_dir.mkdir(parents=True)
+    (layout.images_dir / "pstree.img").write_bytes(b"tree")
+    (layout.images_dir / "pages-1.img").write_bytes(b"p" * 100)
+    return layout
+
+
+def test_verify_files_reports_missing_resized_and_corrupt(tmp_path):
+    layout = _home(tmp_path)
+    files = manifest.describe_files(tmp_path, [layout.checkpoint_dir])
+    assert manifest.verify_files(tmp_path, files) is None
+    assert [f["sha256"] is None for f in files] == [True, False]  # pages: size only
+    (layout.images_dir / "pstree.img").write_bytes(b"TREE")
+    assert manifest.verify_files(tmp_path, files) == "checkpoint/criu/pstree.img is corrupt (sha256 mismatch)"
+    (layout.images_dir / "pages-1.img").write_bytes(b"p")
+    assert "checkpoint/criu/pages-1.img has 1 bytes, expected 100" == manifest.verify_files(tmp_path, files)
+    (layout.images_dir / "pages-1.img").unlink()
+    assert manifest.verify_files(tmp_path, files) == "checkpoint/criu/pages-1.img is missing"
+
+
+def _manifest(tmp_path, device):
+    layout = _home(tmp_path)
+    return layout, {"format": manifest.FORMAT, "vllm": {"args": ["--max-model-len", "512"]}, "device": device,
+                    "files": manifest.describe_files(tmp_path, [layout.checkpoint_dir])}
+
+
+def test_checkpoint_from_another_device_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "device_info", lambda: {"kind": "cpu"})
+    layout, m = _manifest(tmp_path, {"kind": "cuda", "gpus": [], "driver": "580"})
+    with pytest.raises(CheckpointUnusable, match="baked on cuda, running on cpu"):
+        check_compatible(m, layout, [])
+
+
+def test_other_gpu_model_or_driver_is_refused(tmp_path, monkeypatch):
+    here = {"kind": "cuda", "gpus": [{"name": "NVIDIA H200", "uuid": "GPU-2", "driver": "580.1"}], "driver": "580.1"}
+    monkeypatch.setattr(manifest, "device_info", lambda: here)
+    layout, m = _manifest(tmp_path, {"kind": "cuda", "driver": "580.1",
+                                     "gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1", "driver": "580.1"}]})
+    with pytest.raises(CheckpointUnusable, match="this machine has \\['NVIDIA H200'\\]"):
+        check_compatible(m, layout, [])
+    m["device"]["gpus"][0]["name"] = "NVIDIA H200"
+    m["device"]["driver"] = "575.2"
+    with pytest.raises(CheckpointUnusable, match="baked with driver 575.2"):
+        check_compatible(m, layout, [])
+
+
+def test_other_run_arguments_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "device_info", lambda: {"kind": "cpu"})
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    with pytest.raises(CheckpointUnusable, match="differ from the baked ones"):
+        check_compatible(m, layout, ["--max-model-len", "1024"])
+
+
+def test_probe_comparison_catches_text_and_logprob_drift():
+    baked = [{"prompt": "p", "text": "abc", "logprobs": [-1.0, -2.0]}]
+    assert _same_answers([{"text": "abc", "logprobs": [-1.0, -2.0004]}], baked) is None
+    assert "answered 'abd'" in _same_answers([{"text": "abd", "logprobs": [-1.0, -2.0]}], baked)
+    assert "logprobs differ" in _same_answers([{"text": "abc", "logprobs": [-1.0, -2.1]}], baked)
+
+
+def test_io_uring_switch_makes_io_uring_setup_fail_with_enosys():
+    code = ("import ctypes,sys; from fvboot.noiouring import disable_io_uring; disable_io_uring();"
+            "libc=ctypes.CDLL(None,use_errno=True); p=ctypes.create_string_buffer(120);"
+            "r=libc.syscall(425,8,p); print(r, ctypes.get_errno())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["-1", "38"]
