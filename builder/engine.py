@@ -22,6 +22,15 @@ from .errors import (BaseImageMissingError, BuildFailedError, CriuSourceError,
 # --privileged is not needed (and fails on hosts without CAP_SYS_RESOURCE).
 CRIU_CAPS = ["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "DAC_READ_SEARCH", "SYS_TIME"]
 CRIU_SECURITY_OPT = ["seccomp=unconfined", "apparmor=unconfined"]
+
+
+def docker_run_flags() -> list[str]:
+    """The same set as `docker run` flags (README, tests and benchmarks use this one list)."""
+    flags = [f for cap in CRIU_CAPS for f in ("--cap-add", cap)]
+    flags += [f for opt in CRIU_SECURITY_OPT for f in ("--security-opt", opt)]
+    return flags + ["--shm-size", "1g"]
+
+
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 _STAGE_RE = re.compile(r"^FROM \S+(?: AS (\S+))?", re.IGNORECASE)
 

@@ -21,7 +21,7 @@ from .control import ServerControl
 from .errors import BakeFailed
 from .launcher import Pipes, ServedTree, server_env, vllm_command
 from .layout import Layout
-from .models import prepare_model
+from .models import detach_build_inputs, prepare_model
 from .timeline import Timeline
 
 WARMUP_PROMPT = "Warm-up request number {i}: the quick brown fox jumps over the lazy dog and"
@@ -53,6 +53,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
 
     _check_port_free(port)
     served_name = prepare_model(model, layout.model_dir, token_file)
+    detach_build_inputs()
     tl.mark("model ready")
     dev = manifest.device_info()
     gpu = dev["kind"] == "cuda"

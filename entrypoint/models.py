@@ -8,6 +8,7 @@ download step; it never enters the server's environment, so no checkpoint page h
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,23 @@ from . import synthetic
 from .errors import BakeFailed
 
 IMPORT_DIR = Path("/fv-import/model")
+TOKEN_MOUNT_ROOT = "/run/fv-secrets"
+
+
+def detach_build_inputs() -> list[str]:
+    """Unmount what the builder bind-mounted for the download (token file, local model folder)
+    before the server starts: the served tree's mount namespace must not contain them, or CRIU
+    would need them again at every restore; and the token is then gone from the container."""
+    gone = []
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for mp in reversed(points):
+        if mp.startswith((TOKEN_MOUNT_ROOT, str(IMPORT_DIR.parent))):
+            r = subprocess.run(["umount", mp], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise BakeFailed(f"cannot unmount {mp} before the checkpoint: {r.stderr.strip()}")
+            gone.append(mp)
+    return gone
 
 
 def prepare_model(model: str, dest: Path, token_file: Optional[Path]) -> str:

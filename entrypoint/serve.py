@@ -142,6 +142,7 @@ def restore(layout: Layout, m: dict, tl: Timeline, pipes: Pipes) -> RestoredTree
         if mismatch:
             raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
         tl.mark("answers checked")
+        log(f"restored from checkpoint in {tl.events[-1][1]:.2f} s since start; opening the gate")
         ctl.gate("open")
         tl.mark("ready")
     except BaseException:
@@ -170,7 +171,6 @@ def serve(layout: Layout, run_args: list[str]) -> int:
         tree = restore(layout, m, tl, pipes)
         for r in readers:
             r.poll()
-        log(f"restored from checkpoint in {tl.events[-1][1]:.2f} s since start")
     except (CheckpointUnusable, FvBootError, OSError, ValueError, KeyError) as e:
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
         log(f"checkpoint not used: {reason}; starting vLLM normally (compile caches reused)")

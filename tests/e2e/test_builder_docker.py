@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from fvbuild.engine import docker_run_flags
+
 from conftest import e2e_device, fvbuild
 
 pytestmark = pytest.mark.docker
-CAPS = ["--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE", "--cap-add", "NET_ADMIN",
-        "--cap-add", "DAC_READ_SEARCH", "--cap-add", "SYS_TIME",
-        "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined", "--network", "host"]
+CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
 
 
 def _run(image: str, *cmd: str) -> subprocess.CompletedProcess:

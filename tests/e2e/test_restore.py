@@ -16,6 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from fvbuild.engine import docker_run_flags
 import requests
 
 from conftest import CANARY, REPO, e2e_device, fvbuild
@@ -23,9 +25,7 @@ from conftest import CANARY, REPO, e2e_device, fvbuild
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 PORT = 8000
 URL = f"http://127.0.0.1:{PORT}"
-CAPS = ["--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE", "--cap-add", "NET_ADMIN",
-        "--cap-add", "DAC_READ_SEARCH", "--cap-add", "SYS_TIME", "--security-opt", "seccomp=unconfined",
-        "--security-opt", "apparmor=unconfined", "--network", "host", "--shm-size", "1g"]
+CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
 GPU = ["--gpus", "all"] if e2e_device() == "cuda" else []
 
 
@@ -74,6 +74,17 @@ def _wait_ready(timeout: float = 900, container: str | None = None) -> None:
 def _logs(container: str) -> str:
     r = subprocess.run(["docker", "logs", container], capture_output=True, text=True)
     return r.stdout + r.stderr
+
+
+@pytest.fixture
+def port_free(docker_compose_project_name):
+    """The baked port is fixed and we share the host network: stop the compose service first."""
+    subprocess.run([os.environ.get("FV_COMPOSE", "docker-compose"), "-f", str(REPO / "tests/e2e/docker-compose.yml"),
+                    "-p", docker_compose_project_name, "down"], capture_output=True,
+                   env={**os.environ, "FV_E2E_IMAGE": os.environ.get("FV_E2E_IMAGE", "unused")})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _ready():
+        time.sleep(0.2)
 
 
 class Container:
@@ -154,7 +165,7 @@ def test_dev_endpoints_are_refused_to_clients(restored):
     assert requests.get(f"{URL}/health", timeout=5).status_code == 200
 
 
-def test_the_same_image_restores_again_in_fresh_containers(baked_image, manifest):
+def test_the_same_image_restores_again_in_fresh_containers(baked_image, manifest, port_free):
     for _ in range(2):
         with Container(baked_image) as c:
             _wait_ready(container=c.id)
@@ -162,7 +173,7 @@ def test_the_same_image_restores_again_in_fresh_containers(baked_image, manifest
             assert "restored from checkpoint" in c.logs()
 
 
-def test_requests_sent_during_restore_are_all_answered_correctly(baked_image, manifest):
+def test_requests_sent_during_restore_are_all_answered_correctly(baked_image, manifest, port_free):
     name = manifest["model"]["served_name"]
     prompts = [p["prompt"] for p in manifest["probe"]] * 3
     results, errors = [None] * len(prompts), []
@@ -201,20 +212,20 @@ def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> None
     assert "starting vLLM normally" in line
 
 
-def test_corrupt_checkpoint_file_falls_back(baked_image, manifest):
+def test_corrupt_checkpoint_file_falls_back(baked_image, manifest, port_free):
     victim = next(f["path"] for f in manifest["files"] if f["path"].endswith("pstree.img"))
     _fallback(baked_image, manifest, f"printf 'garbage' | dd of=/fv/{victim} bs=1 seek=4 conv=notrunc 2>/dev/null",
               f"{victim} is corrupt")
 
 
-def test_manifest_from_another_device_falls_back(baked_image, manifest):
+def test_manifest_from_another_device_falls_back(baked_image, manifest, port_free):
     other = "cuda" if e2e_device() == "cpu" else "cpu"
     _fallback(baked_image, manifest,
               f"python3 -c \"import json;p='/fv/manifest.json';m=json.load(open(p));m['device']['kind']='{other}';"
               f"json.dump(m,open(p,'w'))\"", f"baked on {other}")
 
 
-def test_missing_weight_dump_falls_back(baked_image, manifest):
+def test_missing_weight_dump_falls_back(baked_image, manifest, port_free):
     _fallback(baked_image, manifest, "rm -f /fv/weights/rank0.fvw", "weights/rank0.fvw is missing")
 
 
