@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,6 +78,9 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         ctl.gate("close")  # from here on, client requests wait (after restore too)
         dumped = ctl.rpc("fv_dump_weights", str(layout.weights_dir))
         tl.mark("weights dumped")
+        for rank in dumped:
+            if isinstance(rank, dict) and rank.get("warning"):
+                print(f"fvboot: warning: {rank['warning']}", file=sys.stderr, flush=True)
         if gpu:
             ctl.sleep(2)
         else:

@@ -160,11 +160,11 @@ def serve(layout: Layout, run_args: list[str]) -> int:
     tree = None
     m: Optional[dict] = None
     try:
-        if os.environ.get("FV_RESTORE", "1") == "0":
-            raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         if not layout.manifest.exists():
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
         m = manifest.read(layout.manifest)
+        if os.environ.get("FV_RESTORE", "1") == "0":
+            raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         check_compatible(m, layout, run_args)
         tl.mark("checks passed")
         readers = prefetch(layout)

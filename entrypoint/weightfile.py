@@ -37,6 +37,7 @@ ALIGN = 4096
 HEADER = struct.Struct("<8sIIQ32s")  # magic, version, reserved, index_len, index_sha256
 HEADER_SIZE = 64
 CHUNK = 64 << 20  # bytes per read/write call: large, so syscalls are few and the GIL is free
+GPU_DEVICE_TYPES = ("cuda",)  # devices whose tensors go through fvboot.gpu_loader
 
 try:
     import blake3 as _blake3
@@ -102,6 +103,7 @@ class WeightFileInfo:
     tensors: int
     index_sha256: str
     seconds: float
+    details: dict[str, Any] | None = None  # GPU transfer stats, fsync time
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class LoadStats:
     tensors: int
     seconds: float
     verified: bool
+    details: dict[str, Any] | None = None  # GPU transfer stats (threads, buffers, GB/s, ...)
 
     @property
     def gb_per_s(self) -> float:
@@ -167,7 +170,10 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
 def write_weights(path: str | os.PathLike, items: Iterable[tuple[str, torch.Tensor | Deferred]],
                   meta: Mapping[str, Any] | None = None,
                   checksum: str = DEFAULT_CHECKSUM) -> WeightFileInfo:
-    """Write tensors to ``path`` atomically (temp file, fsync, rename); any device."""
+    """Write tensors to ``path`` atomically (temp file, fsync, rename); any device.
+
+    CUDA tensors go through :func:`fvboot.gpu_loader.dump` (pinned buffers, several threads)
+    unless ``FV_GPU_LOADER=0``; CPU tensors and ``Deferred`` items are written one by one."""
     t0 = time.perf_counter()
     items = [(k, t if isinstance(t, Deferred) else t.detach().contiguous()) for k, t in items]
     keys = [k for k, _ in items]
@@ -192,8 +198,12 @@ def write_weights(path: str | os.PathLike, items: Iterable[tuple[str, torch.Tens
     path = os.fspath(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    details: dict[str, Any] = {}
     try:
-        for (_, t), e in zip(items, entries):
+        done = _dump_cuda(fd, items, entries, checksum, details)  # first: see _dump_cuda
+        for i, ((_, t), e) in enumerate(zip(items, entries)):
+            if i in done:
+                continue
             if isinstance(t, Deferred):
                 made = t.make().detach().contiguous()
                 if made.dtype != t.dtype or tuple(made.shape) != tuple(t.shape):
@@ -212,7 +222,9 @@ def write_weights(path: str | os.PathLike, items: Iterable[tuple[str, torch.Tens
         os.pwrite(fd, HEADER.pack(MAGIC, VERSION, 0, len(index), sha).ljust(HEADER_SIZE, b"\0")
                   + index, 0)
         os.ftruncate(fd, max(off, data_start))
+        t_sync = time.perf_counter()
         os.fsync(fd)
+        details["fsync_seconds"] = round(time.perf_counter() - t_sync, 4)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -225,7 +237,36 @@ def write_weights(path: str | os.PathLike, items: Iterable[tuple[str, torch.Tens
     finally:
         os.close(dfd)
     return WeightFileInfo(path, sum(e["nbytes"] for e in entries), len(entries), sha.hex(),
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, details)
+
+
+def _dump_cuda(fd: int, items: list, entries: list[dict], checksum: str,
+               details: dict[str, Any]) -> set[int]:
+    """Write the non-empty CUDA tensors with the pinned-buffer pipeline; their indices.
+
+    Runs before the one-by-one loop: a chunk may zero-fill the padding between two of its
+    entries, and (the plan splits at any gap of a whole block, where another entry could lie)
+    that never reaches another entry's bytes; going first keeps even that order-proof."""
+    ids = [i for i, (_, t) in enumerate(items)
+           if not isinstance(t, Deferred) and t.device.type in GPU_DEVICE_TYPES and entries[i]["nbytes"]]
+    if not ids:
+        return set()
+    from fvboot import gpu_loader
+
+    if not gpu_loader.enabled():
+        return set()
+    by_dev: dict[Any, list[int]] = {}
+    for i in ids:
+        by_dev.setdefault(items[i][1].device, []).append(i)
+    runs = []
+    for group in by_dev.values():
+        digests, st = gpu_loader.dump(fd, [(entries[i]["offset"], entries[i]["nbytes"]) for i in group],
+                                      [items[i][1] for i in group], checksum)
+        for i, d in zip(group, digests):
+            entries[i]["checksum"] = d
+        runs.append(st.as_dict())
+    details["gpu"] = runs
+    return set(ids)
 
 
 def read_index(path: str | os.PathLike) -> WeightIndex:
@@ -272,7 +313,8 @@ def _check_target(e: WeightEntry, t: torch.Tensor) -> None:
 
 def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], verify: bool = False,
               threads: int | None = None) -> LoadStats:
-    """Fill existing tensors in place from ``path``; CPU targets get the bytes directly."""
+    """Fill existing tensors in place from ``path``; CPU targets get the bytes directly, CUDA
+    targets go through :func:`fvboot.gpu_loader.load` (unless ``FV_GPU_LOADER=0``)."""
     t0 = time.perf_counter()
     idx = read_index(path)
     missing = sorted(set(idx.entries) - set(targets))
@@ -282,8 +324,11 @@ def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], veri
                               f"; not in file: {extra[:5]}{'...' if len(extra) > 5 else ''}")
     for k, e in idx.entries.items():
         _check_target(e, targets[k])
-    work = [(e, a, min(CHUNK, e.nbytes - a)) for e in idx.entries.values()
-            for a in range(0, e.nbytes, CHUNK)]
+    details = _load_cuda(path, idx, targets, verify, threads)
+    rest = [e for e in idx.entries.values() if details is None or e.key not in details["keys"]]
+    if details is not None:
+        del details["keys"]
+    work = [(e, a, min(CHUNK, e.nbytes - a)) for e in rest for a in range(0, e.nbytes, CHUNK)]
     fd = os.open(path, os.O_RDONLY)
 
     def pread_into(mv: memoryview, off: int, key: str) -> None:
@@ -318,7 +363,32 @@ def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], veri
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             list(pool.map(read_chunk, work))
             if verify:
-                list(pool.map(check, idx.entries.values()))
+                list(pool.map(check, rest))
     finally:
         os.close(fd)
-    return LoadStats(idx.total_bytes, len(idx.entries), time.perf_counter() - t0, verify)
+    return LoadStats(idx.total_bytes, len(idx.entries), time.perf_counter() - t0, verify, details)
+
+
+def _load_cuda(path, idx: WeightIndex, targets: Mapping[str, torch.Tensor], verify: bool,
+               threads: int | None) -> dict[str, Any] | None:
+    """Fill the CUDA targets with the pinned-buffer pipeline (verify on the way, no read-back);
+    None when there are none or ``FV_GPU_LOADER=0``."""
+    by_dev: dict[Any, list[WeightEntry]] = {}
+    for e in idx.entries.values():
+        t = targets[e.key]
+        if t.device.type in GPU_DEVICE_TYPES:
+            by_dev.setdefault(t.device, []).append(e)
+    if not by_dev:
+        return None
+    from fvboot import gpu_loader
+
+    if not gpu_loader.enabled():
+        return None
+    cfg = gpu_loader.Config.from_env(threads=threads)
+    runs, keys = [], set()
+    for group in by_dev.values():
+        st = gpu_loader.load(path, group, [targets[e.key] for e in group],
+                             idx.checksum if verify else None, cfg)
+        runs.append(st.as_dict())
+        keys.update(e.key for e in group)
+    return {"gpu": runs, "keys": keys}

@@ -252,3 +252,9 @@ def test_canary_token_is_nowhere_in_the_image(baked_image, tmp_path):
     assert not found, found
     cfg = subprocess.run(["docker", "inspect", baked_image], capture_output=True, text=True).stdout
     assert CANARY not in cfg
+
+
+def test_normal_start_on_request_keeps_the_baked_arguments(baked_image, manifest, port_free):
+    """FV_RESTORE=0 (an operator's escape hatch, and the benchmark's cold start) serves the same
+    model name, arguments and answers as the checkpoint."""
+    _fallback(baked_image, manifest, "export FV_RESTORE=0", "FV_RESTORE=0 asks for a normal start")
