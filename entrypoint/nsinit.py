@@ -18,6 +18,11 @@ from .noiouring import disable_io_uring
 def main(argv: list[str]) -> int:
     if os.getsid(0) != os.getpid():  # already a session leader when started without unshare
         os.setsid()
+    # stdin from this mount namespace: an fd opened outside it points at a mount CRIU cannot
+    # find in the dumped namespace ("Can't lookup mount=N for fd=0").
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     if os.environ.get("FV_DISABLE_IO_URING", "1") == "1":
         disable_io_uring()
     pid = os.fork()

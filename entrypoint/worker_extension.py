@@ -354,6 +354,18 @@ class GpuWeights:
                                         "fv_load_weights first")
         for s in self.storages.values():
             yield s.key, s.tensor
+        # What no parameter, buffer or attribute reaches (workspaces, tensors held elsewhere)
+        # is dumped raw, block by block, so the whole pool comes back: model-agnostic.
+        self.raw_blocks = self._uncovered_blocks()
+        for addr, n in self.raw_blocks:
+            copy = torch.empty(n, dtype=torch.uint8, device="cuda")
+            _copy_device(copy.data_ptr(), addr, n)
+            yield f"pool@{addr:#x}", copy
+
+    def _uncovered_blocks(self) -> list[tuple[int, int]]:
+        if self.pool is None or self.device_type != "cuda":
+            return []
+        return list(self.coverage().get("_uncovered", []))
 
     def release(self) -> int:
         """Mark the contents invalid; the memory itself goes with /sleep?level=2."""
@@ -362,11 +374,19 @@ class GpuWeights:
 
     def targets(self) -> dict[str, torch.Tensor]:
         self._require_awake("load")
-        return {s.key: s.tensor for s in self.storages.values()}
+        out = {s.key: s.tensor for s in self.storages.values()}
+        self._staging = [(addr, torch.empty(n, dtype=torch.uint8, device="cuda"))
+                         for addr, n in getattr(self, "raw_blocks", [])]
+        out.update({f"pool@{addr:#x}": t for addr, t in self._staging})
+        return out
 
     def finish_load(self) -> None:
         if self.device_type == "cuda":
             torch.cuda.synchronize()
+            for addr, t in getattr(self, "_staging", []):
+                _copy_device(addr, t.data_ptr(), t.numel())
+            torch.cuda.synchronize()
+        self._staging = []
         self._released = False
 
     def coverage(self) -> dict[str, Any]:
@@ -406,6 +426,7 @@ class GpuWeights:
                 end = max(end, p + n)
             pool_bytes = reserved
             out["measured_against"] = f"reserved segments ({why or 'empty snapshot'})"
+        out["_uncovered"] = uncovered
         out.update(weights_pool_bytes=pool_bytes, covered_bytes=covered,
                    uncovered_blocks=len(uncovered),
                    largest_uncovered=[{"address": hex(a), "bytes": n} for a, n in uncovered[:5]])
@@ -424,9 +445,28 @@ class GpuWeights:
         return out
 
     def info(self) -> dict[str, Any]:
+        cov = {k: v for k, v in self.coverage().items() if not k.startswith("_")}
+        raw = getattr(self, "raw_blocks", [])
         return {"device": "cuda", "storages": len(self.storages),
                 "storage_bytes": sum(s.nbytes for s in self.storages.values()),
-                "released": self.released, "skipped": self.skipped, **self.coverage()}
+                "raw_pool_blocks": len(raw), "raw_pool_bytes": sum(n for _, n in raw),
+                "released": self.released, "skipped": self.skipped, **cov}
+
+
+def _copy_device(dst: int, src: int, nbytes: int) -> None:
+    """Device-to-device copy between raw addresses (cuMemcpyDtoD; torch has no tensor for a
+    bare pool block). Runs on the worker thread, whose CUDA context torch made current."""
+    global _CUDA
+    if _CUDA is None:
+        _CUDA = ctypes.CDLL("libcuda.so.1")
+        _CUDA.cuMemcpyDtoD_v2.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t]
+    torch.cuda.synchronize()
+    rc = _CUDA.cuMemcpyDtoD_v2(dst, src, nbytes)
+    if rc != 0:
+        raise WeightCollectionError(f"cuMemcpyDtoD of {nbytes} bytes at {src:#x} -> {dst:#x} failed (CUresult {rc})")
+
+
+_CUDA = None
 
 
 def fingerprint(tensors: list[tuple[str, torch.Tensor]], samples: int = 1 << 20,
@@ -510,15 +550,19 @@ class FastVllmWorkerExtension:
         w = self._fv_weights()
         out: dict[str, Any] = {}
         if isinstance(w, GpuWeights):
-            out = w.coverage()  # before the dump: a warning must reach the caller either way
-            if out.get("warning"):
+            out = {k: v for k, v in w.coverage().items() if not k.startswith("_")}
+            if out.get("coverage") is not None:
+                out.pop("warning", None)  # uncovered blocks are dumped raw (see GpuWeights.items)
+            elif out.get("warning"):
                 print(f"fvboot worker: WARNING: {out['warning']}", file=sys.stderr, flush=True)
         info = weightfile.write_weights(self._fv_path(directory), w.items(),
                                         meta={"torch": torch.__version__})
         return {"path": info.path, "bytes": info.bytes, "tensors": info.tensors,
                 "index_sha256": info.index_sha256, "seconds": round(info.seconds, 4),
                 "gb_per_s": round(info.bytes / info.seconds / 1e9, 3) if info.seconds else 0.0,
-                **({"transfer": info.details} if info.details else {}), **out}
+                **({"transfer": info.details} if info.details else {}), **out,
+                **({"raw_pool_blocks": len(w.raw_blocks), "raw_pool_bytes": sum(n for _, n in w.raw_blocks)}
+                   if isinstance(w, GpuWeights) else {})}
 
     def fv_release_weights(self) -> dict[str, Any]:
         rss = _rss()
