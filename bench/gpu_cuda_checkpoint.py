@@ -536,7 +536,7 @@ def phase_criu(work: Path, wrapper: Path, budget: Budget, gib: float, out_dir: P
             try:
                 with open(console, "wb") as sink:
                     rc = subprocess.run([criu, *args, "-L", str(criu_dir), "-v4", "-o", f"{name}.log"],
-                                        env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
+                                        env={**env, "LD_LIBRARY_PATH": str(criu_dir / "lib")}, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
                                         timeout=budget.timeout(75)).returncode
             except subprocess.TimeoutExpired:
                 rc = None

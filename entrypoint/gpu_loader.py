@@ -60,9 +60,9 @@ ALIGN = wf.ALIGN
 MAX_GAP = 256 << 10  # padding/holes up to this size are read through rather than split around
 BIG_ENTRY = 16 << 20  # entries this large hash with blake3's own thread pool too
 
-DEFAULT_BUFFERS = 8
-DEFAULT_BUFFER_MB = 64
-DEFAULT_STREAMS = 2
+DEFAULT_BUFFERS = 16  # measured best on an H100 box (bench/results/gpu_weight_load_h100.json)
+DEFAULT_BUFFER_MB = 32
+DEFAULT_STREAMS = 4
 
 
 class GpuLoaderError(wf.WeightFileError):
