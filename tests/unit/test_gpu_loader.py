@@ -145,7 +145,7 @@ def test_random_layouts_keep_invariants():
 def test_config_from_env_and_errors():
     c = gl.Config.from_env({})
     assert (c.buffers, c.buffer_mb, c.streams, c.odirect) == (gl.DEFAULT_BUFFERS, gl.DEFAULT_BUFFER_MB, gl.DEFAULT_STREAMS, False)
-    assert c.buffer_bytes == 64 * MIB and 1 <= c.reader_threads() <= 6
+    assert c.buffer_bytes == gl.DEFAULT_BUFFER_MB * MIB and 1 <= c.reader_threads() <= 8
     c = gl.Config.from_env({"FV_LOAD_BUFFERS": "4", "FV_LOAD_BUFFER_MB": "32",
                             "FV_LOAD_THREADS": "16", "FV_LOAD_STREAMS": "3",
                             "FV_LOAD_ODIRECT": "1"})
