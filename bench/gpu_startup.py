@@ -117,7 +117,8 @@ def serve_once(env: dict, label: str, extra_env: dict | None = None, limit: floa
             proc.wait()
         _wait_gpu_free()
     text = out.read_text(errors="replace")
-    timeline = [json.loads(l)["fvboot_timeline"] for l in text.splitlines() if l.startswith('{"fvboot_timeline"')]
+    timeline = [json.JSONDecoder().raw_decode(l)[0]["fvboot_timeline"] for l in text.splitlines()
+                if l.startswith('{"fvboot_timeline"')]
     weights = [l for l in text.splitlines() if l.startswith("fvboot: weights:")]
     fell_back = [l for l in text.splitlines() if "checkpoint not used" in l]
     return {"label": label, "first_token_s": round(took, 3), "timeline": timeline,

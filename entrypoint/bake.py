@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +22,7 @@ from .errors import BakeFailed
 from .launcher import Pipes, ServedTree, server_env, vllm_command
 from .layout import Layout
 from .models import detach_build_inputs, prepare_model
+from .output import write_line
 from .timeline import Timeline
 
 WARMUP_PROMPT = "Warm-up request number {i}: the quick brown fox jumps over the lazy dog and"
@@ -80,7 +80,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         tl.mark("weights dumped")
         for rank in dumped:
             if isinstance(rank, dict) and rank.get("warning"):
-                print(f"fvboot: warning: {rank['warning']}", file=sys.stderr, flush=True)
+                write_line(f"fvboot: warning: {rank['warning']}", err=True)
         if gpu:
             ctl.sleep(2)
         else:

@@ -79,3 +79,25 @@ def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]]) -> 
     if rc != 0:
         raise CriuError("restore", log, rc)
     return int(pidfile.read_text().strip())
+
+
+_TS = re.compile(r"^\((\d+\.\d+)\)")
+
+
+def restore_phases(log: Path) -> dict[str, float]:
+    """Seconds into the restore (CRIU's own log clock) at which the CUDA plugin began resuming
+    the GPU, and at which CRIU finished: the timeline's CRIU / CUDA split."""
+    out: dict[str, float] = {}
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        m = _TS.match(line)
+        if not m:
+            continue
+        if "cuda_plugin: resuming devices" in line and "cuda_resume_start" not in out:
+            out["cuda_resume_start"] = float(m.group(1))
+        elif "Restore finished successfully" in line:
+            out["restore_finished"] = float(m.group(1))
+    return out

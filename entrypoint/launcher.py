@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .output import write_line
+
 WORKER_EXTENSION = "fvboot.worker_extension.FastVllmWorkerExtension"
 MIDDLEWARE = "fvboot.middleware.GateMiddleware"
 
@@ -42,9 +44,9 @@ def server_env(admin_token: str, extra: Optional[dict] = None) -> dict:
 class LogPump(threading.Thread):
     """Copies one pipe to one of our streams line by line; hands fvboot-event lines to a callback."""
 
-    def __init__(self, read_fd: int, out, on_event: Callable[[str, list[str]], None]) -> None:
+    def __init__(self, read_fd: int, err: bool, on_event: Callable[[str, list[str]], None]) -> None:
         super().__init__(daemon=True)
-        self.read_fd, self.out, self.on_event = read_fd, out, on_event
+        self.read_fd, self.err, self.on_event = read_fd, err, on_event
 
     def run(self) -> None:
         with os.fdopen(self.read_fd, "rb", buffering=0) as f:
@@ -52,8 +54,7 @@ class LogPump(threading.Thread):
                 if line.startswith(b"fvboot-event "):
                     parts = line.decode(errors="replace").split()
                     self.on_event(parts[1], parts[2:])
-                self.out.buffer.write(line)
-                self.out.flush()
+                write_line(line, self.err)
 
 
 @dataclass
@@ -76,8 +77,8 @@ class Pipes:
                 "stderr": f"pipe:[{os.fstat(self.err_w).st_ino}]"}
 
     def pump(self, on_event: Callable[[str, list[str]], None]) -> None:
-        LogPump(self.out_r, sys.stdout, on_event).start()
-        LogPump(self.err_r, sys.stderr, on_event).start()
+        LogPump(self.out_r, False, on_event).start()
+        LogPump(self.err_r, True, on_event).start()
 
     def close_write_ends(self) -> None:
         for fd in (self.out_w, self.err_w):

@@ -23,6 +23,7 @@ from .control import ServerControl
 from .errors import CheckpointUnusable, FvBootError, ServerDied
 from .launcher import Pipes, ServedTree, server_env, vllm_command
 from .layout import Layout
+from .output import write_line
 from .timeline import Timeline
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -30,7 +31,7 @@ PROBE_LOGPROB_TOL = 1e-3
 
 
 def log(msg: str) -> None:
-    print(f"fvboot: {msg}", file=sys.stderr, flush=True)
+    write_line(f"fvboot: {msg}", err=True)
 
 
 def become_subreaper() -> None:
@@ -121,10 +122,15 @@ def restore(layout: Layout, m: dict, tl: Timeline, pipes: Pipes) -> RestoredTree
     token = layout.admin_token_file.read_text().strip()
     ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
     restore_dev_shm(layout)
-    tl.mark("restore issued")
+    issued = time.time()
+    tl.mark("restore issued", issued)
     pid = criu.restore(layout.images_dir, layout.run_dir,
                        [(pipes.out_w, m["pipes"]["stdout"]), (pipes.err_w, m["pipes"]["stderr"])])
     tree = RestoredTree(pid)
+    phases = criu.restore_phases(layout.run_dir / "criu-restore.log")
+    if "cuda_resume_start" in phases:
+        tl.mark("criu: memory restored", issued + phases["cuda_resume_start"])
+        tl.mark("criu: CUDA resumed", issued + phases.get("restore_finished", phases["cuda_resume_start"]))
     tl.mark("restore done")
     try:
         gpu = m["device"]["kind"] == "cuda"

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
+
+from .output import write_line
 
 
 def process_start_epoch() -> float:
@@ -29,18 +30,16 @@ class Timeline:
     def mark(self, event: str, at_epoch: float | None = None) -> float:
         t = (at_epoch if at_epoch is not None else time.time()) - self.t0
         self.events.append((event, t))
-        print(json.dumps({"fvboot_timeline": {"kind": self.kind, "event": event, "t": round(t, 3)}}),
-              flush=True)
+        write_line(json.dumps({"fvboot_timeline": {"kind": self.kind, "event": event, "t": round(t, 3)}}))
         return t
 
     def as_dict(self) -> dict[str, float]:
         return {e: round(t, 3) for e, t in self.events}
 
-    def print_table(self, out=sys.stdout) -> None:
+    def print_table(self) -> None:
         lines = [f"fvboot {self.kind} timeline", f"{'event':<28}{'t (s)':>9}{'step (s)':>10}"]
         prev = 0.0
         for e, t in self.events:
             lines.append(f"{e:<28}{t:>9.3f}{t - prev:>10.3f}")
             prev = t
-        out.write("\n".join(lines) + "\n")
-        out.flush()
+        write_line("\n".join(lines))

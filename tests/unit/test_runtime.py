@@ -144,3 +144,14 @@ def test_io_uring_switch_makes_io_uring_setup_fail_with_enosys():
             "r=libc.syscall(425,8,p); print(r, ctypes.get_errno())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["-1", "38"]
+
+
+def test_restore_phases_split_criu_memory_from_cuda_resume(tmp_path):
+    from fvboot.criu import restore_phases
+
+    log = tmp_path / "criu-restore.log"
+    log.write_text("(00.010000) Version: 4.2.1\n(02.500000) cuda_plugin: resuming devices on pid 7\n"
+                   "(03.100000) cuda_plugin: resuming devices on pid 8\n"
+                   "(04.250000) Restore finished successfully. Tasks resumed.\n")
+    assert restore_phases(log) == {"cuda_resume_start": 2.5, "restore_finished": 4.25}
+    assert restore_phases(tmp_path / "missing.log") == {}
