@@ -11,13 +11,14 @@ from .output import write_line
 
 
 def process_start_epoch() -> float:
-    """When this process started (for PID 1: when the container started), from /proc."""
+    """When this process started (for PID 1: when the container started): its start time in
+    clock ticks since boot, against /proc/uptime (10 ms resolution; btime is whole seconds)."""
     try:
         fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
-        ticks = int(fields[19])
-        btime = next(int(l.split()[1]) for l in open("/proc/stat") if l.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration, IndexError):
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.time() - (uptime - started)
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 
