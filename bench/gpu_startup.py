@@ -47,7 +47,7 @@ def setup_env() -> dict:
     criu_dir = os.environ.get("FV_CRIU_DIR", "")
     (bindir / "criu").write_text(f'#!/bin/sh\nLD_LIBRARY_PATH={criu_dir}/lib exec {criu_dir}/criu "$@"\n')
     (bindir / "cuda-checkpoint").write_text(
-        f'#!/bin/sh\nPYTHONPATH={lib} exec {sys.executable} -m fvboot.cuda_checkpoint "$@"\n')
+        f'#!/bin/sh\nPYTHONPATH={lib} exec {sys.executable} -S -m fvboot.cuda_checkpoint "$@"\n')  # -S: no site scan, CRIU calls it ~10 times per restore
     for f in ("criu", "cuda-checkpoint"):
         (bindir / f).chmod(0o755)
     env = dict(os.environ)

@@ -87,6 +87,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
             ctl.sleep(1)  # CPU: pauses the scheduler only; the extension frees the weights
             ctl.rpc("fv_release_weights")
         tl.mark("weights released")
+        ctl.trim()
 
         criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log")
         tl.mark("checkpoint written")

@@ -57,6 +57,11 @@ class ServerControl:
     def gate(self, state: str) -> None:
         self._call("POST", f"/fv/gate/{state}")
 
+    def trim(self) -> None:
+        """Shrink the server's processes before the dump (API server, then every worker)."""
+        self._call("POST", "/fv/trim")
+        self.rpc("fv_trim")
+
     def sleep(self, level: int) -> None:
         self._call("POST", f"/sleep?level={level}")
 

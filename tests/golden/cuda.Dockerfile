@@ -37,7 +37,7 @@ RUN set -eu; \
     site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     echo /opt/fast-vllm/lib > "$site/fast-vllm.pth"; \
     printf '#!/bin/sh\nexec %s -m fvboot "$@"\n' "$py" > /usr/local/bin/fvboot; \
-    printf '#!/bin/sh\nexec %s -m fvboot.cuda_checkpoint "$@"\n' "$py" > /usr/local/bin/cuda-checkpoint; \
+    printf '#!/bin/sh\nPYTHONPATH=/opt/fast-vllm/lib exec %s -S -m fvboot.cuda_checkpoint "$@"\n' "$py" > /usr/local/bin/cuda-checkpoint; \
     chmod 0755 /usr/local/bin/cuda-checkpoint; \
     chmod 0755 /usr/local/bin/fvboot; \
     criu --version; fvboot --version

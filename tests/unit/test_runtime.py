@@ -155,3 +155,10 @@ def test_restore_phases_split_criu_memory_from_cuda_resume(tmp_path):
                    "(04.250000) Restore finished successfully. Tasks resumed.\n")
     assert restore_phases(log) == {"cuda_resume_start": 2.5, "restore_finished": 4.25}
     assert restore_phases(tmp_path / "missing.log") == {}
+
+
+def test_trim_endpoint_is_admin_only(gate):
+    async def run():
+        assert (await _call(gate, "/fv/trim"))[0] == 403
+        assert (await _call(gate, "/fv/trim", admin="s3cret"))[0] == 200
+    asyncio.run(run())
