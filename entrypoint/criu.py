@@ -61,7 +61,8 @@ def dump(pid: int, images: Path, log: Path) -> None:
         raise CriuError("dump", log, rc)
 
 
-def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]]) -> int:
+def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]],
+            env: dict[str, str] | None = None) -> int:
     """Restore detached; returns the host PID of the restored root.
 
     INHERIT: (our fd, 'pipe:[inode]' recorded at dump) pairs. Logs and pidfile go to WORKDIR so
@@ -75,7 +76,8 @@ def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]]) -> 
     for fd, key in inherit:
         cmd += ["--inherit-fd", f"fd[{fd}]:{key}"]
     rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                        pass_fds=[fd for fd, _ in inherit]).returncode
+                        pass_fds=[fd for fd, _ in inherit],
+                        env={**os.environ, **env} if env else None).returncode
     if rc != 0:
         raise CriuError("restore", log, rc)
     return int(pidfile.read_text().strip())

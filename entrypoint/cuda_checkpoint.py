@@ -31,6 +31,7 @@ from typing import Any, TextIO, TypeVar
 
 PROG = "fv-cuda-checkpoint"
 LIBCUDA_ENV = "FV_CUDA_CHECKPOINT_LIBCUDA"
+DEVICE_MAP_ENV = "FV_CUDA_DEVICE_MAP"  # the --device-map to use for restores that name none
 LIBCUDA_DEFAULT = "libcuda.so.1"
 
 ACTIONS = ("lock", "checkpoint", "restore", "unlock")
@@ -442,6 +443,10 @@ def parse_args(argv: Sequence[str]) -> Command:
         if op not in ("restore", "toggle"):
             raise UsageError("--device-map is only valid with --action restore or --toggle")
         device_map = tuple(parse_device_map(values["device-map"]))
+    elif op == "restore" and os.environ.get(DEVICE_MAP_ENV):
+        # CRIU's cuda plugin runs us without a map; fvboot serve sets it for the whole restore
+        # when this node's GPUs have other UUIDs than the baking node's.
+        device_map = tuple(parse_device_map(os.environ[DEVICE_MAP_ENV]))
     return Command(op, pid, timeout_ms, device_map)
 
 

@@ -62,6 +62,15 @@ def check_compatible(m: dict, layout: Layout, run_args: list[str]) -> None:
         raise CheckpointUnusable("criu is not on PATH")
 
 
+def gpu_device_map(baked: dict, here: dict) -> str:
+    """`old=new,...` GPU UUID pairs (by index) where this node's GPUs are not the baking node's:
+    an image baked on one node restores on any node of the same GPU model."""
+    if baked.get("kind") != "cuda" or here.get("kind") != "cuda":
+        return ""
+    pairs = [(b["uuid"], h["uuid"]) for b, h in zip(baked["gpus"], here["gpus"]) if b["uuid"] != h["uuid"]]
+    return ",".join(f"{old}={new}" for old, new in pairs)
+
+
 def prefetch(layout: Layout) -> list[subprocess.Popen]:
     """Read the checkpoint, then the weights, into the page cache while CRIU restores."""
     procs = []
@@ -122,10 +131,14 @@ def restore(layout: Layout, m: dict, tl: Timeline, pipes: Pipes) -> RestoredTree
     token = layout.admin_token_file.read_text().strip()
     ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
     restore_dev_shm(layout)
+    device_map = gpu_device_map(m["device"], manifest.device_info())
+    if device_map:
+        log(f"restoring onto other GPUs of the same model: {device_map}")
     issued = time.time()
     tl.mark("restore issued", issued)
     pid = criu.restore(layout.images_dir, layout.run_dir,
-                       [(pipes.out_w, m["pipes"]["stdout"]), (pipes.err_w, m["pipes"]["stderr"])])
+                       [(pipes.out_w, m["pipes"]["stdout"]), (pipes.err_w, m["pipes"]["stderr"])],
+                       env={"FV_CUDA_DEVICE_MAP": device_map} if device_map else None)
     tree = RestoredTree(pid)
     phases = criu.restore_phases(layout.run_dir / "criu-restore.log")
     if "cuda_resume_start" in phases:

@@ -162,3 +162,23 @@ def test_trim_endpoint_is_admin_only(gate):
         assert (await _call(gate, "/fv/trim"))[0] == 403
         assert (await _call(gate, "/fv/trim", admin="s3cret"))[0] == 200
     asyncio.run(run())
+
+
+def test_device_map_pairs_baked_gpus_with_this_nodes_by_index():
+    from fvboot.serve import gpu_device_map
+
+    baked = {"kind": "cuda", "gpus": [{"uuid": "GPU-aaa"}, {"uuid": "GPU-bbb"}]}
+    assert gpu_device_map(baked, {"kind": "cuda", "gpus": [{"uuid": "GPU-aaa"}, {"uuid": "GPU-bbb"}]}) == ""
+    assert gpu_device_map(baked, {"kind": "cuda", "gpus": [{"uuid": "GPU-xxx"}, {"uuid": "GPU-bbb"}]}) == "GPU-aaa=GPU-xxx"
+    assert gpu_device_map({"kind": "cpu"}, {"kind": "cpu"}) == ""
+
+
+def test_cuda_checkpoint_takes_the_restore_map_from_fvboot(monkeypatch):
+    from fvboot import cuda_checkpoint as cc
+
+    uuid_a = "GPU-f6a758cf-ca97-d272-4aa0-73cabee40368"
+    uuid_b = "GPU-0823a096-b706-01fc-6c68-7a3d14a256ad"
+    monkeypatch.setenv("FV_CUDA_DEVICE_MAP", f"{uuid_a}={uuid_b}")
+    cmd = cc.parse_args(["--action", "restore", "--pid", "42"])
+    assert len(cmd.device_map) == 1
+    assert cc.parse_args(["--action", "unlock", "--pid", "42"]).device_map == ()
