@@ -182,3 +182,17 @@ def test_cuda_checkpoint_takes_the_restore_map_from_fvboot(monkeypatch):
     cmd = cc.parse_args(["--action", "restore", "--pid", "42"])
     assert len(cmd.device_map) == 1
     assert cc.parse_args(["--action", "unlock", "--pid", "42"]).device_map == ()
+
+
+def test_cuda_checkpoint_answers_at_once_for_a_process_without_cuda():
+    """This very process has no libcuda mapped: the real-driver path says so before cuInit."""
+    import os
+    import types
+
+    from fvboot import cuda_checkpoint as cc
+
+    cmd = cc.parse_args(["--get-restore-tid", "--pid", str(os.getpid())])
+    with pytest.raises(cc.OperationError) as e:
+        cc._refuse_processes_without_cuda(cmd, types.SimpleNamespace(name=cc.LIBCUDA_DEFAULT))
+    assert e.value.exit_code == 3 and "process has not loaded the CUDA driver" in str(e.value)
+    cc._refuse_processes_without_cuda(cmd, types.SimpleNamespace(name="fake"))  # other drivers answer
