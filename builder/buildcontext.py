@@ -33,11 +33,6 @@ def _fvboot_source() -> Path:
     return Path(fvboot.__file__).parent
 
 
-def plan(opts: BuildOptions) -> RenderContext:
-    """The render context without touching the network or copying anything (for `render`)."""
-    return make_context(opts, criu_source.describe(opts), criu_source.read_series(opts.patches_dir))
-
-
 def assemble(opts: BuildOptions, dest: Path, check_remote: bool = True) -> BuildContext:
     """Write a complete build context into DEST (an empty folder)."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -81,13 +81,6 @@ class DockerEngine:
                 f"base image {name} is not on this machine and cannot be pulled ({_short(e)}); "
                 "load or import it first (README: 'local base image') or pass --base-image") from None
 
-    def image_exists(self, name: str) -> bool:
-        try:
-            self.client.images.get(name)
-            return True
-        except ImageNotFound:
-            return False
-
     def inspect(self, name: str) -> dict:
         try:
             return self.client.api.inspect_image(name)
@@ -166,18 +159,6 @@ class DockerEngine:
         c = self.client.containers.create(image, entrypoint=["true"])
         try:
             return _file_from_archive(c, path)
-        finally:
-            c.remove(force=True)
-
-    def run_once(self, image: str, command: list[str], network_mode: Optional[str] = None,
-                 entrypoint: Optional[list[str]] = None, criu_caps: bool = True) -> tuple[int, str]:
-        """Run a short command to completion; returns (exit code, output)."""
-        kwargs = dict(cap_add=CRIU_CAPS, security_opt=CRIU_SECURITY_OPT) if criu_caps else {}
-        c = self.client.containers.run(image, command, detach=True, network_mode=network_mode,
-                                       entrypoint=entrypoint, **kwargs)
-        try:
-            code = c.wait()["StatusCode"]
-            return code, c.logs().decode(errors="replace")
         finally:
             c.remove(force=True)
 

@@ -186,10 +186,8 @@ def serve(layout: Layout, run_args: list[str]) -> int:
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         check_compatible(m, layout, run_args)
         tl.mark("checks passed")
-        readers = prefetch(layout)
+        prefetch(layout)  # runs beside the restore; _supervise reaps the readers
         tree = restore(layout, m, tl, pipes)
-        for r in readers:
-            r.poll()
     except (CheckpointUnusable, FvBootError, OSError, ValueError, KeyError) as e:
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
         log(f"checkpoint not used: {reason}; starting vLLM normally (compile caches reused)")
