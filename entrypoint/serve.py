@@ -71,15 +71,14 @@ def gpu_device_map(baked: dict, here: dict) -> str:
     return ",".join(f"{old}={new}" for old, new in pairs)
 
 
-def prefetch(layout: Layout) -> Optional[subprocess.Popen]:
-    """Read the checkpoint, then the weights, into the page cache while CRIU restores. In that
-    order, one after the other: CRIU needs its pages first, the weights only after it is done,
-    and from a cold disk two readers at once only slow each other down."""
-    if not shutil.which("vmtouch"):
-        return None
-    script = 'vmtouch -qt "$1"; vmtouch -qt "$2"'
-    return subprocess.Popen(["sh", "-c", script, "prefetch", str(layout.images_dir), str(layout.weights_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def prefetch(layout: Layout) -> list[subprocess.Popen]:
+    """Read the checkpoint, then the weights, into the page cache while CRIU restores."""
+    procs = []
+    if shutil.which("vmtouch"):
+        for d in (layout.images_dir, layout.weights_dir):
+            procs.append(subprocess.Popen(["vmtouch", "-qt", str(d)], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+    return procs
 
 
 def restore_dev_shm(layout: Layout) -> None:
