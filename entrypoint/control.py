@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Optional
 
-from .errors import ServerDied
+from .errors import ServerDied, ServerError
 from .middleware import ADMIN_HEADER
 
 # Fixed prompts whose greedy answers are recorded at bake and compared after restore.
@@ -33,15 +33,19 @@ class ServerControl:
         req.add_header("content-type", "application/json")
         if admin:
             req.add_header(ADMIN_HEADER.decode(), self.token)
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:  # the server's own answer: say what it was
+            detail = e.read().decode(errors="replace").strip().replace("\n", " ")[:400]
+            raise ServerError(f"{method} {path} answered {e.code}: {detail}") from None
         return json.loads(raw) if raw.strip() else None
 
     def healthy(self) -> bool:
         try:
             self._call("GET", "/health", timeout=5)
             return True
-        except (urllib.error.URLError, OSError, ValueError):
+        except (urllib.error.URLError, OSError, ValueError, ServerError):
             return False
 
     def wait_healthy(self, timeout: float, alive: Callable[[], bool], poll: float = 0.05) -> None:

@@ -15,3 +15,7 @@ class CheckpointUnusable(FvBootError):
 
 class ServerDied(FvBootError):
     """The vLLM process tree exited."""
+
+
+class ServerError(FvBootError):
+    """The vLLM server answered an fvboot call with an error (its text is in the message)."""
