@@ -39,8 +39,9 @@ def become_subreaper() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def check_compatible(m: dict, layout: Layout, run_args: list[str]) -> None:
-    """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here."""
+def check_compatible(m: dict, layout: Layout, run_args: list[str]) -> dict:
+    """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here; return this
+    machine's device info (the restore maps GPUs with it)."""
     if m.get("format") != manifest.FORMAT:
         raise CheckpointUnusable(f"manifest format {m.get('format')} is not {manifest.FORMAT}")
     if run_args and run_args != m["vllm"]["args"]:
@@ -60,6 +61,7 @@ def check_compatible(m: dict, layout: Layout, run_args: list[str]) -> None:
         raise CheckpointUnusable(problem)
     if shutil.which("criu") is None:
         raise CheckpointUnusable("criu is not on PATH")
+    return here
 
 
 def gpu_device_map(baked: dict, here: dict) -> str:
@@ -127,11 +129,11 @@ def _same_answers(now: list[dict], baked: list[dict]) -> Optional[str]:
     return None
 
 
-def restore(layout: Layout, m: dict, tl: Timeline, pipes: Pipes) -> RestoredTree:
+def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes) -> RestoredTree:
     token = layout.admin_token_file.read_text().strip()
     ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
     restore_dev_shm(layout)
-    device_map = gpu_device_map(m["device"], manifest.device_info())
+    device_map = gpu_device_map(m["device"], here)
     if device_map:
         log(f"restoring onto other GPUs of the same model: {device_map}")
     issued = time.time()
@@ -184,10 +186,10 @@ def serve(layout: Layout, run_args: list[str]) -> int:
         m = manifest.read(layout.manifest)
         if os.environ.get("FV_RESTORE", "1") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
-        check_compatible(m, layout, run_args)
+        here = check_compatible(m, layout, run_args)
         tl.mark("checks passed")
         prefetch(layout)  # runs beside the restore; _supervise reaps the readers
-        tree = restore(layout, m, tl, pipes)
+        tree = restore(layout, m, here, tl, pipes)
     except (CheckpointUnusable, FvBootError, OSError, ValueError, KeyError) as e:
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
         log(f"checkpoint not used: {reason}; starting vLLM normally (compile caches reused)")
