@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections import deque
 import tempfile
 import time
 from dataclasses import dataclass
@@ -69,10 +71,10 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
     try:
         container = engine.run_criu_container(built_id, bake_command(opts), opts.network,
                                               volumes=volumes, device_requests=gpus)
-        tail: list[str] = []
+        tail: deque[str] = deque(maxlen=40)
         for chunk in container.logs(stream=True, follow=True):
             for line in chunk.decode(errors="replace").splitlines():
-                tail = (tail + [line])[-40:]
+                tail.append(line)
                 on_line(line)
         code = container.wait()["StatusCode"]
         if code != 0:
@@ -112,9 +114,7 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
             except (APIError, DockerException):
                 pass
         engine.remove_image(bake_ref)
-        for p in sorted(Path(tmpdir).rglob("*"), reverse=True):
-            p.unlink() if p.is_file() else p.rmdir()
-        os.rmdir(tmpdir)
+        shutil.rmtree(tmpdir, ignore_errors=True)  # the token file goes with it
 
 
 def _device_summary(dev: dict) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -103,7 +104,7 @@ class DockerEngine:
         """Yield events while building CONTEXT; the last item is the BuildResult. Untagged: the
         caller tags only a finished image, so a failed build leaves no half-tagged image."""
         stage, stage_start, seconds = "", time.monotonic(), {}
-        image_id, tail = None, []
+        image_id, tail = None, deque(maxlen=60)
         try:
             stream = self.client.api.build(path=str(context), dockerfile=dockerfile, rm=True,
                                            forcerm=True, decode=True, network_mode=network_mode,
@@ -128,7 +129,7 @@ class DockerEngine:
                             stage, stage_start = s.group(1) or f"stage{len(seconds)}", time.monotonic()
                         yield BuildEvent("step", m.group(3), int(m.group(1)), int(m.group(2)), stage)
                     else:
-                        tail = (tail + [line])[-60:]
+                        tail.append(line)
                         yield BuildEvent("log", line, stage=stage)
                 m = re.search(r"Successfully built ([0-9a-f]+)", text)
                 if m and not image_id:
@@ -140,7 +141,7 @@ class DockerEngine:
         if stage:
             seconds[stage] = time.monotonic() - stage_start
         if not image_id:
-            raise BuildFailedError("docker build ended without an image id:\n" + "\n".join(tail[-20:]))
+            raise BuildFailedError("docker build ended without an image id:\n" + "\n".join(list(tail)[-20:]))
         yield BuildResult(image_id, seconds)
 
     # ---- containers -------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def _short(e: Exception) -> str:
     return text[:300]
 
 
-def _build_error(msg: str, tail: list[str]) -> Exception:
+def _build_error(msg: str, tail: deque) -> Exception:
     """Map our markers in the build log to typed errors; otherwise show the failing output."""
     for line in reversed(tail):
         if line.startswith("fvbuild-error: patch: "):
@@ -193,5 +194,5 @@ def _build_error(msg: str, tail: list[str]) -> Exception:
         if line.startswith("fvbuild-error: criu-ref: "):
             return CriuSourceError(line.removeprefix("fvbuild-error: criu-ref: ")
                                    + "; pick an existing tag or branch (--criu-ref)")
-    shown = "\n  ".join(tail[-15:])
+    shown = "\n  ".join(list(tail)[-15:])
     return BuildFailedError(f"docker build failed: {msg.strip()}\n  {shown}")

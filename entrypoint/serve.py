@@ -13,14 +13,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 from . import criu, manifest
 from .control import ServerControl
-from .errors import CheckpointUnusable, FvBootError, ServerDied
+from .errors import CheckpointUnusable, FvBootError
 from .launcher import Pipes, ServedTree, server_env, vllm_command
 from .layout import Layout
 from .output import write_line

@@ -4,15 +4,13 @@ imports, and each user mistake ends in one clear line, no traceback and no image
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from fvbuild.engine import docker_run_flags
 
-from conftest import e2e_device, fvbuild
+from conftest import fvbuild
 
 pytestmark = pytest.mark.docker
 CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import tarfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,11 +58,8 @@ def _assert_same_as_bake(manifest: dict) -> None:
 def _wait_ready(timeout: float = 900, container: str | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{URL}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
+        if _ready():
+            return
         if container and subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", container],
                                         capture_output=True, text=True).stdout.strip() != "true":
             raise AssertionError("container exited:\n" + _logs(container)[-4000:])
@@ -76,12 +72,24 @@ def _logs(container: str) -> str:
     return r.stdout + r.stderr
 
 
+COMPOSE_FILE = REPO / "tests" / "e2e" / "docker-compose.yml"
+
+
+def _compose_command() -> str:
+    return os.environ.get("FV_COMPOSE", "docker-compose")
+
+
+def _compose(project: str, *args: str) -> str:
+    """Run docker-compose on the test's compose file and project; returns its stdout."""
+    env = {**os.environ, "FV_E2E_IMAGE": os.environ.get("FV_E2E_IMAGE", "unused")}
+    return subprocess.run([_compose_command(), "-f", str(COMPOSE_FILE), "-p", project, *args],
+                          capture_output=True, text=True, env=env).stdout
+
+
 @pytest.fixture
 def port_free(docker_compose_project_name):
     """The baked port is fixed and we share the host network: stop the compose service first."""
-    subprocess.run([os.environ.get("FV_COMPOSE", "docker-compose"), "-f", str(REPO / "tests/e2e/docker-compose.yml"),
-                    "-p", docker_compose_project_name, "down"], capture_output=True,
-                   env={**os.environ, "FV_E2E_IMAGE": os.environ.get("FV_E2E_IMAGE", "unused")})
+    _compose(docker_compose_project_name, "down")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and _ready():
         time.sleep(0.2)
@@ -124,12 +132,12 @@ def _ready() -> bool:
 
 @pytest.fixture(scope="session")
 def docker_compose_file():
-    return str(REPO / "tests" / "e2e" / "docker-compose.yml")
+    return str(COMPOSE_FILE)
 
 
 @pytest.fixture(scope="session")
 def docker_compose_command():
-    return os.environ.get("FV_COMPOSE", "docker-compose")
+    return _compose_command()
 
 
 @pytest.fixture(scope="session")
@@ -143,16 +151,13 @@ def test_restored_server_answers_like_before_the_checkpoint(restored, manifest):
 
 
 def test_logs_show_the_restored_server_and_the_timeline(restored, manifest, docker_compose_project_name):
-    out = subprocess.run(["docker-compose", "-f", str(REPO / "tests/e2e/docker-compose.yml"), "-p",
-                          docker_compose_project_name, "logs", "--no-color"], capture_output=True, text=True,
-                         env={**os.environ}).stdout
+    out = _compose(docker_compose_project_name, "logs", "--no-color")
     _complete("log line please", 4, manifest["model"]["served_name"])
     assert "restored from checkpoint" in out
     assert "fvboot serve timeline" in out and "restore done" in out and "ready" in out
     assert '"fvboot_timeline"' in out
     time.sleep(0.5)
-    out = subprocess.run(["docker-compose", "-f", str(REPO / "tests/e2e/docker-compose.yml"), "-p",
-                          docker_compose_project_name, "logs", "--no-color"], capture_output=True, text=True).stdout
+    out = _compose(docker_compose_project_name, "logs", "--no-color")
     assert "POST /v1/completions" in out  # uvicorn's access log: the restored process's own output
     assert "first request served" in out
 

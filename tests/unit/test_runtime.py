@@ -4,8 +4,6 @@ decision, the io_uring switch. The whole loop runs for real in tests/e2e."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import json
 import subprocess
 import sys
 
