@@ -4,8 +4,9 @@ serve run directly, on synthetic:llama-3.2-3b (Llama-3.2-3B-Instruct's exact sha
 
 Phases (each fits one device call; state lives in $FV_BENCH_HOME, default /root/fv):
   bake     make the model, `fvboot bake` (its first vLLM start is the naive start: no caches),
-           then restore with files in page cache and with the page cache dropped
-  restore  restore again (page cache warm, then dropped)
+           then restores: warm as shipped (x2), warm without the cuda-checkpoint service and THP
+           page reads (the previous way), warm without THP only, and with the page cache dropped
+  restore  the same restores again (warm as shipped x3)
   cached   a normal vLLM start that reuses the compile caches the bake left (FV_RESTORE=0)
 
 Every start is timed from launching `fvboot serve` to the first correct token (the greedy answer
@@ -47,7 +48,7 @@ def setup_env() -> dict:
     criu_dir = os.environ.get("FV_CRIU_DIR", "")
     (bindir / "criu").write_text(f'#!/bin/sh\nLD_LIBRARY_PATH={criu_dir}/lib exec {criu_dir}/criu "$@"\n')
     (bindir / "cuda-checkpoint").write_text(
-        f'#!/bin/sh\nPYTHONPATH={lib} exec {sys.executable} -S -m fvboot.cuda_checkpoint "$@"\n')  # -S: no site scan, CRIU calls it ~10 times per restore
+        f'#!/bin/sh\nPYTHONPATH={lib} exec {sys.executable} -S -m fvboot.cuda_checkpoint_client "$@"\n')  # -S: no site scan, CRIU calls it ~10 times per restore
     for f in ("criu", "cuda-checkpoint"):
         (bindir / f).chmod(0o755)
     env = dict(os.environ)
@@ -116,13 +117,37 @@ def serve_once(env: dict, label: str, extra_env: dict | None = None, limit: floa
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         _wait_gpu_free()
+    criu_log = RUN / "run" / "criu-restore.log"
+    if criu_log.exists():
+        (RUN / "logs").mkdir(exist_ok=True)
+        criu_log.replace(RUN / "logs" / f"criu-restore-{label}.log")
     text = out.read_text(errors="replace")
     timeline = [json.JSONDecoder().raw_decode(l)[0]["fvboot_timeline"] for l in text.splitlines()
                 if l.startswith('{"fvboot_timeline"')]
     weights = [l for l in text.splitlines() if l.startswith("fvboot: weights:")]
     fell_back = [l for l in text.splitlines() if "checkpoint not used" in l]
-    return {"label": label, "first_token_s": round(took, 3), "timeline": timeline,
+    return {"label": label, "env": extra_env or {}, "first_token_s": round(took, 3), "timeline": timeline,
+            "cuda_plugin": _plugin_calls(RUN / "logs" / f"criu-restore-{label}.log"),
             "weights": weights[-1] if weights else None, "fallback": fell_back[0] if fell_back else None}
+
+
+def _plugin_calls(log: Path) -> dict:
+    """From CRIU's log: when the cuda plugin's late hook ran per process, and CRIU's THP note."""
+    out: dict = {"hooks": []}
+    if not log.exists():
+        return out
+    prev = None
+    for line in log.read_text(errors="replace").splitlines():
+        if "thp:" in line:
+            out["thp"] = line.split("thp:", 1)[1].strip()
+        if line.startswith("(") and ("plugin: `cuda_plugin' hook 9" in line or "Restore finished" in line):
+            t = float(line[1:line.index(")")])
+            if prev is not None:
+                out["hooks"].append(round(t - prev, 3))
+            prev = t
+            if "Restore finished" in line:
+                out["restore_finished_s"] = t
+    return out
 
 
 def _wait_gpu_free(timeout: float = 60) -> None:
@@ -158,20 +183,32 @@ def phase_bake(env: dict) -> dict:
     res["weights"] = m["weights"]
     res["device"] = m["device"]
     res["checkpoint_bytes"] = sum(f["size"] for f in m["files"] if f["path"].startswith("checkpoint/"))
+    res["processes"] = m.get("processes")
+    res["trim"] = m.get("trim")
     log(f"baked in {res['bake_s']} s; checkpoint {res['checkpoint_bytes'] / 1e9:.2f} GB")
     time.sleep(2)
-    res["restore_warm"] = serve_once(env, "restore-warm")
+    res.update(_restores(env, warm=2))
+    return res
+
+
+LEGACY = {"FV_CUDA_CHECKPOINT_SERVICE": "0", "FV_RESTORE_THP": "0"}  # how the previous stop restored
+
+
+def _restores(env: dict, warm: int) -> dict:
+    """Warm restores as shipped; one warm restore without the cuda-checkpoint service and THP
+    page reads, one without THP only (what each brings); then one with the page cache dropped."""
+    res = {}
+    for i in range(warm):
+        res[f"restore_warm_{i + 1}"] = serve_once(env, f"restore-warm-{i + 1}")
+    res["restore_warm_legacy"] = serve_once(env, "restore-warm-legacy", LEGACY)
+    res["restore_warm_no_thp"] = serve_once(env, "restore-warm-no-thp", {"FV_RESTORE_THP": "0"})
     drop_caches()
     res["restore_cold"] = serve_once(env, "restore-cold")
     return res
 
 
 def phase_restore(env: dict) -> dict:
-    res = {"restore_warm": serve_once(env, "restore-warm-2")}
-    res["restore_warm_3"] = serve_once(env, "restore-warm-3")
-    drop_caches()
-    res["restore_cold"] = serve_once(env, "restore-cold-2")
-    return res
+    return _restores(env, warm=3)
 
 
 def phase_cached(env: dict) -> dict:
@@ -188,8 +225,12 @@ def main() -> None:
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip()
     log(f"phase {phase} on {gpu}")
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or os.environ.get("FV_BENCH_COMMIT", "unknown")
     res = {"phase": phase, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpu": gpu,
-           "model": MODEL, "vllm_args": VLLM_ARGS}
+           "model": MODEL, "vllm_args": VLLM_ARGS, "commit": commit, "thp_enabled": thp,
+           "kernel": os.uname().release}
     try:
         res.update({"bake": phase_bake, "restore": phase_restore, "cached": phase_cached}[phase](env))
     finally:
@@ -199,13 +240,13 @@ def main() -> None:
         out = os.environ.get("OUT")
         if out:
             Path(out, f"gpu_startup_{phase}.json").write_text(text)
-            for f in RUN.glob("*.log"):
-                Path(out, f.name).write_text(f.read_text(errors="replace")[-200000:])
-            for f in (RUN / "run").glob("criu-restore.log"):
-                Path(out, "criu-restore.log").write_text(f.read_text(errors="replace")[-400000:])
+            # every log of this phase in one archive (the device returns a few files only)
+            logs = [f for f in RUN.glob("*.log")] + list((RUN / "logs").glob("*.log"))
             dump_log = HOME / "checkpoint" / "criu-dump.log"
             if dump_log.exists():
-                Path(out, "criu-dump.log").write_text(dump_log.read_text(errors="replace")[-400000:])
+                logs.append(dump_log)
+            subprocess.run(["tar", "-czf", str(Path(out, f"logs_{phase}.tar.gz")),
+                            *[str(f) for f in logs]], stderr=subprocess.DEVNULL)
         print(text)
 
 

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from . import __version__, criu, manifest
+from . import __version__, criu, cuda_checkpoint_service, manifest
 from .control import ServerControl
 from .errors import BakeFailed
-from .launcher import Pipes, ServedTree, server_env, vllm_command
+from .launcher import Pipes, ServedTree, server_env, tree_processes, vllm_command
 from .layout import Layout
 from .models import detach_build_inputs, prepare_model
 from .output import write_line
@@ -87,10 +87,16 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
             ctl.sleep(1)  # CPU: pauses the scheduler only; the extension frees the weights
             ctl.rpc("fv_release_weights")
         tl.mark("weights released")
-        ctl.trim()
+        trimmed = ctl.trim()
 
-        criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log")
+        processes = tree_processes(tree.init_pid())
+        with cuda_checkpoint_service.running(layout.run_dir, enabled=gpu) as service_env:
+            criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log",
+                      env=service_env)
         tl.mark("checkpoint written")
+        stored = criu.pages_by_process(layout.images_dir)
+        for p in processes:
+            p["checkpoint_bytes"] = stored.get(p["pid"], 0)
         save_dev_shm(layout.shm_archive)
         tree.proc.wait(30)
     except BaseException:
@@ -111,6 +117,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         "device": dev,
         "pipes": pipe_keys,
         "weights": dumped,
+        "processes": processes,
+        "trim": trimmed,
         "files": files,
         "probe": probe,
         "timeline": tl.as_dict(),

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return make_model(rest)
         if cmd == "cuda-checkpoint":
-            from .cuda_checkpoint import main as cuda_checkpoint
+            from .cuda_checkpoint_client import main as cuda_checkpoint
 
             return cuda_checkpoint(rest)
         return _serve(rest)

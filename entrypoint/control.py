@@ -61,10 +61,11 @@ class ServerControl:
     def gate(self, state: str) -> None:
         self._call("POST", f"/fv/gate/{state}")
 
-    def trim(self) -> None:
-        """Shrink the server's processes before the dump (API server, then every worker)."""
+    def trim(self) -> Any:
+        """Shrink the server's processes before the dump (API server, then every worker);
+        returns each worker's figures (memory before/after, GPU memory the checkpoint saves)."""
         self._call("POST", "/fv/trim")
-        self.rpc("fv_trim")
+        return self.rpc("fv_trim")
 
     def sleep(self, level: int) -> None:
         self._call("POST", f"/sleep?level={level}")

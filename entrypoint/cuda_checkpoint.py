@@ -25,7 +25,7 @@ import ctypes
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar
 
@@ -384,8 +384,10 @@ def _parse_int(option: str, text: str, low: int, high: int, what: str) -> int:
     return int(text)
 
 
-def parse_args(argv: Sequence[str]) -> Command:
-    """Turn argv (without the program name) into a validated Command; UsageError otherwise."""
+def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Command:
+    """Turn argv (without the program name) into a validated Command; UsageError otherwise.
+    ENV (default os.environ) supplies FV_CUDA_DEVICE_MAP for restores that name no map."""
+    env = os.environ if env is None else env
     if any(arg in ("-h", "--help") for arg in argv):
         return Command("help")
     ops: list[str] = []
@@ -443,10 +445,10 @@ def parse_args(argv: Sequence[str]) -> Command:
         if op not in ("restore", "toggle"):
             raise UsageError("--device-map is only valid with --action restore or --toggle")
         device_map = tuple(parse_device_map(values["device-map"]))
-    elif op == "restore" and os.environ.get(DEVICE_MAP_ENV):
+    elif op == "restore" and env.get(DEVICE_MAP_ENV):
         # CRIU's cuda plugin runs us without a map; fvboot serve sets it for the whole restore
         # when this node's GPUs have other UUIDs than the baking node's.
-        device_map = tuple(parse_device_map(os.environ[DEVICE_MAP_ENV]))
+        device_map = tuple(parse_device_map(env[DEVICE_MAP_ENV]))
     return Command(op, pid, timeout_ms, device_map)
 
 
@@ -530,24 +532,32 @@ def _refuse_processes_without_cuda(cmd: Command, driver: "CudaDriver") -> None:
                          CudaError("cuCheckpointProcessGetState", 3, "process has not loaded the CUDA driver"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of fv-cuda-checkpoint; the only place errors become messages and exit codes."""
-    args = list(sys.argv[1:] if argv is None else argv)
+def run(argv: Sequence[str], out: TextIO, err: TextIO, env: Mapping[str, str] | None = None,
+        load: Callable[[], CudaDriver] | None = None) -> int:
+    """One invocation: parse, act, print; errors become one line on ERR and an exit code.
+    LOAD opens the driver (the cuda-checkpoint service passes the one it initialised)."""
     try:
-        cmd = parse_args(args)
+        cmd = parse_args(argv, env)
         if cmd.op == "help":
-            sys.stdout.write(HELP)
-            sys.stdout.flush()
+            out.write(HELP)
+            out.flush()
             return 0
-        return execute(cmd, CudaDriver.load(), sys.stdout)
+        return execute(cmd, (load or CudaDriver.load)(), out)
     except UsageError as exc:
-        print(f"{PROG}: {exc} (see {PROG} --help)", file=sys.stderr)
+        print(f"{PROG}: {exc} (see {PROG} --help)", file=err)
         return exc.exit_code
     except ToolError as exc:
         # OperationError already carries NVIDIA's wording; the others get the program name.
         message = str(exc) if isinstance(exc, (OperationError, StateError)) else f"{PROG}: {exc}"
-        print(message, file=sys.stderr)
+        print(message, file=err)
         return exc.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of fv-cuda-checkpoint; the only place errors become messages and exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args, sys.stdout, sys.stderr)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): nothing left to report to, and no traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -21,6 +21,27 @@ WORKER_EXTENSION = "fvboot.worker_extension.FastVllmWorkerExtension"
 MIDDLEWARE = "fvboot.middleware.GateMiddleware"
 
 
+def tree_processes(root: int) -> list[dict]:
+    """Every process under ROOT (host PID), with its PID inside the tree's namespace (what CRIU's
+    images are named by), its command and its anonymous memory: the checkpoint's contents."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        try:
+            status = open(f"/proc/{pid}/status").read()
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        args = [a.decode(errors="replace") for a in cmd if a]
+        out.append({"host_pid": pid, "pid": int(fields.get("NSpid", str(pid)).split()[-1]),
+                    "name": fields.get("Name", "").strip(), "command": " ".join(args)[:160],
+                    "rss_anon_bytes": int(fields.get("RssAnon", "0 kB").split()[0]) * 1024})
+        todo += [int(k) for k in kids]
+    return out
+
+
 def vllm_command(model_dir: str, served_name: str, port: int, user_args: list[str], sleep_mode: bool) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", served_name, "--host", "0.0.0.0", "--port", str(port),

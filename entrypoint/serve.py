@@ -16,7 +16,7 @@ import subprocess
 import time
 from typing import Optional
 
-from . import criu, manifest
+from . import criu, cuda_checkpoint_service, manifest
 from .control import ServerControl
 from .errors import CheckpointUnusable, FvBootError
 from .launcher import Pipes, ServedTree, server_env, vllm_command
@@ -136,9 +136,11 @@ def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes) -> 
         log(f"restoring onto other GPUs of the same model: {device_map}")
     issued = time.time()
     tl.mark("restore issued", issued)
-    pid = criu.restore(layout.images_dir, layout.run_dir,
-                       [(pipes.out_w, m["pipes"]["stdout"]), (pipes.err_w, m["pipes"]["stderr"])],
-                       env={"FV_CUDA_DEVICE_MAP": device_map} if device_map else None)
+    gpu = m["device"]["kind"] == "cuda"
+    with cuda_checkpoint_service.running(layout.run_dir, enabled=gpu) as service_env:
+        pid = criu.restore(layout.images_dir, layout.run_dir,
+                           [(pipes.out_w, m["pipes"]["stdout"]), (pipes.err_w, m["pipes"]["stderr"])],
+                           env={**service_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
     tree = RestoredTree(pid)
     phases = criu.restore_phases(layout.run_dir / "criu-restore.log")
     if "cuda_resume_start" in phases:
@@ -146,7 +148,6 @@ def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes) -> 
         tl.mark("criu: CUDA resumed", issued + phases.get("restore_finished", phases["cuda_resume_start"]))
     tl.mark("restore done")
     try:
-        gpu = m["device"]["kind"] == "cuda"
         if gpu:
             ctl.wake_up(["weights"])
         stats = ctl.rpc("fv_load_weights", str(layout.weights_dir))

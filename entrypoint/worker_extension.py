@@ -599,8 +599,16 @@ class FastVllmWorkerExtension:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+            host_empty = getattr(torch._C, "_host_emptyCache", None)
+            if host_empty is not None:
+                host_empty()  # pinned host blocks torch keeps for reuse: host memory CRIU would save
         _malloc_trim()
-        return {"rss_before": rss, "rss_after": _rss()}
+        out = {"rss_before": rss, "rss_after": _rss()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            free, total = torch.cuda.mem_get_info()
+            out["gpu_used_bytes"] = total - free  # what the CUDA checkpoint will copy to the host
+            out["torch_reserved_bytes"] = torch.cuda.memory_reserved()
+        return out
 
     def fv_weights_info(self) -> dict[str, Any]:
         return {**self._fv_weights().info(), "rss": _rss()}

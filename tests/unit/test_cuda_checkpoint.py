@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -620,3 +622,103 @@ def test_c_driver_outputs_and_errors(c_libcuda, tmp_path):
     proc = run_cli(c_libcuda, log, "--action", "unlock", "--pid", "5", result=401)
     assert proc.returncode == 401 & 0xFF and proc.stdout == ""
     assert proc.stderr == 'Could not unlock on process ID 5: "operation not permitted when stream is capturing"\n'
+
+
+# ---------------------------------------------------------------------------------------------
+# The cuda-checkpoint service and its client (what CRIU's plugin runs during fvboot's restores)
+
+from fvboot import cuda_checkpoint_client as client  # noqa: E402
+from fvboot import cuda_checkpoint_service as service_mod  # noqa: E402
+
+
+@pytest.fixture
+def service(tmp_path):
+    """A real service on a Unix socket, driving a FakeLib, answering in a thread."""
+    lib = FakeLib()
+    lib.loads = 0
+    path = str(tmp_path / "cc.sock")
+
+    def load():
+        lib.loads += 1
+        return cc.CudaDriver(lib, "fake-libcuda")
+
+    svc = service_mod.Service(path, load=load)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                svc.answer_one()
+            except OSError:
+                return
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    yield path, lib
+    stop.set()
+    svc.close()
+
+
+def test_service_answers_exactly_as_the_tool(service, monkeypatch):
+    path, lib = service
+    lib.state = cc.STATE_LOCKED
+    assert client.forward(["--get-state", "--pid", "12"], path) == (0, "locked\n", "")
+    assert client.forward(["--action", "unlock", "--pid", "12"], path) == (0, "", "")
+    rc, out, err = client.forward(["--action", "bogus", "--pid", "1"], path)
+    assert (rc, out) == (2, "") and "invalid --action 'bogus'" in err
+    rc, out, _ = client.forward(["-h"], path)
+    assert rc == 0 and "--action" in out
+    # the driver was opened and initialised once, when the service started, not per call
+    assert lib.loads == 1 and lib.calls[0][0] == "cuInit"
+
+
+def test_service_uses_the_callers_device_map(service, monkeypatch):
+    path, lib = service
+    lib.state = cc.STATE_CHECKPOINTED
+    monkeypatch.setenv("FV_CUDA_DEVICE_MAP", f"{UUID_A}={UUID_B}")
+    assert client.forward(["--action", "restore", "--pid", "9"], path) == (0, "", "")
+    assert lib.last_pairs == [(RAW_A, RAW_B)]
+
+
+def test_service_driver_failure_is_reported_per_call(tmp_path):
+    def broken():
+        raise cc.DriverUnavailableError("cannot load libcuda.so.1 (gone)")
+
+    svc = service_mod.Service(str(tmp_path / "cc.sock"), load=broken)
+    t = threading.Thread(target=svc.answer_one, daemon=True)
+    t.start()
+    rc, out, err = client.forward(["--get-state", "--pid", "3"], str(tmp_path / "cc.sock"))
+    t.join(5)
+    svc.close()
+    assert (rc, out) == (1, "") and err == "fv-cuda-checkpoint: cannot load libcuda.so.1 (gone)\n"
+
+
+def test_client_without_service_runs_the_tool_itself(tmp_path):
+    """As the image's cuda-checkpoint wrapper runs it: python -S, fvboot on PYTHONPATH."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "fvboot").symlink_to(Path(cc.__file__).parent)
+    env = dict(os.environ, PYTHONPATH=str(lib),
+               FV_CUDA_CHECKPOINT_SOCKET=str(tmp_path / "nobody-listens.sock"))
+    run = lambda *argv: subprocess.run(  # noqa: E731
+        [sys.executable, "-S", "-m", "fvboot.cuda_checkpoint_client", *argv],
+        env=env, capture_output=True, text=True, timeout=60)
+    proc = run("--help")
+    assert proc.returncode == 0 and "--action" in proc.stdout
+    proc = run("--get-state", "--pid", "x")
+    assert proc.returncode == 2 and "invalid --pid 'x'" in proc.stderr
+
+
+def test_service_runs_as_a_process_and_goes_with_its_context(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
+    with service_mod.running(tmp_path, enabled=True) as env:
+        sock = env[client.SOCKET_ENV]
+        deadline = time.monotonic() + 30
+        answer = None
+        while answer is None and time.monotonic() < deadline:
+            answer = client.forward(["-h"], sock)
+            time.sleep(0.05)
+        assert answer is not None and answer[0] == 0 and "--action" in answer[1]
+    assert not os.path.exists(sock)
+    with service_mod.running(tmp_path, enabled=False) as env:
+        assert env == {}

@@ -1,0 +1,146 @@
+"""fvboot's cuda-checkpoint service: one process that initialises the CUDA driver once and
+answers every `cuda-checkpoint` call CRIU's cuda plugin makes during a dump or a restore.
+
+Why: each call of the plugin is a new process; with the driver opened and cuInit done per call
+the restore of a vLLM server spent ~1.5 s in tool start-ups alone (two CUDA processes, three
+calls each, plus every other process of the tree). fvboot starts this service just before
+`criu restore` (its cuInit overlaps CRIU's memory restore) and stops it when CRIU returns;
+`cuda_checkpoint_client` forwards the plugin's calls to it over a Unix socket that only root
+can open. The answers are exactly fv-cuda-checkpoint's (same code, same output, same codes).
+
+    python -m fvboot.cuda_checkpoint_service SOCKET
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import cuda_checkpoint as cc
+from .cuda_checkpoint_client import SOCKET_ENV
+
+DISABLE_ENV = "FV_CUDA_CHECKPOINT_SERVICE"  # 0: let the plugin start the tool for every call
+_PR_SET_PDEATHSIG = 1
+
+
+def handle(request: bytes, driver: cc.CudaDriver | None, load_error: cc.ToolError | None) -> dict:
+    """One request (a JSON line: argv and the caller's FV_CUDA_DEVICE_MAP) -> the reply."""
+    try:
+        req = json.loads(request)
+        argv = [str(a) for a in req["argv"]]
+        env = {str(k): str(v) for k, v in dict(req.get("env") or {}).items()}
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"rc": 2, "out": "", "err": f"{cc.PROG}: malformed request to the service: {exc}\n"}
+    out, err = io.StringIO(), io.StringIO()
+
+    def load() -> cc.CudaDriver:
+        if driver is None:
+            raise load_error or cc.DriverUnavailableError("the CUDA driver could not be opened")
+        return driver
+
+    rc = cc.run(argv, out, err, env, load)
+    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
+
+
+class Service:
+    """The socket and the driver; answers one connection at a time."""
+
+    def __init__(self, path: str, load=cc.CudaDriver.load) -> None:
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # only root (the caller's user) may connect
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(16)  # callers queue from here on, while the driver initialises
+        self.driver: cc.CudaDriver | None = None
+        self.load_error: cc.ToolError | None = None
+        try:
+            self.driver = load()
+            self.driver.init()
+        except cc.CudaError as exc:
+            self.driver, self.load_error = None, cc.DriverUnavailableError(f"cuInit failed: {exc}")
+        except cc.ToolError as exc:
+            # Calls still get answers: each reports why, as the tool itself would.
+            self.driver, self.load_error = None, exc
+
+    def answer_one(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(handle(data, self.driver, self.load_error)).encode())
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def serve(path: str) -> int:
+    """Answer calls at PATH until SIGTERM (or until fvboot, our parent, is gone)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    service = Service(path)
+    try:
+        while True:
+            service.answer_one()
+    finally:
+        service.close()
+
+
+@contextlib.contextmanager
+def running(run_dir: Path, enabled: bool = True) -> Iterator[dict[str, str]]:
+    """Run the service for the duration of a CRIU call; yields the environment CRIU (and so the
+    plugin's cuda-checkpoint calls) must get. Yields {} when disabled (no GPU, or
+    FV_CUDA_CHECKPOINT_SERVICE=0): the plugin then runs the tool for every call."""
+    if not enabled or os.environ.get(DISABLE_ENV, "1") == "0":
+        yield {}
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "cuda-checkpoint.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "fvboot.cuda_checkpoint_service", str(path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        # No waiting for the socket: calls made before it exists (the plugin's first `-h`)
+        # run the tool themselves, and the ones that matter come after CRIU's memory restore.
+        yield {SOCKET_ENV: str(path)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m fvboot.cuda_checkpoint_service SOCKET", file=sys.stderr)
+        return 2
+    return serve(args[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
