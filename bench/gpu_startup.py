@@ -6,6 +6,7 @@ Phases (each fits one device call; state lives in $FV_BENCH_HOME, default /root/
   bake     make the model, `fvboot bake` (its first vLLM start is the naive start: no caches),
            then restores: warm as shipped (x2), warm without the cuda-checkpoint service and THP
            page reads (the previous way), warm without THP only, and with the page cache dropped
+           (read-ahead prefetch as shipped, and vmtouch)
   restore  the same restores again (warm as shipped x3)
   cached   a normal vLLM start that reuses the compile caches the bake left (FV_RESTORE=0)
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,14 +49,28 @@ def setup_env() -> dict:
     bindir.mkdir(exist_ok=True)
     criu_dir = os.environ.get("FV_CRIU_DIR", "")
     (bindir / "criu").write_text(f'#!/bin/sh\nLD_LIBRARY_PATH={criu_dir}/lib exec {criu_dir}/criu "$@"\n')
-    (bindir / "cuda-checkpoint").write_text(
-        f'#!/bin/sh\nPYTHONPATH={lib} exec {sys.executable} -S -m fvboot.cuda_checkpoint_client "$@"\n')  # -S: no site scan, CRIU calls it ~10 times per restore
-    for f in ("criu", "cuda-checkpoint"):
-        (bindir / f).chmod(0o755)
+    # as in the images: the C client of fvboot's cuda-checkpoint service (bench/devkit-criu.sh
+    # builds it), falling back to the Python tool when no service listens
+    (bindir / "fv-cuda-checkpoint").write_text(
+        f'#!/bin/sh\nPYTHONPATH={lib} exec {sys.executable} -S -m fvboot.cuda_checkpoint "$@"\n')
+    client = Path(criu_dir, "cuda-checkpoint-client")
+    ccp = bindir / "cuda-checkpoint"
+    ccp.unlink(missing_ok=True)
+    if client.exists():
+        ccp.symlink_to(client)
+    else:
+        ccp.write_text(f'#!/bin/sh\nexec {bindir}/fv-cuda-checkpoint "$@"\n')
+    vmtouch = Path(criu_dir, "vmtouch")  # the kit carries one where the machine has none
+    if vmtouch.exists() and not (bindir / "vmtouch").exists() and not shutil.which("vmtouch"):
+        (bindir / "vmtouch").symlink_to(vmtouch)
+    for f in ("criu", "fv-cuda-checkpoint", "cuda-checkpoint"):
+        if not (bindir / f).is_symlink():
+            (bindir / f).chmod(0o755)
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{lib}:{env.get('PYTHONPATH', '')}"
     env["PATH"] = f"{bindir}:{env['PATH']}"
     env["FV_CRIU_PLUGIN_DIR"] = criu_dir
+    env["FV_CUDA_CHECKPOINT_FALLBACK"] = str(bindir / "fv-cuda-checkpoint")
     env["FV_HOME"] = str(HOME)
     env["FV_RUN_DIR"] = str(RUN / "run")
     for k, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
@@ -196,7 +212,8 @@ LEGACY = {"FV_CUDA_CHECKPOINT_SERVICE": "0", "FV_RESTORE_THP": "0"}  # how the p
 
 def _restores(env: dict, warm: int) -> dict:
     """Warm restores as shipped; one warm restore without the cuda-checkpoint service and THP
-    page reads, one without THP only (what each brings); then one with the page cache dropped."""
+    page reads, one without THP only (what each brings); then with the page cache dropped, with
+    fvboot's read-ahead prefetch (shipped) and with vmtouch."""
     res = {}
     for i in range(warm):
         res[f"restore_warm_{i + 1}"] = serve_once(env, f"restore-warm-{i + 1}")
@@ -204,6 +221,8 @@ def _restores(env: dict, warm: int) -> dict:
     res["restore_warm_no_thp"] = serve_once(env, "restore-warm-no-thp", {"FV_RESTORE_THP": "0"})
     drop_caches()
     res["restore_cold"] = serve_once(env, "restore-cold")
+    drop_caches()
+    res["restore_cold_vmtouch"] = serve_once(env, "restore-cold-vmtouch", {"FV_PREFETCH": "vmtouch"})
     return res
 
 

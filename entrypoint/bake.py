@@ -87,10 +87,9 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
             ctl.sleep(1)  # CPU: pauses the scheduler only; the extension frees the weights
             ctl.rpc("fv_release_weights")
         tl.mark("weights released")
-        trimmed = ctl.trim()
-
-        processes = tree_processes(tree.init_pid())
         with cuda_checkpoint_service.running(layout.run_dir, enabled=gpu) as service_env:
+            trimmed = ctl.trim()
+            processes = tree_processes(tree.init_pid())
             criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log",
                       env=service_env)
         tl.mark("checkpoint written")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
-import json
 import os
 import signal
 import socket
@@ -26,29 +25,46 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import cuda_checkpoint as cc
-from .cuda_checkpoint_client import SOCKET_ENV
+from .cuda_checkpoint_client import MAGIC, SOCKET_ENV
 
 DISABLE_ENV = "FV_CUDA_CHECKPOINT_SERVICE"  # 0: let the plugin start the tool for every call
 _PR_SET_PDEATHSIG = 1
+REQUEST_TIMEOUT_S = 30
 
 
-def handle(request: bytes, driver: cc.CudaDriver | None, load_error: cc.ToolError | None) -> dict:
-    """One request (a JSON line: argv and the caller's FV_CUDA_DEVICE_MAP) -> the reply."""
+def decode_request(data: bytes) -> tuple[list[str], dict[str, str]]:
+    """The client's bytes -> (argv, forwarded environment); ValueError if malformed."""
+    head, sep, body = data.partition(b"\n")
+    magic, _, count = head.partition(b" ")
+    if not sep or magic != MAGIC or not count.isdigit():
+        raise ValueError("not a cuda-checkpoint request")
+    items = [os.fsdecode(i) for i in body.split(b"\0")]
+    if items[-1:] == [""]:
+        items.pop()  # after the last terminator
+    argc = int(count)
+    if len(items) < argc:
+        raise ValueError(f"{len(items)} items, {argc} arguments announced")
+    env = dict(item.split("=", 1) for item in items[argc:] if "=" in item)
+    return items[:argc], env
+
+
+def handle(request: bytes, driver: cc.CudaDriver | None, load_error: cc.ToolError | None) -> bytes:
+    """One request -> the reply's bytes, exactly what fv-cuda-checkpoint would have printed."""
     try:
-        req = json.loads(request)
-        argv = [str(a) for a in req["argv"]]
-        env = {str(k): str(v) for k, v in dict(req.get("env") or {}).items()}
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"rc": 2, "out": "", "err": f"{cc.PROG}: malformed request to the service: {exc}\n"}
-    out, err = io.StringIO(), io.StringIO()
+        argv, env = decode_request(request)
+    except ValueError as exc:
+        out, err, rc = "", f"{cc.PROG}: malformed request to the service: {exc}\n", 2
+    else:
+        def load() -> cc.CudaDriver:
+            if driver is None:
+                raise load_error or cc.DriverUnavailableError("the CUDA driver could not be opened")
+            return driver
 
-    def load() -> cc.CudaDriver:
-        if driver is None:
-            raise load_error or cc.DriverUnavailableError("the CUDA driver could not be opened")
-        return driver
-
-    rc = cc.run(argv, out, err, env, load)
-    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
+        out_io, err_io = io.StringIO(), io.StringIO()
+        rc = cc.run(argv, out_io, err_io, env, load)
+        out, err = out_io.getvalue(), err_io.getvalue()
+    out_b, err_b = out.encode(), err.encode()
+    return b"%d %d %d\n" % (rc, len(out_b), len(err_b)) + out_b + err_b
 
 
 class Service:
@@ -79,14 +95,18 @@ class Service:
     def answer_one(self) -> None:
         conn, _ = self.sock.accept()
         with conn:
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            conn.settimeout(REQUEST_TIMEOUT_S)  # a client that never finishes its request
+            chunks = []
+            try:
+                while True:  # the client shuts down its side after the request
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            except OSError:
+                return
             with contextlib.suppress(OSError):
-                conn.sendall(json.dumps(handle(data, self.driver, self.load_error)).encode())
+                conn.sendall(handle(b"".join(chunks), self.driver, self.load_error))
 
     def close(self) -> None:
         self.sock.close()

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from typing import Optional
 
@@ -71,14 +72,46 @@ def gpu_device_map(baked: dict, here: dict) -> str:
     return ",".join(f"{old}={new}" for old, new in pairs)
 
 
+PREFETCH_CHUNK = 64 << 20
+
+
 def prefetch(layout: Layout) -> list[subprocess.Popen]:
-    """Read the checkpoint, then the weights, into the page cache while CRIU restores."""
-    procs = []
-    if shutil.which("vmtouch"):
-        for d in (layout.images_dir, layout.weights_dir):
-            procs.append(subprocess.Popen(["vmtouch", "-qt", str(d)], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL))
-    return procs
+    """Bring the checkpoint, then the weights, into the page cache while CRIU restores.
+
+    FV_PREFETCH=readahead (default): one thread asks the kernel to read every file ahead
+    (posix_fadvise WILLNEED, 64 MiB at a time, checkpoint first): the disk gets deep queues of
+    large reads. FV_PREFETCH=vmtouch: `vmtouch -t` per folder (page-by-page touching, shallow
+    queues). FV_PREFETCH=off: nothing. Returns the processes started (vmtouch), for reaping."""
+    mode = os.environ.get("FV_PREFETCH", "readahead")
+    folders = (layout.images_dir, layout.weights_dir)
+    if mode == "vmtouch" and shutil.which("vmtouch"):
+        return [subprocess.Popen(["vmtouch", "-qt", str(d)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL) for d in folders]
+    if mode != "off":
+        threading.Thread(target=_read_ahead, args=(folders,), name="fv-prefetch", daemon=True).start()
+    return []
+
+
+def _read_ahead(folders) -> None:
+    """Largest files first within each folder: a restore waits on the biggest process."""
+    for folder in folders:
+        try:
+            files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+        except OSError:
+            continue
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                for off in range(0, size, PREFETCH_CHUNK):
+                    os.posix_fadvise(fd, off, min(PREFETCH_CHUNK, size - off), os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 def restore_dev_shm(layout: Layout) -> None:
@@ -127,7 +160,8 @@ def _same_answers(now: list[dict], baked: list[dict]) -> Optional[str]:
     return None
 
 
-def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes) -> RestoredTree:
+def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
+            criu_env: dict[str, str]) -> RestoredTree:
     token = layout.admin_token_file.read_text().strip()
     ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
     restore_dev_shm(layout)
@@ -137,10 +171,9 @@ def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes) -> 
     issued = time.time()
     tl.mark("restore issued", issued)
     gpu = m["device"]["kind"] == "cuda"
-    with cuda_checkpoint_service.running(layout.run_dir, enabled=gpu) as service_env:
-        pid = criu.restore(layout.images_dir, layout.run_dir,
-                           [(pipes.out_w, m["pipes"]["stdout"]), (pipes.err_w, m["pipes"]["stderr"])],
-                           env={**service_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
+    pid = criu.restore(layout.images_dir, layout.run_dir,
+                       [(pipes.out_w, m["pipes"]["stdout"]), (pipes.err_w, m["pipes"]["stderr"])],
+                       env={**criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
     tree = RestoredTree(pid)
     phases = criu.restore_phases(layout.run_dir / "criu-restore.log")
     if "cuda_resume_start" in phases:
@@ -149,15 +182,19 @@ def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes) -> 
     tl.mark("restore done")
     try:
         if gpu:
+            # The weights load in the worker's background while the engine wakes its KV cache.
             ctl.wake_up(["weights"])
-        stats = ctl.rpc("fv_load_weights", str(layout.weights_dir))
-        tl.mark("weights loaded")
-        log(f"weights: {stats}")
-        if gpu:
+            ctl.rpc("fv_load_weights", str(layout.weights_dir), False, True)
             ctl.wake_up(["kv_cache"])
+            tl.mark("engine awake")
+            stats = ctl.rpc("fv_load_weights_wait")
+            tl.mark("weights loaded")
         else:
+            stats = ctl.rpc("fv_load_weights", str(layout.weights_dir))
+            tl.mark("weights loaded")
             ctl.wake_up()
-        tl.mark("engine awake")
+            tl.mark("engine awake")
+        log(f"weights: {stats}")
         mismatch = _same_answers(ctl.probe(), m["probe"])
         if mismatch:
             raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
@@ -173,6 +210,7 @@ def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes) -> 
 
 def serve(layout: Layout, run_args: list[str]) -> int:
     tl = Timeline("serve")
+    tl.mark("fvboot running")  # after Python's start-up and fvboot's imports
     become_subreaper()
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     pipes = Pipes.create()
@@ -183,12 +221,16 @@ def serve(layout: Layout, run_args: list[str]) -> int:
         if not layout.manifest.exists():
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
         m = manifest.read(layout.manifest)
+        tl.mark("manifest read")
         if os.environ.get("FV_RESTORE", "1") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
-        here = check_compatible(m, layout, run_args)
-        tl.mark("checks passed")
-        prefetch(layout)  # runs beside the restore; _supervise reaps the readers
-        tree = restore(layout, m, here, tl, pipes)
+        # The cuda-checkpoint service starts first: its cuInit overlaps the checks and CRIU.
+        gpu = m.get("device", {}).get("kind") == "cuda"
+        with cuda_checkpoint_service.running(layout.run_dir, enabled=gpu) as service_env:
+            here = check_compatible(m, layout, run_args)
+            tl.mark("checks passed")
+            prefetch(layout)  # runs beside the restore; _supervise reaps the readers
+            tree = restore(layout, m, here, tl, pipes, service_env)
     except (CheckpointUnusable, FvBootError, OSError, ValueError, KeyError) as e:
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
         log(f"checkpoint not used: {reason}; starting vLLM normally (compile caches reused)")

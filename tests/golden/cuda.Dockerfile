@@ -22,6 +22,10 @@ RUN cd /src/criu && for p in 0001-version-mark-fast-vllm-builds.patch 0002-resto
 RUN make -C /src/criu -j"$(nproc)" criu cuda_plugin >/tmp/criu-build.log 2>&1 \
         || { tail -n 40 /tmp/criu-build.log; exit 1; } \
     && mkdir -p /out && cp /src/criu/criu/criu /src/criu/plugins/cuda/cuda_plugin.so /out/
+# cuda-checkpoint for CRIU's cuda plugin: a C client of fvboot's cuda-checkpoint service
+COPY fvboot/cuda_checkpoint_client.c /src/fv/
+RUN gcc -O2 -Wall -Wextra -Werror -DFALLBACK='"/usr/local/libexec/fv-cuda-checkpoint"' \
+        -o /out/cuda-checkpoint /src/fv/cuda_checkpoint_client.c
 
 # ---- runtime: the base image plus CRIU, vmtouch and fvboot -------------------------------------
 FROM vllm/vllm-openai:v0.26.0 AS runtime
@@ -31,14 +35,17 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
     && rm -rf /var/lib/apt/lists/*
 COPY --from=criu /out/criu /usr/local/sbin/criu
 COPY --from=criu /out/cuda_plugin.so /usr/lib/criu/cuda_plugin.so
+COPY --from=criu /out/cuda-checkpoint /usr/local/bin/cuda-checkpoint
 COPY fvboot /opt/fast-vllm/lib/fvboot
 RUN set -eu; \
     py=$(command -v python3); \
     site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     echo /opt/fast-vllm/lib > "$site/fast-vllm.pth"; \
     printf '#!/bin/sh\nexec %s -m fvboot "$@"\n' "$py" > /usr/local/bin/fvboot; \
-    printf '#!/bin/sh\nPYTHONPATH=/opt/fast-vllm/lib exec %s -S -m fvboot.cuda_checkpoint_client "$@"\n' "$py" > /usr/local/bin/cuda-checkpoint; \
-    chmod 0755 /usr/local/bin/cuda-checkpoint; \
+    mkdir -p /usr/local/libexec; \
+    printf '#!/bin/sh\nPYTHONPATH=/opt/fast-vllm/lib exec %s -S -m fvboot.cuda_checkpoint "$@"\n' "$py" > /usr/local/libexec/fv-cuda-checkpoint; \
+    chmod 0755 /usr/local/libexec/fv-cuda-checkpoint; \
+    cuda-checkpoint --help | grep -q -- --action; \
     chmod 0755 /usr/local/bin/fvboot; \
     criu --version; fvboot --version
 ENV FV_HOME=/fv \

@@ -722,3 +722,78 @@ def test_service_runs_as_a_process_and_goes_with_its_context(tmp_path, monkeypat
     assert not os.path.exists(sock)
     with service_mod.running(tmp_path, enabled=False) as env:
         assert env == {}
+
+
+@pytest.fixture(scope="module")
+def c_client(tmp_path_factory):
+    """The C client images install as cuda-checkpoint, compiled as the image build does."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("needs a C compiler")
+    out = tmp_path_factory.mktemp("c-client") / "cuda-checkpoint"
+    source = Path(client.__file__).with_suffix(".c")
+    subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(source)],
+                   check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--get-state", "--pid", "12"],
+    ["--action", "unlock", "--pid", "12"],
+    ["--action", "bogus", "--pid", "1"],
+    ["-h"],
+    ["--action", "restore", "--pid", "9"],
+])
+def test_c_client_answers_like_the_python_client(service, c_client, argv):
+    path, lib = service
+    env = dict(os.environ, FV_CUDA_CHECKPOINT_SOCKET=path, FV_CUDA_DEVICE_MAP=f"{UUID_A}={UUID_B}")
+    lib.state = cc.STATE_CHECKPOINTED if "restore" in argv else cc.STATE_LOCKED
+    proc = subprocess.run([str(c_client), *argv], env=env, capture_output=True, text=True, timeout=30)
+    lib.state = cc.STATE_CHECKPOINTED if "restore" in argv else cc.STATE_LOCKED
+    os.environ["FV_CUDA_DEVICE_MAP"] = f"{UUID_A}={UUID_B}"
+    try:
+        expected = client.forward(argv, path)
+    finally:
+        del os.environ["FV_CUDA_DEVICE_MAP"]
+    assert (proc.returncode, proc.stdout, proc.stderr) == expected
+    if "restore" in argv:
+        assert lib.last_pairs == [(RAW_A, RAW_B)]  # the C client forwarded the device map
+
+
+def test_c_client_without_service_runs_the_fallback(c_client, tmp_path):
+    fallback = tmp_path / "tool"
+    fallback.write_text('#!/bin/sh\necho "fallback ran with: $*"\nexit 7\n')
+    fallback.chmod(0o755)
+    env = dict(os.environ, FV_CUDA_CHECKPOINT_SOCKET=str(tmp_path / "nobody.sock"),
+               FV_CUDA_CHECKPOINT_FALLBACK=str(fallback))
+    proc = subprocess.run([str(c_client), "--get-state", "--pid", "3"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stdout) == (7, "fallback ran with: --get-state --pid 3\n")
+
+
+def test_c_client_reports_a_service_that_dies_mid_call(c_client, tmp_path):
+    """Connected, then no reply: one clear line, exit 1, and the call is not run again."""
+    import socket as socket_mod
+
+    path = str(tmp_path / "dying.sock")
+    srv = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def accept_and_drop():
+        conn, _ = srv.accept()
+        conn.recv(1024)
+        conn.close()
+
+    t = threading.Thread(target=accept_and_drop, daemon=True)
+    t.start()
+    fallback = tmp_path / "tool"
+    fallback.write_text("#!/bin/sh\necho must-not-run\n")
+    fallback.chmod(0o755)
+    env = dict(os.environ, FV_CUDA_CHECKPOINT_SOCKET=path, FV_CUDA_CHECKPOINT_FALLBACK=str(fallback))
+    proc = subprocess.run([str(c_client), "--action", "restore", "--pid", "3"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    t.join(5)
+    srv.close()
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith(f"fv-cuda-checkpoint: the cuda-checkpoint service at {path} failed")

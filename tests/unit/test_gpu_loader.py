@@ -497,3 +497,45 @@ def test_odirect_refused_at_read_falls_back(fvw, monkeypatch):
                  config=_cfg(odirect=True), engine=gl._HostEngine())
     assert not st.odirect and any("O_DIRECT" in n for n in st.notes)
     assert all(torch.equal(dst[k], t) for k, t in src.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# fv_load_weights in the background (the restore wakes the KV cache meanwhile)
+
+def _extension(load):
+    from fvboot.worker_extension import FastVllmWorkerExtension
+
+    class Worker(FastVllmWorkerExtension):
+        def _fv_load(self, directory, verify):
+            return load(directory, verify)
+
+    return Worker()
+
+
+def test_background_load_returns_at_once_and_wait_gives_the_stats():
+    import threading
+
+    gate = threading.Event()
+
+    def load(directory, verify):
+        gate.wait(10)
+        return {"bytes": 42, "dir": directory, "verified": verify}
+
+    w = _extension(load)
+    assert w.fv_load_weights("/fv/weights", "false", "true") == {"started": True}
+    gate.set()
+    assert w.fv_load_weights_wait() == {"bytes": 42, "dir": "/fv/weights", "verified": False}
+
+
+def test_background_load_error_reaches_wait_and_a_second_wait_is_refused():
+    from fvboot.worker_extension import WeightCollectionError
+
+    def load(directory, verify):
+        raise WeightCollectionError("checksum mismatch in rank0.fvw")
+
+    w = _extension(load)
+    w.fv_load_weights("/fv/weights", background=True)
+    with pytest.raises(WeightCollectionError, match="checksum mismatch"):
+        w.fv_load_weights_wait()
+    with pytest.raises(WeightCollectionError, match="no background weight load"):
+        w.fv_load_weights_wait()
