@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -577,43 +576,8 @@ class FastVllmWorkerExtension:
         freed = self._fv_weights().release()
         return {"bytes": freed, "rss_before": rss, "rss_after": _rss()}
 
-    def fv_load_weights(self, directory: str, verify: bool = False,
-                        background: bool = False) -> dict[str, Any]:
-        """Fill the woken weights from the dump. BACKGROUND: return at once and load in a
-        thread, so the engine can wake its KV cache meanwhile; fv_load_weights_wait() then
-        returns what this call would have (or raises what the load raised)."""
-        verify, background = _flag(verify), _flag(background)
-        if not background:
-            return self._fv_load(directory, verify)
-        if getattr(self, "_fv_loading", None) is not None:
-            raise WeightCollectionError("a background weight load is already running")
-        result: dict[str, Any] = {}
-        gpu = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() \
-            else None
-
-        def run() -> None:
-            try:
-                if gpu is not None:
-                    torch.cuda.set_device(gpu)  # this worker's GPU, in the new thread too
-                result["stats"] = self._fv_load(directory, verify)
-            except BaseException as exc:  # handed to fv_load_weights_wait
-                result["error"] = exc
-
-        thread = threading.Thread(target=run, name="fv-load-weights", daemon=True)
-        self._fv_loading = (thread, result)
-        thread.start()
-        return {"started": True}
-
-    def fv_load_weights_wait(self) -> dict[str, Any]:
-        loading = getattr(self, "_fv_loading", None)
-        if loading is None:
-            raise WeightCollectionError("no background weight load was started")
-        thread, result = loading
-        thread.join()
-        self._fv_loading = None
-        if "error" in result:
-            raise result["error"]
-        return result["stats"]
+    def fv_load_weights(self, directory: str, verify: bool = False) -> dict[str, Any]:
+        return self._fv_load(directory, _flag(verify))
 
     def _fv_load(self, directory: str, verify: bool) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@ imports, and each user mistake ends in one clear line, no traceback and no image
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,10 @@ def test_vllm_imports_and_fvboot_is_the_entrypoint(docker_client, unbaked):
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = docker_client.api.inspect_image(unbaked)["Config"]
     assert cfg["Entrypoint"] == ["fvboot"]
-    assert cfg["Labels"]["org.fast-vllm.criu-patches"] == "0001-version-mark-fast-vllm-builds.patch"
+    series = (Path(__file__).parents[2] / "criu-patches" / "series").read_text().split("\n")
+    applied = [line.strip() for line in series if line.strip() and not line.startswith("#")]
+    assert cfg["Labels"]["org.fast-vllm.criu-patches"] == ",".join(applied)
+    assert "0002-restore-thp-fill.patch" in applied
 
 
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:

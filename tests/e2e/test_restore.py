@@ -12,6 +12,7 @@ import os
 import subprocess
 import tarfile
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -160,6 +161,15 @@ def test_logs_show_the_restored_server_and_the_timeline(restored, manifest, dock
     out = _compose(docker_compose_project_name, "logs", "--no-color")
     assert "POST /v1/completions" in out  # uvicorn's access log: the restored process's own output
     assert "first request served" in out
+
+
+def test_criu_read_memory_into_huge_pages_where_the_kernel_allows(restored, docker_compose_project_name):
+    """criu-patches/0002 at work in the image's CRIU: huge pages under the "madvise" THP mode
+    (this kernel's mode decides which answer is right), and the restore still answered right."""
+    log = _compose(docker_compose_project_name, "exec", "-T", "fvllm", "cat", "/tmp/fvboot/criu-restore.log")
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    want = "yes" if "[madvise]" in mode else "no (THP mode is not madvise)"
+    assert f"thp: huge pages for the page reads: {want}" in log
 
 
 def test_dev_endpoints_are_refused_to_clients(restored):

@@ -500,42 +500,43 @@ def test_odirect_refused_at_read_falls_back(fvw, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# fv_load_weights in the background (the restore wakes the KV cache meanwhile)
+# The page-cache path's planning and residency check (the copies themselves need a GPU:
+# bench/gpu_register_load.py and every GPU restore run them)
 
-def _extension(load):
-    from fvboot.worker_extension import FastVllmWorkerExtension
-
-    class Worker(FastVllmWorkerExtension):
-        def _fv_load(self, directory, verify):
-            return load(directory, verify)
-
-    return Worker()
+def _entry(key, offset, nbytes):
+    return wf.WeightEntry(key=key, dtype="uint8", shape=(nbytes,), offset=offset, nbytes=nbytes,
+                          checksum="")
 
 
-def test_background_load_returns_at_once_and_wait_gives_the_stats():
-    import threading
+def test_register_windows_cover_every_byte_once():
+    entries = [_entry("a", 0, 5000), _entry("b", 8192, 3 << 20), _entry("c", (4 << 20), 100)]
+    windows = gl._windows(entries, 1 << 20)
+    got = {}
+    for woff, wlen, pieces in windows:
+        assert woff % (1 << 20) == 0 and wlen <= 1 << 20
+        for i, eoff, hoff, n in pieces:
+            assert 0 <= hoff and hoff + n <= wlen
+            got.setdefault(i, []).append((eoff, n))
+    for i, e in enumerate(entries):
+        spans = sorted(got[i])
+        assert spans[0][0] == 0 and sum(n for _, n in spans) == e.nbytes
+        assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
 
-    gate = threading.Event()
 
-    def load(directory, verify):
-        gate.wait(10)
-        return {"bytes": 42, "dir": directory, "verified": verify}
-
-    w = _extension(load)
-    assert w.fv_load_weights("/fv/weights", "false", "true") == {"started": True}
-    gate.set()
-    assert w.fv_load_weights_wait() == {"bytes": 42, "dir": "/fv/weights", "verified": False}
-
-
-def test_background_load_error_reaches_wait_and_a_second_wait_is_refused():
-    from fvboot.worker_extension import WeightCollectionError
-
-    def load(directory, verify):
-        raise WeightCollectionError("checksum mismatch in rank0.fvw")
-
-    w = _extension(load)
-    w.fv_load_weights("/fv/weights", background=True)
-    with pytest.raises(WeightCollectionError, match="checksum mismatch"):
-        w.fv_load_weights_wait()
-    with pytest.raises(WeightCollectionError, match="no background weight load"):
-        w.fv_load_weights_wait()
+def test_file_mapping_residency(tmp_path):
+    """A file never read is not resident (its pages are holes, nothing cached); once read, it is."""
+    path = tmp_path / "w.bin"
+    with path.open("wb") as f:
+        f.truncate(1 << 20)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        m = gl._FileMapping(fd, 1 << 20)
+        try:
+            assert not m.resident()
+            while os.read(fd, 1 << 16):
+                pass
+            assert m.resident()
+        finally:
+            m.close()
+    finally:
+        os.close(fd)
