@@ -4,7 +4,7 @@ serve run directly, on synthetic:llama-3.2-3b (Llama-3.2-3B-Instruct's exact sha
 
 Phases (each fits one device call; state lives in $FV_BENCH_HOME, default /root/fv):
   bake     make the model, `fvboot bake` (its first vLLM start is the naive start: no caches),
-           then restores: warm as shipped (x2), warm without the cuda-checkpoint service and THP
+           then restores: warm as shipped (x3), warm without the cuda-checkpoint service and THP
            page reads (the previous way), warm without THP only, and with the page cache dropped
            (read-ahead prefetch as shipped, and vmtouch)
   restore  the same restores again (warm as shipped x3)
@@ -203,7 +203,7 @@ def phase_bake(env: dict) -> dict:
     res["trim"] = m.get("trim")
     log(f"baked in {res['bake_s']} s; checkpoint {res['checkpoint_bytes'] / 1e9:.2f} GB")
     time.sleep(2)
-    res.update(_restores(env, warm=2))
+    res.update(_restores(env, warm=3))
     return res
 
 
