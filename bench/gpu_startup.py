@@ -235,6 +235,21 @@ def phase_cached(env: dict) -> dict:
     return {"cached_start": serve_once(env, "cached-start", {"FV_RESTORE": "0"}, limit=500)}
 
 
+def _python_startup(env: dict) -> dict:
+    """What the interpreter costs fvboot before its first line runs (best of 3 each)."""
+    def best(*argv: str) -> float:
+        times = []
+        for _ in range(3):
+            t = time.monotonic()
+            subprocess.run([sys.executable, *argv], env=env, capture_output=True)
+            times.append(time.monotonic() - t)
+        return round(min(times), 3)
+
+    return {"bare": best("-c", "pass"), "no_site": best("-S", "-c", "pass"),
+            "import_fvboot_serve": best("-c", "import fvboot.cli, fvboot.serve"),
+            "import_fvboot_serve_no_site": best("-S", "-c", "import fvboot.cli, fvboot.serve")}
+
+
 def main() -> None:
     phase = sys.argv[1] if len(sys.argv) > 1 else "bake"
     RUN.mkdir(parents=True, exist_ok=True)
@@ -250,6 +265,7 @@ def main() -> None:
     res = {"phase": phase, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpu": gpu,
            "model": MODEL, "vllm_args": VLLM_ARGS, "commit": commit, "thp_enabled": thp,
            "kernel": os.uname().release}
+    res["python_startup"] = _python_startup(env)
     try:
         res.update({"bake": phase_bake, "restore": phase_restore, "cached": phase_cached}[phase](env))
     finally:

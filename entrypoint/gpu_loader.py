@@ -553,6 +553,9 @@ class _RegisterRefused(GpuLoaderError):
     """The driver would not page-lock the mapped file: use the pinned ring."""
 
 
+_LOW_BIT = bytes(b & 1 for b in range(256))
+
+
 class _FileMapping:
     """A read-only shared mapping of a whole file (libc mmap: Python's mmap object cannot hand
     out the address of a read-only mapping)."""
@@ -576,7 +579,8 @@ class _FileMapping:
         vec = (ctypes.c_ubyte * pages)()
         if self.libc.mincore(self.addr, self.size, vec) != 0:
             return False
-        return all(b & 1 for b in bytes(vec))
+        # bit 0 of each byte: that page is resident (the other bits are reserved)
+        return bytes(vec).translate(_LOW_BIT).count(0) == 0
 
     def close(self) -> None:
         self.libc.munmap(self.addr, self.size)
