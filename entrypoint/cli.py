@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,6 +17,8 @@ COMMANDS = ("bake", "serve", "inspect", "check", "make-model", "cuda-checkpoint"
 
 def _bake(argv: list[str]) -> int:
     from .bake import bake, check_tools
+
+    import argparse  # only bake parses options: serve starts faster without it
 
     p = argparse.ArgumentParser(prog="fvboot bake", description="warm up vLLM and checkpoint it into FV_HOME")
     p.add_argument("--model", required=True, help="synthetic:NAME, a model folder, or a HF repo id")

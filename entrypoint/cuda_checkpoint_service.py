@@ -23,9 +23,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import cuda_checkpoint as cc
 from .cuda_checkpoint_client import MAGIC, SOCKET_ENV
+
+if TYPE_CHECKING:
+    from . import cuda_checkpoint as cc
 
 DISABLE_ENV = "FV_CUDA_CHECKPOINT_SERVICE"  # 0: let the plugin start the tool for every call
 _PR_SET_PDEATHSIG = 1
@@ -50,6 +53,8 @@ def decode_request(data: bytes) -> tuple[list[str], dict[str, str]]:
 
 def handle(request: bytes, driver: cc.CudaDriver | None, load_error: cc.ToolError | None) -> bytes:
     """One request -> the reply's bytes, exactly what fv-cuda-checkpoint would have printed."""
+    from . import cuda_checkpoint as cc
+
     try:
         argv, env = decode_request(request)
     except ValueError as exc:
@@ -70,7 +75,10 @@ def handle(request: bytes, driver: cc.CudaDriver | None, load_error: cc.ToolErro
 class Service:
     """The socket and the driver; answers one connection at a time."""
 
-    def __init__(self, path: str, load=cc.CudaDriver.load) -> None:
+    def __init__(self, path: str, load=None) -> None:
+        from . import cuda_checkpoint as cc  # only the service process needs the tool
+
+        load = load or cc.CudaDriver.load
         self.path = path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -554,6 +554,28 @@ class _RegisterRefused(GpuLoaderError):
 
 
 _LOW_BIT = bytes(b & 1 for b in range(256))
+_SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451}.get(os.uname().machine)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [("nr_cache", ctypes.c_uint64), ("nr_dirty", ctypes.c_uint64),
+                ("nr_writeback", ctypes.c_uint64), ("nr_evicted", ctypes.c_uint64),
+                ("nr_recently_evicted", ctypes.c_uint64)]
+
+
+def _cachestat_pages(libc: Any, fd: int, size: int) -> int | None:
+    """Pages of the file's first SIZE bytes in the page cache, or None where cachestat(2) is
+    missing (kernel < 6.5) or filtered (seccomp)."""
+    if _SYS_CACHESTAT is None:
+        return None
+    rng, st = _CachestatRange(0, size), _Cachestat()
+    if libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
+        return None
+    return int(st.nr_cache)
 
 
 class _FileMapping:
@@ -573,9 +595,13 @@ class _FileMapping:
             raise OSError(ctypes.get_errno(), "mmap of the weight file failed")
         self.addr: int = addr
 
-    def resident(self) -> bool:
-        """Is every page of the file in the page cache (mincore)?"""
+    def resident(self, fd: int) -> bool:
+        """Is every page of the file in the page cache? cachestat(2) (Linux 6.5+) counts them in
+        one call; mincore(2) over the mapping is the fallback (~85 ms for 7 GB on an H100 host)."""
         pages = (self.size + _PAGE - 1) // _PAGE
+        counted = _cachestat_pages(self.libc, fd, self.size)
+        if counted is not None:
+            return counted >= pages
         vec = (ctypes.c_ubyte * pages)()
         if self.libc.mincore(self.addr, self.size, vec) != 0:
             return False
@@ -688,7 +714,7 @@ def _try_registered(path: str | os.PathLike, entries: Sequence[wf.WeightEntry],
         size = os.fstat(fd).st_size
         mapping = _FileMapping(fd, size)
         try:
-            if not mapping.resident():
+            if not mapping.resident(fd):
                 return None
             t1 = time.perf_counter()
             took, windows = _load_registered(entries, tensors, mapping, device)

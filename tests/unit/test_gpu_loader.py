@@ -532,11 +532,16 @@ def test_file_mapping_residency(tmp_path):
     try:
         m = gl._FileMapping(fd, 1 << 20)
         try:
-            assert not m.resident()
+            assert not m.resident(fd)
             while os.read(fd, 1 << 16):
                 pass
-            assert m.resident()
+            assert m.resident(fd)
         finally:
             m.close()
     finally:
         os.close(fd)
+
+
+def test_residency_without_cachestat_uses_mincore(tmp_path, monkeypatch):
+    monkeypatch.setattr(gl, "_cachestat_pages", lambda *a: None)
+    test_file_mapping_residency(tmp_path)
