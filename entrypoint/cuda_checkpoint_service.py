@@ -21,9 +21,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .cuda_checkpoint_client import MAGIC, SOCKET_ENV
 
@@ -51,8 +52,10 @@ def decode_request(data: bytes) -> tuple[list[str], dict[str, str]]:
     return items[:argc], env
 
 
-def handle(request: bytes, driver: cc.CudaDriver | None, load_error: cc.ToolError | None) -> bytes:
-    """One request -> the reply's bytes, exactly what fv-cuda-checkpoint would have printed."""
+def handle(request: bytes, driver: Callable[[], cc.CudaDriver]) -> bytes:
+    """One request -> the reply's bytes, exactly what fv-cuda-checkpoint would have printed.
+    DRIVER gives the initialised driver (waiting for it) or raises why there is none; calls
+    that need no driver (help, usage errors) never wait for it."""
     from . import cuda_checkpoint as cc
 
     try:
@@ -60,20 +63,17 @@ def handle(request: bytes, driver: cc.CudaDriver | None, load_error: cc.ToolErro
     except ValueError as exc:
         out, err, rc = "", f"{cc.PROG}: malformed request to the service: {exc}\n", 2
     else:
-        def load() -> cc.CudaDriver:
-            if driver is None:
-                raise load_error or cc.DriverUnavailableError("the CUDA driver could not be opened")
-            return driver
-
         out_io, err_io = io.StringIO(), io.StringIO()
-        rc = cc.run(argv, out_io, err_io, env, load)
+        rc = cc.run(argv, out_io, err_io, env, driver)
         out, err = out_io.getvalue(), err_io.getvalue()
     out_b, err_b = out.encode(), err.encode()
     return b"%d %d %d\n" % (rc, len(out_b), len(err_b)) + out_b + err_b
 
 
 class Service:
-    """The socket and the driver; answers one connection at a time."""
+    """The socket and the driver; answers one connection at a time. The driver opens and
+    initialises (cuInit, ~0.3 s) in a thread, so the plugin's first call (`-h`, as CRIU starts)
+    is answered at once."""
 
     def __init__(self, path: str, load=None) -> None:
         from . import cuda_checkpoint as cc  # only the service process needs the tool
@@ -88,17 +88,32 @@ class Service:
             self.sock.bind(path)
         finally:
             os.umask(old)
-        self.sock.listen(16)  # callers queue from here on, while the driver initialises
-        self.driver: cc.CudaDriver | None = None
-        self.load_error: cc.ToolError | None = None
-        try:
-            self.driver = load()
-            self.driver.init()
-        except cc.CudaError as exc:
-            self.driver, self.load_error = None, cc.DriverUnavailableError(f"cuInit failed: {exc}")
-        except cc.ToolError as exc:
-            # Calls still get answers: each reports why, as the tool itself would.
-            self.driver, self.load_error = None, exc
+        self.sock.listen(16)  # callers queue from here on
+        self._driver: cc.CudaDriver | None = None
+        self._load_error: cc.ToolError | None = None
+
+        def init() -> None:
+            try:
+                driver = load()
+                driver.init()
+                self._driver = driver
+            except cc.CudaError as exc:
+                self._load_error = cc.DriverUnavailableError(f"cuInit failed: {exc}")
+            except cc.ToolError as exc:
+                # Calls still get answers: each reports why, as the tool itself would.
+                self._load_error = exc
+
+        self._init = threading.Thread(target=init, name="cuInit", daemon=True)
+        self._init.start()
+
+    def driver(self) -> cc.CudaDriver:
+        """The initialised driver (waits for the init thread), or the reason there is none."""
+        from . import cuda_checkpoint as cc
+
+        self._init.join()
+        if self._driver is None:
+            raise self._load_error or cc.DriverUnavailableError("the CUDA driver could not be opened")
+        return self._driver
 
     def answer_one(self) -> None:
         conn, _ = self.sock.accept()
@@ -114,7 +129,7 @@ class Service:
             except OSError:
                 return
             with contextlib.suppress(OSError):
-                conn.sendall(handle(b"".join(chunks), self.driver, self.load_error))
+                conn.sendall(handle(b"".join(chunks), self.driver))
 
     def close(self) -> None:
         self.sock.close()

@@ -797,3 +797,29 @@ def test_c_client_reports_a_service_that_dies_mid_call(c_client, tmp_path):
     srv.close()
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith(f"fv-cuda-checkpoint: the cuda-checkpoint service at {path} failed")
+
+
+def test_service_answers_help_while_the_driver_still_initialises(tmp_path):
+    """CRIU asks `-h` as it starts, before cuInit is done: that must not wait for the driver."""
+    release = threading.Event()
+    lib = FakeLib()
+
+    def slow_load():
+        release.wait(30)
+        return cc.CudaDriver(lib, "fake-libcuda")
+
+    path = str(tmp_path / "cc.sock")
+    svc = service_mod.Service(path, load=slow_load)
+    t = threading.Thread(target=lambda: [svc.answer_one() for _ in range(2)], daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        rc, out, _ = client.forward(["-h"], path)
+        assert rc == 0 and "--action" in out and time.monotonic() - t0 < 10
+        assert not release.is_set() and lib.calls == []
+        release.set()  # the next call needs the driver: it gets it once initialised
+        assert client.forward(["--get-state", "--pid", "4"], path) == (0, "running\n", "")
+    finally:
+        release.set()
+        t.join(10)
+        svc.close()
