@@ -260,8 +260,10 @@ def main() -> None:
                          capture_output=True, text=True).stdout.strip()
     log(f"phase {phase} on {gpu}")
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or os.environ.get("FV_BENCH_COMMIT", "unknown")
+    # the device's copy of the tree may carry a stale .git: the caller's word comes first
+    commit = os.environ.get("FV_BENCH_COMMIT") or subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() \
+        or "unknown"
     res = {"phase": phase, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpu": gpu,
            "model": MODEL, "vllm_args": VLLM_ARGS, "commit": commit, "thp_enabled": thp,
            "kernel": os.uname().release}

@@ -9,8 +9,9 @@ What it does, on one CUDA GPU:
      the pinned-buffer path of ``fvboot.gpu_loader`` (time split: transfer / fsync);
   3. loads them back with ``weightfile.load_into`` into the zeroed tensors, checking every
      byte (torch.equal on uint8 views) after each run:
-       (a) page cache warm, default settings (best of 2), then once with verify=True;
-       (b) a small sweep of FV_LOAD_BUFFERS / FV_LOAD_BUFFER_MB / FV_LOAD_THREADS / streams;
+       (a) page cache warm, default settings (best of 2: the file is all cached, so the GPU
+           copies straight from the page cache), the pinned ring alone, then verify=True;
+       (b) a small sweep of the ring's FV_LOAD_BUFFERS / _BUFFER_MB / _THREADS / streams;
        (c) cold: a separate ~2 GB file (FV_BENCH_COLD_GB; the disk reads ~1.3 GB/s, so the
            whole model would not fit the time budget) after `sync` + drop_caches (or, where
            /proc/sys is read-only, posix_fadvise(DONTNEED) on the file), read through the page
@@ -93,7 +94,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 LOAD_KEYS = ("FV_LOAD_BUFFERS", "FV_LOAD_BUFFER_MB", "FV_LOAD_THREADS", "FV_LOAD_STREAMS",
-             "FV_LOAD_ODIRECT", "FV_GPU_LOADER")
+             "FV_LOAD_ODIRECT", "FV_GPU_LOADER", "FV_LOAD_REGISTER")
 results: dict = {"runs": [], "errors": [], "skipped": [], "notes": []}
 all_exact = True
 
@@ -365,6 +366,8 @@ def main() -> int:
                 try:
                     run_load("warm, default settings (best of 2)", full_path, dst, src, defaults,
                              reps=2, phase="a")
+                    run_load("warm, pinned ring (FV_LOAD_REGISTER=0, best of 2)", full_path, dst, src,
+                             settings_env(FV_LOAD_REGISTER=0), reps=2, phase="a")
                     run_load("warm, default settings, verify=True", full_path, dst, src, defaults,
                              verify=True, phase="a")
                 except Exception as exc:  # noqa: BLE001
@@ -374,6 +377,7 @@ def main() -> int:
                      dict(FV_LOAD_BUFFERS=8, FV_LOAD_BUFFER_MB=64, FV_LOAD_THREADS=4, FV_LOAD_STREAMS=1),
                      dict(FV_LOAD_BUFFERS=12, FV_LOAD_BUFFER_MB=64, FV_LOAD_THREADS=8),
                      dict(FV_LOAD_BUFFERS=16, FV_LOAD_BUFFER_MB=32, FV_LOAD_THREADS=8, FV_LOAD_STREAMS=4)]
+            sweep = [dict(cfg, FV_LOAD_REGISTER=0) for cfg in sweep]  # the ring's own settings
             for cfg in sweep:
                 label = "warm " + " ".join(f"{k.removeprefix('FV_LOAD_').lower()}={v}"
                                            for k, v in cfg.items())
