@@ -612,6 +612,23 @@ class _FileMapping:
         self.libc.munmap(self.addr, self.size)
 
 
+def _clear_last_cuda_error() -> None:
+    """cudaGetLastError() on this thread. A failed runtime call stays this thread's "last error"
+    until read, and torch reads it after its kernel launches (C10_CUDA_KERNEL_LAUNCH_CHECK): a
+    refused registration must not surface later as the error of some unrelated kernel. torch's
+    cudart binding has no cudaGetLastError, so it is called in the libcudart torch loaded."""
+    fn = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if fn is None:
+        try:
+            with open("/proc/self/maps") as maps:
+                path = next((line.split()[-1] for line in maps if "libcudart.so" in line), None)
+            fn = ctypes.CDLL(path).cudaGetLastError if path else None
+        except (OSError, AttributeError):
+            fn = None
+    if fn is not None:
+        fn()
+
+
 def _windows(entries: Sequence[wf.WeightEntry], window: int) -> list[tuple[int, int, list]]:
     """(file offset, length, pieces) per window; a piece is (entry index, offset in the entry,
     offset in the window, length). Windows are page aligned, entries may straddle them."""
@@ -650,6 +667,7 @@ def _load_registered(entries: Sequence[wf.WeightEntry], tensors: Sequence[torch.
             span = min(-(-wlen // _PAGE) * _PAGE, -(-mapping.size // _PAGE) * _PAGE - woff)
             err = int(cudart.cudaHostRegister(mapping.addr + woff, span, _HOST_REGISTER_READ_ONLY))
             if err != 0:
+                _clear_last_cuda_error()  # else torch's next launch check reports this error
                 raise _RegisterRefused(f"cudaHostRegister of the mapped weight file failed (error {err})")
             host = torch.frombuffer((ctypes.c_ubyte * span).from_address(mapping.addr + woff),
                                     dtype=torch.uint8)

@@ -545,3 +545,29 @@ def test_file_mapping_residency(tmp_path):
 def test_residency_without_cachestat_uses_mincore(tmp_path, monkeypatch):
     monkeypatch.setattr(gl, "_cachestat_pages", lambda *a: None)
     test_file_mapping_residency(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_page_cache_path_and_refused_registration(tmp_path, monkeypatch):
+    """On a GPU: a cached dump loads through the page-cache path, bit-exact; when the driver
+    refuses the registration (forced with invalid flags), the ring loads it instead and no
+    CUDA error is left behind for torch's next kernel launch to report."""
+    from fvboot import weightfile
+
+    src = {f"w{i}": torch.randn(1 << 20, device="cuda", dtype=torch.bfloat16) for i in range(6)}
+    path = tmp_path / "rank0.fvw"
+    weightfile.write_weights(path, src.items())
+    path.read_bytes()  # all in the page cache
+    dst = {k: torch.zeros_like(v) for k, v in src.items()}
+    stats = weightfile.load_into(path, dst)
+    assert any("page cache registered" in n for run in stats.details["gpu"] for n in run["notes"])
+    assert all(torch.equal(dst[k], src[k]) for k in src)
+
+    monkeypatch.setattr(gl, "_HOST_REGISTER_READ_ONLY", 0x7FFF0000)  # cudaErrorInvalidValue
+    dst = {k: torch.zeros_like(v) for k, v in src.items()}
+    stats = weightfile.load_into(path, dst)
+    assert not any("page cache registered" in n for run in stats.details["gpu"] for n in run["notes"])
+    assert all(torch.equal(dst[k], src[k]) for k in src)
+    x = torch.ones(4, device="cuda") + 1  # would raise "invalid argument" if the error lingered
+    torch.cuda.synchronize()
+    assert x.sum().item() == 8
