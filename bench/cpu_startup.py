@@ -60,14 +60,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-cold", action="store_true", help="skip the normal-start measurement")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="runtime setting for the restores (repeatable), e.g. FV_RESTORE_THP=0")
     a = ap.parse_args()
     m = manifest(a.image)
     port = m["vllm"]["port"]
     res: dict = {"image": a.image, "date": time.strftime("%Y-%m-%d"), "host": platform.node(),
                  "cpu": platform.processor() or platform.machine(), "vllm": m["vllm"]["version"],
-                 "model": m["model"]["source"], "restore_s": [], "cold_s": []}
+                 "model": m["model"]["source"], "restore_env": a.env, "restore_s": [], "cold_s": []}
     for _ in range(a.runs):
-        took, logs = first_answer(a.image, m, [], port)
+        took, logs = first_answer(a.image, m, [x for kv in a.env for x in ("-e", kv)], port)
         assert "restored from checkpoint" in logs, logs[-3000:]
         res["restore_s"].append(round(took, 2))
         timeline = [l for l in logs.splitlines() if l.startswith('{"fvboot_timeline"')]
