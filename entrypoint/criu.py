@@ -62,11 +62,46 @@ def dump(pid: int, images: Path, log: Path, env: dict[str, str] | None = None) -
         raise CriuError("dump", log, rc)
 
 
+VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
+_VIRTIO_ID_BALLOON = "0x0005"
+_VIRTIO_BALLOON_F_REPORTING = 5  # feature bit: free page reporting
+
+
+def free_page_reporting(devices: Path = VIRTIO_DEVICES) -> bool:
+    """Is this a VM whose virtio balloon hands free memory back to the host? Such a guest
+    reports its free blocks of 2 MiB and more, the very blocks huge pages are made of, and the
+    first touch of one costs the host's page faults."""
+    try:
+        for dev in devices.iterdir():
+            try:
+                if (dev / "device").read_text().strip() != _VIRTIO_ID_BALLOON:
+                    continue
+                features = (dev / "features").read_text().strip()
+            except OSError:
+                continue
+            if len(features) > _VIRTIO_BALLOON_F_REPORTING and features[_VIRTIO_BALLOON_F_REPORTING] == "1":
+                return True
+    except OSError:
+        return False
+    return False
+
+
+def restore_thp() -> tuple[bool, str]:
+    """Whether CRIU should read memory back into huge pages (criu-patches/0002), and why.
+    FV_RESTORE_THP=1 / 0 decide; auto (default): yes, unless free page reporting makes the
+    first restore after other work slower (measured on such VMs: 2.1-2.4 s against 0.9 s)."""
+    setting = os.environ.get("FV_RESTORE_THP", "auto")
+    if setting == "0":
+        return False, "FV_RESTORE_THP=0"
+    if setting != "1" and free_page_reporting():
+        return False, "virtio-balloon free page reporting (FV_RESTORE_THP=1 forces huge pages)"
+    return True, "FV_RESTORE_THP=1" if setting == "1" else "auto"
+
+
 def restore_env() -> dict[str, str]:
-    """CRIU_RESTORE_THP=1: our CRIU build (criu-patches/0002) reads memory back into huge pages
-    when the kernel's THP mode is "madvise" (several times faster page reads; other CRIU
-    builds ignore it). FV_RESTORE_THP=0 turns it off."""
-    return {} if os.environ.get("FV_RESTORE_THP", "1") == "0" else {"CRIU_RESTORE_THP": "1"}
+    """CRIU_RESTORE_THP=1 where restore_thp() says so: our CRIU build then reads memory back into
+    huge pages when the kernel's THP mode is "madvise"; other CRIU builds ignore it."""
+    return {"CRIU_RESTORE_THP": "1"} if restore_thp()[0] else {}
 
 
 def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]],

@@ -126,6 +126,9 @@ def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
     device_map = gpu_device_map(m["device"], here)
     if device_map:
         log(f"restoring onto other GPUs of the same model: {device_map}")
+    thp, why = criu.restore_thp()
+    if not thp:
+        log(f"memory is restored into 4 KiB pages: {why}")
     issued = time.time()
     tl.mark("restore issued", issued)
     gpu = m["device"]["kind"] == "cuda"

@@ -243,3 +243,37 @@ def test_prefetch_reads_the_biggest_memory_image_first_then_the_weights(tmp_path
     w = [(off, n) for path, off, n in work if path.endswith("rank0.fvw")]
     assert w[0] == (0, prefetch.PREFETCH_CHUNK) and w[-1][0] + w[-1][1] == 2 * big + 5
     assert all(n <= prefetch.PREFETCH_CHUNK for _, _, n in work)
+
+
+def _virtio(root, name, device, features):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "device").write_text(device + "\n")
+    (d / "features").write_text(features + "\n")
+
+
+def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path):
+    from fvboot import criu
+
+    _virtio(tmp_path / "a", "virtio0", "0x0002", "0010011" + "0" * 57)  # a block device
+    assert not criu.free_page_reporting(tmp_path / "a")
+    _virtio(tmp_path / "b", "virtio0", "0x0005", "0110000" + "0" * 57)  # balloon, no reporting
+    assert not criu.free_page_reporting(tmp_path / "b")
+    _virtio(tmp_path / "c", "virtio3", "0x0005", "0110010" + "0" * 57)  # bit 5: reporting
+    assert criu.free_page_reporting(tmp_path / "c")
+    assert not criu.free_page_reporting(tmp_path / "missing")
+
+
+def test_thp_restore_setting(monkeypatch):
+    from fvboot import criu
+
+    monkeypatch.setattr(criu, "free_page_reporting", lambda: True)
+    monkeypatch.delenv("FV_RESTORE_THP", raising=False)
+    assert criu.restore_env() == {} and "free page reporting" in criu.restore_thp()[1]
+    monkeypatch.setenv("FV_RESTORE_THP", "1")
+    assert criu.restore_env() == {"CRIU_RESTORE_THP": "1"}
+    monkeypatch.setattr(criu, "free_page_reporting", lambda: False)
+    monkeypatch.setenv("FV_RESTORE_THP", "auto")
+    assert criu.restore_env() == {"CRIU_RESTORE_THP": "1"}
+    monkeypatch.setenv("FV_RESTORE_THP", "0")
+    assert criu.restore_env() == {}
