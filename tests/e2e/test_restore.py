@@ -118,8 +118,11 @@ class Container:
 
 
 @pytest.fixture
-def restored(baked_image, docker_services):
-    """The baked image started by pytest-docker (compose), as a user starts it."""
+def restored(baked_image, docker_services, docker_compose_project_name):
+    """The baked image started by pytest-docker (compose), as a user starts it; started again
+    if a test that needed the port (port_free) took it down."""
+    if not _ready():
+        _compose(docker_compose_project_name, "up", "-d")
     docker_services.wait_until_responsive(timeout=600, pause=0.2, check=lambda: _ready())
     return docker_services
 
@@ -182,16 +185,6 @@ def test_memory_restore_page_size_follows_the_host(restored, docker_compose_proj
         assert f"thp: huge pages for the page reads: {_thp_answer()}" in log
 
 
-def test_criu_reads_memory_into_huge_pages_when_asked(baked_image, manifest, port_free):
-    """criu-patches/0002 at work in the image's CRIU (FV_RESTORE_THP=1), answers unchanged."""
-    with Container(baked_image, "-e", "FV_RESTORE_THP=1") as c:
-        _wait_ready(container=c.id)
-        _assert_same_as_bake(manifest)
-        r = subprocess.run(["docker", "exec", c.id, "cat", "/tmp/fvboot/criu-restore.log"],
-                           capture_output=True, text=True)
-        assert f"thp: huge pages for the page reads: {_thp_answer()}" in r.stdout
-
-
 def test_dev_endpoints_are_refused_to_clients(restored):
     for method, path in [("POST", "/sleep?level=1"), ("POST", "/wake_up"), ("POST", "/collective_rpc"),
                          ("GET", "/is_sleeping"), ("POST", "/fv/gate/close")]:
@@ -206,6 +199,16 @@ def test_the_same_image_restores_again_in_fresh_containers(baked_image, manifest
             _wait_ready(container=c.id)
             _assert_same_as_bake(manifest)
             assert "restored from checkpoint" in c.logs()
+
+
+def test_criu_reads_memory_into_huge_pages_when_asked(baked_image, manifest, port_free):
+    """criu-patches/0002 at work in the image's CRIU (FV_RESTORE_THP=1), answers unchanged."""
+    with Container(baked_image, "-e", "FV_RESTORE_THP=1") as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        r = subprocess.run(["docker", "exec", c.id, "cat", "/tmp/fvboot/criu-restore.log"],
+                           capture_output=True, text=True)
+        assert f"thp: huge pages for the page reads: {_thp_answer()}" in r.stdout
 
 
 def test_requests_sent_during_restore_are_all_answered_correctly(baked_image, manifest, port_free):
