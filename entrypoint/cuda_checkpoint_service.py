@@ -3,9 +3,10 @@ answers every `cuda-checkpoint` call CRIU's cuda plugin makes during a dump or a
 
 Why: each call of the plugin is a new process; with the driver opened and cuInit done per call
 the restore of a vLLM server spent ~1.5 s in tool start-ups alone (two CUDA processes, three
-calls each, plus every other process of the tree). fvboot starts this service just before
-`criu restore` (its cuInit overlaps CRIU's memory restore) and stops it when CRIU returns;
-`cuda_checkpoint_client` forwards the plugin's calls to it over a Unix socket that only root
+calls each, plus every other process of the tree). fvboot starts this service as soon as it has
+read the manifest (its cuInit, in a thread, overlaps the checks and CRIU's memory restore) and
+stops it when the restore is done; the image's `cuda-checkpoint` (cuda_checkpoint_client.c, or
+the Python cuda_checkpoint_client) forwards the plugin's calls over a Unix socket that only root
 can open. The answers are exactly fv-cuda-checkpoint's (same code, same output, same codes).
 
     python -m fvboot.cuda_checkpoint_service SOCKET
