@@ -13,7 +13,7 @@ import urllib.request
 from typing import Any, Callable, Optional
 
 from .errors import ServerDied, ServerError
-from .middleware import ADMIN_HEADER
+from .layout import ADMIN_HEADER
 
 # Fixed prompts whose greedy answers are recorded at bake and compared after restore.
 PROBE_PROMPTS = ("The capital of France is", "Once upon a time", "1, 2, 3, 4,")

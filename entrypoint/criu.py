@@ -5,6 +5,7 @@ The same flags are recorded in the manifest, so what restores is exactly what wa
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -67,8 +68,9 @@ _VIRTIO_ID_BALLOON = "0x0005"
 _VIRTIO_BALLOON_F_REPORTING = 5  # feature bit: free page reporting
 
 
+@functools.lru_cache(maxsize=None)
 def free_page_reporting(devices: Path = VIRTIO_DEVICES) -> bool:
-    """Is this a VM whose virtio balloon hands free memory back to the host? Such a guest
+    """(Read once: a machine's devices do not change under a running fvboot.) Is this a VM whose virtio balloon hands free memory back to the host? Such a guest
     reports its free blocks of 2 MiB and more, the very blocks huge pages are made of, and the
     first touch of one costs the host's page faults."""
     try:

@@ -333,9 +333,15 @@ class _CudaEngine:
         torch.cuda.synchronize(self.device)
 
     def release(self) -> None:
-        empty = getattr(torch._C, "_host_emptyCache", None)
-        if empty is not None:
-            empty()  # cached pinned blocks would stay in the process (and in a CRIU image)
+        release_pinned_cache()
+
+
+def release_pinned_cache() -> None:
+    """Hand torch's cached pinned host blocks back: they would stay in the process (and in a
+    CRIU image) otherwise."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 class _HostEngine:
@@ -589,17 +595,17 @@ class _FileMapping:
                                    ctypes.c_int, ctypes.c_long]
         self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         self.libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        self.size = size
+        self.fd, self.size = fd, size
         addr = self.libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), "mmap of the weight file failed")
         self.addr: int = addr
 
-    def resident(self, fd: int) -> bool:
+    def resident(self) -> bool:
         """Is every page of the file in the page cache? cachestat(2) (Linux 6.5+) counts them in
         one call; mincore(2) over the mapping is the fallback (~85 ms for 7 GB on an H100 host)."""
         pages = (self.size + _PAGE - 1) // _PAGE
-        counted = _cachestat_pages(self.libc, fd, self.size)
+        counted = _cachestat_pages(self.libc, self.fd, self.size)
         if counted is not None:
             return counted >= pages
         vec = (ctypes.c_ubyte * pages)()
@@ -732,7 +738,7 @@ def _try_registered(path: str | os.PathLike, entries: Sequence[wf.WeightEntry],
         size = os.fstat(fd).st_size
         mapping = _FileMapping(fd, size)
         try:
-            if not mapping.resident(fd):
+            if not mapping.resident():
                 return None
             t1 = time.perf_counter()
             took, windows = _load_registered(entries, tensors, mapping, device)

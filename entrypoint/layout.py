@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+ADMIN_HEADER = b"x-fastvllm-admin"  # carries the token in admin_token_file (middleware, control)
+
 
 @dataclass(frozen=True)
 class Layout:

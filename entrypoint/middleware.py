@@ -10,12 +10,14 @@ Two jobs, both inside the server process so they survive checkpoint and restore:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 import time
 
-ADMIN_HEADER = b"x-fastvllm-admin"  # fvboot.control sends it: keep this module's imports light
+from .layout import ADMIN_HEADER
+
 DEV_PATHS = ("/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_prefix_cache",
              "/reset_mm_cache", "/server_info", "/pause", "/resume", "/update_weights",
              "/init_weight_transfer", "/scale_elastic_ep", "/fv/")
@@ -38,8 +40,6 @@ class GateMiddleware:
     def __init__(self, app) -> None:
         self.app = app
         self._token = os.environ.get("FV_ADMIN_TOKEN", "").encode()
-        import asyncio  # here, not at the top: fvboot serve imports this module for ADMIN_HEADER
-
         self._open = asyncio.Event()
         self._open.set()
         self._wait_s = float(os.environ.get("FV_GATE_WAIT_S", "600"))
@@ -79,16 +79,10 @@ class GateMiddleware:
             if path in ("/health", "/ping", "/ready"):
                 return await self._reply(send, 503, {"status": "restoring"}, [(b"retry-after", b"1")])
             try:
-                await _asyncio().wait_for(self._open.wait(), self._wait_s)
-            except _asyncio().TimeoutError:
+                await asyncio.wait_for(self._open.wait(), self._wait_s)
+            except asyncio.TimeoutError:
                 return await self._reply(send, 503, {"error": "server is starting"}, [(b"retry-after", b"5")])
         await self.app(scope, receive, send)
         if not self._first_served and path.startswith("/v1/"):
             self._first_served = True
             print(f"fvboot-event first_request_served {time.time():.6f}", file=sys.stderr, flush=True)
-
-
-def _asyncio():
-    import asyncio
-
-    return asyncio

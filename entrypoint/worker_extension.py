@@ -577,9 +577,7 @@ class FastVllmWorkerExtension:
         return {"bytes": freed, "rss_before": rss, "rss_after": _rss()}
 
     def fv_load_weights(self, directory: str, verify: bool = False) -> dict[str, Any]:
-        return self._fv_load(directory, _flag(verify))
-
-    def _fv_load(self, directory: str, verify: bool) -> dict[str, Any]:
+        verify = _flag(verify)
         t0 = time.perf_counter()
         w = self._fv_weights()
         try:
@@ -602,17 +600,18 @@ class FastVllmWorkerExtension:
         checkpoint save less and a restore has less to bring back."""
         import gc
 
+        from fvboot.gpu_loader import release_pinned_cache
+
         rss = _rss()
         gc.collect()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            host_empty = getattr(torch._C, "_host_emptyCache", None)
-            if host_empty is not None:
-                host_empty()  # pinned host blocks torch keeps for reuse: host memory CRIU would save
+            release_pinned_cache()
         _malloc_trim()
         out = {"rss_before": rss, "rss_after": _rss()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if cuda:
             free, total = torch.cuda.mem_get_info()
             out["gpu_used_bytes"] = total - free  # what the CUDA checkpoint will copy to the host
             out["torch_reserved_bytes"] = torch.cuda.memory_reserved()
@@ -624,8 +623,7 @@ class FastVllmWorkerExtension:
     def fv_weights_fingerprint(self, detail: bool = False) -> dict[str, Any]:
         """A cheap checksum of every dumped storage (computed on their device): compare the
         values before the dump and after fv_load_weights. Refused while they are released."""
-        if isinstance(detail, str):
-            detail = detail.lower() in ("1", "true", "yes")
+        detail = _flag(detail)
         w = self._fv_weights()
         if isinstance(w, GpuWeights):
             w._require_awake("fingerprint")

@@ -536,10 +536,10 @@ def test_file_mapping_residency(tmp_path):
     try:
         m = gl._FileMapping(fd, 1 << 20)
         try:
-            assert not m.resident(fd)
+            assert not m.resident()
             while os.read(fd, 1 << 16):
                 pass
-            assert m.resident(fd)
+            assert m.resident()
         finally:
             m.close()
     finally:
