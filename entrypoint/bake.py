@@ -1,14 +1,13 @@
 """`fvboot bake`: start vLLM, warm it up, dump the weights, put them away, checkpoint the tree.
 
 Runs inside the bake container (or on a host, given FV_HOME). Leaves under FV_HOME: model/,
-cache/ (compile caches), weights/rank*.fvw, checkpoint/ (CRIU images, /dev/shm, admin token)
-and manifest.json, written last: no manifest, no checkpoint.
+cache/ (compile caches), weights/rank*.fvw, checkpoint/ (CRIU images, /dev/shm) and
+manifest.json, written last: no manifest, no checkpoint. Nothing secret: the bake's admin token
+lives in the run dir's runtime file (outside FV_HOME) and is deleted when the bake ends.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 import subprocess
 import time
@@ -19,7 +18,7 @@ from typing import Optional
 from . import __version__, criu, cuda_checkpoint_service, manifest
 from .control import ServerControl
 from .errors import BakeFailed
-from .launcher import Pipes, ServedTree, server_env, tree_processes, vllm_command
+from .launcher import Pipes, ServedTree, server_env, tree_processes, vllm_command, write_runtime_settings
 from .layout import Layout
 from .models import detach_build_inputs, prepare_model
 from .output import write_line
@@ -58,15 +57,13 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     tl.mark("model ready")
     dev = manifest.device_info()
     gpu = dev["kind"] == "cuda"
-    token = secrets.token_hex(16)
-    layout.admin_token_file.write_text(token)
-    os.chmod(layout.admin_token_file, 0o600)
+    token = write_runtime_settings(layout.runtime_file)
 
     cmd = vllm_command(str(layout.model_dir), served_name, port, user_args, sleep_mode=gpu)
     pipes = Pipes.create()
     pipe_keys = pipes.inodes()
     pipes.pump(lambda *_: None)
-    tree = ServedTree(cmd, server_env(token), pipes)
+    tree = ServedTree(cmd, server_env(layout.runtime_file), pipes)
     ctl = ServerControl(port, token, served_name)
     try:
         ctl.wait_healthy(health_timeout, tree.alive)
@@ -103,6 +100,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         raise
     finally:
         pipes.close_write_ends()
+        layout.runtime_file.unlink(missing_ok=True)
 
     files = manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir])
     data = {
@@ -111,6 +109,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         "baked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"source": model, "served_name": served_name, "path": str(layout.model_dir)},
         "vllm": {"version": _vllm_version(), "args": user_args, "command": cmd, "port": port},
+        "runtime_file": str(layout.runtime_file),  # where the restored middleware looks
         "criu": {"version": criu.version(), "dump_flags": list(criu.DUMP_FLAGS),
                  "restore_flags": list(criu.RESTORE_FLAGS)},
         "device": dev,

@@ -7,14 +7,18 @@ pipes in their place.
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
+from .layout import RUNTIME_FILE_ENV
 from .output import write_line
 
 WORKER_EXTENSION = "fvboot.worker_extension.FastVllmWorkerExtension"
@@ -51,15 +55,32 @@ def vllm_command(model_dir: str, served_name: str, port: int, user_args: list[st
     return cmd + list(user_args)
 
 
-def server_env(admin_token: str, extra: Optional[dict] = None) -> dict:
-    """The tree's environment: secrets stripped (they would land in checkpoint pages)."""
+def server_env(runtime_file: Path, extra: Optional[dict] = None) -> dict:
+    """The tree's environment: secrets stripped (they would land in checkpoint pages). The admin
+    token is not in it either: the middleware reads it from RUNTIME_FILE, which every start
+    rewrites (the path is the same at bake and restore)."""
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) or k.endswith(("_TOKEN", "_SECRET", "_PASSWORD")))}
-    env.update({"VLLM_SERVER_DEV_MODE": "1", "FV_ADMIN_TOKEN": admin_token, "HF_HUB_OFFLINE": "1",
+    env.update({"VLLM_SERVER_DEV_MODE": "1", RUNTIME_FILE_ENV: str(runtime_file), "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "VLLM_NO_USAGE_STATS": "1",
                 "DO_NOT_TRACK": "1"})
     env.update(extra or {})
     return env
+
+
+def write_runtime_settings(path: Path) -> str:
+    """Write this start's runtime settings for the server's middleware and return the fresh admin
+    token in them. Each start (bake, restore, normal start) gets its own token: it is in no image
+    layer and no checkpoint, and no two containers share it. Root-only (0600), replaced
+    atomically so the middleware never reads half a file."""
+    token = secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"admin_token": token}, f)
+    os.replace(tmp, path)
+    return token
 
 
 class LogPump(threading.Thread):

@@ -6,7 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-ADMIN_HEADER = b"x-fastvllm-admin"  # carries the token in admin_token_file (middleware, control)
+ADMIN_HEADER = b"x-fastvllm-admin"  # carries the per-start admin token (middleware, control)
+# The server learns where its runtime settings are from this variable, set once at bake: the
+# middleware's environment is frozen in the checkpoint, so a restore writes to the same path.
+RUNTIME_FILE_ENV = "FV_RUNTIME_FILE"
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,6 @@ class Layout:
         return self.checkpoint_dir / "dev-shm.tar"
 
     @property
-    def admin_token_file(self) -> Path:
-        return self.checkpoint_dir / "admin-token"
-
-    @property
     def manifest(self) -> Path:
         return self.home / "manifest.json"
 
@@ -55,3 +54,9 @@ class Layout:
     def run_dir(self) -> Path:
         """Scratch files of one start (logs); never part of the checkpoint."""
         return Path(os.environ.get("FV_RUN_DIR", "/tmp/fvboot"))
+
+    @property
+    def runtime_file(self) -> Path:
+        """This start's secrets and settings for the server (admin token, ...): written afresh
+        by every start, mode 0600, never under FV_HOME, so no image layer holds them."""
+        return self.run_dir / "runtime.json"

@@ -5,18 +5,23 @@ Two jobs, both inside the server process so they survive checkpoint and restore:
   checked), client requests wait instead of reaching an engine without weights; they get 503
   with Retry-After only if the gate stays shut past FV_GATE_WAIT_S. `/health` says 503 while shut.
 - the dev endpoints fvboot needs (sleep, wake_up, collective_rpc, ...) answer only requests that
-  carry the admin token, which clients never see (it lives in a root-only file of the image).
+  carry the admin token. fvboot makes a new token at every start and writes it to a root-only
+  runtime file outside FV_HOME (launcher.write_runtime_settings): it is in no image layer, and
+  each container has its own. The file's path comes from FV_RUNTIME_FILE, set at bake, so the
+  restored middleware (whose environment is the bake's) finds this start's file at the same path;
+  it is opened, read and closed per check, so no descriptor is held across the checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import sys
 import time
 
-from .layout import ADMIN_HEADER
+from .layout import ADMIN_HEADER, RUNTIME_FILE_ENV
 
 DEV_PATHS = ("/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_prefix_cache",
              "/reset_mm_cache", "/server_info", "/pause", "/resume", "/update_weights",
@@ -39,7 +44,9 @@ def _trim() -> dict:
 class GateMiddleware:
     def __init__(self, app) -> None:
         self.app = app
-        self._token = os.environ.get("FV_ADMIN_TOKEN", "").encode()
+        self._settings_path = os.environ.get(RUNTIME_FILE_ENV, "")
+        self._settings_key: tuple = ()
+        self._settings: dict = {}
         self._open = asyncio.Event()
         self._open.set()
         self._wait_s = float(os.environ.get("FV_GATE_WAIT_S", "600"))
@@ -52,10 +59,38 @@ class GateMiddleware:
                                 (b"content-length", str(len(data)).encode()), *headers]})
         await send({"type": "http.response.body", "body": data})
 
+    def settings(self) -> dict:
+        """This start's runtime settings; re-read when the file is replaced (a new start)."""
+        try:
+            st = os.stat(self._settings_path) if self._settings_path else None
+        except OSError:
+            st = None
+        if st is None:
+            self._settings_key, self._settings = (), {}
+            return self._settings
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._settings_key:
+            try:
+                with open(self._settings_path, "rb") as f:
+                    data = json.loads(f.read())
+            except (OSError, ValueError):
+                data = None
+            self._settings = data if isinstance(data, dict) else {}
+            self._settings_key = key if data is not None else ()
+        return self._settings
+
+    def forget_settings(self) -> None:
+        """Before the checkpoint: keep the bake's token out of the server's memory image."""
+        self._settings_key, self._settings = (), {}
+
     def _is_admin(self, scope) -> bool:
-        if not self._token:
+        given = [v for k, v in scope.get("headers", ()) if k == ADMIN_HEADER]
+        if not given:
             return False
-        return any(k == ADMIN_HEADER and v == self._token for k, v in scope.get("headers", ()))
+        token = self.settings().get("admin_token")
+        if not isinstance(token, str) or len(token) < 32:
+            return False
+        return hmac.compare_digest(given[-1], token.encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -69,6 +104,7 @@ class GateMiddleware:
                 self._open.set()
                 return await self._reply(send, 200, {"gate": "open"})
             if path == TRIM:
+                self.forget_settings()
                 return await self._reply(send, 200, _trim())
             if path == GATE_STATE:
                 return await self._reply(send, 200, {"gate": "open" if self._open.is_set() else "closed"})

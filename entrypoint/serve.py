@@ -14,12 +14,13 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Optional
 
 from . import criu, cuda_checkpoint_service, manifest
 from .control import ServerControl
 from .errors import CheckpointUnusable, FvBootError
-from .launcher import Pipes, ServedTree, server_env, vllm_command
+from .launcher import Pipes, ServedTree, server_env, vllm_command, write_runtime_settings
 from .layout import Layout
 from .output import write_line
 from .prefetch import prefetch
@@ -120,7 +121,8 @@ def _same_answers(now: list[dict], baked: list[dict]) -> Optional[str]:
 
 def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
             criu_env: dict[str, str]) -> RestoredTree:
-    token = layout.admin_token_file.read_text().strip()
+    # A fresh token for this container, where the restored middleware will look for it.
+    token = write_runtime_settings(Path(m.get("runtime_file") or layout.runtime_file))
     ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
     restore_dev_shm(layout)
     device_map = gpu_device_map(m["device"], here)
@@ -210,7 +212,8 @@ def _cold_start(layout: Layout, m: Optional[dict], run_args: list[str], pipes: P
         port = int(os.environ.get("FV_PORT", "8000"))
         name = os.environ.get("FV_SERVED_MODEL", str(layout.model_dir))
         cmd = vllm_command(str(layout.model_dir), name, port, run_args, sleep_mode=False)
-    tree = ServedTree(cmd, server_env(""), pipes, namespaced=False)
+    write_runtime_settings(layout.runtime_file)
+    tree = ServedTree(cmd, server_env(layout.runtime_file), pipes, namespaced=False)
     ServerControl(port, "", name).wait_healthy(3600, tree.alive)
     tl.mark("ready")
     return tree
