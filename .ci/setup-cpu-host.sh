@@ -9,6 +9,11 @@ WORK=${FV_WORK:-$REPO/.fv-work}
 BASE_IMAGE=${FV_BASE_IMAGE:-fv-local/debian:bookworm}
 mkdir -p "$WORK"
 
+# The machine's configured Debian mirror (sites with their own mirror or proxy set it in apt's
+# sources): debootstrap and CRIU's source tarball come from there.
+MIRROR=${FV_DEBIAN_MIRROR:-$( { awk '/^URIs:/{print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null; awk '/^deb /{print $2}' /etc/apt/sources.list 2>/dev/null; } | grep -v security | head -1 || true)}
+[ -n "$MIRROR" ] || { echo "no Debian mirror in apt's sources; set FV_DEBIAN_MIRROR" >&2; exit 1; }
+
 need=""
 command -v dockerd >/dev/null || need="$need docker.io"
 command -v debootstrap >/dev/null || need="$need debootstrap"
@@ -31,7 +36,7 @@ fi
 # Local base image (no registry here): Debian 12 minbase by debootstrap.
 if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   rm -rf "$WORK/rootfs"
-  debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1
+  debootstrap --variant=minbase bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1
   tar -C "$WORK/rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
   rm -rf "$WORK/rootfs"
 fi
@@ -39,15 +44,18 @@ fi
 # CRIU's release tarball from Debian's source index (GitHub is not reachable here).
 if ! ls "$WORK"/criu_*.orig.tar.* >/dev/null 2>&1; then
   A=$WORK/apt; mkdir -p "$A/lists/partial"
-  src=$( { awk '/^URIs:/{print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null; awk '/^deb /{print $2}' /etc/apt/sources.list 2>/dev/null; } | grep -v security | head -1 || true)
-  echo "deb-src $src sid main" > "$A/sources.list"
+  echo "deb-src $MIRROR sid main" > "$A/sources.list"
   o="-oDir::Etc::SourceList=$A/sources.list -oDir::Etc::SourceParts=/dev/null -oDir::State::Lists=$A/lists"
   apt-get $o update -qq
   read -r dir sum file < <(apt-cache $o showsrc criu | awk '/^Package:/{if(f)exit} /^Directory:/{d=$2} /^Checksums-Sha256:/{c=1;next} /^[A-Z]/{c=0} c&&/orig\.tar/{h=$1;f=$3} END{print d, h, f}')
-  curl -fsSL -o "$WORK/$file" "$src/$dir/$file"
+  curl -fsSL -o "$WORK/$file" "$MIRROR/$dir/$file"
   echo "$sum  $WORK/$file" | sha256sum -c --quiet
 fi
 ls "$WORK"/criu_*.orig.tar.* | head -1 > "$WORK/criu-src.path"
 
+# The tests import torch (weight-file format, GPU loader planning). vLLM's CPU build pins
+# torch 2.13.0 (CPU wheel); this environment's pip finds exactly that wheel locally. Elsewhere,
+# point pip at PyTorch's CPU wheel index (FV_TORCH_SPEC may name another pin).
+python3 -c 'import torch' 2>/dev/null || python3 -m pip install -q "${FV_TORCH_SPEC:-torch==2.13.0}"
 python3 -m pip install -q -e "$REPO[test]"
 echo "ready: base image $BASE_IMAGE, CRIU source $(cat "$WORK/criu-src.path")"

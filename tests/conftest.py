@@ -14,6 +14,21 @@ REPO = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("FV_WORK", REPO / ".fv-work"))
 
 
+def need(module: str, why: str):
+    """Import MODULE for a test module, or skip it saying WHY it is optional. CI sets
+    FV_REQUIRE_TEST_DEPS=1: there a missing package is a failure (a skip would hide a missing
+    install step in the project's own files)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        msg = f"{module} is not installed ({why}); .ci/setup-cpu-host.sh installs it"
+        if os.environ.get("FV_REQUIRE_TEST_DEPS") == "1":
+            pytest.fail(f"{msg} (FV_REQUIRE_TEST_DEPS=1): {e}", pytrace=False)
+        pytest.skip(msg, allow_module_level=True)
+
+
 def _docker_reason() -> str | None:
     try:
         import docker
