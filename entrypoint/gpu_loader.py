@@ -144,6 +144,13 @@ class Config:
         return min(self.threads or auto_threads(self.buffers), self.buffers)
 
 
+def verify_threads(cpus: int | None = None) -> int:
+    """Hashing threads beside the page-cache load: all cores but two (the copy loop and the
+    driver need one each), 2..12."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(2, min(12, cpus - 2))
+
+
 def enabled(env: Mapping[str, str] | None = None) -> bool:
     """``FV_GPU_LOADER=0`` turns the fast paths off (weightfile's simple loop is used)."""
     return _env_bool(os.environ if env is None else env, "FV_GPU_LOADER", True)
@@ -702,16 +709,17 @@ def load(path: str | os.PathLike, entries: Sequence[wf.WeightEntry],
     """Fill ``tensors`` (contiguous, one CUDA device, already checked against ``entries``) from
     the file; with ``checksum`` (the index's algorithm) verify every entry on the way.
 
-    When the whole file is in the page cache and nothing is to be verified, the GPU copies
-    straight out of the page cache (``_load_registered``: no CPU copy, ~21 GB/s against ~12
-    for the pinned ring on an H100; ``FV_LOAD_REGISTER=0`` turns it off). Otherwise, and if the
-    driver refuses, the pinned ring reads the file.
+    When the whole file is in the page cache, the GPU copies straight out of the page cache
+    (``_load_registered``: no CPU copy, ~21 GB/s against ~12 for the pinned ring on an H100;
+    ``FV_LOAD_REGISTER=0`` turns it off) while CPU threads check the same pages against the
+    index (``_verify_mapped``). Otherwise, and if the driver refuses, the pinned ring reads the
+    file and hashes what it puts in its buffers.
 
     With O_DIRECT asked for, a file system that refuses it (at open or at the first reads)
     gets the page-cache path instead, and the stats' notes say so."""
     cfg = config or Config.from_env()
-    if checksum is None and engine is None and not cfg.odirect and cfg.register and entries:
-        st = _try_registered(path, entries, tensors)
+    if engine is None and not cfg.odirect and cfg.register and entries:
+        st = _try_registered(path, entries, tensors, checksum, cfg.threads or verify_threads())
         if st is not None:
             return st
     try:
@@ -725,9 +733,11 @@ def load(path: str | os.PathLike, entries: Sequence[wf.WeightEntry],
 
 
 def _try_registered(path: str | os.PathLike, entries: Sequence[wf.WeightEntry],
-                    tensors: Sequence[torch.Tensor]) -> TransferStats | None:
+                    tensors: Sequence[torch.Tensor], checksum: str | None = None,
+                    threads: int = 4) -> TransferStats | None:
     """The page-cache path, or None when the file is not all in the page cache (the ring
-    then reads it: faster from disk) or the driver refuses to register it."""
+    then reads it: faster from disk) or the driver refuses to register it. With CHECKSUM,
+    THREADS hash the mapped entries while the GPU copies them; a mismatch raises."""
     t0 = time.perf_counter()
     path = os.fspath(path)
     device = _one_device(tensors)
@@ -741,7 +751,9 @@ def _try_registered(path: str | os.PathLike, entries: Sequence[wf.WeightEntry],
             if not mapping.resident():
                 return None
             t1 = time.perf_counter()
-            took, windows = _load_registered(entries, tensors, mapping, device)
+            with _MappedVerifier(mapping, entries, checksum, path, threads) as verifier:
+                took, windows = _load_registered(entries, tensors, mapping, device)
+                verifier.result()  # before the mapping goes: raises on a mismatch
         except _RegisterRefused:
             return None
         finally:
@@ -749,9 +761,52 @@ def _try_registered(path: str | os.PathLike, entries: Sequence[wf.WeightEntry],
     finally:
         os.close(fd)
     nbytes = sum(e.nbytes for e in entries)
+    notes = ["page cache registered in place (cudaHostRegister, read-only windows)"]
+    if checksum:
+        notes.append(f"{checksum} of every entry checked from the page cache in {verifier.seconds:.3f} s")
     return TransferStats("load", nbytes, nbytes, len(entries), windows, time.perf_counter() - t0,
-                         t1 - t0, took, 0, 0, REGISTER_WINDOW >> 20, 2, False, False,
-                         ["page cache registered in place (cudaHostRegister, read-only windows)"])
+                         t1 - t0, took, 0, 0, REGISTER_WINDOW >> 20, 2, False, checksum is not None,
+                         notes)
+
+
+class _MappedVerifier:
+    """Checks every entry of a mapped weight file against its recorded checksum in background
+    threads (the hashes release the GIL), so verification overlaps the GPU copies of the same
+    pages instead of adding a pass. Largest entries first: they bound the wall time. On exit
+    it always waits for its threads: the mapping must outlive them."""
+
+    def __init__(self, mapping: "_FileMapping", entries: Sequence[wf.WeightEntry],
+                 alg: str | None, path: str, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.seconds = 0.0
+        self._t0 = time.perf_counter()
+        self._pool = ThreadPoolExecutor(max(1, threads)) if alg else None
+        self._jobs = [self._pool.submit(_verify_mapped, mapping, e, alg, path)
+                      for e in sorted(entries, key=lambda e: -e.nbytes)] if self._pool else []
+
+    def result(self) -> None:
+        for job in self._jobs:
+            job.result()
+        self.seconds = time.perf_counter() - self._t0
+
+    def __enter__(self) -> "_MappedVerifier":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            for job in self._jobs:
+                job.cancel()
+            self._pool.shutdown(wait=True)
+
+
+def _verify_mapped(mapping: "_FileMapping", e: wf.WeightEntry, alg: str, path: str) -> None:
+    h = _entry_hasher(alg, e.nbytes)
+    if e.nbytes:
+        h.update(memoryview((ctypes.c_char * e.nbytes).from_address(mapping.addr + e.offset)).cast("B"))
+    if h.hexdigest() != e.checksum:
+        raise wf.ChecksumMismatchError(f"{path}: {e.key} ({e.nbytes} bytes at offset {e.offset}): "
+                                       f"{alg} {h.hexdigest()} != recorded {e.checksum}")
 
 
 def _load(path: str | os.PathLike, entries: Sequence[wf.WeightEntry],

@@ -576,7 +576,10 @@ class FastVllmWorkerExtension:
         freed = self._fv_weights().release()
         return {"bytes": freed, "rss_before": rss, "rss_after": _rss()}
 
-    def fv_load_weights(self, directory: str, verify: bool = False) -> dict[str, Any]:
+    def fv_load_weights(self, directory: str, verify: bool = True) -> dict[str, Any]:
+        """Refill the released weights from the dump. Every byte is checked against the
+        checksums recorded at the dump by default: the probe cannot reach every weight, and a
+        damaged byte elsewhere would be served as a wrong answer."""
         verify = _flag(verify)
         t0 = time.perf_counter()
         w = self._fv_weights()

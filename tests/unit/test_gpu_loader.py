@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from conftest import need
+
+torch = need("torch", "the GPU loader works on torch tensors")
 
 from fvboot import gpu_loader as gl
 from fvboot import weightfile as wf
@@ -551,6 +554,50 @@ def test_residency_without_cachestat_uses_mincore(tmp_path, monkeypatch):
     test_file_mapping_residency(tmp_path)
 
 
+def _flip(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def _verify_all_mapped(path, threads: int = 3) -> float:
+    idx = wf.read_index(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        m = gl._FileMapping(fd, os.fstat(fd).st_size)
+        try:
+            with gl._MappedVerifier(m, list(idx.entries.values()), idx.checksum, str(path), threads) as v:
+                v.result()
+            return v.seconds
+        finally:
+            m.close()
+    finally:
+        os.close(fd)
+
+
+def test_mapped_verifier_passes_an_intact_dump_and_names_a_flipped_bit(fvw):
+    """The page-cache path's check (hashing the mapped file beside the GPU copies) passes the
+    dump as written and refuses one flipped bit anywhere: the first byte of a small entry, the
+    last byte of the biggest, and a byte in the middle of a big one."""
+    path, _ = fvw
+    assert _verify_all_mapped(path) >= 0
+    idx = wf.read_index(path)
+    big, small = idx.entries["huge"], idx.entries["small3"]
+    for e, off in ((small, small.offset), (big, big.offset + big.nbytes - 1),
+                   (idx.entries["mid"], idx.entries["mid"].offset + MIB // 2)):
+        _flip(path, off)
+        with pytest.raises(wf.ChecksumMismatchError, match=rf"{e.key} \({e.nbytes} bytes"):
+            _verify_all_mapped(path)
+        _flip(path, off)  # back as it was
+    _verify_all_mapped(path)
+
+
+def test_verify_threads_leave_cores_for_the_copies():
+    assert gl.verify_threads(16) == 12 and gl.verify_threads(8) == 6 and gl.verify_threads(2) == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_page_cache_path_and_refused_registration(tmp_path, monkeypatch):
     """On a GPU: a cached dump loads through the page-cache path, bit-exact; when the driver
@@ -566,6 +613,17 @@ def test_gpu_page_cache_path_and_refused_registration(tmp_path, monkeypatch):
     stats = weightfile.load_into(path, dst)
     assert any("page cache registered" in n for run in stats.details["gpu"] for n in run["notes"])
     assert all(torch.equal(dst[k], src[k]) for k in src)
+
+    # verified (what a restore does): still the page-cache path, and a flipped bit is refused
+    stats = weightfile.load_into(path, dst, verify=True)
+    assert stats.verified and all(run["verified"] for run in stats.details["gpu"])
+    assert any("page cache registered" in n for run in stats.details["gpu"] for n in run["notes"])
+    e = weightfile.read_index(path).entries["w3"]
+    _flip(path, e.offset + 12345)
+    path.read_bytes()
+    with pytest.raises(weightfile.ChecksumMismatchError, match="w3"):
+        weightfile.load_into(path, dst, verify=True)
+    _flip(path, e.offset + 12345)
 
     monkeypatch.setattr(gl, "_HOST_REGISTER_READ_ONLY", 0x7FFF0000)  # cudaErrorInvalidValue
     dst = {k: torch.zeros_like(v) for k, v in src.items()}
