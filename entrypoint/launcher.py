@@ -55,13 +55,17 @@ def vllm_command(model_dir: str, served_name: str, port: int, user_args: list[st
     return cmd + list(user_args)
 
 
-def server_env(runtime_file: Path, extra: Optional[dict] = None) -> dict:
+def server_env(runtime_file: Path, dev_mode: bool = True, extra: Optional[dict] = None) -> dict:
     """The tree's environment: secrets stripped (they would land in checkpoint pages). The admin
     token is not in it either: the middleware reads it from RUNTIME_FILE, which every start
-    rewrites (the path is the same at bake and restore)."""
+    rewrites (the path is the same at bake and restore). DEV_MODE: vLLM's dev routes (sleep,
+    wake_up, collective_rpc), which fvboot needs only in a server it checkpoints or restores."""
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) or k.endswith(("_TOKEN", "_SECRET", "_PASSWORD")))}
-    env.update({"VLLM_SERVER_DEV_MODE": "1", RUNTIME_FILE_ENV: str(runtime_file), "HF_HUB_OFFLINE": "1",
+    env.pop("VLLM_SERVER_DEV_MODE", None)
+    if dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    env.update({RUNTIME_FILE_ENV: str(runtime_file), "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "VLLM_NO_USAGE_STATS": "1",
                 "DO_NOT_TRACK": "1"})
     env.update(extra or {})

@@ -4,12 +4,15 @@ Two jobs, both inside the server process so they survive checkpoint and restore:
 - a gate: while closed (from just before the dump until the restored weights are back and
   checked), client requests wait instead of reaching an engine without weights; they get 503
   with Retry-After only if the gate stays shut past FV_GATE_WAIT_S. `/health` says 503 while shut.
-- the dev endpoints fvboot needs (sleep, wake_up, collective_rpc, ...) answer only requests that
-  carry the admin token. fvboot makes a new token at every start and writes it to a root-only
-  runtime file outside FV_HOME (launcher.write_runtime_settings): it is in no image layer, and
-  each container has its own. The file's path comes from FV_RUNTIME_FILE, set at bake, so the
-  restored middleware (whose environment is the bake's) finds this start's file at the same path;
-  it is opened, read and closed per check, so no descriptor is held across the checkpoint.
+- an allowlist: clients reach only the public API (PUBLIC_PATHS); fvboot's own calls (sleep,
+  wake_up, collective_rpc, the gate) also need the admin token. Everything else vLLM registers
+  (its dev mode adds routes with every release: /weight_checker, /abort_requests, ...) is
+  refused, so a new route is closed until someone opens it here. fvboot makes a new token at
+  every start and writes it to a root-only runtime file outside FV_HOME
+  (launcher.write_runtime_settings): it is in no image layer, and each container has its own.
+  The file's path comes from FV_RUNTIME_FILE, set at bake, so the restored middleware (whose
+  environment is the bake's) finds this start's file at the same path; it is opened, read and
+  closed per check, so no descriptor is held across the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,16 +21,50 @@ import asyncio
 import hmac
 import json
 import os
+import posixpath
+import re
 import sys
 import time
 
 from .layout import ADMIN_HEADER, RUNTIME_FILE_ENV
 
-DEV_PATHS = ("/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_prefix_cache",
-             "/reset_mm_cache", "/server_info", "/pause", "/resume", "/update_weights",
-             "/init_weight_transfer", "/scale_elastic_ep", "/fv/")
 GATE_OPEN, GATE_CLOSE, GATE_STATE = "/fv/gate/open", "/fv/gate/close", "/fv/gate/state"
 TRIM = "/fv/trim"
+
+# What vLLM's api_server registers for clients (vLLM 0.32; read from its routers). Not here on
+# purpose: dev-mode and RL routes, /abort_requests, LoRA loading, profiling, /server_info, ...
+HEALTH_PATHS = frozenset({"/health", "/ping", "/ready", "/readyz"})
+PUBLIC_PATHS = HEALTH_PATHS | frozenset({
+    "/metrics", "/version", "/load", "/tokenize", "/detokenize", "/tokenizer_info",
+    "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc",
+    "/v1/models", "/v1/completions", "/v1/completions/render", "/v1/chat/completions",
+    "/v1/chat/completions/render", "/v1/chat/completions/batch", "/v1/responses",
+    "/v1/responses/render", "/v1/messages", "/v1/messages/count_tokens", "/v1/messages/render",
+    "/v1/embeddings", "/v1/score", "/v1/rerank", "/v2/rerank", "/v2/embed", "/v1/systemone",
+    "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/realtime",
+    "/pooling", "/classify", "/score", "/rerank", "/invocations", "/generative_scoring",
+    "/cohere/v2/chat", "/cohere/v2/chat/render", "/inference/v1/generate",
+})
+PUBLIC_PATTERNS = (re.compile(r"/v1/responses/[A-Za-z0-9_.:-]+(/cancel)?"),)
+# What fvboot itself calls (control.ServerControl), besides the public API.
+ADMIN_PATHS = frozenset({"/sleep", "/wake_up", "/is_sleeping", "/collective_rpc",
+                         GATE_OPEN, GATE_CLOSE, GATE_STATE, TRIM})
+
+
+def canonical_path(path: str, root_path: str = "") -> str | None:
+    """The path a request names, as routing would see it: --root-path stripped, `//` collapsed,
+    `.`/`..` resolved, no trailing `/`. None for what no route of ours can name: a path left
+    encoded after uvicorn's one decoding (`%2F` sent as `%252F`), backslashes, control bytes."""
+    if root_path and (path == root_path or path.startswith(root_path.rstrip("/") + "/")):
+        path = path[len(root_path.rstrip("/")):] or "/"
+    if not path.startswith("/") or any(c in path for c in "%\\") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return None
+    path = posixpath.normpath(re.sub(r"/{2,}", "/", path))
+    return "/" + path.strip("/") if path != "/" else "/"
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or any(p.fullmatch(path) for p in PUBLIC_PATTERNS)
 
 
 def _trim() -> dict:
@@ -44,20 +81,13 @@ def _trim() -> dict:
 class GateMiddleware:
     def __init__(self, app) -> None:
         self.app = app
-        self._settings_path = os.environ.get(RUNTIME_FILE_ENV, "")
-        self._settings_key: tuple = ()
-        self._settings: dict = {}
         self._open = asyncio.Event()
         self._open.set()
         self._wait_s = float(os.environ.get("FV_GATE_WAIT_S", "600"))
         self._first_served = False
-
-    async def _reply(self, send, status: int, body: dict, headers=()) -> None:
-        data = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(data)).encode()), *headers]})
-        await send({"type": "http.response.body", "body": data})
+        self._settings_path = os.environ.get(RUNTIME_FILE_ENV, "")
+        self._settings_key: tuple = ()
+        self._settings: dict = {}
 
     def settings(self) -> dict:
         """This start's runtime settings; re-read when the file is replaced (a new start)."""
@@ -92,32 +122,48 @@ class GateMiddleware:
             return False
         return hmac.compare_digest(given[-1], token.encode())
 
+    async def _reply(self, scope, send, status: int, body: dict, headers=()) -> None:
+        if scope["type"] == "websocket":  # refused before accept: the server answers 403
+            await send({"type": "websocket.close", "code": 1013 if status == 503 else 1008})
+            return
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(data)).encode()), *headers]})
+        await send({"type": "http.response.body", "body": data})
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
+        path = canonical_path(scope.get("path", ""), scope.get("root_path", ""))
+        if path is None:
+            return await self._reply(scope, send, 404, {"error": "not found"})
         if self._is_admin(scope):
             if path == GATE_CLOSE:
                 self._open.clear()
-                return await self._reply(send, 200, {"gate": "closed"})
+                return await self._reply(scope, send, 200, {"gate": "closed"})
             if path == GATE_OPEN:
                 self._open.set()
-                return await self._reply(send, 200, {"gate": "open"})
+                return await self._reply(scope, send, 200, {"gate": "open"})
             if path == TRIM:
                 self.forget_settings()
-                return await self._reply(send, 200, _trim())
+                return await self._reply(scope, send, 200, _trim())
             if path == GATE_STATE:
-                return await self._reply(send, 200, {"gate": "open" if self._open.is_set() else "closed"})
-            return await self.app(scope, receive, send)
-        if path.startswith(DEV_PATHS):
-            return await self._reply(send, 403, {"error": "this endpoint is reserved to fvboot"})
+                return await self._reply(scope, send, 200, {"gate": "open" if self._open.is_set() else "closed"})
+            if path in ADMIN_PATHS or is_public(path):
+                return await self.app(scope, receive, send)
+            return await self._reply(scope, send, 404, {"error": "not found"})
+        if path in ADMIN_PATHS:
+            return await self._reply(scope, send, 403, {"error": "this endpoint is reserved to fvboot"})
+        if not is_public(path):
+            return await self._reply(scope, send, 404, {"error": "not found"})
         if not self._open.is_set():
-            if path in ("/health", "/ping", "/ready"):
-                return await self._reply(send, 503, {"status": "restoring"}, [(b"retry-after", b"1")])
+            if path in HEALTH_PATHS:
+                return await self._reply(scope, send, 503, {"status": "restoring"}, [(b"retry-after", b"1")])
             try:
                 await asyncio.wait_for(self._open.wait(), self._wait_s)
             except asyncio.TimeoutError:
-                return await self._reply(send, 503, {"error": "server is starting"}, [(b"retry-after", b"5")])
+                return await self._reply(scope, send, 503, {"error": "server is starting"}, [(b"retry-after", b"5")])
         await self.app(scope, receive, send)
         if not self._first_served and path.startswith("/v1/"):
             self._first_served = True

@@ -213,7 +213,8 @@ def _cold_start(layout: Layout, m: Optional[dict], run_args: list[str], pipes: P
         name = os.environ.get("FV_SERVED_MODEL", str(layout.model_dir))
         cmd = vllm_command(str(layout.model_dir), name, port, run_args, sleep_mode=False)
     write_runtime_settings(layout.runtime_file)
-    tree = ServedTree(cmd, server_env(layout.runtime_file), pipes, namespaced=False)
+    # fvboot calls nothing but /health here: no dev routes in this server.
+    tree = ServedTree(cmd, server_env(layout.runtime_file, dev_mode=False), pipes, namespaced=False)
     ServerControl(port, "", name).wait_healthy(3600, tree.alive)
     tl.mark("ready")
     return tree

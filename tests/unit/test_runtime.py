@@ -312,3 +312,12 @@ def test_thp_restore_setting(monkeypatch):
     assert criu.restore_env() == {"CRIU_RESTORE_THP": "1"}
     monkeypatch.setenv("FV_RESTORE_THP", "0")
     assert criu.restore_env() == {}
+
+
+def test_only_a_server_fvboot_checkpoints_runs_in_dev_mode(monkeypatch, tmp_path):
+    from fvboot.launcher import server_env
+
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")  # not even when the operator sets it
+    assert server_env(tmp_path / "r.json")["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "VLLM_SERVER_DEV_MODE" not in server_env(tmp_path / "r.json", dev_mode=False)
+    assert server_env(tmp_path / "r.json")["FV_RUNTIME_FILE"] == str(tmp_path / "r.json")

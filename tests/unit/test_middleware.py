@@ -1,0 +1,154 @@
+"""GateMiddleware's allowlist against a tiny ASGI app that records what reached it: which paths
+a client without the admin token reaches, which fvboot reaches with it, and the path spellings
+that must not sneak past (the real server's routes are checked in tests/e2e/test_security.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from fvboot.middleware import GateMiddleware, canonical_path
+
+TOKEN = "ab" * 32
+
+# Routes vLLM 0.32's api_server registers that no client may reach (dev mode, RL, admin).
+NOT_PUBLIC = ["/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/weight_checker",
+              "/abort_requests", "/update_weight_version", "/reset_encoder_cache",
+              "/shutdown_weight_transfer_engine", "/init_weight_transfer_engine", "/update_weights",
+              "/start_weight_update", "/finish_weight_update", "/start_draft_weight_update",
+              "/reset_prefix_cache", "/reset_mm_cache", "/server_info", "/pause", "/resume",
+              "/is_paused", "/scale_elastic_ep", "/is_scaling_elastic_ep", "/release_kv_cache_memory",
+              "/get_world_size", "/weight_info", "/kv_event_sources", "/start_profile", "/stop_profile",
+              "/fault_tolerance/apply", "/fault_tolerance/status", "/v1/load_lora_adapter",
+              "/v1/unload_lora_adapter", "/inference/v1/abort_requests", "/fv/gate/open",
+              "/fv/gate/close", "/fv/trim", "/", "/anything/new"]
+PUBLIC = ["/health", "/ping", "/ready", "/metrics", "/version", "/load", "/tokenize", "/detokenize",
+          "/docs", "/openapi.json", "/redoc", "/v1/models", "/v1/completions", "/v1/chat/completions",
+          "/v1/embeddings", "/v1/responses", "/v1/responses/resp_123", "/v1/responses/resp_1/cancel",
+          "/pooling", "/classify", "/score", "/rerank", "/v1/rerank", "/invocations", "/v1/realtime"]
+FVBOOT_CALLS = ["/sleep", "/wake_up", "/is_sleeping", "/collective_rpc"]
+
+
+class App:
+    """Answers 200 and remembers the paths that reached it."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def __call__(self, scope, receive, send):
+        self.seen.append(scope.get("path"))
+        if scope["type"] == "lifespan":
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.accept"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def mw(monkeypatch, tmp_path):
+    (tmp_path / "runtime.json").write_text(json.dumps({"admin_token": TOKEN}))
+    monkeypatch.setenv("FV_RUNTIME_FILE", str(tmp_path / "runtime.json"))
+    monkeypatch.setenv("FV_GATE_WAIT_S", "0.2")
+    return GateMiddleware(App())
+
+
+def call(mw, path, admin=None, kind="http", root_path="", headers=()):
+    sent = []
+    hdrs = [(b"x-fastvllm-admin", admin.encode())] if admin else []
+    scope = {"type": kind, "path": path, "root_path": root_path, "headers": hdrs + list(headers)}
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def receive():
+        return {"type": "websocket.connect"} if kind == "websocket" else {"type": "http.request"}
+
+    asyncio.run(mw(scope, receive, send))
+    if kind == "websocket":
+        return "accepted" if sent[0]["type"] == "websocket.accept" else sent[0]["code"]
+    return sent[0]["status"]
+
+
+@pytest.mark.parametrize("path", NOT_PUBLIC)
+def test_clients_without_the_token_reach_no_other_route(mw, path):
+    assert call(mw, path) in (403, 404)
+    assert mw.app.seen == []
+
+
+@pytest.mark.parametrize("path", PUBLIC)
+def test_clients_reach_the_public_api(mw, path):
+    assert call(mw, path) == 200
+    assert mw.app.seen == [path]
+
+
+def test_the_token_opens_only_what_fvboot_calls(mw):
+    for path in FVBOOT_CALLS + PUBLIC:
+        assert call(mw, path, admin=TOKEN) == 200, path
+    assert mw.app.seen == FVBOOT_CALLS + PUBLIC
+    for path in ("/weight_checker", "/abort_requests", "/update_weight_version", "/v1/load_lora_adapter"):
+        assert call(mw, path, admin=TOKEN) == 404, path
+    assert mw.app.seen == FVBOOT_CALLS + PUBLIC
+    assert call(mw, "/fv/gate/state", admin=TOKEN) == 200  # answered by the middleware itself
+    assert call(mw, "/sleep", admin=TOKEN[:-1] + "0") == 403
+    assert call(mw, "/sleep", admin=TOKEN[:40]) == 403
+
+
+@pytest.mark.parametrize("path", [
+    "//sleep", "/sleep/", "/sleep//", "/./sleep", "/v1/../sleep", "/v1/completions/../../sleep",
+    "/health/../collective_rpc", "///collective_rpc", "/v1/./../weight_checker",
+    "/%2Fsleep", "/v1%2F..%2Fsleep", "/%2e%2e/sleep", "/sleep%00", "/sle%65p", "\\sleep",
+    "/v1\\..\\sleep", "/sleep\x00", "sleep", "/SLEEP", "/Sleep", "/abort_requests/",
+    "/v1/responses/../../sleep", "/v1/responses/x/../../../collective_rpc",
+])
+def test_path_spellings_do_not_sneak_past(mw, path):
+    """What uvicorn hands over is decoded once: `%2F` here was `%252F` on the wire."""
+    assert call(mw, path) in (403, 404), path
+    assert mw.app.seen == []
+
+
+def test_spellings_of_public_paths_still_reach_the_api(mw):
+    for path in ("/v1/completions/", "//v1//completions", "/v1/./completions", "/health/"):
+        assert call(mw, path) == 200, path
+
+
+def test_canonical_path():
+    assert canonical_path("//v1//../sleep/") == "/sleep"
+    assert canonical_path("/api/sleep", "/api") == "/sleep"
+    assert canonical_path("/api", "/api") == "/"
+    assert canonical_path("/apix/sleep", "/api") == "/apix/sleep"
+    assert canonical_path("/a%2Fb") is None
+    assert canonical_path("/../../..") == "/"
+
+
+def test_root_path_is_stripped_before_matching(mw):
+    assert call(mw, "/api/sleep", root_path="/api") == 403
+    assert call(mw, "/api//api/sleep", root_path="/api") == 404
+    assert call(mw, "/api/v1/completions", root_path="/api") == 200
+    assert call(mw, "/api/v1/../sleep", root_path="/api/") == 403
+    assert mw.app.seen == ["/api/v1/completions"]  # the app gets the scope untouched
+
+
+def test_websockets_are_held_to_the_same_lists(mw):
+    assert call(mw, "/v1/realtime", kind="websocket") == "accepted"
+    for path in ("/sleep", "/collective_rpc", "//sleep", "/weight_checker"):
+        assert call(mw, path, kind="websocket") == 1008, path
+    assert call(mw, "/collective_rpc", kind="websocket", admin=TOKEN) == "accepted"
+    assert mw.app.seen == ["/v1/realtime", "/collective_rpc"]
+
+
+def test_closed_gate_holds_websockets_then_refuses_with_try_again(mw):
+    call(mw, "/fv/gate/close", admin=TOKEN)
+    assert call(mw, "/v1/realtime", kind="websocket") == 1013
+    call(mw, "/fv/gate/open", admin=TOKEN)
+    assert call(mw, "/v1/realtime", kind="websocket") == "accepted"
+
+
+def test_lifespan_passes_through(mw):
+    async def run():
+        await mw({"type": "lifespan"}, None, None)
+    asyncio.run(run())
+    assert mw.app.seen == [None]
