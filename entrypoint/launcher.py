@@ -61,7 +61,8 @@ def server_env(runtime_file: Path, dev_mode: bool = True, extra: Optional[dict] 
     rewrites (the path is the same at bake and restore). DEV_MODE: vLLM's dev routes (sleep,
     wake_up, collective_rpc), which fvboot needs only in a server it checkpoints or restores."""
     env = {k: v for k, v in os.environ.items()
-           if not (k.startswith(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) or k.endswith(("_TOKEN", "_SECRET", "_PASSWORD")))}
+           if not (k.startswith(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) or k.endswith(("_TOKEN", "_SECRET", "_PASSWORD"))
+                   or k in API_KEY_ENVS)}
     env.pop("VLLM_SERVER_DEV_MODE", None)
     if dev_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"
@@ -72,17 +73,37 @@ def server_env(runtime_file: Path, dev_mode: bool = True, extra: Optional[dict] 
     return env
 
 
-def write_runtime_settings(path: Path) -> str:
-    """Write this start's runtime settings for the server's middleware and return the fresh admin
-    token in them. Each start (bake, restore, normal start) gets its own token: it is in no image
-    layer and no checkpoint, and no two containers share it. Root-only (0600), replaced
-    atomically so the middleware never reads half a file."""
+API_KEY_ENVS = ("FV_API_KEY", "VLLM_API_KEY")  # docker run -e ...: clients must send it
+
+
+def runtime_settings(env: Optional[dict] = None) -> dict:
+    """What `docker run -e` can set for the server's middleware at each start (the server's own
+    environment is frozen at bake): the API key clients must present, the gate's wait."""
+    env = os.environ if env is None else env
+    out: dict = {}
+    key = next((env[k] for k in API_KEY_ENVS if env.get(k)), None)
+    if key:
+        out["api_key"] = key
+    wait = env.get("FV_GATE_WAIT_S")
+    if wait:
+        try:
+            out["gate_wait_s"] = float(wait)
+        except ValueError:
+            raise ValueError(f"FV_GATE_WAIT_S={wait!r} is not a number of seconds") from None
+    return out
+
+
+def write_runtime_settings(path: Path, settings: Optional[dict] = None) -> str:
+    """Write this start's runtime settings (SETTINGS plus a fresh admin token) for the server's
+    middleware and return the token. Each start (bake, restore, normal start) gets its own
+    token: it is in no image layer and no checkpoint, and no two containers share it.
+    Root-only (0600), replaced atomically so the middleware never reads half a file."""
     token = secrets.token_hex(32)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"admin_token": token}, f)
+        json.dump({**(settings or {}), "admin_token": token}, f)
     os.replace(tmp, path)
     return token
 

@@ -13,6 +13,11 @@ Two jobs, both inside the server process so they survive checkpoint and restore:
   The file's path comes from FV_RUNTIME_FILE, set at bake, so the restored middleware (whose
   environment is the bake's) finds this start's file at the same path; it is opened, read and
   closed per check, so no descriptor is held across the checkpoint.
+- an API key, when the container was started with FV_API_KEY (or VLLM_API_KEY): clients must
+  send `Authorization: Bearer <key>` to every public route but the health checks, /metrics and
+  /version. It reaches the middleware through the same runtime file, so it is set per
+  `docker run`, never baked (a `--api-key` vLLM argument would be saved in the manifest and the
+  checkpoint). The same file carries FV_GATE_WAIT_S of this start.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ TRIM = "/fv/trim"
 # What vLLM's api_server registers for clients (vLLM 0.32; read from its routers). Not here on
 # purpose: dev-mode and RL routes, /abort_requests, LoRA loading, profiling, /server_info, ...
 HEALTH_PATHS = frozenset({"/health", "/ping", "/ready", "/readyz"})
+NO_KEY_PATHS = HEALTH_PATHS | {"/metrics", "/version"}  # answered without the API key
 PUBLIC_PATHS = HEALTH_PATHS | frozenset({
     "/metrics", "/version", "/load", "/tokenize", "/detokenize", "/tokenizer_info",
     "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc",
@@ -122,6 +128,17 @@ class GateMiddleware:
             return False
         return hmac.compare_digest(given[-1], token.encode())
 
+    def _key_ok(self, scope, path: str) -> bool:
+        key = self.settings().get("api_key")
+        if not key or path in NO_KEY_PATHS:
+            return True
+        given = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
+        return bool(given) and hmac.compare_digest(given[-1], b"Bearer " + str(key).encode())
+
+    def _gate_wait_s(self) -> float:
+        wait = self.settings().get("gate_wait_s")
+        return float(wait) if isinstance(wait, (int, float)) else self._wait_s
+
     async def _reply(self, scope, send, status: int, body: dict, headers=()) -> None:
         if scope["type"] == "websocket":  # refused before accept: the server answers 403
             await send({"type": "websocket.close", "code": 1013 if status == 503 else 1008})
@@ -157,11 +174,14 @@ class GateMiddleware:
             return await self._reply(scope, send, 403, {"error": "this endpoint is reserved to fvboot"})
         if not is_public(path):
             return await self._reply(scope, send, 404, {"error": "not found"})
+        if not self._key_ok(scope, path):
+            return await self._reply(scope, send, 401, {"error": "Unauthorized"},
+                                     [(b"www-authenticate", b"Bearer")])
         if not self._open.is_set():
             if path in HEALTH_PATHS:
                 return await self._reply(scope, send, 503, {"status": "restoring"}, [(b"retry-after", b"1")])
             try:
-                await asyncio.wait_for(self._open.wait(), self._wait_s)
+                await asyncio.wait_for(self._open.wait(), self._gate_wait_s())
             except asyncio.TimeoutError:
                 return await self._reply(scope, send, 503, {"error": "server is starting"}, [(b"retry-after", b"5")])
         await self.app(scope, receive, send)

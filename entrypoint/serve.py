@@ -20,7 +20,7 @@ from typing import Optional
 from . import criu, cuda_checkpoint_service, manifest
 from .control import ServerControl
 from .errors import CheckpointUnusable, FvBootError
-from .launcher import Pipes, ServedTree, server_env, vllm_command, write_runtime_settings
+from .launcher import Pipes, ServedTree, runtime_settings, server_env, vllm_command, write_runtime_settings
 from .layout import Layout
 from .output import write_line
 from .prefetch import prefetch
@@ -122,7 +122,7 @@ def _same_answers(now: list[dict], baked: list[dict]) -> Optional[str]:
 def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
             criu_env: dict[str, str]) -> RestoredTree:
     # A fresh token for this container, where the restored middleware will look for it.
-    token = write_runtime_settings(Path(m.get("runtime_file") or layout.runtime_file))
+    token = write_runtime_settings(Path(m.get("runtime_file") or layout.runtime_file), runtime_settings())
     ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
     restore_dev_shm(layout)
     device_map = gpu_device_map(m["device"], here)
@@ -212,7 +212,7 @@ def _cold_start(layout: Layout, m: Optional[dict], run_args: list[str], pipes: P
         port = int(os.environ.get("FV_PORT", "8000"))
         name = os.environ.get("FV_SERVED_MODEL", str(layout.model_dir))
         cmd = vllm_command(str(layout.model_dir), name, port, run_args, sleep_mode=False)
-    write_runtime_settings(layout.runtime_file)
+    write_runtime_settings(layout.runtime_file, runtime_settings())
     # fvboot calls nothing but /health here: no dev routes in this server.
     tree = ServedTree(cmd, server_env(layout.runtime_file, dev_mode=False), pipes, namespaced=False)
     ServerControl(port, "", name).wait_healthy(3600, tree.alive)

@@ -152,3 +152,62 @@ def test_lifespan_passes_through(mw):
         await mw({"type": "lifespan"}, None, None)
     asyncio.run(run())
     assert mw.app.seen == [None]
+
+
+def _start(tmp_path, monkeypatch, **env):
+    """A start as fvboot serve makes it: settings from the environment into the runtime file."""
+    from fvboot.launcher import runtime_settings, write_runtime_settings
+
+    path = tmp_path / "run" / "runtime.json"
+    monkeypatch.setenv("FV_RUNTIME_FILE", str(path))
+    token = write_runtime_settings(path, runtime_settings(env))
+    return GateMiddleware(App()), token
+
+
+def test_api_key_from_docker_run_is_required_on_the_api(monkeypatch, tmp_path):
+    mw, token = _start(tmp_path, monkeypatch, FV_API_KEY="k-123")
+    bearer = [(b"authorization", b"Bearer k-123")]
+    assert call(mw, "/v1/completions") == 401
+    assert call(mw, "/v1/completions", headers=[(b"authorization", b"Bearer k-124")]) == 401
+    assert call(mw, "/v1/completions", headers=[(b"authorization", b"k-123")]) == 401
+    assert call(mw, "/tokenize") == 401
+    assert call(mw, "/v1/realtime", kind="websocket") == 1008
+    assert call(mw, "/v1/completions", headers=bearer) == 200
+    assert call(mw, "/health") == 200 and call(mw, "/metrics") == 200
+    assert call(mw, "/v1/completions", admin=token) == 200  # fvboot's probe
+    assert call(mw, "/sleep", headers=bearer) == 403  # the key is no admin token
+
+
+def test_vllm_api_key_works_too_and_no_key_means_open(monkeypatch, tmp_path):
+    mw, _ = _start(tmp_path, monkeypatch, VLLM_API_KEY="v")
+    assert call(mw, "/v1/models") == 401
+    assert call(mw, "/v1/models", headers=[(b"authorization", b"Bearer v")]) == 200
+    mw, _ = _start(tmp_path, monkeypatch)
+    assert call(mw, "/v1/models") == 200
+
+
+def test_gate_wait_is_a_docker_run_setting(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.setenv("FV_GATE_WAIT_S", "600")  # the bake's, frozen in the server
+    mw, token = _start(tmp_path, monkeypatch, FV_GATE_WAIT_S="0.1")
+    call(mw, "/fv/gate/close", admin=token)
+    t = time.monotonic()
+    assert call(mw, "/v1/completions") == 503
+    assert time.monotonic() - t < 5
+
+
+def test_bad_gate_wait_is_named():
+    from fvboot.launcher import runtime_settings
+
+    with pytest.raises(ValueError, match="FV_GATE_WAIT_S='soon'"):
+        runtime_settings({"FV_GATE_WAIT_S": "soon"})
+
+
+def test_api_keys_stay_out_of_the_server_environment(monkeypatch, tmp_path):
+    from fvboot.launcher import server_env
+
+    monkeypatch.setenv("FV_API_KEY", "k")
+    monkeypatch.setenv("VLLM_API_KEY", "k")
+    env = server_env(tmp_path / "r.json")
+    assert "FV_API_KEY" not in env and "VLLM_API_KEY" not in env
