@@ -55,14 +55,34 @@ def vllm_command(model_dir: str, served_name: str, port: int, user_args: list[st
     return cmd + list(user_args)
 
 
+SECRET_SUFFIXES = ("_TOKEN", "_SECRET", "_PASSWORD", "_PASSWD", "_KEY", "_CREDENTIALS", "_CREDS")
+SECRET_PARTS = ("SECRET", "PASSWORD", "CREDENTIAL")
+SECRET_NAMES = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "FV_API_KEY", "VLLM_API_KEY", "FV_ADMIN_TOKEN"}
+# FV_* settings the tree reads (nsinit, worker extension, middleware): never stripped.
+KEPT_NAMES = {"FV_DISABLE_IO_URING", "FV_GATE_WAIT_S", "FV_HOME", "FV_RUNTIME_FILE"}
+
+
+def is_secret_name(name: str) -> bool:
+    """An environment variable that may hold a credential (`*_KEY`, `*_TOKEN`, `AWS_SECRET_*`,
+    `*_CREDENTIALS`, ...); such values would otherwise land in the checkpoint's pages. Names
+    that only point at one (`*_FILE`, `*_PATH`, `*_DIR`) stay."""
+    up = name.upper()
+    if name in KEPT_NAMES:
+        return False
+    if up in SECRET_NAMES or up.startswith(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")):
+        return True
+    if up.endswith(("_FILE", "_PATH", "_DIR", "_URL")) and "SECRET" not in up:
+        return False
+    return up.endswith(SECRET_SUFFIXES) or any(part in up for part in SECRET_PARTS)
+
+
 def server_env(runtime_file: Path, dev_mode: bool = True, extra: Optional[dict] = None) -> dict:
-    """The tree's environment: secrets stripped (they would land in checkpoint pages). The admin
-    token is not in it either: the middleware reads it from RUNTIME_FILE, which every start
-    rewrites (the path is the same at bake and restore). DEV_MODE: vLLM's dev routes (sleep,
-    wake_up, collective_rpc), which fvboot needs only in a server it checkpoints or restores."""
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) or k.endswith(("_TOKEN", "_SECRET", "_PASSWORD"))
-                   or k in API_KEY_ENVS)}
+    """The tree's environment: secrets stripped (is_secret_name: they would land in checkpoint
+    pages). The admin token is not in it either: the middleware reads it from RUNTIME_FILE,
+    which every start rewrites (the path is the same at bake and restore). DEV_MODE: vLLM's dev
+    routes (sleep, wake_up, collective_rpc), which fvboot needs only in a server it checkpoints
+    or restores."""
+    env = {k: v for k, v in os.environ.items() if not is_secret_name(k)}
     env.pop("VLLM_SERVER_DEV_MODE", None)
     if dev_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"
