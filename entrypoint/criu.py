@@ -30,20 +30,69 @@ def _criu() -> list[str]:
     return ["criu", "-L", plugins] if plugins else ["criu"]
 
 
+RESTORE_TIMEOUT_ENV, DUMP_TIMEOUT_ENV = "FV_CRIU_RESTORE_TIMEOUT_S", "FV_CRIU_DUMP_TIMEOUT_S"
+RESTORE_TIMEOUT_S, DUMP_TIMEOUT_S = 600.0, 3600.0
+
+
 class CriuError(FvBootError):
-    def __init__(self, action: str, log: Path, rc: int) -> None:
+    def __init__(self, action: str, log: Path, how: str, stderr: str = "") -> None:
         self.log = log
-        super().__init__(f"criu {action} failed (exit {rc}): {last_error(log)} (full log: {log})")
+        super().__init__(f"criu {action} {how}: {last_error(log, stderr)} (full log: {log})")
 
 
-def last_error(log: Path) -> str:
-    """The most telling error line of a CRIU log."""
+# Printed by every CRIU run in containers, never the cause (vllm-cpu-and-criu.md).
+_HARMLESS = ("RLIMIT_NOFILE", "Unable to create tun", "Warn")
+_CAUSE_FIRST = re.compile(r"CAP_|capabilit|Permission denied|Operation not permitted", re.IGNORECASE)
+
+
+def last_error(log: Path, stderr: str = "") -> str:
+    """The most telling error line of a CRIU run: a missing capability or permission first,
+    then CRIU's last `Error` line, then any other failure line, from its log and its stderr
+    (CRIU prints there what happens before it opens its log, e.g. missing capabilities)."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
-        return "no log"
-    errs = [l for l in lines if "Error" in l or "error" in l or "Can't" in l or "fail" in l]
-    return re.sub(r"^\(\s*[\d.]+\)\s*", "", (errs or lines or ["no log"])[-1]).strip()
+        lines = []
+    lines += stderr.splitlines()
+    lines = [re.sub(r"^\(\s*[\d.]+\)\s*", "", l).strip() for l in lines]
+    lines = [l for l in lines if l and not any(h in l for h in _HARMLESS)]
+    causes = [l for l in lines if _CAUSE_FIRST.search(l)]
+    if causes:
+        return causes[0]
+    for pick in (lambda l: "Error" in l, lambda l: "error" in l or "Can't" in l or "fail" in l):
+        hits = [l for l in lines if pick(l)]
+        if hits:
+            return hits[-1]
+    return lines[-1] if lines else "no log and no output"
+
+
+def _timeout(env: str, default: float) -> float:
+    try:
+        return float(os.environ.get(env, default))
+    except ValueError:
+        return default
+
+
+def _run(action: str, cmd: list[str], log: Path, timeout: float, **kw) -> None:
+    """Run one CRIU command, bounded: past TIMEOUT it is killed (the caller cleans up what it
+    left, e.g. a half-restored tree) and the error says so."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise CriuError(action, log, f"did not finish within {timeout:g} s and was killed",
+                        err.decode(errors="replace")) from None
+    except BaseException:  # docker stop meanwhile: no CRIU left behind
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode < 0:
+        raise CriuError(action, log, f"was killed by signal {-proc.returncode}", err.decode(errors="replace"))
+    if proc.returncode != 0:
+        raise CriuError(action, log, f"failed (exit {proc.returncode})", err.decode(errors="replace"))
 
 
 def version() -> str:
@@ -57,10 +106,8 @@ def version() -> str:
 def dump(pid: int, images: Path, log: Path, env: dict[str, str] | None = None) -> None:
     images.mkdir(parents=True, exist_ok=True)
     cmd = [*_criu(), "dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4", *DUMP_FLAGS]
-    rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                        env={**os.environ, **env} if env else None).returncode
-    if rc != 0:
-        raise CriuError("dump", log, rc)
+    _run("dump", cmd, log, _timeout(DUMP_TIMEOUT_ENV, DUMP_TIMEOUT_S),
+         env={**os.environ, **env} if env else None)
 
 
 VIRTIO_DEVICES = Path("/sys/bus/virtio/devices")
@@ -108,7 +155,9 @@ def restore_env() -> dict[str, str]:
 
 def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]],
             env: dict[str, str] | None = None) -> int:
-    """Restore detached; returns the host PID of the restored root.
+    """Restore detached; returns the host PID of the restored root. Bounded by
+    FV_CRIU_RESTORE_TIMEOUT_S (default 600 s): a stuck restore (cuda-checkpoint can leave a
+    process CHECKPOINTED) must end in the fallback, not a hang.
 
     INHERIT: (our fd, 'pipe:[inode]' recorded at dump) pairs. Logs and pidfile go to WORKDIR so
     the image directory (a read-only image layer in containers) is never written.
@@ -120,12 +169,12 @@ def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]],
            "--pidfile", str(pidfile), *RESTORE_FLAGS]
     for fd, key in inherit:
         cmd += ["--inherit-fd", f"fd[{fd}]:{key}"]
-    rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                        pass_fds=[fd for fd, _ in inherit],
-                        env={**os.environ, **restore_env(), **(env or {})}).returncode
-    if rc != 0:
-        raise CriuError("restore", log, rc)
-    return int(pidfile.read_text().strip())
+    _run("restore", cmd, log, _timeout(RESTORE_TIMEOUT_ENV, RESTORE_TIMEOUT_S),
+         pass_fds=[fd for fd, _ in inherit], env={**os.environ, **restore_env(), **(env or {})})
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError) as e:
+        raise CriuError("restore", log, f"left no usable pidfile ({e})") from None
 
 
 _TS = re.compile(r"^\((\d+\.\d+)\)")

@@ -10,12 +10,15 @@
  *            NUL-terminated; then the writing side is shut down.
  *   reply    "<exit code> <stdout bytes> <stderr bytes>\n", stdout, stderr.
  * Why C: the plugin starts this 5-10 times per restore, and a Python start costs ~40 ms.
+ * Bounded: a service that stops answering ends the call after $FV_CUDA_CHECKPOINT_TIMEOUT_S
+ * (default TIMEOUT_S) with an error, never a hang of the restore.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -23,12 +26,17 @@
 #define FALLBACK "/usr/local/libexec/fv-cuda-checkpoint"
 #endif
 
+#ifndef TIMEOUT_S
+#define TIMEOUT_S 300
+#endif
+
 static const char *const forwarded_env[] = { "FV_CUDA_DEVICE_MAP", NULL };
 
-static int write_all(int fd, const char *buf, size_t n)
+/* Whole buffer to FD; a socket whose peer is gone is an error here, not a SIGPIPE. */
+static int write_all(int fd, const char *buf, size_t n, int sock)
 {
 	while (n) {
-		ssize_t w = write(fd, buf, n);
+		ssize_t w = sock ? send(fd, buf, n, MSG_NOSIGNAL) : write(fd, buf, n);
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w <= 0)
@@ -56,18 +64,18 @@ static int send_request(int fd, int argc, char **argv)
 	char head[32];
 
 	snprintf(head, sizeof(head), "FVCC1 %d\n", argc - 1);
-	if (write_all(fd, head, strlen(head)))
+	if (write_all(fd, head, strlen(head), 1))
 		return -1;
 	for (int i = 1; i < argc; i++)
-		if (write_all(fd, argv[i], strlen(argv[i]) + 1))
+		if (write_all(fd, argv[i], strlen(argv[i]) + 1, 1))
 			return -1;
 	for (const char *const *key = forwarded_env; *key; key++) {
 		const char *value = getenv(*key);
 
 		if (!value)
 			continue;
-		if (write_all(fd, *key, strlen(*key)) || write_all(fd, "=", 1) ||
-		    write_all(fd, value, strlen(value) + 1))
+		if (write_all(fd, *key, strlen(*key), 1) || write_all(fd, "=", 1, 1) ||
+		    write_all(fd, value, strlen(value) + 1, 1))
 			return -1;
 	}
 	return shutdown(fd, SHUT_WR);
@@ -106,6 +114,23 @@ static char *read_reply(int fd, size_t *len)
 	return NULL;
 }
 
+/* Send and receive timeouts on FD, so a service that stops answering cannot hang us. */
+static long set_timeouts(int fd)
+{
+	const char *env = getenv("FV_CUDA_CHECKPOINT_TIMEOUT_S");
+	long seconds = env && *env ? strtol(env, NULL, 10) : TIMEOUT_S;
+	struct timeval tv;
+
+	if (seconds <= 0)
+		seconds = TIMEOUT_S;
+	tv.tv_sec = seconds;
+	tv.tv_usec = 0;
+	if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) ||
+	    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)))
+		return -1;
+	return seconds;
+}
+
 int main(int argc, char **argv)
 {
 	const char *path = getenv("FV_CUDA_CHECKPOINT_SOCKET");
@@ -113,7 +138,8 @@ int main(int argc, char **argv)
 	unsigned long n_out, n_err;
 	size_t len;
 	char *reply, *body;
-	int fd, rc;
+	long timeout;
+	int fd, rc, err;
 
 	if (!path || !*path || strlen(path) >= sizeof(addr.sun_path))
 		return run_fallback(argv);
@@ -121,23 +147,31 @@ int main(int argc, char **argv)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return run_fallback(argv);
-	if (connect(fd, (struct sockaddr *)&addr, sizeof(addr))) {
+	timeout = set_timeouts(fd); /* before connect: a full backlog must not block us either */
+	if (timeout < 0 || connect(fd, (struct sockaddr *)&addr, sizeof(addr))) {
 		close(fd);
 		return run_fallback(argv);
 	}
 	/* From here on the request may reach the driver: never run it a second time. */
 	reply = send_request(fd, argc, argv) ? NULL : read_reply(fd, &len);
+	err = errno;
 	close(fd);
 	body = reply ? strchr(reply, '\n') : NULL;
 	if (!body || sscanf(reply, "%d %lu %lu", &rc, &n_out, &n_err) != 3 ||
 	    (size_t)(reply + len - body - 1) != n_out + n_err) {
-		fprintf(stderr, "fv-cuda-checkpoint: the cuda-checkpoint service at %s failed: %s\n", path,
-			reply ? "malformed reply" : strerror(errno));
+		if (reply)
+			fprintf(stderr, "fv-cuda-checkpoint: the cuda-checkpoint service at %s failed: malformed reply\n", path);
+		else if (err == EAGAIN || err == EWOULDBLOCK)
+			fprintf(stderr, "fv-cuda-checkpoint: the cuda-checkpoint service at %s failed: no answer within %ld s\n",
+				path, timeout);
+		else
+			fprintf(stderr, "fv-cuda-checkpoint: the cuda-checkpoint service at %s failed: %s\n", path,
+				strerror(err));
 		free(reply);
 		return 1;
 	}
 	body++;
-	if (write_all(STDOUT_FILENO, body, n_out) || write_all(STDERR_FILENO, body + n_out, n_err))
+	if (write_all(STDOUT_FILENO, body, n_out, 0) || write_all(STDERR_FILENO, body + n_out, n_err, 0))
 		rc = rc ? rc : 1;
 	free(reply);
 	return rc;

@@ -21,6 +21,7 @@ import socket
 import sys
 
 SOCKET_ENV = "FV_CUDA_CHECKPOINT_SOCKET"
+TIMEOUT_ENV, TIMEOUT_S = "FV_CUDA_CHECKPOINT_TIMEOUT_S", 300.0  # a silent service ends the call
 FORWARDED_ENV = ("FV_CUDA_DEVICE_MAP",)  # what a restore reads from the caller's environment
 MAGIC = b"FVCC1"
 
@@ -43,6 +44,11 @@ def forward(argv: list[str], path: str) -> tuple[int, str, str] | None:
     (nothing was done: the caller may run the tool itself)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        timeout = float(os.environ.get(TIMEOUT_ENV) or TIMEOUT_S)
+    except ValueError:
+        timeout = TIMEOUT_S
+    sock.settimeout(timeout if timeout > 0 else TIMEOUT_S)
+    try:
         try:
             sock.connect(path)
         except OSError:
@@ -58,6 +64,9 @@ def forward(argv: list[str], path: str) -> tuple[int, str, str] | None:
                     break
                 chunks.append(data)
             return decode_reply(b"".join(chunks))
+        except socket.timeout:
+            return 1, "", (f"fv-cuda-checkpoint: the cuda-checkpoint service at {path} failed: "
+                           f"no answer within {sock.gettimeout():.0f} s\n")
         except (OSError, ValueError) as exc:
             # The request may have reached the driver: never run it a second time.
             return 1, "", f"fv-cuda-checkpoint: the cuda-checkpoint service at {path} failed: {exc}\n"

@@ -19,3 +19,13 @@ class ServerDied(FvBootError):
 
 class ServerError(FvBootError):
     """The vLLM server answered an fvboot call with an error (its text is in the message)."""
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGINT (docker stop) before the server was up: unwinds whatever runs (a restore, a
+    start), each step cleaning up after itself, so the container ends promptly. A BaseException,
+    like KeyboardInterrupt: no `except Exception` on the way may swallow it into a fallback."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import ServerDied
 from .layout import RUNTIME_FILE_ENV
 from .output import write_line
 
@@ -74,6 +76,27 @@ def is_secret_name(name: str) -> bool:
     if up.endswith(("_FILE", "_PATH", "_DIR", "_URL")) and "SECRET" not in up:
         return False
     return up.endswith(SECRET_SUFFIXES) or any(part in up for part in SECRET_PARTS)
+
+
+def arg_value(args: list[str], name: str) -> Optional[str]:
+    """The value vLLM's argument parser will see for NAME (`--port 9000` or `--port=9000`; the
+    last one wins, as in argparse), or None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a[len(name) + 1:]
+    return value
+
+
+def server_port(cmd: list[str], default: int = 8000) -> int:
+    """The port the server started by CMD listens on: what fvboot must wait on."""
+    value = arg_value(cmd, "--port")
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
 
 
 def server_env(runtime_file: Path, dev_mode: bool = True, extra: Optional[dict] = None) -> dict:
@@ -203,20 +226,39 @@ class ServedTree:
                 kids = []
             if kids:
                 return int(kids[0])
+            if self.proc.poll() is not None:
+                break
             time.sleep(0.01)
-        raise RuntimeError("the namespace init did not start")
+        raise ServerDied("the served tree's namespace init did not start")
 
     def terminate(self, timeout: float = 20) -> None:
-        """SIGTERM to the namespace init (it forwards to the server), SIGKILL after TIMEOUT."""
-        if not self.alive():
-            return
+        """SIGTERM to the namespace init (it forwards to the server); after TIMEOUT, SIGKILL to the
+        init (a PID namespace dies with its init), to `unshare` and to their process group, so
+        no vLLM process outlives us. Bounded: returns within TIMEOUT + ~10 s."""
         try:
-            os.kill(self.init_pid(timeout=1), 15)
-            self.proc.wait(timeout)
-        except (subprocess.TimeoutExpired, ProcessLookupError, RuntimeError):
-            for pid in (self.proc.pid,):
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-            self.proc.wait()
+            first = self.init_pid(timeout=1) if self.alive() else None
+        except ServerDied:
+            first = None
+        if first is not None:
+            _signal(first, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in ([first] if first else []) + [self.proc.pid]:
+            _signal(pid, signal.SIGKILL)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # start_new_session: the group is ours alone
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            write_line(f"fvboot: process {self.proc.pid} did not die after SIGKILL", err=True)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

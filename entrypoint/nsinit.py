@@ -25,11 +25,31 @@ def main(argv: list[str]) -> int:
     os.close(null)
     if os.environ.get("FV_DISABLE_IO_URING", "1") == "1":
         disable_io_uring()
+    # Handlers before the fork: a signal that arrives before (or during) the fork is passed on
+    # once the server exists, never lost (docker stop right after the start).
+    child, pending = 0, []
+
+    def forward(sig, _frame):
+        if not child:
+            pending.append(sig)
+            return
+        try:
+            os.kill(child, sig)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
     pid = os.fork()
     if pid == 0:
-        os.execvp(argv[0], argv)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda s, _f: os.kill(pid, s))
+        try:
+            os.execvp(argv[0], argv)  # exec resets the handlers to their defaults
+        except OSError as e:
+            os.write(2, f"fvboot.nsinit: cannot run {argv[0]}: {e}\n".encode())
+        os._exit(127)
+    child = pid
+    for sig in pending:
+        os.kill(pid, sig)
     while True:
         try:
             died, status = os.wait()

@@ -9,7 +9,9 @@ compile caches baked into the image. Requests that arrive meanwhile wait at the 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,8 +21,9 @@ from typing import Optional
 
 from . import criu, cuda_checkpoint_service, manifest
 from .control import ServerControl
-from .errors import CheckpointUnusable, FvBootError
-from .launcher import Pipes, ServedTree, runtime_settings, server_env, vllm_command, write_runtime_settings
+from .errors import CheckpointUnusable, FvBootError, Stopped
+from .launcher import (Pipes, ServedTree, runtime_settings, server_env, server_port, vllm_command,
+                       write_runtime_settings)
 from .layout import Layout
 from .output import write_line
 from .prefetch import prefetch
@@ -75,7 +78,7 @@ def gpu_device_map(baked: dict, here: dict) -> str:
 
 def restore_dev_shm(layout: Layout) -> None:
     """Put /dev/shm back as it was at the dump (over any leftovers of an earlier run)."""
-    r = subprocess.run(["tar", "--sparse", "--overwrite", "-xf", str(layout.shm_archive), "-C", "/dev/shm"],
+    r = subprocess.run(["tar", "--sparse", "--overwrite", "-xf", str(layout.shm_archive), "-C", "/dev/shm"], timeout=120,
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise CheckpointUnusable(f"cannot restore /dev/shm: {r.stderr.strip()}")
@@ -100,13 +103,44 @@ class RestoredTree:
         self.code = os.waitstatus_to_exitcode(status)
         return False
 
-    def terminate(self) -> None:
+    def terminate(self, timeout: float = 10) -> None:
+        """SIGKILL to the init (the PID namespace dies with it); waits at most TIMEOUT."""
         try:
-            os.kill(self.pid, signal.SIGKILL)  # the PID namespace dies with its init
+            os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             return
+        deadline = time.monotonic() + timeout
         while self.alive():
+            if time.monotonic() > deadline:
+                log(f"the restored tree (pid {self.pid}) did not die within {timeout:.0f} s of SIGKILL")
+                return
             time.sleep(0.02)
+
+
+def kill_children(timeout: float = 10) -> list[int]:
+    """SIGKILL every process that is our child (after a failed restore: CRIU, a half-restored or
+    unchecked tree reparented to us, prefetch readers), then reap them, for at most TIMEOUT s.
+    Returns the PIDs killed. Nothing else runs as our child at these points."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            pids += [int(p) for p in open(f"/proc/self/task/{task}/children").read().split()]
+        except OSError:
+            continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.02)
+    return pids
 
 
 def _same_answers(now: list[dict], baked: list[dict]) -> Optional[str]:
@@ -120,9 +154,9 @@ def _same_answers(now: list[dict], baked: list[dict]) -> Optional[str]:
 
 
 def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
-            criu_env: dict[str, str]) -> RestoredTree:
+            criu_env: dict[str, str], settings: dict) -> RestoredTree:
     # A fresh token for this container, where the restored middleware will look for it.
-    token = write_runtime_settings(Path(m.get("runtime_file") or layout.runtime_file), runtime_settings())
+    token = write_runtime_settings(Path(m.get("runtime_file") or layout.runtime_file), settings)
     ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
     restore_dev_shm(layout)
     device_map = gpu_device_map(m["device"], here)
@@ -166,56 +200,139 @@ def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
     return tree
 
 
+def _raise_stopped(signum, _frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwinding; a second signal waits for it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 def serve(layout: Layout, run_args: list[str]) -> int:
+    # First of all: docker stop during a restore or a start stops what runs and ends the container
+    # (143), instead of waiting for Docker's SIGKILL.
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGINT, _raise_stopped)
     tl = Timeline("serve")
     tl.mark("fvboot running")  # after Python's start-up and fvboot's imports
+    try:
+        settings = runtime_settings()
+    except ValueError as e:
+        raise FvBootError(str(e)) from None
     become_subreaper()
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     pipes = Pipes.create()
     pipes.pump(lambda ev, args: ev == "first_request_served" and _first_request(tl, args))
     tree = None
+    try:
+        tree = _start(layout, run_args, pipes, tl, settings)
+        tl.print_table()
+        return _supervise(tree)
+    except Stopped as stop:
+        log(f"stopped by signal {stop.signum} before the server was serving; stopping what runs")
+        if tree is not None:
+            tree.terminate(timeout=5)
+        kill_children()
+        return 128 + stop.signum
+
+
+def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, settings: dict):
+    """The restored tree, or after any failure on that path (said in one line, with its reason,
+    and cleaned up), a normally started one."""
     m: Optional[dict] = None
     try:
         if not layout.manifest.exists():
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
-        m = manifest.read(layout.manifest)
+        try:
+            m = manifest.read(layout.manifest)
+        except ValueError as e:
+            raise CheckpointUnusable(f"the manifest {layout.manifest} is not valid JSON ({e})") from None
+        if not isinstance(m, dict):
+            raise CheckpointUnusable(f"the manifest {layout.manifest} is not a JSON object")
         tl.mark("manifest read")
         if os.environ.get("FV_RESTORE", "1") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         # The cuda-checkpoint service starts first: its cuInit overlaps the checks and CRIU.
-        gpu = m.get("device", {}).get("kind") == "cuda"
+        gpu = (m.get("device") or {}).get("kind") == "cuda"
         with cuda_checkpoint_service.running(layout.run_dir, enabled=gpu) as service_env:
             here = check_compatible(m, layout, run_args)
             tl.mark("checks passed")
             prefetch(layout)  # runs beside the restore; _supervise reaps the readers
-            tree = restore(layout, m, here, tl, pipes, service_env)
-    except (CheckpointUnusable, FvBootError, OSError, ValueError, KeyError) as e:
+            return restore(layout, m, here, tl, pipes, service_env, settings)
+    except Exception as e:  # every failure of the restore path ends in the normal start
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
         log(f"checkpoint not used: {reason}; starting vLLM normally (compile caches reused)")
-        tl.mark("fallback start")
-        tree = _cold_start(layout, m, run_args, pipes, tl)
-    tl.print_table()
-    return _supervise(tree)
+    left = kill_children()  # whatever the failed restore left (CRIU, a restored tree)
+    if left:
+        log(f"stopped {len(left)} process(es) the failed restore left")
+    tl.mark("fallback start")
+    return _cold_start(layout, m, run_args, pipes, tl, settings)
 
 
 def _first_request(tl: Timeline, args: list[str]) -> None:
     tl.mark("first request served", float(args[0]) if args else None)
 
 
-def _cold_start(layout: Layout, m: Optional[dict], run_args: list[str], pipes: Pipes, tl: Timeline):
-    if m is not None:
-        cmd, args = m["vllm"]["command"], run_args or m["vllm"]["args"]
-        cmd = cmd[: len(cmd) - len(m["vllm"]["args"])] + args
-        cmd = [c for c in cmd if c != "--enable-sleep-mode"]
-        port, name = m["vllm"]["port"], m["model"]["served_name"]
-    else:
-        port = int(os.environ.get("FV_PORT", "8000"))
-        name = os.environ.get("FV_SERVED_MODEL", str(layout.model_dir))
-        cmd = vllm_command(str(layout.model_dir), name, port, run_args, sleep_mode=False)
-    write_runtime_settings(layout.runtime_file, runtime_settings())
+def _salvage(layout: Layout) -> tuple[Optional[str], Optional[list], Optional[int]]:
+    """(served name, vLLM args, port) from a manifest too damaged to restore from, where they can
+    still be read: the normal start must be the same server (same name, same arguments)."""
+    try:
+        text = layout.manifest.read_text(errors="replace")
+    except OSError:
+        return None, None, None
+    try:
+        m = json.loads(text)
+        name, args, port = m["model"]["served_name"], m["vllm"]["args"], m["vllm"]["port"]
+        if isinstance(name, str) and isinstance(args, list) and isinstance(port, int):
+            return name, [str(a) for a in args], port
+    except (ValueError, KeyError, TypeError):
+        pass
+    name_m = re.search(r'"served_name"\s*:\s*("(?:[^"\\]|\\.)*")', text)
+    args_m = re.search(r'"args"\s*:\s*(\[[^\]]*\])', text)
+    port_m = re.search(r'"port"\s*:\s*(\d+)', text)
+    try:
+        name = json.loads(name_m.group(1)) if name_m else None
+        args = [str(a) for a in json.loads(args_m.group(1))] if args_m else None
+    except ValueError:
+        name, args = None, None
+    return name, args, int(port_m.group(1)) if port_m else None
+
+
+def launch_command(layout: Layout, m: Optional[dict], run_args: list[str]) -> tuple[list[str], str, str]:
+    """(command, served name, how it was found) for a normal start: the baked command with the
+    run's arguments if any, else the baked ones; from a damaged manifest what can be read."""
+    try:
+        baked, args = m["vllm"]["command"], m["vllm"]["args"]
+        cmd = baked[: len(baked) - len(args)] + (run_args or args)
+        cmd = [str(c) for c in cmd if c != "--enable-sleep-mode"]
+        return cmd, str(m["model"]["served_name"]), "the baked command"
+    except (TypeError, KeyError, AttributeError):
+        pass
+    name, args, port = _salvage(layout)
+    found = [what for what, v in (("name", name), ("arguments", args), ("port", port)) if v is not None]
+    how = (f"the baked {', '.join(found)} read from the damaged manifest" if found
+           else "the image's defaults (no baked name or arguments could be read)")
+    name = name or os.environ.get("FV_SERVED_MODEL") or str(layout.model_dir)
+    port = port or int(os.environ.get("FV_PORT", "8000"))
+    cmd = vllm_command(str(layout.model_dir), name, port, run_args or args or [], sleep_mode=False)
+    return cmd, name, how
+
+
+START_TIMEOUT_ENV = "FV_START_TIMEOUT_S"
+
+
+def _cold_start(layout: Layout, m: Optional[dict], run_args: list[str], pipes: Pipes, tl: Timeline,
+                settings: dict):
+    cmd, name, how = launch_command(layout, m, run_args)
+    port = server_port(cmd)
+    timeout = float(os.environ.get(START_TIMEOUT_ENV, "3600"))
+    log(f"starting vLLM with {how}; waiting up to {timeout:.0f} s for it on port {port}")
+    write_runtime_settings(layout.runtime_file, settings)
     # fvboot calls nothing but /health here: no dev routes in this server.
     tree = ServedTree(cmd, server_env(layout.runtime_file, dev_mode=False), pipes, namespaced=False)
-    ServerControl(port, "", name).wait_healthy(3600, tree.alive)
+    try:
+        ServerControl(port, "", name).wait_healthy(timeout, tree.alive)
+    except BaseException:
+        tree.terminate(timeout=5)  # within docker stop's 10 s grace
+        raise
     tl.mark("ready")
     return tree
 

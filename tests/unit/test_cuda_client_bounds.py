@@ -1,0 +1,94 @@
+"""Both cuda-checkpoint clients end a call to a service that accepted it and then went silent:
+one clear line and exit 1 after FV_CUDA_CHECKPOINT_TIMEOUT_S, never a hung restore; and a
+service that hangs up mid-request is an error line, not a SIGPIPE."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fvboot import cuda_checkpoint_client as client
+
+
+@pytest.fixture(scope="module")
+def c_client(tmp_path_factory):
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("needs a C compiler")
+    out = tmp_path_factory.mktemp("c-client") / "cuda-checkpoint"
+    source = Path(client.__file__).with_suffix(".c")
+    subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(source)],
+                   check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.fixture
+def silent_service(tmp_path):
+    """Accepts, reads the request, never answers."""
+    path = str(tmp_path / "silent.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    conns = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield path
+    srv.close()
+    for c in conns:
+        c.close()
+
+
+def test_c_client_gives_up_on_a_silent_service(c_client, silent_service):
+    env = dict(os.environ, FV_CUDA_CHECKPOINT_SOCKET=silent_service, FV_CUDA_CHECKPOINT_TIMEOUT_S="1",
+               FV_CUDA_CHECKPOINT_FALLBACK="/bin/false")
+    t = time.monotonic()
+    proc = subprocess.run([str(c_client), "--action", "restore", "--pid", "3"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert time.monotonic() - t < 10
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (f"fv-cuda-checkpoint: the cuda-checkpoint service at {silent_service} failed: "
+                           "no answer within 1 s\n")
+
+
+def test_python_client_gives_up_on_a_silent_service(silent_service, monkeypatch):
+    monkeypatch.setenv("FV_CUDA_CHECKPOINT_TIMEOUT_S", "1")
+    t = time.monotonic()
+    rc, out, err = client.forward(["--action", "restore", "--pid", "3"], silent_service)
+    assert time.monotonic() - t < 10
+    assert (rc, out) == (1, "") and "no answer within 1 s" in err
+
+
+def test_c_client_survives_a_service_that_hangs_up_before_reading(c_client, tmp_path):
+    """Before: write() to the closed socket raised SIGPIPE and the client died (-13)."""
+    path = str(tmp_path / "rude.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def hang_up():
+        conn, _ = srv.accept()
+        conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    big = ["x" * 100_000] * 10  # more than the socket buffer: the write must meet the closed peer
+    env = dict(os.environ, FV_CUDA_CHECKPOINT_SOCKET=path, FV_CUDA_CHECKPOINT_FALLBACK="/bin/false")
+    proc = subprocess.run([str(c_client), "--action", "restore", "--pid", *big], env=env,
+                          capture_output=True, text=True, timeout=30)
+    srv.close()
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"fv-cuda-checkpoint: the cuda-checkpoint service at {path} failed")

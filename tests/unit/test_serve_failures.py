@@ -1,0 +1,209 @@
+"""Never a hang, every failure to the normal start: bounded CRIU calls with reasons that say
+why, the fallback after any exception (cleaning up what the restore left), docker stop during a
+start, and the port and name a normal start waits on. Real processes, fake CRIU and server
+commands (the real ones run in tests/e2e)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fvboot import criu, serve
+from fvboot.launcher import Pipes, ServedTree, arg_value, server_port
+from fvboot.layout import Layout
+
+
+def _fake_criu(tmp_path, monkeypatch, script: str) -> None:
+    tool = tmp_path / "criu"
+    tool.write_text("#!/bin/sh\n" + script)
+    tool.chmod(0o755)
+    monkeypatch.setattr(criu, "_criu", lambda: [str(tool)])
+
+
+def test_a_stuck_criu_restore_is_killed_and_said(tmp_path, monkeypatch):
+    _fake_criu(tmp_path, monkeypatch, "exec sleep 60\n")
+    monkeypatch.setenv("FV_CRIU_RESTORE_TIMEOUT_S", "0.5")
+    t = time.monotonic()
+    with pytest.raises(criu.CriuError, match="criu restore did not finish within 0.5 s and was killed"):
+        criu.restore(tmp_path / "images", tmp_path / "work", [])
+    assert time.monotonic() - t < 5
+
+
+def test_criu_without_capabilities_says_so_not_no_log(tmp_path, monkeypatch):
+    """CRIU prints this before it opens its log (seen in a container without the caps)."""
+    _fake_criu(tmp_path, monkeypatch,
+               'echo "Warn  (criu/tty.c:123): tty: something about a tty" >&2\n'
+               'echo "Error (criu/crtools.c:300): CRIU needs to have the CAP_SYS_ADMIN or the '
+               'CAP_CHECKPOINT_RESTORE capability: " >&2\necho "setcap cap_checkpoint_restore+eip criu" >&2\nexit 1\n')
+    with pytest.raises(criu.CriuError) as e:
+        criu.restore(tmp_path / "images", tmp_path / "work", [])
+    assert "failed (exit 1)" in str(e.value)
+    assert "needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability" in str(e.value)
+
+
+def test_a_killed_criu_is_reported_as_killed_with_its_last_error(tmp_path, monkeypatch):
+    _fake_criu(tmp_path, monkeypatch,
+               'echo "(00.1) Error (criu/cr-restore.c:1): Can\'t fork for 7: File exists" > "$(dirname "$0")/work/criu-restore.log"\n'
+               'echo "(00.2) Warn (criu/tty.c:1): tty: Unable to restore termios" >> "$(dirname "$0")/work/criu-restore.log"\n'
+               'kill -9 $$\n')
+    with pytest.raises(criu.CriuError) as e:
+        criu.restore(tmp_path / "images", tmp_path / "work", [])
+    assert "criu restore was killed by signal 9: Error (criu/cr-restore.c:1): Can't fork for 7" in str(e.value)
+
+
+def test_last_error_ignores_the_harmless_lines(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("(00.01) Error (criu/pie.c:1): Oops: real cause\n"
+                   "(00.02) rlimit: Can't setup RLIMIT_NOFILE for self\n(00.03) tun: Unable to create tun: fail\n")
+    assert criu.last_error(log) == "Error (criu/pie.c:1): Oops: real cause"
+    assert criu.last_error(tmp_path / "none.log") == "no log and no output"
+
+
+@pytest.mark.parametrize("args, port", [
+    ([], 8000), (["--port", "9000"], 9000), (["--port=9001"], 9001),
+    (["--port", "8000", "--max-model-len", "5", "--port=9002"], 9002), (["--port"], 8000),
+])
+def test_the_port_to_wait_on_is_the_one_vllm_gets(args, port):
+    cmd = ["python", "-m", "vllm", "--port", "8000", *args]
+    assert server_port(cmd) == (port if args else 8000)
+    assert arg_value(["--served-model-name", "a", "--served-model-name=b"], "--served-model-name") == "b"
+
+
+def _layout(tmp_path, monkeypatch, manifest_text=None) -> Layout:
+    monkeypatch.setenv("FV_RUN_DIR", str(tmp_path / "run"))
+    layout = Layout(tmp_path / "fv")
+    layout.home.mkdir()
+    if manifest_text is not None:
+        layout.manifest.write_text(manifest_text)
+    return layout
+
+
+BAKED = {"format": 1, "model": {"served_name": "synthetic:tiny"},
+         "vllm": {"command": ["py", "-m", "vllm", "--served-model-name", "synthetic:tiny", "--port", "8000",
+                              "--enable-sleep-mode", "--max-model-len", "512"],
+                  "args": ["--max-model-len", "512"], "port": 8000}}
+
+
+def test_normal_start_after_other_args_waits_on_their_port(tmp_path, monkeypatch):
+    layout = _layout(tmp_path, monkeypatch)
+    cmd, name, _ = serve.launch_command(layout, BAKED, ["--port", "9000"])
+    assert cmd[-2:] == ["--port", "9000"] and "--max-model-len" not in cmd and "--enable-sleep-mode" not in cmd
+    assert server_port(cmd) == 9000 and name == "synthetic:tiny"
+
+
+def test_a_damaged_manifest_still_gives_the_baked_name_and_args(tmp_path, monkeypatch):
+    text = json.dumps(BAKED)
+    layout = _layout(tmp_path, monkeypatch, text[: text.index('"port"')])  # truncated
+    cmd, name, how = serve.launch_command(layout, None, [])
+    assert name == "synthetic:tiny" and cmd[-2:] == ["--max-model-len", "512"]
+    assert "--enable-sleep-mode" not in cmd
+    assert "baked name, arguments read from the damaged manifest" in how
+    layout.manifest.write_text('{"format": 1, "model": {}}')  # valid JSON, keys missing
+    cmd, name, how = serve.launch_command(layout, json.loads(layout.manifest.read_text()), [])
+    assert name == str(layout.model_dir) and "image's defaults" in how
+
+
+def test_any_exception_on_the_restore_path_ends_in_the_normal_start(tmp_path, monkeypatch, capfd):
+    """Not only the listed types: a RuntimeError, after which what the restore left is killed."""
+    layout = _layout(tmp_path, monkeypatch, json.dumps(BAKED))
+    left = subprocess.Popen(["sleep", "60"])  # stands for a half-restored tree
+    monkeypatch.setenv("FV_RESTORE", "1")
+
+    def broken(*_a, **_k):
+        raise RuntimeError("the namespace init did not start")
+
+    started = []
+    monkeypatch.setattr(serve, "check_compatible", broken)
+    monkeypatch.setattr(serve, "_cold_start", lambda *a: started.append(a) or "tree")
+    assert serve._start(layout, [], None, serve.Timeline("t"), {}) == "tree"
+    assert not Path(f"/proc/{left.pid}").exists()  # killed and reaped
+    err = capfd.readouterr().err
+    assert "checkpoint not used: RuntimeError: the namespace init did not start; starting vLLM normally" in err
+    assert started and started[0][1] == BAKED
+
+
+def _serve_proc(tmp_path, command: list[str], **env) -> subprocess.Popen:
+    home = tmp_path / "fv"
+    home.mkdir(exist_ok=True)
+    m = {"format": 1, "model": {"served_name": "m"}, "vllm": {"command": command, "args": [], "port": 1}}
+    (home / "manifest.json").write_text(json.dumps(m))
+    return subprocess.Popen([sys.executable, "-m", "fvboot", "serve", "--home", str(home)],
+                            env={**os.environ, "FV_RUN_DIR": str(tmp_path / "run"), "FV_RESTORE": "0", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_docker_stop_during_a_start_stops_it_at_once(tmp_path):
+    marker = tmp_path / "server.pid"
+    proc = _serve_proc(tmp_path, ["sh", "-c", f"echo $$ > {marker}; trap '' TERM; exec sleep 300", "--port", "1"])
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server = int(marker.read_text())
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert time.monotonic() - t < 30
+    assert "stopped by signal 15 before the server was serving" in err
+    assert not Path(f"/proc/{server}").exists() or "zombie" in Path(f"/proc/{server}/status").read_text().lower()
+
+
+def test_a_server_that_dies_before_healthy_ends_with_one_clear_line(tmp_path):
+    proc = _serve_proc(tmp_path, ["false", "--port", "1"])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "waiting up to 3600 s for it on port 1" in err
+    assert err.strip().splitlines()[-1] == ("fvboot: the vLLM server exited before it became healthy "
+                                            "(see its log above)")
+
+
+def test_a_server_that_never_answers_ends_with_the_port_it_waited_on(tmp_path):
+    proc = _serve_proc(tmp_path, ["sh", "-c", "exec sleep 60", "--port", "1"], FV_START_TIMEOUT_S="1")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "did not become healthy within 1 s" in err.strip().splitlines()[-1]
+
+
+def test_terminate_kills_the_whole_tree_even_when_it_ignores_sigterm(tmp_path):
+    marker = tmp_path / "grandchild.pid"
+    script = (f"import os,signal,subprocess,time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+              f"p=subprocess.Popen(['sh','-c','trap \"\" TERM; echo $$ > {marker}; exec sleep 300']); time.sleep(300)")
+    r, w = os.pipe()
+    pipes = Pipes(r, w, r, w)
+    tree = ServedTree([sys.executable, "-c", script], dict(os.environ), pipes, namespaced=False)
+    deadline = time.monotonic() + 20
+    while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(marker.read_text())
+    t = time.monotonic()
+    tree.terminate(timeout=0.5)
+    assert time.monotonic() - t < 12
+    assert not tree.alive()
+    time.sleep(0.2)
+    status = Path(f"/proc/{grandchild}/status")
+    assert not status.exists() or "zombie" in status.read_text().lower()
+    os.close(r)
+    os.close(w)
+
+
+def test_nsinit_exits_127_when_the_server_cannot_start():
+    r = subprocess.run([sys.executable, "-m", "fvboot.nsinit", "/nonexistent/vllm"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 127
+    assert "cannot run /nonexistent/vllm" in r.stderr
+
+
+def test_restored_tree_terminate_is_bounded(monkeypatch):
+    tree = serve.RestoredTree(os.getpid())  # cannot be killed by us in this test: stands for a stuck one
+    monkeypatch.setattr(os, "kill", lambda *a: None)
+    monkeypatch.setattr(serve.RestoredTree, "alive", lambda self: True)
+    t = time.monotonic()
+    tree.terminate(timeout=0.3)
+    assert time.monotonic() - t < 3
