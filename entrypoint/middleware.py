@@ -130,7 +130,7 @@ class GateMiddleware:
 
     def _key_ok(self, scope, path: str) -> bool:
         key = self.settings().get("api_key")
-        if not key or path in NO_KEY_PATHS:
+        if not key or path in NO_KEY_PATHS or scope.get("method") == "OPTIONS":  # CORS preflight
             return True
         given = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
         return bool(given) and hmac.compare_digest(given[-1], b"Bearer " + str(key).encode())

@@ -155,8 +155,10 @@ def _same_answers(now: list[dict], baked: list[dict]) -> Optional[str]:
 
 def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
             criu_env: dict[str, str], settings: dict) -> RestoredTree:
+    if not m.get("runtime_file"):
+        raise CheckpointUnusable("baked by an fvboot that froze its admin token in the checkpoint; re-bake the image")
     # A fresh token for this container, where the restored middleware will look for it.
-    token = write_runtime_settings(Path(m.get("runtime_file") or layout.runtime_file), settings)
+    token = write_runtime_settings(Path(m["runtime_file"]), settings)
     ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
     restore_dev_shm(layout)
     device_map = gpu_device_map(m["device"], here)

@@ -211,3 +211,14 @@ def test_api_keys_stay_out_of_the_server_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("VLLM_API_KEY", "k")
     env = server_env(tmp_path / "r.json")
     assert "FV_API_KEY" not in env and "VLLM_API_KEY" not in env
+
+
+def test_cors_preflight_needs_no_api_key(monkeypatch, tmp_path):
+    mw, _ = _start(tmp_path, monkeypatch, FV_API_KEY="k")
+    sent = []
+
+    async def send(msg):
+        sent.append(msg)
+
+    asyncio.run(mw({"type": "http", "method": "OPTIONS", "path": "/v1/completions", "headers": []}, None, send))
+    assert sent[0]["status"] == 200
