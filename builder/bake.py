@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import deque
 import tempfile
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from docker.errors import APIError, DockerException
+from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.exceptions import ReadTimeout
 
-from . import __version__
+from . import __version__, gpu
 from .engine import DockerEngine, _file_from_archive
-from .errors import BakeError
+from .errors import BakeError, BakeTimeoutError
 from .options import BuildOptions, Device
 from .render import render_template
 
@@ -47,39 +50,39 @@ def bake_command(opts: BuildOptions) -> list[str]:
     return cmd + ["--", *opts.vllm_args]
 
 
+def gpu_plan(engine: DockerEngine, opts: BuildOptions) -> Optional[gpu.GpuPlan]:
+    """How the bake container gets the GPUs (None for cpu); raises before any build when it cannot."""
+    if opts.device is not Device.cuda:
+        return None
+    return gpu.plan(opts.gpu_access, engine.runtimes(), opts.nvidia_driver_dir)
+
+
 def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str,
-               on_line: Callable[[str], None]) -> dict[str, float]:
-    """Bake BUILT_ID and tag the result TAG; returns seconds per phase."""
+               on_line: Callable[[str], None], plan: Optional[gpu.GpuPlan] = None) -> dict[str, float]:
+    """Bake BUILT_ID and tag the result TAG; returns seconds per phase. Whatever happens, the bake
+    container and its committed image are removed; TAG is set only when everything succeeded."""
     t0 = time.monotonic()
     volumes = {}
     token = os.environ.get(opts.hf_token_env)
     tmpdir = tempfile.mkdtemp(prefix="fvbuild-")
-    if token:
-        token_file = Path(tmpdir) / "token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(token)
-        volumes[str(token_file)] = {"bind": TOKEN_PATH, "mode": "ro"}
-    if Path(opts.model).is_dir():
-        volumes[str(Path(opts.model).resolve())] = {"bind": IMPORT_PATH, "mode": "ro"}
-    gpus = None
-    if opts.device is Device.cuda:
-        from docker.types import DeviceRequest
-
-        gpus = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
     container = None
     bake_ref = f"fvbuild-bake-tmp:{built_id.split(':')[-1][:12]}"
     try:
+        if token:
+            token_file = Path(tmpdir) / "token"
+            token_file.touch(mode=0o600)
+            token_file.write_text(token)
+            volumes[str(token_file)] = {"bind": TOKEN_PATH, "mode": "ro"}
+        if Path(opts.model).is_dir():
+            volumes[str(Path(opts.model).resolve())] = {"bind": IMPORT_PATH, "mode": "ro"}
+        run_kwargs: dict = {}
+        if plan is not None:
+            image_env = (engine.inspect(built_id).get("Config") or {}).get("Env") or []
+            run_kwargs = gpu.container_kwargs(plan, image_env)
+            volumes.update(run_kwargs.pop("volumes", {}))
         container = engine.run_criu_container(built_id, bake_command(opts), opts.network,
-                                              volumes=volumes, device_requests=gpus)
-        tail: deque[str] = deque(maxlen=40)
-        for chunk in container.logs(stream=True, follow=True):
-            for line in chunk.decode(errors="replace").splitlines():
-                tail.append(line)
-                on_line(line)
-        code = container.wait()["StatusCode"]
-        if code != 0:
-            reason = next((l for l in reversed(tail) if l.startswith("fvboot: ")), tail[-1] if tail else "")
-            raise BakeError(f"bake failed (exit {code}): {reason.removeprefix('fvboot: ')}")
+                                              volumes=volumes, **run_kwargs)
+        _follow(container, on_line, opts.bake_timeout_s)
         t_run = time.monotonic()
         raw = _file_from_archive(container, "/fv/manifest.json")
         if raw is None:
@@ -115,6 +118,34 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
                 pass
         engine.remove_image(bake_ref)
         shutil.rmtree(tmpdir, ignore_errors=True)  # the token file goes with it
+
+
+def _follow(container, on_line: Callable[[str], None], timeout_s: float) -> None:
+    """Show the bake's log while waiting for it, both bounded by TIMEOUT_S; BakeError unless it
+    exited 0. The log is read in a thread: a silent bake must not hang the wait, nor the wait the log."""
+    tail: deque[str] = deque(maxlen=40)
+
+    def pump() -> None:
+        try:
+            for chunk in container.logs(stream=True, follow=True):
+                for line in chunk.decode(errors="replace").splitlines():
+                    tail.append(line)
+                    on_line(line)
+        except Exception:  # the log is for people; the wait decides the outcome
+            pass
+
+    reader = threading.Thread(target=pump, name="bake-log", daemon=True)
+    reader.start()
+    try:
+        code = container.wait(timeout=timeout_s)["StatusCode"]
+    except (ReadTimeout, RequestsConnectionError):
+        raise BakeTimeoutError(
+            f"the bake did not finish within {timeout_s:.0f} s (--bake-timeout); last line: "
+            f"{tail[-1] if tail else '(none)'}") from None
+    reader.join(timeout=30)
+    if code != 0:
+        reason = next((l for l in reversed(tail) if l.startswith("fvboot: ")), tail[-1] if tail else "")
+        raise BakeError(f"bake failed (exit {code}): {reason.removeprefix('fvboot: ')}")
 
 
 def _device_summary(dev: dict) -> str:

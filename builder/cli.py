@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import FvBuildError, ImageNotBakedError
-from .options import BuildOptions, load_options
+from .errors import FvBuildError, ImageNotBakedError, OptionsError
+from .options import BuildOptions, CriuOptions, load_options
 
 console = Console(stderr=True, highlight=False)
 
@@ -40,6 +40,14 @@ def _options_params(f):
         click.option("--ca-cert", type=click.Path(path_type=Path), help="extra CA bundle (PEM) for every stage"),
         click.option("--network", help="docker network mode for build and bake (e.g. host)"),
         click.option("--cuda-checkpoint", type=click.Choice(["fast-vllm", "nvidia"]), help="which cuda-checkpoint CRIU runs"),
+        click.option("--criu-prebuilt", type=click.Path(path_type=Path, dir_okay=False),
+                     help="tarball from `fvbuild criu`: no CRIU build, and no package step for cuda"),
+        click.option("--gpu-access", type=click.Choice(["auto", "toolkit", "devices"]),
+                     help="how the bake reaches the GPUs: NVIDIA toolkit (--gpus) or device nodes + driver folder"),
+        click.option("--nvidia-driver-dir", type=click.Path(path_type=Path, file_okay=False),
+                     help="driver folder mounted for --gpu-access devices (default /usr/local/nvidia)"),
+        click.option("--bake-timeout", "bake_timeout_s", type=int, help="seconds the bake may run (default 10800)"),
+        click.option("--hf-token-env", help="environment variable holding the model-download token (default HF_TOKEN)"),
         click.option("--warmup-requests", type=int, help="warm-up requests before the checkpoint (default 4)"),
         click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
                      help="TOML/YAML file of options (flags override it)"),
@@ -49,10 +57,10 @@ def _options_params(f):
     return f
 
 
-def _load(values: dict[str, Any], **extra: Any) -> BuildOptions:
+def _load(values: dict[str, Any], kind: type[CriuOptions] = BuildOptions, **extra: Any) -> Any:
     config_file = values.pop("config_file", None)
     values.update(extra)
-    return load_options(values, config_file)
+    return load_options(values, config_file, kind)
 
 
 def _fail(e: FvBuildError) -> None:
@@ -64,6 +72,20 @@ def _fail(e: FvBuildError) -> None:
 @click.version_option(__version__, prog_name="fvbuild")
 def main() -> None:
     """Build vLLM images that start in seconds: CRIU checkpoints baked into the image."""
+    _stop_on_sigterm()
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, CI cancel, kill) ends fvbuild like Ctrl-C: as an exception, so every
+    `finally` runs and no temp context, bake container or half-made image is left behind."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
 
 
 @main.command()
@@ -103,27 +125,37 @@ def image(bake: Optional[bool], **values: Any) -> None:
     from .buildcontext import assemble
     from .engine import DockerEngine
 
+    from .bake import gpu_plan
+
     try:
         opts = _load(values, bake=bake)
         engine = DockerEngine.connect()
         engine.ensure_image(opts.resolved_base_image)
+        plan = gpu_plan(engine, opts) if opts.bake else None  # no GPU: say so before building
         tag = opts.resolved_tag
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="fvbuild-ctx-") as tmp:
             bc = assemble(opts, Path(tmp) / "ctx")
-            result = _show_build(engine.build(bc.path, network_mode=opts.network))
+            result = _show_build(engine.build(bc.path, network_mode=opts.network,
+                                              base_image=opts.resolved_base_image))
         phases = dict(result.stage_seconds)
         if opts.bake:
-            unbaked = f"{tag}-unbaked"
-            engine.tag(result.image_id, unbaked)
-            console.print(f"built {unbaked}; baking (vLLM start, warm-up, weight dump, checkpoint)...")
-            phases.update(bake_image(engine, opts, result.image_id, tag, _bake_line))
+            # The built image stays untagged (kept by ID): the baked image is built FROM it.
+            console.print(f"built {result.image_id[:19]}; baking (vLLM start, warm-up, weight dump, checkpoint)"
+                          + (f", GPU access: {plan.mode.value}" if plan else "") + "...")
+            try:
+                phases.update(bake_image(engine, opts, result.image_id, tag, _bake_line, plan))
+            except BaseException:
+                engine.remove_image(result.image_id, prune=False, force=False)  # nothing of a failed bake stays
+                raise
         else:
             engine.tag(result.image_id, tag)
         info = engine.inspect(tag)
     except FvBuildError as e:
         _fail(e)
-    table = Table(title=f"{tag}  ({info['Size'] / 1e9:.2f} GB)")
+    # The name on its own line: a table title would wrap it at the console's width.
+    console.print(f"{tag}  ({info['Size'] / 1e9:.2f} GB)", soft_wrap=True, markup=False)
+    table = Table()
     table.add_column("stage / phase")
     table.add_column("seconds", justify="right")
     for name, secs in phases.items():
@@ -153,6 +185,59 @@ def _show_build(events):
 
 def _bake_line(line: str) -> None:
     console.print(f"  bake| {line}", markup=False, highlight=False)
+
+
+@main.command()
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="where to write the tarball (FILE.tar.gz)")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="target (default cuda: with cuda-checkpoint)")
+@click.option("--base-image", help="image whose distro CRIU is built on (its glibc is the oldest the result runs on)")
+@click.option("--criu-repo", help="CRIU git repo URL or local git repo")
+@click.option("--criu-ref", help="CRIU tag, branch or commit (default v4.2.1)")
+@click.option("--criu-src", type=click.Path(path_type=Path), help="local CRIU source folder or tarball (offline)")
+@click.option("--criu-patches", type=click.Path(path_type=Path), help="folder with a patch `series`")
+@click.option("--ca-cert", type=click.Path(path_type=Path), help="extra CA bundle (PEM) for the build")
+@click.option("--network", help="docker network mode for the build (e.g. host)")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="TOML/YAML file of options (flags override it)")
+def criu(out: Path, **values: Any) -> None:
+    """Build the images' criu stage and export CRIU, its cuda plugin, cuda-checkpoint, vmtouch and
+    their non-glibc libraries as one tarball, for `fvbuild image --criu-prebuilt FILE`."""
+    from .criu_prebuilt import export
+
+    try:
+        opts = _load(values, CriuOptions)
+        if not out.name.endswith((".tar.gz", ".tgz")):
+            raise OptionsError(f"--out {out}: name it FILE.tar.gz (it is a gzip tarball)")
+        manifest = export(opts, out.resolve(), lambda line: console.print(f"  {line}", markup=False, highlight=False))
+    except FvBuildError as e:
+        _fail(e)
+    console.print(f"CRIU {manifest['criu']['version']} ({manifest['criu']['source']}, patches: "
+                  f"{', '.join(manifest['patches']) or 'none'}), {len(manifest['libs'])} libraries, "
+                  f"built on {manifest['base_image']} (needs glibc >= {manifest['glibc_needed'].removeprefix('GLIBC_') or '?'})",
+                  soft_wrap=True)
+    click.echo(str(out))
+
+
+@main.command("run-flags")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+@click.option("--gpu-access", type=click.Choice(["auto", "toolkit", "devices"]), default="auto", show_default=True)
+@click.option("--nvidia-driver-dir", type=click.Path(path_type=Path, file_okay=False))
+def run_flags(device: str, gpu_access: str, nvidia_driver_dir: Optional[Path]) -> None:
+    """Print the `docker run` flags a baked image needs here (CRIU's capabilities, and the GPUs
+    as the bake would get them), e.g. docker run $(fvbuild run-flags) IMAGE."""
+    import shlex
+
+    from .engine import docker_run_flags
+    from .gpu import gpu_run_flags
+
+    try:
+        flags = docker_run_flags()
+        if device == "cuda":
+            flags += gpu_run_flags(gpu_access, nvidia_driver_dir)
+    except FvBuildError as e:
+        _fail(e)
+    click.echo(shlex.join(flags))
 
 
 @main.command()

@@ -6,14 +6,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from . import __version__
-from .options import BuildOptions
+from .options import BuildOptions, CriuOptions
+
+PREBUILT_ARCHIVE = "criu-prebuilt.tar.gz"  # build-context path of a --criu-prebuilt tarball
 
 
 @dataclass(frozen=True)
 class CriuSource:
     """Where the criu stage takes CRIU's source: a git fetch in the build, or an archive in the context."""
 
-    kind: Literal["git", "local"]
+    kind: Literal["git", "local", "prebuilt"]
     describe: str  # e.g. "v4.2.1 from https://..." or "criu-4.2.1.tar.xz"
     repo: str = ""
     ref: str = ""
@@ -34,11 +36,23 @@ class RenderContext:
     wheel_dirs: tuple[str, ...]
     extra_index_urls: tuple[str, ...]
     cuda_checkpoint: str
+    # "image": the runtime image; "criu": only the criu stage plus its export (`fvbuild criu`).
+    target: Literal["image", "criu"]
+    # Build-context path of a `fvbuild criu` tarball ("" = build CRIU in the criu stage).
+    criu_prebuilt: str
     labels: tuple[tuple[str, str], ...] = field(default=())
 
 
-def make_context(opts: BuildOptions, criu: CriuSource, patches: tuple[str, ...]) -> RenderContext:
-    """Everything the templates need, decided once from validated options."""
+def make_context(opts: CriuOptions, criu: CriuSource, patches: tuple[str, ...]) -> RenderContext:
+    """Everything the templates need, decided once from validated options. CriuOptions alone
+    (`fvbuild criu`) renders the criu target; BuildOptions the image."""
+    if not isinstance(opts, BuildOptions):
+        return RenderContext(
+            fvbuild_version=__version__, model="", device=opts.device.value,
+            base_image=opts.resolved_base_image, vllm_version=opts.resolved_vllm_version, port=0,
+            criu=criu, patches=patches, ca_cert=opts.ca_cert is not None, wheel_dirs=(),
+            extra_index_urls=(), cuda_checkpoint=opts.cuda_checkpoint.value, target="criu",
+            criu_prebuilt="")
     labels = (
         ("org.fast-vllm.version", __version__),
         ("org.fast-vllm.model", opts.model),
@@ -60,5 +74,7 @@ def make_context(opts: BuildOptions, criu: CriuSource, patches: tuple[str, ...])
         wheel_dirs=tuple(f"wheels/{i}" for i in range(len(opts.wheels))),
         extra_index_urls=tuple(opts.extra_index_urls),
         cuda_checkpoint=opts.cuda_checkpoint.value,
+        target="image",
+        criu_prebuilt=PREBUILT_ARCHIVE if opts.criu_prebuilt is not None else "",
         labels=labels,
     )

@@ -16,8 +16,8 @@ from typing import Iterator, Optional
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from .errors import (BaseImageMissingError, BuildFailedError, CriuSourceError,
-                     DockerUnavailableError, PatchError)
+from .errors import (BaseImageMissingError, BaseImageUnsuitableError, BuildFailedError,
+                     CriuPrebuiltError, CriuSourceError, DockerUnavailableError, PatchError)
 
 # The minimal capability set CRIU needs in a container on Docker 20.10 (see README):
 # --privileged is not needed (and fails on hosts without CAP_SYS_RESOURCE).
@@ -92,27 +92,35 @@ class DockerEngine:
         repo, _, tag = ref.rpartition(":")
         self.client.api.tag(image_id, repo, tag)
 
-    def remove_image(self, ref: str) -> None:
+    def remove_image(self, ref: str, prune: bool = True, force: bool = True) -> None:
+        """Remove REF; PRUNE also removes its untagged parents (prune=False keeps them as the build
+        cache: `docker images` does not list them, the next build reuses them). Without FORCE an
+        image that something else still tags or uses stays."""
         try:
-            self.client.api.remove_image(ref, force=True, noprune=False)
+            self.client.api.remove_image(ref, force=force, noprune=not prune)
         except NotFound:
             pass
+        except APIError as e:
+            if e.status_code != 409:  # still used by a container or a child image: not ours to force
+                raise
 
     # ---- build ------------------------------------------------------------------------------
     def build(self, context: Path, network_mode: Optional[str] = None,
-              dockerfile: str = "Dockerfile") -> Iterator[BuildEvent | BuildResult]:
-        """Yield events while building CONTEXT; the last item is the BuildResult. Untagged: the
-        caller tags only a finished image, so a failed build leaves no half-tagged image."""
+              dockerfile: str = "Dockerfile", target: Optional[str] = None,
+              base_image: str = "the base image") -> Iterator[BuildEvent | BuildResult]:
+        """Yield events while building CONTEXT (up to stage TARGET); the last item is the
+        BuildResult. Untagged: the caller tags only a finished image, so a failed build leaves no
+        half-tagged image. BASE_IMAGE names the base in errors about it."""
         stage, stage_start, seconds = "", time.monotonic(), {}
         image_id, tail = None, deque(maxlen=60)
         try:
             stream = self.client.api.build(path=str(context), dockerfile=dockerfile, rm=True,
                                            forcerm=True, decode=True, network_mode=network_mode,
-                                           pull=False)
+                                           pull=False, target=target)
             for chunk in stream:
                 if "errorDetail" in chunk or "error" in chunk:
                     msg = chunk.get("error") or chunk["errorDetail"].get("message", "")
-                    raise _build_error(msg, tail)
+                    raise _build_error(msg, tail, base_image)
                 if "aux" in chunk and "ID" in chunk["aux"]:
                     image_id = chunk["aux"]["ID"]
                 text = chunk.get("stream", "")
@@ -145,15 +153,34 @@ class DockerEngine:
         yield BuildResult(image_id, seconds)
 
     # ---- containers -------------------------------------------------------------------------
+    def runtimes(self) -> set[str]:
+        """The runtimes `docker info` lists (\"nvidia\" when the NVIDIA container toolkit is set up)."""
+        try:
+            return set((self.client.info().get("Runtimes") or {}).keys())
+        except (APIError, DockerException) as e:
+            raise DockerUnavailableError(f"docker info failed: {_short(e)}") from None
+
     def run_criu_container(self, image: str, command: list[str], network_mode: Optional[str],
                            volumes: Optional[dict] = None, environment: Optional[dict] = None,
-                           name: Optional[str] = None, device_requests: Optional[list] = None):
-        """Start a detached container with the capability set CRIU needs."""
+                           name: Optional[str] = None, device_requests: Optional[list] = None,
+                           devices: Optional[list] = None):
+        """Start a detached container with the capability set CRIU needs (and GPU access, if given)."""
         return self.client.containers.run(
             image, command, detach=True, name=name, network_mode=network_mode,
             cap_add=CRIU_CAPS, security_opt=CRIU_SECURITY_OPT, shm_size="1g",
             volumes=volumes or {}, environment=environment or {},
-            device_requests=device_requests or None)
+            device_requests=device_requests or None, devices=devices or None)
+
+    def read_tree(self, image: str, path: str) -> bytes:
+        """The tar (Docker's archive API) of PATH in IMAGE, through a created, never started container."""
+        c = self.client.containers.create(image, entrypoint=["true"])
+        try:
+            stream, _ = c.get_archive(path)
+            return b"".join(stream)
+        except NotFound:
+            raise BuildFailedError(f"{path} is missing in the built image") from None
+        finally:
+            c.remove(force=True)
 
     def read_file(self, image: str, path: str) -> bytes | None:
         """One file from an image, through a created (never started) container."""
@@ -185,9 +212,27 @@ def _short(e: Exception) -> str:
     return text[:300]
 
 
-def _build_error(msg: str, tail: deque) -> Exception:
+_TOOL_PACKAGES = {"unshare": "util-linux", "tar": "tar", "python3": "python3"}
+
+
+def _build_error(msg: str, tail: deque, base_image: str = "the base image") -> Exception:
     """Map our markers in the build log to typed errors; otherwise show the failing output."""
     for line in reversed(tail):
+        if line.startswith("fvbuild-error: base-tool: "):
+            tool = line.removeprefix("fvbuild-error: base-tool: ").strip()
+            return BaseImageUnsuitableError(
+                f"the base image {base_image} has no `{tool}` (package {_TOOL_PACKAGES.get(tool, tool)}); "
+                "add it to the base image or pick another --base-image")
+        if line.startswith("fvbuild-error: no-vllm: "):
+            why = line.removeprefix("fvbuild-error: no-vllm: ").strip()
+            return BaseImageUnsuitableError(
+                f"no vLLM in the base image {base_image} (`python3 -c 'import vllm'`: {why or 'failed'}); "
+                "use an image that has vLLM (e.g. vllm/vllm-openai) as --base-image")
+        if line.startswith("fvbuild-error: criu-prebuilt: "):
+            why = line.removeprefix("fvbuild-error: criu-prebuilt: ").strip()
+            return CriuPrebuiltError(
+                f"the prebuilt CRIU does not run in the base image {base_image}: {why}; "
+                "make the tarball with `fvbuild criu --base-image` of a distro with the same or an older glibc")
         if line.startswith("fvbuild-error: patch: "):
             return PatchError(line.removeprefix("fvbuild-error: patch: ")
                               + "; fix or drop it in criu-patches/series")

@@ -42,3 +42,19 @@ class BakeError(FvBuildError):
 
 class ImageNotBakedError(FvBuildError):
     """An image that carries no fast-vllm manifest."""
+
+
+class CriuPrebuiltError(FvBuildError):
+    """A --criu-prebuilt tarball that is not from `fvbuild criu`, or whose CRIU does not run in the base."""
+
+
+class BaseImageUnsuitableError(FvBuildError):
+    """The base image lacks something the runtime needs (vLLM, tar, unshare, python3)."""
+
+
+class GpuAccessError(FvBuildError):
+    """The bake container cannot be given a GPU (no device nodes, no NVIDIA runtime, no driver folder)."""
+
+
+class BakeTimeoutError(BakeError):
+    """The bake container ran longer than --bake-timeout."""

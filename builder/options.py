@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import OptionsError
+from .errors import CriuPrebuiltError, OptionsError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,6 +26,10 @@ DEFAULT_CRIU_REF = "v4.2.1"
 CUDA_VLLM_VERSION = "0.26.0"
 CPU_VLLM_VERSION = "0.32.0"
 _TAG_RE = re.compile(r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[\w][\w.-]{0,127})?$")
+# Any local or registry reference: [host[:port]/]name[:tag][@digest], or an image ID.
+_IMAGE_RE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::\d+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+                       r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?"
+                       r"(?:@sha256:[0-9a-f]{64})?$|^(?:sha256:)?[0-9a-f]{12,64}$")
 
 
 class Device(str, Enum):
@@ -40,36 +44,48 @@ class CudaCheckpointTool(str, Enum):
     nvidia = "nvidia"
 
 
-class BuildOptions(BaseModel):
-    """What to build. Defaults give the CUDA image of the pinned vLLM with upstream CRIU."""
+class GpuAccess(str, Enum):
+    """How the bake container reaches the GPUs: Docker's NVIDIA runtime (`--gpus`), or device nodes
+    plus the driver's folder (hosts without the container toolkit). `auto` picks (builder/gpu.py)."""
+
+    auto = "auto"
+    toolkit = "toolkit"
+    devices = "devices"
+
+
+_UNSAFE_CHARS = re.compile(r"[\s'\"`$\\;|&<>(){}]")
+
+
+def _plain_value(v: str) -> str:
+    """A value that reaches a Dockerfile/shell line: non-empty, no whitespace, quotes or shell syntax."""
+    if not v:
+        raise ValueError("is empty")
+    if _UNSAFE_CHARS.search(v):
+        raise ValueError(f"{v!r} contains whitespace, a quote or a shell character")
+    return v
+
+
+class CriuOptions(BaseModel):
+    """What the `criu` stage needs: `fvbuild criu` uses exactly this, BuildOptions extends it."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-    model: str = Field(description="HF repo id, local model directory, or synthetic:NAME")
-    tag: Optional[str] = Field(None, description="image name:tag (default fast-vllm/<model>:<device>)")
     device: Device = Device.cuda
     base_image: Optional[str] = Field(None, description="default: vLLM's image (cuda) or debian:bookworm (cpu)")
     vllm_version: Optional[str] = Field(None, description="pinned per device when unset")
-    vllm_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments")
-    port: int = Field(8000, ge=1, le=65535)
     criu_repo: str = UPSTREAM_CRIU_REPO
     criu_ref: str = DEFAULT_CRIU_REF
     criu_src: Optional[Path] = Field(None, description="local CRIU source dir or release tarball")
     criu_patches: Optional[Path] = Field(None, description="folder with a `series` file (default: the bundled one)")
-    wheels: list[Path] = Field(default_factory=list, description="local folders of wheels for pip")
-    extra_index_urls: list[str] = Field(default_factory=list)
     ca_cert: Optional[Path] = Field(None, description="extra CA bundle (PEM) trusted by every stage")
     network: Optional[str] = Field(None, description="docker network mode for build and bake, e.g. host")
     cuda_checkpoint: CudaCheckpointTool = CudaCheckpointTool.fast_vllm
-    bake: bool = True
-    warmup_requests: int = Field(4, ge=1, le=1000)
-    hf_token_env: str = Field("HF_TOKEN", description="env var that holds the model-download token")
 
-    @field_validator("tag")
+    @field_validator("base_image")
     @classmethod
-    def _tag_is_valid(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not _TAG_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid image reference (lower-case name[:tag])")
+    def _base_is_a_reference(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _IMAGE_RE.match(v):
+            raise ValueError(f"{v!r} is not an image reference")
         return v
 
     @field_validator("criu_src", "ca_cert", "criu_patches")
@@ -79,13 +95,22 @@ class BuildOptions(BaseModel):
             raise ValueError(f"{v} does not exist")
         return v.resolve() if v is not None else v
 
-    @field_validator("wheels")
+    @field_validator("criu_repo")
     @classmethod
-    def _wheel_dirs(cls, v: list[Path]) -> list[Path]:
-        for d in v:
-            if not d.is_dir():
-                raise ValueError(f"{d} is not a folder of wheels")
-        return [d.resolve() for d in v]
+    def _repo_is_url_or_path(cls, v: str) -> str:
+        _plain_value(v)
+        if not (re.match(r"^(https?|git|ssh|file)://[^/]", v) or re.match(r"^[\w.-]+@[\w.-]+:", v)
+                or v.startswith(("/", "./", "../")) or Path(v).is_dir()):
+            raise ValueError(f"{v!r} is neither a git URL nor a local folder")
+        return v
+
+    @field_validator("criu_ref")
+    @classmethod
+    def _ref_is_plain(cls, v: str) -> str:
+        _plain_value(v)
+        if v.startswith("-"):
+            raise ValueError(f"{v!r} starts with '-'")
+        return v
 
     @field_validator("ca_cert")
     @classmethod
@@ -94,27 +119,12 @@ class BuildOptions(BaseModel):
             raise ValueError(f"{v} holds no PEM certificate (expected '-----BEGIN CERTIFICATE-----')")
         return v
 
-    @field_validator("vllm_args")
-    @classmethod
-    def _no_owned_args(cls, v: list[str]) -> list[str]:
-        owned = {"--model", "--port", "--worker-extension-cls", "--middleware", "--enable-sleep-mode"}
-        for a in v:
-            if a.split("=", 1)[0] in owned:
-                raise ValueError(f"{a.split('=', 1)[0]} is set by fvbuild; use the matching fvbuild option instead")
-        return v
-
     @model_validator(mode="after")
-    def _combinations(self) -> "BuildOptions":
-        set_fields = self.model_fields_set
-        if self.criu_src is not None and set_fields & {"criu_repo", "criu_ref"}:
+    def _criu_source(self) -> "CriuOptions":
+        if self.criu_src is not None and self.model_fields_set & {"criu_repo", "criu_ref"}:
             raise ValueError("give either --criu-src or --criu-repo/--criu-ref, not both")
-        if self.device is Device.cuda and (self.wheels or self.extra_index_urls):
-            raise ValueError(
-                "--wheels/--extra-index-url are used by --device cpu, where pip installs vLLM; "
-                "the cuda base image already carries vLLM"
-            )
         if self.device is Device.cpu and self.cuda_checkpoint is not CudaCheckpointTool.fast_vllm \
-                and "cuda_checkpoint" in set_fields:
+                and "cuda_checkpoint" in self.model_fields_set:
             raise ValueError("--cuda-checkpoint applies to --device cuda only")
         return self
 
@@ -132,19 +142,160 @@ class BuildOptions(BaseModel):
         return "debian:bookworm"
 
     @property
-    def resolved_tag(self) -> str:
-        if self.tag:
-            return self.tag if ":" in self.tag.rsplit("/", 1)[-1] else f"{self.tag}:latest"
-        slug = re.sub(r"[^a-z0-9]+", "-", self.model.lower().rsplit("/", 1)[-1]).strip("-") or "model"
-        return f"fast-vllm/{slug}:{self.device.value}"
-
-    @property
     def patches_dir(self) -> Path:
         if self.criu_patches is not None:
             return self.criu_patches
         from importlib.resources import files
 
         return Path(str(files("fvbuild.criu_patches")))
+
+
+# Arguments fvboot sets itself (or that would break the restore); the message says what to use.
+RESERVED_VLLM_ARGS = {
+    "--model": "use --model",
+    "--port": "use --port",
+    "--worker-extension-cls": "fvboot sets it",
+    "--middleware": "fvboot sets it",
+    "--enable-sleep-mode": "fvboot sets it",
+    "--served-model-name": "fvboot serves the model under the name given to --model",
+    "--host": "fvboot sets it; publish the port with docker run instead",
+    "--api-key": "pass the key at run time: docker run -e FV_API_KEY=...",
+    "--uds": "the restored server listens on --port",
+}
+
+
+class BuildOptions(CriuOptions):
+    """What to build. Defaults give the CUDA image of the pinned vLLM with upstream CRIU."""
+
+    model: str = Field(description="HF repo id, local model directory, or synthetic:NAME")
+    tag: Optional[str] = Field(None, description="image name:tag (default fast-vllm/<model>:<device>)")
+    vllm_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments")
+    port: int = Field(8000, ge=1, le=65535)
+    criu_prebuilt: Optional[Path] = Field(None, description="tarball from `fvbuild criu` (no CRIU build)")
+    wheels: list[Path] = Field(default_factory=list, description="local folders of wheels for pip")
+    extra_index_urls: list[str] = Field(default_factory=list)
+    bake: bool = True
+    bake_timeout_s: int = Field(3 * 3600, ge=60, description="longest the bake container may run")
+    gpu_access: GpuAccess = GpuAccess.auto
+    nvidia_driver_dir: Optional[Path] = Field(None, description="driver folder mounted for --gpu-access devices")
+    warmup_requests: int = Field(4, ge=1, le=1000)
+    hf_token_env: str = Field("HF_TOKEN", description="env var that holds the model-download token")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty")
+        if v.startswith(SYNTHETIC_PREFIX):
+            names = synthetic_names()
+            if v[len(SYNTHETIC_PREFIX):] not in names:
+                raise ValueError(f"unknown synthetic model {v!r}; choose one of "
+                                 + ", ".join(SYNTHETIC_PREFIX + n for n in names))
+        return v
+
+    @field_validator("tag")
+    @classmethod
+    def _tag_is_valid(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _TAG_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid image reference (lower-case name[:tag])")
+        return v
+
+    @field_validator("criu_prebuilt")
+    @classmethod
+    def _prebuilt(cls, v: Optional[Path]) -> Optional[Path]:
+        if v is None:
+            return v
+        if not v.is_file():
+            raise ValueError(f"{v} is not a file")
+        from .criu_prebuilt import read_manifest
+
+        try:
+            read_manifest(v)
+        except CriuPrebuiltError as e:
+            raise ValueError(str(e)) from None
+        return v.resolve()
+
+    @field_validator("nvidia_driver_dir")
+    @classmethod
+    def _driver_dir(cls, v: Optional[Path]) -> Optional[Path]:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a folder")
+        return v.resolve() if v is not None else v
+
+    @field_validator("hf_token_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+            raise ValueError(f"{v!r} is not an environment variable name")
+        return v
+
+    @field_validator("wheels")
+    @classmethod
+    def _wheel_dirs(cls, v: list[Path]) -> list[Path]:
+        for d in v:
+            if not d.is_dir():
+                raise ValueError(f"{d} is not a folder of wheels")
+        return [d.resolve() for d in v]
+
+    @field_validator("extra_index_urls")
+    @classmethod
+    def _index_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            _plain_value(url)
+            if not re.match(r"^(https?|file)://[^/]", url) and not url.startswith("/"):
+                raise ValueError(f"{url!r} is not an http(s)/file URL or an absolute path")
+        return v
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _no_owned_args(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if "\n" in a or "\r" in a or "\0" in a:
+                raise ValueError("a --vllm-arg value contains a newline")
+            name = a.split("=", 1)[0]
+            if name in RESERVED_VLLM_ARGS:
+                raise ValueError(f"{name} is reserved: {RESERVED_VLLM_ARGS[name]}")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "BuildOptions":
+        set_fields = self.model_fields_set
+        if self.criu_prebuilt is not None and set_fields & {"criu_src", "criu_repo", "criu_ref", "criu_patches"}:
+            raise ValueError("--criu-prebuilt replaces --criu-src/--criu-repo/--criu-ref/--criu-patches: give one")
+        if self.criu_prebuilt is not None:
+            from .criu_prebuilt import read_manifest
+
+            built_for = read_manifest(self.criu_prebuilt).get("device")
+            if self.device is Device.cuda and built_for != "cuda":
+                raise ValueError(f"{self.criu_prebuilt.name} was made with --device {built_for} "
+                                 "(no cuda-checkpoint client); remake it with `fvbuild criu --device cuda`")
+        if self.device is Device.cuda and (self.wheels or self.extra_index_urls):
+            raise ValueError(
+                "--wheels/--extra-index-url are used by --device cpu, where pip installs vLLM; "
+                "the cuda base image already carries vLLM"
+            )
+        if self.device is Device.cpu and set_fields & {"gpu_access", "nvidia_driver_dir"}:
+            raise ValueError("--gpu-access/--nvidia-driver-dir apply to --device cuda only")
+        if self.nvidia_driver_dir is not None and self.gpu_access is GpuAccess.toolkit:
+            raise ValueError("--nvidia-driver-dir is for --gpu-access devices (the toolkit mounts the driver itself)")
+        return self
+
+    @property
+    def resolved_tag(self) -> str:
+        if self.tag:
+            return self.tag if ":" in self.tag.rsplit("/", 1)[-1] else f"{self.tag}:latest"
+        slug = re.sub(r"[^a-z0-9]+", "-", self.model.lower().rsplit("/", 1)[-1]).strip("-") or "model"
+        return f"fast-vllm/{slug}:{self.device.value}"
+
+
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def synthetic_names() -> tuple[str, ...]:
+    """The synthetic models fvboot can make (fvboot.synthetic imports no torch at module level)."""
+    from fvboot.synthetic import SPECS
+
+    return tuple(SPECS)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -168,11 +319,15 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+# Fields whose CLI flag is not simply the field name with dashes.
+_FLAGS = {"vllm_args": "--vllm-arg", "extra_index_urls": "--extra-index-url", "bake_timeout_s": "--bake-timeout"}
+
+
 def _explain(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        flag = f"--{loc.replace('_', '-')}" if loc else "options"
+        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int))
+        flag = _FLAGS.get(loc) or (f"--{loc.replace('_', '-')}" if loc else "options")
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown option (see `fvbuild image --help`)"
@@ -180,11 +335,12 @@ def _explain(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_options(cli_values: dict[str, Any], config_file: Optional[Path] = None) -> BuildOptions:
+def load_options(cli_values: dict[str, Any], config_file: Optional[Path] = None,
+                 kind: type[CriuOptions] = BuildOptions) -> Any:
     """CLI values (None = not given) override the config file; the result is validated once."""
     merged: dict[str, Any] = _read_config_file(config_file) if config_file else {}
     merged.update({k: v for k, v in cli_values.items() if v is not None and v != ()})
     try:
-        return BuildOptions(**merged)
+        return kind(**merged)
     except ValidationError as e:
         raise OptionsError(_explain(e)) from None

@@ -18,6 +18,16 @@ def docker_quote(value: str) -> str:
     return json.dumps(value)
 
 
+def sh_quote(value: object) -> str:
+    """Quote a value for a shell word in a RUN line (values are validated too; this is the belt)."""
+    import shlex
+
+    text = str(value)
+    if "\n" in text or "\r" in text:
+        raise ValueError("a value for a Dockerfile RUN line contains a newline")
+    return shlex.quote(text)
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(str(files("fvbuild.templates"))))),
@@ -28,6 +38,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["docker_quote"] = docker_quote
+    env.filters["sh_quote"] = sh_quote
     return env
 
 
@@ -36,4 +47,5 @@ def render_template(name: str, ctx: object) -> str:
 
 
 def render_dockerfile(ctx: RenderContext) -> str:
-    return render_template("Dockerfile.j2", ctx)
+    """The image's Dockerfile, or for target "criu" the criu stage and its export stage only."""
+    return render_template("criu.Dockerfile.j2" if ctx.target == "criu" else "Dockerfile.j2", ctx)

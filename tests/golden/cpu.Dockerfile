@@ -7,8 +7,8 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
         libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libnl-3-dev \
         libnet1-dev libcap-dev libaio-dev libbsd-dev libgnutls28-dev uuid-dev libnftables-dev \
     && rm -rf /var/lib/apt/lists/*
-ARG CRIU_REPO=https://github.com/checkpoint-restore/criu.git
-ARG CRIU_REF=v4.2.1
+ARG CRIU_REPO="https://github.com/checkpoint-restore/criu.git"
+ARG CRIU_REF="v4.2.1"
 RUN git init -q /src/criu && cd /src/criu \
     && (git fetch -q --depth 1 "$CRIU_REPO" "$CRIU_REF" \
         || { echo "fvbuild-error: criu-ref: cannot fetch $CRIU_REF from $CRIU_REPO"; exit 1; }) \
@@ -46,7 +46,12 @@ COPY --from=vllm-cpu /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv
 COPY --from=criu /out/criu /usr/local/sbin/criu
 COPY fvboot /opt/fast-vllm/lib/fvboot
+# fvboot goes in next to the base's Python (no pip); the base must bring vLLM, tar and unshare.
 RUN set -eu; \
+    for tool in python3 tar unshare; do command -v "$tool" >/dev/null 2>&1 \
+        || { echo "fvbuild-error: base-tool: $tool"; exit 1; }; done; \
+    python3 -c 'import vllm' >/dev/null 2>&1 \
+        || { echo "fvbuild-error: no-vllm: $(python3 -c 'import vllm' 2>&1 | tail -n 1)"; exit 1; }; \
     py=$(command -v python3); \
     site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     echo /opt/fast-vllm/lib > "$site/fast-vllm.pth"; \

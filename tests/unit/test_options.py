@@ -43,7 +43,7 @@ def test_invalid_toml_names_the_file(tmp_path):
     ({"model": "m", "tag": "Bad Tag"}, "--tag: 'Bad Tag' is not a valid image reference"),
     ({"model": "m", "port": 0}, "--port"),
     ({"model": "m", "wheels": ["/opt"], "device": "cuda"}, "--wheels/--extra-index-url are used by --device cpu"),
-    ({"model": "m", "vllm_args": ["--port=9"]}, "--port is set by fvbuild"),
+    ({"model": "m", "vllm_args": ["--port=9"]}, "--vllm-arg: --port is reserved: use --port"),
     ({"device": "cpu"}, "--model: Field required"),
 ])
 def test_invalid_values_say_what_to_change(values, message):
@@ -67,3 +67,44 @@ def test_ca_cert_must_be_pem(tmp_path):
 def test_options_object_rejects_unknown_fields():
     with pytest.raises(Exception):
         BuildOptions(model="m", colour="blue")
+
+
+def _prebuilt(tmp_path, device="cuda"):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_render import fake_prebuilt
+
+    return fake_prebuilt(tmp_path / f"criu-{device}.tar.gz", device)
+
+
+def test_criu_prebuilt_is_checked_at_validation(tmp_path):
+    opts = load_options({"model": "m", "criu_prebuilt": str(_prebuilt(tmp_path))})
+    assert opts.criu_prebuilt.name == "criu-cuda.tar.gz"
+    not_ours = tmp_path / "other.tar.gz"
+    import tarfile
+
+    with tarfile.open(not_ours, "w:gz") as tf:
+        tf.add(__file__, arcname="x.py")
+    with pytest.raises(OptionsError, match=r"--criu-prebuilt: .*other.tar.gz has no share/fast-vllm/criu-prebuilt.json"):
+        load_options({"model": "m", "criu_prebuilt": str(not_ours)})
+    garbage = tmp_path / "garbage.tar.gz"
+    garbage.write_bytes(b"not a tarball")
+    with pytest.raises(OptionsError, match=r"--criu-prebuilt: .*garbage.tar.gz is not a gzip tarball"):
+        load_options({"model": "m", "criu_prebuilt": str(garbage)})
+    with pytest.raises(OptionsError, match=r"--criu-prebuilt: .*nope.tar.gz is not a file"):
+        load_options({"model": "m", "criu_prebuilt": str(tmp_path / "nope.tar.gz")})
+
+
+@pytest.mark.parametrize("other", [{"criu_ref": "v4.1"}, {"criu_repo": "https://example.org/criu.git"},
+                                   {"criu_src": "."}])
+def test_criu_prebuilt_conflicts_with_a_criu_source(tmp_path, other):
+    with pytest.raises(OptionsError, match="--criu-prebuilt replaces --criu-src/--criu-repo/--criu-ref"):
+        load_options({"model": "m", "criu_prebuilt": str(_prebuilt(tmp_path)), **other})
+
+
+def test_cpu_prebuilt_cannot_serve_a_cuda_image(tmp_path):
+    with pytest.raises(OptionsError, match="made with --device cpu .*fvbuild criu --device cuda"):
+        load_options({"model": "m", "criu_prebuilt": str(_prebuilt(tmp_path, "cpu"))})
+    assert load_options({"model": "m", "device": "cpu", "criu_prebuilt": str(_prebuilt(tmp_path, "cpu"))})

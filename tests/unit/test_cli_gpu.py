@@ -1,0 +1,152 @@
+"""GPU access for the bake container (toolkit or device nodes), and the bake's bounds: what the
+container is given, the `docker run` flags for each mode, and what is left after a failed bake."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from requests.exceptions import ReadTimeout
+
+from fvbuild import bake, gpu
+from fvbuild.errors import BakeError, BakeTimeoutError, GpuAccessError
+from fvbuild.options import GpuAccess, load_options
+
+
+@pytest.fixture
+def host(tmp_path):
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for n in ("nvidia0", "nvidia1", "nvidia10", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset"):
+        (dev / n).touch()
+    driver = tmp_path / "nvidia"
+    (driver / "lib64").mkdir(parents=True)
+    (driver / "bin").mkdir()
+    return dev, driver
+
+
+def test_auto_prefers_the_toolkit(host):
+    dev, driver = host
+    p = gpu.plan(GpuAccess.auto, {"runc", "nvidia"}, dev_root=str(dev))
+    assert p.mode is GpuAccess.toolkit
+    assert gpu.docker_run_flags(p) == ["--gpus", "all"]
+    (req,) = gpu.container_kwargs(p)["device_requests"]
+    assert req["Count"] == -1 and req["Capabilities"] == [["gpu"]]
+
+
+def test_auto_without_the_toolkit_passes_every_gpu_node_and_the_driver(host):
+    dev, driver = host
+    p = gpu.plan(GpuAccess.auto, {"runc"}, driver, dev_root=str(dev))
+    assert p.mode is GpuAccess.devices
+    assert p.devices == ("/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia10", "/dev/nvidiactl",
+                         "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+    image_env = ["PATH=/opt/venv/bin:/usr/bin:/bin", "LD_LIBRARY_PATH=/opt/lib", "HF_HOME=/fv"]
+    kw = gpu.container_kwargs(p, image_env)
+    assert kw["devices"][0] == "/dev/nvidia0:/dev/nvidia0:rwm"
+    assert kw["volumes"] == {str(driver): {"bind": str(driver), "mode": "ro"}}
+    assert kw["environment"] == {"LD_LIBRARY_PATH": f"{driver}/lib64:/opt/lib",
+                                 "PATH": f"{driver}/bin:/opt/venv/bin:/usr/bin:/bin"}
+    flags = gpu.docker_run_flags(p)
+    assert flags[:2] == ["--device", "/dev/nvidia0"] and "--gpus" not in flags
+    assert ["-v", f"{driver}:{driver}:ro"] == flags[flags.index("-v"):flags.index("-v") + 2]
+    assert f"LD_LIBRARY_PATH={driver}/lib64" in flags
+
+
+def test_no_gpu_visible_is_a_clear_error_before_baking(tmp_path):
+    with pytest.raises(GpuAccessError, match="no NVIDIA device nodes on this host and no nvidia runtime in docker info"):
+        gpu.plan(GpuAccess.auto, {"runc"}, dev_root=str(tmp_path))
+    with pytest.raises(GpuAccessError, match="lists no nvidia runtime"):
+        gpu.plan(GpuAccess.toolkit, {"runc"}, dev_root=str(tmp_path))
+
+
+def test_devices_mode_needs_the_driver_folder(host, monkeypatch):
+    dev, _ = host
+    monkeypatch.setattr(gpu, "guess_driver_dir", lambda: None)
+    with pytest.raises(GpuAccessError, match="--nvidia-driver-dir"):
+        gpu.plan(GpuAccess.devices, set(), dev_root=str(dev))
+    (dev / "nvidia-uvm").unlink()
+    with pytest.raises(GpuAccessError, match="nvidia-uvm missing"):
+        gpu.plan(GpuAccess.devices, set(), Path("/"), dev_root=str(dev))
+
+
+# ---- the bake container, with a fake Docker ---------------------------------------------------------
+
+class FakeContainer:
+    def __init__(self, outcome):
+        self.outcome, self.removed, self.committed = outcome, False, False
+
+    def logs(self, stream, follow):
+        yield b"fvboot: starting vLLM\n"
+        if self.outcome == "hang":
+            threading.Event().wait(5)
+
+    def wait(self, timeout=None):
+        self.wait_timeout = timeout
+        if self.outcome == "hang":
+            raise ReadTimeout("read timed out")
+        return {"StatusCode": 0 if self.outcome == "ok" else 3}
+
+    def remove(self, force=False):
+        self.removed = True
+
+    def commit(self, **kw):
+        self.committed = True
+
+
+class FakeEngine:
+    def __init__(self, outcome):
+        self.container = FakeContainer(outcome)
+        self.removed, self.tags, self.run_kwargs = [], [], None
+
+    def inspect(self, ref):
+        return {"Config": {"Env": ["PATH=/usr/bin:/bin"]}}
+
+    def run_criu_container(self, image, command, network_mode, **kw):
+        self.run_kwargs = kw
+        return self.container
+
+    def remove_image(self, ref, **kw):
+        self.removed.append(ref)
+
+    def tag(self, image_id, ref):
+        self.tags.append(ref)
+
+
+@pytest.mark.parametrize("outcome, error", [("hang", BakeTimeoutError), ("fail", BakeError)])
+def test_a_failed_or_endless_bake_leaves_no_container_no_tag_no_temp_image(outcome, error, host):
+    dev, driver = host
+    opts = load_options({"model": "synthetic:tiny", "bake_timeout_s": 60})
+    engine = FakeEngine(outcome)
+    plan = gpu.plan(GpuAccess.devices, set(), driver, dev_root=str(dev))
+    with pytest.raises(error) as e:
+        bake.bake_image(engine, opts, "sha256:" + "a" * 64, "fv/x:y", lambda line: None, plan)
+    if outcome == "hang":
+        assert "did not finish within 60 s (--bake-timeout)" in str(e.value)
+        assert engine.container.wait_timeout == 60
+    assert engine.container.removed and not engine.container.committed
+    assert engine.tags == [] and engine.removed == ["fvbuild-bake-tmp:aaaaaaaaaaaa"]
+    # the GPU plan reached the container: device nodes, driver mount, its environment
+    assert engine.run_kwargs["devices"][0] == "/dev/nvidia0:/dev/nvidia0:rwm"
+    assert engine.run_kwargs["volumes"][str(driver)] == {"bind": str(driver), "mode": "ro"}
+    assert engine.run_kwargs["environment"]["PATH"] == f"{driver}/bin:/usr/bin:/bin"
+
+
+def test_the_baked_image_takes_its_config_from_the_built_image_not_the_bake_container():
+    """The bake container's environment (driver paths, token file path) is never committed: the
+    final image is FROM the built image, and only /fv folders come from the bake container."""
+    from fvbuild.render import render_template
+
+    df = render_template("baked.Dockerfile.j2", bake.BakeLayersContext("0", "sha256:built", "bake:tmp", ()))
+    froms = [l for l in df.splitlines() if l.startswith("FROM ")]
+    assert froms == ["FROM sha256:built"]
+    assert all(l.split()[1:3] == ["--from=bake:tmp", l.split()[2]] and l.split()[2].startswith("/fv/")
+               for l in df.splitlines() if l.startswith("COPY"))
+    assert "ENV" not in df
+
+
+def test_run_flags_helper_gives_the_restore_the_same_access(host):
+    dev, driver = host
+    assert gpu.gpu_run_flags("toolkit", runtimes={"nvidia"}) == ["--gpus", "all"]
+    with pytest.raises(GpuAccessError):
+        gpu.gpu_run_flags("toolkit", runtimes={"runc"})
