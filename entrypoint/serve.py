@@ -4,6 +4,9 @@ Restore: manifest -> compatibility check -> (page-cache prefetch || criu restore
 -> probe answers equal the bake's -> gate opens. Any failure on that path is logged as one line
 with its reason and leads to a normal start with the same arguments, which still reuses the
 compile caches baked into the image. Requests that arrive meanwhile wait at the gate.
+Nothing waits unbounded (CRIU, the start, the tree's end have timeouts), what a failed restore
+leaves is killed before the normal start, and SIGTERM (docker stop) at any point before the
+server is up stops what runs and ends fvboot with 143; after that it is forwarded to vLLM.
 """
 
 from __future__ import annotations
