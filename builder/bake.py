@@ -89,6 +89,11 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
             raise BakeError("the bake wrote no /fv/manifest.json")
         manifest = json.loads(raw)
         container.commit(repository=bake_ref.split(":")[0], tag=bake_ref.split(":")[1])
+        # The container's writable layer is a full copy of the bake's output (for a 3B model
+        # ~17 GB: model, weight dump, checkpoint): free it before the layers are copied once
+        # more, so the disk holds two copies at most, not three (GPU hosts' disks are small).
+        container.remove(force=True)
+        container = None
         labels = (
             ("org.fast-vllm.baked", "true"),
             ("org.fast-vllm.baked-at", manifest.get("baked_at", "")),
