@@ -112,7 +112,7 @@ def render(context_dir: Optional[Path], **values: Any) -> None:
     for path, size in listing:
         if path != "Dockerfile":
             click.echo(f"#   {path}  ({size} bytes)")
-    if opts.criu_src is None and not Path(opts.criu_repo).is_dir():
+    if opts.criu_prebuilt is None and opts.criu_src is None and not Path(opts.criu_repo).is_dir():
         click.echo("#   (CRIU is fetched by the build: no source in the context)")
 
 

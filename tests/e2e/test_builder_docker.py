@@ -1,17 +1,21 @@
 """The builder against a real Docker engine: the image really builds (CRIU compiled from source
 with our patch series), CRIU works in a container with the documented capability set, vLLM
-imports, and each user mistake ends in one clear line, no traceback and no image."""
+imports, `fvbuild criu` exports CRIU and `--criu-prebuilt` builds with it, nothing intermediate is
+left behind, and each user mistake ends in one clear line, no traceback and no image."""
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from fvbuild.engine import docker_run_flags
 
-from conftest import fvbuild
+from conftest import e2e_device, fvbuild
 
 pytestmark = pytest.mark.docker
 CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
@@ -24,7 +28,27 @@ def _run(image: str, *cmd: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def unbaked(baked_image) -> str:
-    return f"{baked_image}-unbaked"
+    """The baked image: it holds everything the unbaked one did (no `-unbaked` tag is left)."""
+    return baked_image
+
+
+def test_no_intermediate_image_is_left_after_a_build(docker_client, baked_image):
+    repo = baked_image.rsplit(":", 1)[0]
+    tags = [t for img in docker_client.images.list(name=repo) for t in img.tags]
+    assert tags and not [t for t in tags if t.endswith("-unbaked")], tags
+    assert not docker_client.images.list(name="fvbuild-bake-tmp")
+    assert not docker_client.containers.list(all=True, filters={"ancestor": baked_image})
+
+
+def test_vllm_command_works_in_the_image(baked_image):
+    r = _run(baked_image, "vllm", "--version")
+    assert r.returncode == 0, r.stderr[-2000:]
+    version = r.stdout.strip().splitlines()[-1]
+    assert version[0].isdigit(), r.stdout
+    if e2e_device() == "cpu":
+        assert version.endswith("+cpu")  # what vLLM's platform detection looks for
+    r = _run(baked_image, "python3", "-m", "vllm.entrypoints.cli.main", "serve", "--help")
+    assert r.returncode == 0 and "usage: vllm serve" in r.stdout, r.stderr[-2000:]
 
 
 def test_criu_carries_the_patch_series(unbaked):
@@ -109,3 +133,112 @@ def test_stopped_docker_daemon_is_a_clear_error(tmp_path):
 def test_unknown_option_is_a_clear_error():
     r = fvbuild("image", "--model", "synthetic:tiny", "--colour", "blue")
     assert r.returncode == 2 and "No such option '--colour'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- fvbuild criu and --criu-prebuilt -------------------------------------------------------------
+
+def _flag(flags: list[str], name: str) -> str | None:
+    return flags[flags.index(name) + 1] if name in flags else None
+
+
+@pytest.fixture(scope="module")
+def prebuilt(tmp_path_factory, build_flags, docker_client) -> Path:
+    """`fvbuild criu --device cuda` from this machine's CRIU source (FV_CRIU_PREBUILT: use that file)."""
+    given = os.environ.get("FV_CRIU_PREBUILT")
+    if given:
+        return Path(given)
+    src = _flag(build_flags, "--criu-src")
+    if src is None:
+        pytest.skip("needs a local CRIU source (--criu-src) or FV_CRIU_PREBUILT")
+    out = tmp_path_factory.mktemp("criu") / "criu-prebuilt-cuda.tar.gz"
+    images_before = {i.id for i in docker_client.images.list(all=True)}
+    base = _flag(build_flags, "--base-image") or "fv-local/debian:bookworm"
+    r = fvbuild("criu", "--device", "cuda", "--base-image", base, "--criu-src", src, "--network", "host",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.strip() == str(out)
+    assert "CRIU 4.2" in r.stderr and "needs glibc >=" in r.stderr
+    left = {i.id for i in docker_client.images.list(all=True)} - images_before
+    assert not left, f"fvbuild criu left images: {left}"
+    return out
+
+
+def test_prebuilt_holds_criu_plugin_client_vmtouch_and_their_libraries(prebuilt):
+    with tarfile.open(prebuilt) as tf:
+        names = set(tf.getnames())
+        import json
+
+        manifest = json.load(tf.extractfile("share/fast-vllm/criu-prebuilt.json"))
+    assert {"sbin/criu", "libexec/fast-vllm/criu", "lib/criu/cuda_plugin.so", "bin/cuda-checkpoint",
+            "bin/vmtouch"} <= names
+    assert "lib/fast-vllm/libprotobuf-c.so.1" in names
+    assert not [n for n in names if n.rsplit("/", 1)[-1].startswith(("libc.so", "ld-linux", "libm.so"))]
+    assert manifest["criu"]["version"].startswith("4.2") and manifest["patches"]
+    assert "Patched-by: fast-vllm" in manifest["criu"]["version_output"]
+
+
+@pytest.fixture(scope="module")
+def prebuilt_cpu_image(prebuilt, build_flags, docker_client):
+    """A CPU image built with --criu-prebuilt (no criu stage); removed afterwards."""
+    if e2e_device() != "cpu":
+        pytest.skip("the CPU image with a prebuilt CRIU is built on CPU CI")
+    tag = "fv-test/prebuilt:cpu"
+    flags = list(build_flags)
+    i = flags.index("--criu-src")
+    del flags[i:i + 2]
+    # a cuda prebuilt serves a cpu image too (the cpu image leaves the plugin and client out)
+    r = fvbuild("image", "--model", "synthetic:tiny", "--tag", tag, "--no-bake", *flags, "--criu-prebuilt", str(prebuilt))
+    assert r.returncode == 0, r.stderr[-4000:]
+    yield tag
+    docker_client.images.remove(tag, force=True)
+
+
+def test_prebuilt_criu_runs_and_checks_in_a_cpu_image(prebuilt_cpu_image, docker_client):
+    r = _run(prebuilt_cpu_image, "criu", "--version")
+    assert r.returncode == 0 and "Patched-by: fast-vllm" in r.stdout, r.stderr
+    r = _run(prebuilt_cpu_image, "fvboot", "check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _run(prebuilt_cpu_image, "sh", "-c", "ldconfig -p | grep -c fast-vllm; echo ${LD_LIBRARY_PATH:-unset}")
+    assert r.stdout.split() == ["0", "unset"], r.stdout  # criu's libraries are private to criu
+    r = _run(prebuilt_cpu_image, "sh", "-c", "test ! -e /usr/lib/criu/cuda_plugin.so && vmtouch /usr/local/sbin/criu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    labels = docker_client.api.inspect_image(prebuilt_cpu_image)["Config"]["Labels"]
+    assert "prebuilt" in labels["org.fast-vllm.criu"]
+
+
+def _broken_prebuilt(prebuilt: Path, dest: Path, drop: str) -> Path:
+    with tarfile.open(prebuilt) as src, tarfile.open(dest, "w:gz") as out:
+        for m in src.getmembers():
+            if m.name != drop:
+                out.addfile(m, src.extractfile(m) if m.isfile() else None)
+    return dest
+
+
+def test_prebuilt_that_does_not_run_in_the_base_is_a_clear_error(prebuilt, tmp_path, docker_client):
+    broken = _broken_prebuilt(prebuilt, tmp_path / "broken.tar.gz", "lib/fast-vllm/libnet.so.1")
+    r = fvbuild("image", "--model", "synthetic:tiny", "--tag", "fv-test/brokencriu:x", "--no-bake",
+                "--device", "cuda", "--base-image", "fv-local/debian:bookworm", "--network", "host",
+                "--criu-prebuilt", str(broken))
+    _one_line_error(r, "the prebuilt CRIU does not run in the base image fv-local/debian:bookworm", "libnet.so.1")
+    assert not docker_client.images.list(name="fv-test/brokencriu")
+
+
+def test_base_without_python_or_vllm_is_a_clear_error(prebuilt, docker_client, tmp_path):
+    # no apt/pip step in a cuda build with a prebuilt CRIU: the plain Debian base reaches fvboot's step
+    r = fvbuild("image", "--model", "synthetic:tiny", "--tag", "fv-test/novllm:x", "--no-bake",
+                "--device", "cuda", "--base-image", "fv-local/debian:bookworm", "--network", "host",
+                "--criu-prebuilt", str(prebuilt))
+    _one_line_error(r, "the base image fv-local/debian:bookworm has no `python3`")
+    ctx = tmp_path / "py"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM fv-local/debian:bookworm\nRUN apt-get update && apt-get install -y "
+                                    "--no-install-recommends python3 && rm -rf /var/lib/apt/lists/*\n")
+    img, _ = docker_client.images.build(path=str(ctx), tag="fv-test/python-no-vllm:x", network_mode="host", rm=True)
+    try:
+        r = fvbuild("image", "--model", "synthetic:tiny", "--tag", "fv-test/novllm:x", "--no-bake",
+                    "--device", "cuda", "--base-image", "fv-test/python-no-vllm:x", "--network", "host",
+                    "--criu-prebuilt", str(prebuilt))
+        _one_line_error(r, "no vLLM in the base image fv-test/python-no-vllm:x", "No module named 'vllm'")
+    finally:
+        docker_client.images.remove("fv-test/python-no-vllm:x", force=True)
+    assert not docker_client.images.list(name="fv-test/novllm")
