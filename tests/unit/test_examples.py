@@ -1,0 +1,125 @@
+"""The operator examples in examples/ against what fvboot needs: the capability set CRIU needs
+(fvbuild.engine's CRIU_CAPS / CRIU_SECURITY_OPT, the one list `docker run` flags, tests and
+benchmarks use), /dev/shm, and a health check that follows the gate (/health: 503 while the
+restored server is not yet checked). They fail if an example drifts from those."""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, need
+from fvbuild.engine import CRIU_CAPS, CRIU_SECURITY_OPT, docker_run_flags
+
+yaml = need("yaml", "PyYAML parses the example compose, Kubernetes and workflow files")
+
+EXAMPLES = REPO / "examples"
+COMPOSE = EXAMPLES / "compose" / "compose.yaml"
+COMPOSE_GPU = EXAMPLES / "compose" / "compose.gpu.yaml"
+
+
+def _load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def _service(path: Path) -> dict:
+    services = _load(path)["services"]
+    assert list(services) == ["vllm"], f"{path.name}: one service, named vllm"
+    return services["vllm"]
+
+
+# --- compose --------------------------------------------------------------------------------
+
+def test_compose_has_exactly_the_documented_capability_set():
+    svc = _service(COMPOSE)
+    assert sorted(svc["cap_add"]) == sorted(CRIU_CAPS)
+    assert sorted(svc["security_opt"]) == sorted(CRIU_SECURITY_OPT)
+    assert str(svc["shm_size"]) == docker_run_flags()[docker_run_flags().index("--shm-size") + 1]
+    assert not svc.get("privileged"), "--privileged is not needed (README, Capabilities)"
+
+
+def test_compose_image_is_a_variable_with_a_default_and_the_baked_port_is_published():
+    svc = _service(COMPOSE)
+    assert svc["image"].startswith("${FV_IMAGE:-") and svc["image"].endswith("}")
+    assert "network_mode" not in svc, "Docker's own networks are the general case"
+    assert [p.split(":")[-1] for p in svc["ports"]] == ["8000"], "the baked port is the container side"
+
+
+def test_compose_health_check_asks_health_without_curl():
+    check = _service(COMPOSE)["healthcheck"]
+    test = check["test"]
+    assert test[0] == "CMD" and test[1] == "python3", "curl may be missing; python3 is in every image"
+    assert "http://127.0.0.1:8000/health" in " ".join(test)
+    assert _seconds(check["start_period"]) >= 300, "a fallback normal start takes minutes"
+    assert _seconds(check["interval"]) <= 5, "a restore takes seconds"
+
+
+def _seconds(s: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return float(s[:-1]) * units[s[-1]]
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 503
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("status,healthy", [(503, False), (200, True)])
+def test_compose_health_check_is_green_only_when_the_gate_is_open(status, healthy):
+    """Run the health check's own command against a server answering /health like the gate:
+    503 while restoring (must fail the check), 200 once open (must pass)."""
+    test = _service(COMPOSE)["healthcheck"]["test"]
+    handler = type("H", (_Health,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        argv = [sys.executable if a == "python3" else a.replace(":8000/", f":{port}/") for a in test[1:]]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+    assert (r.returncode == 0) == healthy, r.stderr[-2000:]
+
+
+def test_compose_keeps_a_volume_for_the_hf_cache():
+    doc = _load(COMPOSE)
+    mounts = [v.split(":") for v in doc["services"]["vllm"]["volumes"]]
+    assert ["hf-cache", "/fv/cache/hf"] in [m[:2] for m in mounts]  # the image's HF_HOME
+    assert "hf-cache" in doc["volumes"]
+
+
+def test_compose_gpu_override_reserves_an_nvidia_gpu_and_keeps_the_rest():
+    svc = _service(COMPOSE_GPU)
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert set(svc) <= {"image", "deploy"}, "the override adds the GPU only; the base keeps the rest"
+
+
+def test_compose_files_are_accepted_by_docker_compose(tmp_path):
+    """docker-compose 1.29 (Debian 12) parses and merges them (Compose v2 takes the same files)."""
+    import shutil
+
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose is not installed")
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_GPU]):
+        argv = ["docker-compose", "--project-directory", str(tmp_path)]
+        for f in files:
+            argv += ["-f", str(f)]
+        r = subprocess.run(argv + ["config"], capture_output=True, text=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin", "FV_IMAGE": "x/y:z"})
+        assert r.returncode == 0, r.stderr
+        svc = yaml.safe_load(r.stdout)["services"]["vllm"]
+        assert svc["image"] == "x/y:z"
+        assert sorted(svc["cap_add"]) == sorted(CRIU_CAPS)
+
