@@ -123,3 +123,89 @@ def test_compose_files_are_accepted_by_docker_compose(tmp_path):
         assert svc["image"] == "x/y:z"
         assert sorted(svc["cap_add"]) == sorted(CRIU_CAPS)
 
+
+# --- Kubernetes -----------------------------------------------------------------------------
+
+K8S = EXAMPLES / "kubernetes" / "deployment.yaml"
+K8S_VERSIONS = ["1.30.0", "1.37.0"]  # appArmorProfile in securityContext: 1.30 and later
+
+
+def _k8s_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all(K8S.read_text()) if d]
+
+
+def _k8s(kind: str) -> dict:
+    found = [d for d in _k8s_docs() if d["kind"] == kind]
+    assert len(found) == 1, f"one {kind} in {K8S.name}"
+    return found[0]
+
+
+def _vllm_container() -> dict:
+    (c,) = _k8s("Deployment")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_validate_against_the_schema(version):
+    kv = need("kubernetes_validate.utils", "validates examples/kubernetes against Kubernetes' schema")
+    docs = _k8s_docs()
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
+    for doc in docs:
+        try:
+            kv.validate(doc, version, strict=True)  # strict: unknown fields are errors too
+        except kv.ValidationError as e:
+            pytest.fail(f"{doc['kind']} is not valid Kubernetes {version}: {e.message} at {list(e.path)}")
+
+
+def test_kubernetes_validation_can_fail():
+    """The validator rejects what the API server would (so the test above means something)."""
+    kv = need("kubernetes_validate.utils", "validates examples/kubernetes against Kubernetes' schema")
+    doc = _k8s("Deployment")
+    doc["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilites"] = {}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_kubernetes_has_exactly_the_documented_capability_set_and_shm():
+    sc = _vllm_container()["securityContext"]
+    assert sorted(sc["capabilities"]["add"]) == sorted(CRIU_CAPS)
+    want = {o.split("=")[0]: o.split("=")[1] for o in CRIU_SECURITY_OPT}
+    assert want == {"seccomp": "unconfined", "apparmor": "unconfined"}, "update the manifest's profiles"
+    assert sc["seccompProfile"] == {"type": "Unconfined"}
+    assert sc["appArmorProfile"] == {"type": "Unconfined"}
+    assert not sc.get("privileged")
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    shm = [m for m in _vllm_container()["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert len(shm) == 1
+    (vol,) = [v for v in pod["volumes"] if v["name"] == shm[0]["name"]]
+    shm_size = docker_run_flags()[docker_run_flags().index("--shm-size") + 1]
+    assert vol["emptyDir"] == {"medium": "Memory", "sizeLimit": shm_size.upper() + "i"}
+
+
+def test_kubernetes_requests_a_gpu_on_the_baked_gpu_model_and_driver():
+    c = _vllm_container()
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    terms = _k8s("Deployment")["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    for term in terms:  # every alternative pins the GPU model and the full driver version
+        keys = {e["key"] for e in term["matchExpressions"]}
+        assert {"nvidia.com/gpu.product", "nvidia.com/cuda.driver.major", "nvidia.com/cuda.driver.minor",
+                "nvidia.com/cuda.driver.rev"} <= keys
+    assert "fvbuild inspect" in K8S.read_text()
+
+
+def test_kubernetes_probes_ask_health_and_fit_restore_times():
+    c = _vllm_container()
+    port_names = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert port_names == {"http": 8000}
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[kind]["httpGet"] == {"path": "/health", "port": "http"}, kind
+    start, ready, live = c["startupProbe"], c["readinessProbe"], c["livenessProbe"]
+    assert start["periodSeconds"] <= 2, "a restore takes seconds"
+    assert start["periodSeconds"] * start["failureThreshold"] >= 300, "a fallback normal start takes minutes"
+    assert ready["periodSeconds"] <= 10
+    assert live["periodSeconds"] * live["failureThreshold"] >= 60, "liveness: conservative"
+    svc = _k8s("Service")
+    assert svc["spec"]["selector"] == _k8s("Deployment")["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+
