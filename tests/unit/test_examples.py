@@ -209,3 +209,49 @@ def test_kubernetes_probes_ask_health_and_fit_restore_times():
     assert svc["spec"]["selector"] == _k8s("Deployment")["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
 
+
+# --- GitHub Actions -------------------------------------------------------------------------
+
+WORKFLOW = EXAMPLES / "github-actions" / "gpu-ci.yml"
+
+
+def _workflow() -> dict:
+    return _load(WORKFLOW)
+
+
+def _job() -> dict:
+    (job,) = _workflow()["jobs"].values()
+    return job
+
+
+def test_workflow_runs_on_a_self_hosted_gpu_runner_on_prs_and_by_hand():
+    doc = _workflow()
+    on = doc.get("on", doc.get(True))  # YAML 1.1 reads a bare `on` key as true
+    assert set(on) == {"pull_request", "workflow_dispatch"}
+    assert _job()["runs-on"] == ["self-hosted", "linux", "gpu"]
+    assert "head.repo.full_name == github.repository" in _job()["if"], "no fork PRs on a self-hosted runner"
+
+
+def test_workflow_runs_the_repos_gpu_script_which_exists_and_is_executable():
+    runs = [s["run"] for s in _job()["steps"] if "run" in s]
+    commands = [line.strip() for r in runs for line in r.splitlines()]
+    assert ".ci/gpu-run all" in commands
+    script = REPO / ".ci" / "gpu-run"
+    assert script.is_file() and script.stat().st_mode & 0o111, f"{script} must exist and be executable"
+    assert any("pip" in c and "install" in c and "'.[test]'" in c for c in commands), "installs the package"
+    for r in runs:  # every step's shell script at least parses
+        check = subprocess.run(["bash", "-n"], input=r, capture_output=True, text=True)
+        assert check.returncode == 0, f"{r}\n{check.stderr}"
+
+
+def test_workflow_uploads_the_junit_xml_and_logs_the_script_writes_to_out():
+    steps = _job()["steps"]
+    assert steps[0]["uses"].startswith("actions/checkout@")
+    (upload,) = [s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@")]
+    assert upload["if"] == "always()", "failed runs need their logs most"
+    paths = upload["with"]["path"].splitlines()
+    assert "${{ env.OUT }}/*.xml" in paths and "${{ env.OUT }}/*.log" in paths
+    sets_out = [s for s in steps if "OUT=" in s.get("run", "") and "GITHUB_ENV" in s.get("run", "")]
+    assert sets_out and steps.index(sets_out[0]) < steps.index(upload)
+    script = (REPO / ".ci" / "gpu-run").read_text()
+    assert "OUT=${OUT:-" in script and "--junitxml" in script, ".ci/gpu-run: JUnit XML and logs end up in $OUT"
