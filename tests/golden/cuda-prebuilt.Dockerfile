@@ -31,7 +31,7 @@ RUN set -eu; \
     echo /opt/fast-vllm/lib > "$site/fast-vllm.pth"; \
     printf '#!/bin/sh\nexec %s -m fvboot "$@"\n' "$py" > /usr/local/bin/fvboot; \
     mkdir -p /usr/local/libexec; \
-    printf '#!/bin/sh\n[ -z "${FV_CRIU_WRAPPED:-}" ] || export LD_LIBRARY_PATH="$FV_CRIU_SAVED_LD_LIBRARY_PATH"\nPYTHONPATH=/opt/fast-vllm/lib exec %s -S -m fvboot.cuda_checkpoint "$@"\n' "$py" > /usr/local/libexec/fv-cuda-checkpoint; \
+    printf '#!/bin/sh\n[ -z "${FV_CRIU_WRAPPED:-}" ] || if [ -n "$FV_CRIU_SAVED_LD_LIBRARY_PATH" ]; then export LD_LIBRARY_PATH="$FV_CRIU_SAVED_LD_LIBRARY_PATH"; else unset LD_LIBRARY_PATH; fi\nPYTHONPATH=/opt/fast-vllm/lib exec %s -S -m fvboot.cuda_checkpoint "$@"\n' "$py" > /usr/local/libexec/fv-cuda-checkpoint; \
     chmod 0755 /usr/local/libexec/fv-cuda-checkpoint; \
     cuda-checkpoint --help | grep -q -- --action; \
     chmod 0755 /usr/local/bin/fvboot; \
