@@ -45,6 +45,19 @@ _HARMLESS = ("RLIMIT_NOFILE", "Unable to create tun", "Warn")
 _CAUSE_FIRST = re.compile(r"CAP_|capabilit|Permission denied|Operation not permitted", re.IGNORECASE)
 
 
+_CAP_NAMES = {2: "DAC_READ_SEARCH", 12: "NET_ADMIN", 19: "SYS_PTRACE", 21: "SYS_ADMIN", 25: "SYS_TIME",
+              40: "CHECKPOINT_RESTORE (SYS_ADMIN covers it)"}
+
+
+def _name_capability(line: str) -> str:
+    """CRIU names a missing capability by number; say which, and what to do."""
+    m = re.search(r"capability (\d+) missing", line)
+    if not m:
+        return line
+    name = _CAP_NAMES.get(int(m.group(1)), "unknown")
+    return f"{line} (CAP_{name}: run the container with the capabilities the README lists)"
+
+
 def last_error(log: Path, stderr: str = "") -> str:
     """The most telling error line of a CRIU run: a missing capability or permission first,
     then CRIU's last `Error` line, then any other failure line, from its log and its stderr
@@ -58,7 +71,7 @@ def last_error(log: Path, stderr: str = "") -> str:
     lines = [l for l in lines if l and not any(h in l for h in _HARMLESS)]
     causes = [l for l in lines if _CAUSE_FIRST.search(l)]
     if causes:
-        return causes[0]
+        return _name_capability(causes[0])
     for pick in (lambda l: "Error" in l, lambda l: "error" in l or "Can't" in l or "fail" in l):
         hits = [l for l in lines if pick(l)]
         if hits:

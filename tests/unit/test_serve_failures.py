@@ -207,3 +207,11 @@ def test_restored_tree_terminate_is_bounded(monkeypatch):
     t = time.monotonic()
     tree.terminate(timeout=0.3)
     assert time.monotonic() - t < 3
+
+
+def test_a_missing_capability_is_named(tmp_path):
+    """What CRIU 4.2 logs in a container started without the documented capabilities."""
+    log = tmp_path / "criu-restore.log"
+    log.write_text("(00.000012) Version: 4.2.1\n(00.000300) Error (criu/cr-check.c:1): Effective capability 40 missing\n")
+    assert criu.last_error(log) == ("Error (criu/cr-check.c:1): Effective capability 40 missing (CAP_CHECKPOINT_RESTORE "
+                                    "(SYS_ADMIN covers it): run the container with the capabilities the README lists)")

@@ -1,0 +1,133 @@
+"""Security and stop behaviour of a restored container, for real (vLLM, CRIU, Docker): every route
+the restored server registers beyond the public API is closed to clients, whatever the path's
+spelling; the admin token is per container and in no layer; docker stop ends a start at once.
+The route list comes from the server itself (its /openapi.json), not from our allowlist."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import time
+
+import pytest
+
+from fvboot.layout import ADMIN_HEADER
+from fvboot.middleware import is_public
+from test_restore import (PORT, Container, _assert_same_as_bake, _logs, _wait_ready,  # noqa: F401
+                          docker_compose_command, docker_compose_file, docker_setup, manifest, port_free)
+
+pytestmark = [pytest.mark.docker, pytest.mark.e2e]
+RUNTIME_FILE = "/tmp/fvboot/runtime.json"
+
+
+def _request(method: str, path: str, headers: dict | None = None, body: bytes = b"{}") -> int:
+    """Sent as written: no client-side normalisation of `//`, `.` or `..`."""
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in {"content-type": "application/json", "content-length": str(len(body)), **(headers or {})}.items():
+            conn.putheader(k, v)
+        conn.endheaders(body)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _token(container: str) -> str:
+    out = subprocess.run(["docker", "exec", container, "cat", RUNTIME_FILE], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out)["admin_token"]
+
+
+def test_only_the_public_api_answers_clients(baked_image, manifest, port_free):
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        token = _token(c.id)
+        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+        conn.request("GET", "/openapi.json", headers={ADMIN_HEADER.decode(): token})
+        spec = json.loads(conn.getresponse().read())
+        conn.close()
+        routes = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+        closed = sorted((m, p.replace("{", "x").replace("}", "")) for m, p in routes if not is_public(p))
+        names = {p for _, p in closed}
+        assert {"/weight_checker", "/abort_requests", "/collective_rpc", "/sleep"} <= names, names
+        refused = {(m, p): _request(m, p) for m, p in closed}
+        assert all(code in (403, 404) for code in refused.values()), refused
+        for path in ("//sleep", "/sleep/", "/v1/../sleep", "/./collective_rpc", "/v1/%2e%2e/weight_checker",
+                     "/%2Fabort_requests", "/v1/completions/../../weight_checker", "//weight_checker/"):
+            assert _request("POST", path) in (403, 404), path
+        assert _request("GET", "/is_sleeping", {ADMIN_HEADER.decode(): token}) == 200
+        assert _request("GET", "/is_sleeping", {ADMIN_HEADER.decode(): "0" * 64}) == 403
+        _assert_same_as_bake(manifest)  # none of the above changed the server
+
+
+def test_admin_token_is_per_container_and_in_no_layer(baked_image, port_free):
+    tokens = []
+    for _ in range(2):
+        with Container(baked_image) as c:
+            _wait_ready(container=c.id)
+            tokens.append(_token(c.id))
+            mode = subprocess.run(["docker", "exec", c.id, "stat", "-c", "%a %U", RUNTIME_FILE],
+                                  capture_output=True, text=True, check=True).stdout.split()
+            assert mode == ["600", "root"]
+            hits = subprocess.run(["docker", "exec", c.id, "grep", "-rlF", tokens[-1], "/fv"],
+                                  capture_output=True, text=True)
+            assert hits.returncode == 1 and hits.stdout == "", hits.stdout  # 1: nothing found
+            inspect = subprocess.run(["docker", "inspect", c.id, baked_image], capture_output=True, text=True).stdout
+            assert tokens[-1] not in inspect
+    assert tokens[0] != tokens[1] and all(len(t) == 64 for t in tokens)
+    shipped = subprocess.run(["docker", "run", "--rm", "--entrypoint", "sh", baked_image, "-c",
+                              "ls -A /fv/checkpoint; ls -A /tmp/fvboot 2>/dev/null; env"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "admin-token" not in shipped and "runtime.json" not in shipped and "FV_ADMIN_TOKEN" not in shipped
+
+
+def _stop(container: str) -> tuple[float, int]:
+    t = time.monotonic()
+    subprocess.run(["docker", "stop", "-t", "10", container], capture_output=True, check=True)
+    took = time.monotonic() - t
+    code = int(subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", container],
+                              capture_output=True, text=True).stdout.strip())
+    return took, code
+
+
+def test_docker_stop_during_a_restore_ends_it_at_once(baked_image, port_free):
+    with Container(baked_image) as c:
+        time.sleep(0.4)  # fvboot is up (its handlers are set first), the restore under way
+        took, code = _stop(c.id)
+        logs = c.logs()
+    assert code in (0, 143), logs[-3000:]
+    assert took < 8, logs[-3000:]
+
+
+def test_docker_stop_during_a_normal_start_on_another_port(baked_image, port_free):
+    """`docker run IMAGE --port 9000`: arguments differ, so a normal start, which waits on 9000
+    (not the baked 8000); docker stop meanwhile ends it at once, not at Docker's SIGKILL."""
+    with Container(baked_image, entry=["fvboot", "--port", "9000"]) as c:
+        deadline = time.monotonic() + 120
+        while "waiting up to" not in c.logs() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "for it on port 9000" in c.logs(), c.logs()[-3000:]
+        time.sleep(2)  # vLLM is starting
+        took, code = _stop(c.id)
+        logs = c.logs()
+    assert "stopped by signal 15 before the server was serving" in logs, logs[-3000:]
+    assert code == 143 and took < 9, (code, took, logs[-3000:])
+
+
+def test_without_capabilities_the_reason_names_the_missing_one(baked_image, port_free):
+    """No --cap-add: CRIU refuses, the line says which capability, and docker stop during the
+    normal start that follows ends it at once."""
+    cid = subprocess.run(["docker", "run", "-d", "--network", "host", "--shm-size", "1g", baked_image],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        deadline = time.monotonic() + 60
+        while "checkpoint not used" not in _logs(cid) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        line = next(l for l in _logs(cid).splitlines() if "checkpoint not used" in l)
+        assert "capability" in line and "CAP_" in line and "no log" not in line, line
+        took, code = _stop(cid)
+        assert code == 143 and took < 9, (code, took)
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
