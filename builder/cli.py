@@ -133,6 +133,7 @@ def image(bake: Optional[bool], **values: Any) -> None:
         engine.ensure_image(opts.resolved_base_image)
         plan = gpu_plan(engine, opts) if opts.bake else None  # no GPU: say so before building
         tag = opts.resolved_tag
+        replaced = engine.image_id(tag)
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="fvbuild-ctx-") as tmp:
             bc = assemble(opts, Path(tmp) / "ctx")
@@ -146,11 +147,15 @@ def image(bake: Optional[bool], **values: Any) -> None:
             try:
                 phases.update(bake_image(engine, opts, result.image_id, tag, _bake_line, plan))
             except BaseException:
-                engine.remove_image(result.image_id, prune=False, force=False)  # nothing of a failed bake stays
+                engine.remove_if_untagged(result.image_id, prune=False)  # nothing of a failed bake stays
                 raise
         else:
             engine.tag(result.image_id, tag)
         info = engine.inspect(tag)
+        if replaced and replaced != info["Id"]:
+            # The image that had this tag before would stay as an untagged <none> of full size
+            # (a re-bake on a small disk runs out of space): removed unless still tagged or used.
+            engine.remove_if_untagged(replaced, prune=True)
     except FvBuildError as e:
         _fail(e)
     # The name on its own line: a table title would wrap it at the console's width.

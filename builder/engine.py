@@ -88,6 +88,23 @@ class DockerEngine:
         except ImageNotFound:
             raise BaseImageMissingError(f"image {name} does not exist") from None
 
+    def image_id(self, ref: str) -> Optional[str]:
+        """The ID REF names now, or None."""
+        try:
+            return self.client.api.inspect_image(ref)["Id"]
+        except ImageNotFound:
+            return None
+
+    def remove_if_untagged(self, image_id: str, prune: bool) -> None:
+        """Remove IMAGE_ID only if no tag names it (`docker rmi ID` would untag a single tag and
+        delete the image) and nothing uses it; its build cache stays unless PRUNE."""
+        try:
+            if self.client.api.inspect_image(image_id).get("RepoTags"):
+                return
+        except ImageNotFound:
+            return
+        self.remove_image(image_id, prune=prune, force=False)
+
     def tag(self, image_id: str, ref: str) -> None:
         repo, _, tag = ref.rpartition(":")
         self.client.api.tag(image_id, repo, tag)

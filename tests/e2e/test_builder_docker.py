@@ -242,3 +242,26 @@ def test_base_without_python_or_vllm_is_a_clear_error(prebuilt, docker_client, t
     finally:
         docker_client.images.remove("fv-test/python-no-vllm:x", force=True)
     assert not docker_client.images.list(name="fv-test/novllm")
+
+
+def test_a_rebuild_removes_the_image_it_untagged_but_never_a_tagged_one(build_flags, docker_client, tmp_path):
+    """Re-using a tag leaves no full-size <none> image behind, and never deletes an image that
+    another tag still names (docker rmi ID of a once-tagged image would)."""
+    tag = "fv-test/replace:x"
+    base = docker_client.images.get("fv-local/debian:bookworm")
+    base.tag("fv-test/replace", "x")  # the tag first names an image that is tagged elsewhere too
+    r = fvbuild("image", "--model", "synthetic:tiny", "--tag", tag, "--no-bake", *build_flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert docker_client.images.get("fv-local/debian:bookworm").id == base.id
+    built = docker_client.images.get(tag).id
+    (tmp_path / "Dockerfile").write_text("FROM fv-local/debian:bookworm\nLABEL fv-test=throwaway\n")
+    old, _ = docker_client.images.build(path=str(tmp_path), rm=True)
+    old.tag("fv-test/replace", "x")  # now the tag names an image nothing else names
+    try:
+        r = fvbuild("image", "--model", "synthetic:tiny", "--tag", tag, "--no-bake", *build_flags)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert docker_client.images.get(tag).id == built
+        with pytest.raises(Exception):
+            docker_client.images.get(old.id)
+    finally:
+        docker_client.images.remove(tag, force=True)
