@@ -3,6 +3,7 @@ messages and exit codes; everything below raises typed FvBuildError."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -121,11 +122,9 @@ def render(context_dir: Optional[Path], **values: Any) -> None:
 @click.option("--bake/--no-bake", default=None, help="bake the checkpoint after the build (default: bake)")
 def image(bake: Optional[bool], **values: Any) -> None:
     """Build the image and bake a checkpoint of the warmed server into it."""
-    from .bake import bake_image
+    from .bake import bake_image, gpu_plan
     from .buildcontext import assemble
     from .engine import DockerEngine
-
-    from .bake import gpu_plan
 
     try:
         opts = _load(values, bake=bake)
@@ -147,7 +146,8 @@ def image(bake: Optional[bool], **values: Any) -> None:
             try:
                 phases.update(bake_image(engine, opts, result.image_id, tag, _bake_line, plan))
             except BaseException:
-                engine.remove_if_untagged(result.image_id, prune=False)  # nothing of a failed bake stays
+                with contextlib.suppress(Exception):  # the bake's own error is the one to report
+                    engine.remove_if_untagged(result.image_id, prune=False)  # nothing of a failed bake stays
                 raise
         else:
             engine.tag(result.image_id, tag)
