@@ -27,26 +27,10 @@ import time
 import requests
 
 from fvbuild.engine import docker_run_flags
+from fvbuild.gpu import gpu_run_flags
 
 CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
 EXTRA_PROMPTS = ("A list of colours: red,", "def fibonacci(n):", "The moon is")
-NVIDIA_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
-
-
-def gpu_flags(access: str, driver_dir: str) -> list[str]:
-    """`docker run` flags that give a container the GPU: the NVIDIA runtime, or the device
-    nodes and the driver's folder (hosts without NVIDIA's container toolkit)."""
-    if access == "none":
-        return []
-    if access == "toolkit":
-        return ["--gpus", "all"]
-    import glob
-
-    nodes = sorted(glob.glob("/dev/nvidia[0-9]*")) + [d for d in NVIDIA_DEVICES]
-    return [f for d in nodes for f in ("--device", d)] + [
-        "-v", f"{driver_dir}:{driver_dir}:ro", "-e", f"LD_LIBRARY_PATH={driver_dir}/lib64"]
-
-
 def manifest(image: str) -> dict:
     out = subprocess.run(["docker", "run", "--rm", "--entrypoint", "cat", image, "/fv/manifest.json"],
                          capture_output=True, text=True, check=True).stdout
@@ -108,7 +92,7 @@ def main() -> None:
     ap.add_argument("--no-normal", "--no-cold-start", dest="normal", action="store_false",
                     help="skip the normal-start measurement")
     ap.add_argument("--nocache", action="store_true", help="also a normal start with empty compile caches")
-    ap.add_argument("--gpu-access", choices=["none", "toolkit", "devices"], default="none")
+    ap.add_argument("--gpu-access", choices=["none", "auto", "toolkit", "devices"], default="none")
     ap.add_argument("--nvidia-driver-dir", default="/usr/local/nvidia")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -116,7 +100,7 @@ def main() -> None:
     a = ap.parse_args()
     m = manifest(a.image)
     port = m["vllm"]["port"]
-    gpu = gpu_flags(a.gpu_access, a.nvidia_driver_dir)
+    gpu = gpu_run_flags(a.gpu_access, a.nvidia_driver_dir) if a.gpu_access != "none" else []
     env = [x for kv in a.env for x in ("-e", kv)]
     res: dict = {"image": a.image, "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
                  "cpu": platform.processor() or platform.machine(), "device": m["device"],

@@ -21,7 +21,6 @@ from .options import GpuAccess
 
 CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 DEFAULT_DRIVER_DIR = Path("/usr/local/nvidia")
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,8 @@ def environment(p: GpuPlan, image_env: Iterable[str] = ()) -> dict[str, str]:
     env = dict(e.split("=", 1) for e in image_env if "=" in e)
     ldp = ":".join([*p.lib_dirs, *([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else [])])
     out = {"LD_LIBRARY_PATH": ldp}
-    if p.bin_dir:
-        out["PATH"] = f"{p.bin_dir}:{env.get('PATH') or DEFAULT_PATH}"
+    if p.bin_dir and env.get("PATH"):  # unknown image PATH: leave it alone (a default would drop its venv)
+        out["PATH"] = f"{p.bin_dir}:{env['PATH']}"
     return out
 
 

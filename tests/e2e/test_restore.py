@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,19 @@ pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 PORT = 8000
 URL = f"http://127.0.0.1:{PORT}"
 CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
-GPU = ["--gpus", "all"] if e2e_device() == "cuda" else []
+
+
+def gpu_flags() -> list[str]:
+    """`docker run` flags for the GPU, as the builder gives them (FV_GPU_ACCESS: auto, toolkit or
+    devices; FV_NVIDIA_DRIVER_DIR for devices); none on CPU."""
+    if e2e_device() != "cuda":
+        return []
+    from fvbuild.gpu import gpu_run_flags
+
+    return gpu_run_flags(os.environ.get("FV_GPU_ACCESS", "auto"), os.environ.get("FV_NVIDIA_DRIVER_DIR"))
+
+
+PROBE_LOGPROB_TOL = 1e-3  # as fvboot's own check: a normal start's kernels may differ in the 4th decimal
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +61,18 @@ def _answers(manifest: dict) -> list[dict]:
     return [_complete(p["prompt"], len(p["logprobs"]) or 12, name) for p in manifest["probe"]]
 
 
-def _assert_same_as_bake(manifest: dict) -> None:
+def _assert_same_as_bake(manifest: dict, exact: bool = True) -> None:
+    """Greedy text identical; logprobs identical to 4 decimals for a restored server (EXACT), within
+    fvboot's probe tolerance for a normal start (on a GPU, a fresh start's kernels may round the
+    4th decimal the other way)."""
     for got, baked in zip(_answers(manifest), manifest["probe"]):
         assert got["text"] == baked["text"]
-        assert [round(x, 4) for x in got["logprobs"]] == baked["logprobs"]
+        now = [round(x, 4) for x in got["logprobs"]]
+        if exact:
+            assert now == baked["logprobs"]
+        else:
+            assert len(now) == len(baked["logprobs"])
+            assert all(abs(a - b) <= PROBE_LOGPROB_TOL for a, b in zip(now, baked["logprobs"])), (now, baked)
 
 
 def _wait_ready(timeout: float = 900, container: str | None = None) -> None:
@@ -83,7 +102,8 @@ def _compose_command() -> str:
 def _compose(project: str, *args: str) -> str:
     """Run docker-compose on the test's compose file and project; returns its stdout."""
     env = {**os.environ, "FV_E2E_IMAGE": os.environ.get("FV_E2E_IMAGE", "unused")}
-    return subprocess.run([_compose_command(), "-f", str(COMPOSE_FILE), "-p", project, *args],
+    files = [str(COMPOSE_FILE)] + ([os.environ["FV_COMPOSE_GPU_FILE"]] if os.environ.get("FV_COMPOSE_GPU_FILE") else [])
+    return subprocess.run([_compose_command(), *(a for f in files for a in ("-f", f)), "-p", project, *args],
                           capture_output=True, text=True, env=env).stdout
 
 
@@ -100,7 +120,7 @@ class Container:
     """`docker run -d` of the baked image with the documented flags; removed on exit."""
 
     def __init__(self, image: str, *pre: str, entry: list[str] | None = None) -> None:
-        cmd = ["docker", "run", "-d", *CAPS, *GPU, *pre]
+        cmd = ["docker", "run", "-d", *CAPS, *gpu_flags(), *pre]
         if entry:
             cmd += ["--entrypoint", entry[0], image, *entry[1:]]
         else:
@@ -135,8 +155,31 @@ def _ready() -> bool:
 
 
 @pytest.fixture(scope="session")
-def docker_compose_file():
-    return str(COMPOSE_FILE)
+def docker_compose_file(tmp_path_factory):
+    """The compose file, plus on a GPU an override giving the service the GPU the way
+    gpu_flags() does (NVIDIA's runtime, or device nodes and the driver's folder)."""
+    flags = gpu_flags()
+    if not flags:
+        return str(COMPOSE_FILE)
+    override = tmp_path_factory.mktemp("compose") / "gpu.yml"
+    override.write_text(_compose_gpu_override(flags))
+    os.environ["FV_COMPOSE_GPU_FILE"] = str(override)
+    return [str(COMPOSE_FILE), str(override)]
+
+
+def _compose_gpu_override(flags: list[str]) -> str:
+    if flags == ["--gpus", "all"]:
+        return ("services:\n  fvllm:\n    deploy:\n      resources:\n        reservations:\n"
+                "          devices:\n            - driver: nvidia\n              count: all\n"
+                "              capabilities: [gpu]\n")
+    pairs = list(zip(flags[::2], flags[1::2]))
+    lines = ["services:", "  fvllm:"]
+    for key, section in (("--device", "devices"), ("-v", "volumes"), ("-e", "environment")):
+        values = [v for k, v in pairs if k == key]
+        if values:
+            lines.append(f"    {section}:")
+            lines += [f"      - {json.dumps(v)}" for v in values]
+    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="session")
@@ -243,7 +286,7 @@ def test_requests_sent_during_restore_are_all_answered_correctly(baked_image, ma
 def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> None:
     with Container(baked_image, entry=["sh", "-c", shell + " && exec fvboot"]) as c:
         _wait_ready(container=c.id)
-        _assert_same_as_bake(manifest)
+        _assert_same_as_bake(manifest, exact=e2e_device() == "cpu")
         logs = c.logs()
     line = next(l for l in logs.splitlines() if "checkpoint not used" in l)
     assert reason in line, line
@@ -267,27 +310,22 @@ def test_missing_weight_dump_falls_back(baked_image, manifest, port_free):
     _fallback(baked_image, manifest, "rm -f /fv/weights/rank0.fvw", "weights/rank0.fvw is missing")
 
 
-def test_canary_token_is_nowhere_in_the_image(baked_image, tmp_path):
-    """HF_TOKEN was set while building and baking: no layer, config or checkpoint page holds it."""
-    tar = tmp_path / "image.tar"
-    subprocess.run(["docker", "save", "-o", str(tar), baked_image], check=True)
+def test_canary_token_is_nowhere_in_the_image(baked_image):
+    """HF_TOKEN was set while building and baking: no layer, config or checkpoint page holds it.
+    `docker save` writes uncompressed layer tars, so the canary would appear in its byte stream;
+    the stream is scanned as it comes (a GPU image is ~30 GB: no room for a copy)."""
     needle = CANARY.encode()
-    found = []
-    with tarfile.open(tar) as outer:
-        for m in outer.getmembers():
-            if not m.isfile():
-                continue
-            data = outer.extractfile(m).read()
-            if needle in data:
-                found.append(m.name)
-            if m.name.endswith("layer.tar"):
-                import io
-
-                with tarfile.open(fileobj=io.BytesIO(data)) as layer:
-                    for lm in layer.getmembers():
-                        if lm.isfile() and needle in layer.extractfile(lm).read():
-                            found.append(f"{m.name}:{lm.name}")
-    assert not found, found
+    proc = subprocess.Popen(["docker", "save", baked_image], stdout=subprocess.PIPE)
+    found, tail, scanned = [], b"", 0
+    while True:
+        chunk = proc.stdout.read(8 << 20)
+        if not chunk:
+            break
+        if needle in tail + chunk:
+            found.append(scanned)
+        tail, scanned = chunk[-len(needle):], scanned + len(chunk)
+    assert proc.wait() == 0 and scanned > 100 << 20, "docker save failed or was cut short"
+    assert not found, f"canary at stream offsets near {found}"
     cfg = subprocess.run(["docker", "inspect", baked_image], capture_output=True, text=True).stdout
     assert CANARY not in cfg
 

@@ -10,6 +10,7 @@ These tests skip here (no GPU, no Docker GPU runtime) with that reason.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -21,9 +22,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.docker]
 def _gpu_reason() -> str | None:
     if shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode:
         return "no NVIDIA GPU on this machine"
-    info = subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"], capture_output=True, text=True)
-    if info.returncode or "nvidia" not in info.stdout:
-        return "Docker has no NVIDIA runtime (install nvidia-container-toolkit)"
+    from fvbuild.errors import FvBuildError
+    from fvbuild.gpu import gpu_run_flags
+
+    try:  # NVIDIA's runtime, or device nodes + the driver's folder (FV_GPU_ACCESS=devices)
+        gpu_run_flags(os.environ.get("FV_GPU_ACCESS", "auto"), os.environ.get("FV_NVIDIA_DRIVER_DIR"))
+    except FvBuildError as e:
+        return f"Docker cannot give a container this GPU: {e}"
     return None
 
 
@@ -52,11 +57,36 @@ def test_restore_on_gpu_gives_baked_answers_and_timeline(baked_image):
     assert "weights loaded" in logs and "engine awake" in logs
 
 
-def test_manifest_from_another_gpu_falls_back(baked_image):
+@pytest.mark.parametrize("field, value, reason", [
+    ("name", "NVIDIA Imaginary 1", "this machine has"),
+    ("driver", "1.0.0", "baked with driver 1.0.0"),
+])
+def test_manifest_from_another_gpu_or_driver_falls_back(baked_image, field, value, reason):
+    """An image baked on another GPU model or driver starts normally, says why, answers right."""
     from e2e.test_restore import _fallback
 
     m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
                                   check=True).stdout)
+    target = "m['device']['gpus'][0]['name']" if field == "name" else "m['device']['driver']"
+    edit = (f"python3 -c \"import json;p='/fv/manifest.json';m=json.load(open(p));"
+            f"{target}='{value}';json.dump(m,open(p,'w'))\"")
+    _fallback(baked_image, m, edit, reason)
+
+
+def test_baked_gpu_uuid_differs_restore_maps_it(baked_image):
+    """As far as one GPU allows: the baked GPU's UUID is not this GPU's (as on any other node),
+    so fvboot passes the baked->local UUID map to cuda-checkpoint through CRIU's cuda plugin, and
+    the restore still answers as baked. (Onto a really different GPU needs a second GPU.)"""
+    from e2e.test_restore import Container, _assert_same_as_bake, _wait_ready
+
+    m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
+                                  check=True).stdout)
     edit = ("python3 -c \"import json;p='/fv/manifest.json';m=json.load(open(p));"
-            "m['device']['gpus'][0]['name']='NVIDIA Imaginary 1';json.dump(m,open(p,'w'))\"")
-    _fallback(baked_image, m, edit, "this machine has")
+            "m['device']['gpus'][0]['uuid']='GPU-00000000-0000-0000-0000-000000000000';"
+            "json.dump(m,open(p,'w'))\" && exec fvboot")
+    with Container(baked_image, entry=["sh", "-c", edit]) as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(m)
+        logs = c.logs()
+    assert "restoring onto other GPUs of the same model: GPU-00000000-0000-0000-0000-000000000000=" in logs
+    assert "restored from checkpoint" in logs, logs[-3000:]
