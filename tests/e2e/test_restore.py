@@ -336,15 +336,11 @@ def test_normal_start_on_request_keeps_the_baked_arguments(baked_image, manifest
     _fallback(baked_image, manifest, "export FV_RESTORE=0", "FV_RESTORE=0 asks for a normal start")
 
 
-FLIP_EMBEDDING_BYTE = """python3 - <<'PY'
-from fvboot import weightfile as wf
-p = '/fv/weights/rank0.fvw'
-e = next(e for k, e in wf.read_index(p).entries.items() if 'embed_tokens' in k)
-with open(p, 'r+b') as f:  # the embedding's last row: a token no probe prompt produces
-    f.seek(e.offset + e.nbytes - 2); b = f.read(1); f.seek(e.offset + e.nbytes - 2)
-    f.write(bytes([b[0] ^ 0x10]))
-print('flipped a byte of', e.key)
-PY"""
+FLIP_EMBEDDING_BYTE = (  # the embedding's last row: a token no probe prompt produces
+    "python3 -c \"from fvboot import weightfile as wf; p='/fv/weights/rank0.fvw'; "
+    "e=next(e for k, e in wf.read_index(p).entries.items() if 'embed_tokens' in k); "
+    "f=open(p, 'r+b'); f.seek(e.offset + e.nbytes - 2); b=f.read(1); f.seek(e.offset + e.nbytes - 2); "
+    "f.write(bytes([b[0] ^ 0x10])); f.close()\"")
 
 
 def test_one_damaged_weight_byte_the_probe_cannot_see_falls_back(baked_image, manifest, port_free):
