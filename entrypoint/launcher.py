@@ -49,7 +49,9 @@ def tree_processes(root: int) -> list[dict]:
 
 
 def vllm_command(model_dir: str, served_name: str, port: int, user_args: list[str], sleep_mode: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+    """`vllm serve MODEL ...` (vLLM's current entry point; `-m` so that it runs under this very
+    Python whatever the image's PATH says), with fvboot's worker extension and gate middleware."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
            "--served-model-name", served_name, "--host", "0.0.0.0", "--port", str(port),
            "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE]
     if sleep_mode:
