@@ -255,8 +255,10 @@ def test_criu_reads_memory_into_huge_pages_when_asked(baked_image, manifest, por
 
 
 def test_requests_sent_during_restore_are_all_answered_correctly(baked_image, manifest, port_free):
+    """64 clients start asking while the container restores: every one gets the baked answer."""
     name = manifest["model"]["served_name"]
-    prompts = [p["prompt"] for p in manifest["probe"]] * 3
+    prompts = [p["prompt"] for p in manifest["probe"]] * 22
+    prompts = prompts[:64]
     results, errors = [None] * len(prompts), []
 
     def client(i):
@@ -281,6 +283,25 @@ def test_requests_sent_during_restore_are_all_answered_correctly(baked_image, ma
     baked = {p["prompt"]: p["text"] for p in manifest["probe"]}
     for prompt, got in zip(prompts, results):
         assert got is not None and got["text"] == baked[prompt]
+
+
+def _host_leftovers() -> dict:
+    """What restores could leave on the host: containers, volumes, dangling images."""
+    def count(*cmd: str) -> int:
+        out = subprocess.run(["docker", *cmd, "-q"], capture_output=True, text=True, check=True).stdout
+        return len(out.split())
+    return {"containers": count("ps", "-a"), "volumes": count("volume", "ls"),
+            "dangling images": count("images", "-f", "dangling=true")}
+
+
+def test_twenty_restores_in_a_row_answer_the_same_and_leave_nothing(baked_image, manifest, port_free):
+    before = _host_leftovers()
+    for i in range(20):
+        with Container(baked_image) as c:
+            _wait_ready(container=c.id, timeout=300)
+            _assert_same_as_bake(manifest)
+            assert "restored from checkpoint" in c.logs(), f"restore {i + 1}"
+    assert _host_leftovers() == before
 
 
 def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> None:
