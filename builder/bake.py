@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from docker.errors import APIError, DockerException
 from requests.exceptions import ConnectionError as RequestsConnectionError
@@ -87,20 +87,13 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
         raw = _file_from_archive(container, "/fv/manifest.json")
         if raw is None:
             raise BakeError("the bake wrote no /fv/manifest.json")
-        manifest = json.loads(raw)
+        labels = baked_labels(_parse_manifest(raw, "the bake's /fv/manifest.json"))
         container.commit(repository=bake_ref.split(":")[0], tag=bake_ref.split(":")[1])
         # The container's writable layer is a full copy of the bake's output (for a 3B model
         # ~17 GB: model, weight dump, checkpoint): free it before the layers are copied once
         # more, so the disk holds two copies at most, not three (GPU hosts' disks are small).
         container.remove(force=True)
         container = None
-        labels = (
-            ("org.fast-vllm.baked", "true"),
-            ("org.fast-vllm.baked-at", manifest.get("baked_at", "")),
-            ("org.fast-vllm.baked-device", _device_summary(manifest.get("device", {}))),
-            ("org.fast-vllm.baked-vllm", manifest.get("vllm", {}).get("version", "")),
-            ("org.fast-vllm.baked-criu", manifest.get("criu", {}).get("version", "")),
-        )
         ctx = BakeLayersContext(__version__, built_id, bake_ref, labels)
         ctxdir = Path(tmpdir) / "layers"
         ctxdir.mkdir()
@@ -153,14 +146,54 @@ def _follow(container, on_line: Callable[[str], None], timeout_s: float) -> None
         raise BakeError(f"bake failed (exit {code}): {reason.removeprefix('fvboot: ')}")
 
 
-def _device_summary(dev: dict) -> str:
-    if dev.get("kind") != "cuda":
+# The bake manifest is fvboot's (fvboot.manifest defines it; the builder must not import fvboot):
+# read here as JSON, by the same field names, and every field the labels use may be absent (a
+# manifest from another fvboot version) without failing the build or `fvbuild inspect`.
+
+
+def manifest_field(data: Any, *path: str) -> Any:
+    """DATA[PATH[0]][PATH[1]]..., or None where a part is missing or not a JSON object."""
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _text(data: Any, *path: str) -> str:
+    v = manifest_field(data, *path)
+    return v if isinstance(v, str) else ""
+
+
+def baked_labels(manifest: Any) -> tuple[tuple[str, str], ...]:
+    """The labels of a baked image, from its manifest (JSON data)."""
+    return (
+        ("org.fast-vllm.baked", "true"),
+        ("org.fast-vllm.baked-at", _text(manifest, "baked_at")),
+        ("org.fast-vllm.baked-device", _device_summary(manifest_field(manifest, "device"))),
+        ("org.fast-vllm.baked-vllm", _text(manifest, "vllm", "version")),
+        ("org.fast-vllm.baked-criu", _text(manifest, "criu", "version")),
+    )
+
+
+def _device_summary(dev: Any) -> str:
+    if manifest_field(dev, "kind") != "cuda":
         return "cpu"
-    return f"{dev['gpus'][0]['name']} x{len(dev['gpus'])}, driver {dev.get('driver')}, CUDA {dev.get('cuda')}"
+    gpus = manifest_field(dev, "gpus")
+    gpus = gpus if isinstance(gpus, list) else []
+    name = (manifest_field(gpus[0], "name") if gpus else None) or "unknown GPU"
+    return f"{name} x{len(gpus)}, driver {manifest_field(dev, 'driver')}, CUDA {manifest_field(dev, 'cuda')}"
 
 
-def read_image_manifest(engine: DockerEngine, image: str) -> Optional[dict]:
-    """The manifest of a baked image, or None for an image that was not baked."""
+def _parse_manifest(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise BakeError(f"{what} is not valid JSON ({e})") from None
+
+
+def read_image_manifest(engine: DockerEngine, image: str) -> Optional[Any]:
+    """The manifest (JSON data) of a baked image, or None for an image that was not baked."""
     engine.inspect(image)
     raw = engine.read_file(image, "/fv/manifest.json")
-    return json.loads(raw) if raw else None
+    return _parse_manifest(raw, f"{image}: /fv/manifest.json") if raw else None
