@@ -42,7 +42,7 @@ def save_dev_shm(dest: Path) -> None:
 
 
 def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: int,
-         token_file: Optional[Path] = None, health_timeout: float = 1800) -> dict:
+         token_file: Optional[Path] = None, health_timeout: float = 1800) -> manifest.Manifest:
     tl = Timeline("bake")
     for d in (layout.weights_dir, layout.checkpoint_dir):
         shutil.rmtree(d, ignore_errors=True)
@@ -56,12 +56,12 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     detach_build_inputs()
     tl.mark("model ready")
     dev = manifest.device_info()
-    gpu = dev["kind"] == "cuda"
+    gpu = dev.is_cuda
     token = write_runtime_settings(layout.runtime_file)
 
     cmd = vllm_command(str(layout.model_dir), served_name, port, user_args, sleep_mode=gpu)
     pipes = Pipes.create()
-    pipe_keys = pipes.inodes()
+    pipe_keys = manifest.Pipes.from_json(pipes.inodes())
     pipes.pump(lambda *_: None)
     tree = ServedTree(cmd, server_env(layout.runtime_file), pipes)
     ctl = ServerControl(port, token, served_name)
@@ -69,7 +69,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         ctl.wait_healthy(health_timeout, tree.alive)
         tl.mark("server healthy")
         _warm_up(ctl, warmup)
-        probe = ctl.probe()
+        probe = tuple(manifest.ProbeAnswer.from_json(a, f"probe[{i}]") for i, a in enumerate(ctl.probe()))
         tl.mark("warmed up")
 
         ctl.gate("close")  # from here on, client requests wait (after restore too)
@@ -91,8 +91,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
                       env=service_env)
         tl.mark("checkpoint written")
         stored = criu.pages_by_process(layout.images_dir)
-        for p in processes:
-            p["checkpoint_bytes"] = stored.get(p["pid"], 0)
+        processes = tuple(manifest.Process.from_json({**p, "checkpoint_bytes": stored.get(p["pid"], 0)},
+                                                     f"processes[{i}]") for i, p in enumerate(processes))
         save_dev_shm(layout.shm_archive)
         tree.proc.wait(30)
     except BaseException:
@@ -103,28 +103,26 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         layout.runtime_file.unlink(missing_ok=True)
 
     files = manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir])
-    data = {
-        "format": manifest.FORMAT,
-        "fvboot_version": __version__,
-        "baked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {"source": model, "served_name": served_name, "path": str(layout.model_dir)},
-        "vllm": {"version": _vllm_version(), "args": user_args, "command": cmd, "port": port},
-        "runtime_file": str(layout.runtime_file),  # where the restored middleware looks
-        "criu": {"version": criu.version(), "dump_flags": list(criu.DUMP_FLAGS),
-                 "restore_flags": list(criu.RESTORE_FLAGS)},
-        "device": dev,
-        "pipes": pipe_keys,
-        "weights": dumped,
-        "processes": processes,
-        "trim": trimmed,
-        "files": files,
-        "probe": probe,
-        "timeline": tl.as_dict(),
-    }
-    manifest.write(layout.manifest, data)
+    m = manifest.Manifest(
+        fvboot_version=__version__,
+        baked_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=manifest.Model(served_name=served_name, source=model, path=str(layout.model_dir)),
+        vllm=manifest.Vllm(args=tuple(user_args), command=tuple(cmd), port=port, version=_vllm_version()),
+        runtime_file=str(layout.runtime_file),  # where the restored middleware looks
+        criu=manifest.Criu(criu.version(), tuple(criu.DUMP_FLAGS), tuple(criu.RESTORE_FLAGS)),
+        device=dev,
+        pipes=pipe_keys,
+        weights=dumped,
+        processes=processes,
+        trim=trimmed,
+        files=files,
+        probe=probe,
+        timeline=tl.as_dict(),
+    )
+    manifest.write(layout.manifest, m)
     tl.mark("manifest written")
     tl.print_table()
-    return data
+    return m
 
 
 def _check_port_free(port: int) -> None:

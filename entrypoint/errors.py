@@ -13,6 +13,12 @@ class CheckpointUnusable(FvBootError):
     """The checkpoint cannot serve on this machine; the reason leads to a normal start."""
 
 
+class ManifestInvalid(CheckpointUnusable):
+    """The manifest is not one this fvboot can read (not JSON, another format, a field missing or
+    of the wrong type); the one-line reason names the field. Like any unusable checkpoint, it
+    leads to a normal start."""
+
+
 class ServerDied(FvBootError):
     """The vLLM process tree exited."""
 

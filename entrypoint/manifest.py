@@ -1,5 +1,14 @@
 """The bake manifest (/fv/manifest.json): what was baked, with what, on which device, and the
-files with sizes and checksums, so a start can tell in milliseconds whether the checkpoint fits."""
+files with sizes and checksums, so a start can tell in milliseconds whether the checkpoint fits.
+
+One typed shape (frozen dataclasses), read and written here only: `read` validates once (JSON,
+format, types, required fields) and raises ManifestInvalid with a one-line reason naming the
+field; every reader then uses fields. The JSON keys are the ones bakes have always written, so
+images baked before still read; keys this fvboot does not know are kept in each part's `extra`
+and written back. Standard library only: `fvboot serve` imports this before anything else.
+Over 400 lines on purpose: the whole shape (each part with its reader and writer), the device
+probe and the file checks stay in the one module that owns the file.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +16,11 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Optional
+
+from .errors import ManifestInvalid
 
 FORMAT = 1
 # CRIU's page images are large and read anyway by the restore; they are size-checked only, and the
@@ -16,16 +28,390 @@ FORMAT = 1
 _SIZE_ONLY_PREFIXES = ("pages-",)
 
 
-def device_info() -> dict[str, Any]:
+# --- validation: one helper per JSON type, each naming the field it refuses -------------------
+
+_REQUIRED = object()
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_num_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_num(x) for x in v)
+
+
+def _is_obj(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _any(v: Any) -> bool:
+    return True
+
+
+def _name(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _get(d: Mapping[str, Any], where: str, key: str, check: Callable[[Any], bool], what: str,
+         default: Any = _REQUIRED) -> Any:
+    """D[KEY] if it passes CHECK; DEFAULT where it is absent and optional; else ManifestInvalid."""
+    if key not in d:
+        if default is _REQUIRED:
+            raise ManifestInvalid(f"manifest: {_name(where, key)} is missing")
+        return default
+    v = d[key]
+    if not check(v):
+        raise ManifestInvalid(f"manifest: {_name(where, key)} must be {what}")
+    return v
+
+
+def _obj(d: Mapping[str, Any], where: str, key: str, default: Any = _REQUIRED) -> Any:
+    return _get(d, where, key, _is_obj, "an object", default)
+
+
+def _items(d: Mapping[str, Any], where: str, key: str, parse: Callable[[Any, str], Any],
+           default: Any = _REQUIRED) -> Any:
+    """A list of parts: each element an object parsed by PARSE(element, 'key[i]')."""
+    v = _get(d, where, key, _is_list, "a list", default)
+    if v is default:
+        return default
+    name = _name(where, key)
+    out = []
+    for i, x in enumerate(v):
+        if not isinstance(x, dict):
+            raise ManifestInvalid(f"manifest: {name}[{i}] must be an object")
+        out.append(parse(x, f"{name}[{i}]"))
+    return tuple(out)
+
+
+def _extra(d: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in known}
+
+
+def _some(d: dict[str, Any], **values: Any) -> dict[str, Any]:
+    """D with VALUES added where they are not None (optional fields absent from the file stay absent)."""
+    d.update({k: v for k, v in values.items() if v is not None})
+    return d
+
+
+# --- the parts ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Model:
+    served_name: str
+    source: Optional[str] = None
+    path: Optional[str] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("served_name", "source", "path")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "model") -> "Model":
+        return cls(served_name=_get(d, where, "served_name", _is_str, "a string"),
+                   source=_get(d, where, "source", _is_str, "a string", None),
+                   path=_get(d, where, "path", _is_str, "a string", None),
+                   extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return _some({**self.extra, "served_name": self.served_name}, source=self.source, path=self.path)
+
+
+@dataclass(frozen=True)
+class Vllm:
+    """How vLLM was started: the user's ARGS, the whole COMMAND (ending with ARGS), its PORT."""
+
+    args: tuple[str, ...]
+    command: tuple[str, ...]
+    port: int
+    version: Optional[str] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("args", "command", "port", "version")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "vllm") -> "Vllm":
+        return cls(args=tuple(_get(d, where, "args", _is_str_list, "a list of strings")),
+                   command=tuple(_get(d, where, "command", _is_str_list, "a list of strings")),
+                   port=_get(d, where, "port", _is_int, "an integer"),
+                   version=_get(d, where, "version", _is_str, "a string", None),
+                   extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return _some({**self.extra, "args": list(self.args), "command": list(self.command), "port": self.port},
+                     version=self.version)
+
+
+@dataclass(frozen=True)
+class Criu:
+    version: Optional[str] = None
+    dump_flags: tuple[str, ...] = ()
+    restore_flags: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("version", "dump_flags", "restore_flags")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "criu") -> "Criu":
+        return cls(version=_get(d, where, "version", _is_opt_str, "a string", None),
+                   dump_flags=tuple(_get(d, where, "dump_flags", _is_str_list, "a list of strings", [])),
+                   restore_flags=tuple(_get(d, where, "restore_flags", _is_str_list, "a list of strings", [])),
+                   extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.extra, "version": self.version, "dump_flags": list(self.dump_flags),
+                "restore_flags": list(self.restore_flags)}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    uuid: str
+    driver: Optional[str] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("name", "uuid", "driver")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "gpu") -> "Gpu":
+        return cls(name=_get(d, where, "name", _is_str, "a string"),
+                   uuid=_get(d, where, "uuid", _is_str, "a string"),
+                   driver=_get(d, where, "driver", _is_str, "a string", None),
+                   extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return _some({**self.extra, "name": self.name, "uuid": self.uuid}, driver=self.driver)
+
+
+@dataclass(frozen=True)
+class Device:
+    """'cpu', or 'cuda' with the GPUs, the driver and CUDA versions. Not required even for 'cuda':
+    a device that does not match this machine is the compatibility check's to refuse, with its
+    own reason (a CPU manifest edited to say 'cuda' is refused as "baked on cuda")."""
+
+    kind: str
+    gpus: tuple[Gpu, ...] = ()
+    driver: Optional[str] = None
+    cuda: Optional[str] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("kind", "gpus", "driver", "cuda")
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "device") -> "Device":
+        return cls(kind=_get(d, where, "kind", _is_str, "a string"),
+                   gpus=_items(d, where, "gpus", Gpu.from_json, ()),
+                   driver=_get(d, where, "driver", _is_str, "a string", None),
+                   cuda=_get(d, where, "cuda", _is_opt_str, "a string or null", None),
+                   extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        d = {**self.extra, "kind": self.kind}
+        if self.is_cuda:
+            return {**d, "gpus": [g.to_json() for g in self.gpus], "driver": self.driver, "cuda": self.cuda}
+        if self.gpus:
+            d["gpus"] = [g.to_json() for g in self.gpus]
+        return _some(d, driver=self.driver, cuda=self.cuda)
+
+
+@dataclass(frozen=True)
+class Pipes:
+    """The inode names (`pipe:[N]`) of the server's stdout and stderr at the dump: CRIU plugs this
+    start's pipes in for them."""
+
+    stdout: str
+    stderr: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("stdout", "stderr")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "pipes") -> "Pipes":
+        return cls(stdout=_get(d, where, "stdout", _is_str, "a string"),
+                   stderr=_get(d, where, "stderr", _is_str, "a string"), extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.extra, "stdout": self.stdout, "stderr": self.stderr}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file under FV_HOME: its size, and its sha256 unless it is size-checked only (None)."""
+
+    path: str
+    size: int
+    sha256: Optional[str] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("path", "size", "sha256")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "file") -> "FileEntry":
+        return cls(path=_get(d, where, "path", _is_str, "a string"),
+                   size=_get(d, where, "size", _is_int, "an integer"),
+                   sha256=_get(d, where, "sha256", _is_opt_str, "a string or null", None),
+                   extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.extra, "path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """The baked server's greedy answer to one probe prompt; a restore must give the same."""
+
+    prompt: str
+    text: str
+    logprobs: tuple[float, ...]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("prompt", "text", "logprobs")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "probe") -> "ProbeAnswer":
+        return cls(prompt=_get(d, where, "prompt", _is_str, "a string"),
+                   text=_get(d, where, "text", _is_str, "a string"),
+                   logprobs=tuple(_get(d, where, "logprobs", _is_num_list, "a list of numbers")),
+                   extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.extra, "prompt": self.prompt, "text": self.text, "logprobs": list(self.logprobs)}
+
+
+@dataclass(frozen=True)
+class Process:
+    """A process of the checkpointed tree (for people: what the checkpoint holds)."""
+
+    host_pid: int
+    pid: int
+    name: str
+    command: str
+    rss_anon_bytes: int
+    checkpoint_bytes: Optional[int] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("host_pid", "pid", "name", "command", "rss_anon_bytes", "checkpoint_bytes")
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "process") -> "Process":
+        return cls(host_pid=_get(d, where, "host_pid", _is_int, "an integer"),
+                   pid=_get(d, where, "pid", _is_int, "an integer"),
+                   name=_get(d, where, "name", _is_str, "a string"),
+                   command=_get(d, where, "command", _is_str, "a string"),
+                   rss_anon_bytes=_get(d, where, "rss_anon_bytes", _is_int, "an integer"),
+                   checkpoint_bytes=_get(d, where, "checkpoint_bytes", _is_int, "an integer", None),
+                   extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return _some({**self.extra, "host_pid": self.host_pid, "pid": self.pid, "name": self.name,
+                      "command": self.command, "rss_anon_bytes": self.rss_anon_bytes},
+                     checkpoint_bytes=self.checkpoint_bytes)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `fvboot bake` wrote. Required: what a restore or a normal start needs (model name,
+    vLLM's command, arguments and port, the device, the pipes, the files, the probe answers).
+    The rest is for people and tools (`fvboot inspect`, the image's labels) and may be absent.
+    WEIGHTS and TRIM are the workers' own reports, kept as JSON."""
+
+    model: Model
+    vllm: Vllm
+    device: Device
+    pipes: Pipes
+    files: tuple[FileEntry, ...]
+    probe: tuple[ProbeAnswer, ...]
+    format: int = FORMAT
+    fvboot_version: Optional[str] = None
+    baked_at: Optional[str] = None
+    runtime_file: Optional[str] = None  # where the restored middleware looks for its token
+    criu: Optional[Criu] = None
+    weights: Any = None
+    processes: Optional[tuple[Process, ...]] = None
+    trim: Any = None
+    timeline: Optional[Mapping[str, float]] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("format", "fvboot_version", "baked_at", "model", "vllm", "runtime_file", "criu", "device",
+             "pipes", "weights", "processes", "trim", "files", "probe", "timeline")
+
+    @classmethod
+    def from_json(cls, d: Any) -> "Manifest":
+        """Validate D (a manifest as JSON data); ManifestInvalid with the first problem."""
+        if not isinstance(d, dict):
+            raise ManifestInvalid("manifest: not a JSON object")
+        if d.get("format") != FORMAT:
+            raise ManifestInvalid(f"manifest format {d.get('format')} is not {FORMAT}")
+        criu_d = _obj(d, "", "criu", None)
+        timeline = _get(d, "", "timeline", lambda v: _is_obj(v) and all(map(_is_num, v.values())),
+                        "an object of numbers", None)
+        return cls(format=FORMAT,
+                   fvboot_version=_get(d, "", "fvboot_version", _is_str, "a string", None),
+                   baked_at=_get(d, "", "baked_at", _is_str, "a string", None),
+                   model=Model.from_json(_obj(d, "", "model")),
+                   vllm=Vllm.from_json(_obj(d, "", "vllm")),
+                   runtime_file=_get(d, "", "runtime_file", _is_opt_str, "a string", None),
+                   criu=None if criu_d is None else Criu.from_json(criu_d),
+                   device=Device.from_json(_obj(d, "", "device")),
+                   pipes=Pipes.from_json(_obj(d, "", "pipes")),
+                   weights=d.get("weights"),
+                   processes=_items(d, "", "processes", Process.from_json, None),
+                   trim=d.get("trim"),
+                   files=_items(d, "", "files", FileEntry.from_json),
+                   probe=_items(d, "", "probe", ProbeAnswer.from_json),
+                   timeline=timeline,
+                   extra=_extra(d, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return _some({**self.extra, "format": self.format, "model": self.model.to_json(),
+                      "vllm": self.vllm.to_json(), "device": self.device.to_json(),
+                      "pipes": self.pipes.to_json(), "files": [f.to_json() for f in self.files],
+                      "probe": [p.to_json() for p in self.probe]},
+                     fvboot_version=self.fvboot_version, baked_at=self.baked_at, runtime_file=self.runtime_file,
+                     criu=self.criu and self.criu.to_json(),
+                     weights=self.weights,
+                     processes=None if self.processes is None else [p.to_json() for p in self.processes],
+                     trim=self.trim, timeline=None if self.timeline is None else dict(self.timeline))
+
+
+# --- this machine and the files ------------------------------------------------------------
+
+
+def device_info() -> Device:
     """'cpu', or the GPUs with name, UUID, driver and CUDA versions. NVML through ctypes: a few
     milliseconds, where nvidia-smi or importing torch would cost seconds at every start."""
     try:
         return _nvml_info()
     except OSError:
-        return {"kind": "cpu"}
+        return Device("cpu")
 
 
-def _nvml_info() -> dict[str, Any]:
+def _nvml_info() -> Device:
     import ctypes
 
     nvml = ctypes.CDLL("libnvidia-ml.so.1")  # OSError where there is no NVIDIA driver
@@ -48,11 +434,11 @@ def _nvml_info() -> dict[str, Any]:
             nvml.nvmlDeviceGetName(handle, buf, 96)
             name = buf.value.decode()
             nvml.nvmlDeviceGetUUID(handle, buf, 96)
-            gpus.append({"name": name, "uuid": buf.value.decode(), "driver": driver})
+            gpus.append(Gpu(name, buf.value.decode(), driver))
     finally:
         nvml.nvmlShutdown()
-    return {"kind": "cuda", "gpus": gpus, "driver": driver,
-            "cuda": f"{cuda.value // 1000}.{cuda.value % 1000 // 10}" if cuda.value else None}
+    return Device("cuda", tuple(gpus), driver,
+                  f"{cuda.value // 1000}.{cuda.value % 1000 // 10}" if cuda.value else None)
 
 
 def _sha256(path: Path) -> str:
@@ -67,38 +453,47 @@ def _needs_hash(path: Path) -> bool:
     return not path.name.startswith(_SIZE_ONLY_PREFIXES) and path.suffix != ".fvw"
 
 
-def describe_files(home: Path, roots: list[Path]) -> list[dict[str, Any]]:
+def describe_files(home: Path, roots: list[Path]) -> tuple[FileEntry, ...]:
     files = sorted(p for r in roots if r.exists() for p in r.rglob("*") if p.is_file())
     with ThreadPoolExecutor(8) as pool:
         sums = list(pool.map(lambda p: _sha256(p) if _needs_hash(p) else None, files))
-    return [{"path": str(p.relative_to(home)), "size": p.stat().st_size, "sha256": s}
-            for p, s in zip(files, sums)]
+    return tuple(FileEntry(str(p.relative_to(home)), p.stat().st_size, s) for p, s in zip(files, sums))
 
 
-def verify_files(home: Path, files: list[dict[str, Any]]) -> str | None:
+def verify_files(home: Path, files: tuple[FileEntry, ...]) -> str | None:
     """None if every file is present with its size and checksum, else the first problem."""
     for f in files:
-        p = home / f["path"]
         try:
-            size = p.stat().st_size
+            size = (home / f.path).stat().st_size
         except OSError:
-            return f"{f['path']} is missing"
-        if size != f["size"]:
-            return f"{f['path']} has {size} bytes, expected {f['size']}"
-    hashed = [f for f in files if f.get("sha256")]
+            return f"{f.path} is missing"
+        if size != f.size:
+            return f"{f.path} has {size} bytes, expected {f.size}"
+    hashed = [f for f in files if f.sha256]
     with ThreadPoolExecutor(8) as pool:
-        sums = list(pool.map(lambda f: _sha256(home / f["path"]), hashed))
+        sums = list(pool.map(lambda f: _sha256(home / f.path), hashed))
     for f, s in zip(hashed, sums):
-        if s != f["sha256"]:
-            return f"{f['path']} is corrupt (sha256 mismatch)"
+        if s != f.sha256:
+            return f"{f.path} is corrupt (sha256 mismatch)"
     return None
 
 
-def write(path: Path, data: dict[str, Any]) -> None:
+def read(path: Path) -> Manifest:
+    """The manifest at PATH, validated; ManifestInvalid (a CheckpointUnusable) with a one-line
+    reason when it is not JSON or not a manifest this fvboot can restore from. OSError as is."""
+    try:
+        data = json.loads(path.read_text())  # OSError: the caller says so
+    except ValueError as e:  # UnicodeDecodeError too
+        raise ManifestInvalid(f"the manifest {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ManifestInvalid(f"the manifest {path} is not a JSON object")
+    return Manifest.from_json(data)
+
+
+def write(path: Path, m: Manifest) -> None:
+    """M at PATH (atomically); ManifestInvalid, writing nothing, if it would not read back."""
+    data = m.to_json()
+    Manifest.from_json(data)  # a bake must not leave a manifest every start would refuse
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())

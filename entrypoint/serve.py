@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from . import criu, cuda_checkpoint_service, manifest
 from .control import ServerControl
@@ -28,6 +28,7 @@ from .errors import CheckpointUnusable, FvBootError, Stopped
 from .launcher import (Pipes, ServedTree, runtime_settings, server_env, server_port, vllm_command,
                        write_runtime_settings)
 from .layout import Layout
+from .manifest import Device, Manifest, ProbeAnswer
 from .output import write_line
 from .prefetch import prefetch
 from .timeline import Timeline
@@ -45,24 +46,23 @@ def become_subreaper() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def check_compatible(m: dict, layout: Layout, run_args: list[str]) -> dict:
+def check_compatible(m: Manifest, layout: Layout, run_args: list[str]) -> Device:
     """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here; return this
-    machine's device info (the restore maps GPUs with it)."""
-    if m.get("format") != manifest.FORMAT:
-        raise CheckpointUnusable(f"manifest format {m.get('format')} is not {manifest.FORMAT}")
-    if run_args and run_args != m["vllm"]["args"]:
-        raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {m['vllm']['args']}")
-    baked, here = m["device"], manifest.device_info()
-    if baked["kind"] != here["kind"]:
-        raise CheckpointUnusable(f"baked on {baked['kind']}, running on {here['kind']}")
-    if here["kind"] == "cuda":
-        b_names = [g["name"] for g in baked["gpus"]]
-        h_names = [g["name"] for g in here["gpus"]][: len(b_names)]
+    machine's device info (the restore maps GPUs with it). M's format was checked when it was read."""
+    baked_args = list(m.vllm.args)
+    if run_args and run_args != baked_args:
+        raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")
+    baked, here = m.device, manifest.device_info()
+    if baked.kind != here.kind:
+        raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")
+    if here.is_cuda:
+        b_names = [g.name for g in baked.gpus]
+        h_names = [g.name for g in here.gpus][: len(b_names)]
         if b_names != h_names:
             raise CheckpointUnusable(f"baked on {b_names}, this machine has {h_names}")
-        if baked["driver"] != here["driver"]:
-            raise CheckpointUnusable(f"baked with driver {baked['driver']}, this machine has {here['driver']}")
-    problem = manifest.verify_files(layout.home, m["files"])
+        if baked.driver != here.driver:
+            raise CheckpointUnusable(f"baked with driver {baked.driver}, this machine has {here.driver}")
+    problem = manifest.verify_files(layout.home, m.files)
     if problem:
         raise CheckpointUnusable(problem)
     if shutil.which("criu") is None:
@@ -70,12 +70,12 @@ def check_compatible(m: dict, layout: Layout, run_args: list[str]) -> dict:
     return here
 
 
-def gpu_device_map(baked: dict, here: dict) -> str:
+def gpu_device_map(baked: Device, here: Device) -> str:
     """`old=new,...` GPU UUID pairs (by index) where this node's GPUs are not the baking node's:
     an image baked on one node restores on any node of the same GPU model."""
-    if baked.get("kind") != "cuda" or here.get("kind") != "cuda":
+    if not (baked.is_cuda and here.is_cuda):
         return ""
-    pairs = [(b["uuid"], h["uuid"]) for b, h in zip(baked["gpus"], here["gpus"]) if b["uuid"] != h["uuid"]]
+    pairs = [(b.uuid, h.uuid) for b, h in zip(baked.gpus, here.gpus) if b.uuid != h.uuid]
     return ",".join(f"{old}={new}" for old, new in pairs)
 
 
@@ -146,25 +146,26 @@ def kill_children(timeout: float = 10) -> list[int]:
     return pids
 
 
-def _same_answers(now: list[dict], baked: list[dict]) -> Optional[str]:
+def _same_answers(now: list[dict], baked: Sequence[ProbeAnswer]) -> Optional[str]:
+    """None if the answers NOW (as ServerControl.probe gives them) are the baked ones, else how not."""
     for a, b in zip(now, baked):
-        if a["text"] != b["text"]:
-            return f"probe {b['prompt']!r} answered {a['text']!r}, baked answer {b['text']!r}"
-        if len(a["logprobs"]) != len(b["logprobs"]) or any(
-                abs(x - y) > PROBE_LOGPROB_TOL for x, y in zip(a["logprobs"], b["logprobs"])):
-            return f"probe {b['prompt']!r}: logprobs differ from the bake's"
+        if a["text"] != b.text:
+            return f"probe {b.prompt!r} answered {a['text']!r}, baked answer {b.text!r}"
+        if len(a["logprobs"]) != len(b.logprobs) or any(
+                abs(x - y) > PROBE_LOGPROB_TOL for x, y in zip(a["logprobs"], b.logprobs)):
+            return f"probe {b.prompt!r}: logprobs differ from the bake's"
     return None
 
 
-def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
+def restore(layout: Layout, m: Manifest, here: Device, tl: Timeline, pipes: Pipes,
             criu_env: dict[str, str], settings: dict) -> RestoredTree:
-    if not m.get("runtime_file"):
+    if not m.runtime_file:
         raise CheckpointUnusable("baked by an fvboot that froze its admin token in the checkpoint; re-bake the image")
     # A fresh token for this container, where the restored middleware will look for it.
-    token = write_runtime_settings(Path(m["runtime_file"]), settings)
-    ctl = ServerControl(m["vllm"]["port"], token, m["model"]["served_name"])
+    token = write_runtime_settings(Path(m.runtime_file), settings)
+    ctl = ServerControl(m.vllm.port, token, m.model.served_name)
     restore_dev_shm(layout)
-    device_map = gpu_device_map(m["device"], here)
+    device_map = gpu_device_map(m.device, here)
     if device_map:
         log(f"restoring onto other GPUs of the same model: {device_map}")
     thp, why = criu.restore_thp()
@@ -172,9 +173,9 @@ def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
         log(f"memory is restored into 4 KiB pages: {why}")
     issued = time.time()
     tl.mark("restore issued", issued)
-    gpu = m["device"]["kind"] == "cuda"
+    gpu = m.device.is_cuda
     pid = criu.restore(layout.images_dir, layout.run_dir,
-                       [(pipes.out_w, m["pipes"]["stdout"]), (pipes.err_w, m["pipes"]["stderr"])],
+                       [(pipes.out_w, m.pipes.stdout), (pipes.err_w, m.pipes.stderr)],
                        env={**criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
     tree = RestoredTree(pid)
     phases = criu.restore_phases(layout.run_dir / "criu-restore.log")
@@ -192,7 +193,7 @@ def restore(layout: Layout, m: dict, here: dict, tl: Timeline, pipes: Pipes,
         log(f"weights: {stats}")
         ctl.wake_up(["kv_cache"] if gpu else None)
         tl.mark("engine awake")
-        mismatch = _same_answers(ctl.probe(), m["probe"])
+        mismatch = _same_answers(ctl.probe(), m.probe)
         if mismatch:
             raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
         tl.mark("answers checked")
@@ -242,22 +243,16 @@ def serve(layout: Layout, run_args: list[str]) -> int:
 def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, settings: dict):
     """The restored tree, or after any failure on that path (said in one line, with its reason,
     and cleaned up), a normally started one."""
-    m: Optional[dict] = None
+    m: Optional[Manifest] = None  # None: missing or invalid; the normal start salvages what it can
     try:
         if not layout.manifest.exists():
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
-        try:
-            m = manifest.read(layout.manifest)
-        except ValueError as e:
-            raise CheckpointUnusable(f"the manifest {layout.manifest} is not valid JSON ({e})") from None
-        if not isinstance(m, dict):
-            raise CheckpointUnusable(f"the manifest {layout.manifest} is not a JSON object")
+        m = manifest.read(layout.manifest)  # ManifestInvalid (a CheckpointUnusable) with the field
         tl.mark("manifest read")
         if os.environ.get("FV_RESTORE", "1") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         # The cuda-checkpoint service starts first: its cuInit overlaps the checks and CRIU.
-        gpu = (m.get("device") or {}).get("kind") == "cuda"
-        with cuda_checkpoint_service.running(layout.run_dir, enabled=gpu) as service_env:
+        with cuda_checkpoint_service.running(layout.run_dir, enabled=m.device.is_cuda) as service_env:
             here = check_compatible(m, layout, run_args)
             tl.mark("checks passed")
             prefetch(layout)  # runs beside the restore; _supervise reaps the readers
@@ -301,16 +296,14 @@ def _salvage(layout: Layout) -> tuple[Optional[str], Optional[list], Optional[in
     return name, args, int(port_m.group(1)) if port_m else None
 
 
-def launch_command(layout: Layout, m: Optional[dict], run_args: list[str]) -> tuple[list[str], str, str]:
+def launch_command(layout: Layout, m: Optional[Manifest], run_args: list[str]) -> tuple[list[str], str, str]:
     """(command, served name, how it was found) for a normal start: the baked command with the
-    run's arguments if any, else the baked ones; from a damaged manifest what can be read."""
-    try:
-        baked, args = m["vllm"]["command"], m["vllm"]["args"]
+    run's arguments if any, else the baked ones; without a valid manifest (M None), what can be
+    read from the damaged file."""
+    if m is not None:
+        baked, args = list(m.vllm.command), list(m.vllm.args)
         cmd = baked[: len(baked) - len(args)] + (run_args or args)
-        cmd = [str(c) for c in cmd if c != "--enable-sleep-mode"]
-        return cmd, str(m["model"]["served_name"]), "the baked command"
-    except (TypeError, KeyError, AttributeError):
-        pass
+        return [c for c in cmd if c != "--enable-sleep-mode"], m.model.served_name, "the baked command"
     name, args, port = _salvage(layout)
     found = [what for what, v in (("name", name), ("arguments", args), ("port", port)) if v is not None]
     how = (f"the baked {', '.join(found)} read from the damaged manifest" if found
@@ -324,7 +317,7 @@ def launch_command(layout: Layout, m: Optional[dict], run_args: list[str]) -> tu
 START_TIMEOUT_ENV = "FV_START_TIMEOUT_S"
 
 
-def _cold_start(layout: Layout, m: Optional[dict], run_args: list[str], pipes: Pipes, tl: Timeline,
+def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipes: Pipes, tl: Timeline,
                 settings: dict):
     cmd, name, how = launch_command(layout, m, run_args)
     port = server_port(cmd)

@@ -4,6 +4,7 @@ decision, the io_uring switch. The whole loop runs for real in tests/e2e."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 
@@ -122,7 +123,7 @@ def test_verify_files_reports_missing_resized_and_corrupt(tmp_path):
     layout = _home(tmp_path)
     files = manifest.describe_files(tmp_path, [layout.checkpoint_dir])
     assert manifest.verify_files(tmp_path, files) is None
-    assert [f["sha256"] is None for f in files] == [True, False]  # pages: size only
+    assert [f.sha256 is None for f in files] == [True, False]  # pages: size only
     (layout.images_dir / "pstree.img").write_bytes(b"TREE")
     assert manifest.verify_files(tmp_path, files) == "checkpoint/criu/pstree.img is corrupt (sha256 mismatch)"
     (layout.images_dir / "pages-1.img").write_bytes(b"p")
@@ -133,39 +134,42 @@ def test_verify_files_reports_missing_resized_and_corrupt(tmp_path):
 
 def _manifest(tmp_path, device):
     layout = _home(tmp_path)
-    return layout, {"format": manifest.FORMAT, "vllm": {"args": ["--max-model-len", "512"]}, "device": device,
-                    "files": manifest.describe_files(tmp_path, [layout.checkpoint_dir])}
+    return layout, manifest.Manifest(
+        model=manifest.Model("m"),
+        vllm=manifest.Vllm(("--max-model-len", "512"), ("vllm", "--max-model-len", "512"), 8000),
+        device=manifest.Device.from_json(device), pipes=manifest.Pipes("pipe:[1]", "pipe:[2]"),
+        files=manifest.describe_files(tmp_path, [layout.checkpoint_dir]), probe=())
 
 
 def test_checkpoint_from_another_device_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest, "device_info", lambda: {"kind": "cpu"})
+    monkeypatch.setattr(manifest, "device_info", lambda: manifest.Device("cpu"))
     layout, m = _manifest(tmp_path, {"kind": "cuda", "gpus": [], "driver": "580"})
     with pytest.raises(CheckpointUnusable, match="baked on cuda, running on cpu"):
         check_compatible(m, layout, [])
 
 
 def test_other_gpu_model_or_driver_is_refused(tmp_path, monkeypatch):
-    here = {"kind": "cuda", "gpus": [{"name": "NVIDIA H200", "uuid": "GPU-2", "driver": "580.1"}], "driver": "580.1"}
+    here = manifest.Device("cuda", (manifest.Gpu("NVIDIA H200", "GPU-2", "580.1"),), "580.1")
     monkeypatch.setattr(manifest, "device_info", lambda: here)
     layout, m = _manifest(tmp_path, {"kind": "cuda", "driver": "580.1",
                                      "gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1", "driver": "580.1"}]})
     with pytest.raises(CheckpointUnusable, match="this machine has \\['NVIDIA H200'\\]"):
         check_compatible(m, layout, [])
-    m["device"]["gpus"][0]["name"] = "NVIDIA H200"
-    m["device"]["driver"] = "575.2"
+    m = dataclasses.replace(m, device=dataclasses.replace(
+        m.device, driver="575.2", gpus=(dataclasses.replace(m.device.gpus[0], name="NVIDIA H200"),)))
     with pytest.raises(CheckpointUnusable, match="baked with driver 575.2"):
         check_compatible(m, layout, [])
 
 
 def test_other_run_arguments_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest, "device_info", lambda: {"kind": "cpu"})
+    monkeypatch.setattr(manifest, "device_info", lambda: manifest.Device("cpu"))
     layout, m = _manifest(tmp_path, {"kind": "cpu"})
     with pytest.raises(CheckpointUnusable, match="differ from the baked ones"):
         check_compatible(m, layout, ["--max-model-len", "1024"])
 
 
 def test_probe_comparison_catches_text_and_logprob_drift():
-    baked = [{"prompt": "p", "text": "abc", "logprobs": [-1.0, -2.0]}]
+    baked = [manifest.ProbeAnswer("p", "abc", (-1.0, -2.0))]
     assert _same_answers([{"text": "abc", "logprobs": [-1.0, -2.0004]}], baked) is None
     assert "answered 'abd'" in _same_answers([{"text": "abd", "logprobs": [-1.0, -2.0]}], baked)
     assert "logprobs differ" in _same_answers([{"text": "abc", "logprobs": [-1.0, -2.1]}], baked)
@@ -200,10 +204,13 @@ def test_trim_endpoint_is_admin_only(gate):
 def test_device_map_pairs_baked_gpus_with_this_nodes_by_index():
     from fvboot.serve import gpu_device_map
 
-    baked = {"kind": "cuda", "gpus": [{"uuid": "GPU-aaa"}, {"uuid": "GPU-bbb"}]}
-    assert gpu_device_map(baked, {"kind": "cuda", "gpus": [{"uuid": "GPU-aaa"}, {"uuid": "GPU-bbb"}]}) == ""
-    assert gpu_device_map(baked, {"kind": "cuda", "gpus": [{"uuid": "GPU-xxx"}, {"uuid": "GPU-bbb"}]}) == "GPU-aaa=GPU-xxx"
-    assert gpu_device_map({"kind": "cpu"}, {"kind": "cpu"}) == ""
+    def cuda(*uuids):
+        return manifest.Device("cuda", tuple(manifest.Gpu("NVIDIA H200", u) for u in uuids), "580")
+
+    baked = cuda("GPU-aaa", "GPU-bbb")
+    assert gpu_device_map(baked, cuda("GPU-aaa", "GPU-bbb")) == ""
+    assert gpu_device_map(baked, cuda("GPU-xxx", "GPU-bbb")) == "GPU-aaa=GPU-xxx"
+    assert gpu_device_map(manifest.Device("cpu"), manifest.Device("cpu")) == ""
 
 
 def test_cuda_checkpoint_takes_the_restore_map_from_fvboot(monkeypatch):

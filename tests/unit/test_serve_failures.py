@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fvboot import criu, serve
+from fvboot import criu, manifest, serve
+from fvboot.errors import ManifestInvalid
 from fvboot.launcher import Pipes, ServedTree, arg_value, server_port
 from fvboot.layout import Layout
 
@@ -85,15 +86,20 @@ def _layout(tmp_path, monkeypatch, manifest_text=None) -> Layout:
     return layout
 
 
-BAKED = {"format": 1, "model": {"served_name": "synthetic:tiny"},
-         "vllm": {"command": ["py", "-m", "vllm", "--served-model-name", "synthetic:tiny", "--port", "8000",
-                              "--enable-sleep-mode", "--max-model-len", "512"],
-                  "args": ["--max-model-len", "512"], "port": 8000}}
+def _baked(command: list[str], args: list[str], name: str, port: int) -> dict:
+    """A manifest as the bake writes it (its required fields; a CPU bake)."""
+    return {"format": manifest.FORMAT, "model": {"served_name": name},
+            "vllm": {"command": command, "args": args, "port": port}, "device": {"kind": "cpu"},
+            "pipes": {"stdout": "pipe:[1]", "stderr": "pipe:[2]"}, "files": [], "probe": []}
+
+
+BAKED = _baked(["py", "-m", "vllm", "--served-model-name", "synthetic:tiny", "--port", "8000",
+                "--enable-sleep-mode", "--max-model-len", "512"], ["--max-model-len", "512"], "synthetic:tiny", 8000)
 
 
 def test_normal_start_after_other_args_waits_on_their_port(tmp_path, monkeypatch):
     layout = _layout(tmp_path, monkeypatch)
-    cmd, name, _ = serve.launch_command(layout, BAKED, ["--port", "9000"])
+    cmd, name, _ = serve.launch_command(layout, manifest.Manifest.from_json(BAKED), ["--port", "9000"])
     assert cmd[-2:] == ["--port", "9000"] and "--max-model-len" not in cmd and "--enable-sleep-mode" not in cmd
     assert server_port(cmd) == 9000 and name == "synthetic:tiny"
 
@@ -106,8 +112,26 @@ def test_a_damaged_manifest_still_gives_the_baked_name_and_args(tmp_path, monkey
     assert "--enable-sleep-mode" not in cmd
     assert "baked name, arguments read from the damaged manifest" in how
     layout.manifest.write_text('{"format": 1, "model": {}}')  # valid JSON, keys missing
-    cmd, name, how = serve.launch_command(layout, json.loads(layout.manifest.read_text()), [])
+    with pytest.raises(ManifestInvalid, match="^manifest: model.served_name is missing$"):
+        manifest.read(layout.manifest)
+    cmd, name, how = serve.launch_command(layout, None, [])
     assert name == str(layout.model_dir) and "image's defaults" in how
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("{", "is not valid JSON"), ("[1]", "is not a JSON object"), ('{"format": 2}', "manifest format 2 is not 1"),
+    (json.dumps({**BAKED, "vllm": {**BAKED["vllm"], "args": "--max-model-len 512"}}),
+     "manifest: vllm.args must be a list of strings"),
+])
+def test_a_manifest_that_does_not_validate_leads_to_the_normal_start_with_its_reason(tmp_path, monkeypatch, capfd,
+                                                                                     text, reason):
+    layout = _layout(tmp_path, monkeypatch, text)
+    started = []
+    monkeypatch.setattr(serve, "_cold_start", lambda *a: started.append(a) or "tree")
+    assert serve._start(layout, [], None, serve.Timeline("t"), {}) == "tree"
+    assert started[0][1] is None  # the normal start salvages what it can from the file
+    err = capfd.readouterr().err
+    assert "checkpoint not used: " in err and reason in err and "starting vLLM normally" in err
 
 
 def test_any_exception_on_the_restore_path_ends_in_the_normal_start(tmp_path, monkeypatch, capfd):
@@ -126,14 +150,13 @@ def test_any_exception_on_the_restore_path_ends_in_the_normal_start(tmp_path, mo
     assert not Path(f"/proc/{left.pid}").exists()  # killed and reaped
     err = capfd.readouterr().err
     assert "checkpoint not used: RuntimeError: the namespace init did not start; starting vLLM normally" in err
-    assert started and started[0][1] == BAKED
+    assert started and started[0][1] == manifest.Manifest.from_json(BAKED)
 
 
 def _serve_proc(tmp_path, command: list[str], **env) -> subprocess.Popen:
     home = tmp_path / "fv"
     home.mkdir(exist_ok=True)
-    m = {"format": 1, "model": {"served_name": "m"}, "vllm": {"command": command, "args": [], "port": 1}}
-    (home / "manifest.json").write_text(json.dumps(m))
+    (home / "manifest.json").write_text(json.dumps(_baked(command, [], "m", 1)))
     return subprocess.Popen([sys.executable, "-m", "fvboot", "serve", "--home", str(home)],
                             env={**os.environ, "FV_RUN_DIR": str(tmp_path / "run"), "FV_RESTORE": "0", **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
