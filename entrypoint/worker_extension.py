@@ -44,7 +44,8 @@ from typing import Any, Iterator
 
 import torch
 
-from fvboot import weightfile
+from .weights import Deferred, load_into, release_pinned_cache, write_weights
+from .weights.fileformat import flat_bytes
 
 ONEDNN_CACHE_SIZE = 32  # primitive_cache_size vLLM passes to ops.create_onednn_mm
 _READBACK_ROWS = 1024  # identity rows per read-back matmul: bounds its temporary memory
@@ -142,7 +143,7 @@ class CpuWeights:
             raise WeightCollectionError(f"{h.key}: weight has non-finite values, cannot read back")
         return out
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor | weightfile.Deferred]]:
+    def items(self) -> Iterator[tuple[str, torch.Tensor | Deferred]]:
         """What to dump: (key, tensor) pairs; oneDNN weights are read back one at a time."""
         if self.released:
             raise WeightCollectionError("weights are released: fv_load_weights first")
@@ -150,7 +151,7 @@ class CpuWeights:
             yield s.key, s.tensor
         for h in self.handlers:
             if h.plain is None:
-                yield h.key, weightfile.Deferred(h.shape, h.dtype, lambda h=h: self._read_back(h))
+                yield h.key, Deferred(h.shape, h.dtype, lambda h=h: self._read_back(h))
 
     def release(self) -> int:
         freed = 0
@@ -476,7 +477,7 @@ def fingerprint(tensors: list[tuple[str, torch.Tensor]], samples: int = 1 << 20,
     one). Exact integer arithmetic; one device-to-host transfer for the whole set."""
     keys, sums, total, sampled = [], [], 0, 0
     for key, t in tensors:
-        flat = t.detach().reshape(-1).view(torch.uint8)
+        flat = flat_bytes(t)
         n = flat.numel()
         if n == 0:
             continue
@@ -562,8 +563,8 @@ class FastVllmWorkerExtension:
                 out.pop("warning", None)  # uncovered blocks are dumped raw (see GpuWeights.items)
             elif out.get("warning"):
                 print(f"fvboot worker: WARNING: {out['warning']}", file=sys.stderr, flush=True)
-        info = weightfile.write_weights(self._fv_path(directory), w.items(),
-                                        meta={"torch": torch.__version__})
+        info = write_weights(self._fv_path(directory), w.items(),
+                             meta={"torch": torch.__version__})
         return {"path": info.path, "bytes": info.bytes, "tensors": info.tensors,
                 "index_sha256": info.index_sha256, "seconds": round(info.seconds, 4),
                 "gb_per_s": round(info.bytes / info.seconds / 1e9, 3) if info.seconds else 0.0,
@@ -584,7 +585,7 @@ class FastVllmWorkerExtension:
         t0 = time.perf_counter()
         w = self._fv_weights()
         try:
-            stats = weightfile.load_into(self._fv_path(directory), w.targets(), verify=verify)
+            stats = load_into(self._fv_path(directory), w.targets(), verify=verify)
             w.finish_load()
         except BaseException:
             w.release()  # never leave half-filled weights that look loaded
@@ -602,8 +603,6 @@ class FastVllmWorkerExtension:
         garbage, the CUDA caching allocator's free blocks, freed heap), so CRIU and the CUDA
         checkpoint save less and a restore has less to bring back."""
         import gc
-
-        from fvboot.gpu_loader import release_pinned_cache
 
         rss = _rss()
         gc.collect()

@@ -1,4 +1,5 @@
-"""Unit tests for the raw weight dump format (fvboot.weightfile)."""
+"""Unit tests for the raw weight dump format (fvboot.weights.fileformat) through the public
+API (write_weights, read_index, load_into) on CPU tensors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from conftest import need
 
 torch = need("torch", "the weight file reads into torch tensors")
 
-from fvboot import weightfile as wf
+from fvboot import weights as wf
+from fvboot.weights import fileformat
+from weights_testdata import write_dump
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -35,11 +38,9 @@ def _blank(src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(params=["blake3", "crc32"])
 def written(tmp_path, request):
-    if request.param == "blake3" and wf._blake3 is None:
-        pytest.skip("the blake3 package is not installed (vLLM's images bring it)")
     src = _tensors()
     path = tmp_path / "rank0.fvw"
-    info = wf.write_weights(path, src.items(), meta={"rank": 0}, checksum=request.param)
+    info = write_dump(path, src, request.param, meta={"rank": 0})
     return path, src, info
 
 
@@ -71,7 +72,7 @@ def test_index_alignment_and_meta(written):
 
 
 def test_large_tensor_multi_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr(wf, "CHUNK", 4096 * 3)  # force many chunks through the thread pool
+    monkeypatch.setattr(fileformat, "CHUNK", 4096 * 3)  # force many chunks through the thread pool
     big = torch.arange(100_003, dtype=torch.float32)
     path = tmp_path / "big.fvw"
     wf.write_weights(path, [("big", big)])
@@ -97,7 +98,7 @@ def test_corrupt_tensor_byte_is_checksum_error(written):
 def test_corrupt_index_byte_and_magic(written):
     path, _, _ = written
     raw = bytearray(path.read_bytes())
-    raw[wf.HEADER_SIZE + 5] ^= 0x01
+    raw[fileformat.HEADER_SIZE + 5] ^= 0x01
     path.write_bytes(bytes(raw))
     with pytest.raises(wf.CorruptHeaderError, match="index sha256 mismatch"):
         wf.read_index(path)
@@ -156,7 +157,7 @@ def test_atomic_write_leaves_no_temp_on_error(tmp_path, monkeypatch):
     def boom(fd):
         raise OSError("boom")
 
-    monkeypatch.setattr(wf.os, "fsync", boom)  # fail after the data went to the temp file
+    monkeypatch.setattr(os, "fsync", boom)  # fail after the data went to the temp file
     with pytest.raises(OSError, match="boom"):
         wf.write_weights(path, [("a", torch.zeros(3))])
     monkeypatch.undo()
@@ -170,8 +171,8 @@ def test_index_is_plain_json(written):
     path, _, _ = written
     raw = path.read_bytes()
     n = struct.unpack_from("<Q", raw, 16)[0]
-    doc = json.loads(raw[wf.HEADER_SIZE:wf.HEADER_SIZE + n])
-    assert doc["version"] == wf.VERSION and len(doc["entries"]) == 8
+    doc = json.loads(raw[fileformat.HEADER_SIZE:fileformat.HEADER_SIZE + n])
+    assert doc["version"] == fileformat.VERSION and len(doc["entries"]) == 8
 
 
 def test_resizable_storage_survives_load(tmp_path):

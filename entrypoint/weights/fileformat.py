@@ -1,0 +1,258 @@
+"""The ``.fvw`` file format: one file per worker, read back at memory speed.
+
+Everything that knows the bytes on disk lives here (the header, the JSON index, where each
+tensor sits, the checksums); the modules that move the bytes (``load``, ``write``, ``ring``,
+``pagecache``, ``dump``) ask this one. Device-agnostic on purpose: no vLLM, no CUDA.
+
+Layout::
+
+    [0:64)      header: b"FVWEIGHT", u32 version, u32 reserved, u64 index length,
+                32-byte sha256 of the index, zero padding
+    [64:64+n)   index: UTF-8 JSON {"version", "checksum", "meta", "entries": [...]},
+                one entry per tensor: key, dtype, shape, offset (absolute), nbytes, checksum
+    ...         raw bytes of each tensor, each starting on a 4096-byte boundary; file padded
+                to a multiple of 4096 so O_DIRECT reads and pinned-buffer copies work later
+
+Checksums: BLAKE3 (``blake3`` is a vLLM dependency; ~4.5 GB/s on one core, releases the GIL)
+with a fallback to stdlib ``zlib.crc32`` (~4 GB/s) where blake3 is missing. The algorithm is
+named in the index, so either reader can check either file. The index itself is covered by
+sha256 in the header (it is small).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+MAGIC = b"FVWEIGHT"
+VERSION = 1
+ALIGN = 4096
+HEADER = struct.Struct("<8sIIQ32s")  # magic, version, reserved, index_len, index_sha256
+HEADER_SIZE = 64
+CHUNK = 64 << 20  # bytes per read/write call: large, so syscalls are few and the GIL is free
+BIG_ENTRY = 16 << 20  # entries this large hash with blake3's own thread pool too
+
+try:
+    import blake3
+
+    DEFAULT_CHECKSUM = "blake3"
+except ImportError:  # pragma: no cover - blake3 ships with vLLM
+    blake3 = None
+    DEFAULT_CHECKSUM = "crc32"
+
+
+class WeightFileError(Exception):
+    """Base of every error this package raises about a weight file."""
+
+
+class CorruptHeaderError(WeightFileError):
+    """Bad magic, unknown version, or an index that does not parse or match its hash."""
+
+
+class TruncatedFileError(WeightFileError):
+    """The file is shorter than its index says."""
+
+
+class ChecksumMismatchError(WeightFileError):
+    """A tensor's bytes do not match the checksum recorded when it was written."""
+
+
+class MissingKeyError(WeightFileError):
+    """The file and the targets do not name the same tensors."""
+
+
+class TensorMismatchError(WeightFileError):
+    """A target tensor has another shape, dtype or layout than the file's entry."""
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class WeightIndex:
+    version: int
+    checksum: str  # algorithm name
+    entries: dict[str, WeightEntry]
+    meta: dict[str, Any]
+    index_sha256: str
+    file_size: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor made only when its turn to be written comes (e.g. read back from a packed
+    kernel), so a dump holds one such copy at a time, not all of them."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+# --------------------------------------------------------------------------------------------
+# checksums
+
+
+class Crc32:
+    """zlib.crc32 behind the hashlib interface (update / hexdigest)."""
+
+    v = 0
+
+    def update(self, data) -> None:
+        self.v = zlib.crc32(data, self.v)
+
+    def hexdigest(self) -> str:
+        return f"{self.v:08x}"
+
+
+def hasher(alg: str):
+    """A fresh hasher for the algorithm an index names."""
+    if alg == "blake3" and blake3 is not None:
+        return blake3.blake3()
+    if alg == "crc32":
+        return Crc32()
+    raise CorruptHeaderError(f"checksum algorithm {alg!r} is not available here")
+
+
+def entry_hasher(alg: str, nbytes: int):
+    """``hasher``, with blake3's own threads for an entry of ``BIG_ENTRY`` bytes or more."""
+    if alg == "blake3" and blake3 is not None and nbytes >= BIG_ENTRY:
+        auto = getattr(blake3.blake3, "AUTO", None)
+        if auto is not None:
+            return blake3.blake3(max_threads=auto)  # same digest, several cores on one big tensor
+    return hasher(alg)
+
+
+def mismatch(path: str | os.PathLike, e: WeightEntry, alg: str, got: str) -> ChecksumMismatchError:
+    return ChecksumMismatchError(f"{path}: {e.key} ({e.nbytes} bytes at offset {e.offset}): "
+                                 f"{alg} {got} != recorded {e.checksum}")
+
+
+# --------------------------------------------------------------------------------------------
+# tensor bytes
+
+
+def host_view(t: torch.Tensor) -> memoryview:
+    """Writable memoryview over a contiguous CPU tensor's bytes, without ``.numpy()``.
+
+    ``.numpy()`` would tie the storage to a numpy array (and vLLM's release path needs the
+    storage to stay resizable), so go through the raw address instead.
+    """
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 view (same storage)."""
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_target(e: WeightEntry, t: torch.Tensor) -> None:
+    """Refuse a target tensor that cannot take the entry's bytes as they are."""
+    dtype = dtype_name(t.dtype)
+    if dtype != e.dtype or tuple(t.shape) != e.shape:
+        raise TensorMismatchError(f"{e.key}: file has {e.dtype}{list(e.shape)}, "
+                                  f"target is {dtype}{list(t.shape)}")
+    if not t.is_contiguous():
+        raise TensorMismatchError(f"{e.key}: target is not contiguous (strides {t.stride()})")
+
+
+# --------------------------------------------------------------------------------------------
+# writing: the index first (offsets), the header last
+
+
+def lay_out(items: Sequence[tuple[str, Any]], meta: Mapping[str, Any] | None,
+            checksum: str) -> tuple[dict[str, Any], int, int]:
+    """The index document for (key, tensor-like) items, with placeholder checksums; and the
+    data start and the end of the last entry (the file is truncated to the larger)."""
+    placeholder = hasher(checksum).hexdigest()  # digests have a fixed length per algorithm
+    data_start = ALIGN
+    while True:  # offsets are absolute, so the index length and data start depend on each other
+        entries, off = [], data_start
+        for k, t in items:
+            n = math.prod(t.shape) * t.dtype.itemsize
+            entries.append({"key": k, "dtype": dtype_name(t.dtype),
+                            "shape": list(t.shape), "offset": off, "nbytes": n,
+                            "checksum": placeholder})
+            off = align_up(off + n)
+        doc = {"version": VERSION, "checksum": checksum, "meta": dict(meta or {}),
+               "entries": entries}
+        need = align_up(HEADER_SIZE + len(json.dumps(doc).encode()))
+        if need <= data_start:
+            return doc, data_start, off
+        data_start = need
+
+
+def write_header(fd: int, doc: dict[str, Any]) -> bytes:
+    """Write the header and the index (with the entries' real checksums by now); its sha256."""
+    index = json.dumps(doc).encode()
+    sha = hashlib.sha256(index).digest()
+    os.pwrite(fd, HEADER.pack(MAGIC, VERSION, 0, len(index), sha).ljust(HEADER_SIZE, b"\0")
+              + index, 0)
+    return sha
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def read_index(path: str | os.PathLike) -> WeightIndex:
+    """Parse and check the header and index (not the tensor bytes)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(HEADER_SIZE)
+        if len(head) < HEADER_SIZE:
+            raise TruncatedFileError(f"{path}: {size} bytes, shorter than the {HEADER_SIZE}-byte header")
+        magic, version, _, n, sha = HEADER.unpack_from(head)
+        if magic != MAGIC:
+            raise CorruptHeaderError(f"{path}: magic {magic!r}, expected {MAGIC!r}: not a weight file")
+        if version != VERSION:
+            raise CorruptHeaderError(f"{path}: format version {version}, this reader knows {VERSION}")
+        if HEADER_SIZE + n > size:
+            raise TruncatedFileError(f"{path}: index needs {HEADER_SIZE + n} bytes, file has {size}")
+        raw = f.read(n)
+    if hashlib.sha256(raw).digest() != sha:
+        raise CorruptHeaderError(f"{path}: index sha256 mismatch (index bytes are corrupt)")
+    try:
+        doc = json.loads(raw)
+        entries = {e["key"]: WeightEntry(e["key"], e["dtype"], tuple(e["shape"]), e["offset"],
+                                         e["nbytes"], e["checksum"]) for e in doc["entries"]}
+        alg, meta = doc["checksum"], doc.get("meta", {})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptHeaderError(f"{path}: index does not parse: {exc}") from exc
+    for e in entries.values():
+        if e.offset % ALIGN:
+            raise CorruptHeaderError(f"{path}: {e.key} at offset {e.offset}, not {ALIGN}-aligned")
+        if e.offset + e.nbytes > size:
+            raise TruncatedFileError(f"{path}: {e.key} ends at byte {e.offset + e.nbytes}, "
+                                     f"file has {size} bytes (truncated)")
+    return WeightIndex(version, alg, entries, meta, sha.hex(), size)

@@ -1,0 +1,241 @@
+"""The page-cache path: when the whole ``.fvw`` file is already in the page cache (a restore
+right after the prefetch), the GPU copies the tensors straight out of it, with no CPU copy
+(~21 GB/s against ~12 for the pinned ring on an H100; ``FV_LOAD_REGISTER=0`` turns it off).
+
+The file is mapped read-only (libc mmap), checked for residency (cachestat(2), mincore(2) as
+the fallback), and page-locked window by window in place (``cudaHostRegister``, read-only);
+registering window i+1 overlaps the copies of window i. With a checksum, CPU threads hash the
+same mapped pages while the GPU copies them (:class:`MappedVerifier`). When the file is not
+all cached, or the driver refuses to register it, :func:`load_registered` returns None and the
+caller uses the pinned ring.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import torch
+
+from .fileformat import WeightEntry, entry_hasher, flat_bytes, mismatch
+from .pipeline import one_device
+from .plan import windows
+from .settings import GpuLoaderError
+from .stats import TransferStats
+
+REGISTER_WINDOW = 1 << 30  # measured best of 64 MiB / 256 MiB / 1 GiB (bench/gpu_register_load.py)
+_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
+_PROT_READ, _MAP_SHARED = 1, 1
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class RegisterRefused(GpuLoaderError):
+    """The driver would not page-lock the mapped file: use the pinned ring."""
+
+
+# --------------------------------------------------------------------------------------------
+# residency and the mapping
+
+_LOW_BIT = bytes(b & 1 for b in range(256))
+_SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451}.get(os.uname().machine)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [("nr_cache", ctypes.c_uint64), ("nr_dirty", ctypes.c_uint64),
+                ("nr_writeback", ctypes.c_uint64), ("nr_evicted", ctypes.c_uint64),
+                ("nr_recently_evicted", ctypes.c_uint64)]
+
+
+def _cachestat_pages(libc: Any, fd: int, size: int) -> int | None:
+    """Pages of the file's first SIZE bytes in the page cache, or None where cachestat(2) is
+    missing (kernel < 6.5) or filtered (seccomp)."""
+    if _SYS_CACHESTAT is None:
+        return None
+    rng, st = _CachestatRange(0, size), _Cachestat()
+    if libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
+        return None
+    return int(st.nr_cache)
+
+
+class FileMapping:
+    """A read-only shared mapping of a whole file (libc mmap: Python's mmap object cannot hand
+    out the address of a read-only mapping)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.mmap.restype = ctypes.c_void_p
+        self.libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_int, ctypes.c_long]
+        self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self.libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        self.fd, self.size = fd, size
+        addr = self.libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap of the weight file failed")
+        self.addr: int = addr
+
+    def resident(self) -> bool:
+        """Is every page of the file in the page cache? cachestat(2) (Linux 6.5+) counts them in
+        one call; mincore(2) over the mapping is the fallback (~85 ms for 7 GB on an H100 host)."""
+        pages = (self.size + _PAGE - 1) // _PAGE
+        counted = _cachestat_pages(self.libc, self.fd, self.size)
+        if counted is not None:
+            return counted >= pages
+        vec = (ctypes.c_ubyte * pages)()
+        if self.libc.mincore(self.addr, self.size, vec) != 0:
+            return False
+        # bit 0 of each byte: that page is resident (the other bits are reserved)
+        return bytes(vec).translate(_LOW_BIT).count(0) == 0
+
+    def close(self) -> None:
+        self.libc.munmap(self.addr, self.size)
+
+
+# --------------------------------------------------------------------------------------------
+# verifying the mapped pages beside the copies
+
+
+class MappedVerifier:
+    """Checks every entry of a mapped weight file against its recorded checksum in background
+    threads (the hashes release the GIL), so verification overlaps the GPU copies of the same
+    pages instead of adding a pass. Largest entries first: they bound the wall time. On exit
+    it always waits for its threads: the mapping must outlive them."""
+
+    def __init__(self, mapping: FileMapping, entries: Sequence[WeightEntry],
+                 alg: str | None, path: str, threads: int) -> None:
+        self.seconds = 0.0
+        self._t0 = time.perf_counter()
+        self._pool = ThreadPoolExecutor(max(1, threads)) if alg else None
+        self._jobs = [self._pool.submit(_verify_mapped, mapping, e, alg, path)
+                      for e in sorted(entries, key=lambda e: -e.nbytes)] if self._pool else []
+
+    def result(self) -> None:
+        for job in self._jobs:
+            job.result()
+        self.seconds = time.perf_counter() - self._t0
+
+    def __enter__(self) -> "MappedVerifier":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            for job in self._jobs:
+                job.cancel()
+            self._pool.shutdown(wait=True)
+
+
+def _verify_mapped(mapping: FileMapping, e: WeightEntry, alg: str, path: str) -> None:
+    h = entry_hasher(alg, e.nbytes)
+    if e.nbytes:
+        h.update(memoryview((ctypes.c_char * e.nbytes).from_address(mapping.addr + e.offset)).cast("B"))
+    if h.hexdigest() != e.checksum:
+        raise mismatch(path, e, alg, h.hexdigest())
+
+
+# --------------------------------------------------------------------------------------------
+# the copies
+
+
+def _clear_last_cuda_error() -> None:
+    """cudaGetLastError() on this thread. A failed runtime call stays this thread's "last error"
+    until read, and torch reads it after its kernel launches (C10_CUDA_KERNEL_LAUNCH_CHECK): a
+    refused registration must not surface later as the error of some unrelated kernel. torch's
+    cudart binding has no cudaGetLastError, so it is called in the libcudart torch loaded."""
+    fn = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if fn is None:
+        try:
+            with open("/proc/self/maps") as maps:
+                path = next((line.split()[-1] for line in maps if "libcudart.so" in line), None)
+            fn = ctypes.CDLL(path).cudaGetLastError if path else None
+        except (OSError, AttributeError):
+            fn = None
+    if fn is not None:
+        fn()
+
+
+def _copy_windows(entries: Sequence[WeightEntry], tensors: Sequence[torch.Tensor],
+                  mapping: FileMapping, device: torch.device, streams: int = 2,
+                  window: int = REGISTER_WINDOW) -> tuple[float, int]:
+    """Page-lock each window of the mapped file in place (cudaHostRegister, read-only) and let
+    the GPU copy the tensors out of it; registering window i+1 overlaps the copies of window i.
+    Returns (transfer seconds, windows)."""
+    cudart = torch.cuda.cudart()
+    flats = [flat_bytes(t) for t in tensors]
+    plan_ = windows([(e.offset, e.nbytes) for e in entries], window)
+    with torch.cuda.device(device):
+        ss = [torch.cuda.Stream(device=device) for _ in range(streams)]
+    torch.cuda.synchronize(device)
+    inflight: list[tuple[int, Any, torch.Tensor]] = []
+    t0 = time.perf_counter()
+    try:
+        for k, w in enumerate(plan_):
+            woff = w.offset
+            span = min(-(-w.length // _PAGE) * _PAGE, -(-mapping.size // _PAGE) * _PAGE - woff)
+            err = int(cudart.cudaHostRegister(mapping.addr + woff, span, _HOST_REGISTER_READ_ONLY))
+            if err != 0:
+                _clear_last_cuda_error()  # else torch's next launch check reports this error
+                raise RegisterRefused(f"cudaHostRegister of the mapped weight file failed (error {err})")
+            host = torch.frombuffer((ctypes.c_ubyte * span).from_address(mapping.addr + woff),
+                                    dtype=torch.uint8)
+            inflight.append((mapping.addr + woff, None, host))
+            s = ss[k % streams]
+            with torch.cuda.stream(s):
+                for p in w.pieces:
+                    flats[p.entry][p.src:p.src + p.length].copy_(host[p.buf:p.buf + p.length],
+                                                                 non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(s)
+            inflight[-1] = (mapping.addr + woff, ev, host)
+            while len(inflight) > streams:
+                addr, ev, _ = inflight.pop(0)
+                ev.synchronize()
+                cudart.cudaHostUnregister(addr)
+    finally:
+        torch.cuda.synchronize(device)  # no copy may still read what we unregister and unmap
+        for addr, _, _ in inflight:
+            cudart.cudaHostUnregister(addr)
+    return time.perf_counter() - t0, len(plan_)
+
+
+def load_registered(path: str | os.PathLike, entries: Sequence[WeightEntry],
+                    tensors: Sequence[torch.Tensor], checksum: str | None = None,
+                    threads: int = 4) -> TransferStats | None:
+    """The page-cache path, or None when the file is not all in the page cache (the ring
+    then reads it: faster from disk) or the driver refuses to register it. With CHECKSUM,
+    THREADS hash the mapped entries while the GPU copies them; a mismatch raises."""
+    t0 = time.perf_counter()
+    path = os.fspath(path)
+    device = one_device(tensors)
+    if device.type != "cuda":
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        mapping = FileMapping(fd, size)
+        try:
+            if not mapping.resident():
+                return None
+            t1 = time.perf_counter()
+            with MappedVerifier(mapping, entries, checksum, path, threads) as verifier:
+                took, n_windows = _copy_windows(entries, tensors, mapping, device)
+                verifier.result()  # before the mapping goes: raises on a mismatch
+        except RegisterRefused:
+            return None
+        finally:
+            mapping.close()
+    finally:
+        os.close(fd)
+    nbytes = sum(e.nbytes for e in entries)
+    notes = ["page cache registered in place (cudaHostRegister, read-only windows)"]
+    if checksum:
+        notes.append(f"{checksum} of every entry checked from the page cache in {verifier.seconds:.3f} s")
+    return TransferStats("load", nbytes, nbytes, len(entries), n_windows, time.perf_counter() - t0,
+                         t1 - t0, took, 0, 0, REGISTER_WINDOW >> 20, 2, False, checksum is not None,
+                         notes)

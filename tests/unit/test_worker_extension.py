@@ -1,0 +1,126 @@
+"""Unit tests for fvboot.worker_extension: the bookkeeping of GpuWeights, on CPU tensors with a
+fake CuMemAllocator."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import need
+
+torch = need("torch", "the worker extension works on torch tensors")
+
+
+class _FakeData:  # vllm.device_allocator.AllocationData
+    def __init__(self, size, tag):
+        self.handle = (0, size, 0, 0)
+        self.tag = tag
+        self.cpu_backup_tensor = None
+        self.is_asleep = False
+
+
+class _FakeMemPool:
+    def __init__(self, segments):
+        self.segments = segments
+
+    def snapshot(self):
+        return self.segments
+
+
+class _FakeAllocator:
+    def __init__(self):
+        self.pointer_to_data = {}
+        self.allocator_and_pools = {}
+        self.segments = []
+
+    def add(self, t, tag, slack=512):
+        ptr = t.untyped_storage().data_ptr()
+        n = t.untyped_storage().nbytes()
+        self.pointer_to_data[ptr] = _FakeData(n + slack, tag)
+        if tag == "weights":
+            self.segments.append({"address": ptr, "total_size": n + slack, "blocks": [
+                {"address": ptr, "size": n, "state": "active_allocated"},
+                {"address": ptr + n, "size": slack, "state": "inactive"}]})
+            self.allocator_and_pools["weights"] = (_FakeMemPool(self.segments), None)
+
+
+def _gpu_weights_fixture():
+    from fvboot import worker_extension as wx
+
+    class CpuGpuWeights(wx.GpuWeights):
+        device_type = "cpu"
+
+    m = torch.nn.Module()
+    m.lin = torch.nn.Linear(16, 32)
+    m.embed = torch.nn.Embedding(100, 16)
+    m.head = torch.nn.Module()
+    m.head.weight = m.embed.weight  # tied: one storage
+    backing = torch.randn(100)
+    m.register_buffer("strided", backing[::2])  # a view: dumped as its whole storage
+    kv = torch.zeros(40)
+    m.register_buffer("kvbuf", kv)  # lives in another pool: not ours
+    m.workspace = torch.zeros(64)  # plain attribute inside the weights pool: included
+    # plain attribute outside every pool: left alone. Big enough for its own mapping: a small
+    # one could land in the heap right after a pool tensor, inside the fake allocation's slack.
+    m.scratch = [torch.zeros(1 << 20)]
+    alloc = _FakeAllocator()
+    for t in (m.lin.weight, m.lin.bias, m.embed.weight, backing, m.workspace):
+        alloc.add(t, "weights")
+    alloc.add(kv, "kv_cache")
+    return wx, CpuGpuWeights, m, alloc
+
+
+def test_gpu_weights_storages_and_coverage():
+    wx, cls, m, alloc = _gpu_weights_fixture()
+    w = cls({"": m}, pool=wx.CuMemPool(alloc))
+    keys = sorted(s.key for s in w.storages.values())
+    assert keys == ["embed.weight", "lin.bias", "lin.weight", "strided#storage", "workspace"]
+    half = next(s for s in w.storages.values() if s.key == "strided#storage")
+    assert half.tensor.dtype == torch.uint8 and half.nbytes == 400
+    assert w.skipped["other_pools"] == {"kv_cache": 160}
+    cov = w.coverage()
+    assert cov["coverage"] == 1.0 and "warning" not in cov, cov
+    assert cov["weights_pool_bytes"] == sum(s.nbytes for s in w.storages.values())
+    assert cov["measured_against"].startswith("allocated blocks")
+
+    lost = torch.zeros(1000)  # allocated during load, kept by something we do not see
+    alloc.add(lost, "weights")
+    cov = w.coverage()
+    assert cov["coverage"] < 0.99 and cov["uncovered_blocks"] == 1
+    assert "weights coverage" in cov["warning"] and "4000 B" in cov["warning"]
+    assert w.info()["storages"] == 5
+
+    alloc.allocator_and_pools.clear()  # no snapshot: falls back to reserved segment sizes
+    cov = w.coverage()
+    assert cov["measured_against"].startswith("reserved segments") and cov["coverage"] < 0.9
+
+
+def test_gpu_weights_state_machine():
+    wx, cls, m, alloc = _gpu_weights_fixture()
+    w = cls({"": m}, pool=wx.CuMemPool(alloc))
+    before = wx.fingerprint([(s.key, s.tensor) for s in w.storages.values()])
+    assert dict(w.items()).keys() == w.targets().keys() and not w.released
+    assert w.release() == 0 and w.released
+    with pytest.raises(wx.WeightCollectionError, match="released"):
+        list(w.items())
+    for d in alloc.pointer_to_data.values():  # /sleep?level=2
+        d.is_asleep = True
+    with pytest.raises(wx.WeightCollectionError, match="asleep.*wake_up\\?tags=weights"):
+        w.targets()
+    for d in alloc.pointer_to_data.values():  # /wake_up?tags=weights
+        d.is_asleep = False
+    t = w.targets()
+    assert all(t[k] is s.tensor for k, s in ((s.key, s) for s in w.storages.values()))
+    w.finish_load()
+    assert not w.released and dict(w.items())
+    assert wx.fingerprint([(s.key, s.tensor) for s in w.storages.values()]) == before
+    with torch.no_grad():
+        m.lin.weight[3, 4] += 1
+    after = wx.fingerprint([(s.key, s.tensor) for s in w.storages.values()], detail=True)
+    assert after["fingerprint"] != before["fingerprint"] and "lin.weight" in after["per_key"]
+
+
+def test_gpu_weights_without_allocator_warns():
+    wx, cls, m, _ = _gpu_weights_fixture()
+    w = cls({"": m}, pool=None)
+    assert "workspace" not in {s.key for s in w.storages.values()}  # attributes need the pool
+    assert "--enable-sleep-mode" in w.coverage()["warning"]
