@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Experiment: copy a file that sits in the page cache to the GPU without a CPU copy.
 
-The weight loader (entrypoint/gpu_loader.py) pread()s the file into pinned buffers and copies
+The weight loader (entrypoint/weights/ring.py) pread()s the file into pinned buffers and copies
 those to the GPU: one CPU copy per byte. Here the file is mmap()ed and each window of it is
 page-locked in place with cudaHostRegister(..., ReadOnly), so the GPU reads the page cache
 directly; registration of window i+1 overlaps the copy of window i. Compared with the loader

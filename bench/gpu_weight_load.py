@@ -5,9 +5,9 @@ What it does, on one CUDA GPU:
   1. makes Llama-3.2-3B-shaped tensors (vLLM's fused names: qkv_proj, gate_up_proj; tied
      embeddings; plus a float32 rotary cache) on the GPU, ~6.4 GB (FV_BENCH_GB scales the
      number of layers), and a zeroed copy of each;
-  2. dumps them with ``weightfile.write_weights`` to $FV_BENCH_DIR (default /root/fvbench):
-     the pinned-buffer path of ``fvboot.gpu_loader`` (time split: transfer / fsync);
-  3. loads them back with ``weightfile.load_into`` into the zeroed tensors, checking every
+  2. dumps them with ``fvboot.weights.write_weights`` to $FV_BENCH_DIR (default /root/fvbench):
+     the pinned-buffer path of ``fvboot.weights.dump`` (time split: transfer / fsync);
+  3. loads them back with ``fvboot.weights.load_into`` into the zeroed tensors, checking every
      byte (torch.equal on uint8 views) after each run:
        (a) page cache warm, default settings (best of 2: the file is all cached, so the GPU
            copies straight from the page cache), the pinned ring alone, then verify=True;
@@ -51,8 +51,8 @@ def _link_fvboot() -> None:
     """Make ``import fvboot`` resolve to this checkout's entrypoint/ package."""
     FVPATH.mkdir(parents=True, exist_ok=True)
     link, target = FVPATH / "fvboot", REPO / "entrypoint"
-    if not (target / "gpu_loader.py").is_file():
-        sys.exit(f"{target}/gpu_loader.py not found: run this script from a fast-vllm checkout")
+    if not (target / "weights" / "load.py").is_file():
+        sys.exit(f"{target}/weights/load.py not found: run this script from a fast-vllm checkout")
     if link.is_symlink() or link.exists():
         if link.is_symlink() and os.readlink(link) == str(target):
             pass
@@ -70,7 +70,8 @@ _link_fvboot()
 
 import torch  # noqa: E402
 
-from fvboot import gpu_loader, weightfile as wf  # noqa: E402
+from fvboot import weights as wf  # noqa: E402
+from fvboot.weights import fileformat, pipeline, settings  # noqa: E402
 
 T0 = time.perf_counter()
 DEADLINE = float(os.environ.get("FV_BENCH_DEADLINE_S", "200"))
@@ -309,8 +310,8 @@ def fail(name: str, exc: BaseException) -> None:
 def main() -> int:
     if SELFTEST:
         dev = torch.device("cpu")
-        wf.GPU_DEVICE_TYPES = ("cpu",)
-        gpu_loader._engine_for = lambda device, cfg, engine: gpu_loader._HostEngine()
+        settings.GPU_DEVICE_TYPES = ("cpu",)
+        pipeline.engine_for = lambda device, cfg, engine: pipeline.HostEngine()
         results["notes"].append("FV_BENCH_SELFTEST_CPU=1: CPU run of the script, numbers meaningless")
     elif not torch.cuda.is_available():
         print("gpu_weight_load: CUDA is not available (torch "
@@ -329,9 +330,9 @@ def main() -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(),
         "cpus": os.cpu_count(), "bench_dir": str(BENCH_DIR), "filesystem": fs.strip(),
-        "free_disk_bytes": free_disk, "blake3": wf._blake3 is not None,
-        "defaults": {**gpu_loader.Config.from_env().__dict__,
-                     "reader_threads": gpu_loader.Config.from_env().reader_threads()},
+        "free_disk_bytes": free_disk, "blake3": fileformat.blake3 is not None,
+        "defaults": {**settings.Config.from_env().__dict__,
+                     "reader_threads": settings.Config.from_env().reader_threads()},
         "fv_load_env": {k: os.environ[k] for k in LOAD_KEYS if k in os.environ},
     }
     log(f"GPU {results['env']['gpu']}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
