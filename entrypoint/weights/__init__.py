@@ -11,6 +11,8 @@ Read it in this order (each module says why it exists):
   * ``pipeline``   -- what ``ring`` and ``dump`` share: copy engines, ordered hashing, workers.
   * ``ring``, ``pagecache``, ``dump`` -- the three GPU transfers.
   * ``stats``      -- what a load or a dump reports.
+  * ``cpu``, ``gpu`` -- what the weights of a running vLLM worker are, per device (what is
+                      dumped, released and refilled); ``collection`` -- what both share.
 
 Importing this package needs torch but not CUDA; CUDA is touched only when a transfer runs.
 The worker extension (``fvboot.worker_extension``) is its only caller inside fvboot.

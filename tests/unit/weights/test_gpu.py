@@ -1,5 +1,5 @@
-"""Unit tests for fvboot.worker_extension: the bookkeeping of GpuWeights, on CPU tensors with a
-fake CuMemAllocator."""
+"""Unit tests for fvboot.weights.gpu: the bookkeeping of GpuWeights, on CPU tensors with a fake
+CuMemAllocator."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import pytest
 
 from conftest import need
 
-torch = need("torch", "the worker extension works on torch tensors")
+torch = need("torch", "the weight collections work on torch tensors")
+
+from fvboot.weights.collection import WeightCollectionError, fingerprint  # noqa: E402
+from fvboot.weights.gpu import CuMemPool, GpuWeights  # noqa: E402
 
 
 class _FakeData:  # vllm.device_allocator.AllocationData
@@ -44,9 +47,7 @@ class _FakeAllocator:
 
 
 def _gpu_weights_fixture():
-    from fvboot import worker_extension as wx
-
-    class CpuGpuWeights(wx.GpuWeights):
+    class CpuGpuWeights(GpuWeights):
         device_type = "cpu"
 
     m = torch.nn.Module()
@@ -66,12 +67,12 @@ def _gpu_weights_fixture():
     for t in (m.lin.weight, m.lin.bias, m.embed.weight, backing, m.workspace):
         alloc.add(t, "weights")
     alloc.add(kv, "kv_cache")
-    return wx, CpuGpuWeights, m, alloc
+    return CpuGpuWeights, m, alloc
 
 
 def test_gpu_weights_storages_and_coverage():
-    wx, cls, m, alloc = _gpu_weights_fixture()
-    w = cls({"": m}, pool=wx.CuMemPool(alloc))
+    cls, m, alloc = _gpu_weights_fixture()
+    w = cls({"": m}, pool=CuMemPool(alloc))
     keys = sorted(s.key for s in w.storages.values())
     assert keys == ["embed.weight", "lin.bias", "lin.weight", "strided#storage", "workspace"]
     half = next(s for s in w.storages.values() if s.key == "strided#storage")
@@ -95,16 +96,16 @@ def test_gpu_weights_storages_and_coverage():
 
 
 def test_gpu_weights_state_machine():
-    wx, cls, m, alloc = _gpu_weights_fixture()
-    w = cls({"": m}, pool=wx.CuMemPool(alloc))
-    before = wx.fingerprint([(s.key, s.tensor) for s in w.storages.values()])
+    cls, m, alloc = _gpu_weights_fixture()
+    w = cls({"": m}, pool=CuMemPool(alloc))
+    before = fingerprint([(s.key, s.tensor) for s in w.storages.values()])
     assert dict(w.items()).keys() == w.targets().keys() and not w.released
     assert w.release() == 0 and w.released
-    with pytest.raises(wx.WeightCollectionError, match="released"):
+    with pytest.raises(WeightCollectionError, match="released"):
         list(w.items())
     for d in alloc.pointer_to_data.values():  # /sleep?level=2
         d.is_asleep = True
-    with pytest.raises(wx.WeightCollectionError, match="asleep.*wake_up\\?tags=weights"):
+    with pytest.raises(WeightCollectionError, match="asleep.*wake_up\\?tags=weights"):
         w.targets()
     for d in alloc.pointer_to_data.values():  # /wake_up?tags=weights
         d.is_asleep = False
@@ -112,15 +113,15 @@ def test_gpu_weights_state_machine():
     assert all(t[k] is s.tensor for k, s in ((s.key, s) for s in w.storages.values()))
     w.finish_load()
     assert not w.released and dict(w.items())
-    assert wx.fingerprint([(s.key, s.tensor) for s in w.storages.values()]) == before
+    assert fingerprint([(s.key, s.tensor) for s in w.storages.values()]) == before
     with torch.no_grad():
         m.lin.weight[3, 4] += 1
-    after = wx.fingerprint([(s.key, s.tensor) for s in w.storages.values()], detail=True)
+    after = fingerprint([(s.key, s.tensor) for s in w.storages.values()], detail=True)
     assert after["fingerprint"] != before["fingerprint"] and "lin.weight" in after["per_key"]
 
 
 def test_gpu_weights_without_allocator_warns():
-    wx, cls, m, _ = _gpu_weights_fixture()
+    cls, m, _ = _gpu_weights_fixture()
     w = cls({"": m}, pool=None)
     assert "workspace" not in {s.key for s in w.storages.values()}  # attributes need the pool
     assert "--enable-sleep-mode" in w.coverage()["warning"]
