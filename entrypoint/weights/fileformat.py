@@ -148,7 +148,7 @@ def entry_hasher(alg: str, nbytes: int):
 
 def mismatch(path: str | os.PathLike, e: WeightEntry, alg: str, got: str) -> ChecksumMismatchError:
     return ChecksumMismatchError(f"{path}: {e.key} ({e.nbytes} bytes at offset {e.offset}): "
-                                 f"{alg} {got} != recorded {e.checksum}")
+                                 f"checksum mismatch, {alg} {got} != recorded {e.checksum}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -358,7 +358,7 @@ def test_normal_start_on_request_keeps_the_baked_arguments(baked_image, manifest
 
 
 FLIP_EMBEDDING_BYTE = (  # the embedding's last row: a token no probe prompt produces
-    "python3 -c \"from fvboot import weightfile as wf; p='/fv/weights/rank0.fvw'; "
+    "python3 -c \"from fvboot import weights as wf; p='/fv/weights/rank0.fvw'; "
     "e=next(e for k, e in wf.read_index(p).entries.items() if 'embed_tokens' in k); "
     "f=open(p, 'r+b'); f.seek(e.offset + e.nbytes - 2); b=f.read(1); f.seek(e.offset + e.nbytes - 2); "
     "f.write(bytes([b[0] ^ 0x10])); f.close()\"")
@@ -367,4 +367,4 @@ FLIP_EMBEDDING_BYTE = (  # the embedding's last row: a token no probe prompt pro
 def test_one_damaged_weight_byte_the_probe_cannot_see_falls_back(baked_image, manifest, port_free):
     """A byte the probe prompts never reach (found by an operator: it was served as a wrong
     answer). Every weight is checked against the dump's checksums while it loads."""
-    _fallback(baked_image, manifest, FLIP_EMBEDDING_BYTE, "checksum")
+    _fallback(baked_image, manifest, FLIP_EMBEDDING_BYTE, "checksum mismatch")
