@@ -18,7 +18,9 @@ from fvboot.weights.cpu import CpuWeights  # noqa: E402
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch):
+def onednn_handler_type(monkeypatch):
+    """Only the handler type CpuWeights looks for (vllm._custom_ops is not importable without
+    vLLM's CPU build; the real handlers run in the CPU e2e suite)."""
     ops = types.ModuleType("vllm._custom_ops")
     ops.CPUDNNLGEMMHandler = type("CPUDNNLGEMMHandler", (), {})
     vllm = types.ModuleType("vllm")
@@ -27,7 +29,7 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm._custom_ops", ops)
 
 
-def test_cpu_weights_release_and_refill_storages(fake_vllm):
+def test_cpu_weights_release_and_refill_storages(onednn_handler_type):
     m = torch.nn.Module()
     m.lin = torch.nn.Linear(8, 4)
     backing = torch.randn(50)
@@ -47,7 +49,7 @@ def test_cpu_weights_release_and_refill_storages(fake_vllm):
     assert w.info()["storages"] == 3 and w.info()["onednn_handlers"] == 0
 
 
-def test_cpu_weights_refuse_an_unknown_capture(fake_vllm):
+def test_cpu_weights_refuse_an_unknown_capture(onednn_handler_type):
     m = torch.nn.Linear(2, 2)
 
     class Packed:
