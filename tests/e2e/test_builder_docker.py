@@ -130,6 +130,13 @@ def test_stopped_docker_daemon_is_a_clear_error(tmp_path):
     _one_line_error(r, "cannot reach the Docker daemon", "start dockerd")
 
 
+def test_inspect_of_an_image_that_was_not_baked_is_a_clear_error(docker_client):
+    base = os.environ.get("FV_BASE_IMAGE", "fv-local/debian:bookworm")
+    docker_client.images.get(base)  # the setup script made it
+    r = fvbuild("inspect", base)
+    _one_line_error(r, f"{base} carries no fast-vllm checkpoint", "fvbuild image")
+
+
 def test_unknown_option_is_a_clear_error():
     r = fvbuild("image", "--model", "synthetic:tiny", "--colour", "blue")
     assert r.returncode == 2 and "No such option '--colour'" in r.stderr and "Traceback" not in r.stderr
