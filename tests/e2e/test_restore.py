@@ -320,6 +320,15 @@ def test_corrupt_checkpoint_file_falls_back(baked_image, manifest, port_free):
               f"{victim} is corrupt")
 
 
+def test_truncated_page_image_falls_back(baked_image, manifest, port_free):
+    """The largest memory image (what a cut-off copy or pull would damage first) loses its last
+    page: the restore refuses it before CRIU reads a byte."""
+    pages = [f for f in manifest["files"] if "/pages-" in f["path"]]
+    victim = max(pages, key=lambda f: f["size"])["path"]
+    _fallback(baked_image, manifest, f"truncate -s -4096 /fv/{victim}",
+              f"{victim} has {max(f['size'] for f in pages) - 4096} bytes, expected")
+
+
 def test_manifest_from_another_device_falls_back(baked_image, manifest, port_free):
     other = "cuda" if e2e_device() == "cpu" else "cpu"
     _fallback(baked_image, manifest,
