@@ -29,6 +29,23 @@ def need(module: str, why: str):
         pytest.skip(msg, allow_module_level=True)
 
 
+@pytest.fixture(scope="session")
+def c_client(tmp_path_factory):
+    """The C cuda-checkpoint client images install, compiled as the image build does."""
+    import shutil
+
+    from fvboot import cuda_checkpoint_client
+
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("needs a C compiler")
+    out = tmp_path_factory.mktemp("c-client") / "cuda-checkpoint"
+    source = Path(cuda_checkpoint_client.__file__).with_suffix(".c")
+    subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(source)],
+                   check=True, capture_output=True, text=True)
+    return out
+
+
 def _docker_reason() -> str | None:
     try:
         import docker

@@ -724,19 +724,6 @@ def test_service_runs_as_a_process_and_goes_with_its_context(tmp_path, monkeypat
         assert env == {}
 
 
-@pytest.fixture(scope="module")
-def c_client(tmp_path_factory):
-    """The C client images install as cuda-checkpoint, compiled as the image build does."""
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        pytest.skip("needs a C compiler")
-    out = tmp_path_factory.mktemp("c-client") / "cuda-checkpoint"
-    source = Path(client.__file__).with_suffix(".c")
-    subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(source)],
-                   check=True, capture_output=True, text=True)
-    return out
-
-
 @pytest.mark.parametrize("argv", [
     ["--get-state", "--pid", "12"],
     ["--action", "unlock", "--pid", "12"],

@@ -5,28 +5,14 @@ service that hangs up mid-request is an error line, not a SIGPIPE."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from fvboot import cuda_checkpoint_client as client
-
-
-@pytest.fixture(scope="module")
-def c_client(tmp_path_factory):
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        pytest.skip("needs a C compiler")
-    out = tmp_path_factory.mktemp("c-client") / "cuda-checkpoint"
-    source = Path(client.__file__).with_suffix(".c")
-    subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(source)],
-                   check=True, capture_output=True, text=True)
-    return out
 
 
 @pytest.fixture
