@@ -81,8 +81,8 @@ def gpu_device_map(baked: Device, here: Device) -> str:
 
 def restore_dev_shm(layout: Layout) -> None:
     """Put /dev/shm back as it was at the dump (over any leftovers of an earlier run)."""
-    r = subprocess.run(["tar", "--sparse", "--overwrite", "-xf", str(layout.shm_archive), "-C", "/dev/shm"], timeout=120,
-                       capture_output=True, text=True)
+    r = subprocess.run(["tar", "--sparse", "--overwrite", "-xf", str(layout.shm_archive), "-C", "/dev/shm"],
+                       capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise CheckpointUnusable(f"cannot restore /dev/shm: {r.stderr.strip()}")
 

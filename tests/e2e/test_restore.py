@@ -7,6 +7,7 @@ before the checkpoint (recorded in the manifest at bake time).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from fvbuild.engine import docker_run_flags
 import requests
 
 from conftest import CANARY, REPO, e2e_device, fvbuild
+from fvboot.serve import PROBE_LOGPROB_TOL  # a normal start is held to fvboot's own probe tolerance
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 PORT = 8000
@@ -27,17 +29,19 @@ URL = f"http://127.0.0.1:{PORT}"
 CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
 
 
-def gpu_flags() -> list[str]:
-    """`docker run` flags for the GPU, as the builder gives them (FV_GPU_ACCESS: auto, toolkit or
-    devices; FV_NVIDIA_DRIVER_DIR for devices); none on CPU."""
+@functools.lru_cache(maxsize=None)
+def _gpu_flags() -> tuple[str, ...]:
     if e2e_device() != "cuda":
-        return []
+        return ()
     from fvbuild.gpu import gpu_run_flags
 
-    return gpu_run_flags(os.environ.get("FV_GPU_ACCESS", "auto"), os.environ.get("FV_NVIDIA_DRIVER_DIR"))
+    return tuple(gpu_run_flags(os.environ.get("FV_GPU_ACCESS", "auto"), os.environ.get("FV_NVIDIA_DRIVER_DIR")))
 
 
-PROBE_LOGPROB_TOL = 1e-3  # as fvboot's own check: a normal start's kernels may differ in the 4th decimal
+def gpu_flags() -> list[str]:
+    """`docker run` flags for the GPU, as the builder gives them (FV_GPU_ACCESS: auto, toolkit or
+    devices; FV_NVIDIA_DRIVER_DIR for devices); none on CPU. Asked of Docker once per session."""
+    return list(_gpu_flags())
 
 
 @pytest.fixture(scope="session")
