@@ -72,14 +72,20 @@ def e2e_device() -> str:
     return os.environ.get("FV_E2E_DEVICE", "cpu")
 
 
+def base_image() -> str:
+    """The local base image fvbuild builds from here (FV_BASE_IMAGE; CPU CI: the Debian that
+    .ci/setup-cpu-host.sh debootstraps; GPU CI: the one .ci/gpu-run makes from the machine's files)."""
+    return os.environ.get("FV_BASE_IMAGE", "fv-local/debian:bookworm")
+
+
 @pytest.fixture(scope="session")
 def build_flags(docker_client) -> list[str]:
-    """fvbuild flags for this machine: local base image, local CRIU source, local wheels, CA."""
+    """fvbuild flags for this machine. CPU CI: the local Debian base, CRIU source, wheels and CA.
+    GPU CI (no network): the base image and a prebuilt CRIU it was given, and its GPU access."""
     device = e2e_device()
     flags = ["--device", device, "--network", "host"]
     if device == "cpu":
-        base = os.environ.get("FV_BASE_IMAGE", "fv-local/debian:bookworm")
-        flags += ["--base-image", base]
+        flags += ["--base-image", base_image()]
         src_file = WORK / "criu-src.path"
         src = os.environ.get("FV_CRIU_SRC") or (src_file.read_text().strip() if src_file.exists() else "")
         if not src:
@@ -91,8 +97,17 @@ def build_flags(docker_client) -> list[str]:
         ca = os.environ.get("FV_CA_CERT", "/etc/ssl/certs/ca-certificates.crt")
         if Path(ca).is_file():
             flags += ["--ca-cert", ca]
-        flags += ["--vllm-arg=--max-model-len=512", "--vllm-arg=--kv-cache-memory-bytes=67108864"]
-    return flags
+    else:
+        if os.environ.get("FV_BASE_IMAGE"):
+            flags += ["--base-image", base_image()]
+        if os.environ.get("FV_CRIU_PREBUILT"):
+            flags += ["--criu-prebuilt", os.environ["FV_CRIU_PREBUILT"]]
+        flags += ["--gpu-access", os.environ.get("FV_GPU_ACCESS", "auto")]
+        if os.environ.get("FV_NVIDIA_DRIVER_DIR"):
+            flags += ["--nvidia-driver-dir", os.environ["FV_NVIDIA_DRIVER_DIR"]]
+    # a small KV cache on every device: the suite's model is tiny, and sleep and wake stay quick
+    args = os.environ.get("FV_E2E_VLLM_ARGS", "--max-model-len=512 --kv-cache-memory-bytes=67108864")
+    return flags + [f"--vllm-arg={a}" for a in args.split()]
 
 
 def fvbuild(*args: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:

@@ -15,12 +15,14 @@ import time
 import pytest
 import requests
 
-from conftest import REPO, fvbuild
+from conftest import REPO, e2e_device, fvbuild
+from test_restore import compose_gpu_override, gpu_flags
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 PORT = 8000
 URL = f"http://127.0.0.1:{PORT}"
 COMPOSE = REPO / "examples" / "compose" / "compose.yaml"
+COMPOSE_GPU = REPO / "examples" / "compose" / "compose.gpu.yaml"
 PROJECT = "fvexample"
 RESTORE_COMPOSE = REPO / "tests" / "e2e" / "docker-compose.yml"  # test_restore.py's service
 
@@ -63,10 +65,21 @@ def port_free(docker_client, docker_compose_project_name):
 
 
 def _host_network_variant(baked_image: str, tmp_path) -> str:
-    """The example as docker-compose reads it (variables filled in), on the host network."""
+    """The example as docker-compose reads it (variables filled in), on the host network. On a
+    GPU: with the example's own compose.gpu.yaml where NVIDIA's toolkit is there, else with the
+    device nodes and driver folder the builder names (the same flags as `fvbuild run-flags`)."""
     import yaml
 
-    r = _run([_compose_command(), "-f", str(COMPOSE), "config"], env={"FV_IMAGE": baked_image})
+    files = [str(COMPOSE)]
+    if e2e_device() == "cuda":
+        flags = gpu_flags()
+        if flags == ["--gpus", "all"]:
+            files.append(str(COMPOSE_GPU))
+        else:
+            override = tmp_path / "compose.gpu-devices.yaml"
+            override.write_text(compose_gpu_override(flags, service="vllm"))
+            files.append(str(override))
+    r = _run([_compose_command(), *(a for f in files for a in ("-f", f)), "config"], env={"FV_IMAGE": baked_image})
     assert r.returncode == 0, r.stderr
     doc = yaml.safe_load(r.stdout)
     svc = doc["services"]["vllm"]

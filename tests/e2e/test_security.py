@@ -15,7 +15,8 @@ import pytest
 from fvboot.layout import ADMIN_HEADER
 from fvboot.middleware import is_public
 from test_restore import (PORT, Container, _assert_same_as_bake, _logs, _wait_ready,  # noqa: F401
-                          docker_compose_command, docker_compose_file, docker_setup, manifest, port_free)
+                          docker_compose_command, docker_compose_file, docker_setup, gpu_flags, manifest,
+                          port_free)
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 RUNTIME_FILE = "/tmp/fvboot/runtime.json"
@@ -119,7 +120,7 @@ def test_docker_stop_during_a_normal_start_on_another_port(baked_image, port_fre
 def test_without_capabilities_the_reason_names_the_missing_one(baked_image, port_free):
     """No --cap-add: CRIU refuses, the line says which capability, and docker stop during the
     normal start that follows ends it at once."""
-    cid = subprocess.run(["docker", "run", "-d", "--network", "host", "--shm-size", "1g", baked_image],
+    cid = subprocess.run(["docker", "run", "-d", "--network", "host", "--shm-size", "1g", *gpu_flags(), baked_image],
                          capture_output=True, text=True, check=True).stdout.strip()
     try:
         deadline = time.monotonic() + 60
