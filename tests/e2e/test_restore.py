@@ -208,8 +208,12 @@ def test_logs_show_the_restored_server_and_the_timeline(restored, manifest, dock
     assert "restored from checkpoint" in out
     assert "fvboot serve timeline" in out and "restore done" in out and "ready" in out
     assert '"fvboot_timeline"' in out
-    time.sleep(0.5)
-    out = _compose(docker_compose_project_name, "logs", "--no-color")
+    deadline = time.monotonic() + 15  # fvboot marks the first request when the server's event reaches it
+    while True:
+        out = _compose(docker_compose_project_name, "logs", "--no-color")
+        if "first request served" in out or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert "POST /v1/completions" in out  # uvicorn's access log: the restored process's own output
     assert "first request served" in out
 

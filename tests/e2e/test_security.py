@@ -52,7 +52,8 @@ def test_only_the_public_api_answers_clients(baked_image, manifest, port_free):
         routes = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
         closed = sorted((m, p.replace("{", "x").replace("}", "")) for m, p in routes if not is_public(p))
         names = {p for _, p in closed}
-        assert {"/weight_checker", "/abort_requests", "/collective_rpc", "/sleep"} <= names, names
+        # the dev routes every vLLM build of this version registers (some add more, e.g. /weight_checker)
+        assert {"/abort_requests", "/collective_rpc", "/sleep"} <= names, names
         refused = {(m, p): _request(m, p) for m, p in closed}
         assert all(code in (403, 404) for code in refused.values()), refused
         for path in ("//sleep", "/sleep/", "/v1/../sleep", "/./collective_rpc", "/v1/%2e%2e/weight_checker",

@@ -54,6 +54,7 @@ ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv
 COPY --from=criu /out/criu /usr/local/sbin/criu
 COPY fvboot /opt/fast-vllm/lib/fvboot
 # fvboot goes in next to the base's Python (no pip); the base must bring vLLM, tar and unshare.
+# A base whose vLLM has no `vllm` command (installed without its console script) gets one.
 RUN set -eu; \
     for tool in python3 tar unshare; do command -v "$tool" >/dev/null 2>&1 \
         || { echo "fvbuild-error: base-tool: $tool"; exit 1; }; done; \
@@ -63,6 +64,8 @@ RUN set -eu; \
     site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     echo /opt/fast-vllm/lib > "$site/fast-vllm.pth"; \
     printf '#!/bin/sh\nexec %s -m fvboot "$@"\n' "$py" > /usr/local/bin/fvboot; \
+    command -v vllm >/dev/null 2>&1 || { printf '#!/bin/sh\nexec %s -m vllm.entrypoints.cli.main "$@"\n' "$py" \
+        > /usr/local/bin/vllm; chmod 0755 /usr/local/bin/vllm; }; \
     chmod 0755 /usr/local/bin/fvboot; \
     criu --version; fvboot --version
 ENV FV_HOME=/fv \

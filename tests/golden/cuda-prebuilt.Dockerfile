@@ -21,6 +21,7 @@ RUN set -eu; \
     done
 COPY fvboot /opt/fast-vllm/lib/fvboot
 # fvboot goes in next to the base's Python (no pip); the base must bring vLLM, tar and unshare.
+# A base whose vLLM has no `vllm` command (installed without its console script) gets one.
 RUN set -eu; \
     for tool in python3 tar unshare; do command -v "$tool" >/dev/null 2>&1 \
         || { echo "fvbuild-error: base-tool: $tool"; exit 1; }; done; \
@@ -30,6 +31,8 @@ RUN set -eu; \
     site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     echo /opt/fast-vllm/lib > "$site/fast-vllm.pth"; \
     printf '#!/bin/sh\nexec %s -m fvboot "$@"\n' "$py" > /usr/local/bin/fvboot; \
+    command -v vllm >/dev/null 2>&1 || { printf '#!/bin/sh\nexec %s -m vllm.entrypoints.cli.main "$@"\n' "$py" \
+        > /usr/local/bin/vllm; chmod 0755 /usr/local/bin/vllm; }; \
     mkdir -p /usr/local/libexec; \
     printf '#!/bin/sh\n[ -z "${FV_CRIU_WRAPPED:-}" ] || if [ -n "$FV_CRIU_SAVED_LD_LIBRARY_PATH" ]; then export LD_LIBRARY_PATH="$FV_CRIU_SAVED_LD_LIBRARY_PATH"; else unset LD_LIBRARY_PATH; fi\nPYTHONPATH=/opt/fast-vllm/lib exec %s -S -m fvboot.cuda_checkpoint "$@"\n' "$py" > /usr/local/libexec/fv-cuda-checkpoint; \
     chmod 0755 /usr/local/libexec/fv-cuda-checkpoint; \

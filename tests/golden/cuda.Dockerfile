@@ -38,6 +38,7 @@ COPY --from=criu /out/cuda_plugin.so /usr/lib/criu/cuda_plugin.so
 COPY --from=criu /out/cuda-checkpoint /usr/local/bin/cuda-checkpoint
 COPY fvboot /opt/fast-vllm/lib/fvboot
 # fvboot goes in next to the base's Python (no pip); the base must bring vLLM, tar and unshare.
+# A base whose vLLM has no `vllm` command (installed without its console script) gets one.
 RUN set -eu; \
     for tool in python3 tar unshare; do command -v "$tool" >/dev/null 2>&1 \
         || { echo "fvbuild-error: base-tool: $tool"; exit 1; }; done; \
@@ -47,6 +48,8 @@ RUN set -eu; \
     site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     echo /opt/fast-vllm/lib > "$site/fast-vllm.pth"; \
     printf '#!/bin/sh\nexec %s -m fvboot "$@"\n' "$py" > /usr/local/bin/fvboot; \
+    command -v vllm >/dev/null 2>&1 || { printf '#!/bin/sh\nexec %s -m vllm.entrypoints.cli.main "$@"\n' "$py" \
+        > /usr/local/bin/vllm; chmod 0755 /usr/local/bin/vllm; }; \
     mkdir -p /usr/local/libexec; \
     printf '#!/bin/sh\nPYTHONPATH=/opt/fast-vllm/lib exec %s -S -m fvboot.cuda_checkpoint "$@"\n' "$py" > /usr/local/libexec/fv-cuda-checkpoint; \
     chmod 0755 /usr/local/libexec/fv-cuda-checkpoint; \
