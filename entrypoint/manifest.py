@@ -23,9 +23,10 @@ from typing import Any, Callable, Mapping, Optional
 from .errors import ManifestInvalid
 
 FORMAT = 1
-# CRIU's page images are large and read anyway by the restore; they are size-checked only, and the
-# probe after restore proves their content. Everything else is checksummed.
-_SIZE_ONLY_PREFIXES = ("pages-",)
+# CRIU's page images are large and read anyway by the restore: too slow to hash before CRIU starts,
+# so they carry a digest per piece, checked while the restore reads them (pagecheck.py). Everything
+# else but the weights (checked by their own loader) has a sha256 checked before the restore.
+_PIECEWISE_PREFIXES = ("pages-",)
 
 
 # --- validation: one helper per JSON type, each naming the field it refuses -------------------
@@ -260,25 +261,50 @@ class Pipes:
 
 
 @dataclass(frozen=True)
+class PieceSums:
+    """Digests of a file's consecutive PIECE-byte pieces (the last may be shorter), by ALG."""
+
+    alg: str
+    piece: int
+    digests: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str) -> "PieceSums":
+        piece = _get(d, where, "piece", _is_int, "an integer")
+        if piece <= 0:
+            raise ManifestInvalid(f"manifest: {_name(where, 'piece')} must be positive")
+        return cls(alg=_get(d, where, "alg", _is_str, "a string"), piece=piece,
+                   digests=tuple(_get(d, where, "digests", _is_str_list, "a list of strings")))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"alg": self.alg, "piece": self.piece, "digests": list(self.digests)}
+
+
+@dataclass(frozen=True)
 class FileEntry:
-    """A file under FV_HOME: its size, and its sha256 unless it is size-checked only (None)."""
+    """A file under FV_HOME: its size; its sha256, or digests per piece (a memory image), or
+    neither (a weight dump, whose loader checks every tensor)."""
 
     path: str
     size: int
     sha256: Optional[str] = None
+    pieces: Optional[PieceSums] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("path", "size", "sha256")
+    _KEYS = ("path", "size", "sha256", "pieces")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "file") -> "FileEntry":
+        pieces = _obj(d, where, "pieces", None)
         return cls(path=_get(d, where, "path", _is_str, "a string"),
                    size=_get(d, where, "size", _is_int, "an integer"),
                    sha256=_get(d, where, "sha256", _is_opt_str, "a string or null", None),
+                   pieces=PieceSums.from_json(pieces, _name(where, "pieces")) if pieces is not None else None,
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.extra, "path": self.path, "size": self.size, "sha256": self.sha256}
+        return _some({**self.extra, "path": self.path, "size": self.size, "sha256": self.sha256},
+                     pieces=self.pieces.to_json() if self.pieces else None)
 
 
 @dataclass(frozen=True)
@@ -449,15 +475,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _needs_hash(path: Path) -> bool:
-    return not path.name.startswith(_SIZE_ONLY_PREFIXES) and path.suffix != ".fvw"
+def _describe(home: Path, path: Path) -> FileEntry:
+    rel, size = str(path.relative_to(home)), path.stat().st_size
+    if path.name.startswith(_PIECEWISE_PREFIXES):
+        from .pagecheck import piece_sums  # its checksums import blake3: only the bake needs it here
+
+        return FileEntry(rel, size, pieces=piece_sums(path))
+    if path.suffix == ".fvw":
+        return FileEntry(rel, size)
+    return FileEntry(rel, size, _sha256(path))
 
 
 def describe_files(home: Path, roots: list[Path]) -> tuple[FileEntry, ...]:
     files = sorted(p for r in roots if r.exists() for p in r.rglob("*") if p.is_file())
     with ThreadPoolExecutor(8) as pool:
-        sums = list(pool.map(lambda p: _sha256(p) if _needs_hash(p) else None, files))
-    return tuple(FileEntry(str(p.relative_to(home)), p.stat().st_size, s) for p, s in zip(files, sums))
+        return tuple(pool.map(lambda p: _describe(home, p), files))
 
 
 def verify_files(home: Path, files: tuple[FileEntry, ...]) -> str | None:

@@ -19,3 +19,8 @@ def write_line(text: str | bytes, err: bool = False) -> None:
         stream.flush()
         stream.buffer.write(data)
         stream.buffer.flush()
+
+
+def log(msg: str) -> None:
+    """One line of fvboot's own, on stderr."""
+    write_line(f"fvboot: {msg}", err=True)

@@ -9,55 +9,73 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .layout import Layout
+from .pagecheck import PageCheck
 
 PREFETCH_CHUNK = 8 << 20
 PREFETCH_THREADS = 4
 PREFETCH_SMALL = 16 << 20  # CRIU reads these itself, first; queuing them again only delays it
 
 
-def prefetch(layout: Layout) -> list[subprocess.Popen]:
+def prefetch(layout: Layout, check: Optional[PageCheck] = None) -> list[subprocess.Popen]:
     """Bring the checkpoint's memory images, then the weights, into the page cache while CRIU
-    restores, so each is in memory by the time its reader gets there.
+    restores, so each is in memory by the time its reader gets there; hand every piece of a
+    memory image read to CHECK, which compares it with the bake's digest.
 
     FV_PREFETCH=read (default): 4 threads read each file in 8 MiB pieces, the biggest memory
     image first (the engine's: the restore waits on it), then the weights: the disk works at
     full speed in the order the restore needs, and no more than 32 MiB is ever queued ahead of
     CRIU's own reads. FV_PREFETCH=vmtouch: `vmtouch -t` of both folders at once (the way of
-    earlier versions). FV_PREFETCH=off: nothing. Returns the processes started, for reaping."""
+    earlier versions). FV_PREFETCH=off: nothing ahead of the readers. With either of the last
+    two, the threads still read the memory images for CHECK. Returns the processes started."""
     mode = os.environ.get("FV_PREFETCH", "read")
     folders = (layout.images_dir, layout.weights_dir)
+    procs: list[subprocess.Popen] = []
     if mode == "vmtouch" and shutil.which("vmtouch"):
-        return [subprocess.Popen(["vmtouch", "-qt", str(d)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL) for d in folders]
-    if mode != "off":
-        threading.Thread(target=_read_ahead, args=(folders,), name="fv-prefetch", daemon=True).start()
-    return []
+        procs = [subprocess.Popen(["vmtouch", "-qt", str(d)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for d in folders]
+    work = plan(folders if mode == "read" else (), check)
+    if work:
+        threading.Thread(target=_read_ahead, args=(work, check), name="fv-prefetch", daemon=True).start()
+    return procs
 
 
-def plan(folders: Sequence[Path]) -> list[tuple[str, int, int]]:
+def plan(folders: Sequence[Path], check: Optional[PageCheck] = None) -> list[tuple[str, int, int]]:
     """(path, offset, length) pieces in reading order: folder by folder, the largest file first,
-    files under PREFETCH_SMALL left to their readers."""
-    work: list[tuple[str, int, int]] = []
+    files under PREFETCH_SMALL left to their readers unless CHECK needs them (then they come
+    after the large ones); whatever CHECK needs that no folder holds, last."""
+    checked = set(check.paths()) if check else set()
+    files: list[str] = []
     for folder in folders:
         try:
-            files = [(p.stat().st_size, str(p)) for p in folder.rglob("*") if p.is_file()]
+            found = [(p.stat().st_size, str(p)) for p in folder.rglob("*") if p.is_file()]
         except OSError:
             continue
-        for size, path in sorted(files, key=lambda f: (-f[0], f[1])):
-            if size >= PREFETCH_SMALL:
-                work += [(path, off, min(PREFETCH_CHUNK, size - off)) for off in range(0, size, PREFETCH_CHUNK)]
+        files += [path for size, path in sorted(found, key=lambda f: (-f[0], f[1]))
+                  if size >= PREFETCH_SMALL or path in checked]
+    files += [path for path in (check.paths() if check else []) if path not in files]
+    work: list[tuple[str, int, int]] = []
+    for path in files:
+        try:
+            size = os.stat(path).st_size
+        except OSError as e:
+            if check:
+                check.unreadable(path, 0, e)
+            continue
+        step = check.piece_size(path) if path in checked else PREFETCH_CHUNK
+        work += [(path, off, min(step, size - off)) for off in range(0, size, step)]
     return work
 
 
-def _read_ahead(folders: Sequence[Path]) -> None:
-    jobs = iter(plan(folders))
+def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]) -> None:
+    jobs = iter(work)
     lock = threading.Lock()
+    size = max(n for _, _, n in work)
 
     def reader() -> None:
-        buf = bytearray(PREFETCH_CHUNK)
+        buf = bytearray(size)
         fds: dict[str, int] = {}
         try:
             while True:
@@ -70,9 +88,13 @@ def _read_ahead(folders: Sequence[Path]) -> None:
                     fd = fds.get(path)
                     if fd is None:
                         fd = fds[path] = os.open(path, os.O_RDONLY)
-                    os.preadv(fd, [memoryview(buf)[:n]], off)
-                except OSError:
-                    continue  # a prefetch is only a hint: the real readers report errors
+                    got = os.preadv(fd, [memoryview(buf)[:n]], off)
+                except OSError as e:
+                    if check:  # for the check an unreadable piece is a failure; for a prefetch only a hint
+                        check.unreadable(path, off, e)
+                    continue
+                if check:
+                    check.piece(path, off, memoryview(buf)[:got])
         finally:
             for fd in fds.values():
                 os.close(fd)

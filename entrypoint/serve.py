@@ -1,7 +1,7 @@
 """`fvboot serve` (the image's default): restore the baked server, or start vLLM normally.
 
-Restore: manifest -> compatibility check -> (page-cache prefetch || criu restore) -> weights back
--> probe answers equal the bake's -> gate opens. Any failure on that path is logged as one line
+Restore: manifest -> compatibility check -> (page-cache prefetch, checking every memory-image piece
+|| the restore's steps, `restore.py`) -> gate opens. Any failure on that path is logged as one line
 with its reason and leads to a normal start with the same arguments, which still reuses the
 compile caches baked into the image. Requests that arrive meanwhile wait at the gate.
 Nothing waits unbounded (CRIU, the start, the tree's end have timeouts), what a failed restore
@@ -15,109 +15,29 @@ import ctypes
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import time
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from . import criu, cuda_checkpoint_service, manifest
+from . import cuda_checkpoint_service, manifest, restore
 from .control import ServerControl
 from .errors import CheckpointUnusable, FvBootError, Stopped
 from .launcher import (Pipes, ServedTree, runtime_settings, server_env, server_port, vllm_command,
                        write_runtime_settings)
 from .layout import Layout
-from .manifest import Device, Manifest, ProbeAnswer
-from .output import write_line
+from .manifest import Manifest
+from .output import log
+from .pagecheck import PageCheck
 from .prefetch import prefetch
+from .restore import RestoredTree
 from .timeline import Timeline
 
 _PR_SET_CHILD_SUBREAPER = 36
-PROBE_LOGPROB_TOL = 1e-3
-
-
-def log(msg: str) -> None:
-    write_line(f"fvboot: {msg}", err=True)
 
 
 def become_subreaper() -> None:
     """The restored tree is reparented to us, so we can wait for it (and reap what it leaves)."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def check_compatible(m: Manifest, layout: Layout, run_args: list[str]) -> Device:
-    """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here; return this
-    machine's device info (the restore maps GPUs with it). M's format was checked when it was read."""
-    baked_args = list(m.vllm.args)
-    if run_args and run_args != baked_args:
-        raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")
-    baked, here = m.device, manifest.device_info()
-    if baked.kind != here.kind:
-        raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")
-    if here.is_cuda:
-        b_names = [g.name for g in baked.gpus]
-        h_names = [g.name for g in here.gpus][: len(b_names)]
-        if b_names != h_names:
-            raise CheckpointUnusable(f"baked on {b_names}, this machine has {h_names}")
-        if baked.driver != here.driver:
-            raise CheckpointUnusable(f"baked with driver {baked.driver}, this machine has {here.driver}")
-    problem = manifest.verify_files(layout.home, m.files)
-    if problem:
-        raise CheckpointUnusable(problem)
-    if shutil.which("criu") is None:
-        raise CheckpointUnusable("criu is not on PATH")
-    return here
-
-
-def gpu_device_map(baked: Device, here: Device) -> str:
-    """`old=new,...` GPU UUID pairs (by index) where this node's GPUs are not the baking node's:
-    an image baked on one node restores on any node of the same GPU model."""
-    if not (baked.is_cuda and here.is_cuda):
-        return ""
-    pairs = [(b.uuid, h.uuid) for b, h in zip(baked.gpus, here.gpus) if b.uuid != h.uuid]
-    return ",".join(f"{old}={new}" for old, new in pairs)
-
-
-def restore_dev_shm(layout: Layout) -> None:
-    """Put /dev/shm back as it was at the dump (over any leftovers of an earlier run)."""
-    r = subprocess.run(["tar", "--sparse", "--overwrite", "-xf", str(layout.shm_archive), "-C", "/dev/shm"],
-                       capture_output=True, text=True, timeout=120)
-    if r.returncode != 0:
-        raise CheckpointUnusable(f"cannot restore /dev/shm: {r.stderr.strip()}")
-
-
-class RestoredTree:
-    """The restored namespace init, reparented to us."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.code: Optional[int] = None
-
-    def alive(self) -> bool:
-        if self.code is not None:
-            return False
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            return os.path.exists(f"/proc/{self.pid}")
-        if pid == 0:
-            return True
-        self.code = os.waitstatus_to_exitcode(status)
-        return False
-
-    def terminate(self, timeout: float = 10) -> None:
-        """SIGKILL to the init (the PID namespace dies with it); waits at most TIMEOUT."""
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() > deadline:
-                log(f"the restored tree (pid {self.pid}) did not die within {timeout:.0f} s of SIGKILL")
-                return
-            time.sleep(0.02)
 
 
 def kill_children(timeout: float = 10) -> list[int]:
@@ -144,66 +64,6 @@ def kill_children(timeout: float = 10) -> list[int]:
         if pid == 0:
             time.sleep(0.02)
     return pids
-
-
-def _same_answers(now: list[dict], baked: Sequence[ProbeAnswer]) -> Optional[str]:
-    """None if the answers NOW (as ServerControl.probe gives them) are the baked ones, else how not."""
-    for a, b in zip(now, baked):
-        if a["text"] != b.text:
-            return f"probe {b.prompt!r} answered {a['text']!r}, baked answer {b.text!r}"
-        if len(a["logprobs"]) != len(b.logprobs) or any(
-                abs(x - y) > PROBE_LOGPROB_TOL for x, y in zip(a["logprobs"], b.logprobs)):
-            return f"probe {b.prompt!r}: logprobs differ from the bake's"
-    return None
-
-
-def restore(layout: Layout, m: Manifest, here: Device, tl: Timeline, pipes: Pipes,
-            criu_env: dict[str, str], settings: dict) -> RestoredTree:
-    if not m.runtime_file:
-        raise CheckpointUnusable("baked by an fvboot that froze its admin token in the checkpoint; re-bake the image")
-    # A fresh token for this container, where the restored middleware will look for it.
-    token = write_runtime_settings(Path(m.runtime_file), settings)
-    ctl = ServerControl(m.vllm.port, token, m.model.served_name)
-    restore_dev_shm(layout)
-    device_map = gpu_device_map(m.device, here)
-    if device_map:
-        log(f"restoring onto other GPUs of the same model: {device_map}")
-    thp, why = criu.restore_thp()
-    if not thp:
-        log(f"memory is restored into 4 KiB pages: {why}")
-    issued = time.time()
-    tl.mark("restore issued", issued)
-    gpu = m.device.is_cuda
-    pid = criu.restore(layout.images_dir, layout.run_dir,
-                       [(pipes.out_w, m.pipes.stdout), (pipes.err_w, m.pipes.stderr)],
-                       env={**criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
-    tree = RestoredTree(pid)
-    phases = criu.restore_phases(layout.run_dir / "criu-restore.log")
-    if "cuda_resume_start" in phases:
-        tl.mark("criu: memory restored", issued + phases["cuda_resume_start"])
-        tl.mark("criu: CUDA resumed", issued + phases.get("restore_finished", phases["cuda_resume_start"]))
-    tl.mark("restore done")
-    try:
-        # One after the other: the KV cache's wake-up and the weight load both take the
-        # driver's locks; overlapping them in the worker measured no faster.
-        if gpu:
-            ctl.wake_up(["weights"])
-        stats = ctl.rpc("fv_load_weights", str(layout.weights_dir))
-        tl.mark("weights loaded")
-        log(f"weights: {stats}")
-        ctl.wake_up(["kv_cache"] if gpu else None)
-        tl.mark("engine awake")
-        mismatch = _same_answers(ctl.probe(), m.probe)
-        if mismatch:
-            raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
-        tl.mark("answers checked")
-        log(f"restored from checkpoint in {tl.events[-1][1]:.2f} s since start; opening the gate")
-        ctl.gate("open")
-        tl.mark("ready")
-    except BaseException:
-        tree.terminate()
-        raise
-    return tree
 
 
 def _raise_stopped(signum, _frame) -> None:
@@ -244,6 +104,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
     """The restored tree, or after any failure on that path (said in one line, with its reason,
     and cleaned up), a normally started one."""
     m: Optional[Manifest] = None  # None: missing or invalid; the normal start salvages what it can
+    check: Optional[PageCheck] = None
     try:
         if not layout.manifest.exists():
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
@@ -253,12 +114,15 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         # The cuda-checkpoint service starts first: its cuInit overlaps the checks and CRIU.
         with cuda_checkpoint_service.running(layout.run_dir, enabled=m.device.is_cuda) as service_env:
-            here = check_compatible(m, layout, run_args)
+            here = restore.check_compatible(m, layout, run_args)
             tl.mark("checks passed")
-            prefetch(layout)  # runs beside the restore; _supervise reaps the readers
-            return restore(layout, m, here, tl, pipes, service_env, settings)
+            check = PageCheck(layout.home, m.files)
+            prefetch(layout, check)  # runs beside the restore; _supervise reaps the readers
+            return restore.run(restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check))
     except Exception as e:  # every failure of the restore path ends in the normal start
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
+        if check is not None and check.problem and check.problem not in reason:
+            reason = f"{check.problem} ({reason})"  # a damaged image explains what CRIU made of it
         log(f"checkpoint not used: {reason}; starting vLLM normally (compile caches reused)")
     left = kill_children()  # whatever the failed restore left (CRIU, a restored tree)
     if left:

@@ -13,10 +13,9 @@ Layout::
     ...         raw bytes of each tensor, each starting on a 4096-byte boundary; file padded
                 to a multiple of 4096 so O_DIRECT reads and pinned-buffer copies work later
 
-Checksums: BLAKE3 (``blake3`` is a vLLM dependency; ~4.5 GB/s on one core, releases the GIL)
-with a fallback to stdlib ``zlib.crc32`` (~4 GB/s) where blake3 is missing. The algorithm is
-named in the index, so either reader can check either file. The index itself is covered by
-sha256 in the header (it is small).
+Checksums: those of ``..checksums`` (BLAKE3, or zlib.crc32 where blake3 is missing), named in
+the index, so either reader can check either file. The index itself is covered by sha256 in the
+header (it is small).
 """
 
 from __future__ import annotations
@@ -27,11 +26,13 @@ import json
 import math
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+
+from .. import checksums
+from ..checksums import DEFAULT_CHECKSUM, Crc32, blake3  # noqa: F401  (re-exported)
 
 MAGIC = b"FVWEIGHT"
 VERSION = 1
@@ -41,13 +42,6 @@ HEADER_SIZE = 64
 CHUNK = 64 << 20  # bytes per read/write call: large, so syscalls are few and the GIL is free
 BIG_ENTRY = 16 << 20  # entries this large hash with blake3's own thread pool too
 
-try:
-    import blake3
-
-    DEFAULT_CHECKSUM = "blake3"
-except ImportError:  # pragma: no cover - blake3 ships with vLLM
-    blake3 = None
-    DEFAULT_CHECKSUM = "crc32"
 
 
 class WeightFileError(Exception):
@@ -116,25 +110,12 @@ def align_up(n: int, a: int = ALIGN) -> int:
 # checksums
 
 
-class Crc32:
-    """zlib.crc32 behind the hashlib interface (update / hexdigest)."""
-
-    v = 0
-
-    def update(self, data) -> None:
-        self.v = zlib.crc32(data, self.v)
-
-    def hexdigest(self) -> str:
-        return f"{self.v:08x}"
-
-
 def hasher(alg: str):
     """A fresh hasher for the algorithm an index names."""
-    if alg == "blake3" and blake3 is not None:
-        return blake3.blake3()
-    if alg == "crc32":
-        return Crc32()
-    raise CorruptHeaderError(f"checksum algorithm {alg!r} is not available here")
+    try:
+        return checksums.hasher(alg)
+    except checksums.UnknownChecksum as e:
+        raise CorruptHeaderError(str(e)) from None
 
 
 def entry_hasher(alg: str, nbytes: int):

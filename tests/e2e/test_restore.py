@@ -21,7 +21,7 @@ from fvbuild.engine import docker_run_flags
 import requests
 
 from conftest import CANARY, REPO, e2e_device, fvbuild
-from fvboot.serve import PROBE_LOGPROB_TOL  # a normal start is held to fvboot's own probe tolerance
+from fvboot.restore import PROBE_LOGPROB_TOL  # a normal start is held to fvboot's own probe tolerance
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 PORT = 8000
@@ -349,6 +349,19 @@ def test_truncated_page_image_falls_back(baked_image, manifest, port_free):
     victim = max(pages, key=lambda f: f["size"])["path"]
     _fallback(baked_image, manifest, f"truncate -s -4096 /fv/{victim}",
               f"{victim} has {max(f['size'] for f in pages) - 4096} bytes, expected")
+
+
+def test_one_flipped_bit_in_a_memory_image_falls_back(baked_image, manifest, port_free):
+    """One bit of the largest memory image changed (a bad disk, a damaged layer): CRIU restores it
+    without complaint, but the piece digests checked while it is read keep the gate shut, and the
+    same server starts normally and answers right."""
+    pages = [f for f in manifest["files"] if "/pages-" in f["path"]]
+    victim = max(pages, key=lambda f: f["size"])
+    offset = victim["size"] // 2 + 123
+    flip = (f"python3 -c \"f=open('/fv/{victim['path']}','r+b');f.seek({offset});b=f.read(1);f.seek({offset});"
+            f"f.write(bytes([b[0]^1]))\"")
+    piece = offset // (8 << 20) * (8 << 20)
+    _fallback(baked_image, manifest, flip, f"{victim['path']} is corrupt: bytes {piece}-")
 
 
 def test_manifest_from_another_device_falls_back(baked_image, manifest, port_free):

@@ -149,6 +149,11 @@ def _broken(edit) -> dict:
     (lambda d: d["device"]["gpus"][0].pop("uuid"), "manifest: device.gpus[0].uuid is missing"),
     (lambda d: d["pipes"].update(stderr=3), "manifest: pipes.stderr must be a string"),
     (lambda d: d["files"][1].update(size="4"), "manifest: files[1].size must be an integer"),
+    (lambda d: d["files"][0].update(pieces=[]), "manifest: files[0].pieces must be an object"),
+    (lambda d: d["files"][0].update(pieces={"alg": "crc32", "piece": 0, "digests": []}),
+     "manifest: files[0].pieces.piece must be positive"),
+    (lambda d: d["files"][0].update(pieces={"alg": "crc32", "piece": 8}),
+     "manifest: files[0].pieces.digests is missing"),
     (lambda d: d["probe"][0].update(logprobs=["x"]), "manifest: probe[0].logprobs must be a list of numbers"),
     (lambda d: d.update(probe={}), "manifest: probe must be a list"),
     (lambda d: d["processes"][0].pop("pid"), "manifest: processes[0].pid is missing"),
@@ -187,7 +192,7 @@ def test_a_device_that_does_not_fit_is_for_the_compatibility_check_to_refuse(tmp
     """What tests/e2e does: a CPU bake's manifest edited to say cuda still reads, and the start
     refuses it with the reason it always gave."""
     from fvboot.layout import Layout
-    from fvboot.serve import check_compatible
+    from fvboot.restore import check_compatible
 
     edited = _baked_dict({"kind": "cpu"})
     edited["device"]["kind"] = "cuda"

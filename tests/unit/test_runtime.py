@@ -14,7 +14,7 @@ from fvboot import manifest
 from fvboot.errors import CheckpointUnusable
 from fvboot.layout import Layout
 from fvboot.middleware import GateMiddleware
-from fvboot.serve import _same_answers, check_compatible
+from fvboot.restore import check_compatible, same_answers
 
 
 async def _app(scope, receive, send):
@@ -170,9 +170,9 @@ def test_other_run_arguments_are_refused(tmp_path, monkeypatch):
 
 def test_probe_comparison_catches_text_and_logprob_drift():
     baked = [manifest.ProbeAnswer("p", "abc", (-1.0, -2.0))]
-    assert _same_answers([{"text": "abc", "logprobs": [-1.0, -2.0004]}], baked) is None
-    assert "answered 'abd'" in _same_answers([{"text": "abd", "logprobs": [-1.0, -2.0]}], baked)
-    assert "logprobs differ" in _same_answers([{"text": "abc", "logprobs": [-1.0, -2.1]}], baked)
+    assert same_answers([{"text": "abc", "logprobs": [-1.0, -2.0004]}], baked) is None
+    assert "answered 'abd'" in same_answers([{"text": "abd", "logprobs": [-1.0, -2.0]}], baked)
+    assert "logprobs differ" in same_answers([{"text": "abc", "logprobs": [-1.0, -2.1]}], baked)
 
 
 def test_io_uring_switch_makes_io_uring_setup_fail_with_enosys():
@@ -202,7 +202,7 @@ def test_trim_endpoint_is_admin_only(gate):
 
 
 def test_device_map_pairs_baked_gpus_with_this_nodes_by_index():
-    from fvboot.serve import gpu_device_map
+    from fvboot.restore import gpu_device_map
 
     def cuda(*uuids):
         return manifest.Device("cuda", tuple(manifest.Gpu("NVIDIA H200", u) for u in uuids), "580")

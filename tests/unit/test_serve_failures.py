@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fvboot import criu, manifest, serve
+from fvboot import criu, manifest, restore, serve
 from fvboot.errors import ManifestInvalid
 from fvboot.launcher import Pipes, ServedTree, arg_value, server_port
 from fvboot.layout import Layout
@@ -144,7 +144,7 @@ def test_any_exception_on_the_restore_path_ends_in_the_normal_start(tmp_path, mo
         raise RuntimeError("the namespace init did not start")
 
     started = []
-    monkeypatch.setattr(serve, "check_compatible", broken)
+    monkeypatch.setattr(serve.restore, "check_compatible", broken)
     monkeypatch.setattr(serve, "_cold_start", lambda *a: started.append(a) or "tree")
     assert serve._start(layout, [], None, serve.Timeline("t"), {}) == "tree"
     assert not Path(f"/proc/{left.pid}").exists()  # killed and reaped
@@ -224,9 +224,9 @@ def test_nsinit_exits_127_when_the_server_cannot_start():
 
 
 def test_restored_tree_terminate_is_bounded(monkeypatch):
-    tree = serve.RestoredTree(os.getpid())  # cannot be killed by us in this test: stands for a stuck one
+    tree = restore.RestoredTree(os.getpid())  # cannot be killed by us in this test: stands for a stuck one
     monkeypatch.setattr(os, "kill", lambda *a: None)
-    monkeypatch.setattr(serve.RestoredTree, "alive", lambda self: True)
+    monkeypatch.setattr(restore.RestoredTree, "alive", lambda self: True)
     t = time.monotonic()
     tree.terminate(timeout=0.3)
     assert time.monotonic() - t < 3

@@ -1,0 +1,229 @@
+"""The restore, as a short pipeline of named steps over one state object.
+
+`check_compatible` decides, before anything runs, whether this checkpoint can serve here. Then
+`run` takes the steps in order, each marked on the timeline under its name: a fresh admin token
+for the restored middleware, /dev/shm as it was at the dump, `criu restore` (bounded; the GPU
+UUID map and the huge-page choice go to it), the weights back (every tensor checked), the KV
+cache awake, the probe's answers equal to the bake's, every memory-image piece matched
+(pagecheck), and only then the gate opens. A step raises (CheckpointUnusable with the reason, or
+anything else) and `run` kills what was restored; the caller (`serve._start`) makes the one
+fallback decision for every failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from . import criu, manifest, pagecheck
+from .control import ServerControl
+from .errors import CheckpointUnusable
+from .launcher import Pipes, write_runtime_settings
+from .layout import Layout
+from .manifest import Device, Manifest, ProbeAnswer
+from .output import log
+from .pagecheck import PageCheck
+from .timeline import Timeline
+
+PROBE_LOGPROB_TOL = 1e-3
+
+
+def check_compatible(m: Manifest, layout: Layout, run_args: list[str]) -> Device:
+    """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here; return this
+    machine's device info (the restore maps GPUs with it). M's format was checked when it was read."""
+    baked_args = list(m.vllm.args)
+    if run_args and run_args != baked_args:
+        raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")
+    baked, here = m.device, manifest.device_info()
+    if baked.kind != here.kind:
+        raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")
+    if here.is_cuda:
+        b_names = [g.name for g in baked.gpus]
+        h_names = [g.name for g in here.gpus][: len(b_names)]
+        if b_names != h_names:
+            raise CheckpointUnusable(f"baked on {b_names}, this machine has {h_names}")
+        if baked.driver != here.driver:
+            raise CheckpointUnusable(f"baked with driver {baked.driver}, this machine has {here.driver}")
+    problem = manifest.verify_files(layout.home, m.files)
+    if problem:
+        raise CheckpointUnusable(problem)
+    if shutil.which("criu") is None:
+        raise CheckpointUnusable("criu is not on PATH")
+    return here
+
+
+def gpu_device_map(baked: Device, here: Device) -> str:
+    """`old=new,...` GPU UUID pairs (by index) where this node's GPUs are not the baking node's:
+    an image baked on one node restores on any node of the same GPU model."""
+    if not (baked.is_cuda and here.is_cuda):
+        return ""
+    pairs = [(b.uuid, h.uuid) for b, h in zip(baked.gpus, here.gpus) if b.uuid != h.uuid]
+    return ",".join(f"{old}={new}" for old, new in pairs)
+
+
+def restore_dev_shm(layout: Layout) -> None:
+    """Put /dev/shm back as it was at the dump (over any leftovers of an earlier run)."""
+    r = subprocess.run(["tar", "--sparse", "--overwrite", "-xf", str(layout.shm_archive), "-C", "/dev/shm"],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise CheckpointUnusable(f"cannot restore /dev/shm: {r.stderr.strip()}")
+
+
+class RestoredTree:
+    """The restored namespace init, reparented to us."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.code: Optional[int] = None
+
+    def alive(self) -> bool:
+        if self.code is not None:
+            return False
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return os.path.exists(f"/proc/{self.pid}")
+        if pid == 0:
+            return True
+        self.code = os.waitstatus_to_exitcode(status)
+        return False
+
+    def terminate(self, timeout: float = 10) -> None:
+        """SIGKILL to the init (the PID namespace dies with it); waits at most TIMEOUT."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                log(f"the restored tree (pid {self.pid}) did not die within {timeout:.0f} s of SIGKILL")
+                return
+            time.sleep(0.02)
+
+
+def same_answers(now: list[dict], baked: Sequence[ProbeAnswer]) -> Optional[str]:
+    """None if the answers NOW (as ServerControl.probe gives them) are the baked ones, else how not."""
+    for a, b in zip(now, baked):
+        if a["text"] != b.text:
+            return f"probe {b.prompt!r} answered {a['text']!r}, baked answer {b.text!r}"
+        if len(a["logprobs"]) != len(b.logprobs) or any(
+                abs(x - y) > PROBE_LOGPROB_TOL for x, y in zip(a["logprobs"], b.logprobs)):
+            return f"probe {b.prompt!r}: logprobs differ from the bake's"
+    return None
+
+
+@dataclass
+class RestoreState:
+    """What the steps share: their inputs, and what earlier steps made for later ones."""
+
+    layout: Layout
+    manifest: Manifest
+    here: Device
+    tl: Timeline
+    pipes: Pipes
+    criu_env: dict[str, str]
+    settings: dict
+    check: PageCheck
+    ctl: Optional[ServerControl] = None
+    tree: Optional[RestoredTree] = None
+    issued: float = 0.0
+
+    @property
+    def gpu(self) -> bool:
+        return self.manifest.device.is_cuda
+
+
+def fresh_token(s: RestoreState) -> None:
+    """This container's own admin token, where the restored middleware will look for it."""
+    if not s.manifest.runtime_file:
+        raise CheckpointUnusable("baked by an fvboot that froze its admin token in the checkpoint; re-bake the image")
+    token = write_runtime_settings(Path(s.manifest.runtime_file), s.settings)
+    s.ctl = ServerControl(s.manifest.vllm.port, token, s.manifest.model.served_name)
+
+
+def dev_shm(s: RestoreState) -> None:
+    restore_dev_shm(s.layout)
+
+
+def criu_restore(s: RestoreState) -> None:
+    """`criu restore` of the tree (bounded by FV_CRIU_RESTORE_TIMEOUT_S), onto this node's GPUs."""
+    device_map = gpu_device_map(s.manifest.device, s.here)
+    if device_map:
+        log(f"restoring onto other GPUs of the same model: {device_map}")
+    thp, why = criu.restore_thp()
+    if not thp:
+        log(f"memory is restored into 4 KiB pages: {why}")
+    s.issued = time.time()
+    s.tl.mark("restore issued", s.issued)
+    m = s.manifest
+    pid = criu.restore(s.layout.images_dir, s.layout.run_dir,
+                       [(s.pipes.out_w, m.pipes.stdout), (s.pipes.err_w, m.pipes.stderr)],
+                       env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
+    s.tree = RestoredTree(pid)
+    phases = criu.restore_phases(s.layout.run_dir / "criu-restore.log")
+    if "cuda_resume_start" in phases:
+        s.tl.mark("criu: memory restored", s.issued + phases["cuda_resume_start"])
+        s.tl.mark("criu: CUDA resumed", s.issued + phases.get("restore_finished", phases["cuda_resume_start"]))
+
+
+def load_weights(s: RestoreState) -> None:
+    """The weights back from the dump, every tensor checked against its checksum. (The KV cache
+    wakes after, not beside: both take the driver's locks; overlapping them measured no faster.)"""
+    if s.gpu:
+        s.ctl.wake_up(["weights"])
+    stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir))
+    log(f"weights: {stats}")
+
+
+def wake_engine(s: RestoreState) -> None:
+    s.ctl.wake_up(["kv_cache"] if s.gpu else None)
+
+
+def check_answers(s: RestoreState) -> None:
+    mismatch = same_answers(s.ctl.probe(), s.manifest.probe)
+    if mismatch:
+        raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
+
+
+def check_memory_images(s: RestoreState) -> None:
+    problem = s.check.result(pagecheck.check_timeout())
+    if problem:
+        raise CheckpointUnusable(problem)
+
+
+def open_gate(s: RestoreState) -> None:
+    log(f"restored from checkpoint in {s.tl.events[-1][1]:.2f} s since start; opening the gate")
+    s.ctl.gate("open")
+
+
+# (timeline mark when done, step): the restore, in order.
+STEPS: tuple[tuple[str, Callable[[RestoreState], None]], ...] = (
+    ("token written", fresh_token),
+    ("/dev/shm restored", dev_shm),
+    ("restore done", criu_restore),
+    ("weights loaded", load_weights),
+    ("engine awake", wake_engine),
+    ("answers checked", check_answers),
+    ("memory images checked", check_memory_images),
+    ("ready", open_gate),
+)
+
+
+def run(s: RestoreState) -> RestoredTree:
+    """Every step in order; on any failure, what was restored is killed and the error goes up."""
+    try:
+        for mark, step in STEPS:
+            step(s)
+            s.tl.mark(mark)
+    except BaseException:
+        if s.tree is not None:
+            s.tree.terminate()
+        raise
+    return s.tree

@@ -1,0 +1,129 @@
+"""The memory images' pieces checked while the restore's prefetch reads them: real files, the
+real reader threads, digests as the bake records them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from fvboot import manifest, pagecheck, prefetch
+from fvboot.layout import Layout
+from fvboot.manifest import FileEntry
+from fvboot.pagecheck import PIECE, PageCheck
+
+BIG = prefetch.PREFETCH_SMALL + PIECE + 12345  # four pieces, the last one short
+
+
+def _home(tmp_path) -> Layout:
+    layout = Layout(tmp_path)
+    layout.images_dir.mkdir(parents=True)
+    layout.weights_dir.mkdir()
+    rnd = os.urandom(1 << 20)
+    for name, size in (("pages-1.img", BIG), ("pages-2.img", 4096 * 3), ("pstree.img", 40)):
+        data = (rnd * (size // len(rnd) + 1))[:size]
+        (layout.images_dir / name).write_bytes(data)
+    (layout.weights_dir / "rank0.fvw").write_bytes(b"w" * 5000)
+    return layout
+
+
+def _files(layout: Layout) -> tuple[FileEntry, ...]:
+    return manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir])
+
+
+def _flip(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def _restore_reads(layout: Layout, files, mode: str, monkeypatch) -> PageCheck:
+    monkeypatch.setenv("FV_PREFETCH", mode)
+    check = PageCheck(layout.home, files)
+    prefetch.prefetch(layout, check)
+    return check
+
+
+def test_the_bake_records_pieces_for_memory_images_a_sha256_for_the_rest_and_nothing_for_weights(tmp_path):
+    layout = _home(tmp_path)
+    by_name = {f.path.rsplit("/", 1)[1]: f for f in _files(layout)}
+    big = by_name["pages-1.img"]
+    assert big.sha256 is None and big.pieces.piece == PIECE and len(big.pieces.digests) == 4
+    assert by_name["pages-2.img"].pieces and len(by_name["pages-2.img"].pieces.digests) == 1
+    assert by_name["pstree.img"].sha256 and by_name["pstree.img"].pieces is None
+    assert by_name["rank0.fvw"].sha256 is None and by_name["rank0.fvw"].pieces is None
+    # and the manifest carries them through JSON
+    again = FileEntry.from_json(json.loads(json.dumps(big.to_json())))
+    assert again == big
+
+
+@pytest.mark.parametrize("mode", ["read", "off"])
+def test_intact_images_pass_whether_or_not_the_prefetch_reads_ahead(tmp_path, monkeypatch, mode):
+    layout = _home(tmp_path)
+    check = _restore_reads(layout, _files(layout), mode, monkeypatch)
+    assert check.result(timeout=30) is None
+
+
+@pytest.mark.parametrize("name, offset", [("pages-1.img", PIECE + 77), ("pages-1.img", BIG - 1),
+                                          ("pages-2.img", 5000)])
+@pytest.mark.parametrize("mode", ["read", "off"])
+def test_one_flipped_bit_in_any_memory_image_is_found_and_named(tmp_path, monkeypatch, name, offset, mode):
+    layout = _home(tmp_path)
+    files = _files(layout)
+    _flip(layout.images_dir / name, offset)
+    problem = _restore_reads(layout, files, mode, monkeypatch).result(timeout=30)
+    piece = offset // PIECE * PIECE
+    assert problem is not None and problem.startswith(f"checkpoint/criu/{name} is corrupt: bytes {piece}-"), problem
+    assert "differ from the bake's" in problem
+
+
+def test_an_image_that_cannot_be_read_fails_the_check(tmp_path, monkeypatch):
+    layout = _home(tmp_path)
+    files = _files(layout)
+    (layout.images_dir / "pages-2.img").unlink()
+    problem = _restore_reads(layout, files, "read", monkeypatch).result(timeout=30)
+    assert problem is not None and "pages-2.img cannot be read" in problem
+
+
+def test_a_check_nobody_reads_for_says_so_within_its_bound(tmp_path):
+    layout = _home(tmp_path)
+    check = PageCheck(layout.home, _files(layout))
+    t0 = time.monotonic()
+    problem = check.result(timeout=0.2)
+    assert time.monotonic() - t0 < 5
+    assert problem == f"the memory images were not checked within 0 s (5 pieces of {PIECE >> 20} MiB left)"
+
+
+def test_images_baked_before_piece_digests_have_nothing_to_wait_for(tmp_path):
+    layout = _home(tmp_path)
+    old = tuple(FileEntry(f.path, f.size, f.sha256) for f in _files(layout))  # no pieces
+    assert PageCheck(layout.home, old).result(timeout=0) is None
+
+
+def test_a_manifest_whose_digests_do_not_fit_the_size_is_refused(tmp_path):
+    layout = _home(tmp_path)
+    files = tuple(f if f.pieces is None else FileEntry(f.path, f.size + PIECE, pieces=f.pieces)
+                  for f in _files(layout))
+    problem = PageCheck(layout.home, files).result(timeout=0)
+    assert problem is not None and "piece digests for" in problem
+
+
+def test_the_prefetch_reads_checked_small_images_after_the_large_ones(tmp_path):
+    layout = _home(tmp_path)
+    check = PageCheck(layout.home, _files(layout))
+    order = list(dict.fromkeys(p.rsplit("/", 1)[1] for p, _, _ in
+                               prefetch.plan([layout.images_dir, layout.weights_dir], check)))
+    assert order == ["pages-1.img", "pages-2.img"]  # pstree.img has a sha256; rank0.fvw is small
+    only = list(dict.fromkeys(p.rsplit("/", 1)[1] for p, _, _ in prefetch.plan([], check)))
+    assert only == ["pages-1.img", "pages-2.img"]
+
+
+def test_the_check_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FV_PAGE_CHECK_TIMEOUT_S", "7.5")
+    assert pagecheck.check_timeout() == 7.5
+    monkeypatch.setenv("FV_PAGE_CHECK_TIMEOUT_S", "soon")
+    assert pagecheck.check_timeout() == 300.0
