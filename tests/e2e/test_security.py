@@ -85,6 +85,40 @@ def test_admin_token_is_per_container_and_in_no_layer(baked_image, port_free):
     assert "admin-token" not in shipped and "runtime.json" not in shipped and "FV_ADMIN_TOKEN" not in shipped
 
 
+# Every process of the served tree (its own PID namespace, unlike fvboot's): name and /proc status.
+_TREE = """
+import os, json
+own = os.readlink('/proc/1/ns/pid')
+out = []
+for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+        if os.readlink(f'/proc/{pid}/ns/pid') != own:
+            out.append([open(f'/proc/{pid}/comm').read().strip(), open(f'/proc/{pid}/status').read()])
+    except OSError:
+        pass
+print(json.dumps(out))
+"""
+
+
+def test_the_restored_server_holds_none_of_the_capabilities_only_criu_needs(baked_image, manifest, port_free):
+    """The container has SYS_ADMIN, SYS_PTRACE, ... for CRIU; the tree clients talk to does not."""
+    from fvboot.capabilities import held
+
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        assert "restored from checkpoint" in c.logs()
+        r = subprocess.run(["docker", "exec", c.id, "python3", "-c", _TREE], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        tree = json.loads(r.stdout)
+        fvboot = held(subprocess.run(["docker", "exec", c.id, "cat", "/proc/1/status"], capture_output=True,
+                                     text=True, check=True).stdout)
+        _assert_same_as_bake(manifest)
+    assert len(tree) >= 2, tree  # the init and vLLM's processes
+    for name, status in tree:
+        assert not any(held(status).values()), (name, held(status))
+    assert "CAP_SYS_ADMIN" in fvboot["CapEff"]  # fvboot and CRIU keep theirs
+
+
 def _stop(container: str) -> tuple[float, int]:
     t = time.monotonic()
     subprocess.run(["docker", "stop", "-t", "10", container], capture_output=True, check=True)

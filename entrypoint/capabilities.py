@@ -1,0 +1,60 @@
+"""The served tree gives up the capabilities only CRIU needs.
+
+The container gets SYS_ADMIN, SYS_PTRACE, NET_ADMIN, DAC_READ_SEARCH and SYS_TIME for CRIU
+(README "Capabilities"). vLLM needs none of them, and it is what API clients talk to: the tree's
+init drops them from every set (bounding, effective, permitted, inheritable, ambient) before vLLM
+starts, so the server runs with a default container's capabilities. CRIU dumps the tree with
+those credentials and restores it with them; fvboot and CRIU keep theirs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+# Capability numbers from <linux/capability.h>.
+RESTORE_ONLY = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19,
+                "CAP_SYS_ADMIN": 21, "CAP_SYS_TIME": 25, "CAP_CHECKPOINT_RESTORE": 40}
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_VERSION_3 = 0x20080522
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_restore_only() -> None:
+    """Drop RESTORE_ONLY from the calling process (and so from all it starts); OSError if the
+    kernel refuses the change of the capability sets."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in RESTORE_ONLY.values():
+        libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL: a cap this kernel lacks; EPERM: not ours
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header, data = _Header(_VERSION_3, 0), (_Data * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget: " + os.strerror(ctypes.get_errno()))
+    for cap in RESTORE_ONLY.values():
+        word, bit = divmod(cap, 32)
+        keep = ~(1 << bit) & 0xFFFFFFFF
+        data[word].effective &= keep
+        data[word].permitted &= keep
+        data[word].inheritable &= keep
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset: " + os.strerror(ctypes.get_errno()))
+
+
+def held(status_text: str) -> dict[str, set[str]]:
+    """Which of RESTORE_ONLY each set of a /proc/PID/status text holds: {"CapEff": {...}, ...}."""
+    out = {}
+    for line in status_text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            mask = int(value.strip(), 16)
+            out[key] = {name for name, cap in RESTORE_ONLY.items() if mask >> cap & 1}
+    return out

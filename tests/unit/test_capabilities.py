@@ -1,0 +1,39 @@
+"""The served tree's init drops what only CRIU needs: checked on a real process's /proc status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fvboot.capabilities import RESTORE_ONLY, held
+
+ENTRYPOINT_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+def _own() -> dict[str, set[str]]:
+    return held(Path("/proc/self/status").read_text())
+
+
+def test_held_reads_the_sets_of_a_status_text():
+    text = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t0000000000200004\nCapBnd:\t000001ffffffffff\n"
+    sets = held(text)
+    assert sets["CapInh"] == set()
+    assert sets["CapEff"] == {"CAP_SYS_ADMIN", "CAP_DAC_READ_SEARCH"}
+    assert sets["CapBnd"] == set(RESTORE_ONLY)
+
+
+def test_a_process_started_through_nsinit_holds_none_of_them_in_any_set():
+    if "CAP_SYS_ADMIN" not in _own()["CapEff"]:
+        pytest.skip("this test process has no CAP_SYS_ADMIN to give up")
+    # nsinit runs `cat /proc/self/status` as the server it would start
+    r = subprocess.run([sys.executable, "-m", "fvboot.nsinit", "cat", "/proc/self/status"],
+                       capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert r.returncode == 0, r.stderr
+    assert "keeps CRIU's capabilities" not in r.stderr
+    sets = held(r.stdout)
+    assert set(sets) == {"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"}
+    assert all(not names for names in sets.values()), sets
+    assert "CAP_SYS_ADMIN" in _own()["CapEff"]  # the caller (fvboot, CRIU) keeps its own
