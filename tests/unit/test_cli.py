@@ -3,7 +3,6 @@ to change, exit != 0 and no traceback (issue 12's table, builder side)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

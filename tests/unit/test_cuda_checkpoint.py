@@ -810,3 +810,29 @@ def test_service_answers_help_while_the_driver_still_initialises(tmp_path):
         release.set()
         t.join(10)
         svc.close()
+
+
+def test_cuda_checkpoint_takes_the_restore_map_from_fvboot(monkeypatch):
+    from fvboot import cuda_checkpoint as cc
+
+    uuid_a = "GPU-f6a758cf-ca97-d272-4aa0-73cabee40368"
+    uuid_b = "GPU-0823a096-b706-01fc-6c68-7a3d14a256ad"
+    monkeypatch.setenv("FV_CUDA_DEVICE_MAP", f"{uuid_a}={uuid_b}")
+    cmd = cc.parse_args(["--action", "restore", "--pid", "42"])
+    assert len(cmd.device_map) == 1
+    assert cc.parse_args(["--action", "unlock", "--pid", "42"]).device_map == ()
+
+
+def test_cuda_checkpoint_answers_at_once_for_a_process_without_cuda():
+    """This very process has no libcuda mapped: the real-driver path says so before cuInit."""
+    import os
+    import types
+
+    from fvboot import cuda_checkpoint as cc
+
+    cmd = cc.parse_args(["--get-restore-tid", "--pid", str(os.getpid())])
+    with pytest.raises(cc.OperationError) as e:
+        cc._refuse_processes_without_cuda(cmd, types.SimpleNamespace(name=cc.LIBCUDA_DEFAULT))
+    assert e.value.exit_code == 3 and "process has not loaded the CUDA driver" in str(e.value)
+    cc._refuse_processes_without_cuda(cmd, types.SimpleNamespace(name="fake"))  # other drivers answer
+

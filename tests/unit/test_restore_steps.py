@@ -1,12 +1,17 @@
-"""The restore's pipeline: its steps in order, each marked on the timeline, and on a failure the
-restored tree killed and no later step run (the gate never opens)."""
+"""restore.py: the checks before a restore (files, device, GPU model and driver, arguments), the
+probe comparison, the GPU UUID map, and the pipeline: its steps in order, each marked on the
+timeline, and on a failure the restored tree killed and no later step run (the gate stays shut)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from fvboot import restore
+from fvboot import manifest, restore
 from fvboot.errors import CheckpointUnusable
+from fvboot.layout import Layout
+from fvboot.restore import check_compatible, gpu_device_map, same_answers
 from fvboot.timeline import Timeline
 
 
@@ -44,3 +49,78 @@ def test_a_failing_step_kills_the_restored_tree_and_runs_nothing_after_it(monkey
         restore.run(state)
     assert ran == ["criu", "probe"] and tree.terminated
     assert [e[0] for e in state.tl.events] == ["process start", "restore done"]
+
+
+def _home(tmp_path):
+    layout = Layout(tmp_path)
+    layout.images_dir.mkdir(parents=True)
+    (layout.images_dir / "pstree.img").write_bytes(b"tree")
+    (layout.images_dir / "pages-1.img").write_bytes(b"p" * 100)
+    return layout
+
+
+def test_verify_files_reports_missing_resized_and_corrupt(tmp_path):
+    layout = _home(tmp_path)
+    files = manifest.describe_files(tmp_path, [layout.checkpoint_dir])
+    assert manifest.verify_files(tmp_path, files) is None
+    assert [f.sha256 is None for f in files] == [True, False]  # pages: size only
+    (layout.images_dir / "pstree.img").write_bytes(b"TREE")
+    assert manifest.verify_files(tmp_path, files) == "checkpoint/criu/pstree.img is corrupt (sha256 mismatch)"
+    (layout.images_dir / "pages-1.img").write_bytes(b"p")
+    assert "checkpoint/criu/pages-1.img has 1 bytes, expected 100" == manifest.verify_files(tmp_path, files)
+    (layout.images_dir / "pages-1.img").unlink()
+    assert manifest.verify_files(tmp_path, files) == "checkpoint/criu/pages-1.img is missing"
+
+
+def _manifest(tmp_path, device):
+    layout = _home(tmp_path)
+    return layout, manifest.Manifest(
+        model=manifest.Model("m"),
+        vllm=manifest.Vllm(("--max-model-len", "512"), ("vllm", "--max-model-len", "512"), 8000),
+        device=manifest.Device.from_json(device), pipes=manifest.Pipes("pipe:[1]", "pipe:[2]"),
+        files=manifest.describe_files(tmp_path, [layout.checkpoint_dir]), probe=())
+
+
+def test_checkpoint_from_another_device_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "device_info", lambda: manifest.Device("cpu"))
+    layout, m = _manifest(tmp_path, {"kind": "cuda", "gpus": [], "driver": "580"})
+    with pytest.raises(CheckpointUnusable, match="baked on cuda, running on cpu"):
+        check_compatible(m, layout, [])
+
+
+def test_other_gpu_model_or_driver_is_refused(tmp_path, monkeypatch):
+    here = manifest.Device("cuda", (manifest.Gpu("NVIDIA H200", "GPU-2", "580.1"),), "580.1")
+    monkeypatch.setattr(manifest, "device_info", lambda: here)
+    layout, m = _manifest(tmp_path, {"kind": "cuda", "driver": "580.1",
+                                     "gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1", "driver": "580.1"}]})
+    with pytest.raises(CheckpointUnusable, match="this machine has \\['NVIDIA H200'\\]"):
+        check_compatible(m, layout, [])
+    m = dataclasses.replace(m, device=dataclasses.replace(
+        m.device, driver="575.2", gpus=(dataclasses.replace(m.device.gpus[0], name="NVIDIA H200"),)))
+    with pytest.raises(CheckpointUnusable, match="baked with driver 575.2"):
+        check_compatible(m, layout, [])
+
+
+def test_other_run_arguments_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "device_info", lambda: manifest.Device("cpu"))
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    with pytest.raises(CheckpointUnusable, match="differ from the baked ones"):
+        check_compatible(m, layout, ["--max-model-len", "1024"])
+
+
+def test_probe_comparison_catches_text_and_logprob_drift():
+    baked = [manifest.ProbeAnswer("p", "abc", (-1.0, -2.0))]
+    assert same_answers([{"text": "abc", "logprobs": [-1.0, -2.0004]}], baked) is None
+    assert "answered 'abd'" in same_answers([{"text": "abd", "logprobs": [-1.0, -2.0]}], baked)
+    assert "logprobs differ" in same_answers([{"text": "abc", "logprobs": [-1.0, -2.1]}], baked)
+
+
+
+def test_device_map_pairs_baked_gpus_with_this_nodes_by_index():
+    def cuda(*uuids):
+        return manifest.Device("cuda", tuple(manifest.Gpu("NVIDIA H200", u) for u in uuids), "580")
+
+    baked = cuda("GPU-aaa", "GPU-bbb")
+    assert gpu_device_map(baked, cuda("GPU-aaa", "GPU-bbb")) == ""
+    assert gpu_device_map(baked, cuda("GPU-xxx", "GPU-bbb")) == "GPU-aaa=GPU-xxx"
+    assert gpu_device_map(manifest.Device("cpu"), manifest.Device("cpu")) == ""

@@ -1,0 +1,51 @@
+"""criu.py without CRIU: the restore log's phases, the huge-page decision (free page reporting,
+FV_RESTORE_THP). CRIU itself runs in tests/e2e."""
+
+from __future__ import annotations
+
+
+
+def test_restore_phases_split_criu_memory_from_cuda_resume(tmp_path):
+    from fvboot.criu import restore_phases
+
+    log = tmp_path / "criu-restore.log"
+    log.write_text("(00.010000) Version: 4.2.1\n(02.500000) cuda_plugin: resuming devices on pid 7\n"
+                   "(03.100000) cuda_plugin: resuming devices on pid 8\n"
+                   "(04.250000) Restore finished successfully. Tasks resumed.\n")
+    assert restore_phases(log) == {"cuda_resume_start": 2.5, "restore_finished": 4.25}
+    assert restore_phases(tmp_path / "missing.log") == {}
+
+
+def _virtio(root, name, device, features):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "device").write_text(device + "\n")
+    (d / "features").write_text(features + "\n")
+
+
+def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path):
+    from fvboot import criu
+
+    _virtio(tmp_path / "a", "virtio0", "0x0002", "0010011" + "0" * 57)  # a block device
+    assert not criu.free_page_reporting(tmp_path / "a")
+    _virtio(tmp_path / "b", "virtio0", "0x0005", "0110000" + "0" * 57)  # balloon, no reporting
+    assert not criu.free_page_reporting(tmp_path / "b")
+    _virtio(tmp_path / "c", "virtio3", "0x0005", "0110010" + "0" * 57)  # bit 5: reporting
+    assert criu.free_page_reporting(tmp_path / "c")
+    assert not criu.free_page_reporting(tmp_path / "missing")
+
+
+def test_thp_restore_setting(monkeypatch):
+    from fvboot import criu
+
+    monkeypatch.setattr(criu, "free_page_reporting", lambda: True)
+    monkeypatch.delenv("FV_RESTORE_THP", raising=False)
+    assert criu.restore_env() == {} and "free page reporting" in criu.restore_thp()[1]
+    monkeypatch.setenv("FV_RESTORE_THP", "1")
+    assert criu.restore_env() == {"CRIU_RESTORE_THP": "1"}
+    monkeypatch.setattr(criu, "free_page_reporting", lambda: False)
+    monkeypatch.setenv("FV_RESTORE_THP", "auto")
+    assert criu.restore_env() == {"CRIU_RESTORE_THP": "1"}
+    monkeypatch.setenv("FV_RESTORE_THP", "0")
+    assert criu.restore_env() == {}
+

@@ -1,0 +1,41 @@
+"""The served tree's environment: dev mode only for a server fvboot checkpoints, credentials
+scrubbed, settings kept."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_only_a_server_fvboot_checkpoints_runs_in_dev_mode(monkeypatch, tmp_path):
+    from fvboot.launcher import server_env
+
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")  # not even when the operator sets it
+    assert server_env(tmp_path / "r.json")["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "VLLM_SERVER_DEV_MODE" not in server_env(tmp_path / "r.json", dev_mode=False)
+    assert server_env(tmp_path / "r.json")["FV_RUNTIME_FILE"] == str(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("name", [
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY",
+    "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID_SECRET",
+    "MY_SECRET", "DB_PASSWORD", "PGPASSWORD", "SMTP_PASSWD", "GCP_CREDENTIALS", "AZURE_CLIENT_SECRET",
+    "VLLM_API_KEY", "FV_API_KEY", "FV_ADMIN_TOKEN", "hf_token", "Some_Key", "AWS_SECRET_FILE",
+])
+def test_env_scrub_drops_credentials(monkeypatch, tmp_path, name):
+    from fvboot.launcher import server_env
+
+    monkeypatch.setenv(name, "hunter2")
+    assert name not in server_env(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("name", [
+    "FV_DISABLE_IO_URING", "FV_GATE_WAIT_S", "FV_HOME", "FV_LOAD_BUFFER_MB", "FV_LOAD_THREADS",
+    "FV_PREFETCH", "FV_RESTORE_THP", "TOKENIZERS_PARALLELISM", "PATH", "VLLM_CPU_KVCACHE_SPACE",
+    "SSL_CERT_FILE", "PIP_CERT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
+])
+def test_env_scrub_keeps_settings(monkeypatch, tmp_path, name):
+    from fvboot.launcher import server_env
+
+    monkeypatch.setenv(name, "1")
+    assert server_env(tmp_path / "r.json")[name] == "1"
+
