@@ -18,13 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from docker.errors import APIError, DockerException
-from requests.exceptions import ConnectionError as RequestsConnectionError
-from requests.exceptions import ReadTimeout
-
 from . import __version__, gpu
-from .engine import DockerEngine, _file_from_archive
-from .errors import BakeError, BakeTimeoutError
+from .engine import DockerEngine, RunningContainer
+from .errors import BakeError, BakeTimeoutError, ContainerTimeoutError, EngineError
 from .options import BuildOptions, Device
 from .render import render_template
 
@@ -84,15 +80,15 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
                                               volumes=volumes, **run_kwargs)
         _follow(container, on_line, opts.bake_timeout_s)
         t_run = time.monotonic()
-        raw = _file_from_archive(container, "/fv/manifest.json")
+        raw = container.read_file("/fv/manifest.json")
         if raw is None:
             raise BakeError("the bake wrote no /fv/manifest.json")
         labels = baked_labels(_parse_manifest(raw, "the bake's /fv/manifest.json"))
-        container.commit(repository=bake_ref.split(":")[0], tag=bake_ref.split(":")[1])
+        container.commit(bake_ref)
         # The container's writable layer is a full copy of the bake's output (for a 3B model
         # ~17 GB: model, weight dump, checkpoint): free it before the layers are copied once
         # more, so the disk holds two copies at most, not three (GPU hosts' disks are small).
-        container.remove(force=True)
+        container.remove()
         container = None
         ctx = BakeLayersContext(__version__, built_id, bake_ref, labels)
         ctxdir = Path(tmpdir) / "layers"
@@ -106,37 +102,36 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
                 on_line(item.text)
         engine.tag(result.image_id, tag)
         return {"bake run": t_run - t0, "layers": time.monotonic() - t_run}
-    except (APIError, DockerException) as e:
+    except EngineError as e:
         raise BakeError(f"bake failed: {e}") from None
     finally:
         if container is not None:
             try:
-                container.remove(force=True)
-            except (APIError, DockerException):
+                container.remove()
+            except EngineError:
                 pass
-        engine.remove_image(bake_ref)
+        try:
+            engine.remove_image(bake_ref)
+        except EngineError as e:
+            on_line(f"fvbuild: the temporary image {bake_ref} was not removed: {e}")
         shutil.rmtree(tmpdir, ignore_errors=True)  # the token file goes with it
 
 
-def _follow(container, on_line: Callable[[str], None], timeout_s: float) -> None:
+def _follow(container: RunningContainer, on_line: Callable[[str], None], timeout_s: float) -> None:
     """Show the bake's log while waiting for it, both bounded by TIMEOUT_S; BakeError unless it
     exited 0. The log is read in a thread: a silent bake must not hang the wait, nor the wait the log."""
     tail: deque[str] = deque(maxlen=40)
 
     def pump() -> None:
-        try:
-            for chunk in container.logs(stream=True, follow=True):
-                for line in chunk.decode(errors="replace").splitlines():
-                    tail.append(line)
-                    on_line(line)
-        except Exception:  # the log is for people; the wait decides the outcome
-            pass
+        for line in container.log_lines():
+            tail.append(line)
+            on_line(line)
 
     reader = threading.Thread(target=pump, name="bake-log", daemon=True)
     reader.start()
     try:
-        code = container.wait(timeout=timeout_s)["StatusCode"]
-    except (ReadTimeout, RequestsConnectionError):
+        code = container.wait(timeout_s)
+    except ContainerTimeoutError:
         raise BakeTimeoutError(
             f"the bake did not finish within {timeout_s:.0f} s (--bake-timeout); last line: "
             f"{tail[-1] if tail else '(none)'}") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import criu_prebuilt, criu_source
 from .context import PREBUILT_ARCHIVE, CriuSource, RenderContext, make_context
-from .options import BuildOptions, CriuOptions
+from .options import CriuOptions
 from .render import render_dockerfile
 
 

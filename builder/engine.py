@@ -16,8 +16,11 @@ from typing import Iterator, Optional
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from .errors import (BaseImageMissingError, BaseImageUnsuitableError, BuildFailedError,
-                     CriuPrebuiltError, CriuSourceError, DockerUnavailableError, PatchError)
+from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.exceptions import ReadTimeout
+
+from .errors import (BaseImageMissingError, BaseImageUnsuitableError, BuildFailedError, ContainerTimeoutError,
+                     CriuPrebuiltError, CriuSourceError, DockerUnavailableError, EngineError, PatchError)
 
 # The minimal capability set CRIU needs in a container on Docker 20.10 (see README):
 # --privileged is not needed (and fails on hosts without CAP_SYS_RESOURCE).
@@ -107,7 +110,10 @@ class DockerEngine:
 
     def tag(self, image_id: str, ref: str) -> None:
         repo, _, tag = ref.rpartition(":")
-        self.client.api.tag(image_id, repo, tag)
+        try:
+            self.client.api.tag(image_id, repo, tag)
+        except (APIError, DockerException) as e:
+            raise EngineError(f"docker tag {ref} failed: {_short(e)}") from None
 
     def remove_image(self, ref: str, prune: bool = True, force: bool = True) -> None:
         """Remove REF; PRUNE also removes its untagged parents (prune=False keeps them as the build
@@ -119,7 +125,7 @@ class DockerEngine:
             pass
         except APIError as e:
             if e.status_code != 409:  # still used by a container or a child image: not ours to force
-                raise
+                raise EngineError(f"docker rmi {ref} failed: {_short(e)}") from None
 
     # ---- build ------------------------------------------------------------------------------
     def build(self, context: Path, network_mode: Optional[str] = None,
@@ -180,13 +186,16 @@ class DockerEngine:
     def run_criu_container(self, image: str, command: list[str], network_mode: Optional[str],
                            volumes: Optional[dict] = None, environment: Optional[dict] = None,
                            name: Optional[str] = None, device_requests: Optional[list] = None,
-                           devices: Optional[list] = None):
+                           devices: Optional[list] = None) -> "RunningContainer":
         """Start a detached container with the capability set CRIU needs (and GPU access, if given)."""
-        return self.client.containers.run(
-            image, command, detach=True, name=name, network_mode=network_mode,
-            cap_add=CRIU_CAPS, security_opt=CRIU_SECURITY_OPT, shm_size="1g",
-            volumes=volumes or {}, environment=environment or {},
-            device_requests=device_requests or None, devices=devices or None)
+        try:
+            return RunningContainer(self.client.containers.run(
+                image, command, detach=True, name=name, network_mode=network_mode,
+                cap_add=CRIU_CAPS, security_opt=CRIU_SECURITY_OPT, shm_size="1g",
+                volumes=volumes or {}, environment=environment or {},
+                device_requests=device_requests or None, devices=devices or None))
+        except (APIError, DockerException) as e:
+            raise EngineError(f"docker run of {image} failed: {_short(e)}") from None
 
     def read_tree(self, image: str, path: str) -> bytes:
         """The tar (Docker's archive API) of PATH in IMAGE, through a created, never started container."""
@@ -206,6 +215,54 @@ class DockerEngine:
             return _file_from_archive(c, path)
         finally:
             c.remove(force=True)
+
+
+class RunningContainer:
+    """A container the builder started (the bake): its log, its exit, a file out of it, its commit
+    and its removal. docker-py stays behind this class; its failures come out as EngineError."""
+
+    def __init__(self, container) -> None:
+        self._c = container
+
+    def log_lines(self) -> Iterator[str]:
+        """The container's output, line by line, until it exits; ends quietly if the stream breaks
+        (the log is for people; `wait` decides the outcome)."""
+        try:
+            for chunk in self._c.logs(stream=True, follow=True):
+                yield from chunk.decode(errors="replace").splitlines()
+        except (APIError, DockerException, RequestsConnectionError, ReadTimeout):
+            return
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; ContainerTimeoutError if it runs past TIMEOUT seconds."""
+        try:
+            return self._c.wait(timeout=timeout)["StatusCode"]
+        except (ReadTimeout, RequestsConnectionError):
+            raise ContainerTimeoutError(f"the container did not exit within {timeout:.0f} s") from None
+        except (APIError, DockerException) as e:
+            raise EngineError(f"waiting for the container failed: {_short(e)}") from None
+
+    def read_file(self, path: str) -> bytes | None:
+        try:
+            return _file_from_archive(self._c, path)
+        except (APIError, DockerException) as e:
+            raise EngineError(f"reading {path} from the container failed: {_short(e)}") from None
+
+    def commit(self, ref: str) -> None:
+        repo, _, tag = ref.rpartition(":")
+        try:
+            self._c.commit(repository=repo, tag=tag)
+        except (APIError, DockerException) as e:
+            raise EngineError(f"docker commit failed: {_short(e)}") from None
+
+    def remove(self) -> None:
+        """Remove it (killing it first if it runs); gone already is fine."""
+        try:
+            self._c.remove(force=True)
+        except NotFound:
+            pass
+        except (APIError, DockerException) as e:
+            raise EngineError(f"docker rm failed: {_short(e)}") from None
 
 
 def _file_from_archive(container, path: str) -> bytes | None:

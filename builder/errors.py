@@ -58,3 +58,11 @@ class GpuAccessError(FvBuildError):
 
 class BakeTimeoutError(BakeError):
     """The bake container ran longer than --bake-timeout."""
+
+
+class EngineError(FvBuildError):
+    """A Docker operation failed; the message carries Docker's reason."""
+
+
+class ContainerTimeoutError(EngineError):
+    """A container did not exit within the time it was given."""

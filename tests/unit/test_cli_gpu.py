@@ -7,10 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from requests.exceptions import ReadTimeout
 
 from fvbuild import bake, gpu
-from fvbuild.errors import BakeError, BakeTimeoutError, GpuAccessError
+from fvbuild.errors import BakeError, BakeTimeoutError, ContainerTimeoutError, GpuAccessError
 from fvbuild.options import GpuAccess, load_options
 
 
@@ -73,24 +72,29 @@ def test_devices_mode_needs_the_driver_folder(host, monkeypatch):
 # ---- the bake container, with a fake Docker ---------------------------------------------------------
 
 class FakeContainer:
+    """The engine's RunningContainer, as a bake that succeeds, fails or never ends would act."""
+
     def __init__(self, outcome):
         self.outcome, self.removed, self.committed = outcome, False, False
 
-    def logs(self, stream, follow):
-        yield b"fvboot: starting vLLM\n"
+    def log_lines(self):
+        yield "fvboot: starting vLLM"
         if self.outcome == "hang":
             threading.Event().wait(5)
 
-    def wait(self, timeout=None):
+    def wait(self, timeout):
         self.wait_timeout = timeout
         if self.outcome == "hang":
-            raise ReadTimeout("read timed out")
-        return {"StatusCode": 0 if self.outcome == "ok" else 3}
+            raise ContainerTimeoutError(f"the container did not exit within {timeout:.0f} s")
+        return 0 if self.outcome == "ok" else 3
 
-    def remove(self, force=False):
+    def read_file(self, path):
+        return None
+
+    def remove(self):
         self.removed = True
 
-    def commit(self, **kw):
+    def commit(self, ref):
         self.committed = True
 
 
@@ -113,7 +117,8 @@ class FakeEngine:
         self.tags.append(ref)
 
 
-@pytest.mark.parametrize("outcome, error", [("hang", BakeTimeoutError), ("fail", BakeError)])
+@pytest.mark.parametrize("outcome, error", [("hang", BakeTimeoutError), ("fail", BakeError),
+                                            ("ok", BakeError)])  # ok, but no manifest written
 def test_a_failed_or_endless_bake_leaves_no_container_no_tag_no_temp_image(outcome, error, host):
     dev, driver = host
     opts = load_options({"model": "synthetic:tiny", "bake_timeout_s": 60})
@@ -124,6 +129,8 @@ def test_a_failed_or_endless_bake_leaves_no_container_no_tag_no_temp_image(outco
     if outcome == "hang":
         assert "did not finish within 60 s (--bake-timeout)" in str(e.value)
         assert engine.container.wait_timeout == 60
+    if outcome == "ok":
+        assert str(e.value) == "the bake wrote no /fv/manifest.json"
     assert engine.container.removed and not engine.container.committed
     assert engine.tags == [] and engine.removed == ["fvbuild-bake-tmp:aaaaaaaaaaaa"]
     # the GPU plan reached the container: device nodes, driver mount, its environment
