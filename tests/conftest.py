@@ -46,6 +46,15 @@ def c_client(tmp_path_factory):
     return out
 
 
+def flip_bit(path, offset: int) -> None:
+    """Flip the lowest bit of the byte at OFFSET of PATH (the smallest damage a disk can do)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
 def _docker_reason() -> str | None:
     try:
         import docker

@@ -14,6 +14,8 @@ from fvboot.layout import Layout
 from fvboot.manifest import FileEntry
 from fvboot.pagecheck import PIECE, PageCheck
 
+from conftest import flip_bit
+
 BIG = prefetch.PREFETCH_SMALL + PIECE + 12345  # four pieces, the last one short
 
 
@@ -31,14 +33,6 @@ def _home(tmp_path) -> Layout:
 
 def _files(layout: Layout) -> tuple[FileEntry, ...]:
     return manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir])
-
-
-def _flip(path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
 
 
 def _restore_reads(layout: Layout, files, mode: str, monkeypatch) -> PageCheck:
@@ -74,7 +68,7 @@ def test_intact_images_pass_whether_or_not_the_prefetch_reads_ahead(tmp_path, mo
 def test_one_flipped_bit_in_any_memory_image_is_found_and_named(tmp_path, monkeypatch, name, offset, mode):
     layout = _home(tmp_path)
     files = _files(layout)
-    _flip(layout.images_dir / name, offset)
+    flip_bit(layout.images_dir / name, offset)
     problem = _restore_reads(layout, files, mode, monkeypatch).result(timeout=30)
     piece = offset // PIECE * PIECE
     assert problem is not None and problem.startswith(f"checkpoint/criu/{name} is corrupt: bytes {piece}-"), problem

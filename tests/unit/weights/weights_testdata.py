@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import need
+from conftest import flip_bit, need  # noqa: F401 - flip_bit: for the tests that import it from here
 
 torch = need("torch", "the weight path works on torch tensors")
 
@@ -52,12 +52,6 @@ def small_config(**kw):
     return Config(**base)
 
 
-def flip_bit(path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
 
 
 def entry(key, offset, nbytes):
