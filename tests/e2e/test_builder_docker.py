@@ -281,3 +281,22 @@ def test_a_rebuild_removes_the_image_it_untagged_but_never_a_tagged_one(build_fl
             docker_client.images.get(old.id)
     finally:
         docker_client.images.remove(tag, force=True)
+
+
+def test_vllm_failing_in_the_bake_is_one_clear_error_and_leaves_nothing(build_flags, docker_client):
+    """The engine dies during the bake's start (a max length beyond the model's): fvbuild names
+    the failure in one line after the bake's own log, tags nothing, leaves no container or image."""
+    tag = "fv-test/enginefail:x"
+    containers = {c.id for c in docker_client.containers.list(all=True)}
+    flags = [f for f in build_flags if not f.startswith("--vllm-arg=--max-model-len")]
+    r = fvbuild("image", "--model", "synthetic:tiny", "--tag", tag, *flags,
+                "--vllm-arg=--max-model-len=1048576", "--bake-timeout", "900")
+    assert r.returncode != 0
+    own = [l for l in r.stderr.splitlines() if not l.startswith("  bake|")]
+    assert "Traceback" not in "\n".join(own), r.stderr[-3000:]
+    err = [l for l in own if l.startswith("fvbuild:")]
+    assert len(err) == 1 and "bake failed (exit" in err[0], r.stderr[-3000:]
+    assert "max_model_len" in r.stderr  # vLLM's own reason is in the bake's log shown above
+    assert not docker_client.images.list(name="fv-test/enginefail")
+    assert not docker_client.images.list(name="fvbuild-bake-tmp")
+    assert {c.id for c in docker_client.containers.list(all=True)} <= containers
