@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import ServerDied
+from .exitnoise import ExitFilter
 from .layout import RUNTIME_FILE_ENV
 from .output import write_line
 
@@ -161,12 +162,16 @@ class LogPump(threading.Thread):
         self.read_fd, self.err, self.on_event = read_fd, err, on_event
 
     def run(self) -> None:
+        quiet = ExitFilter()  # after a stop: vLLM's libraries' exit warnings (exitnoise.py)
         with os.fdopen(self.read_fd, "rb", buffering=0) as f:
             for line in iter(f.readline, b""):
                 if line.startswith(b"fvboot-event "):
                     parts = line.decode(errors="replace").split()
                     self.on_event(parts[1], parts[2:])
-                write_line(line, self.err)
+                for out in quiet.feed(line):
+                    write_line(out, self.err)
+        for out in quiet.flush():
+            write_line(out, self.err)
 
 
 @dataclass

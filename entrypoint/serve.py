@@ -19,7 +19,7 @@ import signal
 import time
 from typing import Optional
 
-from . import cuda_checkpoint_service, manifest, restore
+from . import cuda_checkpoint_service, exitnoise, manifest, restore
 from .control import ServerControl
 from .errors import CheckpointUnusable, FvBootError, Stopped
 from .launcher import (Pipes, ServedTree, runtime_settings, server_env, server_port, vllm_command,
@@ -84,7 +84,10 @@ def serve(layout: Layout, run_args: list[str]) -> int:
     except ValueError as e:
         raise FvBootError(str(e)) from None
     become_subreaper()
-    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        layout.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FvBootError(f"cannot make fvboot's run folder {layout.run_dir}: {e.strerror}") from None
     pipes = Pipes.create()
     pipes.pump(lambda ev, args: ev == "first_request_served" and _first_request(tl, args))
     tree = None
@@ -98,6 +101,9 @@ def serve(layout: Layout, run_args: list[str]) -> int:
             tree.terminate(timeout=5)
         kill_children()
         return 128 + stop.signum
+    except OSError as e:  # the normal start itself could not run (a full or read-only disk, ...)
+        kill_children()
+        raise FvBootError(f"vLLM could not be started normally either: {e}") from None
 
 
 def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, settings: dict):
@@ -204,6 +210,7 @@ def _supervise(tree) -> int:
     root = tree.pid if isinstance(tree, RestoredTree) else tree.proc.pid
 
     def stop(signum, _frame):
+        exitnoise.stopping.set()
         try:
             os.kill(root, signum)
         except ProcessLookupError:
@@ -220,5 +227,7 @@ def _supervise(tree) -> int:
         if pid == root:
             code = os.waitstatus_to_exitcode(status)
             break
-    log(f"vLLM exited with code {code}")
+    quiet = exitnoise.dropped()
+    log(f"vLLM exited with code {code}" + (f" ({quiet} lines of its libraries' exit warnings not shown)"
+                                           if quiet else ""))
     return code & 0xFF if code >= 0 else 128 - code

@@ -128,6 +128,21 @@ def _stop(container: str) -> tuple[float, int]:
     return took, code
 
 
+def test_docker_stop_of_a_restored_server_is_quick_and_quiet(baked_image, port_free):
+    """A clean stop: exit 0 well within Docker's grace period, and none of the pages of leak
+    warnings vLLM's libraries print on their way out (fvboot counts them in one line)."""
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        before = len(c.logs().splitlines())
+        took, code = _stop(c.id)
+        after = c.logs().splitlines()[before:]
+    assert code == 0 and took < 9, (code, took, after[-20:])
+    text = "\n".join(after)
+    assert "nanobind" not in text and "resource_tracker" not in text and "EngineDeadError" not in text, text
+    assert "Traceback" not in text, text
+    assert any("fvboot: vLLM exited with code 0" in line for line in after), after[-20:]
+
+
 def test_docker_stop_during_a_restore_ends_it_at_once(baked_image, port_free):
     with Container(baked_image) as c:
         time.sleep(0.4)  # fvboot is up (its handlers are set first), the restore under way

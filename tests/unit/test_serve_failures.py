@@ -238,3 +238,29 @@ def test_a_missing_capability_is_named(tmp_path):
     log.write_text("(00.000012) Version: 4.2.1\n(00.000300) Error (criu/cr-check.c:1): Effective capability 40 missing\n")
     assert criu.last_error(log) == ("Error (criu/cr-check.c:1): Effective capability 40 missing (CAP_CHECKPOINT_RESTORE "
                                     "(SYS_ADMIN covers it): run the container with the capabilities the README lists)")
+
+
+def test_a_full_disk_that_stops_the_normal_start_too_is_one_line(tmp_path):
+    """The run folder cannot be made (here: a file stands where it goes), as on a full or
+    read-only disk: fvboot exits 1 with one line naming it, no traceback."""
+    (tmp_path / "run").write_text("in the way")
+    p = _serve_proc(tmp_path, [sys.executable, "-c", "pass"], FV_RUN_DIR=str(tmp_path / "run" / "sub"))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err
+    assert "Traceback" not in err
+    assert [l for l in err.splitlines() if l.startswith("fvboot: cannot make fvboot's run folder")], err
+
+
+def test_an_os_error_of_the_normal_start_is_one_line(tmp_path, monkeypatch):
+    from fvboot.errors import FvBootError
+
+    monkeypatch.setenv("FV_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(serve, "_start", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    monkeypatch.setattr(serve, "become_subreaper", lambda: None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(FvBootError, match=r"vLLM could not be started normally either: \[Errno 28\] No space"):
+            serve.serve(Layout(tmp_path / "fv"), [])
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
