@@ -139,6 +139,16 @@ def runtime_settings(env: Optional[dict] = None) -> dict:
     return out
 
 
+def add_runtime_info(path: Path, **info) -> None:
+    """Add INFO (e.g. `startup=`) to this start's runtime file, keeping its token; atomic, 0600."""
+    data = json.loads(path.read_text())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({**data, **info}, f)
+    os.replace(tmp, path)
+
+
 def write_runtime_settings(path: Path, settings: Optional[dict] = None) -> str:
     """Write this start's runtime settings (SETTINGS plus a fresh admin token) for the server's
     middleware and return the token. Each start (bake, restore, normal start) gets its own

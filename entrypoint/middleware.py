@@ -18,6 +18,8 @@ Two jobs, both inside the server process so they survive checkpoint and restore:
   /version. It reaches the middleware through the same runtime file, so it is set per
   `docker run`, never baked (a `--api-key` vLLM argument would be saved in the manifest and the
   checkpoint). The same file carries FV_GATE_WAIT_S of this start.
+- fvboot's metrics (metrics.py) appended to vLLM's `/metrics`: how the server started, the
+  start-up phases, the requests held at the gate.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sys
 import time
 
 from .layout import ADMIN_HEADER, RUNTIME_FILE_ENV
+from .metrics import exposition
 
 GATE_OPEN, GATE_CLOSE, GATE_STATE = "/fv/gate/open", "/fv/gate/close", "/fv/gate/state"
 TRIM = "/fv/trim"
@@ -91,6 +94,7 @@ class GateMiddleware:
         self._open.set()
         self._wait_s = float(os.environ.get("FV_GATE_WAIT_S", "600"))
         self._first_served = False
+        self._held = 0  # requests that waited at the closed gate, since the bake (kept by the checkpoint)
         self._settings_path = os.environ.get(RUNTIME_FILE_ENV, "")
         self._settings_key: tuple = ()
         self._settings: dict = {}
@@ -149,6 +153,26 @@ class GateMiddleware:
                                 (b"content-length", str(len(data)).encode()), *headers]})
         await send({"type": "http.response.body", "body": data})
 
+    async def _metrics(self, scope, receive, send):
+        """vLLM's /metrics answer with fvboot's lines after it (uncompressed: the request's
+        Accept-Encoding is dropped; the length is left to the server's chunked encoding)."""
+        extra = exposition(self.settings().get("startup"), self._held).encode()
+        scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ()) if k != b"accept-encoding"]}
+        ok = False
+
+        async def send_with_ours(msg):
+            nonlocal ok
+            if msg["type"] == "http.response.start":
+                headers = msg.get("headers", [])
+                ok = msg.get("status") == 200 and not any(k.lower() == b"content-encoding" for k, _ in headers)
+                if ok:
+                    msg = {**msg, "headers": [(k, v) for k, v in headers if k.lower() != b"content-length"]}
+            elif msg["type"] == "http.response.body" and ok and not msg.get("more_body"):
+                msg = {**msg, "body": msg.get("body", b"") + extra}
+            await send(msg)
+
+        await self.app(scope, receive, send_with_ours)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
@@ -180,10 +204,13 @@ class GateMiddleware:
         if not self._open.is_set():
             if path in HEALTH_PATHS:
                 return await self._reply(scope, send, 503, {"status": "restoring"}, [(b"retry-after", b"1")])
+            self._held += 1
             try:
                 await asyncio.wait_for(self._open.wait(), self._gate_wait_s())
             except asyncio.TimeoutError:
                 return await self._reply(scope, send, 503, {"error": "server is starting"}, [(b"retry-after", b"5")])
+        if path == "/metrics" and scope["type"] == "http":
+            return await self._metrics(scope, receive, send)
         await self.app(scope, receive, send)
         if not self._first_served and path.startswith("/v1/"):
             self._first_served = True

@@ -78,8 +78,9 @@ def restore_dev_shm(layout: Layout) -> None:
 class RestoredTree:
     """The restored namespace init, reparented to us."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, runtime_file: Optional[Path] = None) -> None:
         self.pid = pid
+        self.runtime_file = runtime_file  # where its middleware reads this start's settings
         self.code: Optional[int] = None
 
     def alive(self) -> bool:
@@ -166,7 +167,7 @@ def criu_restore(s: RestoreState) -> None:
     pid = criu.restore(s.layout.images_dir, s.layout.run_dir,
                        [(s.pipes.out_w, m.pipes.stdout), (s.pipes.err_w, m.pipes.stderr)],
                        env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
-    s.tree = RestoredTree(pid)
+    s.tree = RestoredTree(pid, Path(m.runtime_file))
     phases = criu.restore_phases(s.layout.run_dir / "criu-restore.log")
     if "cuda_resume_start" in phases:
         s.tl.mark("criu: memory restored", s.issued + phases["cuda_resume_start"])

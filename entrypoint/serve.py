@@ -22,8 +22,8 @@ from typing import Optional
 from . import cuda_checkpoint_service, exitnoise, manifest, restore
 from .control import ServerControl
 from .errors import CheckpointUnusable, FvBootError, Stopped
-from .launcher import (Pipes, ServedTree, runtime_settings, server_env, server_port, vllm_command,
-                       write_runtime_settings)
+from .launcher import (Pipes, ServedTree, add_runtime_info, runtime_settings, server_env, server_port,
+                       vllm_command, write_runtime_settings)
 from .layout import Layout
 from .manifest import Manifest
 from .output import log
@@ -91,9 +91,11 @@ def serve(layout: Layout, run_args: list[str]) -> int:
     pipes = Pipes.create()
     pipes.pump(lambda ev, args: ev == "first_request_served" and _first_request(tl, args))
     tree = None
+    outcome: dict = {}
     try:
-        tree = _start(layout, run_args, pipes, tl, settings)
+        tree = _start(layout, run_args, pipes, tl, settings, outcome)
         tl.print_table()
+        _publish_startup(layout, tree, tl, outcome)
         return _supervise(tree)
     except Stopped as stop:
         log(f"stopped by signal {stop.signum} before the server was serving; stopping what runs")
@@ -106,9 +108,20 @@ def serve(layout: Layout, run_args: list[str]) -> int:
         raise FvBootError(f"vLLM could not be started normally either: {e}") from None
 
 
-def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, settings: dict):
+def _publish_startup(layout: Layout, tree, tl: Timeline, outcome: dict) -> None:
+    """How this server started, for the middleware's /metrics (metrics.py); best effort."""
+    path = "restored" if isinstance(tree, RestoredTree) else "normal"
+    try:
+        add_runtime_info(layout.runtime_file if path == "normal" else tree.runtime_file,
+                         startup={"path": path, "reason": outcome.get("reason", ""), "phases": tl.as_dict()})
+    except (OSError, ValueError) as e:
+        log(f"start-up metrics not published: {e}")
+
+
+def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, settings: dict,
+           outcome: Optional[dict] = None):
     """The restored tree, or after any failure on that path (said in one line, with its reason,
-    and cleaned up), a normally started one."""
+    and cleaned up), a normally started one. OUTCOME gets the reason of a fallback."""
     m: Optional[Manifest] = None  # None: missing or invalid; the normal start salvages what it can
     check: Optional[PageCheck] = None
     try:
@@ -130,6 +143,8 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
         if check is not None and check.problem and check.problem not in reason:
             reason = f"{check.problem} ({reason})"  # a damaged image explains what CRIU made of it
         log(f"checkpoint not used: {reason}; starting vLLM normally (compile caches reused)")
+        if outcome is not None:
+            outcome["reason"] = reason
     left = kill_children()  # whatever the failed restore left (CRIU, a restored tree)
     if left:
         log(f"stopped {len(left)} process(es) the failed restore left")
