@@ -17,6 +17,10 @@ Failures print one line to stderr in NVIDIA's wording (``Could not restore on pr
 Invalid arguments exit 2; a missing or too old driver exits 1.
 
 FV_CUDA_CHECKPOINT_LIBCUDA names another driver library to load (default: libcuda.so.1).
+
+Over 400 lines on purpose: CRIU's plugin starts this file as a program of its own (`python3 -S
+-m fvboot.cuda_checkpoint`, standard library only, once per task and action), so its command
+line, its driver bindings and its error wording stay in the one module that program loads.
 """
 
 from __future__ import annotations
