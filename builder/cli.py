@@ -247,6 +247,50 @@ def run_flags(device: str, gpu_access: str, nvidia_driver_dir: Optional[Path]) -
 
 @main.command()
 @click.argument("image_ref")
+@click.option("--runs", type=click.IntRange(1, 100), default=3, show_default=True, help="starts per path")
+@click.option("--cold", is_flag=True, help="also restore with the page cache dropped (root)")
+@click.option("--normal/--no-normal", default=True, show_default=True, help="also a normal vLLM start (FV_RESTORE=0)")
+@click.option("--nocache", is_flag=True, help="also a normal start with empty compile caches")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="runtime setting for the restores")
+@click.option("--gpu-access", type=click.Choice(["none", "auto", "toolkit", "devices"]), default="none",
+              show_default=True, help="how containers get the GPUs (as `fvbuild run-flags`)")
+@click.option("--nvidia-driver-dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="write the results here")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path, dir_okay=False), help="draw them here (PNG)")
+def bench(image_ref: str, runs: int, cold: bool, normal: bool, nocache: bool, env: tuple[str, ...],
+          gpu_access: str, nvidia_driver_dir: Optional[Path], json_out: Optional[Path], plot_out: Optional[Path]) -> None:
+    """Time `docker run` of a baked image to its first correct answer, per start path (restore,
+    page cache dropped, normal start, empty compile caches), on this machine, in one run."""
+    from . import bench as fvbench
+    from .bake import read_image_manifest
+    from .engine import DockerEngine, docker_run_flags
+    from .gpu import gpu_run_flags
+
+    try:
+        bad = [kv for kv in env if "=" not in kv or not kv.split("=", 1)[0]]
+        if bad:
+            raise OptionsError(f"--env takes KEY=VALUE, not {bad[0]!r}")
+        m = read_image_manifest(DockerEngine.connect(), image_ref)
+        if m is None:
+            raise ImageNotBakedError(f"{image_ref} carries no fast-vllm checkpoint; build it with `fvbuild image`")
+        flags = docker_run_flags() + ["--network", "host"]
+        if gpu_access != "none":
+            flags += gpu_run_flags(gpu_access, nvidia_driver_dir)
+        plan = fvbench.BenchPlan(image_ref, tuple(flags), runs, cold, normal, nocache, env)
+        res = fvbench.run(plan, m, say=lambda line: click.echo(line, err=True))
+        if json_out:
+            json_out.write_text(json.dumps(res.to_json(), indent=2) + "\n")
+        if plot_out:
+            fvbench.plot(res, plot_out)
+    except FvBuildError as e:
+        _fail(e)
+    click.echo(res.table())
+    if res.restore_equals_normal_start is False:
+        _fail(fvbench.BenchError("the restored server answers differently from a normal start"))
+
+
+@main.command()
+@click.argument("image_ref")
 def inspect(image_ref: str) -> None:
     """Print the bake manifest of a baked image."""
     from .bake import read_image_manifest

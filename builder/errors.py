@@ -66,3 +66,7 @@ class EngineError(FvBuildError):
 
 class ContainerTimeoutError(EngineError):
     """A container did not exit within the time it was given."""
+
+
+class BenchError(FvBuildError):
+    """`fvbuild bench` could not measure: no answer, a wrong one, or a path it cannot take here."""

@@ -13,4 +13,4 @@ flags=(--device cpu --model synthetic:tiny --tag "$TAG" --network host
 [ -f /etc/ssl/certs/ca-certificates.crt ] && flags+=(--ca-cert /etc/ssl/certs/ca-certificates.crt)
 fvbuild image "${flags[@]}"
 echo "baked $TAG; restoring it once:"
-python3 "$REPO/bench/startup.py" --image "$TAG" --runs 1 --no-normal
+fvbuild bench "$TAG" --runs 1 --no-normal

@@ -1,0 +1,209 @@
+"""`fvbuild bench IMAGE`: seconds from `docker run` to the first correct answer, per start path,
+all in one run on this machine, and the picture of where a restore's time goes.
+
+Paths, each started in fresh containers:
+  restore   the image as shipped (restore from the checkpoint), page cache warm
+  cold      the same with the page cache dropped first (needs root on the host)
+  normal    a normal vLLM start of the same image (FV_RESTORE=0): the baked compile caches reused
+  nocache   a normal start with empty compile caches: what a plain `vllm serve` pays
+
+"Correct" is the greedy answer recorded at bake for the first probe prompt. The restored server
+and the normal start then answer prompts that are not the probe's (greedy text and logprobs);
+the two must be identical. Containers are started with the `docker` command line, as operators
+start them (so this module does not go through engine.py's docker-py): that is what is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import BenchError
+
+EXTRA_PROMPTS = ("A list of colours: red,", "def fibonacci(n):", "The moon is")
+PATHS = (("restore_s", "restore from checkpoint (warm)"), ("cold_s", "restore, page cache dropped"),
+         ("normal_s", "normal vLLM start (baked compile caches)"),
+         ("nocache_s", "normal vLLM start (empty compile caches)"))
+EMPTY_CACHES = ("-e", "VLLM_CACHE_ROOT=/tmp/nc/vllm", "-e", "TORCHINDUCTOR_CACHE_DIR=/tmp/nc/inductor",
+                "-e", "TRITON_CACHE_DIR=/tmp/nc/triton")
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    image: str
+    run_flags: tuple[str, ...]  # `docker run` flags: capabilities, network, GPUs
+    runs: int = 3
+    cold: bool = False
+    normal: bool = True
+    nocache: bool = False
+    env: tuple[str, ...] = ()  # KEY=VALUE runtime settings for the restores
+    limit_s: float = 1800
+
+
+@dataclass
+class BenchResult:
+    image: str
+    date: str
+    host: str
+    device: dict
+    vllm: str
+    vllm_args: list
+    model: str
+    restore_env: list
+    restore_s: list[float] = field(default_factory=list)
+    cold_s: list[float] = field(default_factory=list)
+    normal_s: list[float] = field(default_factory=list)
+    nocache_s: list[float] = field(default_factory=list)
+    last_restore_timeline: list[dict] = field(default_factory=list)
+    last_cold_timeline: list[dict] = field(default_factory=list)
+    answers: dict[str, list] = field(default_factory=dict)
+    restore_equals_normal_start: Optional[bool] = None
+    checkpoint_bytes: int = 0
+    weights_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{'docker run -> first correct answer':<44}{'median s':>10}  runs"]
+        lines += [f"{label:<44}{statistics.median(getattr(self, key)):>10.2f}  {getattr(self, key)}"
+                  for key, label in PATHS if getattr(self, key)]
+        lines.append(f"checkpoint {self.checkpoint_bytes / 1e9:.2f} GB, weight dump {self.weights_bytes / 1e9:.2f} GB")
+        if self.restore_equals_normal_start is not None:
+            lines.append(f"restored answers == normal start's (text + logprobs, {len(EXTRA_PROMPTS)} prompts): "
+                         f"{self.restore_equals_normal_start}")
+        return "\n".join(lines)
+
+
+def _post(port: int, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _greedy(port: int, model: str, prompt: str, max_tokens: int) -> dict:
+    c = _post(port, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                     "logprobs": 2, "seed": 0}, 900)["choices"][0]
+    return {"text": c["text"], "logprobs": [round(x, 4) for x in c["logprobs"]["token_logprobs"]]}
+
+
+def _logs(cid: str) -> str:
+    r = subprocess.run(["docker", "logs", cid], capture_output=True, text=True)
+    return r.stdout + r.stderr
+
+
+def first_answer(plan: BenchPlan, m: dict, flags: list[str], extra: bool = False) -> tuple[float, str, list]:
+    """Seconds from `docker run` to the first correct answer, the container's log, and (with
+    EXTRA) its answers to EXTRA_PROMPTS. BenchError on a wrong answer or none within the limit."""
+    port, model, probe = m["vllm"]["port"], m["model"]["served_name"], m["probe"][0]
+    body = {"model": model, "prompt": probe["prompt"], "max_tokens": 12, "temperature": 0.0}
+    t0 = time.monotonic()
+    run = subprocess.run(["docker", "run", "-d", *plan.run_flags, *flags, plan.image], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise BenchError(f"docker run {plan.image} failed: {run.stderr.strip()[-500:]}")
+    cid = run.stdout.strip()
+    try:
+        while time.monotonic() - t0 < plan.limit_s:
+            try:
+                text = _post(port, body, plan.limit_s)["choices"][0]["text"]
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.01)
+                continue
+            took = time.monotonic() - t0
+            if text != probe["text"]:
+                raise BenchError(f"wrong answer {text!r}, baked {probe['text']!r}")
+            answers = [_greedy(port, model, p, 16) for p in EXTRA_PROMPTS] if extra else []
+            return took, _logs(cid), answers
+        raise BenchError(f"no answer within {plan.limit_s:.0f} s:\n{_logs(cid)[-3000:]}")
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+
+
+def drop_page_cache() -> None:
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise BenchError(f"cannot drop the page cache for the cold runs ({e.strerror}); run as root or leave out --cold")
+
+
+def _timeline(logs: str) -> list[dict]:
+    return [json.loads(line)["fvboot_timeline"] for line in logs.splitlines() if line.startswith('{"fvboot_timeline"')]
+
+
+def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
+    """Every path of PLAN against the image whose manifest is M."""
+    env = [x for kv in plan.env for x in ("-e", kv)]
+    res = BenchResult(plan.image, time.strftime("%Y-%m-%d %H:%M"), platform.node(), m["device"],
+                      m["vllm"]["version"], m["vllm"]["args"], m["model"]["source"], list(plan.env))
+    for i in range(plan.runs):
+        took, logs, got = first_answer(plan, m, env, extra=i == 0)
+        if "restored from checkpoint" not in logs:
+            raise BenchError("the image did not restore: " + next(
+                (line for line in logs.splitlines() if "checkpoint not used" in line), logs[-1000:]))
+        res.restore_s.append(round(took, 2))
+        res.answers.setdefault("restore", got)
+        res.last_restore_timeline = _timeline(logs)
+        say(f"restore {i + 1}/{plan.runs}: {took:.2f} s")
+    for i in range(plan.runs if plan.cold else 0):
+        drop_page_cache()
+        took, logs, _ = first_answer(plan, m, env)
+        res.cold_s.append(round(took, 2))
+        res.last_cold_timeline = _timeline(logs)
+        say(f"restore, page cache dropped {i + 1}/{plan.runs}: {took:.2f} s")
+    for i in range(min(plan.runs, 2) if plan.normal else 0):
+        took, _, got = first_answer(plan, m, ["-e", "FV_RESTORE=0"], extra=i == 0)
+        res.normal_s.append(round(took, 2))
+        res.answers.setdefault("normal", got)
+        say(f"normal start {i + 1}: {took:.2f} s")
+    if plan.nocache:
+        took, _, _ = first_answer(plan, m, ["-e", "FV_RESTORE=0", *EMPTY_CACHES])
+        res.nocache_s.append(round(took, 2))
+        say(f"normal start, empty compile caches: {took:.2f} s")
+    if "normal" in res.answers:
+        res.restore_equals_normal_start = res.answers["restore"] == res.answers["normal"]
+    res.checkpoint_bytes = sum(f["size"] for f in m["files"] if f["path"].startswith("checkpoint/"))
+    res.weights_bytes = sum(f["size"] for f in m["files"] if f["path"].startswith("weights/"))
+    return res
+
+
+def plot(res: BenchResult, out: Path):
+    """Two panels, written to OUT (PNG): the median seconds of each path side by side, and where
+    the last warm restore's time went, phase by phase. Returns the figure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install 'fast-vllm[plot]'") from None
+    fig, (paths, phases) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    rows = [(label, statistics.median(getattr(res, key))) for key, label in PATHS if getattr(res, key)]
+    paths.barh([r[0] for r in rows], [r[1] for r in rows], color=["#2a9d8f", "#8ab17d", "#e9c46a", "#e76f51"][:len(rows)])
+    for y, (_, v) in enumerate(rows):
+        paths.text(v, y, f" {v:.2f} s", va="center")
+    paths.set_xscale("log")
+    paths.invert_yaxis()
+    paths.set_xlabel("seconds, docker run -> first correct answer (median, log scale)")
+    paths.set_title(f"{res.model} on {res.device.get('kind', '?')}", loc="left")
+    left, events = 0.0, [(e["event"], e["t"]) for e in res.last_restore_timeline]
+    for (name, t), color in zip(events, plt.cm.tab20.colors * 3):
+        phases.barh([0], [max(t - left, 0.0)], left=left, color=color, label=f"{name} ({t - left:.2f} s)")
+        left = t
+    phases.set_yticks([])
+    phases.set_xlabel("seconds since the container's process started")
+    phases.set_title("inside the last warm restore", loc="left")
+    phases.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    return fig
