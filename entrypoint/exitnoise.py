@@ -16,11 +16,14 @@ import threading
 
 stopping = threading.Event()  # set when fvboot passes SIGTERM/SIGINT on to the server
 
-# vLLM prefixes each process's lines with "(APIServer pid=2) " and the like.
+# vLLM prefixes each process's lines with "(APIServer pid=2) " and the like, and its logger each
+# line of a record with "ERROR 12-02 17:50:30 [async_llm.py:906] ".
 _PREFIX = re.compile(rb"^\([A-Za-z0-9_:]+ pid=\d+\) ")
+_LOGGER = re.compile(rb"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]*\] ")
 _NOISE = (
     re.compile(rb"^nanobind: "),
-    re.compile(rb"^ - (leaked (type|function) |\.\.\. skipped remainder)"),
+    re.compile(rb"^ - (leaked [a-z]+ |\.\.\. skipped remainder)"),
+    re.compile(rb"^AsyncLLM output_handler failed\.$"),
     re.compile(rb"^See https://nanobind\.readthedocs\.io/"),
     re.compile(rb"resource_tracker: There appear to be \d+ leaked "),
     re.compile(rb"^\s+warnings\.warn\('resource_tracker: "),
@@ -49,7 +52,7 @@ class ExitFilter:
     def feed(self, line: bytes) -> list[bytes]:
         if not stopping.is_set() and not self._held:
             return [line]
-        body = _PREFIX.sub(b"", line)
+        body = _LOGGER.sub(b"", _PREFIX.sub(b"", line)).rstrip(b"\n")
         if self._held:
             self._held.append(line)
             if body[:1].isspace() or body.strip() == b"":

@@ -29,6 +29,18 @@ ENGINE_DEAD = [
     b"(APIServer pid=2)     outputs = await engine_core.get_output_async()\n",
     b"(APIServer pid=2) vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n",
 ]
+# The same, through vLLM's logger, after "AsyncLLM output_handler failed." (CPU image, 2026-12-02)
+LOGGED_ENGINE_DEAD = [
+    b"(APIServer pid=2) ERROR 12-02 17:50:30 [async_llm.py:906] AsyncLLM output_handler failed.\n",
+    b"(APIServer pid=2) ERROR 12-02 17:50:30 [async_llm.py:906] Traceback (most recent call last):\n",
+    b'(APIServer pid=2) ERROR 12-02 17:50:30 [async_llm.py:906]   File "/opt/venv/lib/python3.11/site-packages/'
+    b'vllm/v1/engine/async_llm.py", line 849, in output_handler\n',
+    b"(APIServer pid=2) ERROR 12-02 17:50:30 [async_llm.py:906]     outputs = await engine_core.get_output_async()\n",
+    b"(APIServer pid=2) ERROR 12-02 17:50:30 [async_llm.py:906]               ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+    b"(APIServer pid=2) ERROR 12-02 17:50:30 [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError: EngineCore "
+    b"encountered an issue. See stack trace (above) for the root cause.\n",
+    b' - leaked instance 0x7f00f4bf07e8 of type "triton._C.libtriton.ir.attribute"\n',
+]
 OTHER_FAULT = [
     b"Traceback (most recent call last):\n",
     b'  File "x.py", line 1, in <module>\n',
@@ -56,8 +68,9 @@ def test_before_a_stop_every_line_passes():
 def test_after_a_stop_the_libraries_exit_warnings_and_the_engine_dead_traceback_are_dropped(stopped):
     f = ExitFilter()
     kept = [b"(APIServer pid=2) INFO:     Shutting down\n"]
-    assert _through(f, kept[:1] + SEEN_ON_STOP + ENGINE_DEAD) == kept
-    assert f.dropped == len(SEEN_ON_STOP) + len(ENGINE_DEAD)
+    shutdown = [b"(APIServer pid=2) INFO 12-02 17:50:30 [launcher.py:279] [shutdown] API server: engine client stopped\n"]
+    assert _through(f, kept + SEEN_ON_STOP + ENGINE_DEAD + LOGGED_ENGINE_DEAD + shutdown) == kept + shutdown
+    assert f.dropped == len(SEEN_ON_STOP) + len(ENGINE_DEAD) + len(LOGGED_ENGINE_DEAD)
     assert exitnoise.dropped() >= f.dropped
 
 
