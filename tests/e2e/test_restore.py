@@ -250,6 +250,37 @@ def test_memory_restore_page_size_follows_the_host(restored, docker_compose_proj
         _assert_thp_logged(log)
 
 
+def test_metrics_say_how_the_server_started(restored):
+    """vLLM's /metrics, with fvboot's lines after vLLM's own: the path, the phases, the gate."""
+    text = requests.get(f"{URL}/metrics", headers={"Accept-Encoding": "gzip"}, timeout=10).text
+    assert "vllm:" in text  # vLLM's own metrics are still there
+    assert 'fastvllm_start_path{path="restored",reason=""} 1' in text
+    assert 'fastvllm_startup_seconds{phase="restore_done"}' in text
+    assert 'fastvllm_startup_seconds{phase="ready"}' in text
+    assert "fastvllm_gate_held_requests_total " in text
+
+
+def test_fvbuild_bench_times_the_restore_and_draws_it(baked_image, tmp_path, port_free):
+    """(The picture where matplotlib is installed: CPU CI; its panels are checked in test_bench.py.)"""
+    import importlib.util
+
+    gpu = []
+    if e2e_device() == "cuda":
+        gpu = ["--gpu-access", os.environ.get("FV_GPU_ACCESS", "auto")]
+        if os.environ.get("FV_NVIDIA_DRIVER_DIR"):
+            gpu += ["--nvidia-driver-dir", os.environ["FV_NVIDIA_DRIVER_DIR"]]
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    draw = importlib.util.find_spec("matplotlib") is not None
+    r = fvbuild("bench", baked_image, "--runs", "2", "--no-normal", "--json", str(out),
+                *(["--plot", str(png)] if draw else []), *gpu)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["restore_s"]) == 2 and all(0 < t < 600 for t in res["restore_s"])
+    assert res["last_restore_timeline"][-1]["event"] in ("ready", "first request served")
+    assert r.stdout.splitlines()[1].startswith("restore from checkpoint (warm)")
+    assert not draw or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_dev_endpoints_are_refused_to_clients(restored):
     for method, path in [("POST", "/sleep?level=1"), ("POST", "/wake_up"), ("POST", "/collective_rpc"),
                          ("GET", "/is_sleeping"), ("POST", "/fv/gate/close")]:
@@ -330,7 +361,9 @@ def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> None
     with Container(baked_image, entry=["sh", "-c", shell + " && exec fvboot"]) as c:
         _wait_ready(container=c.id)
         _assert_same_as_bake(manifest, exact=e2e_device() == "cpu")
+        metrics = requests.get(f"{URL}/metrics", timeout=10).text
         logs = c.logs()
+    assert 'fastvllm_start_path{path="normal",reason="' in metrics and reason.split('"')[0][:40] in metrics
     line = next(l for l in logs.splitlines() if "checkpoint not used" in l)
     assert reason in line, line
     assert "starting vLLM normally" in line
@@ -362,6 +395,31 @@ def test_one_flipped_bit_in_a_memory_image_falls_back(baked_image, manifest, por
             f"f.write(bytes([b[0]^1]))\"")
     piece = offset // (8 << 20) * (8 << 20)
     _fallback(baked_image, manifest, flip, f"{victim['path']} is corrupt: bytes {piece}-")
+
+
+def test_a_full_disk_at_restore_gives_no_wrong_answer_and_no_hang(baked_image, manifest, port_free):
+    """/tmp, where fvboot and CRIU write their run files (the token, CRIU's log), has 16 KiB: the
+    restore cannot finish. Either the normal start that follows serves the baked answers, or the
+    container ends, bounded, with one fvboot line saying what failed."""
+    with Container(baked_image, "--tmpfs", "/tmp:size=16k,mode=1777") as c:
+        deadline = time.monotonic() + 600
+        while not _ready() and time.monotonic() < deadline:
+            if subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", c.id],
+                              capture_output=True, text=True).stdout.strip() != "true":
+                break
+            time.sleep(0.5)
+        serving = _ready()
+        if serving:
+            _assert_same_as_bake(manifest, exact=False)
+        logs = c.logs()
+        code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", c.id],
+                              capture_output=True, text=True).stdout.strip()
+    assert "restored from checkpoint" not in logs, logs[-3000:]
+    assert "checkpoint not used" in logs, logs[-3000:]
+    if not serving:
+        fv = [line for line in logs.splitlines() if line.startswith("fvboot: ")]
+        assert code not in ("", "0") and fv, (code, logs[-3000:])
+        assert "No space left" in logs or "no space" in logs.lower(), fv[-3:]
 
 
 def test_manifest_from_another_device_falls_back(baked_image, manifest, port_free):
