@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .errors import FvBuildError, ImageNotBakedError, OptionsError
@@ -120,12 +119,15 @@ def render(context_dir: Optional[Path], **values: Any) -> None:
 @main.command()
 @_options_params
 @click.option("--bake/--no-bake", default=None, help="bake the checkpoint after the build (default: bake)")
-def image(bake: Optional[bool], **values: Any) -> None:
+@click.option("--json", "as_json", is_flag=True, help="progress and result as JSON lines on stdout (for CI)")
+def image(bake: Optional[bool], as_json: bool, **values: Any) -> None:
     """Build the image and bake a checkpoint of the warmed server into it."""
-    from .bake import bake_image, gpu_plan
+    from .bake import bake_image, gpu_plan, read_image_manifest
     from .buildcontext import assemble
     from .engine import DockerEngine
+    from .report import ConsoleReport, JsonReport
 
+    report = JsonReport() if as_json else ConsoleReport(console)
     try:
         opts = _load(values, bake=bake)
         engine = DockerEngine.connect()
@@ -136,15 +138,15 @@ def image(bake: Optional[bool], **values: Any) -> None:
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="fvbuild-ctx-") as tmp:
             bc = assemble(opts, Path(tmp) / "ctx")
-            result = _show_build(engine.build(bc.path, network_mode=opts.network,
-                                              base_image=opts.resolved_base_image))
+            result = report.build(engine.build(bc.path, network_mode=opts.network,
+                                               base_image=opts.resolved_base_image))
         phases = dict(result.stage_seconds)
         if opts.bake:
             # The built image stays untagged (kept by ID): the baked image is built FROM it.
-            console.print(f"built {result.image_id[:19]}; baking (vLLM start, warm-up, weight dump, checkpoint)"
-                          + (f", GPU access: {plan.mode.value}" if plan else "") + "...")
+            report.note(f"built {result.image_id[:19]}; baking (vLLM start, warm-up, weight dump, checkpoint)"
+                        + (f", GPU access: {plan.mode.value}" if plan else "") + "...")
             try:
-                phases.update(bake_image(engine, opts, result.image_id, tag, _bake_line, plan))
+                phases.update(bake_image(engine, opts, result.image_id, tag, report.bake_line, plan))
             except BaseException:
                 with contextlib.suppress(Exception):  # the bake's own error is the one to report
                     engine.remove_if_untagged(result.image_id, prune=False)  # nothing of a failed bake stays
@@ -156,40 +158,15 @@ def image(bake: Optional[bool], **values: Any) -> None:
             # The image that had this tag before would stay as an untagged <none> of full size
             # (a re-bake on a small disk runs out of space): removed unless still tagged or used.
             engine.remove_if_untagged(replaced, prune=True)
+        sizes = {}
+        if opts.bake:
+            files = (read_image_manifest(engine, tag) or {}).get("files") or []
+            sizes = {f"{part}_bytes": sum(f.get("size", 0) for f in files if str(f.get("path", "")).startswith(part))
+                     for part in ("checkpoint", "weights")}
     except FvBuildError as e:
-        _fail(e)
-    # The name on its own line: a table title would wrap it at the console's width.
-    console.print(f"{tag}  ({info['Size'] / 1e9:.2f} GB)", soft_wrap=True, markup=False)
-    table = Table()
-    table.add_column("stage / phase")
-    table.add_column("seconds", justify="right")
-    for name, secs in phases.items():
-        table.add_row(name, f"{secs:.1f}")
-    table.add_row("total", f"{time.monotonic() - t0:.1f}")
-    console.print(table)
-    click.echo(tag)
-
-
-def _show_build(events):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    result = None
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task("build", total=None)
-        for ev in events:
-            if hasattr(ev, "image_id"):
-                result = ev
-            elif ev.kind == "step":
-                progress.update(task, total=ev.total, completed=ev.step,
-                                description=f"[{ev.stage}] {ev.text[:70]}")
-            else:
-                progress.console.print(f"  {ev.text}", markup=False, highlight=False)
-    return result
-
-
-def _bake_line(line: str) -> None:
-    console.print(f"  bake| {line}", markup=False, highlight=False)
+        report.error(str(e))
+        sys.exit(e.exit_code)
+    report.done(tag, info["Size"], phases, time.monotonic() - t0, sizes)
 
 
 @main.command()

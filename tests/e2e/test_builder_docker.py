@@ -300,3 +300,25 @@ def test_vllm_failing_in_the_bake_is_one_clear_error_and_leaves_nothing(build_fl
     assert not docker_client.images.list(name="fv-test/enginefail")
     assert not docker_client.images.list(name="fvbuild-bake-tmp")
     assert {c.id for c in docker_client.containers.list(all=True)} <= containers
+
+
+def test_json_progress_is_one_object_per_line_and_ends_in_done_or_error(build_flags, docker_client):
+    import json
+
+    tag = "fv-test/json:x"
+    try:
+        r = fvbuild("image", "--model", "synthetic:tiny", "--tag", tag, "--no-bake", "--json", *build_flags)
+        assert r.returncode == 0, r.stderr[-3000:]
+        events = [json.loads(line) for line in r.stdout.splitlines()]  # nothing else on stdout
+        assert {e["event"] for e in events[:-1]} <= {"step", "log", "note"} and any(e["event"] == "step" for e in events)
+        assert events[-1]["event"] == "done" and events[-1]["tag"] == tag and events[-1]["image_bytes"] > 0
+    finally:
+        docker_client.images.remove(tag, force=True)
+    flags = list(build_flags)
+    if "--base-image" in flags:
+        i = flags.index("--base-image")
+        del flags[i:i + 2]
+    r = fvbuild("image", "--model", "synthetic:tiny", "--no-bake", "--json", *flags, "--base-image", "fv-missing/nothing:1")
+    assert r.returncode != 0
+    (event,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert event["event"] == "error" and "fv-missing/nothing:1 is not on this machine" in event["message"]
