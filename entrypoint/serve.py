@@ -111,10 +111,12 @@ def serve(layout: Layout, run_args: list[str]) -> int:
 def _publish_startup(layout: Layout, tree, tl: Timeline, outcome: dict) -> None:
     """How this server started, for the middleware's /metrics (metrics.py); best effort."""
     path = "restored" if isinstance(tree, RestoredTree) else "normal"
+    target = tree.runtime_file if path == "restored" else layout.runtime_file
     try:
-        add_runtime_info(layout.runtime_file if path == "normal" else tree.runtime_file,
-                         startup={"path": path, "reason": outcome.get("reason", ""), "phases": tl.as_dict()})
-    except (OSError, ValueError) as e:
+        if target is None:
+            raise ValueError("the restored server's runtime file is not known")
+        add_runtime_info(target, startup={"path": path, "reason": outcome.get("reason", ""), "phases": tl.as_dict()})
+    except (OSError, ValueError) as e:  # the server is up: metrics must never stop it
         log(f"start-up metrics not published: {e}")
 
 

@@ -62,3 +62,17 @@ def test_requests_held_at_the_gate_are_counted(tmp_path, monkeypatch):
     assert _get(mw, "/v1/models")[0]["status"] == 503  # waited, then the gate's 503
     mw._open.set()
     assert b"fastvllm_gate_held_requests_total 1" in _get(mw)[1]["body"]
+
+
+def test_publishing_never_stops_a_server_that_is_up(tmp_path, capfd, monkeypatch):
+    """A runtime file that is gone or unknown costs the metrics, never the server."""
+    from fvboot import serve
+    from fvboot.layout import Layout
+    from fvboot.restore import RestoredTree
+    from fvboot.timeline import Timeline
+
+    monkeypatch.setenv("FV_RUN_DIR", str(tmp_path / "run"))  # holds no runtime file
+    serve._publish_startup(Layout(tmp_path), RestoredTree(1), Timeline("serve"), {})
+    serve._publish_startup(Layout(tmp_path / "nothing"), object(), Timeline("serve"), {"reason": "x"})
+    err = capfd.readouterr().err
+    assert err.count("start-up metrics not published") == 2
