@@ -119,6 +119,29 @@ def server_env(runtime_file: Path, dev_mode: bool = True, extra: Optional[dict] 
     return env
 
 
+# The weight loader's settings (weights/settings.py). The restored worker's environment is the
+# bake's, so fvboot hands it this start's values with the load call (apply_load_settings).
+LOAD_SETTINGS = ("FV_LOAD_BUFFERS", "FV_LOAD_BUFFER_MB", "FV_LOAD_THREADS", "FV_LOAD_STREAMS",
+                 "FV_LOAD_ODIRECT", "FV_LOAD_REGISTER", "FV_GPU_LOADER")
+
+
+def load_settings(env: Optional[dict] = None) -> dict[str, str]:
+    """This start's loader settings, from fvboot's own environment (`docker run -e`)."""
+    env = os.environ if env is None else env
+    return {k: env[k] for k in LOAD_SETTINGS if k in env}
+
+
+def apply_load_settings(settings: dict[str, str], env: Optional[dict] = None) -> None:
+    """In the worker: make ENV's loader settings exactly SETTINGS (absent ones go back to the
+    defaults; a value the bake had but this start has not is dropped)."""
+    env = os.environ if env is None else env
+    for k in LOAD_SETTINGS:
+        if k in settings:
+            env[k] = str(settings[k])
+        else:
+            env.pop(k, None)
+
+
 API_KEY_ENVS = ("FV_API_KEY", "VLLM_API_KEY")  # docker run -e ...: clients must send it
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 from . import criu, manifest, pagecheck
 from .control import ServerControl
 from .errors import CheckpointUnusable
-from .launcher import Pipes, write_runtime_settings
+from .launcher import Pipes, load_settings, write_runtime_settings
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
 from .output import log
@@ -175,11 +175,12 @@ def criu_restore(s: RestoreState) -> None:
 
 
 def load_weights(s: RestoreState) -> None:
-    """The weights back from the dump, every tensor checked against its checksum. (The KV cache
-    wakes after, not beside: both take the driver's locks; overlapping them measured no faster.)"""
+    """The weights back from the dump, every tensor checked against its checksum, with this
+    start's FV_LOAD_* settings. (The KV cache wakes after, not beside: both take the driver's
+    locks; overlapping them measured no faster.)"""
     if s.gpu:
         s.ctl.wake_up(["weights"])
-    stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir))
+    stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings())
     log(f"weights: {stats}")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .launcher import apply_load_settings
 from .weights import load_into, release_pinned_cache, write_weights
 from .weights.collection import WeightCollectionError, fingerprint, malloc_trim
 from .weights.cpu import CpuWeights
@@ -101,11 +102,15 @@ class FastVllmWorkerExtension:
         freed = self._fv_weights().release()
         return {"bytes": freed, "rss_before": rss, "rss_after": _rss()}
 
-    def fv_load_weights(self, directory: str, verify: bool = True) -> dict[str, Any]:
+    def fv_load_weights(self, directory: str, verify: bool = True,
+                        settings: dict[str, str] | None = None) -> dict[str, Any]:
         """Refill the released weights from the dump. Every byte is checked against the
         checksums recorded at the dump by default: the probe cannot reach every weight, and a
-        damaged byte elsewhere would be served as a wrong answer."""
+        damaged byte elsewhere would be served as a wrong answer. SETTINGS: this start's
+        FV_LOAD_* values (this process's environment is the bake's)."""
         verify = _flag(verify)
+        if settings is not None:
+            apply_load_settings(settings)
         t0 = time.perf_counter()
         w = self._fv_weights()
         try:

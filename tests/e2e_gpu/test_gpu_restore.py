@@ -90,3 +90,13 @@ def test_baked_gpu_uuid_differs_restore_maps_it(baked_image):
         logs = c.logs()
     assert "restoring onto other GPUs of the same model: GPU-00000000-0000-0000-0000-000000000000=" in logs
     assert "restored from checkpoint" in logs, logs[-3000:]
+
+
+def test_load_settings_of_this_start_reach_the_restored_worker(baked_image):
+    """FV_LOAD_* given at `docker run` reach the restored worker (whose environment is the
+    bake's): an impossible one is refused there, said, and the normal start answers right."""
+    from e2e.test_restore import _fallback
+
+    m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
+                                  check=True).stdout)
+    _fallback(baked_image, m, "export FV_LOAD_BUFFERS=0", "FV_LOAD_BUFFERS='0'")

@@ -39,3 +39,15 @@ def test_env_scrub_keeps_settings(monkeypatch, tmp_path, name):
     monkeypatch.setenv(name, "1")
     assert server_env(tmp_path / "r.json")[name] == "1"
 
+
+
+def test_this_starts_load_settings_replace_the_bakes_in_the_worker():
+    """fvboot hands its FV_LOAD_* to the restored worker, whose environment is the bake's: given
+    ones win, ones the bake had and this start has not go back to the defaults."""
+    from fvboot.launcher import apply_load_settings, load_settings
+
+    here = load_settings({"FV_LOAD_THREADS": "3", "FV_GPU_LOADER": "0", "HF_TOKEN": "x", "PATH": "/bin"})
+    assert here == {"FV_LOAD_THREADS": "3", "FV_GPU_LOADER": "0"}
+    worker = {"FV_LOAD_THREADS": "8", "FV_LOAD_ODIRECT": "1", "PATH": "/usr/bin"}  # as baked
+    apply_load_settings(here, worker)
+    assert worker == {"FV_LOAD_THREADS": "3", "FV_GPU_LOADER": "0", "PATH": "/usr/bin"}
