@@ -164,12 +164,7 @@ def runtime_settings(env: Optional[dict] = None) -> dict:
 
 def add_runtime_info(path: Path, **info) -> None:
     """Add INFO (e.g. `startup=`) to this start's runtime file, keeping its token; atomic, 0600."""
-    data = json.loads(path.read_text())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({**data, **info}, f)
-    os.replace(tmp, path)
+    _write_private_json(path, {**json.loads(path.read_text()), **info})
 
 
 def write_runtime_settings(path: Path, settings: Optional[dict] = None) -> str:
@@ -179,12 +174,17 @@ def write_runtime_settings(path: Path, settings: Optional[dict] = None) -> str:
     Root-only (0600), replaced atomically so the middleware never reads half a file."""
     token = secrets.token_hex(32)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private_json(path, {**(settings or {}), "admin_token": token})
+    return token
+
+
+def _write_private_json(path: Path, data: dict) -> None:
+    """DATA as JSON at PATH, root-only (0600) and replaced atomically: the file holds the token."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({**(settings or {}), "admin_token": token}, f)
+        json.dump(data, f)
     os.replace(tmp, path)
-    return token
 
 
 class LogPump(threading.Thread):
