@@ -67,14 +67,6 @@ def gpu_device_map(baked: Device, here: Device) -> str:
     return ",".join(f"{old}={new}" for old, new in pairs)
 
 
-def restore_dev_shm(layout: Layout) -> None:
-    """Put /dev/shm back as it was at the dump (over any leftovers of an earlier run)."""
-    r = subprocess.run(["tar", "--sparse", "--overwrite", "-xf", str(layout.shm_archive), "-C", "/dev/shm"],
-                       capture_output=True, text=True, timeout=120)
-    if r.returncode != 0:
-        raise CheckpointUnusable(f"cannot restore /dev/shm: {r.stderr.strip()}")
-
-
 class RestoredTree:
     """The restored namespace init, reparented to us."""
 
@@ -134,7 +126,6 @@ class RestoreState:
     check: PageCheck
     ctl: Optional[ServerControl] = None
     tree: Optional[RestoredTree] = None
-    issued: float = 0.0
 
     @property
     def gpu(self) -> bool:
@@ -150,7 +141,11 @@ def fresh_token(s: RestoreState) -> None:
 
 
 def dev_shm(s: RestoreState) -> None:
-    restore_dev_shm(s.layout)
+    """Put /dev/shm back as it was at the dump (over any leftovers of an earlier run)."""
+    r = subprocess.run(["tar", "--sparse", "--overwrite", "-xf", str(s.layout.shm_archive), "-C", "/dev/shm"],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise CheckpointUnusable(f"cannot restore /dev/shm: {r.stderr.strip()}")
 
 
 def criu_restore(s: RestoreState) -> None:
@@ -161,8 +156,8 @@ def criu_restore(s: RestoreState) -> None:
     thp, why = criu.restore_thp()
     if not thp:
         log(f"memory is restored into 4 KiB pages: {why}")
-    s.issued = time.time()
-    s.tl.mark("restore issued", s.issued)
+    issued = time.time()
+    s.tl.mark("restore issued", issued)
     m = s.manifest
     pid = criu.restore(s.layout.images_dir, s.layout.run_dir,
                        [(s.pipes.out_w, m.pipes.stdout), (s.pipes.err_w, m.pipes.stderr)],
@@ -170,8 +165,8 @@ def criu_restore(s: RestoreState) -> None:
     s.tree = RestoredTree(pid, Path(m.runtime_file))
     phases = criu.restore_phases(s.layout.run_dir / "criu-restore.log")
     if "cuda_resume_start" in phases:
-        s.tl.mark("criu: memory restored", s.issued + phases["cuda_resume_start"])
-        s.tl.mark("criu: CUDA resumed", s.issued + phases.get("restore_finished", phases["cuda_resume_start"]))
+        s.tl.mark("criu: memory restored", issued + phases["cuda_resume_start"])
+        s.tl.mark("criu: CUDA resumed", issued + phases.get("restore_finished", phases["cuda_resume_start"]))
 
 
 def load_weights(s: RestoreState) -> None:
