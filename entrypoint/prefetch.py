@@ -46,7 +46,8 @@ def plan(folders: Sequence[Path], check: Optional[PageCheck] = None) -> list[tup
     """(path, offset, length) pieces in reading order: folder by folder, the largest file first,
     files under PREFETCH_SMALL left to their readers unless CHECK needs them (then they come
     after the large ones); whatever CHECK needs that no folder holds, last."""
-    checked = set(check.paths()) if check else set()
+    needed = list(check.paths()) if check else []
+    checked = set(needed)
     files: list[str] = []
     for folder in folders:
         try:
@@ -55,7 +56,7 @@ def plan(folders: Sequence[Path], check: Optional[PageCheck] = None) -> list[tup
             continue
         files += [path for size, path in sorted(found, key=lambda f: (-f[0], f[1]))
                   if size >= PREFETCH_SMALL or path in checked]
-    files += [path for path in (check.paths() if check else []) if path not in files]
+    files += [path for path in needed if path not in files]
     work: list[tuple[str, int, int]] = []
     for path in files:
         try:
