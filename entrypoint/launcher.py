@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -187,6 +188,20 @@ def _write_private_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+# An event line of the middleware's, as the server prints it: vLLM may put its process prefix in
+# front ("(APIServer pid=2) ", coloured where the output is a terminal) when it runs more processes.
+_EVENT_LINE = re.compile(rb"^(?:\x1b\[[0-9;]*m)?(?:\([^)\n]*\)(?:\x1b\[[0-9;]*m)? )?fvboot-event (.*)$")
+
+
+def parse_event(line: bytes) -> Optional[tuple[str, list[str]]]:
+    """(event, arguments) if LINE is one of the middleware's event lines, else None."""
+    m = _EVENT_LINE.match(line.rstrip(b"\r\n"))
+    if not m:
+        return None
+    words = m.group(1).decode(errors="replace").split()
+    return (words[0], words[1:]) if words else None
+
+
 class LogPump(threading.Thread):
     """Copies one pipe to one of our streams line by line; hands fvboot-event lines to a callback."""
 
@@ -198,9 +213,9 @@ class LogPump(threading.Thread):
         quiet = ExitFilter()  # after a stop: vLLM's libraries' exit warnings (exitnoise.py)
         with os.fdopen(self.read_fd, "rb", buffering=0) as f:
             for line in iter(f.readline, b""):
-                if line.startswith(b"fvboot-event "):
-                    parts = line.decode(errors="replace").split()
-                    self.on_event(parts[1], parts[2:])
+                event = parse_event(line)
+                if event:
+                    self.on_event(*event)
                 for out in quiet.feed(line):
                     write_line(out, self.err)
         for out in quiet.flush():

@@ -1,9 +1,11 @@
-"""The served tree's environment: dev mode only for a server fvboot checkpoints, credentials
-scrubbed, settings kept."""
+"""The served tree's environment (dev mode only for a server fvboot checkpoints, credentials
+scrubbed, settings kept) and the event lines fvboot reads from its output."""
 
 from __future__ import annotations
 
 import pytest
+
+from fvboot.launcher import parse_event
 
 
 def test_only_a_server_fvboot_checkpoints_runs_in_dev_mode(monkeypatch, tmp_path):
@@ -51,3 +53,21 @@ def test_this_starts_load_settings_replace_the_bakes_in_the_worker():
     worker = {"FV_LOAD_THREADS": "8", "FV_LOAD_ODIRECT": "1", "PATH": "/usr/bin"}  # as baked
     apply_load_settings(here, worker)
     assert worker == {"FV_LOAD_THREADS": "3", "FV_GPU_LOADER": "0", "PATH": "/usr/bin"}
+
+
+@pytest.mark.parametrize("line", [
+    b"fvboot-event first_request_served 1796265257.386079\n",
+    b"(APIServer pid=2) fvboot-event first_request_served 1796265257.386079\n",  # vLLM on the GPU
+    b"\x1b[36m(APIServer pid=2)\x1b[0m fvboot-event first_request_served 1796265257.386079\r\n",  # on a tty
+])
+def test_event_lines_are_found_with_or_without_vllms_process_prefix(line):
+    assert parse_event(line) == ("first_request_served", ["1796265257.386079"])
+
+
+@pytest.mark.parametrize("line", [
+    b"INFO: 127.0.0.1 - \"POST /v1/completions\" 200 OK\n",
+    b"(APIServer pid=2) INFO something fvboot-event first_request_served 1\n",  # quoted, not an event
+    b"fvboot-event\n",
+])
+def test_other_lines_are_not_events(line):
+    assert parse_event(line) is None
