@@ -21,8 +21,12 @@ pytestmark = pytest.mark.docker
 CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
 
 
-def _run(image: str, *cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", "run", "--rm", *CAPS, "--entrypoint", cmd[0], image, *cmd[1:]],
+def _run(image: str, *cmd: str, gpu: bool = False) -> subprocess.CompletedProcess:
+    """CMD in a container of IMAGE; GPU: with the GPU flags on CUDA (vLLM's CLI needs a device)."""
+    from e2e.test_restore import gpu_flags
+
+    flags = gpu_flags() if gpu else []
+    return subprocess.run(["docker", "run", "--rm", *CAPS, *flags, "--entrypoint", cmd[0], image, *cmd[1:]],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -41,13 +45,13 @@ def test_no_intermediate_image_is_left_after_a_build(docker_client, baked_image)
 
 
 def test_vllm_command_works_in_the_image(baked_image):
-    r = _run(baked_image, "vllm", "--version")
+    r = _run(baked_image, "vllm", "--version", gpu=True)  # a CUDA vLLM cannot even parse without a GPU
     assert r.returncode == 0, r.stderr[-2000:]
     version = r.stdout.strip().splitlines()[-1]
     assert version[0].isdigit(), r.stdout
     if e2e_device() == "cpu":
         assert version.endswith("+cpu")  # what vLLM's platform detection looks for
-    r = _run(baked_image, "python3", "-m", "vllm.entrypoints.cli.main", "serve", "--help")
+    r = _run(baked_image, "python3", "-m", "vllm.entrypoints.cli.main", "serve", "--help", gpu=True)
     assert r.returncode == 0 and "usage: vllm serve" in r.stdout, r.stderr[-2000:]
 
 
