@@ -39,6 +39,8 @@ class ServerControl:
         except urllib.error.HTTPError as e:  # the server's own answer: say what it was
             detail = e.read().decode(errors="replace").strip().replace("\n", " ")[:400]
             raise ServerError(f"{method} {path} answered {e.code}: {detail}") from None
+        except TimeoutError:  # connected, then silence: a stuck server, not a slow network
+            raise ServerError(f"{method} {path} got no answer within {timeout:g} s") from None
         return json.loads(raw) if raw.strip() else None
 
     def healthy(self) -> bool:
@@ -58,8 +60,8 @@ class ServerControl:
             time.sleep(poll)
         raise ServerDied(f"the vLLM server did not become healthy within {timeout:.0f} s")
 
-    def gate(self, state: str) -> None:
-        self._call("POST", f"/fv/gate/{state}")
+    def gate(self, state: str, timeout: float = 600) -> None:
+        self._call("POST", f"/fv/gate/{state}", timeout=timeout)
 
     def trim(self) -> Any:
         """Shrink the server's processes before the dump (API server, then every worker);
@@ -70,25 +72,25 @@ class ServerControl:
     def sleep(self, level: int) -> None:
         self._call("POST", f"/sleep?level={level}")
 
-    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+    def wake_up(self, tags: Optional[list[str]] = None, timeout: float = 600) -> None:
         q = "" if not tags else "?" + "&".join(f"tags={t}" for t in tags)
-        self._call("POST", "/wake_up" + q)
+        self._call("POST", "/wake_up" + q, timeout=timeout)
 
     def rpc(self, method: str, *args: Any, timeout: float = 1800) -> list:
         """collective_rpc on every worker; returns one result per worker."""
         out = self._call("POST", "/collective_rpc", {"method": method, "args": list(args)}, timeout=timeout)
         return out.get("results", out) if isinstance(out, dict) else out
 
-    def complete(self, prompt: str, max_tokens: int, admin: bool = True) -> dict:
+    def complete(self, prompt: str, max_tokens: int, admin: bool = True, timeout: float = 600) -> dict:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0.0, "logprobs": 2, "seed": 0}
-        return self._call("POST", "/v1/completions", body, admin=admin)
+        return self._call("POST", "/v1/completions", body, admin=admin, timeout=timeout)
 
-    def probe(self) -> list[dict]:
+    def probe(self, timeout: float = 600) -> list[dict]:
         """Greedy answers (text, token logprobs rounded to 1e-4) to the fixed probe prompts."""
         answers = []
         for prompt in PROBE_PROMPTS:
-            choice = self.complete(prompt, PROBE_MAX_TOKENS)["choices"][0]
+            choice = self.complete(prompt, PROBE_MAX_TOKENS, timeout=timeout)["choices"][0]
             lp = choice.get("logprobs") or {}
             answers.append({"prompt": prompt, "text": choice["text"],
                             "logprobs": [round(x, 4) for x in (lp.get("token_logprobs") or []) if x is not None]})

@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .errors import FvBootError
 
@@ -210,6 +210,25 @@ def restore_phases(log: Path) -> dict[str, float]:
         elif "Restore finished successfully" in line:
             out["restore_finished"] = float(m.group(1))
     return out
+
+
+# What CRIU's cuda plugin logs when it could not give a process its GPU state back. CRIU itself
+# does not fail the restore then (a late resume hook's error is only a debug line in
+# cr-restore.c): the process runs on with its CUDA state still checkpointed, and every CUDA call
+# it makes blocks. Other plugin errors (a process without CUDA has no restore thread) are normal.
+_GPU_RESUME_FAILURES = ("RESUME_DEVICES RESTORE failed", "RESUME_DEVICES UNLOCK failed")
+
+
+def gpu_resume_failure(log: Path) -> Optional[str]:
+    """The cuda plugin's own words if it failed to resume a process's GPU state, else None."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if any(f in line for f in _GPU_RESUME_FAILURES):
+            return line.split("cuda_plugin: ", 1)[-1].strip()
+    return None
 
 
 # --------------------------------------------------------------------------------------------

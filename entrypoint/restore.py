@@ -163,10 +163,32 @@ def criu_restore(s: RestoreState) -> None:
                        [(s.pipes.out_w, m.pipes.stdout), (s.pipes.err_w, m.pipes.stderr)],
                        env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
     s.tree = RestoredTree(pid, Path(m.runtime_file))
-    phases = criu.restore_phases(s.layout.run_dir / "criu-restore.log")
+    log_path = s.layout.run_dir / "criu-restore.log"
+    failure = criu.gpu_resume_failure(log_path) if s.gpu else None
+    if failure:  # CRIU carried on; the tree would block on its first CUDA call
+        onto = f" (onto other GPUs: {device_map})" if device_map else ""
+        raise CheckpointUnusable(f"the GPU state was not resumed{onto}: {failure}")
+    phases = criu.restore_phases(log_path)
     if "cuda_resume_start" in phases:
         s.tl.mark("criu: memory restored", issued + phases["cuda_resume_start"])
         s.tl.mark("criu: CUDA resumed", issued + phases.get("restore_finished", phases["cuda_resume_start"]))
+
+
+STEP_TIMEOUT_ENV = "FV_RESTORE_STEP_TIMEOUT_S"
+
+
+def step_timeout() -> float:
+    """FV_RESTORE_STEP_TIMEOUT_S (default 300): how long each call to the restored server (wake,
+    weight load, each probe, the gate) may stay silent; a tree that stops answering (a GPU state
+    that did not come back blocks its CUDA calls) then ends in the normal start."""
+    try:
+        value = float(os.environ.get(STEP_TIMEOUT_ENV, "300"))
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise CheckpointUnusable(f"{STEP_TIMEOUT_ENV}={os.environ.get(STEP_TIMEOUT_ENV)!r} is not a number of"
+                                 " seconds above 0")
+    return value
 
 
 def load_weights(s: RestoreState) -> None:
@@ -174,17 +196,17 @@ def load_weights(s: RestoreState) -> None:
     start's FV_LOAD_* settings. (The KV cache wakes after, not beside: both take the driver's
     locks; overlapping them measured no faster.)"""
     if s.gpu:
-        s.ctl.wake_up(["weights"])
-    stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings())
+        s.ctl.wake_up(["weights"], timeout=step_timeout())
+    stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings(), timeout=step_timeout())
     log(f"weights: {stats}")
 
 
 def wake_engine(s: RestoreState) -> None:
-    s.ctl.wake_up(["kv_cache"] if s.gpu else None)
+    s.ctl.wake_up(["kv_cache"] if s.gpu else None, timeout=step_timeout())
 
 
 def check_answers(s: RestoreState) -> None:
-    mismatch = same_answers(s.ctl.probe(), s.manifest.probe)
+    mismatch = same_answers(s.ctl.probe(timeout=step_timeout()), s.manifest.probe)
     if mismatch:
         raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
 
@@ -197,7 +219,7 @@ def check_memory_images(s: RestoreState) -> None:
 
 def open_gate(s: RestoreState) -> None:
     log(f"restored from checkpoint in {s.tl.events[-1][1]:.2f} s since start; opening the gate")
-    s.ctl.gate("open")
+    s.ctl.gate("open", timeout=step_timeout())
 
 
 # (timeline mark when done, step): the restore, in order.

@@ -1,4 +1,4 @@
-"""criu.py without CRIU: the restore log's phases, the huge-page decision (free page reporting,
+"""criu.py without CRIU: the restore log's phases and GPU resume failures, the huge-page decision (free page reporting,
 FV_RESTORE_THP). CRIU itself runs in tests/e2e."""
 
 from __future__ import annotations
@@ -14,6 +14,26 @@ def test_restore_phases_split_criu_memory_from_cuda_resume(tmp_path):
                    "(04.250000) Restore finished successfully. Tasks resumed.\n")
     assert restore_phases(log) == {"cuda_resume_start": 2.5, "restore_finished": 4.25}
     assert restore_phases(tmp_path / "missing.log") == {}
+
+
+def test_a_gpu_state_the_plugin_could_not_resume_is_found_in_the_log(tmp_path):
+    """CRIU ends such a restore successfully (the process then blocks on every CUDA call): the
+    plugin's error line is what tells; a process without CUDA state is not an error."""
+    from fvboot.criu import gpu_resume_failure
+
+    log = tmp_path / "criu-restore.log"
+    log.write_text(
+        "(00.200000) Error (plugins/cuda/cuda_plugin.c:221): cuda_plugin: Failed to launch cuda-checkpoint"
+        " to retrieve restore tid: Could not get restore thread ID of process ID 1\n"
+        "(01.500000) cuda_plugin: resuming devices on pid 108\n"
+        "(01.600000) Error (plugins/cuda/cuda_plugin.c:510): cuda_plugin: RESUME_DEVICES RESTORE failed with"
+        " Could not restore on process ID 108: \"invalid argument\"\n"
+        "(01.700000) Restore finished successfully. Tasks resumed.\n")
+    assert gpu_resume_failure(log) == ('RESUME_DEVICES RESTORE failed with Could not restore on process ID 108:'
+                                       ' "invalid argument"')
+    log.write_text(log.read_text().splitlines(keepends=True)[0] + "(01.7) Restore finished successfully.\n")
+    assert gpu_resume_failure(log) is None
+    assert gpu_resume_failure(tmp_path / "missing.log") is None
 
 
 def _virtio(root, name, device, features):

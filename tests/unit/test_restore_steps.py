@@ -5,6 +5,7 @@ timeline, and on a failure the restored tree killed and no later step run (the g
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 
@@ -124,3 +125,42 @@ def test_device_map_pairs_baked_gpus_with_this_nodes_by_index():
     assert gpu_device_map(baked, cuda("GPU-aaa", "GPU-bbb")) == ""
     assert gpu_device_map(baked, cuda("GPU-xxx", "GPU-bbb")) == "GPU-aaa=GPU-xxx"
     assert gpu_device_map(manifest.Device("cpu"), manifest.Device("cpu")) == ""
+
+
+def test_a_gpu_state_criu_could_not_resume_ends_the_restore_naming_it(tmp_path, monkeypatch):
+    """CRIU ends a restore successfully even when its cuda plugin could not resume the GPU state
+    (the tree would then block on its first CUDA call): the step reads the plugin's error, keeps
+    the tree for run() to kill, and says why, with the GPU map it tried."""
+    monkeypatch.setenv("FV_RUN_DIR", str(tmp_path / "run"))
+    layout, m = _manifest(tmp_path, {"kind": "cuda", "driver": "580",
+                                     "gpus": [{"name": "NVIDIA H200", "uuid": "GPU-1", "driver": "580"}]})
+    m = dataclasses.replace(m, runtime_file=str(tmp_path / "run" / "runtime.json"))
+    here = manifest.Device("cuda", (manifest.Gpu("NVIDIA H200", "GPU-2", "580"),), "580")
+
+    def criu_restore(images, workdir, inherit, env):
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "criu-restore.log").write_text(
+            "(01.6) Error (plugins/cuda/cuda_plugin.c:510): cuda_plugin: RESUME_DEVICES RESTORE failed with"
+            ' Could not restore on process ID 9: "invalid argument"\n(01.7) Restore finished successfully.\n')
+        assert env["FV_CUDA_DEVICE_MAP"] == "GPU-1=GPU-2"
+        return 4242
+
+    monkeypatch.setattr(restore.criu, "restore", criu_restore)
+    monkeypatch.setattr(restore.criu, "restore_thp", lambda: (True, "auto"))
+    state = restore.RestoreState(layout, m, here, Timeline("serve"), types.SimpleNamespace(out_w=1, err_w=2),
+                                 {}, {}, None)
+    with pytest.raises(CheckpointUnusable, match=r"^the GPU state was not resumed \(onto other GPUs: GPU-1=GPU-2\):"
+                                                 r' RESUME_DEVICES RESTORE failed with .*"invalid argument"$'):
+        restore.criu_restore(state)
+    assert state.tree.pid == 4242
+
+
+def test_the_bound_of_each_call_to_the_restored_server_is_a_setting(monkeypatch):
+    monkeypatch.delenv(restore.STEP_TIMEOUT_ENV, raising=False)
+    assert restore.step_timeout() == 300
+    monkeypatch.setenv(restore.STEP_TIMEOUT_ENV, "20")
+    assert restore.step_timeout() == 20
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv(restore.STEP_TIMEOUT_ENV, bad)
+        with pytest.raises(CheckpointUnusable, match=f"FV_RESTORE_STEP_TIMEOUT_S='{bad}' is not a number"):
+            restore.step_timeout()
