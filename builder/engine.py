@@ -237,8 +237,13 @@ class RunningContainer:
         """The exit code; ContainerTimeoutError if it runs past TIMEOUT seconds."""
         try:
             return self._c.wait(timeout=timeout)["StatusCode"]
-        except (ReadTimeout, RequestsConnectionError):
-            raise ContainerTimeoutError(f"the container did not exit within {timeout:.0f} s") from None
+        except (ReadTimeout, RequestsConnectionError) as e:
+            # docker-py reports its read timeout either way (over a unix socket, as a
+            # ConnectionError saying "Read timed out"); any other broken connection is the daemon
+            if isinstance(e, ReadTimeout) or "timed out" in str(e).lower():
+                raise ContainerTimeoutError(f"the container did not exit within {timeout:.0f} s") from None
+            raise EngineError(f"lost the Docker daemon while waiting for the container ({_short(e)}); "
+                              "was it stopped or restarted? Run the build again once `docker info` answers") from None
         except (APIError, DockerException) as e:
             raise EngineError(f"waiting for the container failed: {_short(e)}") from None
 

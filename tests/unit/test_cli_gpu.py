@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fvbuild import bake, gpu
-from fvbuild.errors import BakeError, BakeTimeoutError, ContainerTimeoutError, GpuAccessError
+from fvbuild.errors import BakeError, BakeTimeoutError, ContainerTimeoutError, EngineError, GpuAccessError
 from fvbuild.options import GpuAccess, load_options
 
 
@@ -72,7 +72,8 @@ def test_devices_mode_needs_the_driver_folder(host, monkeypatch):
 # ---- the bake container, with a fake Docker ---------------------------------------------------------
 
 class FakeContainer:
-    """The engine's RunningContainer, as a bake that succeeds, fails or never ends would act."""
+    """The engine's RunningContainer, as a bake that succeeds, fails or never ends would act, or
+    as one whose Docker daemon went away mid-bake (then removing it fails too)."""
 
     def __init__(self, outcome):
         self.outcome, self.removed, self.committed = outcome, False, False
@@ -86,6 +87,8 @@ class FakeContainer:
         self.wait_timeout = timeout
         if self.outcome == "hang":
             raise ContainerTimeoutError(f"the container did not exit within {timeout:.0f} s")
+        if self.outcome == "daemon":
+            raise EngineError("lost the Docker daemon while waiting for the container (Connection aborted.)")
         return 0 if self.outcome == "ok" else 3
 
     def read_file(self, path):
@@ -93,6 +96,8 @@ class FakeContainer:
 
     def remove(self):
         self.removed = True
+        if self.outcome == "daemon":
+            raise EngineError("docker rm failed: Cannot connect to the Docker daemon")
 
     def commit(self, ref):
         self.committed = True
@@ -118,7 +123,8 @@ class FakeEngine:
 
 
 @pytest.mark.parametrize("outcome, error", [("hang", BakeTimeoutError), ("fail", BakeError),
-                                            ("ok", BakeError)])  # ok, but no manifest written
+                                            ("ok", BakeError),  # ok, but no manifest written
+                                            ("daemon", BakeError)])
 def test_a_failed_or_endless_bake_leaves_no_container_no_tag_no_temp_image(outcome, error, host):
     dev, driver = host
     opts = load_options({"model": "synthetic:tiny", "bake_timeout_s": 60})
@@ -131,6 +137,8 @@ def test_a_failed_or_endless_bake_leaves_no_container_no_tag_no_temp_image(outco
         assert engine.container.wait_timeout == 60
     if outcome == "ok":
         assert str(e.value) == "the bake wrote no /fv/manifest.json"
+    if outcome == "daemon":
+        assert str(e.value).startswith("bake failed: lost the Docker daemon while waiting")
     assert engine.container.removed and not engine.container.committed
     assert engine.tags == [] and engine.removed == ["fvbuild-bake-tmp:aaaaaaaaaaaa"]
     # the GPU plan reached the container: device nodes, driver mount, its environment
