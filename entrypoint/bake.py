@@ -8,6 +8,7 @@ lives in the run dir's runtime file (outside FV_HOME) and is deleted when the ba
 
 from __future__ import annotations
 
+import errno
 import shutil
 import subprocess
 import time
@@ -17,7 +18,7 @@ from typing import Optional
 
 from . import __version__, criu, cuda_checkpoint_service, manifest
 from .control import ServerControl
-from .errors import BakeFailed
+from .errors import BakeFailed, FvBootError, ServerDied
 from .launcher import Pipes, ServedTree, server_env, tree_processes, vllm_command, write_runtime_settings
 from .layout import Layout
 from .models import detach_build_inputs, prepare_model
@@ -65,25 +66,30 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     pipes.pump(lambda *_: None)
     tree = ServedTree(cmd, server_env(layout.runtime_file), pipes)
     ctl = ServerControl(port, token, served_name)
+    step = "start"
     try:
         ctl.wait_healthy(health_timeout, tree.alive)
         tl.mark("server healthy")
+        step = "warm-up"
         _warm_up(ctl, warmup)
         probe = tuple(manifest.ProbeAnswer.from_json(a, f"probe[{i}]") for i, a in enumerate(ctl.probe()))
         tl.mark("warmed up")
 
+        step = "weight dump"
         ctl.gate("close")  # from here on, client requests wait (after restore too)
         dumped = ctl.rpc("fv_dump_weights", str(layout.weights_dir))
         tl.mark("weights dumped")
         for rank in dumped:
             if isinstance(rank, dict) and rank.get("warning"):
                 write_line(f"fvboot: warning: {rank['warning']}", err=True)
+        step = "sleep"
         if gpu:
             ctl.sleep(2)
         else:
             ctl.sleep(1)  # CPU: pauses the scheduler only; the extension frees the weights
             ctl.rpc("fv_release_weights")
         tl.mark("weights released")
+        step = "checkpoint"
         with cuda_checkpoint_service.running(layout.run_dir, enabled=gpu) as service_env:
             trimmed = ctl.trim()
             processes = tree_processes(tree.init_pid())
@@ -93,8 +99,12 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         stored = criu.pages_by_process(layout.images_dir)
         processes = tuple(manifest.Process.from_json({**p, "checkpoint_bytes": stored.get(p["pid"], 0)},
                                                      f"processes[{i}]") for i, p in enumerate(processes))
+        step = "save of /dev/shm"
         save_dev_shm(layout.shm_archive)
         tree.proc.wait(30)
+    except Exception as e:
+        tree.terminate()
+        raise step_failed(step, e, tree) from None
     except BaseException:
         tree.terminate()
         raise
@@ -123,6 +133,21 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     tl.mark("manifest written")
     tl.print_table()
     return m
+
+
+def step_failed(step: str, e: Exception, tree: ServedTree) -> FvBootError:
+    """One line for a failed bake step: which step, why, and what to do (the builder shows it
+    after the bake's log, and tags nothing)."""
+    if isinstance(e, ServerDied):
+        return e  # the start itself: its message already says it
+    if not tree.alive():
+        return BakeFailed(f"the vLLM server exited during the bake's {step} (its log above says why)")
+    text = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+        return BakeFailed(f"the bake's {step} failed: no space left on device (the weight dump and the "
+                          "checkpoint, about twice the model's size, are written under /fv): free space "
+                          "where Docker keeps its data and build again")
+    return BakeFailed(f"the bake's {step} failed: {text}")
 
 
 def _check_port_free(port: int) -> None:

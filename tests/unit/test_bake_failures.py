@@ -1,0 +1,141 @@
+"""fvboot bake's failures after the server is up: each one line that names the step, says why
+and what to do; the served tree killed, no manifest written, the bake's token file gone.
+
+vLLM (only in the images) and CRIU's dump (needs the served tree) are stood in for: the server
+by a control object that fails at the step under test, the tree by one that can be alive or
+dead. vLLM dying in the bake's start is the e2e test
+`test_builder_docker.py::test_vllm_failing_in_the_bake_is_one_clear_error_and_leaves_nothing`."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+
+import pytest
+
+from fvboot import bake, criu, manifest
+from fvboot.errors import BakeFailed, ServerError
+from fvboot.layout import Layout
+
+
+class _Tree:
+    def __init__(self, *_a, **_k):
+        self.dead, self.terminated = False, False
+
+    def alive(self):
+        return not self.dead
+
+    def terminate(self, timeout=10):
+        self.terminated = True
+
+    def init_pid(self, timeout=10):
+        return 1
+
+
+class _Control:
+    """The server as fvboot's calls see it; FAIL_AT: (call name, exception, server dies too)."""
+
+    fail_at: tuple = ("", None, False)
+    tree: _Tree
+
+    def __init__(self, *_a, **_k):
+        pass
+
+    def _maybe_fail(self, call):
+        name, error, dies = self.fail_at
+        if call == name:
+            if dies:
+                _Control.tree.dead = True
+            raise error
+
+    def wait_healthy(self, timeout, alive):
+        self._maybe_fail("wait_healthy")
+
+    def complete(self, prompt, max_tokens, **_k):
+        self._maybe_fail("complete")
+        return {"choices": [{"text": "x", "logprobs": {"token_logprobs": [-1.0]}}]}
+
+    def probe(self, **_k):
+        return [{"prompt": "p", "text": "x", "logprobs": [-1.0]}]
+
+    def gate(self, state, **_k):
+        pass
+
+    def rpc(self, method, *args, **_k):
+        self._maybe_fail(method)
+        return [{"rank": 0}]
+
+    def sleep(self, level):
+        pass
+
+    def trim(self):
+        return []
+
+
+@pytest.fixture
+def baking(tmp_path, monkeypatch):
+    """bake() with its server and tree stood in for; returns (layout, run bake, the tree)."""
+    monkeypatch.setenv("FV_RUN_DIR", str(tmp_path / "run"))
+    layout = Layout(tmp_path / "fv")
+    tree = _Tree()
+    _Control.tree, _Control.fail_at = tree, ("", None, False)
+    monkeypatch.setattr(bake, "prepare_model", lambda model, dest, token: "m")
+    monkeypatch.setattr(bake, "detach_build_inputs", lambda: [])
+    monkeypatch.setattr(bake.manifest, "device_info", lambda: manifest.Device("cpu"))
+    monkeypatch.setattr(bake, "ServedTree", lambda *a, **k: tree)
+    monkeypatch.setattr(bake, "ServerControl", _Control)
+    monkeypatch.setattr(bake, "tree_processes", lambda pid: [])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def run():
+        return bake.bake(layout, "synthetic:tiny", [], port, 2)
+    return layout, run, tree
+
+
+def _nothing_left(layout, tree):
+    assert tree.terminated
+    assert not layout.manifest.exists()
+    assert not layout.runtime_file.exists()  # the bake's admin token
+
+
+def test_a_server_that_crashes_in_the_warm_up_is_named(baking):
+    layout, run, tree = baking
+    _Control.fail_at = ("complete", urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")), True)
+    with pytest.raises(BakeFailed, match=r"^the vLLM server exited during the bake's warm-up \(its log above says why\)$"):
+        run()
+    _nothing_left(layout, tree)
+
+
+def test_a_full_disk_in_the_weight_dump_says_to_free_space(baking):
+    layout, run, tree = baking
+    _Control.fail_at = ("fv_dump_weights", ServerError(
+        "POST /collective_rpc answered 500: OSError: [Errno 28] No space left on device"), False)
+    with pytest.raises(BakeFailed) as e:
+        run()
+    assert str(e.value).startswith("the bake's weight dump failed: no space left on device")
+    assert "free space where Docker keeps its data and build again" in str(e.value)
+    _nothing_left(layout, tree)
+
+
+def test_a_failing_criu_dump_is_the_checkpoint_step_with_crius_reason(baking, monkeypatch, tmp_path):
+    layout, run, tree = baking
+    log = tmp_path / "criu-dump.log"
+    log.write_text("(00.1) Error (criu/sk-inet.c:188): inet: Connected TCP socket, consider using --tcp-established\n")
+
+    def dump(*_a, **_k):
+        raise criu.CriuError("dump", log, "failed (exit 1)")
+    monkeypatch.setattr(bake.criu, "dump", dump)
+    with pytest.raises(BakeFailed, match=r"^the bake's checkpoint failed: criu dump failed \(exit 1\): "
+                                         r".*Connected TCP socket"):
+        run()
+    _nothing_left(layout, tree)
+
+
+def test_any_other_error_is_one_line_with_its_type(baking):
+    layout, run, tree = baking
+    _Control.fail_at = ("fv_release_weights", RuntimeError("weights still referenced"), False)
+    with pytest.raises(BakeFailed, match=r"^the bake's sleep failed: RuntimeError: weights still referenced$"):
+        run()
+    _nothing_left(layout, tree)
