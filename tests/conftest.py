@@ -143,3 +143,12 @@ def baked_image(build_flags) -> str:
         pytest.fail(f"fvbuild image failed ({r.returncode}):\n{r.stderr[-6000:]}")
     assert r.stdout.strip().splitlines()[-1] == tag
     return tag
+
+
+def pytest_runtest_logreport(report):
+    """FV_FAILURE_LOG=FILE: each failure's text appended as it happens. GPU CI sets it: a run the
+    device machine cuts off (10-minute calls) still says why its failed tests failed."""
+    path = os.environ.get("FV_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
