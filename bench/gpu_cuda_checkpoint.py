@@ -36,7 +36,8 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import BenchError, Budget, link_fvboot, record, start, stop
+
 DEADLINE_S = 170.0
 SEED = 20240607
 
@@ -108,23 +109,6 @@ while True:
 '''
 
 
-class BenchError(Exception):
-    """A step of the bench could not run at all (the summary records it; no traceback)."""
-
-
-class Budget:
-    """Wall-clock budget shared by every step, so the whole run ends well under 3 minutes."""
-
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
-
-    def timeout(self, wanted: float) -> float:
-        left = self.end - time.monotonic()
-        if left <= 1:
-            raise BenchError("time budget of the bench is spent")
-        return min(wanted, left)
-
-
 class Child:
     """The CUDA process under test, addressed by pid and its mailbox folder."""
 
@@ -138,15 +122,8 @@ class Child:
         box.mkdir()
         script = work / "child.py"
         script.write_text(CHILD_SOURCE)
-        out = open(log, "wb") if log else subprocess.DEVNULL
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, str(script), str(box), str(gib), str(SEED)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-            )
-        finally:
-            if log:
-                out.close()
+        proc = start([sys.executable, str(script), str(box), str(gib), str(SEED)], log=log,
+                     stdin=subprocess.DEVNULL)
         return cls(box, proc, proc.pid)
 
     def alive(self) -> bool:
@@ -190,17 +167,14 @@ class Child:
 
     def kill(self) -> None:
         """SIGKILL and reap (as parent, or as subreaper for a CRIU-restored process)."""
-        if self.proc is not None or self.is_ours():
+        if self.proc is not None:
+            stop(self.proc, sig=signal.SIGKILL, grace=10, reap=10)
+            return
+        if self.is_ours():
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            return
         end = time.monotonic() + 10
         while time.monotonic() < end:
             try:
@@ -331,11 +305,7 @@ _WORK: Path | None = None
 def fvboot_path_dir() -> Path:
     """A folder where `fvboot` is the repository's entrypoint/ package."""
     assert _WORK is not None
-    path = _WORK / "pypath"
-    if not path.exists():
-        path.mkdir()
-        (path / "fvboot").symlink_to(REPO / "entrypoint")
-    return path
+    return link_fvboot(_WORK / "pypath")
 
 
 def make_wrapper(work: Path) -> Path:
@@ -476,8 +446,7 @@ def phase_tool(work: Path, wrapper: Path, budget: Budget, gib: float, facts: dic
             result["child_log_tail"] = log.read_text(errors="replace")[-3000:]
     finally:
         child.kill()
-        bystander.kill()
-        bystander.wait()
+        stop(bystander, sig=signal.SIGKILL)
     return run.summary(memory_mib=memory, **result)
 
 
@@ -601,10 +570,7 @@ def main() -> int:
     criu_ok = summary.get("criu", {}).get("ok", "skipped" in summary.get("criu", {}))
     summary["ok"] = "error" not in summary and summary.get("tool", {}).get("ok", False) and criu_ok
     summary["seconds_total"] = round(time.perf_counter() - t0, 2)
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if out_dir is not None:
-        (out_dir / "cuda_checkpoint.json").write_text(text + "\n")
+    record("cuda_checkpoint", summary)
     return 0 if summary["ok"] else 1
 
 

@@ -13,7 +13,6 @@ on the same file, bit-exactness checked. Prints JSON ($OUT/gpu_register_load.jso
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from harness import record
 
 REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
 
@@ -148,10 +149,7 @@ def main() -> None:
         r["bit_exact"] = bool(torch.equal(dst, ref))
         res["runs"].append({"method": "cudaHostRegister of the page cache", **r})
     res["runs"].append({"method": "pinned ring again", **by_pinned_ring(path, ref)})
-    text = json.dumps(res, indent=2)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_register_load.json").write_text(text)
+    record("gpu_register_load", res)
 
 
 if __name__ == "__main__":

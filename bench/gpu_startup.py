@@ -22,15 +22,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import REPO, drop_page_cache, first_correct_token, link_fvboot, log, record, start, stop
+
 HOME = Path(os.environ.get("FV_BENCH_HOME", "/root/fv"))
 RUN = Path("/tmp/fvbench")
 PORT = 8000
@@ -40,11 +38,7 @@ VLLM_ARGS = os.environ.get("FV_BENCH_VLLM_ARGS", "--max-model-len 4096 --gpu-mem
 
 def setup_env() -> dict:
     """fvboot importable, a `criu` executable (with its libraries) and `cuda-checkpoint` on PATH."""
-    lib = RUN / "pylib"
-    lib.mkdir(parents=True, exist_ok=True)
-    link = lib / "fvboot"
-    if not link.exists():
-        link.symlink_to(REPO / "entrypoint")
+    lib = link_fvboot(RUN / "pylib")
     bindir = RUN / "bin"
     bindir.mkdir(exist_ok=True)
     criu_dir = os.environ.get("FV_CRIU_DIR", "")
@@ -81,13 +75,9 @@ def setup_env() -> dict:
     return env
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def drop_caches() -> None:
-    subprocess.run(["sync"])
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    """The whole page cache, or fail: a cold start that is not cold would be a wrong figure."""
+    drop_page_cache(strict=True)
 
 
 def expected_answer() -> tuple[str, str, str]:
@@ -96,42 +86,17 @@ def expected_answer() -> tuple[str, str, str]:
     return m["model"]["served_name"], p["prompt"], p["text"]
 
 
-def first_token(name: str, prompt: str, want: str, proc: subprocess.Popen, t0: float, limit: float) -> float:
-    body = json.dumps({"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0.0}).encode()
-    while time.monotonic() - t0 < limit:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fvboot serve exited with {proc.returncode}")
-        req = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/completions", data=body,
-                                     headers={"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=limit) as r:
-                text = json.loads(r.read())["choices"][0]["text"]
-            took = time.monotonic() - t0
-            if text != want:
-                raise RuntimeError(f"WRONG ANSWER {text!r} != {want!r}")
-            return took
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(0.005)
-    raise RuntimeError(f"no answer within {limit} s")
-
-
 def serve_once(env: dict, label: str, extra_env: dict | None = None, limit: float = 400) -> dict:
     """Launch `fvboot serve`, time the first correct token, stop it; returns the measurement."""
     name, prompt, want = expected_answer()
     out = RUN / f"serve-{label}.log"
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "fvboot", "serve"], env={**env, **(extra_env or {})},
-                            stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start([sys.executable, "-m", "fvboot", "serve"], log=out, env={**env, **(extra_env or {})})
     try:
-        took = first_token(name, prompt, want, proc, t0, limit)
+        took = first_correct_token(PORT, name, prompt, want, t0=t0, limit=limit, proc=proc, name="fvboot serve")
         log(f"{label}: first correct token after {took:.2f} s")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc, grace=60)
         _wait_gpu_free()
     criu_log = RUN / "run" / "criu-restore.log"
     if criu_log.exists():
@@ -271,20 +236,15 @@ def main() -> None:
     try:
         res.update({"bake": phase_bake, "restore": phase_restore, "cached": phase_cached}[phase](env))
     finally:
-        (HOME / "results").mkdir(exist_ok=True)
-        text = json.dumps(res, indent=2)
-        (HOME / "results" / f"gpu_startup_{phase}.json").write_text(text)
-        out = os.environ.get("OUT")
+        out = record(f"gpu_startup_{phase}", res, copies=(HOME / "results",))
         if out:
-            Path(out, f"gpu_startup_{phase}.json").write_text(text)
             # every log of this phase in one archive (the device returns a few files only)
             logs = [f for f in RUN.glob("*.log")] + list((RUN / "logs").glob("*.log"))
             dump_log = HOME / "checkpoint" / "criu-dump.log"
             if dump_log.exists():
                 logs.append(dump_log)
-            subprocess.run(["tar", "-czf", str(Path(out, f"logs_{phase}.tar.gz")),
+            subprocess.run(["tar", "-czf", str(out.parent / f"logs_{phase}.tar.gz"),
                             *[str(f) for f in logs]], stderr=subprocess.DEVNULL)
-        print(text)
 
 
 if __name__ == "__main__":

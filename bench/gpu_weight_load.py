@@ -31,8 +31,7 @@ small vocabulary (a check of the script itself, numbers meaningless).
 
 from __future__ import annotations
 
-import ctypes
-import json
+import functools
 import math
 import os
 import platform
@@ -43,38 +42,20 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FVPATH = Path("/tmp/fvpath")
+import harness
+from harness import drop_page_cache, record, resident_fraction
 
-
-def _link_fvboot() -> None:
-    """Make ``import fvboot`` resolve to this checkout's entrypoint/ package."""
-    FVPATH.mkdir(parents=True, exist_ok=True)
-    link, target = FVPATH / "fvboot", REPO / "entrypoint"
-    if not (target / "weights" / "load.py").is_file():
-        sys.exit(f"{target}/weights/load.py not found: run this script from a fast-vllm checkout")
-    if link.is_symlink() or link.exists():
-        if link.is_symlink() and os.readlink(link) == str(target):
-            pass
-        else:
-            if link.is_dir() and not link.is_symlink():
-                sys.exit(f"{link} is a real directory, not a link: remove it first")
-            link.unlink()
-            link.symlink_to(target)
-    else:
-        link.symlink_to(target)
-    sys.path.insert(0, str(FVPATH))
-
-
-_link_fvboot()
+# ``import fvboot`` resolves to this checkout's entrypoint/ package
+sys.path.insert(0, str(harness.link_fvboot(Path("/tmp/fvpath"), require="weights/load.py")))
 
 import torch  # noqa: E402
 
 from fvboot import weights as wf  # noqa: E402
 from fvboot.weights import fileformat, pipeline, settings  # noqa: E402
 
-T0 = time.perf_counter()
 DEADLINE = float(os.environ.get("FV_BENCH_DEADLINE_S", "200"))
+BUDGET = harness.Budget(DEADLINE)
+log = functools.partial(harness.log, since=BUDGET.start)
 BENCH_GB = float(os.environ.get("FV_BENCH_GB", "0") or 0)  # 0: the real Llama-3.2-3B size
 COLD_GB = float(os.environ.get("FV_BENCH_COLD_GB", "2"))
 BENCH_DIR = Path(os.environ.get("FV_BENCH_DIR", "/root/fvbench"))
@@ -98,14 +79,6 @@ LOAD_KEYS = ("FV_LOAD_BUFFERS", "FV_LOAD_BUFFER_MB", "FV_LOAD_THREADS", "FV_LOAD
              "FV_LOAD_ODIRECT", "FV_GPU_LOADER", "FV_LOAD_REGISTER")
 results: dict = {"runs": [], "errors": [], "skipped": [], "notes": []}
 all_exact = True
-
-
-def elapsed() -> float:
-    return time.perf_counter() - T0
-
-
-def log(msg: str) -> None:
-    print(f"[{elapsed():7.1f}s] {msg}", flush=True)
 
 
 def layer_shapes(i: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -238,59 +211,15 @@ def dump(label: str, path: Path, tensors: dict, env: dict, phase: str) -> dict:
     return row
 
 
-def resident_fraction(path: Path) -> float | None:
-    """Share of the file's pages in the page cache (mmap + mincore), None if unknown."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        size = path.stat().st_size
-        page = os.sysconf("SC_PAGE_SIZE")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
-            if addr is None or addr == ctypes.c_void_p(-1).value:
-                return None
-            try:
-                pages = (size + page - 1) // page
-                vec = (ctypes.c_ubyte * pages)()
-                if libc.mincore(addr, size, vec) != 0:
-                    return None
-                return round((pages - bytes(vec).count(0)) / pages, 4)
-            finally:
-                libc.munmap(addr, size)
-        finally:
-            os.close(fd)
-    except Exception:  # noqa: BLE001 - diagnostics only
-        return None
-
-
 def evict(path: Path) -> dict:
     """Drop the file from the page cache: sync, drop_caches where allowed, fadvise anyway."""
-    subprocess.run(["sync"], check=False)
-    how = []
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        how.append("drop_caches")
-    except OSError as exc:
-        how.append(f"drop_caches refused ({exc.strerror})")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        how.append("fadvise(DONTNEED)")
-    finally:
-        os.close(fd)
+    how = drop_page_cache([path])
     return {"method": ", ".join(how), "resident_after": resident_fraction(path)}
 
 
 def phase(name: str, need_s: float):
     """Decorator-free guard: returns False (and records why) when the deadline is too near."""
-    left = DEADLINE - elapsed()
+    left = BUDGET.left()
     if left < need_s:
         results["skipped"].append(f"{name}: {left:.0f} s left of FV_BENCH_DEADLINE_S={DEADLINE:.0f}, "
                                   f"needs ~{need_s:.0f} s")
@@ -447,7 +376,7 @@ def main() -> int:
                 except FileNotFoundError:
                     pass
 
-    results["elapsed_s"] = round(elapsed(), 1)
+    results["elapsed_s"] = round(BUDGET.elapsed(), 1)
     results["all_bit_exact"] = all_exact
     ok = all_exact and not results["errors"]
     results["ok"] = ok
@@ -473,11 +402,9 @@ def main() -> int:
           "(not the whole model): the disk reads ~1.3 GB/s cold")
     print(f"{'OK' if ok else 'FAILED'}: all loads bit-exact={all_exact}, errors={len(results['errors'])}, "
           f"{results['elapsed_s']} s")
-    out = os.environ.get("OUT")
+    out = record("gpu_weight_load", results, show=False)
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, "gpu_weight_load.json").write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {out}/gpu_weight_load.json")
+        print(f"wrote {out}")
     return 0 if ok else 1
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import mmap
 import os
 import platform
 import time
 from pathlib import Path
+
+from harness import record
 
 MADV_HUGEPAGE, MADV_POPULATE_WRITE = 14, 23
 HUGE = 2 << 20
@@ -68,10 +69,7 @@ def main() -> None:
            "bytes": size, "kernel": platform.release(), "thp_enabled": thp,
            "cpus": os.cpu_count(), "gb_per_s": runs,
            "best": {k: max(v) for k, v in runs.items()}}
-    text = json.dumps(res, indent=2)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "page_reads.json").write_text(text)
+    record("page_reads", res)
 
 
 if __name__ == "__main__":
