@@ -19,6 +19,10 @@ Prints a JSON summary (and writes it to $OUT/cuda_checkpoint.json when OUT is se
 when every check passed. Everything it starts is killed before it exits; it stays well under
 three minutes (FV_BENCH_GIB, default 1, sets the GPU memory the child holds).
 Needs: an NVIDIA GPU, driver >= 570, PyTorch with CUDA. No network.
+
+Over 400 lines on purpose: one device call carries one file, and this one holds the child
+process it checkpoints, the GPU memory readings (NVML, nvidia-smi) and both round trips (the
+tool alone, then through CRIU), each of which needs the others' state.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ Run from the repository root:  python3 bench/gpu_weight_load.py
 (it links /tmp/fvpath/fvboot -> <repo>/entrypoint itself and imports fvboot from there).
 FV_BENCH_SELFTEST_CPU=1 runs the whole script on the CPU with the loader's host engine and a
 small vocabulary (a check of the script itself, numbers meaningless).
+
+Just over 400 lines on purpose: the model's shapes, the dump, the loads and their settings
+sweep, the cold-cache cases and the table share one time budget and one result, and fit one
+device call as one file.
 """
 
 from __future__ import annotations
