@@ -50,7 +50,7 @@ def gpu_plan(engine: DockerEngine, opts: BuildOptions) -> Optional[gpu.GpuPlan]:
     """How the bake container gets the GPUs (None for cpu); raises before any build when it cannot."""
     if opts.device is not Device.cuda:
         return None
-    return gpu.plan(opts.gpu_access, engine.runtimes(), opts.nvidia_driver_dir)
+    return gpu.plan(opts.gpu_access, engine.runtimes(), opts.nvidia_driver_dir, count=opts.gpus_used)
 
 
 def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str,

@@ -32,6 +32,7 @@ class GpuPlan:
     driver_dir: Optional[str] = None
     lib_dirs: tuple[str, ...] = field(default=())
     bin_dir: Optional[str] = None
+    count: Optional[int] = None  # the first COUNT GPUs only (None: all of them)
 
 
 def gpu_nodes(dev_root: str = "/dev") -> tuple[str, ...]:
@@ -54,8 +55,11 @@ def guess_driver_dir() -> Optional[Path]:
 
 
 def plan(mode: GpuAccess, runtimes: Iterable[str], driver_dir: Optional[Path] = None,
-         dev_root: str = "/dev") -> GpuPlan:
-    """Decide how the bake container reaches the GPUs; GpuAccessError (before any bake) if it cannot."""
+         dev_root: str = "/dev", count: Optional[int] = None) -> GpuPlan:
+    """Decide how the bake container reaches the GPUs; GpuAccessError (before any bake) if it cannot.
+    COUNT: give it only the first COUNT GPUs, the ones vLLM will use. The manifest then names just
+    those, and a restore needs only them: a pod with one GPU restores an image that was baked on a
+    host with eight."""
     has_runtime = "nvidia" in set(runtimes)
     nodes = gpu_nodes(dev_root)
     if mode is GpuAccess.auto:
@@ -71,7 +75,7 @@ def plan(mode: GpuAccess, runtimes: Iterable[str], driver_dir: Optional[Path] = 
         if not has_runtime:
             raise GpuAccessError("--gpu-access toolkit: docker info lists no nvidia runtime; install the "
                                  "NVIDIA container toolkit or use --gpu-access devices")
-        return GpuPlan(GpuAccess.toolkit)
+        return GpuPlan(GpuAccess.toolkit, count=count)
     if not nodes:
         raise GpuAccessError(f"--gpu-access devices: no {dev_root}/nvidia[0-9]* device nodes on this host")
     control = tuple(n.replace("/dev", dev_root, 1) for n in CONTROL_NODES)
@@ -86,9 +90,15 @@ def plan(mode: GpuAccess, runtimes: Iterable[str], driver_dir: Optional[Path] = 
     libs = tuple(str(ddir / d) for d in ("lib64", "lib") if (ddir / d).is_dir())
     if not libs:
         raise GpuAccessError(f"--nvidia-driver-dir {ddir}: no lib64/ or lib/ folder with the driver's libraries")
+    if count is not None:
+        if len(nodes) < count:
+            raise GpuAccessError(f"vLLM's arguments need {count} GPUs (tensor x pipeline x data parallel size); "
+                                 f"this host has {len(nodes)}")
+        nodes = nodes[:count]
     devices = nodes + tuple(n for n in control if os.path.exists(n))
     return GpuPlan(GpuAccess.devices, devices=tuple(d.replace(dev_root, "/dev", 1) for d in devices),
-                   driver_dir=str(ddir), lib_dirs=libs, bin_dir=str(ddir / "bin") if (ddir / "bin").is_dir() else None)
+                   driver_dir=str(ddir), lib_dirs=libs, bin_dir=str(ddir / "bin") if (ddir / "bin").is_dir() else None,
+                   count=count)
 
 
 def environment(p: GpuPlan, image_env: Iterable[str] = ()) -> dict[str, str]:
@@ -110,7 +120,7 @@ def container_kwargs(p: GpuPlan, image_env: Iterable[str] = ()) -> dict:
     if p.mode is GpuAccess.toolkit:
         from docker.types import DeviceRequest
 
-        return {"device_requests": [DeviceRequest(count=-1, capabilities=[["gpu"]])]}
+        return {"device_requests": [DeviceRequest(count=p.count or -1, capabilities=[["gpu"]])]}
     return {"devices": [f"{d}:{d}:rwm" for d in p.devices],
             "volumes": {p.driver_dir: {"bind": p.driver_dir, "mode": "ro"}},
             "environment": environment(p, image_env)}
@@ -119,7 +129,7 @@ def container_kwargs(p: GpuPlan, image_env: Iterable[str] = ()) -> dict:
 def docker_run_flags(p: GpuPlan, image_env: Iterable[str] = ()) -> list[str]:
     """The same access as `docker run` flags (README, GPU tests and benchmarks use these)."""
     if p.mode is GpuAccess.toolkit:
-        return ["--gpus", "all"]
+        return ["--gpus", str(p.count) if p.count else "all"]
     flags = [f for d in p.devices for f in ("--device", d)]
     flags += ["-v", f"{p.driver_dir}:{p.driver_dir}:ro"]
     for k, v in environment(p, image_env).items():

@@ -257,6 +257,17 @@ class BuildOptions(CriuOptions):
                 raise ValueError(f"{name} is reserved: {RESERVED_VLLM_ARGS[name]}")
         return v
 
+    @field_validator("vllm_args")
+    @classmethod
+    def _parallel_sizes_are_counts(cls, v: list[str]) -> list[str]:
+        parallel_size(v)
+        return v
+
+    @property
+    def gpus_used(self) -> int:
+        """GPUs the served model takes: the bake container gets exactly these (gpu.plan)."""
+        return parallel_size(self.vllm_args)
+
     @model_validator(mode="after")
     def _combinations(self) -> "BuildOptions":
         set_fields = self.model_fields_set
@@ -289,6 +300,26 @@ class BuildOptions(CriuOptions):
 
 
 SYNTHETIC_PREFIX = "synthetic:"
+
+# vLLM's options whose product is the number of GPUs one server takes (long and short spellings)
+_PARALLEL_FLAGS = {"--tensor-parallel-size": "tensor", "-tp": "tensor", "--pipeline-parallel-size": "pipeline",
+                   "-pp": "pipeline", "--data-parallel-size": "data", "-dp": "data"}
+
+
+def parallel_size(args: list[str]) -> int:
+    """Tensor x pipeline x data parallel size given in vLLM's arguments (each 1 unless given);
+    ValueError for a value that is not a whole number from 1 up."""
+    sizes = {"tensor": 1, "pipeline": 1, "data": 1}
+    for i, a in enumerate(args):
+        name, eq, value = a.partition("=")
+        if name not in _PARALLEL_FLAGS:
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{name} needs a whole number of GPUs from 1 up, not {value!r}")
+        sizes[_PARALLEL_FLAGS[name]] = int(value)
+    return sizes["tensor"] * sizes["pipeline"] * sizes["data"]
 
 
 def synthetic_names() -> tuple[str, ...]:

@@ -52,6 +52,22 @@ def test_auto_without_the_toolkit_passes_every_gpu_node_and_the_driver(host):
     assert f"LD_LIBRARY_PATH={driver}/lib64" in flags
 
 
+def test_the_bake_gets_only_the_gpus_vllm_will_use(host):
+    """A TP=1 model baked on a host with three GPUs gets GPU 0 alone, so its manifest names one
+    GPU and a pod with one GPU can restore it; more than the host has is said before any build."""
+    dev, driver = host
+    p = gpu.plan(GpuAccess.devices, set(), driver, dev_root=str(dev), count=1)
+    assert p.devices == ("/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+    p = gpu.plan(GpuAccess.devices, set(), driver, dev_root=str(dev), count=2)
+    assert p.devices[:3] == ("/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl")
+    with pytest.raises(GpuAccessError, match=r"^vLLM's arguments need 4 GPUs \(tensor x pipeline x data parallel size\); "
+                                             r"this host has 3$"):
+        gpu.plan(GpuAccess.devices, set(), driver, dev_root=str(dev), count=4)
+    p = gpu.plan(GpuAccess.toolkit, {"nvidia"}, count=2)
+    (req,) = gpu.container_kwargs(p)["device_requests"]
+    assert req["Count"] == 2 and gpu.docker_run_flags(p) == ["--gpus", "2"]
+
+
 def test_no_gpu_visible_is_a_clear_error_before_baking(tmp_path):
     with pytest.raises(GpuAccessError, match="no NVIDIA device nodes on this host and no nvidia runtime in docker info"):
         gpu.plan(GpuAccess.auto, {"runc"}, dev_root=str(tmp_path))

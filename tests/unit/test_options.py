@@ -1,5 +1,7 @@
 """BuildOptions: validation at the edge, with messages that say what to change."""
 
+import re
+
 import pytest
 
 from fvbuild.errors import OptionsError
@@ -108,3 +110,24 @@ def test_cpu_prebuilt_cannot_serve_a_cuda_image(tmp_path):
     with pytest.raises(OptionsError, match="made with --device cpu .*fvbuild criu --device cuda"):
         load_options({"model": "m", "criu_prebuilt": str(_prebuilt(tmp_path, "cpu"))})
     assert load_options({"model": "m", "device": "cpu", "criu_prebuilt": str(_prebuilt(tmp_path, "cpu"))})
+
+
+@pytest.mark.parametrize("args, gpus", [
+    ([], 1),
+    (["--max-model-len=4096"], 1),
+    (["--tensor-parallel-size", "2"], 2),
+    (["-tp=2", "--pipeline-parallel-size=2"], 4),
+    (["--data-parallel-size", "2", "-tp", "4"], 8),
+])
+def test_the_gpus_a_model_takes_come_from_vllms_parallel_sizes(args, gpus):
+    assert load_options({"model": "synthetic:tiny", "vllm_args": args}).gpus_used == gpus
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-tp", "two"], "-tp needs a whole number of GPUs from 1 up, not 'two'"),
+    (["--tensor-parallel-size"], "--tensor-parallel-size needs a whole number of GPUs from 1 up, not ''"),
+    (["--pipeline-parallel-size=0"], "--pipeline-parallel-size needs a whole number of GPUs from 1 up, not '0'"),
+])
+def test_a_parallel_size_that_is_not_a_count_is_one_clear_error(args, message):
+    with pytest.raises(OptionsError, match=re.escape(message)):
+        load_options({"model": "synthetic:tiny", "vllm_args": args})
