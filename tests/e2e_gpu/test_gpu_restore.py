@@ -109,6 +109,61 @@ def test_a_device_map_the_driver_refuses_falls_back_at_once(baked_image):
     assert _timeline(logs)["fallback start"] < 60, line
 
 
+def _second_gpu_flags() -> list[str] | None:
+    """`docker run` flags that give a container the host's second GPU as its only one, at the
+    first GPU's path (as another node's GPU 0 would be): None on a host with one GPU."""
+    from fvbuild.gpu import gpu_nodes
+
+    from e2e.test_restore import gpu_flags
+
+    if len(gpu_nodes()) < 2:
+        return None
+    flags = gpu_flags()
+    if "--gpus" in flags:
+        i = flags.index("--gpus")
+        return flags[:i] + ["--gpus", "device=1"] + flags[i + 2:]
+    return _swap_device_nodes(flags)
+
+
+def _swap_device_nodes(flags: list[str]) -> list[str]:
+    """Device-node flags with /dev/nvidia1 (at /dev/nvidia0 inside) as the only GPU node."""
+    out, i = [], 0
+    while i < len(flags):
+        if flags[i] == "--device" and flags[i + 1][len("/dev/nvidia"):].isdigit():
+            if flags[i + 1] == "/dev/nvidia1":
+                out += ["--device", "/dev/nvidia1:/dev/nvidia0"]
+            i += 2
+            continue
+        out.append(flags[i])
+        i += 1
+    return out
+
+
+def test_restore_onto_another_gpu_of_the_same_model(baked_image):
+    """The product's promise on a second GPU of the model (another node's GPU 0, as far as one host
+    can show it): the baked GPU's UUID is mapped onto this one's, the restore answers as baked.
+    Needs a host with two GPUs (the device tool's nvidia-h200-x2)."""
+    from e2e.test_restore import CAPS, _assert_same_as_bake, _wait_ready
+
+    flags = _second_gpu_flags()
+    if flags is None:
+        pytest.skip("needs a second GPU of the same model (one GPU on this host)")
+    m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
+                                  check=True).stdout)
+    baked_uuid = m["device"]["gpus"][0]["uuid"]
+    cid = subprocess.run(["docker", "run", "-d", *CAPS, *flags, baked_image], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        _wait_ready(container=cid)
+        _assert_same_as_bake(m)
+        r = subprocess.run(["docker", "logs", cid], capture_output=True, text=True)
+        logs = r.stdout + r.stderr
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+    assert f"restoring onto other GPUs of the same model: {baked_uuid}=GPU-" in logs, logs[-3000:]
+    assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-3000:]
+
+
 def test_load_settings_of_this_start_reach_the_restored_worker(baked_image):
     """FV_LOAD_* given at `docker run` reach the restored worker (whose environment is the
     bake's): an impossible one is refused there, said, and the normal start answers right."""
