@@ -7,6 +7,10 @@ Paths, each started in fresh containers:
   normal    a normal vLLM start of the same image (FV_RESTORE=0): the baked compile caches reused
   nocache   a normal start with empty compile caches: what a plain `vllm serve` pays
 
+With --cold, the disk under Docker's data is measured in the same run (sequential read, page
+cache dropped): the cold restore's target is relative to it. The table ends with the targets
+that apply to the image and, for a GPU image, figures published elsewhere (labelled so).
+
 "Correct" is the greedy answer recorded at bake for the first probe prompt. The restored server
 and the normal start then answer prompts that are not the probe's (greedy text and logprobs);
 the two must be identical. Containers are started with the `docker` command line, as operators
@@ -16,6 +20,7 @@ start them (so this module does not go through engine.py's docker-py): that is w
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -35,6 +40,21 @@ PATHS = (("restore_s", "restore from checkpoint (warm)"), ("cold_s", "restore, p
 EMPTY_CACHES = ("-e", "VLLM_CACHE_ROOT=/tmp/nc/vllm", "-e", "TORCHINDUCTOR_CACHE_DIR=/tmp/nc/inductor",
                 "-e", "TRITON_CACHE_DIR=/tmp/nc/triton")
 
+# What "fast" means here (the speed issue's targets), by device and model as baked: the warm
+# restore's seconds, and the largest checkpoint. A cold restore's target follows from this run's
+# own disk: COLD_FACTOR x (checkpoint + weight dump) / the disk's sequential read bandwidth.
+WARM_TARGET_S = {("cpu", "synthetic:tiny"): 0.5, ("cuda", "synthetic:llama-3.2-3b"): 1.5,
+                 ("cuda", "synthetic:llama-3.1-8b"): 2.0}
+CHECKPOINT_TARGET_BYTES = {("cuda", "synthetic:llama-3.2-3b"): 1.5e9}
+COLD_FACTOR = 1.2
+# Published elsewhere, printed beside a GPU run for reference: not measured by this command.
+PUBLISHED_GPU = (
+    ("the seed's recipe: plain vllm serve", 81.0),
+    ("the seed's recipe: compile caches mounted", 38.0),
+    ("the seed's recipe: CRIU + fast weight reload", 6.0),
+    ("upstream vllm snapshot restore, Qwen3-0.6B, RTX 4090 Laptop (vllm-project/vllm#51360)", 3.1),
+)
+
 
 @dataclass(frozen=True)
 class BenchPlan:
@@ -46,6 +66,7 @@ class BenchPlan:
     nocache: bool = False
     env: tuple[str, ...] = ()  # KEY=VALUE runtime settings for the restores
     limit_s: float = 1800
+    disk_dir: Optional[Path] = None  # where the image's layers are (Docker's root): its disk is measured
 
 
 @dataclass
@@ -68,9 +89,30 @@ class BenchResult:
     restore_equals_normal_start: Optional[bool] = None
     checkpoint_bytes: int = 0
     weights_bytes: int = 0
+    disk_read_gbps: Optional[float] = None  # measured in the same run, with --cold
+    targets: list[dict] = field(default_factory=list)  # filled by run(): see targets()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def targets_met(self) -> list[dict]:
+        """Each target that applies to this image: {what, target, now, unit, met}."""
+        key = (self.device.get("kind", ""), self.model)
+        out = []
+        if key in WARM_TARGET_S and self.restore_s:
+            out.append({"what": "warm restore", "unit": "s", "target": WARM_TARGET_S[key],
+                        "now": statistics.median(self.restore_s)})
+        if self.cold_s and self.disk_read_gbps:
+            read_gb = (self.checkpoint_bytes + self.weights_bytes) / 1e9
+            out.append({"what": f"cold restore: {COLD_FACTOR} x {read_gb:.2f} GB / {self.disk_read_gbps:.2f} GB/s",
+                        "unit": "s", "target": round(COLD_FACTOR * read_gb / self.disk_read_gbps, 2),
+                        "now": statistics.median(self.cold_s)})
+        if key in CHECKPOINT_TARGET_BYTES:
+            out.append({"what": "checkpoint", "unit": "GB", "target": CHECKPOINT_TARGET_BYTES[key] / 1e9,
+                        "now": round(self.checkpoint_bytes / 1e9, 2)})
+        for t in out:
+            t["met"] = t["now"] <= t["target"]
+        return out
 
     def table(self) -> str:
         lines = [f"{'docker run -> first correct answer':<44}{'median s':>10}  runs"]
@@ -80,6 +122,13 @@ class BenchResult:
         if self.restore_equals_normal_start is not None:
             lines.append(f"restored answers == normal start's (text + logprobs, {len(EXTRA_PROMPTS)} prompts): "
                          f"{self.restore_equals_normal_start}")
+        if self.targets:
+            lines.append(f"{'targets':<56}{'target':>7}{'now':>9}     met")
+            lines += [f"{t['what']:<56}{t['target']:>6.2f} {t['unit']:<2}{t['now']:>6.2f} {t['unit']:<2} "
+                      f"{'yes' if t['met'] else 'no'}" for t in self.targets]
+        if self.device.get("kind") == "cuda":
+            lines.append("published elsewhere, not measured here (their own models and GPUs):")
+            lines += [f"  {what:<88}{s:>6.1f} s" for what, s in PUBLISHED_GPU]
         return "\n".join(lines)
 
 
@@ -128,6 +177,29 @@ def first_answer(plan: BenchPlan, m: dict, flags: list[str], extra: bool = False
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
 
 
+def disk_read_gbps(folder: Path, size: int = 1 << 30) -> float:
+    """The sequential read bandwidth (GB/s) of FOLDER's disk, page cache dropped: a SIZE-byte file
+    written there, read back once in 8 MiB reads, removed. The cold target is relative to it."""
+    block = bytes(range(256)) * (8 << 12)  # 8 MiB that no filesystem stores as a hole
+    path = folder / f".fvbuild-bench-{time.time_ns()}"
+    try:
+        with open(path, "wb") as f:
+            for _ in range(size // len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        drop_page_cache()
+        t0 = time.monotonic()
+        with open(path, "rb", buffering=0) as f:
+            while f.read(len(block)):
+                pass
+        return round(size / (time.monotonic() - t0) / 1e9, 2)
+    except OSError as e:
+        raise BenchError(f"cannot measure the disk's read speed in {folder} ({e.strerror})") from None
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def drop_page_cache() -> None:
     subprocess.run(["sync"], check=True)
     try:
@@ -174,6 +246,10 @@ def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
         res.restore_equals_normal_start = res.answers["restore"] == res.answers["normal"]
     res.checkpoint_bytes = sum(f["size"] for f in m["files"] if f["path"].startswith("checkpoint/"))
     res.weights_bytes = sum(f["size"] for f in m["files"] if f["path"].startswith("weights/"))
+    if plan.cold and plan.disk_dir is not None:
+        res.disk_read_gbps = disk_read_gbps(plan.disk_dir)
+        say(f"disk read, page cache dropped: {res.disk_read_gbps:.2f} GB/s ({plan.disk_dir})")
+    res.targets = res.targets_met()
     return res
 
 

@@ -247,13 +247,15 @@ def bench(image_ref: str, runs: int, cold: bool, normal: bool, nocache: bool, en
         bad = [kv for kv in env if "=" not in kv or not kv.split("=", 1)[0]]
         if bad:
             raise OptionsError(f"--env takes KEY=VALUE, not {bad[0]!r}")
-        m = read_image_manifest(DockerEngine.connect(), image_ref)
+        engine = DockerEngine.connect()
+        m = read_image_manifest(engine, image_ref)
         if m is None:
             raise ImageNotBakedError(f"{image_ref} carries no fast-vllm checkpoint; build it with `fvbuild image`")
         flags = docker_run_flags() + ["--network", "host"]
         if gpu_access != "none":
             flags += gpu_run_flags(gpu_access, nvidia_driver_dir)
-        plan = fvbench.BenchPlan(image_ref, tuple(flags), runs, cold, normal, nocache, env)
+        disk = engine.root_dir() if cold else None  # the disk a cold restore reads the layers from
+        plan = fvbench.BenchPlan(image_ref, tuple(flags), runs, cold, normal, nocache, env, disk_dir=disk)
         res = fvbench.run(plan, m, say=lambda line: click.echo(line, err=True))
         if json_out:
             json_out.write_text(json.dumps(res.to_json(), indent=2) + "\n")

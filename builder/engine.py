@@ -176,6 +176,13 @@ class DockerEngine:
         yield BuildResult(image_id, seconds)
 
     # ---- containers -------------------------------------------------------------------------
+    def root_dir(self) -> Path:
+        """Where the daemon keeps images and containers (`docker info`'s DockerRootDir)."""
+        try:
+            return Path(self.client.info().get("DockerRootDir") or "/var/lib/docker")
+        except (APIError, DockerException) as e:
+            raise DockerUnavailableError(f"docker info failed: {_short(e)}") from None
+
     def runtimes(self) -> set[str]:
         """The runtimes `docker info` lists (\"nvidia\" when the NVIDIA container toolkit is set up)."""
         try:

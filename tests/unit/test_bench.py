@@ -51,3 +51,35 @@ def test_no_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
                         else real(name, *a, **k))
     with pytest.raises(BenchError, match=r"pip install 'fast-vllm\[plot\]'"):
         plot(_result(), tmp_path / "x.png")
+
+
+def test_the_targets_that_apply_are_judged_against_this_run():
+    """The CPU image's warm target, and a cold target from this run's own disk: 1.2 x the bytes a
+    cold restore reads / the disk's measured read speed."""
+    res = _result()
+    res.cold_s, res.disk_read_gbps = [3.1, 2.9, 3.4], 2.0
+    res.targets = res.targets_met()
+    assert res.targets == [
+        {"what": "warm restore", "unit": "s", "target": 0.5, "now": 1.53, "met": False},
+        {"what": "cold restore: 1.2 x 1.42 GB / 2.00 GB/s", "unit": "s", "target": 0.85, "now": 3.1, "met": False}]
+    lines = res.table().splitlines()
+    assert lines[-3].startswith("targets") and lines[-2].startswith("warm restore") and lines[-2].endswith("no")
+    assert "published elsewhere" not in res.table()  # a CPU run: the GPU references do not apply
+
+
+def test_a_gpu_image_gets_its_checkpoint_target_and_the_published_figures():
+    res = _result()
+    res.device, res.model, res.restore_s, res.checkpoint_bytes = {"kind": "cuda"}, "synthetic:llama-3.2-3b", [1.4], 4_080_000_000
+    res.targets = res.targets_met()
+    assert [(t["what"], t["met"]) for t in res.targets] == [("warm restore", True), ("checkpoint", False)]
+    table = res.table()
+    assert "published elsewhere, not measured here" in table and "vllm-project/vllm#51360" in table
+    assert "the seed's recipe: plain vllm serve" in table and "81.0 s" in table
+
+
+def test_the_disk_is_measured_with_a_file_it_removes(tmp_path):
+    """A real write, page cache drop and read (root, as --cold needs); nothing left behind."""
+    from fvbuild.bench import disk_read_gbps
+
+    assert disk_read_gbps(tmp_path, size=32 << 20) > 0
+    assert list(tmp_path.iterdir()) == []
