@@ -58,6 +58,12 @@ SPECS: dict[str, SyntheticSpec] = {
         {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
     ),
+    # Llama-3.1-8B-Instruct's exact shapes (8.03 B parameters, 16.1 GB in bf16; untied head).
+    "llama-3.1-8b": SyntheticSpec(
+        4096, 14336, 32, 32, 8, 128256, 4096, 131072, False, 500000.0,
+        {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    ),
 }
 
 
