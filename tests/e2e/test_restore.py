@@ -261,7 +261,8 @@ def test_metrics_say_how_the_server_started(restored):
 
 
 def test_fvbuild_bench_times_the_restore_and_draws_it(baked_image, tmp_path, port_free):
-    """(The picture where matplotlib is installed: CPU CI; its panels are checked in test_bench.py.)"""
+    """Warm and cold restores, the disk measured in the same run, the targets that apply. (The
+    picture where matplotlib is installed: CPU CI; its panels are checked in test_bench.py.)"""
     import importlib.util
 
     gpu = []
@@ -271,11 +272,14 @@ def test_fvbuild_bench_times_the_restore_and_draws_it(baked_image, tmp_path, por
             gpu += ["--nvidia-driver-dir", os.environ["FV_NVIDIA_DRIVER_DIR"]]
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     draw = importlib.util.find_spec("matplotlib") is not None
-    r = fvbuild("bench", baked_image, "--runs", "2", "--no-normal", "--json", str(out),
+    r = fvbuild("bench", baked_image, "--runs", "2", "--no-normal", "--cold", "--json", str(out),
                 *(["--plot", str(png)] if draw else []), *gpu)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert len(res["restore_s"]) == 2 and all(0 < t < 600 for t in res["restore_s"])
+    assert len(res["cold_s"]) == 2 and res["disk_read_gbps"] > 0  # measured under Docker's data, same run
+    assert [t["what"].split(":")[0] for t in res["targets"]] == (
+        ["warm restore", "cold restore"] if e2e_device() == "cpu" else ["cold restore"])
     assert res["last_restore_timeline"][-1]["event"] in ("ready", "first request served")
     assert r.stdout.splitlines()[1].startswith("restore from checkpoint (warm)")
     assert not draw or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
