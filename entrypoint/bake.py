@@ -79,6 +79,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         ctl.gate("close")  # from here on, client requests wait (after restore too)
         dumped = ctl.rpc("fv_dump_weights", str(layout.weights_dir))
         tl.mark("weights dumped")
+        write_line(f"fvboot bake: weight dump written: {_gb(layout.weights_dir)}")
         for rank in dumped:
             if isinstance(rank, dict) and rank.get("warning"):
                 write_line(f"fvboot: warning: {rank['warning']}", err=True)
@@ -96,6 +97,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
             criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log",
                       env=service_env)
         tl.mark("checkpoint written")
+        write_line(f"fvboot bake: checkpoint written: {_gb(layout.images_dir)}")
         stored = criu.pages_by_process(layout.images_dir)
         processes = tuple(manifest.Process.from_json({**p, "checkpoint_bytes": stored.get(p["pid"], 0)},
                                                      f"processes[{i}]") for i, p in enumerate(processes))
@@ -133,6 +135,12 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     tl.mark("manifest written")
     tl.print_table()
     return m
+
+
+def _gb(folder: Path) -> str:
+    """The size of what a bake step wrote under FOLDER, for its progress line."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return f"{sum(p.stat().st_size for p in files) / 1e9:.2f} GB in {len(files)} files"
 
 
 def step_failed(step: str, e: Exception, tree: ServedTree) -> FvBootError:

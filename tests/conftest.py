@@ -142,7 +142,11 @@ def baked_image(build_flags) -> str:
     if r.returncode != 0:
         pytest.fail(f"fvbuild image failed ({r.returncode}):\n{r.stderr[-6000:]}")
     assert r.stdout.strip().splitlines()[-1] == tag
+    BUILD_OUTPUT[tag] = r.stderr
     return tag
+
+
+BUILD_OUTPUT: dict[str, str] = {}  # what `fvbuild image` showed while it built each session image
 
 
 def pytest_runtest_logreport(report):

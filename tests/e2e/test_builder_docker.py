@@ -55,6 +55,19 @@ def test_vllm_command_works_in_the_image(baked_image):
     assert r.returncode == 0 and "usage: vllm serve" in r.stdout, r.stderr[-2000:]
 
 
+def test_the_bake_shows_what_it_wrote(baked_image):
+    """Progress a person can follow: the weight dump's and the checkpoint's sizes as they are written."""
+    import re
+
+    from conftest import BUILD_OUTPUT
+
+    if baked_image not in BUILD_OUTPUT:
+        pytest.skip("the image was baked before this session (FV_E2E_IMAGE)")
+    out = BUILD_OUTPUT[baked_image]
+    assert re.search(r"fvboot bake: weight dump written: \d+\.\d\d GB in \d+ files", out), out[-3000:]
+    assert re.search(r"fvboot bake: checkpoint written: \d+\.\d\d GB in \d+ files", out), out[-3000:]
+
+
 def test_criu_carries_the_patch_series(unbaked):
     r = _run(unbaked, "criu", "--version")
     assert r.returncode == 0, r.stderr
