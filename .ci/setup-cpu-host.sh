@@ -53,10 +53,7 @@ if ! ls "$WORK"/criu_*.orig.tar.* >/dev/null 2>&1; then
 fi
 ls "$WORK"/criu_*.orig.tar.* | head -1 > "$WORK/criu-src.path"
 
-# The tests import torch (weight-file format, GPU loader planning): the [test] extra requires it.
-# Installed first as the CPU wheel vLLM's CPU build pins (torch 2.13.0; this environment's pip
-# finds exactly that wheel locally), so the extra does not pull PyTorch's CUDA build. Elsewhere,
-# point pip at PyTorch's CPU wheel index (FV_TORCH_SPEC may name another pin).
-python3 -c 'import torch' 2>/dev/null || python3 -m pip install -q "${FV_TORCH_SPEC:-torch==2.13.0}"
+# The tests import torch (weight-file format, GPU loader planning): the [test] extra pins the CPU
+# build vLLM's CPU image uses (torch 2.13.0; this environment's pip finds that wheel locally).
 python3 -m pip install -q -e "$REPO[test]"
 echo "ready: base image $BASE_IMAGE, CRIU source $(cat "$WORK/criu-src.path")"
