@@ -9,6 +9,7 @@ import functools
 import os
 import re
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -192,26 +193,6 @@ def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]],
 
 _TS = re.compile(r"^\((\d+\.\d+)\)")
 
-
-def restore_phases(log: Path) -> dict[str, float]:
-    """Seconds into the restore (CRIU's own log clock) at which the CUDA plugin began resuming
-    the GPU, and at which CRIU finished: the timeline's CRIU / CUDA split."""
-    out: dict[str, float] = {}
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        m = _TS.match(line)
-        if not m:
-            continue
-        if "cuda_plugin: resuming devices" in line and "cuda_resume_start" not in out:
-            out["cuda_resume_start"] = float(m.group(1))
-        elif "Restore finished successfully" in line:
-            out["restore_finished"] = float(m.group(1))
-    return out
-
-
 # What CRIU's cuda plugin logs when it could not give a process its GPU state back. CRIU itself
 # does not fail the restore then (a late resume hook's error is only a debug line in
 # cr-restore.c): the process runs on with its CUDA state still checkpointed, and every CUDA call
@@ -219,16 +200,35 @@ def restore_phases(log: Path) -> dict[str, float]:
 _GPU_RESUME_FAILURES = ("RESUME_DEVICES RESTORE failed", "RESUME_DEVICES UNLOCK failed")
 
 
-def gpu_resume_failure(log: Path) -> Optional[str]:
-    """The cuda plugin's own words if it failed to resume a process's GPU state, else None."""
+@dataclass(frozen=True)
+class RestoreLog:
+    """What a restore's log tells, read in one pass: PHASES, the seconds into the restore (CRIU's
+    own log clock) at which the CUDA plugin began resuming the GPU and at which CRIU finished (the
+    timeline's CRIU / CUDA split); GPU_FAILURE, the cuda plugin's own words if it failed to
+    resume a process's GPU state."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+    gpu_failure: Optional[str] = None
+
+
+def read_restore_log(log: Path) -> RestoreLog:
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
-        return None
+        return RestoreLog()
+    phases: dict[str, float] = {}
+    failure = None
     for line in lines:
-        if any(f in line for f in _GPU_RESUME_FAILURES):
-            return line.split("cuda_plugin: ", 1)[-1].strip()
-    return None
+        if failure is None and any(f in line for f in _GPU_RESUME_FAILURES):
+            failure = line.split("cuda_plugin: ", 1)[-1].strip()
+        m = _TS.match(line)
+        if not m:
+            continue
+        if "cuda_plugin: resuming devices" in line and "cuda_resume_start" not in phases:
+            phases["cuda_resume_start"] = float(m.group(1))
+        elif "Restore finished successfully" in line:
+            phases["restore_finished"] = float(m.group(1))
+    return RestoreLog(phases, failure)
 
 
 # --------------------------------------------------------------------------------------------

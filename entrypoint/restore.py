@@ -163,12 +163,11 @@ def criu_restore(s: RestoreState) -> None:
                        [(s.pipes.out_w, m.pipes.stdout), (s.pipes.err_w, m.pipes.stderr)],
                        env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
     s.tree = RestoredTree(pid, Path(m.runtime_file))
-    log_path = s.layout.run_dir / "criu-restore.log"
-    failure = criu.gpu_resume_failure(log_path) if s.gpu else None
-    if failure:  # CRIU carried on; the tree would block on its first CUDA call
+    restore_log = criu.read_restore_log(s.layout.run_dir / "criu-restore.log")
+    if s.gpu and restore_log.gpu_failure:  # CRIU carried on; the tree would block on its first CUDA call
         onto = f" (onto other GPUs: {device_map})" if device_map else ""
-        raise CheckpointUnusable(f"the GPU state was not resumed{onto}: {failure}")
-    phases = criu.restore_phases(log_path)
+        raise CheckpointUnusable(f"the GPU state was not resumed{onto}: {restore_log.gpu_failure}")
+    phases = restore_log.phases
     if "cuda_resume_start" in phases:
         s.tl.mark("criu: memory restored", issued + phases["cuda_resume_start"])
         s.tl.mark("criu: CUDA resumed", issued + phases.get("restore_finished", phases["cuda_resume_start"]))

@@ -6,20 +6,20 @@ from __future__ import annotations
 
 
 def test_restore_phases_split_criu_memory_from_cuda_resume(tmp_path):
-    from fvboot.criu import restore_phases
+    from fvboot.criu import read_restore_log
 
     log = tmp_path / "criu-restore.log"
     log.write_text("(00.010000) Version: 4.2.1\n(02.500000) cuda_plugin: resuming devices on pid 7\n"
                    "(03.100000) cuda_plugin: resuming devices on pid 8\n"
                    "(04.250000) Restore finished successfully. Tasks resumed.\n")
-    assert restore_phases(log) == {"cuda_resume_start": 2.5, "restore_finished": 4.25}
-    assert restore_phases(tmp_path / "missing.log") == {}
+    assert read_restore_log(log).phases == {"cuda_resume_start": 2.5, "restore_finished": 4.25}
+    assert read_restore_log(tmp_path / "missing.log").phases == {}
 
 
 def test_a_gpu_state_the_plugin_could_not_resume_is_found_in_the_log(tmp_path):
     """CRIU ends such a restore successfully (the process then blocks on every CUDA call): the
     plugin's error line is what tells; a process without CUDA state is not an error."""
-    from fvboot.criu import gpu_resume_failure
+    from fvboot.criu import read_restore_log
 
     log = tmp_path / "criu-restore.log"
     log.write_text(
@@ -29,11 +29,11 @@ def test_a_gpu_state_the_plugin_could_not_resume_is_found_in_the_log(tmp_path):
         "(01.600000) Error (plugins/cuda/cuda_plugin.c:510): cuda_plugin: RESUME_DEVICES RESTORE failed with"
         " Could not restore on process ID 108: \"invalid argument\"\n"
         "(01.700000) Restore finished successfully. Tasks resumed.\n")
-    assert gpu_resume_failure(log) == ('RESUME_DEVICES RESTORE failed with Could not restore on process ID 108:'
+    assert read_restore_log(log).gpu_failure == ('RESUME_DEVICES RESTORE failed with Could not restore on process ID 108:'
                                        ' "invalid argument"')
     log.write_text(log.read_text().splitlines(keepends=True)[0] + "(01.7) Restore finished successfully.\n")
-    assert gpu_resume_failure(log) is None
-    assert gpu_resume_failure(tmp_path / "missing.log") is None
+    assert read_restore_log(log).gpu_failure is None
+    assert read_restore_log(tmp_path / "missing.log").gpu_failure is None
 
 
 def _virtio(root, name, device, features):
