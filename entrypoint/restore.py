@@ -112,6 +112,24 @@ def same_answers(now: list[dict], baked: Sequence[ProbeAnswer]) -> Optional[str]
     return None
 
 
+STEP_TIMEOUT_ENV, STEP_TIMEOUT_S = "FV_RESTORE_STEP_TIMEOUT_S", 300.0
+
+
+def step_timeout() -> float:
+    """FV_RESTORE_STEP_TIMEOUT_S (default 300): how long each call to the restored server (wake,
+    weight load, each probe, the gate) may stay silent; a tree that stops answering (a GPU state
+    that did not come back blocks its CUDA calls) then ends in the normal start. Read once,
+    before the restore: a bad value is found before CRIU runs."""
+    try:
+        value = float(os.environ.get(STEP_TIMEOUT_ENV, STEP_TIMEOUT_S))
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise CheckpointUnusable(f"{STEP_TIMEOUT_ENV}={os.environ.get(STEP_TIMEOUT_ENV)!r} is not a number of"
+                                 " seconds above 0")
+    return value
+
+
 @dataclass
 class RestoreState:
     """What the steps share: their inputs, and what earlier steps made for later ones."""
@@ -126,6 +144,7 @@ class RestoreState:
     check: PageCheck
     ctl: Optional[ServerControl] = None
     tree: Optional[RestoredTree] = None
+    step_timeout_s: float = STEP_TIMEOUT_S  # bound of each call to the restored server: step_timeout()
 
     @property
     def gpu(self) -> bool:
@@ -173,39 +192,22 @@ def criu_restore(s: RestoreState) -> None:
         s.tl.mark("criu: CUDA resumed", issued + phases.get("restore_finished", phases["cuda_resume_start"]))
 
 
-STEP_TIMEOUT_ENV = "FV_RESTORE_STEP_TIMEOUT_S"
-
-
-def step_timeout() -> float:
-    """FV_RESTORE_STEP_TIMEOUT_S (default 300): how long each call to the restored server (wake,
-    weight load, each probe, the gate) may stay silent; a tree that stops answering (a GPU state
-    that did not come back blocks its CUDA calls) then ends in the normal start."""
-    try:
-        value = float(os.environ.get(STEP_TIMEOUT_ENV, "300"))
-    except ValueError:
-        value = 0.0
-    if value <= 0:
-        raise CheckpointUnusable(f"{STEP_TIMEOUT_ENV}={os.environ.get(STEP_TIMEOUT_ENV)!r} is not a number of"
-                                 " seconds above 0")
-    return value
-
-
 def load_weights(s: RestoreState) -> None:
     """The weights back from the dump, every tensor checked against its checksum, with this
     start's FV_LOAD_* settings. (The KV cache wakes after, not beside: both take the driver's
     locks; overlapping them measured no faster.)"""
     if s.gpu:
-        s.ctl.wake_up(["weights"], timeout=step_timeout())
-    stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings(), timeout=step_timeout())
+        s.ctl.wake_up(["weights"], timeout=s.step_timeout_s)
+    stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings(), timeout=s.step_timeout_s)
     log(f"weights: {stats}")
 
 
 def wake_engine(s: RestoreState) -> None:
-    s.ctl.wake_up(["kv_cache"] if s.gpu else None, timeout=step_timeout())
+    s.ctl.wake_up(["kv_cache"] if s.gpu else None, timeout=s.step_timeout_s)
 
 
 def check_answers(s: RestoreState) -> None:
-    mismatch = same_answers(s.ctl.probe(timeout=step_timeout()), s.manifest.probe)
+    mismatch = same_answers(s.ctl.probe(timeout=s.step_timeout_s), s.manifest.probe)
     if mismatch:
         raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
 
@@ -218,7 +220,7 @@ def check_memory_images(s: RestoreState) -> None:
 
 def open_gate(s: RestoreState) -> None:
     log(f"restored from checkpoint in {s.tl.events[-1][1]:.2f} s since start; opening the gate")
-    s.ctl.gate("open", timeout=step_timeout())
+    s.ctl.gate("open", timeout=s.step_timeout_s)
 
 
 # (timeline mark when done, step): the restore, in order.

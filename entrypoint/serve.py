@@ -139,7 +139,8 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
             tl.mark("checks passed")
             check = PageCheck(layout.home, m.files)
             prefetch(layout, check)  # runs beside the restore; _supervise reaps the readers
-            return restore.run(restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check))
+            return restore.run(restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check,
+                                                    step_timeout_s=restore.step_timeout()))
     except Exception as e:  # every failure of the restore path ends in the normal start
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
         if check is not None and check.problem and check.problem not in reason:
