@@ -209,7 +209,8 @@ def drop_page_cache() -> None:
         raise BenchError(f"cannot drop the page cache for the cold runs ({e.strerror}); run as root or leave out --cold")
 
 
-def _timeline(logs: str) -> list[dict]:
+def timeline_marks(logs: str) -> list[dict]:
+    """fvboot's timeline marks ({kind, event, t}) in a container's log, in order."""
     return [json.loads(line)["fvboot_timeline"] for line in logs.splitlines() if line.startswith('{"fvboot_timeline"')]
 
 
@@ -225,13 +226,13 @@ def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
                 (line for line in logs.splitlines() if "checkpoint not used" in line), logs[-1000:]))
         res.restore_s.append(round(took, 2))
         res.answers.setdefault("restore", got)
-        res.last_restore_timeline = _timeline(logs)
+        res.last_restore_timeline = timeline_marks(logs)
         say(f"restore {i + 1}/{plan.runs}: {took:.2f} s")
     for i in range(plan.runs if plan.cold else 0):
         drop_page_cache()
         took, logs, _ = first_answer(plan, m, env)
         res.cold_s.append(round(took, 2))
-        res.last_cold_timeline = _timeline(logs)
+        res.last_cold_timeline = timeline_marks(logs)
         say(f"restore, page cache dropped {i + 1}/{plan.runs}: {took:.2f} s")
     for i in range(min(plan.runs, 2) if plan.normal else 0):
         took, _, got = first_answer(plan, m, ["-e", "FV_RESTORE=0"], extra=i == 0)

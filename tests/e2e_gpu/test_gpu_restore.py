@@ -75,16 +75,6 @@ def test_manifest_from_another_gpu_or_driver_falls_back(baked_image, field, valu
     _fallback(baked_image, m, edit, reason)
 
 
-def _timeline(logs: str) -> dict[str, float]:
-    """fvboot's timeline marks (event -> seconds since the container's start) from its log."""
-    marks = {}
-    for line in logs.splitlines():
-        if '"fvboot_timeline"' in line:
-            mark = json.loads(line[line.index("{"):])["fvboot_timeline"]
-            marks.setdefault(mark["event"], mark["t"])
-    return marks
-
-
 def test_a_device_map_the_driver_refuses_falls_back_at_once(baked_image):
     """The manifest names a GPU the checkpoint never ran on (a mismatched or tampered image), so
     fvboot asks to move it onto this GPU; the driver refuses a map without the checkpointed GPU,
@@ -106,7 +96,9 @@ def test_a_device_map_the_driver_refuses_falls_back_at_once(baked_image):
     assert f"restoring onto other GPUs of the same model: {fake}=" in logs
     line = next((l for l in logs.splitlines() if "checkpoint not used" in l), "")
     assert f"the GPU state was not resumed (onto other GPUs: {fake}=" in line, logs[-3000:]
-    assert _timeline(logs)["fallback start"] < 60, line
+    from fvbuild.bench import timeline_marks
+
+    assert next(m["t"] for m in timeline_marks(logs) if m["event"] == "fallback start") < 60, line
 
 
 def _second_gpu_flags() -> list[str] | None:
