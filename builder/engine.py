@@ -39,6 +39,33 @@ _STEP_RE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 _STAGE_RE = re.compile(r"^FROM \S+(?: AS (\S+))?", re.IGNORECASE)
 
 
+_LAYER_RE = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
+
+
+class StepImages:
+    """The images a legacy-builder build creates, read from its output: the ` ---> ID` after each
+    step, except a FROM's (the base, or an earlier stage) and a cache hit's (another build's).
+    A failed build leaves them behind as `<none>` images; the build removes them (docker build
+    would not)."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+        self._skip_next = False
+
+    def feed(self, line: str) -> None:
+        m = _STEP_RE.match(line)
+        if m:
+            self._skip_next = bool(_STAGE_RE.match(m.group(3)))
+        elif line.strip() == "---> Using cache":
+            self._skip_next = True
+        else:
+            m = _LAYER_RE.match(line)
+            if m:
+                if not self._skip_next:
+                    self.created.append(m.group(1))
+                self._skip_next = False
+
+
 @dataclass
 class BuildEvent:
     kind: str  # "step" | "log"
@@ -135,7 +162,8 @@ class DockerEngine:
         BuildResult. Untagged: the caller tags only a finished image, so a failed build leaves no
         half-tagged image. BASE_IMAGE names the base in errors about it."""
         stage, stage_start, seconds = "", time.monotonic(), {}
-        image_id, tail = None, deque(maxlen=60)
+        image_id, tail, steps = None, deque(maxlen=60), StepImages()
+        finished = False
         try:
             stream = self.client.api.build(path=str(context), dockerfile=dockerfile, rm=True,
                                            forcerm=True, decode=True, network_mode=network_mode,
@@ -151,6 +179,7 @@ class DockerEngine:
                     line = line.rstrip()
                     if not line:
                         continue
+                    steps.feed(line)
                     m = _STEP_RE.match(line)
                     if m:
                         s = _STAGE_RE.match(m.group(3))
@@ -165,15 +194,29 @@ class DockerEngine:
                 m = re.search(r"Successfully built ([0-9a-f]+)", text)
                 if m and not image_id:
                     image_id = m.group(1)
+            if not image_id:
+                raise BuildFailedError("docker build ended without an image id:\n" + "\n".join(list(tail)[-20:]))
+            finished = True
         except (APIError, DockerException) as e:
             if isinstance(e, (PatchError, CriuSourceError, BuildFailedError)):
                 raise
             raise BuildFailedError(f"docker build failed: {_short(e)}") from None
+        finally:
+            if not finished:  # failed, interrupted, or its reader stopped: leave no <none> image
+                self._remove_step_images(steps.created)
         if stage:
             seconds[stage] = time.monotonic() - stage_start
-        if not image_id:
-            raise BuildFailedError("docker build ended without an image id:\n" + "\n".join(list(tail)[-20:]))
         yield BuildResult(image_id, seconds)
+
+    def _remove_step_images(self, created: list[str]) -> None:
+        """Remove the images a failed build created, newest first (each one's parent is then
+        free to go); one that is tagged or used since stays. Best effort: the build's own error
+        is what the user must see."""
+        for image_id in reversed(created):
+            try:
+                self.remove_if_untagged(image_id, prune=False)
+            except (EngineError, APIError, DockerException):
+                pass
 
     # ---- containers -------------------------------------------------------------------------
     def root_dir(self) -> Path:

@@ -91,6 +91,11 @@ def test_vllm_imports_and_fvboot_is_the_entrypoint(docker_client, unbaked):
     assert "0002-restore-thp-fill.patch" in applied
 
 
+def _dangling(docker_client) -> set[str]:
+    """The `<none>` images `docker images` lists: a failed build must add none (docker build would)."""
+    return {img.id for img in docker_client.images.list(filters={"dangling": True})}
+
+
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
@@ -128,10 +133,12 @@ def test_broken_patch_names_the_patch_and_leaves_no_image(tmp_path, build_flags,
     (patches / "0001-broken.patch").write_text(
         "--- a/criu/config.c\n+++ b/criu/config.c\n@@ -1,3 +1,3 @@\n-this line is not in CRIU\n+nor this\n context\n")
     (patches / "series").write_text("0001-broken.patch\n")
+    before = _dangling(docker_client)
     r = fvbuild("image", "--model", "synthetic:tiny", "--tag", "fv-test/badpatch:x", "--no-bake",
                 *build_flags, "--criu-patches", str(patches))
     _one_line_error(r, "0001-broken.patch does not apply")
     assert not docker_client.images.list(name="fv-test/badpatch")
+    assert _dangling(docker_client) <= before
 
 
 def test_missing_base_image_is_a_clear_error(build_flags):
@@ -247,16 +254,19 @@ def _broken_prebuilt(prebuilt: Path, dest: Path, empty: str) -> Path:
 def test_prebuilt_that_does_not_run_in_the_base_is_a_clear_error(prebuilt, tmp_path, docker_client):
     broken = _broken_prebuilt(prebuilt, tmp_path / "broken.tar.gz", "lib/fast-vllm/libnet.so.1")
     base = base_image()
+    before = _dangling(docker_client)
     r = fvbuild("image", "--model", "synthetic:tiny", "--tag", "fv-test/brokencriu:x", "--no-bake",
                 "--device", "cuda", "--base-image", base, "--network", "host",
                 "--criu-prebuilt", str(broken))
     _one_line_error(r, f"the prebuilt CRIU does not run in the base image {base}", "libnet.so.1")
     assert not docker_client.images.list(name="fv-test/brokencriu")
+    assert _dangling(docker_client) <= before, "the failed build left <none> images"
 
 
 def test_base_without_python_or_vllm_is_a_clear_error(prebuilt, docker_client, tmp_path):
     if e2e_device() != "cpu":
         pytest.skip("makes a Python-only base with apt (CPU CI); a GPU machine has no network")
+    before = _dangling(docker_client)
     # no apt/pip step in a cuda build with a prebuilt CRIU: the plain Debian base reaches fvboot's step
     r = fvbuild("image", "--model", "synthetic:tiny", "--tag", "fv-test/novllm:x", "--no-bake",
                 "--device", "cuda", "--base-image", "fv-local/debian:bookworm", "--network", "host",
@@ -275,6 +285,7 @@ def test_base_without_python_or_vllm_is_a_clear_error(prebuilt, docker_client, t
     finally:
         docker_client.images.remove("fv-test/python-no-vllm:x", force=True)
     assert not docker_client.images.list(name="fv-test/novllm")
+    assert _dangling(docker_client) <= before, "the failed builds left <none> images"
 
 
 def test_a_rebuild_removes_the_image_it_untagged_but_never_a_tagged_one(build_flags, docker_client, tmp_path):

@@ -40,3 +40,31 @@ def test_a_daemon_that_goes_away_mid_wait_is_named_not_called_a_timeout():
     assert not isinstance(e.value, ContainerTimeoutError)
     assert str(e.value).startswith("lost the Docker daemon while waiting for the container (")
     assert "stopped or restarted? Run the build again once `docker info` answers" in str(e.value)
+
+
+def test_the_images_a_build_created_are_told_from_its_base_and_cache_hits():
+    """What a failed build removes: only the images its own steps made, never the base, an
+    earlier stage it builds on, or a cache hit that another build's image is made of."""
+    from fvbuild.engine import StepImages
+
+    output = """Step 1/6 : FROM fv-local/debian:bookworm AS criu
+ ---> d47b91d953c5
+Step 2/6 : COPY criu.tar.gz /tmp/
+ ---> Using cache
+ ---> 0a1b2c3d4e5f
+Step 3/6 : RUN make -j2
+ ---> Running in 9f8e7d6c5b4a
+make: Entering directory
+Removing intermediate container 9f8e7d6c5b4a
+ ---> 111111111111
+Step 4/6 : FROM criu AS image
+ ---> 111111111111
+Step 5/6 : COPY fvboot /opt/fast-vllm/lib/fvboot
+ ---> 222222222222
+Step 6/6 : RUN python3 -c 'import vllm'
+ ---> Running in 333333333333
+ModuleNotFoundError: No module named 'vllm'"""
+    steps = StepImages()
+    for line in output.splitlines():
+        steps.feed(line)
+    assert steps.created == ["111111111111", "222222222222"]
