@@ -285,6 +285,23 @@ def test_fvbuild_bench_times_the_restore_and_draws_it(baked_image, tmp_path, por
     assert not draw or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_checkpoint_anatomy_accounts_for_every_byte_a_restore_reads(baked_image, tmp_path):
+    """bench/checkpoint_anatomy.py (what the checkpoint holds, for the speed work) decodes CRIU's
+    own images: the pages it puts in memory areas must be every page of pages-*.img."""
+    out = tmp_path / "out"
+    r = subprocess.run(["python3", str(REPO / "bench" / "checkpoint_anatomy.py"), "--image", baked_image],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OUT": str(out)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "checkpoint_anatomy.json").read_text())
+    sizes = subprocess.run(["docker", "run", "--rm", "--entrypoint", "sh", baked_image, "-c",
+                            "stat -c %s /fv/checkpoint/criu/pages-*.img"],
+                           capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert res["dumped_gb"] == round(sum(map(int, sizes)) / 1e9, 3) > 0
+    assert sum(p["dumped_gb"] for p in res["processes"]) == pytest.approx(res["dumped_gb"], abs=0.01)
+    assert 0 <= res["zero_pages_gb"] < res["dumped_gb"]
+    assert {a["kind"] for a in res["largest_areas"]} & {"heap", "anon-private"}
+
+
 def test_dev_endpoints_are_refused_to_clients(restored):
     for method, path in [("POST", "/sleep?level=1"), ("POST", "/wake_up"), ("POST", "/collective_rpc"),
                          ("GET", "/is_sleeping"), ("POST", "/fv/gate/close")]:

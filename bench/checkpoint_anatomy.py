@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""What a checkpoint's memory images hold, to decide what to cut (issue 11, "fewer bytes").
+
+Every byte of `pages-*.img` is read back at each restore. This reads CRIU's own images (the
+process tree, each process's VMAs and page map) and says, per process and for the largest
+memory areas: how many bytes are dumped, of what kind (heap, private anonymous, private file,
+shared), how many of them are all-zero pages (which need no reading at all) and how many are
+byte-for-byte the same as a page of another process (which one read could serve). No CRIU or
+crit needed: the few protobuf fields read here are decoded by hand.
+
+    python3 bench/checkpoint_anatomy.py DIR [--top 15]       (DIR: a criu images folder)
+    python3 bench/checkpoint_anatomy.py --image IMAGE         (the baked image's /fv/checkpoint/criu)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import struct
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import record
+
+PAGE = 4096
+ZERO = bytes(PAGE)
+PE_PRESENT = 1 << 2
+# VMA status bits (criu/include/image.h)
+STATUS = {1 << 1: "stack", 1 << 5: "heap", 1 << 6: "file-private", 1 << 7: "file-shared",
+          1 << 8: "anon-shared", 1 << 9: "anon-private", 1 << 14: "memfd", 1 << 27: "plugin"}
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def fields(msg: bytes) -> list[tuple[int, int | bytes]]:
+    """A protobuf message as (field number, value) pairs: varints as ints, length-delimited as bytes."""
+    out, i = [], 0
+    while i < len(msg):
+        key, i = _varint(msg, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(msg, i)
+        elif wire == 2:
+            n, i = _varint(msg, i)
+            value, i = msg[i:i + n], i + n
+        elif wire == 1:
+            value, i = struct.unpack_from("<Q", msg, i)[0], i + 8
+        elif wire == 5:
+            value, i = struct.unpack_from("<I", msg, i)[0], i + 4
+        else:
+            raise ValueError(f"protobuf wire type {wire} is not read here")
+        out.append((number, value))
+    return out
+
+
+def entries(path: Path) -> list[bytes]:
+    """The protobuf entries of one CRIU image file (magic words, then size-prefixed entries)."""
+    data = path.read_bytes()
+    i = 8  # IMG_COMMON_MAGIC + the image's own magic
+    out = []
+    while i + 4 <= len(data):
+        (n,) = struct.unpack_from("<I", data, i)
+        out.append(data[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
+
+
+@dataclass
+class Area:
+    start: int
+    end: int
+    kind: str
+    prot: int
+    dumped: int = 0
+    zero: int = 0
+    shared_with_others: int = 0
+
+    def row(self, process: str) -> dict:
+        return {"process": process, "start": hex(self.start), "size_mb": round((self.end - self.start) / 1e6, 1),
+                "kind": self.kind, "prot": "".join(c if self.prot & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4))),
+                "dumped_mb": round(self.dumped / 1e6, 1), "zero_mb": round(self.zero / 1e6, 1),
+                "same_as_another_process_mb": round(self.shared_with_others / 1e6, 1)}
+
+
+@dataclass
+class Process:
+    pid: int
+    comm: str
+    areas: list[Area] = field(default_factory=list)
+    page_hashes: list[tuple[Area, bytes]] = field(default_factory=list)
+
+
+def read_process(images: Path, pid: int) -> Process:
+    comm = "?"
+    core = images / f"core-{pid}.img"
+    if core.exists():
+        for number, value in fields(entries(core)[0]):
+            if number == 3:  # task_core_entry
+                comm = next((v.decode(errors="replace") for n, v in fields(value) if n == 6), "?")
+    proc = Process(pid, comm)
+    mm = entries(images / f"mm-{pid}.img")[0]
+    for number, value in fields(mm):
+        if number == 14:  # vma_entry: start 1, end 2, prot 5, status 7
+            f = dict(fields(value))
+            kind = next((name for bit, name in STATUS.items() if f[7] & bit), "other")
+            proc.areas.append(Area(f[1], f[2], kind, f[5]))
+    proc.areas.sort(key=lambda a: a.start)
+    pagemap = entries(images / f"pagemap-{pid}.img")
+    pages_id = dict(fields(pagemap[0]))[1]
+    with open(images / f"pages-{pages_id}.img", "rb") as pages:
+        for entry in pagemap[1:]:
+            f = dict(fields(entry))
+            if not f.get(4, 0) & PE_PRESENT:
+                continue
+            vaddr, count = f[1], f.get(5, f.get(2, 0))
+            area = next((a for a in proc.areas if a.start <= vaddr < a.end), None)
+            data = pages.read(count * PAGE)
+            for k in range(count):
+                page = data[k * PAGE:(k + 1) * PAGE]
+                target = area if area and vaddr + k * PAGE < area.end else \
+                    next((a for a in proc.areas if a.start <= vaddr + k * PAGE < a.end), None)
+                if target is None:
+                    continue
+                target.dumped += PAGE
+                if page == ZERO:
+                    target.zero += PAGE
+                else:
+                    proc.page_hashes.append((target, hashlib.blake2b(page, digest_size=12).digest()))
+    return proc
+
+
+def tree_pids(images: Path) -> list[int]:
+    return [dict(fields(e))[1] for e in entries(images / "pstree.img")]
+
+
+def anatomy(images: Path, top: int) -> dict:
+    procs = [read_process(images, pid) for pid in tree_pids(images)]
+    procs = [p for p in procs if sum(a.dumped for a in p.areas)]
+    owners: dict[bytes, set[int]] = {}
+    for p in procs:
+        for _, h in p.page_hashes:
+            owners.setdefault(h, set()).add(p.pid)
+    distinct = len(owners)
+    for p in procs:
+        for area, h in p.page_hashes:
+            if len(owners[h]) > 1:
+                area.shared_with_others += PAGE
+    total = sum(a.dumped for p in procs for a in p.areas)
+    zero = sum(a.zero for p in procs for a in p.areas)
+    by_kind: Counter = Counter()
+    for p in procs:
+        for a in p.areas:
+            by_kind[a.kind] += a.dumped
+    areas = sorted(((p, a) for p in procs for a in p.areas), key=lambda pa: -pa[1].dumped)
+    return {
+        "images": str(images),
+        "dumped_gb": round(total / 1e9, 3),
+        "zero_pages_gb": round(zero / 1e9, 3),
+        "distinct_nonzero_pages_gb": round(distinct * PAGE / 1e9, 3),
+        "by_kind_gb": {k: round(v / 1e9, 3) for k, v in by_kind.most_common()},
+        "processes": [{"pid": p.pid, "comm": p.comm, "dumped_gb": round(sum(a.dumped for a in p.areas) / 1e9, 3),
+                       "zero_gb": round(sum(a.zero for a in p.areas) / 1e9, 3),
+                       "same_as_another_process_gb": round(sum(a.shared_with_others for a in p.areas) / 1e9, 3)}
+                      for p in procs],
+        "largest_areas": [a.row(f"{p.pid} {p.comm}") for p, a in areas[:top]],
+    }
+
+
+def copy_out_of(image: str, into: Path) -> Path:
+    """The baked image's CRIU images, copied out through a container that is never started."""
+    cid = subprocess.run(["docker", "create", "--entrypoint", "true", image], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["docker", "cp", f"{cid}:/fv/checkpoint/criu", str(into)], check=True)
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+    return into
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("images", nargs="?", type=Path, help="a folder of CRIU images")
+    ap.add_argument("--image", help="a baked image: read its /fv/checkpoint/criu")
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    if bool(args.images) == bool(args.image):
+        ap.error("give a folder of CRIU images or --image IMAGE")
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        folder = copy_out_of(args.image, Path(tmp) / "criu") if args.image else args.images
+        result = anatomy(folder, args.top)
+    if args.image:
+        result["image"] = args.image
+    record("checkpoint_anatomy", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
