@@ -175,12 +175,16 @@ def criu_restore(s: RestoreState) -> None:
     thp, why = criu.restore_thp()
     if not thp:
         log(f"memory is restored into 4 KiB pages: {why}")
+    mapped, why = criu.restore_map_pages(s.gpu)
+    if not mapped and why.startswith("auto"):
+        log(f"memory is read back whole, not mapped from the checkpoint: {why}")
     issued = time.time()
     s.tl.mark("restore issued", issued)
     m = s.manifest
     pid = criu.restore(s.layout.images_dir, s.layout.run_dir,
                        [(s.pipes.out_w, m.pipes.stdout), (s.pipes.err_w, m.pipes.stderr)],
-                       env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
+                       env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})},
+                       gpu=s.gpu)
     s.tree = RestoredTree(pid, Path(m.runtime_file))
     restore_log = criu.read_restore_log(s.layout.run_dir / "criu-restore.log")
     if s.gpu and restore_log.gpu_failure:  # CRIU carried on; the tree would block on its first CUDA call

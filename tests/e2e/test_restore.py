@@ -250,6 +250,28 @@ def test_memory_restore_page_size_follows_the_host(restored, docker_compose_proj
         _assert_thp_logged(log)
 
 
+def _map_pages(log: str) -> tuple[int, int]:
+    """(bytes mapped, bytes read) by criu-patches/0003, summed over the restored processes."""
+    import re
+
+    found = re.findall(r"map-pages: (\d+) bytes mapped from the page image, (\d+) read", log)
+    return sum(int(m) for m, _ in found), sum(int(r) for _, r in found)
+
+
+def test_memory_is_mapped_from_the_checkpoint_where_the_device_allows(restored, docker_compose_project_name):
+    """criu-patches/0003: a CPU image's restored processes map most of their memory from the
+    page images instead of reading it back; a GPU image reads it whole until measured there,
+    and fvboot says why."""
+    log = _compose(docker_compose_project_name, "exec", "-T", "fvllm", "cat", "/tmp/fvboot/criu-restore.log")
+    mapped, read = _map_pages(log)
+    if e2e_device() == "cpu":
+        assert mapped > 2 * read > 0, (mapped, read)
+    else:
+        out = _compose(docker_compose_project_name, "logs", "--no-color")
+        assert "memory is read back whole, not mapped from the checkpoint: auto: not yet measured" in out
+        assert "map-pages: private memory mapped from the page images: no" in log and mapped == 0
+
+
 def test_metrics_say_how_the_server_started(restored):
     """vLLM's /metrics, with fvboot's lines after vLLM's own: the path, the phases, the gate."""
     text = requests.get(f"{URL}/metrics", headers={"Accept-Encoding": "gzip"}, timeout=10).text
@@ -326,6 +348,17 @@ def test_criu_reads_memory_into_huge_pages_when_asked(baked_image, manifest, por
         r = subprocess.run(["docker", "exec", c.id, "cat", "/tmp/fvboot/criu-restore.log"],
                            capture_output=True, text=True)
         _assert_thp_logged(r.stdout)
+
+
+def test_memory_read_back_whole_when_mapping_is_turned_off_answers_the_same(baked_image, manifest, port_free):
+    """FV_RESTORE_MAP_PAGES=0: every page read back, as stock CRIU does; the same answers."""
+    with Container(baked_image, "-e", "FV_RESTORE_MAP_PAGES=0") as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        log = subprocess.run(["docker", "exec", c.id, "cat", "/tmp/fvboot/criu-restore.log"],
+                             capture_output=True, text=True).stdout
+    assert "map-pages: private memory mapped from the page images: no" in log
+    assert _map_pages(log) == (0, 0)
 
 
 def test_requests_sent_during_restore_are_all_answered_correctly(baked_image, manifest, port_free):

@@ -1,8 +1,9 @@
 """criu.py without CRIU: the restore log's phases and GPU resume failures, the huge-page decision (free page reporting,
-FV_RESTORE_THP). CRIU itself runs in tests/e2e."""
+FV_RESTORE_THP), the map-pages decision (FV_RESTORE_MAP_PAGES). CRIU itself runs in tests/e2e."""
 
 from __future__ import annotations
 
+import pytest
 
 
 def test_restore_phases_split_criu_memory_from_cuda_resume(tmp_path):
@@ -58,6 +59,7 @@ def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path):
 def test_thp_restore_setting(monkeypatch):
     from fvboot import criu
 
+    monkeypatch.setenv("FV_RESTORE_MAP_PAGES", "0")
     monkeypatch.setattr(criu, "free_page_reporting", lambda: True)
     monkeypatch.delenv("FV_RESTORE_THP", raising=False)
     assert criu.restore_env() == {} and "free page reporting" in criu.restore_thp()[1]
@@ -68,4 +70,23 @@ def test_thp_restore_setting(monkeypatch):
     assert criu.restore_env() == {"CRIU_RESTORE_THP": "1"}
     monkeypatch.setenv("FV_RESTORE_THP", "0")
     assert criu.restore_env() == {}
+
+
+@pytest.mark.parametrize("setting, gpu, mapped", [
+    (None, False, True), (None, True, False), ("1", True, True), ("0", False, False), ("auto", False, True)])
+def test_map_pages_setting(monkeypatch, setting, gpu, mapped):
+    """CPU images map their memory from the checkpoint unless told not to; GPU images only when
+    told to (not yet measured beside CRIU's cuda plugin), and the reason says so."""
+    from fvboot import criu
+
+    monkeypatch.setenv("FV_RESTORE_THP", "0")
+    if setting is None:
+        monkeypatch.delenv("FV_RESTORE_MAP_PAGES", raising=False)
+    else:
+        monkeypatch.setenv("FV_RESTORE_MAP_PAGES", setting)
+    assert criu.restore_env(gpu) == ({"CRIU_RESTORE_MAP_PAGES": "1"} if mapped else {})
+    why = criu.restore_map_pages(gpu)[1]
+    assert why == (f"FV_RESTORE_MAP_PAGES={setting}" if setting in ("0", "1") else why)
+    if setting is None and gpu:
+        assert "not yet measured" in why and "FV_RESTORE_MAP_PAGES=1" in why
 

@@ -137,7 +137,8 @@ def test_a_gpu_state_criu_could_not_resume_ends_the_restore_naming_it(tmp_path, 
     m = dataclasses.replace(m, runtime_file=str(tmp_path / "run" / "runtime.json"))
     here = manifest.Device("cuda", (manifest.Gpu("NVIDIA H200", "GPU-2", "580"),), "580")
 
-    def criu_restore(images, workdir, inherit, env):
+    def criu_restore(images, workdir, inherit, env, gpu):
+        assert gpu
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "criu-restore.log").write_text(
             "(01.6) Error (plugins/cuda/cuda_plugin.c:510): cuda_plugin: RESUME_DEVICES RESTORE failed with"
