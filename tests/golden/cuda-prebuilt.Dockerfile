@@ -22,6 +22,7 @@ RUN set -eu; \
 COPY fvboot /opt/fast-vllm/lib/fvboot
 # fvboot goes in next to the base's Python (no pip); the base must bring vLLM, tar and unshare.
 # A base whose vLLM has no `vllm` command (installed without its console script) gets one.
+# fvboot is byte-compiled here: a new container would otherwise compile it at every start.
 RUN set -eu; \
     for tool in python3 tar unshare; do command -v "$tool" >/dev/null 2>&1 \
         || { echo "fvbuild-error: base-tool: $tool"; exit 1; }; done; \
@@ -30,6 +31,7 @@ RUN set -eu; \
     py=$(command -v python3); \
     site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     echo /opt/fast-vllm/lib > "$site/fast-vllm.pth"; \
+    "$py" -m compileall -q /opt/fast-vllm/lib/fvboot >/dev/null; \
     printf '#!/bin/sh\nexec %s -m fvboot "$@"\n' "$py" > /usr/local/bin/fvboot; \
     command -v vllm >/dev/null 2>&1 || { printf '#!/bin/sh\nexec %s -m vllm.entrypoints.cli.main "$@"\n' "$py" \
         > /usr/local/bin/vllm; chmod 0755 /usr/local/bin/vllm; }; \
