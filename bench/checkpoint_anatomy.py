@@ -6,7 +6,7 @@ process tree, each process's VMAs and page map) and says, per process and for th
 memory areas: how many bytes are dumped, of what kind (heap, private anonymous, private file,
 shared), how many of them are all-zero pages (which need no reading at all) and how many are
 byte-for-byte the same as a page of another process (which one read could serve). No CRIU or
-crit needed: the few protobuf fields read here are decoded by hand.
+crit needed: fvboot's own reader of CRIU's images (fvboot.criu) decodes the few fields read here.
 
     python3 bench/checkpoint_anatomy.py DIR [--top 15]       (DIR: a criu images folder)
     python3 bench/checkpoint_anatomy.py --image IMAGE         (the baked image's /fv/checkpoint/criu)
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import struct
 import subprocess
 import sys
 import tempfile
@@ -24,58 +23,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fvboot.criu import image_entries, proto_fields, read_pagemap
 from harness import record
 
 PAGE = 4096
 ZERO = bytes(PAGE)
-PE_PRESENT = 1 << 2
 # VMA status bits (criu/include/image.h)
 STATUS = {1 << 1: "stack", 1 << 5: "heap", 1 << 6: "file-private", 1 << 7: "file-shared",
           1 << 8: "anon-shared", 1 << 9: "anon-private", 1 << 14: "memfd", 1 << 27: "plugin"}
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
-
-
-def fields(msg: bytes) -> list[tuple[int, int | bytes]]:
-    """A protobuf message as (field number, value) pairs: varints as ints, length-delimited as bytes."""
-    out, i = [], 0
-    while i < len(msg):
-        key, i = _varint(msg, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(msg, i)
-        elif wire == 2:
-            n, i = _varint(msg, i)
-            value, i = msg[i:i + n], i + n
-        elif wire == 1:
-            value, i = struct.unpack_from("<Q", msg, i)[0], i + 8
-        elif wire == 5:
-            value, i = struct.unpack_from("<I", msg, i)[0], i + 4
-        else:
-            raise ValueError(f"protobuf wire type {wire} is not read here")
-        out.append((number, value))
-    return out
-
-
-def entries(path: Path) -> list[bytes]:
-    """The protobuf entries of one CRIU image file (magic words, then size-prefixed entries)."""
-    data = path.read_bytes()
-    i = 8  # IMG_COMMON_MAGIC + the image's own magic
-    out = []
-    while i + 4 <= len(data):
-        (n,) = struct.unpack_from("<I", data, i)
-        out.append(data[i + 4:i + 4 + n])
-        i += 4 + n
-    return out
 
 
 @dataclass
@@ -107,25 +62,20 @@ def read_process(images: Path, pid: int) -> Process:
     comm = "?"
     core = images / f"core-{pid}.img"
     if core.exists():
-        for number, value in fields(entries(core)[0]):
+        for number, value in proto_fields(image_entries(core)[0]):
             if number == 3:  # task_core_entry
-                comm = next((v.decode(errors="replace") for n, v in fields(value) if n == 6), "?")
+                comm = next((v.decode(errors="replace") for n, v in proto_fields(value) if n == 6), "?")
     proc = Process(pid, comm)
-    mm = entries(images / f"mm-{pid}.img")[0]
-    for number, value in fields(mm):
+    mm = image_entries(images / f"mm-{pid}.img")[0]
+    for number, value in proto_fields(mm):
         if number == 14:  # vma_entry: start 1, end 2, prot 5, status 7
-            f = dict(fields(value))
+            f = dict(proto_fields(value))
             kind = next((name for bit, name in STATUS.items() if f[7] & bit), "other")
             proc.areas.append(Area(f[1], f[2], kind, f[5]))
     proc.areas.sort(key=lambda a: a.start)
-    pagemap = entries(images / f"pagemap-{pid}.img")
-    pages_id = dict(fields(pagemap[0]))[1]
-    with open(images / f"pages-{pages_id}.img", "rb") as pages:
-        for entry in pagemap[1:]:
-            f = dict(fields(entry))
-            if not f.get(4, 0) & PE_PRESENT:
-                continue
-            vaddr, count = f[1], f.get(5, f.get(2, 0))
+    pagemap = read_pagemap(images / f"pagemap-{pid}.img")
+    with open(images / f"pages-{pagemap.pages_id}.img", "rb") as pages:
+        for vaddr, count in pagemap.runs:
             area = next((a for a in proc.areas if a.start <= vaddr < a.end), None)
             data = pages.read(count * PAGE)
             for k in range(count):
@@ -143,7 +93,7 @@ def read_process(images: Path, pid: int) -> Process:
 
 
 def tree_pids(images: Path) -> list[int]:
-    return [dict(fields(e))[1] for e in entries(images / "pstree.img")]
+    return [dict(proto_fields(e))[1] for e in image_entries(images / "pstree.img")]
 
 
 def anatomy(images: Path, top: int) -> dict:

@@ -251,7 +251,7 @@ def read_restore_log(log: Path) -> RestoreLog:
 # --------------------------------------------------------------------------------------------
 # What a checkpoint holds, per process: where its size (and a restore's page reads) come from.
 
-_PE_PRESENT = 1 << 2  # PagemapEntry.flags: the pages are in this image (images/pagemap.proto)
+PE_PRESENT = 1 << 2  # PagemapEntry.flags: the pages are in this image (images/pagemap.proto)
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -265,35 +265,64 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(msg: bytes) -> dict[int, int]:
-    """Varint fields of one protobuf message (all a pagemap entry has)."""
-    out: dict[int, int] = {}
+def proto_fields(msg: bytes) -> list[tuple[int, int | bytes]]:
+    """One protobuf message as (field number, value) pairs, repeated fields repeated: varints
+    and fixed-width numbers as ints, length-delimited fields (strings, nested messages) as bytes."""
+    out: list[tuple[int, int | bytes]] = []
     i = 0
     while i < len(msg):
         key, i = _varint(msg, i)
-        if key & 7 != 0:  # not a varint: no such field in these messages
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(msg, i)
+        elif wire == 2:
+            n, i = _varint(msg, i)
+            value, i = msg[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = int.from_bytes(msg[i:i + n], "little"), i + n
+        else:  # groups: CRIU's images have none
             break
-        out[key >> 3], i = _varint(msg, i)
+        out.append((key >> 3, value))
     return out
 
 
-def pagemap_bytes(path: Path, page_size: int = 4096) -> int:
-    """Bytes of memory one pagemap-<pid>.img stores: two magics, then length-prefixed
-    protobuf messages, a PagemapHead first and then PagemapEntry{vaddr=1, compat_nr_pages=2,
-    flags=4, nr_pages=5} (images/pagemap.proto; nr_pages supersedes the 32-bit count)."""
+def image_entries(path: Path) -> list[bytes]:
+    """The protobuf messages of one CRIU image file: two magics, then length-prefixed messages."""
     data = path.read_bytes()
-    i, pages, first = 8, 0, True
+    i, out = 8, []
     while i + 4 <= len(data):
         size = int.from_bytes(data[i:i + 4], "little")
-        msg = data[i + 4:i + 4 + size]
+        out.append(data[i + 4:i + 4 + size])
         i += 4 + size
-        if first:
-            first = False
-            continue
-        f = _fields(msg)
-        if f.get(4, _PE_PRESENT) & _PE_PRESENT:
-            pages += f.get(5, f.get(2, 0))
-    return pages * page_size
+    return out
+
+
+@dataclass(frozen=True)
+class Pagemap:
+    """One pagemap-<pid>.img: the pages-<PAGES_ID>.img its pages are in, and RUNS, the
+    (vaddr, nr_pages) of each entry whose pages that file holds, in file order."""
+
+    pages_id: int
+    runs: tuple[tuple[int, int], ...]
+
+
+def read_pagemap(path: Path) -> Pagemap:
+    """A PagemapHead{pages_id=1}, then PagemapEntry{vaddr=1, compat_nr_pages=2, flags=4,
+    nr_pages=5} (images/pagemap.proto; nr_pages supersedes the 32-bit count, and an entry
+    without flags has its pages here)."""
+    head, *entries = image_entries(path) or [b""]
+    runs = []
+    for msg in entries:
+        f = dict(proto_fields(msg))
+        if f.get(4, PE_PRESENT) & PE_PRESENT:
+            runs.append((f.get(1, 0), f.get(5, f.get(2, 0))))
+    return Pagemap(dict(proto_fields(head)).get(1, 0), tuple(runs))
+
+
+def pagemap_bytes(path: Path, page_size: int = 4096) -> int:
+    """Bytes of memory one pagemap-<pid>.img stores."""
+    return sum(n for _, n in read_pagemap(path).runs) * page_size
 
 
 def pages_by_process(images: Path) -> dict[int, int]:
