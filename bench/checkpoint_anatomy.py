@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fvboot.criu import image_entries, proto_fields, read_pagemap
+from fvboot.criu import image_entries, proto_fields, read_pagemap, tree_pids
 from harness import record
 
 PAGE = 4096
@@ -92,10 +92,6 @@ def read_process(images: Path, pid: int) -> Process:
     return proc
 
 
-def tree_pids(images: Path) -> list[int]:
-    return [dict(proto_fields(e))[1] for e in image_entries(images / "pstree.img")]
-
-
 def anatomy(images: Path, top: int) -> dict:
     procs = [read_process(images, pid) for pid in tree_pids(images)]
     procs = [p for p in procs if sum(a.dumped for a in p.areas)]
@@ -111,9 +107,11 @@ def anatomy(images: Path, top: int) -> dict:
     total = sum(a.dumped for p in procs for a in p.areas)
     zero = sum(a.zero for p in procs for a in p.areas)
     by_kind: Counter = Counter()
+    zero_by_kind: Counter = Counter()
     for p in procs:
         for a in p.areas:
             by_kind[a.kind] += a.dumped
+            zero_by_kind[a.kind] += a.zero
     areas = sorted(((p, a) for p in procs for a in p.areas), key=lambda pa: -pa[1].dumped)
     return {
         "images": str(images),
@@ -121,6 +119,7 @@ def anatomy(images: Path, top: int) -> dict:
         "zero_pages_gb": round(zero / 1e9, 3),
         "distinct_nonzero_pages_gb": round(distinct * PAGE / 1e9, 3),
         "by_kind_gb": {k: round(v / 1e9, 3) for k, v in by_kind.most_common()},
+        "zero_by_kind_gb": {k: round(zero_by_kind[k] / 1e9, 3) for k, _ in by_kind.most_common()},
         "processes": [{"pid": p.pid, "comm": p.comm, "dumped_gb": round(sum(a.dumped for a in p.areas) / 1e9, 3),
                        "zero_gb": round(sum(a.zero for a in p.areas) / 1e9, 3),
                        "same_as_another_process_gb": round(sum(a.shared_with_others for a in p.areas) / 1e9, 3)}

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from . import __version__, criu, cuda_checkpoint_service, manifest
+from . import __version__, criu, cuda_checkpoint_service, manifest, zeropages
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
 from .launcher import Pipes, ServedTree, server_env, tree_processes, vllm_command, write_runtime_settings
@@ -98,9 +98,15 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
                       env=service_env)
         tl.mark("checkpoint written")
         write_line(f"fvboot bake: checkpoint written: {_gb(layout.images_dir)}")
+        step = "leaving zero pages out of the checkpoint"
+        zeros = {d.pid: d.nbytes for d in zeropages.drop_zero_pages(layout.images_dir)}
+        tl.mark("zero pages left out")
+        write_line(f"fvboot bake: {sum(zeros.values()) / 1e9:.2f} GB of all-zero anonymous memory left out "
+                   f"of the checkpoint (it restores as zeros): {_gb(layout.images_dir)}")
         stored = criu.pages_by_process(layout.images_dir)
-        processes = tuple(manifest.Process.from_json({**p, "checkpoint_bytes": stored.get(p["pid"], 0)},
-                                                     f"processes[{i}]") for i, p in enumerate(processes))
+        processes = tuple(manifest.Process.from_json(
+            {**p, "checkpoint_bytes": stored.get(p["pid"], 0), "zero_bytes_left_out": zeros.get(p["pid"], 0)},
+            f"processes[{i}]") for i, p in enumerate(processes))
         step = "save of /dev/shm"
         save_dev_shm(layout.shm_archive)
         tree.proc.wait(30)

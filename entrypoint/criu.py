@@ -251,7 +251,9 @@ def read_restore_log(log: Path) -> RestoreLog:
 # --------------------------------------------------------------------------------------------
 # What a checkpoint holds, per process: where its size (and a restore's page reads) come from.
 
-PE_PRESENT = 1 << 2  # PagemapEntry.flags: the pages are in this image (images/pagemap.proto)
+# PagemapEntry.flags (criu/include/pagemap.h): the pages are in the parent image; may be restored
+# lazily (CRIU sets it on private anonymous pages); are in this image
+PE_PARENT, PE_LAZY, PE_PRESENT = 1 << 0, 1 << 1, 1 << 2
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -285,6 +287,30 @@ def proto_fields(msg: bytes) -> list[tuple[int, int | bytes]]:
             break
         out.append((key >> 3, value))
     return out
+
+
+def encode_fields(fields: Sequence[tuple[int, int]]) -> bytes:
+    """One protobuf message of varint fields, (field number, value) pairs in order: what
+    zeropages.py writes (pagemap entries have no other kind of field)."""
+    out = bytearray()
+    for number, value in fields:
+        for v in (number << 3, value):  # wire type 0
+            while v >= 0x80:
+                out.append((v & 0x7F) | 0x80)
+                v >>= 7
+            out.append(v)
+    return bytes(out)
+
+
+def image_magic(path: Path) -> bytes:
+    """The two magics an image file starts with, to write a new version of it."""
+    with open(path, "rb") as f:
+        return f.read(8)
+
+
+def tree_pids(images: Path) -> list[int]:
+    """The pids of the checkpointed tree, parents first (pstree.img: PstreeEntry.pid)."""
+    return [dict(proto_fields(e))[1] for e in image_entries(images / "pstree.img")]
 
 
 def image_entries(path: Path) -> list[bytes]:

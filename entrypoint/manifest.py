@@ -339,9 +339,10 @@ class Process:
     command: str
     rss_anon_bytes: int
     checkpoint_bytes: Optional[int] = None
+    zero_bytes_left_out: Optional[int] = None  # all-zero pages not stored (zeropages.py)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("host_pid", "pid", "name", "command", "rss_anon_bytes", "checkpoint_bytes")
+    _KEYS = ("host_pid", "pid", "name", "command", "rss_anon_bytes", "checkpoint_bytes", "zero_bytes_left_out")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "process") -> "Process":
@@ -351,12 +352,13 @@ class Process:
                    command=_get(d, where, "command", _is_str, "a string"),
                    rss_anon_bytes=_get(d, where, "rss_anon_bytes", _is_int, "an integer"),
                    checkpoint_bytes=_get(d, where, "checkpoint_bytes", _is_int, "an integer", None),
+                   zero_bytes_left_out=_get(d, where, "zero_bytes_left_out", _is_int, "an integer", None),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
         return _some({**self.extra, "host_pid": self.host_pid, "pid": self.pid, "name": self.name,
                       "command": self.command, "rss_anon_bytes": self.rss_anon_bytes},
-                     checkpoint_bytes=self.checkpoint_bytes)
+                     checkpoint_bytes=self.checkpoint_bytes, zero_bytes_left_out=self.zero_bytes_left_out)
 
 
 @dataclass(frozen=True)

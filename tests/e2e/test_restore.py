@@ -323,6 +323,34 @@ def test_checkpoint_anatomy_accounts_for_every_byte_a_restore_reads(baked_image,
     assert sum(p["dumped_gb"] for p in res["processes"]) == pytest.approx(res["dumped_gb"], abs=0.01)
     assert 0 <= res["zero_pages_gb"] < res["dumped_gb"]
     assert {a["kind"] for a in res["largest_areas"]} & {"heap", "anon-private"}
+    # the bake left the zero pages of private anonymous memory out (zeropages.py): none is stored
+    assert [res["zero_by_kind_gb"].get(k, 0) for k in ("anon-private", "heap", "stack")] == [0, 0, 0]
+
+
+def test_the_bake_leaves_zero_pages_out_and_says_so(manifest):
+    """The manifest says per process how much all-zero memory the checkpoint does not store (the
+    CPU image's KV cache is 64 MiB of zeros; a GPU image's sleeping device memory, gigabytes)."""
+    left_out = [p["zero_bytes_left_out"] for p in manifest["processes"]]
+    assert all(n >= 0 and n % 4096 == 0 for n in left_out)
+    assert sum(left_out) >= 32 << 20
+
+
+@pytest.mark.parametrize("mapped", ["1", "0"], ids=["mapped", "read"])
+def test_zero_pages_left_out_come_back_as_zeros_in_parent_and_child(baked_image, mapped):
+    """zeropages.py against the image's own CRIU, on a parent and a forked child whose memory has
+    each case it must get right: zeros the child wrote over data it inherited (CRIU drops those
+    pages with MADV_DONTNEED), data over zeros, fresh areas written with zeros. Dumped, rewritten,
+    restored (memory mapped from the images or read): every process's memory digests the same."""
+    r = subprocess.run(["docker", "run", "--rm", *CAPS, "-e", f"CRIU_RESTORE_MAP_PAGES={mapped}",
+                        "-v", f"{REPO / 'tests' / 'e2e' / 'zero_pages_tree.py'}:/fv-test/zero_pages_tree.py:ro",
+                        "--entrypoint", "python3", baked_image, "/fv-test/zero_pages_tree.py", "run", "/tmp/fv-test"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.splitlines()[-1])
+    assert res["after"] == res["before"], res
+    assert len(res["left_out"]) == 2 and all(n > 500 for n in res["left_out"].values()), res  # 2 MiB+ each
+    said = "private memory mapped from the page images: " + ("yes" if mapped == "1" else "no")
+    assert sum(said in line for line in res["restore_log"]) == 2, res["restore_log"]
 
 
 def test_dev_endpoints_are_refused_to_clients(restored):
