@@ -308,6 +308,22 @@ def test_fvbuild_bench_times_the_restore_and_draws_it(baked_image, tmp_path, por
     assert not draw or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_weight_dump_in_an_image_layer_is_seen_in_the_page_cache(baked_image):
+    """In a container the weight dump is an overlayfs file, whose own page cache cachestat(2)
+    counts as empty whatever is cached: the GPU restore then never took its page-cache path.
+    After a read, fvboot's residency check must say "all cached" there."""
+    code = ("import os; from fvboot.weights import pagecache\n"
+            "p = '/fv/weights/rank0.fvw'; open(p, 'rb').read(); fd = os.open(p, os.O_RDONLY)\n"
+            "m = pagecache.FileMapping(fd, os.fstat(fd).st_size)\n"
+            "print(pagecache._cachestat_pages(m.libc, fd, m.size), m.resident())")
+    # the restore's own flags: Docker's default seccomp profile would refuse cachestat, hiding it
+    r = subprocess.run(["docker", "run", "--rm", *CAPS, "--entrypoint", "python3", baked_image, "-c", code],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counted, resident = r.stdout.split()
+    assert resident == "True", r.stdout  # (counted: what cachestat says there, 0 on overlayfs)
+
+
 def test_checkpoint_anatomy_accounts_for_every_byte_a_restore_reads(baked_image, tmp_path):
     """bench/checkpoint_anatomy.py (what the checkpoint holds, for the speed work) decodes CRIU's
     own images: the pages it puts in memory areas must be every page of pages-*.img."""

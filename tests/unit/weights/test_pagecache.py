@@ -41,6 +41,34 @@ def test_residency_without_cachestat_uses_mincore(tmp_path, monkeypatch):
     test_file_mapping_residency(tmp_path)
 
 
+def test_a_cachestat_that_sees_nothing_is_checked_with_mincore(tmp_path, monkeypatch):
+    """cachestat of an overlayfs file (a container's image layer) counts 0 cached pages whatever
+    is cached; mincore over the mapping decides then (the e2e test runs the real overlayfs)."""
+    monkeypatch.setattr(pagecache, "_cachestat_pages", lambda *a: 0)
+    test_file_mapping_residency(tmp_path)
+
+
+@pytest.mark.parametrize("size", [5 * MIB + 4096 + 1, 3 * MIB])
+def test_mincore_in_spans_sees_the_end_missing(tmp_path, size):
+    """The threaded mincore checks every span, the last (short) one included. (The last MiB is
+    dropped, not one page: the page cache may hold the file in folios larger than a page.)"""
+    path = tmp_path / "w.bin"
+    path.write_bytes(os.urandom(size))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        m = pagecache.FileMapping(fd, size)
+        try:
+            assert m._mincore_all_resident(span=MIB)
+            os.fsync(fd)  # written pages are dirty until then, and a dirty page is not dropped
+            start = (size - MIB) // 4096 * 4096
+            os.posix_fadvise(fd, start, size - start, os.POSIX_FADV_DONTNEED)
+            assert not m._mincore_all_resident(span=MIB)
+        finally:
+            m.close()
+    finally:
+        os.close(fd)
+
+
 def _verify_all_mapped(path, threads: int = 3) -> float:
     idx = wf.read_index(path)
     fd = os.open(path, os.O_RDONLY)
