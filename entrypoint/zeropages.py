@@ -95,8 +95,10 @@ def _runs_kept(vaddr: int, data: bytes, areas: list[tuple[int, int]], starts: li
 
 
 def drop_from_process(images: Path, pid: int) -> Dropped:
-    """Rewrite pagemap-PID.img and its pages-N.img without the droppable zero pages. The new
-    files replace the old ones only once both are written."""
+    """Rewrite pagemap-PID.img and its pages-N.img without the droppable zero pages. A first
+    pass reads the pages and plans (nothing is written if nothing can be dropped, or if the two
+    files disagree); the second moves the kept pages down within the same file (each page only
+    ever moves to a lower offset), truncates it, and replaces the pagemap."""
     pagemap = images / f"pagemap-{pid}.img"
     head, *entries = image_entries(pagemap) or [b""]
     pages_id = dict(proto_fields(head)).get(1)
@@ -104,57 +106,83 @@ def drop_from_process(images: Path, pid: int) -> Dropped:
         raise ZeroPagesError(f"{pagemap.name} has no pagemap head")
     pages_path = images / f"pages-{pages_id}.img"
     areas = anon_private_areas(images / f"mm-{pid}.img")
+    new_entries, kept, dropped = _plan(pagemap, pages_path, entries, areas)
+    if dropped:
+        _compact(pages_path, kept)
+        tmp = pagemap.with_suffix(".img.fvtmp")
+        try:
+            with open(tmp, "wb") as out:
+                out.write(image_magic(pagemap))
+                for msg in (head, *new_entries):
+                    out.write(len(msg).to_bytes(4, "little") + msg)
+            os.replace(tmp, pagemap)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return Dropped(pid, dropped, len(entries), len(new_entries))
+
+
+def _plan(pagemap: Path, pages_path: Path, entries: list[bytes],
+          areas: list[tuple[int, int]]) -> tuple[list[bytes], list[tuple[int, int]], int]:
+    """(the new pagemap entries, the (offset, length) of each byte range of the pages file to
+    keep, in order, pages dropped)."""
     starts = [a[0] for a in areas]
     new_entries: list[bytes] = []
-    dropped = 0
-    tmp_pages, tmp_map = pages_path.with_suffix(".img.fvtmp"), pagemap.with_suffix(".img.fvtmp")
-    try:
-        with open(pages_path, "rb") as src, open(tmp_pages, "wb") as dst:
-            for msg in entries:
-                fields = proto_fields(msg)
-                f = dict(fields)
-                flags = f.get(4, PE_PRESENT)
-                if not flags & PE_PRESENT:
-                    new_entries.append(msg)  # no pages in the file (e.g. in a parent image)
-                    continue
-                count = f.get(5, f.get(2, 0))
-                if flags & PE_PARENT or f.get(3) or {n for n, _ in fields} - KNOWN_ENTRY_FIELDS:
-                    _copy(src, dst, count * PAGE, pages_path)  # also in a parent image, or unknown: kept whole
-                    new_entries.append(msg)
-                    continue
-                vaddr = f.get(1, 0)
-                for base in range(0, count * PAGE, CHUNK):
-                    data = src.read(min(CHUNK, count * PAGE - base))
-                    if len(data) != min(CHUNK, count * PAGE - base):
-                        raise ZeroPagesError(f"{pages_path.name} is shorter than {pagemap.name} says")
-                    for off, length in _runs_kept(vaddr + base, data, areas, starts):
-                        if off is None:
-                            dropped += length
-                            continue
-                        dst.write(memoryview(data)[off:off + length])
-                        start = vaddr + base + off
-                        if (new_entries and _entry_end(new_entries[-1]) == start
-                                and base > 0 and off == 0):
-                            new_entries[-1] = _entry(_entry_vaddr(new_entries[-1]),
-                                                     _entry_pages(new_entries[-1]) + length // PAGE, flags)
-                        else:
-                            new_entries.append(_entry(start, length // PAGE, flags))
-            if src.read(1):
-                raise ZeroPagesError(f"{pages_path.name} is longer than {pagemap.name} says")
-            dst.flush()
-            os.fsync(dst.fileno())
-        with open(tmp_map, "wb") as out:
-            out.write(image_magic(pagemap))
-            for msg in (head, *new_entries):
-                out.write(len(msg).to_bytes(4, "little") + msg)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_pages, pages_path)
-        os.replace(tmp_map, pagemap)
-    finally:
-        tmp_pages.unlink(missing_ok=True)
-        tmp_map.unlink(missing_ok=True)
-    return Dropped(pid, dropped, len(entries), len(new_entries))
+    kept: list[tuple[int, int]] = []
+    dropped = pos = 0
+    with open(pages_path, "rb") as src:
+        for msg in entries:
+            fields = proto_fields(msg)
+            f = dict(fields)
+            flags = f.get(4, PE_PRESENT)
+            if not flags & PE_PRESENT:
+                new_entries.append(msg)  # no pages in the file (e.g. in a parent image)
+                continue
+            size = f.get(5, f.get(2, 0)) * PAGE
+            if flags & PE_PARENT or f.get(3) or {n for n, _ in fields} - KNOWN_ENTRY_FIELDS:
+                kept.append((pos, size))  # also in a parent image, or unknown: kept whole
+                new_entries.append(msg)
+                pos += size
+                src.seek(pos)
+                continue
+            vaddr = f.get(1, 0)
+            for base in range(0, size, CHUNK):
+                want = min(CHUNK, size - base)
+                data = src.read(want)
+                if len(data) != want:
+                    raise ZeroPagesError(f"{pages_path.name} is shorter than {pagemap.name} says")
+                for off, length in _runs_kept(vaddr + base, data, areas, starts):
+                    if off is None:
+                        dropped += length
+                        continue
+                    start = vaddr + base + off
+                    if new_entries and base > 0 and off == 0 and _entry_end(new_entries[-1]) == start:
+                        # the span goes on from the previous read of the same entry
+                        new_entries[-1] = _entry(_entry_vaddr(new_entries[-1]),
+                                                 _entry_pages(new_entries[-1]) + length // PAGE, flags)
+                    else:
+                        new_entries.append(_entry(start, length // PAGE, flags))
+                    kept.append((pos + base + off, length))
+            pos += size
+        if src.seek(0, os.SEEK_END) != pos:
+            raise ZeroPagesError(f"{pages_path.name} is {'longer' if src.tell() > pos else 'shorter'}"
+                                 f" than {pagemap.name} says")
+    return new_entries, kept, dropped
+
+
+def _compact(pages_path: Path, kept: list[tuple[int, int]]) -> None:
+    """Move the KEPT ranges of PAGES_PATH together at its start, in order, and cut off the rest.
+    A range never moves up, so nothing is overwritten before it has been read."""
+    with open(pages_path, "r+b") as f:
+        dst = 0
+        for src, length in kept:
+            if src != dst:
+                for off in range(0, length, CHUNK):
+                    f.seek(src + off)
+                    data = f.read(min(CHUNK, length - off))
+                    f.seek(dst + off)
+                    f.write(data)
+            dst += length
+        f.truncate(dst)
 
 
 def drop_zero_pages(images: Path) -> list[Dropped]:
@@ -178,12 +206,3 @@ def _entry_pages(msg: bytes) -> int:
 
 def _entry_end(msg: bytes) -> int:
     return _entry_vaddr(msg) + _entry_pages(msg) * PAGE
-
-
-def _copy(src, dst, n: int, name: Path) -> None:
-    while n > 0:
-        data = src.read(min(CHUNK, n))
-        if not data:
-            raise ZeroPagesError(f"{name.name} is shorter than its pagemap says")
-        dst.write(data)
-        n -= len(data)

@@ -116,14 +116,22 @@ def test_an_all_zero_run_vanishes_and_other_entries_are_kept_as_they_were(tmp_pa
     assert (images / "pagemap-5.img").read_bytes()[:8] == MAGIC
 
 
-def test_images_that_disagree_are_an_error_and_are_left_unchanged(tmp_path):
+@pytest.mark.parametrize("size, says", [(PAGE, "shorter"), (3 * PAGE, "longer")])
+def test_images_that_disagree_are_an_error_and_are_left_unchanged(tmp_path, size, says):
     images = make_images(tmp_path, 6, [(0, 4, ANON)], [(0, [_page(0), _page(1)])])
     with open(images / "pages-6.img", "r+b") as f:
-        f.truncate(PAGE)
+        f.truncate(size)
     saved = {p.name: p.read_bytes() for p in images.iterdir()}
-    with pytest.raises(zeropages.ZeroPagesError, match="shorter"):
+    with pytest.raises(zeropages.ZeroPagesError, match=says):
         zeropages.drop_from_process(images, 6)
     assert {p.name: p.read_bytes() for p in images.iterdir()} == saved
+
+
+def test_images_without_a_droppable_page_are_not_written(tmp_path):
+    images = make_images(tmp_path, 2, [(0, 2, ANON), (2, 3, FILE_PRIVATE)], [(0, [_page(1), _page(2), _page(0)])])
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in images.iterdir()}
+    assert zeropages.drop_from_process(images, 2).pages == 0
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in images.iterdir()} == before
 
 
 def test_the_whole_tree_is_rewritten(tmp_path):
