@@ -93,7 +93,8 @@ def read_process(images: Path, pid: int) -> Process:
 
 
 def anatomy(images: Path, top: int) -> dict:
-    procs = [read_process(images, pid) for pid in tree_pids(images)]
+    # a zombie has no memory images (CRIU keeps only its exit state)
+    procs = [read_process(images, pid) for pid in tree_pids(images) if (images / f"mm-{pid}.img").exists()]
     procs = [p for p in procs if sum(a.dumped for a in p.areas)]
     owners: dict[bytes, set[int]] = {}
     for p in procs:

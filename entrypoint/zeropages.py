@@ -186,8 +186,10 @@ def _compact(pages_path: Path, kept: list[tuple[int, int]]) -> None:
 
 
 def drop_zero_pages(images: Path) -> list[Dropped]:
-    """Leave the droppable zero pages of each process of the checkpointed tree out of IMAGES."""
-    return [drop_from_process(images, pid) for pid in tree_pids(images)]
+    """Leave the droppable zero pages of each process of the checkpointed tree out of IMAGES. A
+    process without memory images (a zombie: CRIU keeps only its exit state) is passed over."""
+    return [drop_from_process(images, pid) for pid in tree_pids(images)
+            if (images / f"pagemap-{pid}.img").exists()]
 
 
 def _entry(vaddr: int, nr_pages: int, flags: int) -> bytes:

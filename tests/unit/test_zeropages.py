@@ -135,8 +135,10 @@ def test_images_without_a_droppable_page_are_not_written(tmp_path):
 
 
 def test_the_whole_tree_is_rewritten(tmp_path):
+    """Every process of pstree.img; a zombie (pid 4 here: CRIU dumps no memory for it) is passed over."""
     for pid in (1, 9):
         make_images(tmp_path, pid, [(0, 2, ANON)], [(0, [_page(pid), _page(0)])])
-    _image(tmp_path / "pstree.img", [encode_fields([(1, 1), (2, 0)]), encode_fields([(1, 9), (2, 1)])])
+    _image(tmp_path / "pstree.img", [encode_fields([(1, 1), (2, 0)]), encode_fields([(1, 4), (2, 1)]),
+                                     encode_fields([(1, 9), (2, 1)])])
     assert [(d.pid, d.pages) for d in zeropages.drop_zero_pages(tmp_path)] == [(1, 1), (9, 1)]
     assert os.path.getsize(tmp_path / "pages-9.img") == PAGE
