@@ -25,7 +25,7 @@ from pathlib import Path
 from .criu import PE_PARENT, PE_PRESENT, encode_fields, image_entries, image_magic, proto_fields, tree_pids
 from .errors import FvBootError
 
-PAGE = 4096
+PAGE = os.sysconf("SC_PAGE_SIZE")  # CRIU's images are in the dumping host's pages: this host's
 ZERO = bytes(PAGE)
 CHUNK = 64 << 20  # bytes read at a time: a run can be gigabytes
 
@@ -33,8 +33,13 @@ CHUNK = 64 << 20  # bytes read at a time: a run can be gigabytes
 VMA_AREA_REGULAR = 1 << 0
 VMA_ANON_PRIVATE = 1 << 9
 # any of these makes an area something other than plain private anonymous memory
-OTHER_KINDS = ((1 << 2) | (1 << 3) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 11) | (1 << 12)
-               | (1 << 13) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 17) | (1 << 27) | (1 << 31))
+OTHER_KINDS = {
+    "vsyscall": 1 << 2, "vdso": 1 << 3, "file private": 1 << 6, "file shared": 1 << 7,
+    "anon shared": 1 << 8, "sysv ipc": 1 << 10, "socket": 1 << 11, "vvar": 1 << 12,
+    "aio ring": 1 << 13, "memfd": 1 << 14, "shadow stack": 1 << 15, "guard": 1 << 16,
+    "uprobes": 1 << 17, "plugin": 1 << 27, "unsupported": 1 << 31,
+}
+OTHER_KINDS_MASK = sum(OTHER_KINDS.values())
 # PagemapEntry fields (images/pagemap.proto): vaddr, compat_nr_pages, in_parent, flags, nr_pages
 KNOWN_ENTRY_FIELDS = {1, 2, 3, 4, 5}
 
@@ -69,7 +74,7 @@ def anon_private_areas(mm_image: Path) -> list[tuple[int, int]]:
             continue
         f = dict(proto_fields(value))
         status = f.get(7, 0)
-        if status & VMA_AREA_REGULAR and status & VMA_ANON_PRIVATE and not status & OTHER_KINDS:
+        if status & VMA_AREA_REGULAR and status & VMA_ANON_PRIVATE and not status & OTHER_KINDS_MASK:
             out.append((f[1], f[2]))
     return sorted(out)
 

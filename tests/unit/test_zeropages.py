@@ -8,7 +8,7 @@ import pytest
 from fvboot import zeropages
 from fvboot.criu import PE_LAZY, PE_PRESENT, encode_fields, image_entries, proto_fields, read_pagemap
 
-PAGE = 4096
+PAGE = zeropages.PAGE
 ANON = zeropages.VMA_AREA_REGULAR | zeropages.VMA_ANON_PRIVATE
 HEAP = ANON | (1 << 5)
 FILE_PRIVATE = zeropages.VMA_AREA_REGULAR | (1 << 6)
