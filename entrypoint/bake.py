@@ -102,7 +102,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         zeros = {d.pid: d.nbytes for d in zeropages.drop_zero_pages(layout.images_dir)}
         tl.mark("zero pages left out")
         write_line(f"fvboot bake: {sum(zeros.values()) / 1e9:.2f} GB of all-zero anonymous memory left out "
-                   f"of the checkpoint (it restores as zeros): {_gb(layout.images_dir)}")
+                   f"of the checkpoint (it restores as zeros); now {_gb(layout.images_dir)}")
         stored = criu.pages_by_process(layout.images_dir)
         processes = tuple(manifest.Process.from_json(
             {**p, "checkpoint_bytes": stored.get(p["pid"], 0), "zero_bytes_left_out": zeros.get(p["pid"], 0)},
