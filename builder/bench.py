@@ -43,11 +43,13 @@ EMPTY_CACHES = ("-e", "VLLM_CACHE_ROOT=/tmp/nc/vllm", "-e", "TORCHINDUCTOR_CACHE
 
 # What "fast" means here (the speed issue's targets), by device and model as baked: the warm
 # restore's seconds, and the largest checkpoint. A cold restore's target follows from this run's
-# own disk: COLD_FACTOR x (checkpoint + weight dump) / the disk's sequential read bandwidth.
+# own disk: COLD_FACTOR x (checkpoint + weight dump) / the disk's sequential read bandwidth. The
+# bake (with --nocache): BAKE_FACTOR x this run's plain start.
 WARM_TARGET_S = {("cpu", "synthetic:tiny"): 0.5, ("cuda", "synthetic:llama-3.2-3b"): 1.5,
                  ("cuda", "synthetic:llama-3.1-8b"): 2.0}
 CHECKPOINT_TARGET_BYTES = {("cuda", "synthetic:llama-3.2-3b"): 1.5e9}
 COLD_FACTOR = 1.2
+BAKE_FACTOR = 1.2
 # Published elsewhere, printed beside a GPU run for reference: not measured by this command.
 PUBLISHED_GPU = (
     ("the seed's recipe: plain vllm serve", 81.0),
@@ -92,6 +94,7 @@ class BenchResult:
     checkpoint_bytes: int = 0
     weights_bytes: int = 0
     disk_read_gbps: Optional[float] = None  # measured in the same run, with --cold
+    bake_s: Optional[float] = None  # the image's bake, from its model on disk to the checkpoint: bake_seconds()
     targets: list[dict] = field(default_factory=list)  # filled by run(): see targets()
 
     def to_json(self) -> dict[str, Any]:
@@ -109,6 +112,10 @@ class BenchResult:
             out.append({"what": f"cold restore: {COLD_FACTOR} x {read_gb:.2f} GB / {self.disk_read_gbps:.2f} GB/s",
                         "unit": "s", "target": round(COLD_FACTOR * read_gb / self.disk_read_gbps, 2),
                         "now": statistics.median(self.cold_s)})
+        if self.bake_s is not None and self.nocache_s:
+            plain = statistics.median(self.nocache_s)
+            out.append({"what": f"bake: {BAKE_FACTOR} x a plain start ({plain:.2f} s)", "unit": "s",
+                        "target": round(BAKE_FACTOR * plain, 2), "now": self.bake_s})
         if key in CHECKPOINT_TARGET_BYTES:
             out.append({"what": "checkpoint", "unit": "GB", "target": CHECKPOINT_TARGET_BYTES[key] / 1e9,
                         "now": round(self.checkpoint_bytes / 1e9, 2)})
@@ -211,6 +218,16 @@ def drop_page_cache() -> None:
         raise BenchError(f"cannot drop the page cache for the cold runs ({e.strerror}); run as root or leave out --cold")
 
 
+def bake_seconds(timeline: dict) -> Optional[float]:
+    """Seconds the bake took from the model on disk ("model ready": a download or a synthetic
+    model is not a start's work) to its last mark (the checkpoint written, zero pages left out):
+    a plain start's work plus what baking adds. None for a manifest without those marks."""
+    marks = {k: v for k, v in timeline.items() if isinstance(v, (int, float))}
+    if "model ready" not in marks or len(marks) < 2:
+        return None
+    return round(max(marks.values()) - marks["model ready"], 2)
+
+
 def timeline_marks(logs: str) -> list[dict]:
     """fvboot's timeline marks ({kind, event, t}) in a container's log, in order."""
     return [json.loads(line)["fvboot_timeline"] for line in logs.splitlines() if line.startswith('{"fvboot_timeline"')]
@@ -252,6 +269,7 @@ def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
         say(f"normal start, empty compile caches: {took:.2f} s")
     if "normal" in res.answers:
         res.restore_equals_normal_start = res.answers["restore"] == res.answers["normal"]
+    res.bake_s = bake_seconds(m.get("timeline") or {})
     res.checkpoint_bytes = sum(f["size"] for f in m["files"] if f["path"].startswith("checkpoint/"))
     res.weights_bytes = sum(f["size"] for f in m["files"] if f["path"].startswith("weights/"))
     if plan.cold and plan.disk_dir is not None:

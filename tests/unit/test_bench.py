@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import need
-from fvbuild.bench import BenchResult, plot
+from fvbuild.bench import BenchResult, bake_seconds, plot
 
 TIMELINE = [{"kind": "serve", "event": e, "t": t} for e, t in (
     ("fvboot running", 0.14), ("checks passed", 0.16), ("restore done", 1.28), ("weights loaded", 1.30),
@@ -83,3 +83,19 @@ def test_the_disk_is_measured_with_a_file_it_removes(tmp_path):
 
     assert disk_read_gbps(tmp_path, size=32 << 20) > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_bake_is_judged_against_this_runs_plain_start():
+    """From the model on disk to the bake's last mark (the GPU run's manifest: 28.2 s making the
+    synthetic model, then 124.9 s), against 1.2 x the plain start of the same run."""
+    timeline = {"process start": 0.0, "model ready": 28.174, "server healthy": 140.674,
+                "checkpoint written": 151.069, "zero pages left out": 153.087}
+    assert bake_seconds(timeline) == 124.91
+    assert bake_seconds({"process start": 0.0}) is None and bake_seconds({}) is None
+    res = _result()
+    res.bake_s, res.nocache_s = 124.91, [111.45]
+    res.targets = res.targets_met()
+    assert res.targets[-1] == {"what": "bake: 1.2 x a plain start (111.45 s)", "unit": "s", "target": 133.74,
+                               "now": 124.91, "met": True}
+    res.nocache_s = []
+    assert all(not t["what"].startswith("bake") for t in res.targets_met())  # no plain start this run
