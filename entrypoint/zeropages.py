@@ -131,7 +131,7 @@ def _plan(pagemap: Path, pages_path: Path, entries: list[bytes],
     """(the new pagemap entries, the (offset, length) of each byte range of the pages file to
     keep, in order, pages dropped)."""
     starts = [a[0] for a in areas]
-    new_entries: list[bytes] = []
+    new_entries: list[bytes | list[int]] = []  # an entry kept as it was, or [vaddr, pages, flags]
     kept: list[tuple[int, int]] = []
     dropped = pos = 0
     with open(pages_path, "rb") as src:
@@ -150,28 +150,31 @@ def _plan(pagemap: Path, pages_path: Path, entries: list[bytes],
                 src.seek(pos)
                 continue
             vaddr = f.get(1, 0)
+            span: list[int] | None = None  # the span of this entry that reaches the end of the last read
             for base in range(0, size, CHUNK):
                 want = min(CHUNK, size - base)
                 data = src.read(want)
                 if len(data) != want:
                     raise ZeroPagesError(f"{pages_path.name} is shorter than {pagemap.name} says")
+                carried, span = span, None
                 for off, length in _runs_kept(vaddr + base, data, areas, starts):
                     if off is None:
                         dropped += length
                         continue
-                    start = vaddr + base + off
-                    if new_entries and base > 0 and off == 0 and _entry_end(new_entries[-1]) == start:
-                        # the span goes on from the previous read of the same entry
-                        new_entries[-1] = _entry(_entry_vaddr(new_entries[-1]),
-                                                 _entry_pages(new_entries[-1]) + length // PAGE, flags)
+                    if carried is not None and off == 0:
+                        carried[1] += length // PAGE  # it goes on from the previous read
+                        current = carried
                     else:
-                        new_entries.append(_entry(start, length // PAGE, flags))
+                        current = [vaddr + base + off, length // PAGE, flags]
+                        new_entries.append(current)
                     kept.append((pos + base + off, length))
+                    if off + length == len(data):
+                        span = current
             pos += size
         if src.seek(0, os.SEEK_END) != pos:
             raise ZeroPagesError(f"{pages_path.name} is {'longer' if src.tell() > pos else 'shorter'}"
                                  f" than {pagemap.name} says")
-    return new_entries, kept, dropped
+    return [m if isinstance(m, bytes) else _entry(*m) for m in new_entries], kept, dropped
 
 
 def _compact(pages_path: Path, kept: list[tuple[int, int]]) -> None:
@@ -200,16 +203,3 @@ def drop_zero_pages(images: Path) -> list[Dropped]:
 def _entry(vaddr: int, nr_pages: int, flags: int) -> bytes:
     # as CRIU writes one (page-xfer.c): compat_nr_pages 0, the flags, nr_pages
     return encode_fields([(1, vaddr), (2, 0), (4, flags), (5, nr_pages)])
-
-
-def _entry_vaddr(msg: bytes) -> int:
-    return dict(proto_fields(msg)).get(1, 0)
-
-
-def _entry_pages(msg: bytes) -> int:
-    f = dict(proto_fields(msg))
-    return f.get(5, f.get(2, 0))
-
-
-def _entry_end(msg: bytes) -> int:
-    return _entry_vaddr(msg) + _entry_pages(msg) * PAGE
