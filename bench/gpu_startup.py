@@ -173,21 +173,32 @@ def phase_bake(env: dict) -> dict:
 
 
 LEGACY = {"FV_CUDA_CHECKPOINT_SERVICE": "0", "FV_RESTORE_THP": "0"}  # how the previous stop restored
+# FV_BENCH_VARIANTS (comma-separated, default "legacy,no-thp,vmtouch"): the restores measured
+# beside the shipped ones; "map-pages" adds warm and cold restores with memory mapped from the
+# checkpoint (criu-patches/0003), FV_BENCH_VARIANT_RUNS (default 1) warm ones each
+VARIANTS = {"legacy": LEGACY, "no-thp": {"FV_RESTORE_THP": "0"}, "map-pages": {"FV_RESTORE_MAP_PAGES": "1"}}
 
 
 def _restores(env: dict, warm: int) -> dict:
-    """Warm restores as shipped; one warm restore without the cuda-checkpoint service and THP
-    page reads, one without THP only (what each brings); then with the page cache dropped, with
-    fvboot's read-ahead prefetch (shipped) and with vmtouch."""
+    """Warm restores as shipped, then each variant's warm restores (what each lever brings); then
+    with the page cache dropped: as shipped (fvboot's read-ahead prefetch), with vmtouch, mapped."""
+    chosen = [v for v in os.environ.get("FV_BENCH_VARIANTS", "legacy,no-thp,vmtouch").split(",") if v]
+    runs = int(os.environ.get("FV_BENCH_VARIANT_RUNS", "1"))
     res = {}
     for i in range(warm):
         res[f"restore_warm_{i + 1}"] = serve_once(env, f"restore-warm-{i + 1}")
-    res["restore_warm_legacy"] = serve_once(env, "restore-warm-legacy", LEGACY)
-    res["restore_warm_no_thp"] = serve_once(env, "restore-warm-no-thp", {"FV_RESTORE_THP": "0"})
+    for v in chosen:
+        for i in range(runs if v in VARIANTS else 0):
+            key = v.replace("-", "_") + (f"_{i + 1}" if runs > 1 else "")
+            res[f"restore_warm_{key}"] = serve_once(env, f"restore-warm-{v}-{i + 1}", VARIANTS[v])
     drop_caches()
     res["restore_cold"] = serve_once(env, "restore-cold")
-    drop_caches()
-    res["restore_cold_vmtouch"] = serve_once(env, "restore-cold-vmtouch", {"FV_PREFETCH": "vmtouch"})
+    if "vmtouch" in chosen:
+        drop_caches()
+        res["restore_cold_vmtouch"] = serve_once(env, "restore-cold-vmtouch", {"FV_PREFETCH": "vmtouch"})
+    if "map-pages" in chosen:
+        drop_caches()
+        res["restore_cold_map_pages"] = serve_once(env, "restore-cold-map-pages", VARIANTS["map-pages"])
     return res
 
 
