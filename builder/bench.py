@@ -89,6 +89,8 @@ class BenchResult:
     nocache_s: list[float] = field(default_factory=list)
     last_restore_timeline: list[dict] = field(default_factory=list)
     last_cold_timeline: list[dict] = field(default_factory=list)
+    last_restore_weights: Optional[str] = None  # fvboot's "weights:" line: the path the load took, its speed
+    last_cold_weights: Optional[str] = None
     answers: dict[str, list] = field(default_factory=dict)
     restore_equals_normal_start: Optional[bool] = None
     checkpoint_bytes: int = 0
@@ -233,6 +235,12 @@ def timeline_marks(logs: str) -> list[dict]:
     return [json.loads(line)["fvboot_timeline"] for line in logs.splitlines() if line.startswith('{"fvboot_timeline"')]
 
 
+def weights_line(logs: str) -> Optional[str]:
+    """fvboot's last "weights:" line in a container's log (which load path, how fast, its notes)."""
+    lines = [line for line in logs.splitlines() if line.startswith("fvboot: weights:")]
+    return lines[-1] if lines else None
+
+
 def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
     """Every path of PLAN against the image whose manifest is M."""
     env = [x for kv in plan.env for x in ("-e", kv)]
@@ -251,12 +259,14 @@ def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
         res.restore_s.append(round(took, 2))
         res.answers.setdefault("restore", got)
         res.last_restore_timeline = timeline_marks(logs)
+        res.last_restore_weights = weights_line(logs)
         say(f"restore {i + 1}/{plan.runs}: {took:.2f} s")
     for i in range(plan.runs if plan.cold else 0):
         drop_page_cache()
         took, logs, _ = first_answer(plan, m, env)
         res.cold_s.append(round(took, 2))
         res.last_cold_timeline = timeline_marks(logs)
+        res.last_cold_weights = weights_line(logs)
         say(f"restore, page cache dropped {i + 1}/{plan.runs}: {took:.2f} s")
     for i in range(min(plan.runs, 2) if plan.normal else 0):
         took, _, got = first_answer(plan, m, ["-e", "FV_RESTORE=0"], extra=i == 0)

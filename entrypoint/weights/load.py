@@ -20,7 +20,7 @@ import torch
 from . import fileformat, settings
 from .fileformat import (MissingKeyError, TruncatedFileError, WeightEntry, WeightIndex,
                          check_target, flat_bytes, hasher, host_view, mismatch, read_index)
-from .pagecache import load_registered
+from .pagecache import PageCachePathUnavailable, load_registered
 from .ring import ODirectRefused, load_ring
 from .settings import Config, verify_threads
 from .stats import LoadStats, TransferStats
@@ -119,15 +119,19 @@ def load_tensors(path: str | os.PathLike, entries: Sequence[WeightEntry],
     With O_DIRECT asked for, a file system that refuses it (at open or at the first reads)
     gets the page-cache path instead, and the stats' notes say so."""
     cfg = config or Config.from_env()
+    skipped = None
     if engine is None and not cfg.odirect and cfg.register and entries:
-        st = load_registered(path, entries, tensors, checksum, cfg.threads or verify_threads())
-        if st is not None:
-            return st
+        try:
+            return load_registered(path, entries, tensors, checksum, cfg.threads or verify_threads())
+        except PageCachePathUnavailable as exc:
+            skipped = f"pinned ring, not the page-cache path: {exc}"
     try:
-        return load_ring(path, entries, tensors, checksum, cfg, engine)
+        st = load_ring(path, entries, tensors, checksum, cfg, engine)
     except ODirectRefused as exc:
         if not cfg.odirect:
             raise
         st = load_ring(path, entries, tensors, checksum, replace(cfg, odirect=False), engine)
         st.notes.append(f"O_DIRECT reads refused, fell back to the page cache: {exc}")
-        return st
+    if skipped:
+        st.notes.append(skipped)
+    return st

@@ -6,8 +6,8 @@ The file is mapped read-only (libc mmap), checked for residency (cachestat(2), a
 where cachestat cannot tell: overlayfs, i.e. every container), and page-locked window by window in place (``cudaHostRegister``, read-only);
 registering window i+1 overlaps the copies of window i. With a checksum, CPU threads hash the
 same mapped pages while the GPU copies them (:class:`MappedVerifier`). When the file is not
-all cached, or the driver refuses to register it, :func:`load_registered` returns None and the
-caller uses the pinned ring.
+all cached, or the driver refuses to register it, :func:`load_registered` raises
+:class:`PageCachePathUnavailable` and the caller uses the pinned ring, with the reason in its notes.
 """
 
 from __future__ import annotations
@@ -33,8 +33,17 @@ _PROT_READ, _MAP_SHARED = 1, 1
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-class RegisterRefused(GpuLoaderError):
-    """The driver would not page-lock the mapped file: use the pinned ring."""
+class PageCachePathUnavailable(GpuLoaderError):
+    """The page-cache path cannot load this file now: the caller uses the pinned ring, and says
+    why in the load's notes (a restore that took the slower path must show the reason)."""
+
+
+class NotResident(PageCachePathUnavailable):
+    """Part of the file is not in the page cache: the ring reads it faster from disk."""
+
+
+class RegisterRefused(PageCachePathUnavailable):
+    """The driver would not page-lock the mapped file."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,35 +91,43 @@ class FileMapping:
             raise OSError(ctypes.get_errno(), "mmap of the weight file failed")
         self.addr: int = addr
 
+    @property
+    def pages(self) -> int:
+        return (self.size + _PAGE - 1) // _PAGE
+
     def resident(self) -> bool:
-        """Is every page of the file in the page cache? cachestat(2) (Linux 6.5+) counts them in
+        """Is every page of the file in the page cache?"""
+        return self.missing_pages() == 0
+
+    def missing_pages(self) -> int:
+        """Pages of the file not in the page cache. cachestat(2) (Linux 6.5+) counts them in
         one call. It counts the cache of the file it is given, and a file of a container's image
         layer is an overlayfs file, which has none: its pages are cached under the layer's own
         file, so there cachestat says 0 whatever is cached (every GPU restore in a container took
         the slower pinned ring because of it). mincore(2) over the mapping sees the pages the
         mapping reads, overlayfs or not: it decides whenever cachestat does not say "all"."""
-        pages = (self.size + _PAGE - 1) // _PAGE
         counted = _cachestat_pages(self.libc, self.fd, self.size)
-        if counted is not None and counted >= pages:
-            return True
-        return self._mincore_all_resident()
+        if counted is not None and counted >= self.pages:
+            return 0
+        return self._mincore_missing()
 
-    def _mincore_all_resident(self, span: int = MINCORE_SPAN) -> bool:
+    def _mincore_missing(self, span: int = MINCORE_SPAN) -> int:
         """mincore(2) over the mapping, SPAN bytes per call in threads (~85 ms for 7 GB in one
-        call on an H100 host; the calls release the GIL)."""
-        def resident(off: int) -> bool:
+        call on an H100 host; the calls release the GIL). A span mincore refuses counts whole."""
+        def missing(off: int) -> int:
             length = min(span, self.size - off)
-            vec = (ctypes.c_ubyte * ((length + _PAGE - 1) // _PAGE))()
+            n = (length + _PAGE - 1) // _PAGE
+            vec = (ctypes.c_ubyte * n)()
             if self.libc.mincore(self.addr + off, length, vec) != 0:
-                return False
+                return n
             # bit 0 of each byte: that page is resident (the other bits are reserved)
-            return bytes(vec).translate(_LOW_BIT).count(0) == 0
+            return bytes(vec).translate(_LOW_BIT).count(0)
 
         offsets = range(0, self.size, span)
         if len(offsets) == 1:
-            return resident(0)
+            return missing(0)
         with ThreadPoolExecutor(min(8, len(offsets))) as pool:
-            return all(pool.map(resident, offsets))
+            return sum(pool.map(missing, offsets))
 
     def close(self) -> None:
         self.libc.munmap(self.addr, self.size)
@@ -224,28 +241,28 @@ def _copy_windows(entries: Sequence[WeightEntry], tensors: Sequence[torch.Tensor
 
 def load_registered(path: str | os.PathLike, entries: Sequence[WeightEntry],
                     tensors: Sequence[torch.Tensor], checksum: str | None = None,
-                    threads: int = 4) -> TransferStats | None:
-    """The page-cache path, or None when the file is not all in the page cache (the ring
-    then reads it: faster from disk) or the driver refuses to register it. With CHECKSUM,
-    THREADS hash the mapped entries while the GPU copies them; a mismatch raises."""
+                    threads: int = 4) -> TransferStats:
+    """The page-cache path; raises PageCachePathUnavailable (saying why) when the file is not
+    all in the page cache (the ring then reads it: faster from disk) or the driver refuses to
+    register it. With CHECKSUM, THREADS hash the mapped entries while the GPU copies them; a
+    mismatch raises."""
     t0 = time.perf_counter()
     path = os.fspath(path)
     device = one_device(tensors)
     if device.type != "cuda":
-        return None
+        raise PageCachePathUnavailable(f"the tensors are on {device.type}, not on a CUDA device")
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         mapping = FileMapping(fd, size)
         try:
-            if not mapping.resident():
-                return None
+            missing = mapping.missing_pages()
+            if missing:
+                raise NotResident(f"{missing} of the file's {mapping.pages} pages are not in the page cache")
             t1 = time.perf_counter()
             with MappedVerifier(mapping, entries, checksum, path, threads) as verifier:
                 took, n_windows = _copy_windows(entries, tensors, mapping, device)
                 verifier.result()  # before the mapping goes: raises on a mismatch
-        except RegisterRefused:
-            return None
         finally:
             mapping.close()
     finally:

@@ -99,3 +99,11 @@ def test_the_bake_is_judged_against_this_runs_plain_start():
                                "now": 124.91, "met": True}
     res.nocache_s = []
     assert all(not t["what"].startswith("bake") for t in res.targets_met())  # no plain start this run
+
+
+def test_the_weights_line_of_a_restore_is_its_last_one():
+    from fvbuild.bench import weights_line
+
+    logs = "fvboot: weights: [{'notes': ['first']}]\nINFO vllm\nfvboot: weights: [{'notes': ['page cache registered']}]\n"
+    assert weights_line(logs) == "fvboot: weights: [{'notes': ['page cache registered']}]"
+    assert weights_line("fvboot: restored from checkpoint\n") is None

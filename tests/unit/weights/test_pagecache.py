@@ -36,6 +36,29 @@ def test_file_mapping_residency(tmp_path):
         os.close(fd)
 
 
+def test_missing_pages_are_counted(tmp_path):
+    """A file never read misses every page; the load's note says how many (why the ring ran)."""
+    path = tmp_path / "w.bin"
+    with path.open("wb") as f:
+        f.truncate(3 * MIB + 1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        m = pagecache.FileMapping(fd, 3 * MIB + 1)
+        try:
+            assert m.missing_pages() == m.pages == 3 * MIB // pagecache._PAGE + 1
+        finally:
+            m.close()
+    finally:
+        os.close(fd)
+
+
+def test_the_page_cache_path_says_why_it_cannot_load(fvw):
+    path, src = fvw
+    idx = wf.read_index(path)
+    with pytest.raises(pagecache.PageCachePathUnavailable, match="on cpu, not on a CUDA device"):
+        pagecache.load_registered(path, list(idx.entries.values()), [torch.zeros_like(t) for t in src.values()])
+
+
 def test_residency_without_cachestat_uses_mincore(tmp_path, monkeypatch):
     monkeypatch.setattr(pagecache, "_cachestat_pages", lambda *a: None)
     test_file_mapping_residency(tmp_path)
@@ -58,11 +81,11 @@ def test_mincore_in_spans_sees_the_end_missing(tmp_path, size):
     try:
         m = pagecache.FileMapping(fd, size)
         try:
-            assert m._mincore_all_resident(span=MIB)
+            assert m._mincore_missing(span=MIB) == 0
             os.fsync(fd)  # written pages are dirty until then, and a dirty page is not dropped
             start = (size - MIB) // 4096 * 4096
             os.posix_fadvise(fd, start, size - start, os.POSIX_FADV_DONTNEED)
-            assert not m._mincore_all_resident(span=MIB)
+            assert m._mincore_missing(span=MIB) > 0
         finally:
             m.close()
     finally:
