@@ -19,7 +19,8 @@ PREFETCH_THREADS = 4
 PREFETCH_SMALL = 16 << 20  # CRIU reads these itself, first; queuing them again only delays it
 
 
-def prefetch(layout: Layout, check: Optional[PageCheck] = None) -> list[subprocess.Popen]:
+def prefetch(layout: Layout, check: Optional[PageCheck] = None,
+             stop: Optional[threading.Event] = None) -> list[subprocess.Popen]:
     """Bring the checkpoint's memory images, then the weights, into the page cache while CRIU
     restores, so each is in memory by the time its reader gets there; hand every piece of a
     memory image read to CHECK, which compares it with the bake's digest.
@@ -29,7 +30,9 @@ def prefetch(layout: Layout, check: Optional[PageCheck] = None) -> list[subproce
     full speed in the order the restore needs, and no more than 32 MiB is ever queued ahead of
     CRIU's own reads. FV_PREFETCH=vmtouch: `vmtouch -t` of both folders at once (the way of
     earlier versions). FV_PREFETCH=off: nothing ahead of the readers. With either of the last
-    two, the threads still read the memory images for CHECK. Returns the processes started."""
+    two, the threads still read the memory images for CHECK. Setting STOP ends the reads (a
+    normal start after a failed restore must not share the disk with them). Returns the
+    processes started."""
     mode = os.environ.get("FV_PREFETCH", "read")
     folders = (layout.images_dir, layout.weights_dir)
     procs: list[subprocess.Popen] = []
@@ -38,7 +41,7 @@ def prefetch(layout: Layout, check: Optional[PageCheck] = None) -> list[subproce
                                   stderr=subprocess.DEVNULL) for d in folders]
     work = plan(folders if mode == "read" else (), check)
     if work:
-        threading.Thread(target=_read_ahead, args=(work, check), name="fv-prefetch", daemon=True).start()
+        threading.Thread(target=_read_ahead, args=(work, check, stop), name="fv-prefetch", daemon=True).start()
     return procs
 
 
@@ -70,7 +73,8 @@ def plan(folders: Sequence[Path], check: Optional[PageCheck] = None) -> list[tup
     return work
 
 
-def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]) -> None:
+def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck],
+                stop: Optional[threading.Event] = None) -> None:
     jobs = iter(work)
     lock = threading.Lock()
     size = max(n for _, _, n in work)
@@ -82,7 +86,7 @@ def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]
             while True:
                 with lock:
                     job = next(jobs, None)
-                if job is None:
+                if job is None or (stop is not None and stop.is_set()):
                     return
                 path, off, n = job
                 try:

@@ -1,7 +1,7 @@
 """`fvboot serve` (the image's default): restore the baked server, or start vLLM normally.
 
-Restore: manifest -> compatibility check -> (page-cache prefetch, checking every memory-image piece
-|| the restore's steps, `restore.py`) -> gate opens. Any failure on that path is logged as one line
+Restore: manifest -> (page-cache prefetch, checking every memory-image piece || compatibility
+check -> the restore's steps, `restore.py`) -> gate opens. Any failure on that path is logged as one line
 with its reason and leads to a normal start with the same arguments, which still reuses the
 compile caches baked into the image. Requests that arrive meanwhile wait at the gate.
 Nothing waits unbounded (CRIU, the start, the tree's end have timeouts), what a failed restore
@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import time
+import threading
 from typing import Optional
 
 from . import cuda_checkpoint_service, exitnoise, manifest, restore
@@ -126,6 +127,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
     and cleaned up), a normally started one. OUTCOME gets the reason of a fallback."""
     m: Optional[Manifest] = None  # None: missing or invalid; the normal start salvages what it can
     check: Optional[PageCheck] = None
+    stop_reading = threading.Event()
     try:
         if not layout.manifest.exists():
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
@@ -133,15 +135,19 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
         tl.mark("manifest read")
         if os.environ.get("FV_RESTORE", "1") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
-        # The cuda-checkpoint service starts first: its cuInit overlaps the checks and CRIU.
+        # The disk starts on the memory images and the weights now, beside the checks and the
+        # restore (a cold start waits on the disk: 0.3 s of checks on a cold GPU machine);
+        # _supervise reaps the readers.
+        check = PageCheck(layout.home, m.files)
+        prefetch(layout, check, stop_reading)
+        # The cuda-checkpoint service starts next: its cuInit overlaps the checks and CRIU.
         with cuda_checkpoint_service.running(layout.run_dir, enabled=m.device.is_cuda) as service_env:
             here = restore.check_compatible(m, layout, run_args)
             tl.mark("checks passed")
-            check = PageCheck(layout.home, m.files)
-            prefetch(layout, check)  # runs beside the restore; _supervise reaps the readers
             return restore.run(restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check,
                                                     step_timeout_s=restore.step_timeout()))
     except Exception as e:  # every failure of the restore path ends in the normal start
+        stop_reading.set()  # the normal start must not share the disk with reads nobody needs
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
         if check is not None and check.problem and check.problem not in reason:
             reason = f"{check.problem} ({reason})"  # a damaged image explains what CRIU made of it

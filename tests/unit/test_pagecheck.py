@@ -121,3 +121,17 @@ def test_the_check_timeout_comes_from_the_environment(monkeypatch):
     assert pagecheck.check_timeout() == 7.5
     monkeypatch.setenv("FV_PAGE_CHECK_TIMEOUT_S", "soon")
     assert pagecheck.check_timeout() == 300.0
+
+
+def test_a_stopped_prefetch_reads_no_further(tmp_path, monkeypatch):
+    """After a failed restore the reads stop: the normal start gets the disk to itself."""
+    layout = _home(tmp_path)
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(prefetch.os, "preadv", lambda fd, bufs, off: reads.append(off) or real(fd, bufs, off))
+    stop = prefetch.threading.Event()
+    stop.set()
+    prefetch._read_ahead(prefetch.plan((layout.images_dir, layout.weights_dir)), None, stop)
+    assert reads == []
+    prefetch._read_ahead(prefetch.plan((layout.images_dir, layout.weights_dir)), None, prefetch.threading.Event())
+    assert len(reads) >= 3  # the same plan, not stopped: every piece of the big image
