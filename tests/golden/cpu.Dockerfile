@@ -56,9 +56,10 @@ COPY fvboot /opt/fast-vllm/lib/fvboot
 # fvboot goes in next to the base's Python (no pip); the base must bring vLLM, tar and unshare.
 # A base whose vLLM has no `vllm` command (installed without its console script) gets one.
 # fvboot is byte-compiled here: a new container would otherwise compile it at every start.
-# `fvboot serve` (the restore) runs without site (-S), its own folder and site-packages put on
-# sys.path by hand: the base's .pth hooks cost every start up to ~70 ms (numba-cuda's redirector
-# in the CUDA base) and fvboot needs none of them; vLLM, started by fvboot, gets its site whole.
+# `fvboot serve` (the restore) runs without site (-S), with the folders site adds here (found at
+# build: sys.path with site less sys.path without) put on sys.path by hand: the base's .pth hooks
+# cost every start up to ~70 ms (numba-cuda's redirector in the CUDA base) and fvboot needs none
+# of them; vLLM, started by fvboot, gets its site whole.
 RUN set -eu; \
     for tool in python3 tar unshare; do command -v "$tool" >/dev/null 2>&1 \
         || { echo "fvbuild-error: base-tool: $tool"; exit 1; }; done; \
@@ -68,8 +69,9 @@ RUN set -eu; \
     site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     echo /opt/fast-vllm/lib > "$site/fast-vllm.pth"; \
     "$py" -m compileall -q /opt/fast-vllm/lib/fvboot >/dev/null; \
+    added=$("$py" -c 'import json, subprocess, sys; bare = subprocess.run([sys.executable, "-S", "-c", "import sys; print(repr(sys.path))"], capture_output=True, text=True, check=True).stdout; print(json.dumps([p for p in sys.path if p and p not in eval(bare)]))'); \
     printf '#!/bin/sh\ncase "${1:-}" in bake|inspect|check|make-model|cuda-checkpoint|-h|--help|-V|--version) exec %s -m fvboot "$@";; esac\nexec %s -S -c %s "$@"\n' \
-        "$py" "$py" "'import sys; sys.path[:0] = [\"/opt/fast-vllm/lib\"]; sys.path.append(\"$site\"); from fvboot.cli import main; sys.exit(main())'" \
+        "$py" "$py" "'import sys; sys.path[:0] = [\"/opt/fast-vllm/lib\"]; sys.path += $added; from fvboot.cli import main; sys.exit(main())'" \
         > /usr/local/bin/fvboot; \
     command -v vllm >/dev/null 2>&1 || { printf '#!/bin/sh\nexec %s -m vllm.entrypoints.cli.main "$@"\n' "$py" \
         > /usr/local/bin/vllm; chmod 0755 /usr/local/bin/vllm; }; \
