@@ -80,7 +80,8 @@ try:
         for t in tensors:
             for h, src in ((plain, t), (derived, t * 2 + 1)):  # the second runs a kernel
                 c = src.cpu().contiguous()
-                h.update(ctypes.string_at(c.data_ptr(), c.numel() * c.element_size()))
+                # (string_at takes a C int: tensors of 2 GiB or more would overflow it)
+                h.update(memoryview((ctypes.c_char * (c.numel() * c.element_size())).from_address(c.data_ptr())))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # give the temporaries back, keep the footprint steady
         return {"sha256": plain.hexdigest(), "derived_sha256": derived.hexdigest(),
