@@ -16,8 +16,8 @@ import json
 import os
 import re
 import signal
-import time
 import threading
+import time
 from typing import Optional
 
 from . import cuda_checkpoint_service, exitnoise, manifest, restore
