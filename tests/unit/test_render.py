@@ -118,6 +118,16 @@ def test_runtime_keeps_vllms_calling_convention(tmp_path):
     assert "/usr/local/bin/cuda-checkpoint" not in df2
 
 
+def test_only_serve_runs_without_site(tmp_path):
+    """The image's fvboot runs `serve` (and vLLM-style arguments, which mean serve) with -S and
+    every other command with site whole: a command added to fvboot must be added to the list."""
+    from fvboot.cli import COMMANDS
+
+    df = _render(tmp_path, device="cpu").dockerfile
+    listed = set(re.search(r'case "\$\{1:-\}" in ([^)]+)\)', df).group(1).split("|"))
+    assert listed == (set(COMMANDS) - {"serve"}) | {"-h", "--help", "-V", "--version"}
+
+
 def test_strict_undefined_catches_template_mistakes():
     opts = load_options({"model": "m"})
     ctx = make_context(opts, CriuSource(kind="git", describe="x", repo="r", ref="v"), ())
