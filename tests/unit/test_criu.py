@@ -37,6 +37,18 @@ def test_a_gpu_state_the_plugin_could_not_resume_is_found_in_the_log(tmp_path):
     assert read_restore_log(tmp_path / "missing.log").gpu_failure is None
 
 
+def test_the_restore_log_is_read_whole_lines_at_its_ends(tmp_path):
+    """The first line and a last line without a newline are read whole."""
+    from fvboot.criu import read_restore_log
+
+    log = tmp_path / "criu-restore.log"
+    log.write_text("(00.100000) cuda_plugin: resuming devices on pid 3\n(00.2) x\n"
+                   "(00.300000) Error (c.c:1): cuda_plugin: RESUME_DEVICES UNLOCK failed with boom")
+    got = read_restore_log(log)
+    assert got.phases == {"cuda_resume_start": 0.1}
+    assert got.gpu_failure == "RESUME_DEVICES UNLOCK failed with boom"
+
+
 def _virtio(root, name, device, features):
     d = root / name
     d.mkdir(parents=True)
