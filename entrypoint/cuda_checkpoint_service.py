@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .cuda_checkpoint_client import MAGIC, SOCKET_ENV
 
@@ -151,6 +151,20 @@ def serve(path: str) -> int:
         service.close()
 
 
+def service_command(socket_path: Path, package_dir: str) -> tuple[list[str], Optional[dict[str, str]]]:
+    """(argv, environment) of the service process. Where fvboot sits in a folder of its own
+    (PACKAGE_DIR named fvboot: the image, the host-mode benches) the service starts without site
+    (-S), its folder on PYTHONPATH: the CUDA base's .pth hooks would cost it ~70 ms, and its
+    cuInit must be done before CRIU's cuda plugin calls (0.3 s into a mapped restore). Elsewhere
+    (an editable install) it starts with site, which finds fvboot."""
+    module = [sys.executable, "-m", "fvboot.cuda_checkpoint_service", str(socket_path)]
+    if os.path.basename(package_dir) != "fvboot":
+        return module, None
+    lib = os.path.dirname(package_dir)
+    path = os.environ.get("PYTHONPATH")
+    return [module[0], "-S", *module[1:]], {**os.environ, "PYTHONPATH": lib + (os.pathsep + path if path else "")}
+
+
 @contextlib.contextmanager
 def running(run_dir: Path, enabled: bool = True) -> Iterator[dict[str, str]]:
     """Run the service for the duration of a CRIU call; yields the environment CRIU (and so the
@@ -161,8 +175,8 @@ def running(run_dir: Path, enabled: bool = True) -> Iterator[dict[str, str]]:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "cuda-checkpoint.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "fvboot.cuda_checkpoint_service", str(path)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    argv, env = service_command(path, os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         # No waiting for the socket: calls made before it exists (the plugin's first `-h`)
         # run the tool themselves, and the ones that matter come after CRIU's memory restore.

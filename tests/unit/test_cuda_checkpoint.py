@@ -724,6 +724,28 @@ def test_service_runs_as_a_process_and_goes_with_its_context(tmp_path, monkeypat
         assert env == {}
 
 
+def test_service_from_a_folder_of_its_own_starts_without_site_and_answers(tmp_path):
+    """As in the image (/opt/fast-vllm/lib/fvboot): -S, the folder on PYTHONPATH, and it serves."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "fvboot").symlink_to(Path(cc.__file__).parent)
+    sock = tmp_path / "svc.sock"
+    argv, env = service_mod.service_command(sock, str(lib / "fvboot"))
+    assert argv[1] == "-S" and env["PYTHONPATH"].split(os.pathsep)[0] == str(lib)
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        deadline, answer = time.monotonic() + 30, None
+        while answer is None and time.monotonic() < deadline:
+            answer = client.forward(["-h"], str(sock))
+            time.sleep(0.05)
+        assert answer is not None and answer[0] == 0 and "--action" in answer[1]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    argv, env = service_mod.service_command(sock, "/src/entrypoint")  # an editable install: site finds it
+    assert "-S" not in argv and env is None
+
+
 @pytest.mark.parametrize("argv", [
     ["--get-state", "--pid", "12"],
     ["--action", "unlock", "--pid", "12"],
