@@ -28,6 +28,7 @@ def _home(tmp_path) -> Layout:
         data = (rnd * (size // len(rnd) + 1))[:size]
         (layout.images_dir / name).write_bytes(data)
     (layout.weights_dir / "rank0.fvw").write_bytes(b"w" * 5000)
+    (layout.checkpoint_dir / "criu-dump.log").write_text("(00.01)")
     return layout
 
 
@@ -50,6 +51,7 @@ def test_the_bake_records_pieces_for_memory_images_a_sha256_for_the_rest_and_not
     assert by_name["pages-2.img"].pieces and len(by_name["pages-2.img"].pieces.digests) == 1
     assert by_name["pstree.img"].sha256 and by_name["pstree.img"].pieces is None
     assert by_name["rank0.fvw"].sha256 is None and by_name["rank0.fvw"].pieces is None
+    assert by_name["criu-dump.log"].sha256 is None and by_name["criu-dump.log"].size == 7  # no restore reads it
     # and the manifest carries them through JSON
     again = FileEntry.from_json(json.loads(json.dumps(big.to_json())))
     assert again == big
