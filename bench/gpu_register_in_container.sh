@@ -34,6 +34,7 @@ flags=(--cap-add SYS_ADMIN --cap-add SYS_PTRACE --cap-add NET_ADMIN --cap-add DA
 for d in /dev/nvidia*; do [ -c "$d" ] && flags+=(--device "$d"); done
 probe='
 import ctypes, os, resource, sys, time, torch
+from fvboot import residency
 from fvboot.weights import pagecache
 path = sys.argv[1]
 fd = os.open(path, os.O_RDONLY)
@@ -41,7 +42,7 @@ while os.read(fd, 1 << 24):
     pass
 size = os.fstat(fd).st_size
 m = pagecache.FileMapping(fd, size)
-print("memlock", resource.getrlimit(resource.RLIMIT_MEMLOCK), "cachestat", pagecache._cachestat_pages(m.libc, fd, size),
+print("memlock", resource.getrlimit(resource.RLIMIT_MEMLOCK), "cachestat", residency.cachestat_pages(m.libc, fd, size),
       "missing", m.missing_pages(), "of", m.pages)
 torch.cuda.init()
 cudart = torch.cuda.cudart()

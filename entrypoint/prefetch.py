@@ -1,6 +1,8 @@
 """Page-cache prefetch for a restore: the checkpoint's memory images, then the weights, read
 while CRIU restores so that each is in memory when its reader gets there (what a cold start
-waits on is the disk: 11 GB at ~1.3 GB/s for a 3B model on an H100 host)."""
+waits on is the disk: 11 GB at ~1.3 GB/s for a 3B model on an H100 host). A weight dump that
+is already all cached (a warm start) is not read again: 7 GB of copies would compete with CRIU
+and the CUDA resume for memory bandwidth, and the loader is told it is cached."""
 
 from __future__ import annotations
 
@@ -13,14 +15,56 @@ from typing import Optional, Sequence
 
 from .layout import Layout
 from .pagecheck import PageCheck
+from .residency import missing_pages
 
 PREFETCH_CHUNK = 8 << 20
 PREFETCH_THREADS = 4
 PREFETCH_SMALL = 16 << 20  # CRIU reads these itself, first; queuing them again only delays it
 
 
+RESIDENCY_WAIT_S = 5.0  # a reader waits this long for the weights' residency before reading them anyway
+
+
+class WeightsResidency:
+    """Whether every weight file was in the page cache when the restore began, found in a thread
+    of its own (mincore over 7 GB takes ~85 ms) while CRIU runs. The prefetch skips a cached dump
+    and the loader does not check it again; until the answer is in, both act as if it were not
+    cached (the prefetch waits at most RESIDENCY_WAIT_S)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.files: set[str] = set()
+        self._resident: Optional[bool] = None
+        self._done = threading.Event()
+        threading.Thread(target=self._find, name="fv-residency", daemon=True).start()
+
+    def _find(self) -> None:
+        try:
+            files = [p for p in self.folder.rglob("*") if p.is_file()]
+            self.files = {str(p) for p in files}
+            self._resident = bool(files) and all(missing_pages(p) == 0 for p in files)
+        except OSError:
+            self._resident = False  # unreadable here: the readers and the loader find out themselves
+        finally:
+            self._done.set()
+
+    def resident(self, timeout: float = 0.0) -> bool:
+        """True once the check found every weight file cached; False if it did not, or has not
+        answered within TIMEOUT seconds."""
+        self._done.wait(timeout)
+        return bool(self._resident)
+
+
+class Prefetch:
+    """What a prefetch started: the vmtouch processes (FV_PREFETCH=vmtouch) and the weights'
+    residency."""
+
+    def __init__(self, procs: list[subprocess.Popen], weights: WeightsResidency) -> None:
+        self.procs, self.weights = procs, weights
+
+
 def prefetch(layout: Layout, check: Optional[PageCheck] = None,
-             stop: Optional[threading.Event] = None) -> list[subprocess.Popen]:
+             stop: Optional[threading.Event] = None) -> Prefetch:
     """Bring the checkpoint's memory images, then the weights, into the page cache while CRIU
     restores, so each is in memory by the time its reader gets there; hand every piece of a
     memory image read to CHECK, which compares it with the bake's digest.
@@ -30,19 +74,21 @@ def prefetch(layout: Layout, check: Optional[PageCheck] = None,
     full speed in the order the restore needs, and no more than 32 MiB is ever queued ahead of
     CRIU's own reads. FV_PREFETCH=vmtouch: `vmtouch -t` of both folders at once (the way of
     earlier versions). FV_PREFETCH=off: nothing ahead of the readers. With either of the last
-    two, the threads still read the memory images for CHECK. Setting STOP ends the reads (a
-    normal start after a failed restore must not share the disk with them). Returns the
-    processes started."""
+    two, the threads still read the memory images for CHECK. A weight file found all cached
+    (WeightsResidency) is not read. Setting STOP ends the reads (a normal start after a failed
+    restore must not share the disk with them)."""
     mode = os.environ.get("FV_PREFETCH", "read")
     folders = (layout.images_dir, layout.weights_dir)
+    weights = WeightsResidency(layout.weights_dir)
     procs: list[subprocess.Popen] = []
     if mode == "vmtouch" and shutil.which("vmtouch"):
         procs = [subprocess.Popen(["vmtouch", "-qt", str(d)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL) for d in folders]
     work = plan(folders if mode == "read" else (), check)
     if work:
-        threading.Thread(target=_read_ahead, args=(work, check, stop), name="fv-prefetch", daemon=True).start()
-    return procs
+        threading.Thread(target=_read_ahead, args=(work, check, stop, weights), name="fv-prefetch",
+                         daemon=True).start()
+    return Prefetch(procs, weights)
 
 
 def plan(folders: Sequence[Path], check: Optional[PageCheck] = None) -> list[tuple[str, int, int]]:
@@ -74,10 +120,17 @@ def plan(folders: Sequence[Path], check: Optional[PageCheck] = None) -> list[tup
 
 
 def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck],
-                stop: Optional[threading.Event] = None) -> None:
+                stop: Optional[threading.Event] = None, weights: Optional[WeightsResidency] = None) -> None:
     jobs = iter(work)
     lock = threading.Lock()
     size = max(n for _, _, n in work)
+    checked = set(check.paths()) if check else set()
+
+    def cached(path: str) -> bool:
+        """A weight file nobody checks, found all cached: reading it again only costs bandwidth."""
+        if weights is None or path in checked:
+            return False
+        return weights.resident(RESIDENCY_WAIT_S) and path in weights.files
 
     def reader() -> None:
         buf = bytearray(size)
@@ -89,6 +142,8 @@ def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]
                 if job is None or (stop is not None and stop.is_set()):
                     return
                 path, off, n = job
+                if cached(path):
+                    continue
                 try:
                     fd = fds.get(path)
                     if fd is None:
@@ -107,3 +162,5 @@ def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]
     threads = [threading.Thread(target=reader, daemon=True) for _ in range(PREFETCH_THREADS)]
     for t in threads:
         t.start()
+    for t in threads:  # (in the prefetch's own thread: nothing else waits on this)
+        t.join()

@@ -29,6 +29,7 @@ from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
 from .output import log
 from .pagecheck import PageCheck
+from .prefetch import WeightsResidency
 from .timeline import Timeline
 
 PROBE_LOGPROB_TOL = 1e-3
@@ -145,6 +146,7 @@ class RestoreState:
     ctl: Optional[ServerControl] = None
     tree: Optional[RestoredTree] = None
     step_timeout_s: float = STEP_TIMEOUT_S  # bound of each call to the restored server: step_timeout()
+    residency: Optional[WeightsResidency] = None  # the prefetch's finding: is the weight dump all cached?
 
     @property
     def gpu(self) -> bool:
@@ -198,11 +200,14 @@ def criu_restore(s: RestoreState) -> None:
 
 def load_weights(s: RestoreState) -> None:
     """The weights back from the dump, every tensor checked against its checksum, with this
-    start's FV_LOAD_* settings. (The KV cache wakes after, not beside: both take the driver's
+    start's FV_LOAD_* settings; the loader is told when the prefetch found the dump all cached,
+    so it does not check again. (The KV cache wakes after, not beside: both take the driver's
     locks; overlapping them measured no faster.)"""
     if s.gpu:
         s.ctl.wake_up(["weights"], timeout=s.step_timeout_s)
-    stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings(), timeout=s.step_timeout_s)
+    cached = s.residency is not None and s.residency.resident()
+    stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings(), cached,
+                      timeout=s.step_timeout_s)
     log(f"weights: {stats}")
 
 

@@ -143,9 +143,10 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
             # 0.24 s slower that way (bench/fvboot_ab.py --cold: CRIU's own small reads then queue
             # behind them). _supervise reaps the readers.
             check = PageCheck(layout.home, m.files)
-            prefetch(layout, check, stop_reading)
+            ahead = prefetch(layout, check, stop_reading)
             return restore.run(restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check,
-                                                    step_timeout_s=restore.step_timeout()))
+                                                    step_timeout_s=restore.step_timeout(),
+                                                    residency=ahead.weights))
     except Exception as e:  # every failure of the restore path ends in the normal start
         stop_reading.set()  # the normal start must not share the disk with reads nobody needs
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"

@@ -121,18 +121,19 @@ class FastVllmWorkerExtension:
         return {"bytes": freed, "rss_before": rss, "rss_after": _rss()}
 
     def fv_load_weights(self, directory: str, verify: bool = True,
-                        settings: dict[str, str] | None = None) -> dict[str, Any]:
+                        settings: dict[str, str] | None = None, cached: bool = False) -> dict[str, Any]:
         """Refill the released weights from the dump. Every byte is checked against the
         checksums recorded at the dump by default: the probe cannot reach every weight, and a
         damaged byte elsewhere would be served as a wrong answer. SETTINGS: this start's
-        FV_LOAD_* values (this process's environment is the bake's)."""
-        verify = _flag(verify)
+        FV_LOAD_* values (this process's environment is the bake's). CACHED: the caller has
+        just found the dump all in the page cache (the loader need not check)."""
+        verify, cached = _flag(verify), _flag(cached)
         if settings is not None:
             apply_load_settings(settings)
         t0 = time.perf_counter()
         w = self._fv_weights()
         try:
-            stats = load_into(self._fv_path(directory), w.targets(), verify=verify)
+            stats = load_into(self._fv_path(directory), w.targets(), verify=verify, known_resident=cached)
             w.finish_load()
         except BaseException:
             w.release()  # never leave half-filled weights that look loaded

@@ -27,9 +27,10 @@ from .stats import LoadStats, TransferStats
 
 
 def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], verify: bool = False,
-              threads: int | None = None) -> LoadStats:
+              threads: int | None = None, known_resident: bool = False) -> LoadStats:
     """Fill existing tensors in place from ``path``; CPU targets get the bytes directly, CUDA
-    targets go through :func:`load_tensors` (unless ``FV_GPU_LOADER=0``)."""
+    targets go through :func:`load_tensors` (unless ``FV_GPU_LOADER=0``). KNOWN_RESIDENT: the
+    caller has just found the whole file in the page cache (see :func:`load_tensors`)."""
     t0 = time.perf_counter()
     idx = read_index(path)
     missing = sorted(set(idx.entries) - set(targets))
@@ -39,7 +40,7 @@ def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], veri
                               f"; not in file: {extra[:5]}{'...' if len(extra) > 5 else ''}")
     for k, e in idx.entries.items():
         check_target(e, targets[k])
-    details = _load_cuda(path, idx, targets, verify, threads)
+    details = _load_cuda(path, idx, targets, verify, threads, known_resident)
     rest = [e for e in idx.entries.values() if details is None or e.key not in details["keys"]]
     if details is not None:
         del details["keys"]
@@ -84,7 +85,7 @@ def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], veri
 
 
 def _load_cuda(path, idx: WeightIndex, targets: Mapping[str, torch.Tensor], verify: bool,
-               threads: int | None) -> dict[str, Any] | None:
+               threads: int | None, known_resident: bool = False) -> dict[str, Any] | None:
     """Fill the CUDA targets with the GPU paths (verify on the way, no read-back); None when
     there are none or ``FV_GPU_LOADER=0``."""
     by_dev: dict[Any, list[WeightEntry]] = {}
@@ -98,7 +99,7 @@ def _load_cuda(path, idx: WeightIndex, targets: Mapping[str, torch.Tensor], veri
     runs, keys = [], set()
     for group in by_dev.values():
         st = load_tensors(path, group, [targets[e.key] for e in group],
-                          idx.checksum if verify else None, cfg)
+                          idx.checksum if verify else None, cfg, known_resident=known_resident)
         runs.append(st.as_dict())
         keys.update(e.key for e in group)
     return {"gpu": runs, "keys": keys}
@@ -106,7 +107,8 @@ def _load_cuda(path, idx: WeightIndex, targets: Mapping[str, torch.Tensor], veri
 
 def load_tensors(path: str | os.PathLike, entries: Sequence[WeightEntry],
                  tensors: Sequence[torch.Tensor], checksum: str | None = None,
-                 config: Config | None = None, engine: Any = None) -> TransferStats:
+                 config: Config | None = None, engine: Any = None,
+                 known_resident: bool = False) -> TransferStats:
     """Fill ``tensors`` (contiguous, one CUDA device, already checked against ``entries``) from
     the file; with ``checksum`` (the index's algorithm) verify every entry on the way.
 
@@ -117,12 +119,15 @@ def load_tensors(path: str | os.PathLike, entries: Sequence[WeightEntry],
     in its buffers. ``engine`` (tests, benchmarks) forces the ring with that copy engine.
 
     With O_DIRECT asked for, a file system that refuses it (at open or at the first reads)
-    gets the page-cache path instead, and the stats' notes say so."""
+    gets the page-cache path instead, and the stats' notes say so. ``known_resident``: the
+    caller has just found the whole file in the page cache, so the page-cache path does not
+    check it again."""
     cfg = config or Config.from_env()
     skipped = None
     if engine is None and not cfg.odirect and cfg.register and entries:
         try:
-            return load_registered(path, entries, tensors, checksum, cfg.threads or verify_threads())
+            return load_registered(path, entries, tensors, checksum, cfg.threads or verify_threads(),
+                                   known_resident=known_resident, register_threads=cfg.register_threads)
         except PageCachePathUnavailable as exc:
             skipped = f"pinned ring, not the page-cache path: {exc}"
     try:

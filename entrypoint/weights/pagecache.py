@@ -14,23 +14,23 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import torch
 
+from ..residency import PAGE, FileMapping
 from .fileformat import WeightEntry, entry_hasher, flat_bytes, mismatch
 from .pipeline import one_device
 from .plan import windows
 from .settings import GpuLoaderError
 from .stats import TransferStats
 
-MINCORE_SPAN = 1 << 30  # bytes per mincore(2) call when residency is checked that way
 REGISTER_WINDOW = 1 << 30  # measured best of 64 MiB / 256 MiB / 1 GiB (bench/gpu_register_load.py)
 _HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
-_PROT_READ, _MAP_SHARED = 1, 1
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = PAGE
 
 
 class PageCachePathUnavailable(GpuLoaderError):
@@ -44,93 +44,6 @@ class NotResident(PageCachePathUnavailable):
 
 class RegisterRefused(PageCachePathUnavailable):
     """The driver would not page-lock the mapped file."""
-
-
-# --------------------------------------------------------------------------------------------
-# residency and the mapping
-
-_LOW_BIT = bytes(b & 1 for b in range(256))
-_SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451}.get(os.uname().machine)
-
-
-class _CachestatRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Cachestat(ctypes.Structure):
-    _fields_ = [("nr_cache", ctypes.c_uint64), ("nr_dirty", ctypes.c_uint64),
-                ("nr_writeback", ctypes.c_uint64), ("nr_evicted", ctypes.c_uint64),
-                ("nr_recently_evicted", ctypes.c_uint64)]
-
-
-def _cachestat_pages(libc: Any, fd: int, size: int) -> int | None:
-    """Pages of the file's first SIZE bytes in the page cache, or None where cachestat(2) is
-    missing (kernel < 6.5) or filtered (seccomp)."""
-    if _SYS_CACHESTAT is None:
-        return None
-    rng, st = _CachestatRange(0, size), _Cachestat()
-    if libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
-        return None
-    return int(st.nr_cache)
-
-
-class FileMapping:
-    """A read-only shared mapping of a whole file (libc mmap: Python's mmap object cannot hand
-    out the address of a read-only mapping)."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.mmap.restype = ctypes.c_void_p
-        self.libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                                   ctypes.c_int, ctypes.c_long]
-        self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self.libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        self.fd, self.size = fd, size
-        addr = self.libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap of the weight file failed")
-        self.addr: int = addr
-
-    @property
-    def pages(self) -> int:
-        return (self.size + _PAGE - 1) // _PAGE
-
-    def resident(self) -> bool:
-        """Is every page of the file in the page cache?"""
-        return self.missing_pages() == 0
-
-    def missing_pages(self) -> int:
-        """Pages of the file not in the page cache. cachestat(2) (Linux 6.5+) counts them in
-        one call. It counts the cache of the file it is given, and a file of a container's image
-        layer is an overlayfs file, which has none: its pages are cached under the layer's own
-        file, so there cachestat says 0 whatever is cached (every GPU restore in a container took
-        the slower pinned ring because of it). mincore(2) over the mapping sees the pages the
-        mapping reads, overlayfs or not: it decides whenever cachestat does not say "all"."""
-        counted = _cachestat_pages(self.libc, self.fd, self.size)
-        if counted is not None and counted >= self.pages:
-            return 0
-        return self._mincore_missing()
-
-    def _mincore_missing(self, span: int = MINCORE_SPAN) -> int:
-        """mincore(2) over the mapping, SPAN bytes per call in threads (~85 ms for 7 GB in one
-        call on an H100 host; the calls release the GIL). A span mincore refuses counts whole."""
-        def missing(off: int) -> int:
-            length = min(span, self.size - off)
-            n = (length + _PAGE - 1) // _PAGE
-            vec = (ctypes.c_ubyte * n)()
-            if self.libc.mincore(self.addr + off, length, vec) != 0:
-                return n
-            # bit 0 of each byte: that page is resident (the other bits are reserved)
-            return bytes(vec).translate(_LOW_BIT).count(0)
-
-        offsets = range(0, self.size, span)
-        if len(offsets) == 1:
-            return missing(0)
-        with ThreadPoolExecutor(min(8, len(offsets))) as pool:
-            return sum(pool.map(missing, offsets))
-
-    def close(self) -> None:
-        self.libc.munmap(self.addr, self.size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,58 +110,86 @@ def _clear_last_cuda_error() -> None:
 
 def _copy_windows(entries: Sequence[WeightEntry], tensors: Sequence[torch.Tensor],
                   mapping: FileMapping, device: torch.device, streams: int = 2,
-                  window: int = REGISTER_WINDOW) -> tuple[float, int, float]:
+                  window: int = REGISTER_WINDOW, threads: int = 1) -> tuple[float, int, float]:
     """Page-lock each window of the mapped file in place (cudaHostRegister, read-only) and let
     the GPU copy the tensors out of it; registering window i+1 overlaps the copies of window i.
-    Returns (transfer seconds, windows, seconds spent in cudaHostRegister)."""
-    cudart = torch.cuda.cudart()
-    flats = [flat_bytes(t) for t in tensors]
+    Registration, not the copies, bounds this path (~50 ms per GiB on an H200, one thread):
+    THREADS > 1 registers that many windows at once, each thread copying its own windows on
+    its own stream. Returns (transfer seconds, windows, seconds spent in cudaHostRegister, the
+    longest thread's)."""
     plan_ = windows([(e.offset, e.nbytes) for e in entries], window)
-    with torch.cuda.device(device):
-        ss = [torch.cuda.Stream(device=device) for _ in range(streams)]
+    flats = [flat_bytes(t) for t in tensors]
+    threads = max(1, min(threads, len(plan_)))
     torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    if threads == 1:
+        registering = _register_and_copy(plan_, flats, mapping, device, streams, None)
+    else:
+        failed = threading.Event()  # one thread's refusal stops the others at their next window
+        with ThreadPoolExecutor(threads) as pool:
+            jobs = [pool.submit(_register_and_copy, plan_[k::threads], flats, mapping, device, 1, failed)
+                    for k in range(threads)]
+            registering = max(job.result() for job in jobs)
+    return time.perf_counter() - t0, len(plan_), registering
+
+
+def _register_and_copy(plan_: Sequence[Any], flats: Sequence[torch.Tensor], mapping: FileMapping,
+                       device: torch.device, streams: int, failed: threading.Event | None) -> float:
+    """_copy_windows' loop over some windows, on this thread: register one, queue its copies,
+    unregister those whose copies are done. Returns the seconds spent registering."""
+    cudart = torch.cuda.cudart()
     inflight: list[tuple[int, Any, torch.Tensor]] = []
     registering = 0.0
-    t0 = time.perf_counter()
-    try:
-        for k, w in enumerate(plan_):
-            woff = w.offset
-            span = min(-(-w.length // _PAGE) * _PAGE, -(-mapping.size // _PAGE) * _PAGE - woff)
-            tr = time.perf_counter()
-            err = int(cudart.cudaHostRegister(mapping.addr + woff, span, _HOST_REGISTER_READ_ONLY))
-            registering += time.perf_counter() - tr
-            if err != 0:
-                _clear_last_cuda_error()  # else torch's next launch check reports this error
-                raise RegisterRefused(f"cudaHostRegister of the mapped weight file failed (error {err})")
-            host = torch.frombuffer((ctypes.c_ubyte * span).from_address(mapping.addr + woff),
-                                    dtype=torch.uint8)
-            inflight.append((mapping.addr + woff, None, host))
-            s = ss[k % streams]
-            with torch.cuda.stream(s):
-                for p in w.pieces:
-                    flats[p.entry][p.src:p.src + p.length].copy_(host[p.buf:p.buf + p.length],
-                                                                 non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(s)
-            inflight[-1] = (mapping.addr + woff, ev, host)
-            while len(inflight) > streams:
-                addr, ev, _ = inflight.pop(0)
-                ev.synchronize()
+    with torch.cuda.device(device):
+        ss = [torch.cuda.Stream(device=device) for _ in range(streams)]
+        try:
+            for k, w in enumerate(plan_):
+                if failed is not None and failed.is_set():
+                    return registering
+                woff = w.offset
+                span = min(-(-w.length // _PAGE) * _PAGE, -(-mapping.size // _PAGE) * _PAGE - woff)
+                tr = time.perf_counter()
+                err = int(cudart.cudaHostRegister(mapping.addr + woff, span, _HOST_REGISTER_READ_ONLY))
+                registering += time.perf_counter() - tr
+                if err != 0:
+                    _clear_last_cuda_error()  # else torch's next launch check reports this error
+                    if failed is not None:
+                        failed.set()
+                    raise RegisterRefused(f"cudaHostRegister of the mapped weight file failed (error {err})")
+                host = torch.frombuffer((ctypes.c_ubyte * span).from_address(mapping.addr + woff),
+                                        dtype=torch.uint8)
+                inflight.append((mapping.addr + woff, None, host))
+                s = ss[k % streams]
+                with torch.cuda.stream(s):
+                    for p in w.pieces:
+                        flats[p.entry][p.src:p.src + p.length].copy_(host[p.buf:p.buf + p.length],
+                                                                     non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(s)
+                inflight[-1] = (mapping.addr + woff, ev, host)
+                while len(inflight) > streams:
+                    addr, ev, _ = inflight.pop(0)
+                    ev.synchronize()
+                    cudart.cudaHostUnregister(addr)
+        finally:
+            for s in ss:  # no copy may still read what we unregister and unmap
+                s.synchronize()
+            for addr, _, _ in inflight:
                 cudart.cudaHostUnregister(addr)
-    finally:
-        torch.cuda.synchronize(device)  # no copy may still read what we unregister and unmap
-        for addr, _, _ in inflight:
-            cudart.cudaHostUnregister(addr)
-    return time.perf_counter() - t0, len(plan_), registering
+    return registering
 
 
 def load_registered(path: str | os.PathLike, entries: Sequence[WeightEntry],
                     tensors: Sequence[torch.Tensor], checksum: str | None = None,
-                    threads: int = 4) -> TransferStats:
+                    threads: int = 4, known_resident: bool = False,
+                    register_threads: int = 1) -> TransferStats:
     """The page-cache path; raises PageCachePathUnavailable (saying why) when the file is not
     all in the page cache (the ring then reads it: faster from disk) or the driver refuses to
     register it. With CHECKSUM, THREADS hash the mapped entries while the GPU copies them; a
-    mismatch raises."""
+    mismatch raises. KNOWN_RESIDENT: the caller has just found every page cached (the restore's
+    prefetch, while CRIU ran), so the check is not made again here (~85 ms for 7 GB); a page
+    evicted since is read in by the registration, slower but the same bytes. REGISTER_THREADS:
+    windows page-locked at once (see _copy_windows)."""
     t0 = time.perf_counter()
     path = os.fspath(path)
     device = one_device(tensors)
@@ -259,20 +200,24 @@ def load_registered(path: str | os.PathLike, entries: Sequence[WeightEntry],
         size = os.fstat(fd).st_size
         mapping = FileMapping(fd, size)
         try:
-            missing = mapping.missing_pages()
+            missing = 0 if known_resident else mapping.missing_pages()
             if missing:
                 raise NotResident(f"{missing} of the file's {mapping.pages} pages are not in the page cache")
             t1 = time.perf_counter()
             with MappedVerifier(mapping, entries, checksum, path, threads) as verifier:
-                took, n_windows, registering = _copy_windows(entries, tensors, mapping, device)
+                took, n_windows, registering = _copy_windows(entries, tensors, mapping, device,
+                                                             threads=register_threads)
                 verifier.result()  # before the mapping goes: raises on a mismatch
         finally:
             mapping.close()
     finally:
         os.close(fd)
     nbytes = sum(e.nbytes for e in entries)
+    by = f", {register_threads} threads" if register_threads > 1 else ""
     notes = [f"page cache registered in place (cudaHostRegister, read-only windows: {n_windows} in"
-             f" {registering:.3f} s of the {took:.3f} s)"]
+             f" {registering:.3f} s of the {took:.3f} s{by})"]
+    if known_resident:
+        notes.append("residency as the prefetch found it (not checked again)")
     if checksum:
         notes.append(f"{checksum} of every entry checked from the page cache in {verifier.seconds:.3f} s")
     return TransferStats("load", nbytes, nbytes, len(entries), n_windows, time.perf_counter() - t0,

@@ -312,10 +312,10 @@ def test_the_weight_dump_in_an_image_layer_is_seen_in_the_page_cache(baked_image
     """In a container the weight dump is an overlayfs file, whose own page cache cachestat(2)
     counts as empty whatever is cached: the GPU restore then never took its page-cache path.
     After a read, fvboot's residency check must say "all cached" there."""
-    code = ("import os; from fvboot.weights import pagecache\n"
+    code = ("import os; from fvboot import residency\n"
             "p = '/fv/weights/rank0.fvw'; open(p, 'rb').read(); fd = os.open(p, os.O_RDONLY)\n"
-            "m = pagecache.FileMapping(fd, os.fstat(fd).st_size)\n"
-            "print(pagecache._cachestat_pages(m.libc, fd, m.size), m.resident())")
+            "m = residency.FileMapping(fd, os.fstat(fd).st_size)\n"
+            "print(residency.cachestat_pages(m.libc, fd, m.size), m.resident())")
     # the restore's own flags: Docker's default seccomp profile would refuse cachestat, hiding it
     r = subprocess.run(["docker", "run", "--rm", *CAPS, "--entrypoint", "python3", baked_image, "-c", code],
                        capture_output=True, text=True, timeout=300)

@@ -22,3 +22,71 @@ def test_prefetch_reads_the_biggest_memory_image_first_then_the_weights(tmp_path
     assert w[0] == (0, prefetch.PREFETCH_CHUNK) and w[-1][0] + w[-1][1] == 2 * big + 5
     assert all(n <= prefetch.PREFETCH_CHUNK for _, _, n in work)
 
+
+
+def _dump_folders(tmp_path, cached: bool):
+    """An images folder with one big memory image and a weights folder whose dump is cached
+    (read once) or not (written, synced and dropped from the page cache)."""
+    import os
+
+    from fvboot import prefetch
+
+    images, weights = tmp_path / "checkpoint" / "images", tmp_path / "weights"
+    images.mkdir(parents=True)
+    weights.mkdir()
+    (images / "pages-1.img").write_bytes(b"\1" * prefetch.PREFETCH_SMALL)
+    dump = weights / "rank0.fvw"
+    dump.write_bytes(os.urandom(prefetch.PREFETCH_SMALL + 4096))
+    fd = os.open(dump, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # a dirty page is not dropped
+        if cached:
+            while os.read(fd, 1 << 20):
+                pass
+        else:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return images, weights, dump
+
+
+def _files_read(monkeypatch, images, weights):
+    """The files the prefetch's readers read, with the weights' residency found as a restore does."""
+    import os
+
+    from fvboot import prefetch
+
+    read: list[str] = []
+    real = os.preadv
+
+    def preadv(fd, bufs, off):
+        read.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(prefetch.os, "preadv", preadv)
+    residency = prefetch.WeightsResidency(weights)
+    prefetch._read_ahead(prefetch.plan([images, weights]), None, None, residency)
+    return set(read), residency
+
+
+def test_a_cached_weight_dump_is_not_read_again(tmp_path, monkeypatch):
+    """A warm start: the dump is all in the page cache, so the prefetch leaves it alone (7 GB of
+    copies would compete with CRIU and the CUDA resume) and says so to the loader."""
+    images, weights, dump = _dump_folders(tmp_path, cached=True)
+    read, residency = _files_read(monkeypatch, images, weights)
+    assert read == {str(images / "pages-1.img")}
+    assert residency.resident()
+
+
+def test_a_weight_dump_not_cached_is_read_ahead(tmp_path, monkeypatch):
+    """A cold start: the dump is read ahead of the loader, and the loader is not told it is cached."""
+    images, weights, dump = _dump_folders(tmp_path, cached=False)
+    read, residency = _files_read(monkeypatch, images, weights)
+    assert read == {str(images / "pages-1.img"), str(dump)}
+    assert not residency.resident()
+
+
+def test_no_weights_folder_is_not_resident(tmp_path):
+    from fvboot import prefetch
+
+    assert not prefetch.WeightsResidency(tmp_path / "absent").resident(timeout=5)

@@ -165,3 +165,28 @@ def test_the_bound_of_each_call_to_the_restored_server_is_a_setting(monkeypatch)
         monkeypatch.setenv(restore.STEP_TIMEOUT_ENV, bad)
         with pytest.raises(CheckpointUnusable, match=f"FV_RESTORE_STEP_TIMEOUT_S='{bad}' is not a number"):
             restore.step_timeout()
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_the_loader_is_told_what_the_prefetch_found_cached(tmp_path, cached):
+    """The weight step passes on the prefetch's finding (a dump found all cached is not checked
+    again in the worker), wakes the weights first on a GPU, and bounds the call."""
+    calls = []
+
+    class Ctl:
+        def wake_up(self, tags, timeout):
+            calls.append(("wake_up", tags, timeout))
+
+        def rpc(self, method, *args, timeout):
+            calls.append((method, args, timeout))
+            return [{"bytes": 1}]
+
+    layout, m = _manifest(tmp_path, {"kind": "cuda", "driver": "580",
+                                     "gpus": [{"name": "NVIDIA H200", "uuid": "GPU-1", "driver": "580"}]})
+    residency = types.SimpleNamespace(resident=lambda: cached)
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, Ctl(),
+                                 step_timeout_s=7, residency=residency)
+    restore.load_weights(state)
+    assert calls[0] == ("wake_up", ["weights"], 7)
+    method, args, timeout = calls[1]
+    assert (method, args[0], args[1], args[3], timeout) == ("fv_load_weights", str(layout.weights_dir), True, cached, 7)

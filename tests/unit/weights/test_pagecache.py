@@ -17,79 +17,11 @@ from fvboot.weights import pagecache
 from weights_testdata import MIB, flip_bit, fvw  # noqa: F401 - fvw is a fixture
 
 
-def test_file_mapping_residency(tmp_path):
-    """A file never read is not resident (its pages are holes, nothing cached); once read, it is."""
-    path = tmp_path / "w.bin"
-    with path.open("wb") as f:
-        f.truncate(1 << 20)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        m = pagecache.FileMapping(fd, 1 << 20)
-        try:
-            assert not m.resident()
-            while os.read(fd, 1 << 16):
-                pass
-            assert m.resident()
-        finally:
-            m.close()
-    finally:
-        os.close(fd)
-
-
-def test_missing_pages_are_counted(tmp_path):
-    """A file never read misses every page; the load's note says how many (why the ring ran)."""
-    path = tmp_path / "w.bin"
-    with path.open("wb") as f:
-        f.truncate(3 * MIB + 1)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        m = pagecache.FileMapping(fd, 3 * MIB + 1)
-        try:
-            assert m.missing_pages() == m.pages == 3 * MIB // pagecache._PAGE + 1
-        finally:
-            m.close()
-    finally:
-        os.close(fd)
-
-
 def test_the_page_cache_path_says_why_it_cannot_load(fvw):
     path, src = fvw
     idx = wf.read_index(path)
     with pytest.raises(pagecache.PageCachePathUnavailable, match="on cpu, not on a CUDA device"):
         pagecache.load_registered(path, list(idx.entries.values()), [torch.zeros_like(t) for t in src.values()])
-
-
-def test_residency_without_cachestat_uses_mincore(tmp_path, monkeypatch):
-    monkeypatch.setattr(pagecache, "_cachestat_pages", lambda *a: None)
-    test_file_mapping_residency(tmp_path)
-
-
-def test_a_cachestat_that_sees_nothing_is_checked_with_mincore(tmp_path, monkeypatch):
-    """cachestat of an overlayfs file (a container's image layer) counts 0 cached pages whatever
-    is cached; mincore over the mapping decides then (the e2e test runs the real overlayfs)."""
-    monkeypatch.setattr(pagecache, "_cachestat_pages", lambda *a: 0)
-    test_file_mapping_residency(tmp_path)
-
-
-@pytest.mark.parametrize("size", [5 * MIB + 4096 + 1, 3 * MIB])
-def test_mincore_in_spans_sees_the_end_missing(tmp_path, size):
-    """The threaded mincore checks every span, the last (short) one included. (The last MiB is
-    dropped, not one page: the page cache may hold the file in folios larger than a page.)"""
-    path = tmp_path / "w.bin"
-    path.write_bytes(os.urandom(size))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        m = pagecache.FileMapping(fd, size)
-        try:
-            assert m._mincore_missing(span=MIB) == 0
-            os.fsync(fd)  # written pages are dirty until then, and a dirty page is not dropped
-            start = (size - MIB) // 4096 * 4096
-            os.posix_fadvise(fd, start, size - start, os.POSIX_FADV_DONTNEED)
-            assert m._mincore_missing(span=MIB) > 0
-        finally:
-            m.close()
-    finally:
-        os.close(fd)
 
 
 def _verify_all_mapped(path, threads: int = 3) -> float:
