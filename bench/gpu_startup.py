@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,8 +176,17 @@ def phase_bake(env: dict) -> dict:
 LEGACY = {"FV_CUDA_CHECKPOINT_SERVICE": "0", "FV_RESTORE_THP": "0"}  # how the previous stop restored
 # FV_BENCH_VARIANTS (comma-separated, default "legacy,no-thp,vmtouch"): the restores measured
 # beside the shipped ones; "map-pages" adds warm and cold restores with memory mapped from the
-# checkpoint (criu-patches/0003), FV_BENCH_VARIANT_RUNS (default 1) warm ones each
+# checkpoint (criu-patches/0003); NAME=VALUE: warm restores with that setting;
+# FV_BENCH_VARIANT_RUNS (default 1) warm ones each
 VARIANTS = {"legacy": LEGACY, "no-thp": {"FV_RESTORE_THP": "0"}, "map-pages": {"FV_RESTORE_MAP_PAGES": "1"}}
+
+
+def variant_env(v: str) -> dict | None:
+    """The settings of variant V: a named one, or NAME=VALUE; None for what is not a warm variant."""
+    if v in VARIANTS:
+        return VARIANTS[v]
+    name, eq, value = v.partition("=")
+    return {name: value} if eq and name else None
 
 
 def _restores(env: dict, warm: int) -> dict:
@@ -188,9 +198,11 @@ def _restores(env: dict, warm: int) -> dict:
     for i in range(warm):
         res[f"restore_warm_{i + 1}"] = serve_once(env, f"restore-warm-{i + 1}")
     for v in chosen:
-        for i in range(runs if v in VARIANTS else 0):
-            key = v.replace("-", "_") + (f"_{i + 1}" if runs > 1 else "")
-            res[f"restore_warm_{key}"] = serve_once(env, f"restore-warm-{v}-{i + 1}", VARIANTS[v])
+        extra = variant_env(v)
+        for i in range(runs if extra is not None else 0):
+            slug = re.sub(r"[^a-z0-9]+", "_", v.lower()).strip("_")
+            key = slug + (f"_{i + 1}" if runs > 1 else "")
+            res[f"restore_warm_{key}"] = serve_once(env, f"restore-warm-{slug}-{i + 1}", extra)
     drop_caches()
     res["restore_cold"] = serve_once(env, "restore-cold")
     if "vmtouch" in chosen:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import cpustate
 from .launcher import apply_load_settings
 from .weights import load_into, release_pinned_cache, write_weights
 from .weights.collection import WeightCollectionError, fingerprint, malloc_trim
@@ -128,6 +129,8 @@ class FastVllmWorkerExtension:
         FV_LOAD_* values (this process's environment is the bake's). CACHED: the caller has
         just found the dump all in the page cache (the loader need not check)."""
         verify, cached = _flag(verify), _flag(cached)
+        # first after a restore, before anything can run an AMX kernel (the bake recorded it)
+        regained = cpustate.request(getattr(self, "_fv_cpu_features", 0))
         if settings is not None:
             apply_load_settings(settings)
         t0 = time.perf_counter()
@@ -142,6 +145,8 @@ class FastVllmWorkerExtension:
         out = {"bytes": stats.bytes, "tensors": stats.tensors, "read_seconds": round(stats.seconds, 4),
                "seconds": round(dt, 4), "gb_per_s": round(stats.bytes / dt / 1e9, 3),
                "verified": verify, "rss": _rss()}
+        if regained:
+            out["cpu_features_regained"] = regained
         if stats.details:
             out["transfer"] = stats.details
         return out
@@ -153,6 +158,8 @@ class FastVllmWorkerExtension:
         import gc
 
         rss = _rss()
+        # the CPU features this process was permitted (AMX tile data): a restore asks again
+        self._fv_cpu_features = cpustate.permitted()
         gc.collect()
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if cuda:
@@ -160,7 +167,7 @@ class FastVllmWorkerExtension:
             torch.cuda.empty_cache()
             release_pinned_cache()
         malloc_trim()
-        out = {"rss_before": rss, "rss_after": _rss()}
+        out = {"rss_before": rss, "rss_after": _rss(), "cpu_features": hex(self._fv_cpu_features)}
         if cuda:
             free, total = torch.cuda.mem_get_info()
             out["gpu_used_bytes"] = total - free  # what the CUDA checkpoint will copy to the host
