@@ -164,7 +164,7 @@ def one_file(path: Path, label: str, dst: torch.Tensor, reps: int) -> dict:
                 ("FV_LOAD_REGISTER_THREADS=8, 256 MiB windows",
                  lambda mm: pagecache._copy_windows(ents, flats, mm, dst.device, threads=8, window=256 << 20)[::2]),
                 ("4 threads, 256 MiB windows (bench's own loop)", lambda mm: copy_parallel(mm, dst, 256 << 20, 4)),
-                ("whole file, one registration", copy_whole),
+                ("whole file, one registration", lambda mm: copy_whole(mm, dst)),
             ):
                 mm = fresh()
                 try:
