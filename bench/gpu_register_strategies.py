@@ -8,8 +8,9 @@ timed here alone and in other shapes, on one file in the page cache, read plainl
 overlayfs mount (what a container sees):
 
 - mincore over the mapping (today's residency check in a container);
-- registration + copies: the loader's loop (``pagecache._copy_windows``) with one thread (as
-  before 2026-12-03) and with FV_LOAD_REGISTER_THREADS windows registered at once, one
+- registration + copies: the loader's loop (``pagecache._copy_windows``, one thread), windows
+  registered by several threads at once (2026-12-03's run named these rows after
+  FV_LOAD_REGISTER_THREADS, a setting of the loader then, removed for giving nothing), one
   registration of the whole file;
 - the hash alone (MappedVerifier, no copies), and the two together as the restore runs them;
 - a checksum computed on the GPU over the copied bytes, for comparison.
@@ -159,11 +160,10 @@ def one_file(path: Path, label: str, dst: torch.Tensor, reps: int) -> dict:
         for rep in range(reps):
             for name, fn in (
                 ("today: one thread, 1 GiB windows", lambda mm: pagecache._copy_windows(ents, flats, mm, dst.device)[::2]),
-                ("FV_LOAD_REGISTER_THREADS=2", lambda mm: pagecache._copy_windows(ents, flats, mm, dst.device, threads=2)[::2]),
-                ("FV_LOAD_REGISTER_THREADS=4", lambda mm: pagecache._copy_windows(ents, flats, mm, dst.device, threads=4)[::2]),
-                ("FV_LOAD_REGISTER_THREADS=8, 256 MiB windows",
-                 lambda mm: pagecache._copy_windows(ents, flats, mm, dst.device, threads=8, window=256 << 20)[::2]),
-                ("4 threads, 256 MiB windows (bench's own loop)", lambda mm: copy_parallel(mm, dst, 256 << 20, 4)),
+                ("2 threads, 1 GiB windows", lambda mm: copy_parallel(mm, dst, GIB, 2)),
+                ("4 threads, 1 GiB windows", lambda mm: copy_parallel(mm, dst, GIB, 4)),
+                ("8 threads, 256 MiB windows", lambda mm: copy_parallel(mm, dst, 256 << 20, 8)),
+                ("4 threads, 256 MiB windows", lambda mm: copy_parallel(mm, dst, 256 << 20, 4)),
                 ("whole file, one registration", lambda mm: copy_whole(mm, dst)),
             ):
                 mm = fresh()

@@ -123,7 +123,7 @@ def server_env(runtime_file: Path, dev_mode: bool = True, extra: Optional[dict] 
 # The weight loader's settings (weights/settings.py). The restored worker's environment is the
 # bake's, so fvboot hands it this start's values with the load call (apply_load_settings).
 LOAD_SETTINGS = ("FV_LOAD_BUFFERS", "FV_LOAD_BUFFER_MB", "FV_LOAD_THREADS", "FV_LOAD_STREAMS",
-                 "FV_LOAD_ODIRECT", "FV_LOAD_REGISTER", "FV_LOAD_REGISTER_THREADS", "FV_GPU_LOADER")
+                 "FV_LOAD_ODIRECT", "FV_LOAD_REGISTER", "FV_GPU_LOADER")
 
 
 def load_settings(env: Optional[dict] = None) -> dict[str, str]:

@@ -127,7 +127,7 @@ def load_tensors(path: str | os.PathLike, entries: Sequence[WeightEntry],
     if engine is None and not cfg.odirect and cfg.register and entries:
         try:
             return load_registered(path, entries, tensors, checksum, cfg.threads or verify_threads(),
-                                   known_resident=known_resident, register_threads=cfg.register_threads)
+                                   known_resident=known_resident)
         except PageCachePathUnavailable as exc:
             skipped = f"pinned ring, not the page-cache path: {exc}"
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -110,86 +109,60 @@ def _clear_last_cuda_error() -> None:
 
 def _copy_windows(entries: Sequence[WeightEntry], tensors: Sequence[torch.Tensor],
                   mapping: FileMapping, device: torch.device, streams: int = 2,
-                  window: int = REGISTER_WINDOW, threads: int = 1) -> tuple[float, int, float]:
+                  window: int = REGISTER_WINDOW) -> tuple[float, int, float]:
     """Page-lock each window of the mapped file in place (cudaHostRegister, read-only) and let
     the GPU copy the tensors out of it; registering window i+1 overlaps the copies of window i.
-    Registration, not the copies, bounds this path (~50 ms per GiB on an H200, one thread):
-    THREADS > 1 registers that many windows at once, each thread copying its own windows on
-    its own stream. Returns (transfer seconds, windows, seconds spent in cudaHostRegister, the
-    longest thread's)."""
-    plan_ = windows([(e.offset, e.nbytes) for e in entries], window)
-    flats = [flat_bytes(t) for t in tensors]
-    threads = max(1, min(threads, len(plan_)))
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    if threads == 1:
-        registering = _register_and_copy(plan_, flats, mapping, device, streams, None)
-    else:
-        failed = threading.Event()  # one thread's refusal stops the others at their next window
-        with ThreadPoolExecutor(threads) as pool:
-            jobs = [pool.submit(_register_and_copy, plan_[k::threads], flats, mapping, device, 1, failed)
-                    for k in range(threads)]
-            registering = max(job.result() for job in jobs)
-    return time.perf_counter() - t0, len(plan_), registering
-
-
-def _register_and_copy(plan_: Sequence[Any], flats: Sequence[torch.Tensor], mapping: FileMapping,
-                       device: torch.device, streams: int, failed: threading.Event | None) -> float:
-    """_copy_windows' loop over some windows, on this thread: register one, queue its copies,
-    unregister those whose copies are done. Returns the seconds spent registering."""
+    Returns (transfer seconds, windows, seconds spent in cudaHostRegister)."""
     cudart = torch.cuda.cudart()
-    inflight: list[tuple[int, Any, torch.Tensor]] = []
-    registering = 0.0
+    flats = [flat_bytes(t) for t in tensors]
+    plan_ = windows([(e.offset, e.nbytes) for e in entries], window)
     with torch.cuda.device(device):
         ss = [torch.cuda.Stream(device=device) for _ in range(streams)]
-        try:
-            for k, w in enumerate(plan_):
-                if failed is not None and failed.is_set():
-                    return registering
-                woff = w.offset
-                span = min(-(-w.length // _PAGE) * _PAGE, -(-mapping.size // _PAGE) * _PAGE - woff)
-                tr = time.perf_counter()
-                err = int(cudart.cudaHostRegister(mapping.addr + woff, span, _HOST_REGISTER_READ_ONLY))
-                registering += time.perf_counter() - tr
-                if err != 0:
-                    _clear_last_cuda_error()  # else torch's next launch check reports this error
-                    if failed is not None:
-                        failed.set()
-                    raise RegisterRefused(f"cudaHostRegister of the mapped weight file failed (error {err})")
-                host = torch.frombuffer((ctypes.c_ubyte * span).from_address(mapping.addr + woff),
-                                        dtype=torch.uint8)
-                inflight.append((mapping.addr + woff, None, host))
-                s = ss[k % streams]
-                with torch.cuda.stream(s):
-                    for p in w.pieces:
-                        flats[p.entry][p.src:p.src + p.length].copy_(host[p.buf:p.buf + p.length],
-                                                                     non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(s)
-                inflight[-1] = (mapping.addr + woff, ev, host)
-                while len(inflight) > streams:
-                    addr, ev, _ = inflight.pop(0)
-                    ev.synchronize()
-                    cudart.cudaHostUnregister(addr)
-        finally:
-            for s in ss:  # no copy may still read what we unregister and unmap
-                s.synchronize()
-            for addr, _, _ in inflight:
+    torch.cuda.synchronize(device)
+    inflight: list[tuple[int, Any, torch.Tensor]] = []
+    registering = 0.0
+    t0 = time.perf_counter()
+    try:
+        for k, w in enumerate(plan_):
+            woff = w.offset
+            span = min(-(-w.length // _PAGE) * _PAGE, -(-mapping.size // _PAGE) * _PAGE - woff)
+            tr = time.perf_counter()
+            err = int(cudart.cudaHostRegister(mapping.addr + woff, span, _HOST_REGISTER_READ_ONLY))
+            registering += time.perf_counter() - tr
+            if err != 0:
+                _clear_last_cuda_error()  # else torch's next launch check reports this error
+                raise RegisterRefused(f"cudaHostRegister of the mapped weight file failed (error {err})")
+            host = torch.frombuffer((ctypes.c_ubyte * span).from_address(mapping.addr + woff),
+                                    dtype=torch.uint8)
+            inflight.append((mapping.addr + woff, None, host))
+            s = ss[k % streams]
+            with torch.cuda.stream(s):
+                for p in w.pieces:
+                    flats[p.entry][p.src:p.src + p.length].copy_(host[p.buf:p.buf + p.length],
+                                                                 non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(s)
+            inflight[-1] = (mapping.addr + woff, ev, host)
+            while len(inflight) > streams:
+                addr, ev, _ = inflight.pop(0)
+                ev.synchronize()
                 cudart.cudaHostUnregister(addr)
-    return registering
+    finally:
+        torch.cuda.synchronize(device)  # no copy may still read what we unregister and unmap
+        for addr, _, _ in inflight:
+            cudart.cudaHostUnregister(addr)
+    return time.perf_counter() - t0, len(plan_), registering
 
 
 def load_registered(path: str | os.PathLike, entries: Sequence[WeightEntry],
                     tensors: Sequence[torch.Tensor], checksum: str | None = None,
-                    threads: int = 4, known_resident: bool = False,
-                    register_threads: int = 1) -> TransferStats:
+                    threads: int = 4, known_resident: bool = False) -> TransferStats:
     """The page-cache path; raises PageCachePathUnavailable (saying why) when the file is not
     all in the page cache (the ring then reads it: faster from disk) or the driver refuses to
     register it. With CHECKSUM, THREADS hash the mapped entries while the GPU copies them; a
     mismatch raises. KNOWN_RESIDENT: the caller has just found every page cached (the restore's
     prefetch, while CRIU ran), so the check is not made again here (~85 ms for 7 GB); a page
-    evicted since is read in by the registration, slower but the same bytes. REGISTER_THREADS:
-    windows page-locked at once (see _copy_windows)."""
+    evicted since is read in by the registration, slower but the same bytes."""
     t0 = time.perf_counter()
     path = os.fspath(path)
     device = one_device(tensors)
@@ -205,17 +178,15 @@ def load_registered(path: str | os.PathLike, entries: Sequence[WeightEntry],
                 raise NotResident(f"{missing} of the file's {mapping.pages} pages are not in the page cache")
             t1 = time.perf_counter()
             with MappedVerifier(mapping, entries, checksum, path, threads) as verifier:
-                took, n_windows, registering = _copy_windows(entries, tensors, mapping, device,
-                                                             threads=register_threads)
+                took, n_windows, registering = _copy_windows(entries, tensors, mapping, device)
                 verifier.result()  # before the mapping goes: raises on a mismatch
         finally:
             mapping.close()
     finally:
         os.close(fd)
     nbytes = sum(e.nbytes for e in entries)
-    by = f", {register_threads} threads" if register_threads > 1 else ""
     notes = [f"page cache registered in place (cudaHostRegister, read-only windows: {n_windows} in"
-             f" {registering:.3f} s of the {took:.3f} s{by})"]
+             f" {registering:.3f} s of the {took:.3f} s)"]
     if known_resident:
         notes.append("residency as the prefetch found it (not checked again)")
     if checksum:

@@ -64,11 +64,9 @@ class Config:
     streams: int = DEFAULT_STREAMS  # CUDA streams the copies are spread over
     odirect: bool = False  # O_DIRECT reads (bypass the page cache)
     register: bool = True  # a file all in the page cache goes to the GPU without a CPU copy
-    register_threads: int = 1  # windows of such a file page-locked at once
 
     def __post_init__(self) -> None:
-        if (self.buffers < 1 or self.buffer_mb < 1 or self.threads < 0 or self.streams < 1
-                or self.register_threads < 1):
+        if self.buffers < 1 or self.buffer_mb < 1 or self.threads < 0 or self.streams < 1:
             raise GpuLoaderError(f"bad transfer settings: {self}")
 
     @classmethod
@@ -80,8 +78,7 @@ class Config:
                     threads=_env_int(env, "FV_LOAD_THREADS", 0, 0, 256),
                     streams=_env_int(env, "FV_LOAD_STREAMS", DEFAULT_STREAMS, 1, 64),
                     odirect=_env_bool(env, "FV_LOAD_ODIRECT", False),
-                    register=_env_bool(env, "FV_LOAD_REGISTER", True),
-                    register_threads=_env_int(env, "FV_LOAD_REGISTER_THREADS", 1, 1, 16))
+                    register=_env_bool(env, "FV_LOAD_REGISTER", True))
         vals.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**vals)
 

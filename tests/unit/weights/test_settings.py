@@ -29,10 +29,6 @@ def test_config_from_env_and_errors():
         settings.Config.from_env({"FV_LOAD_BUFFERS": "0"})
     with pytest.raises(settings.GpuLoaderError, match="FV_LOAD_ODIRECT"):
         settings.Config.from_env({"FV_LOAD_ODIRECT": "maybe"})
-    assert settings.Config.from_env({}).register_threads == 1
-    assert settings.Config.from_env({"FV_LOAD_REGISTER_THREADS": "4"}).register_threads == 4
-    with pytest.raises(settings.GpuLoaderError, match=r"FV_LOAD_REGISTER_THREADS='0'.*\[1, 16\]"):
-        settings.Config.from_env({"FV_LOAD_REGISTER_THREADS": "0"})
     assert settings.enabled({}) and not settings.enabled({"FV_GPU_LOADER": "0"})
 
 
