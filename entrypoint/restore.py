@@ -3,8 +3,9 @@
 `check_compatible` decides, before anything runs, whether this checkpoint can serve here. Then
 `run` takes the steps in order, each marked on the timeline under its name: a fresh admin token
 for the restored middleware, /dev/shm as it was at the dump, `criu restore` (bounded; the GPU
-UUID map and the huge-page choice go to it), the weights back (every tensor checked), the KV
-cache awake, the probe's answers equal to the bake's, every memory-image piece matched
+UUID map and the huge-page choice go to it), the weights back (every tensor checked, or with
+FV_WEIGHT_CHECK=overlap the checking left to finish meanwhile), the KV cache awake, the probe's
+answers equal to the bake's, the weights' checks done, every memory-image piece matched
 (pagecheck), and only then the gate opens. A step raises (CheckpointUnusable with the reason, or
 anything else) and `run` kills what was restored; the caller (`serve._start`) makes the one
 fallback decision for every failure.
@@ -131,6 +132,19 @@ def step_timeout() -> float:
     return value
 
 
+WEIGHT_CHECK_ENV = "FV_WEIGHT_CHECK"
+
+
+def weight_check_overlaps() -> bool:
+    """FV_WEIGHT_CHECK: "inline" (default) checks every weight before the KV cache wakes;
+    "overlap" lets the checksums finish beside the KV wake and the probe, and waits for them
+    before the gate opens. Read before the restore: a bad value is found before CRIU runs."""
+    value = os.environ.get(WEIGHT_CHECK_ENV, "inline").strip().lower() or "inline"
+    if value not in ("inline", "overlap"):
+        raise CheckpointUnusable(f"{WEIGHT_CHECK_ENV}={os.environ.get(WEIGHT_CHECK_ENV)!r}: expected inline or overlap")
+    return value == "overlap"
+
+
 @dataclass
 class RestoreState:
     """What the steps share: their inputs, and what earlier steps made for later ones."""
@@ -147,6 +161,8 @@ class RestoreState:
     tree: Optional[RestoredTree] = None
     step_timeout_s: float = STEP_TIMEOUT_S  # bound of each call to the restored server: step_timeout()
     residency: Optional[WeightsResidency] = None  # the prefetch's finding: is the weight dump all cached?
+    overlap_check: bool = False  # weight_check_overlaps(): the checksums finish beside the wake and probe
+    checks_left: int = 0  # weight checks the load left running (check_weights waits for them)
 
     @property
     def gpu(self) -> bool:
@@ -207,7 +223,8 @@ def load_weights(s: RestoreState) -> None:
         s.ctl.wake_up(["weights"], timeout=s.step_timeout_s)
     cached = s.residency is not None and s.residency.resident()
     stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings(), cached,
-                      timeout=s.step_timeout_s)
+                      s.overlap_check, timeout=s.step_timeout_s)
+    s.checks_left = sum(int(r.get("checking", 0)) for r in stats if isinstance(r, dict))
     log(f"weights: {stats}")
 
 
@@ -219,6 +236,14 @@ def check_answers(s: RestoreState) -> None:
     mismatch = same_answers(s.ctl.probe(timeout=s.step_timeout_s), s.manifest.probe)
     if mismatch:
         raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
+
+
+def check_weights(s: RestoreState) -> None:
+    """The weight checksums the load left running (FV_WEIGHT_CHECK=overlap), before any client
+    is served; a mismatch names the tensor, as an inline check does."""
+    if s.checks_left:
+        stats = s.ctl.rpc("fv_weights_checked", s.step_timeout_s, timeout=s.step_timeout_s + 10)
+        log(f"weights checked: {stats}")
 
 
 def check_memory_images(s: RestoreState) -> None:
@@ -240,6 +265,7 @@ STEPS: tuple[tuple[str, Callable[[RestoreState], None]], ...] = (
     ("weights loaded", load_weights),
     ("engine awake", wake_engine),
     ("answers checked", check_answers),
+    ("weights checked", check_weights),
     ("memory images checked", check_memory_images),
     ("ready", open_gate),
 )

@@ -146,7 +146,8 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
             ahead = prefetch(layout, check, stop_reading)
             return restore.run(restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check,
                                                     step_timeout_s=restore.step_timeout(),
-                                                    residency=ahead.weights))
+                                                    residency=ahead.weights,
+                                                    overlap_check=restore.weight_check_overlaps()))
     except Exception as e:  # every failure of the restore path ends in the normal start
         stop_reading.set()  # the normal start must not share the disk with reads nobody needs
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"

@@ -122,22 +122,29 @@ class FastVllmWorkerExtension:
         return {"bytes": freed, "rss_before": rss, "rss_after": _rss()}
 
     def fv_load_weights(self, directory: str, verify: bool = True,
-                        settings: dict[str, str] | None = None, cached: bool = False) -> dict[str, Any]:
+                        settings: dict[str, str] | None = None, cached: bool = False,
+                        overlap: bool = False) -> dict[str, Any]:
         """Refill the released weights from the dump. Every byte is checked against the
         checksums recorded at the dump by default: the probe cannot reach every weight, and a
         damaged byte elsewhere would be served as a wrong answer. SETTINGS: this start's
         FV_LOAD_* values (this process's environment is the bake's). CACHED: the caller has
-        just found the dump all in the page cache (the loader need not check)."""
-        verify, cached = _flag(verify), _flag(cached)
+        just found the dump all in the page cache (the loader need not check). OVERLAP: return
+        once the bytes are in place and let the checks that can run on finish meanwhile
+        (the result says how many: ``checking``); ``fv_weights_checked`` waits for them, and
+        nothing may be served before it has answered."""
+        verify, cached, overlap = _flag(verify), _flag(cached), _flag(overlap)
         # first after a restore, before anything can run an AMX kernel (the bake recorded it)
         regained = cpustate.request(getattr(self, "_fv_cpu_features", 0))
         if settings is not None:
             apply_load_settings(settings)
         t0 = time.perf_counter()
         w = self._fv_weights()
+        self._fv_pending = ()
         try:
-            stats = load_into(self._fv_path(directory), w.targets(), verify=verify, known_resident=cached)
+            stats = load_into(self._fv_path(directory), w.targets(), verify=verify, known_resident=cached,
+                              defer_check=verify and overlap)
             w.finish_load()
+            self._fv_pending = stats.pending
         except BaseException:
             w.release()  # never leave half-filled weights that look loaded
             raise
@@ -147,9 +154,25 @@ class FastVllmWorkerExtension:
                "verified": verify, "rss": _rss()}
         if regained:
             out["cpu_features_regained"] = regained
+        if stats.pending:
+            out["checking"] = len(stats.pending)
         if stats.details:
             out["transfer"] = stats.details
         return out
+
+    def fv_weights_checked(self, timeout: float = 300) -> dict[str, Any]:
+        """Wait (at most TIMEOUT s each) for the checks fv_load_weights left running; raises the
+        first failure (a checksum mismatch names the tensor), and then the weights count as not
+        loaded."""
+        pending, self._fv_pending = getattr(self, "_fv_pending", ()), ()
+        t0 = time.perf_counter()
+        try:
+            took = [p.result(float(timeout)) for p in pending]
+        except BaseException:
+            self._fv_weights().release()
+            raise
+        return {"checks": len(pending), "check_seconds": [round(t, 4) for t in took],
+                "waited_seconds": round(time.perf_counter() - t0, 4)}
 
     def fv_trim(self) -> dict[str, Any]:
         """Before the checkpoint: drop what the process keeps cached but does not need (Python

@@ -21,16 +21,22 @@ from . import fileformat, settings
 from .fileformat import (MissingKeyError, TruncatedFileError, WeightEntry, WeightIndex,
                          check_target, flat_bytes, hasher, host_view, mismatch, read_index)
 from .pagecache import PageCachePathUnavailable, load_registered
+from .pending import PendingCheck
 from .ring import ODirectRefused, load_ring
 from .settings import Config, verify_threads
 from .stats import LoadStats, TransferStats
 
 
 def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], verify: bool = False,
-              threads: int | None = None, known_resident: bool = False) -> LoadStats:
+              threads: int | None = None, known_resident: bool = False,
+              defer_check: bool = False) -> LoadStats:
     """Fill existing tensors in place from ``path``; CPU targets get the bytes directly, CUDA
     targets go through :func:`load_tensors` (unless ``FV_GPU_LOADER=0``). KNOWN_RESIDENT: the
-    caller has just found the whole file in the page cache (see :func:`load_tensors`)."""
+    caller has just found the whole file in the page cache (see :func:`load_tensors`).
+    DEFER_CHECK (with VERIFY): return once the bytes are in place; the checks that can go on
+    without the file's reads (the CPU targets', the page-cache path's) keep running, and the
+    stats' ``pending`` holds them (:class:`.pending.PendingCheck`): the caller must have every
+    one's result before it serves these weights."""
     t0 = time.perf_counter()
     idx = read_index(path)
     missing = sorted(set(idx.entries) - set(targets))
@@ -40,10 +46,12 @@ def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], veri
                               f"; not in file: {extra[:5]}{'...' if len(extra) > 5 else ''}")
     for k, e in idx.entries.items():
         check_target(e, targets[k])
-    details = _load_cuda(path, idx, targets, verify, threads, known_resident)
+    details = _load_cuda(path, idx, targets, verify, threads, known_resident, defer_check)
     rest = [e for e in idx.entries.values() if details is None or e.key not in details["keys"]]
+    pending: list[PendingCheck] = []
     if details is not None:
         del details["keys"]
+        pending += details.pop("pending")
     work = [(e, a, min(fileformat.CHUNK, e.nbytes - a)) for e in rest for a in range(0, e.nbytes, fileformat.CHUNK)]
     fd = os.open(path, os.O_RDONLY)
 
@@ -74,18 +82,27 @@ def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], veri
         if h.hexdigest() != e.checksum:
             raise mismatch(path, e, idx.checksum, h.hexdigest())
 
+    n_threads = threads or min(8, os.cpu_count() or 1)
     try:
-        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(n_threads) as pool:
             list(pool.map(read_chunk, work))
-            if verify:
+            if verify and not (defer_check and rest):
                 list(pool.map(check, rest))
     finally:
         os.close(fd)
-    return LoadStats(idx.total_bytes, len(idx.entries), time.perf_counter() - t0, verify, details)
+    if verify and defer_check and rest:  # the check reads the targets (kept alive by it), not the file
+        def check_rest() -> None:
+            with ThreadPoolExecutor(n_threads) as pool:
+                list(pool.map(check, rest))
+
+        pending.append(PendingCheck(check_rest, f"{path} ({len(rest)} tensors in host memory)"))
+    return LoadStats(idx.total_bytes, len(idx.entries), time.perf_counter() - t0, verify, details,
+                     tuple(pending))
 
 
 def _load_cuda(path, idx: WeightIndex, targets: Mapping[str, torch.Tensor], verify: bool,
-               threads: int | None, known_resident: bool = False) -> dict[str, Any] | None:
+               threads: int | None, known_resident: bool = False,
+               defer_check: bool = False) -> dict[str, Any] | None:
     """Fill the CUDA targets with the GPU paths (verify on the way, no read-back); None when
     there are none or ``FV_GPU_LOADER=0``."""
     by_dev: dict[Any, list[WeightEntry]] = {}
@@ -96,19 +113,22 @@ def _load_cuda(path, idx: WeightIndex, targets: Mapping[str, torch.Tensor], veri
     if not by_dev or not settings.enabled():
         return None
     cfg = Config.from_env(threads=threads)
-    runs, keys = [], set()
+    runs, keys, pending = [], set(), []
     for group in by_dev.values():
         st = load_tensors(path, group, [targets[e.key] for e in group],
-                          idx.checksum if verify else None, cfg, known_resident=known_resident)
+                          idx.checksum if verify else None, cfg, known_resident=known_resident,
+                          defer_check=defer_check)
         runs.append(st.as_dict())
         keys.update(e.key for e in group)
-    return {"gpu": runs, "keys": keys}
+        if st.pending is not None:
+            pending.append(st.pending)
+    return {"gpu": runs, "keys": keys, "pending": pending}
 
 
 def load_tensors(path: str | os.PathLike, entries: Sequence[WeightEntry],
                  tensors: Sequence[torch.Tensor], checksum: str | None = None,
                  config: Config | None = None, engine: Any = None,
-                 known_resident: bool = False) -> TransferStats:
+                 known_resident: bool = False, defer_check: bool = False) -> TransferStats:
     """Fill ``tensors`` (contiguous, one CUDA device, already checked against ``entries``) from
     the file; with ``checksum`` (the index's algorithm) verify every entry on the way.
 
@@ -121,13 +141,14 @@ def load_tensors(path: str | os.PathLike, entries: Sequence[WeightEntry],
     With O_DIRECT asked for, a file system that refuses it (at open or at the first reads)
     gets the page-cache path instead, and the stats' notes say so. ``known_resident``: the
     caller has just found the whole file in the page cache, so the page-cache path does not
-    check it again."""
+    check it again. ``defer_check``: the page-cache path returns after its copies and leaves its
+    hashing running (the stats' ``pending``); the ring hashes what it reads as it reads it."""
     cfg = config or Config.from_env()
     skipped = None
     if engine is None and not cfg.odirect and cfg.register and entries:
         try:
             return load_registered(path, entries, tensors, checksum, cfg.threads or verify_threads(),
-                                   known_resident=known_resident)
+                                   known_resident=known_resident, defer_check=defer_check)
         except PageCachePathUnavailable as exc:
             skipped = f"pinned ring, not the page-cache path: {exc}"
     try:

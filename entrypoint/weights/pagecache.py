@@ -16,12 +16,14 @@ import ctypes
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any, Sequence
 
 import torch
 
 from ..residency import PAGE, FileMapping
 from .fileformat import WeightEntry, entry_hasher, flat_bytes, mismatch
+from .pending import PendingCheck
 from .pipeline import one_device
 from .plan import windows
 from .settings import GpuLoaderError
@@ -156,41 +158,54 @@ def _copy_windows(entries: Sequence[WeightEntry], tensors: Sequence[torch.Tensor
 
 def load_registered(path: str | os.PathLike, entries: Sequence[WeightEntry],
                     tensors: Sequence[torch.Tensor], checksum: str | None = None,
-                    threads: int = 4, known_resident: bool = False) -> TransferStats:
+                    threads: int = 4, known_resident: bool = False,
+                    defer_check: bool = False) -> TransferStats:
     """The page-cache path; raises PageCachePathUnavailable (saying why) when the file is not
     all in the page cache (the ring then reads it: faster from disk) or the driver refuses to
     register it. With CHECKSUM, THREADS hash the mapped entries while the GPU copies them; a
     mismatch raises. KNOWN_RESIDENT: the caller has just found every page cached (the restore's
     prefetch, while CRIU ran), so the check is not made again here (~85 ms for 7 GB); a page
-    evicted since is read in by the registration, slower but the same bytes."""
+    evicted since is read in by the registration, slower but the same bytes. DEFER_CHECK: return
+    once the copies are done and leave the hashing running (the stats' ``pending``, which owns
+    the mapping until it ends)."""
     t0 = time.perf_counter()
     path = os.fspath(path)
     device = one_device(tensors)
     if device.type != "cuda":
         raise PageCachePathUnavailable(f"the tensors are on {device.type}, not on a CUDA device")
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    pending = None
+    with ExitStack() as owned:  # unwound in reverse: the hashing threads, the mapping, the file
+        fd = os.open(path, os.O_RDONLY)
+        owned.callback(os.close, fd)
         size = os.fstat(fd).st_size
         mapping = FileMapping(fd, size)
-        try:
-            missing = 0 if known_resident else mapping.missing_pages()
-            if missing:
-                raise NotResident(f"{missing} of the file's {mapping.pages} pages are not in the page cache")
-            t1 = time.perf_counter()
-            with MappedVerifier(mapping, entries, checksum, path, threads) as verifier:
-                took, n_windows, registering = _copy_windows(entries, tensors, mapping, device)
-                verifier.result()  # before the mapping goes: raises on a mismatch
-        finally:
-            mapping.close()
-    finally:
-        os.close(fd)
+        owned.callback(mapping.close)
+        missing = 0 if known_resident else mapping.missing_pages()
+        if missing:
+            raise NotResident(f"{missing} of the file's {mapping.pages} pages are not in the page cache")
+        t1 = time.perf_counter()
+        verifier = owned.enter_context(MappedVerifier(mapping, entries, checksum, path, threads))
+        took, n_windows, registering = _copy_windows(entries, tensors, mapping, device)
+        if defer_check and checksum:
+            later = owned.pop_all()  # the check owns the mapping now, and unwinds it when done
+
+            def finish() -> None:
+                with later:
+                    verifier.result()
+
+            pending = PendingCheck(finish, path)
+        else:
+            verifier.result()  # before the mapping goes: raises on a mismatch
     nbytes = sum(e.nbytes for e in entries)
     notes = [f"page cache registered in place (cudaHostRegister, read-only windows: {n_windows} in"
              f" {registering:.3f} s of the {took:.3f} s)"]
     if known_resident:
         notes.append("residency as the prefetch found it (not checked again)")
-    if checksum:
+    if pending is not None:
+        notes.append(f"{checksum} of every entry being checked from the page cache after the copies,"
+                     " beside the KV wake and the probe")
+    elif checksum:
         notes.append(f"{checksum} of every entry checked from the page cache in {verifier.seconds:.3f} s")
     return TransferStats("load", nbytes, nbytes, len(entries), n_windows, time.perf_counter() - t0,
                          t1 - t0, took, 0, 0, REGISTER_WINDOW >> 20, 2, False, checksum is not None,
-                         notes)
+                         notes, pending)

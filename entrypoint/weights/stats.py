@@ -3,7 +3,7 @@ notes), returned to the worker extension and printed in the restore timeline."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -28,6 +28,7 @@ class LoadStats:
     seconds: float
     verified: bool
     details: dict[str, Any] | None = None  # GPU transfer stats (threads, buffers, GB/s, ...)
+    pending: tuple = field(default=(), repr=False, compare=False)  # PendingChecks still running
 
     @property
     def gb_per_s(self) -> float:
@@ -53,13 +54,15 @@ class TransferStats:
     odirect: bool
     verified: bool = False
     notes: list[str] = field(default_factory=list)
+    pending: Any = field(default=None, repr=False, compare=False)  # a PendingCheck still running
 
     @property
     def gb_per_s(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pending"}
+        d["notes"] = list(self.notes)
         d["gb_per_s"] = round(self.gb_per_s, 3)
         d["transfer_gb_per_s"] = round(self.bytes / self.transfer_seconds / 1e9, 3) \
             if self.transfer_seconds else 0.0

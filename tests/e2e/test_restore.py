@@ -406,6 +406,18 @@ def test_memory_read_back_whole_when_mapping_is_turned_off_answers_the_same(bake
     assert _map_pages(log) == (0, 0)
 
 
+def test_weights_checked_beside_the_wake_and_probe_answer_the_same(baked_image, manifest, port_free):
+    """FV_WEIGHT_CHECK=overlap: the load returns with the bytes in place, the checksums finish
+    beside the KV wake and the probe, and the gate waits for them: restored, same answers."""
+    with Container(baked_image, "-e", "FV_WEIGHT_CHECK=overlap") as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs
+    line = next(l for l in logs.splitlines() if l.startswith("fvboot: weights checked:"))
+    assert "'checks': 1" in line, line
+
+
 def test_requests_sent_during_restore_are_all_answered_correctly(baked_image, manifest, port_free):
     """64 clients start asking while the container restores: every one gets the baked answer."""
     name = manifest["model"]["served_name"]
@@ -565,7 +577,9 @@ FLIP_EMBEDDING_BYTE = (  # the embedding's last row: a token no probe prompt pro
     "f.write(bytes([b[0] ^ 0x10])); f.close()\"")
 
 
-def test_one_damaged_weight_byte_the_probe_cannot_see_falls_back(baked_image, manifest, port_free):
+@pytest.mark.parametrize("check", ["inline", "overlap"])
+def test_one_damaged_weight_byte_the_probe_cannot_see_falls_back(baked_image, manifest, port_free, check):
     """A byte the probe prompts never reach (found by an operator: it was served as a wrong
-    answer). Every weight is checked against the dump's checksums while it loads."""
-    _fallback(baked_image, manifest, FLIP_EMBEDDING_BYTE, "checksum mismatch")
+    answer). Every weight is checked against the dump's checksums while it loads, or, with
+    FV_WEIGHT_CHECK=overlap, beside the KV wake and the probe: the gate stays shut either way."""
+    _fallback(baked_image, manifest, f"{FLIP_EMBEDDING_BYTE} && export FV_WEIGHT_CHECK={check}", "checksum mismatch")

@@ -19,7 +19,7 @@ from fvboot.timeline import Timeline
 def test_the_steps_end_with_every_check_before_the_gate_opens():
     names = [mark for mark, _ in restore.STEPS]
     assert names[-1] == "ready" and restore.STEPS[-1][1] is restore.open_gate
-    checks = ("weights loaded", "answers checked", "memory images checked")
+    checks = ("weights loaded", "answers checked", "weights checked", "memory images checked")
     assert all(names.index(c) < names.index("ready") for c in checks)
     assert names.index("restore done") < names.index("weights loaded")
 
@@ -167,26 +167,59 @@ def test_the_bound_of_each_call_to_the_restored_server_is_a_setting(monkeypatch)
             restore.step_timeout()
 
 
+class _Ctl:
+    """The restored server's control as the weight steps use it, each call recorded."""
+
+    def __init__(self, checking: int = 0):
+        self.calls, self.checking = [], checking
+
+    def wake_up(self, tags, timeout):
+        self.calls.append(("wake_up", tags, timeout))
+
+    def rpc(self, method, *args, timeout):
+        self.calls.append((method, args, timeout))
+        return [{"bytes": 1, **({"checking": self.checking} if self.checking else {})}]
+
+
 @pytest.mark.parametrize("cached", [True, False])
 def test_the_loader_is_told_what_the_prefetch_found_cached(tmp_path, cached):
     """The weight step passes on the prefetch's finding (a dump found all cached is not checked
     again in the worker), wakes the weights first on a GPU, and bounds the call."""
-    calls = []
-
-    class Ctl:
-        def wake_up(self, tags, timeout):
-            calls.append(("wake_up", tags, timeout))
-
-        def rpc(self, method, *args, timeout):
-            calls.append((method, args, timeout))
-            return [{"bytes": 1}]
+    ctl = _Ctl()
+    calls = ctl.calls
 
     layout, m = _manifest(tmp_path, {"kind": "cuda", "driver": "580",
                                      "gpus": [{"name": "NVIDIA H200", "uuid": "GPU-1", "driver": "580"}]})
     residency = types.SimpleNamespace(resident=lambda: cached)
-    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, Ctl(),
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
                                  step_timeout_s=7, residency=residency)
     restore.load_weights(state)
     assert calls[0] == ("wake_up", ["weights"], 7)
     method, args, timeout = calls[1]
-    assert (method, args[0], args[1], args[3], timeout) == ("fv_load_weights", str(layout.weights_dir), True, cached, 7)
+    assert (method, args[0], args[1], args[3], args[4], timeout) == (
+        "fv_load_weights", str(layout.weights_dir), True, cached, False, 7)
+    restore.check_weights(state)  # nothing was left running: no call
+    assert len(calls) == 2
+
+
+def test_an_overlapped_weight_check_is_waited_for_before_the_gate(tmp_path):
+    """FV_WEIGHT_CHECK=overlap: the load is asked to leave its checks running, and the step
+    after the probe waits for them (bounded) before the memory-image check and the gate."""
+    ctl = _Ctl(checking=1)
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                 step_timeout_s=7, overlap_check=True)
+    restore.load_weights(state)
+    assert ctl.calls[0][1][4] is True and state.checks_left == 1
+    restore.check_weights(state)
+    assert ctl.calls[-1] == ("fv_weights_checked", (7,), 17)
+
+
+def test_the_weight_check_setting(monkeypatch):
+    monkeypatch.delenv(restore.WEIGHT_CHECK_ENV, raising=False)
+    assert restore.weight_check_overlaps() is False
+    monkeypatch.setenv(restore.WEIGHT_CHECK_ENV, "overlap")
+    assert restore.weight_check_overlaps() is True
+    monkeypatch.setenv(restore.WEIGHT_CHECK_ENV, "later")
+    with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_CHECK='later': expected inline or overlap"):
+        restore.weight_check_overlaps()

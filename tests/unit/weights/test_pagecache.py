@@ -79,7 +79,15 @@ def test_gpu_page_cache_path_and_refused_registration(tmp_path, monkeypatch):
     path.read_bytes()
     with pytest.raises(wf.ChecksumMismatchError, match="w3"):
         wf.load_into(path, dst, verify=True)
+    # the check overlapped (FV_WEIGHT_CHECK=overlap): the load returns, the pending check refuses
+    stats = wf.load_into(path, dst, verify=True, defer_check=True, known_resident=True)
+    assert any("after the copies" in n for run in stats.details["gpu"] for n in run["notes"])
+    with pytest.raises(wf.ChecksumMismatchError, match="w3"):
+        stats.pending[0].result(timeout=60)
     flip_bit(path, e.offset + 12345)
+    path.read_bytes()
+    stats = wf.load_into(path, dst, verify=True, defer_check=True)
+    assert stats.pending[0].result(timeout=60) >= 0 and all(torch.equal(dst[k], src[k]) for k in src)
 
     monkeypatch.setattr(pagecache, "_HOST_REGISTER_READ_ONLY", 0x7FFF0000)  # cudaErrorInvalidValue
     dst = {k: torch.zeros_like(v) for k, v in src.items()}
