@@ -12,9 +12,11 @@ probe and the file checks stay in the one module that owns the file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,9 +218,10 @@ class Device:
     gpus: tuple[Gpu, ...] = ()
     driver: Optional[str] = None
     cuda: Optional[str] = None
+    cpu_isa: tuple[str, ...] = ()  # the CPU's instruction-set extensions (cpu_isa()); () unknown
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("kind", "gpus", "driver", "cuda")
+    _KEYS = ("kind", "gpus", "driver", "cuda", "cpu_isa")
 
     @property
     def is_cuda(self) -> bool:
@@ -230,10 +233,13 @@ class Device:
                    gpus=_items(d, where, "gpus", Gpu.from_json, ()),
                    driver=_get(d, where, "driver", _is_str, "a string", None),
                    cuda=_get(d, where, "cuda", _is_opt_str, "a string or null", None),
+                   cpu_isa=tuple(_get(d, where, "cpu_isa", _is_str_list, "a list of strings", [])),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
         d = {**self.extra, "kind": self.kind}
+        if self.cpu_isa:
+            d["cpu_isa"] = list(self.cpu_isa)
         if self.is_cuda:
             return {**d, "gpus": [g.to_json() for g in self.gpus], "driver": self.driver, "cuda": self.cuda}
         if self.gpus:
@@ -432,12 +438,36 @@ class Manifest:
 
 
 def device_info() -> Device:
-    """'cpu', or the GPUs with name, UUID, driver and CUDA versions. NVML through ctypes: a few
-    milliseconds, where nvidia-smi or importing torch would cost seconds at every start."""
+    """'cpu', or the GPUs with name, UUID, driver and CUDA versions; either with the CPU's
+    instruction-set extensions. NVML through ctypes: a few milliseconds, where nvidia-smi or
+    importing torch would cost seconds at every start."""
     try:
-        return _nvml_info()
+        return dataclasses.replace(_nvml_info(), cpu_isa=cpu_isa())
     except OSError:
-        return Device("cpu")
+        return Device("cpu", cpu_isa=cpu_isa())
+
+
+# Extensions that user-space code selects its kernels by when it starts (numpy's and torch's
+# dispatch, oneDNN's JIT, vLLM's CPU kernels): a process restored on a CPU without one of them
+# may execute an instruction that CPU does not have. Other /proc/cpuinfo flags (virtualization,
+# power management, errata) differ between machines that run the same code.
+_ISA_FLAG = re.compile(r"^(sse\w*|ssse3|avx\w*|amx\w*|fma\w*|f16c|bmi\d|adx|sha_ni|aes|vaes|pclmulqdq|"
+                       r"vpclmulqdq|gfni|movbe|popcnt|abm|cx16|xsave(c|opt)?|rdrand|rdseed|clflushopt|"
+                       r"clwb|serialize|movdir\w*|erms|fsrm|sve\w*|asimd\w*|sme(?!p)\w*|bf16|i8mm)$")
+
+
+def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The instruction-set extensions of this machine's CPU, from the first processor's flags
+    (x86: "flags", Arm: "Features"); () where that cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return tuple(sorted(v for v in value.split() if _ISA_FLAG.match(v)))
+    except OSError:
+        pass
+    return ()
 
 
 def _nvml_info() -> Device:

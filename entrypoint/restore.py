@@ -45,6 +45,10 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str]) -> Device
     baked, here = m.device, manifest.device_info()
     if baked.kind != here.kind:
         raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")
+    lacking = sorted(set(baked.cpu_isa) - set(here.cpu_isa)) if here.cpu_isa else []
+    if lacking:  # the restored processes chose their kernels on the bake's CPU
+        raise CheckpointUnusable(f"baked on a CPU with {', '.join(lacking)}, which this CPU lacks: bake on the"
+                                 " oldest CPU the image will run on")
     if here.is_cuda:
         b_names = [g.name for g in baked.gpus]
         h_names = [g.name for g in here.gpus][: len(b_names)]

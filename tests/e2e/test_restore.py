@@ -540,6 +540,15 @@ def test_manifest_from_another_device_falls_back(baked_image, manifest, port_fre
               f"json.dump(m,open(p,'w'))\"", f"baked on {other}")
 
 
+def test_a_cpu_without_an_extension_of_the_bakes_falls_back_at_once(baked_image, manifest, port_free):
+    """The bake's CPU had an extension this one lacks (here: one no CPU has): refused before
+    CRIU runs, with what is missing; the restored code would have used the bake's kernels."""
+    assert manifest["device"]["cpu_isa"], "the bake records its CPU's extensions"
+    _fallback(baked_image, manifest,
+              "python3 -c \"import json;p='/fv/manifest.json';m=json.load(open(p));m['device']['cpu_isa'].append('amx_none');"
+              "json.dump(m,open(p,'w'))\"", "baked on a CPU with amx_none, which this CPU lacks")
+
+
 def test_missing_weight_dump_falls_back(baked_image, manifest, port_free):
     _fallback(baked_image, manifest, "rm -f /fv/weights/rank0.fvw", "weights/rank0.fvw is missing")
 

@@ -102,6 +102,35 @@ def test_other_gpu_model_or_driver_is_refused(tmp_path, monkeypatch):
         check_compatible(m, layout, [])
 
 
+def test_a_cpu_without_an_extension_the_bake_had_is_refused(tmp_path, monkeypatch):
+    """Code in the checkpoint chose its kernels on the bake's CPU: a CPU without one of its
+    extensions is refused before CRIU runs, naming what it lacks; more extensions, or a CPU
+    whose extensions cannot be read, are not refused."""
+    layout, m = _manifest(tmp_path, {"kind": "cpu", "cpu_isa": ["avx2", "avx512f", "amx_tile"]})
+    for here, refused in ((("avx2",), "amx_tile, avx512f"), (("avx2", "avx512f", "amx_tile", "avx512_fp16"), None),
+                          ((), None)):
+        monkeypatch.setattr(manifest, "device_info", lambda: manifest.Device("cpu", cpu_isa=here))
+        if refused:
+            with pytest.raises(CheckpointUnusable, match=f"baked on a CPU with {refused}, which this CPU lacks"):
+                check_compatible(m, layout, [])
+        else:
+            check_compatible(m, layout, [])
+
+
+def test_the_cpu_extensions_recorded_are_the_instruction_sets(tmp_path):
+    """From /proc/cpuinfo's flags only what code picks kernels by: not virtualization, power or
+    kernel-only flags (which differ between machines that run the same code)."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx avx2 avx512f avx512_bf16 "
+                    "amx_tile hypervisor smep smap xsave xsaves xsaveopt tsc_known_freq fma\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert manifest.cpu_isa(str(info)) == ("amx_tile", "avx", "avx2", "avx512_bf16", "avx512f", "fma", "sse",
+                                           "sse2", "sse4_1", "sse4_2", "ssse3", "xsave", "xsaveopt")
+    assert manifest.cpu_isa(str(tmp_path / "none")) == ()
+    d = manifest.Device("cpu", cpu_isa=("avx2",))
+    assert manifest.Device.from_json(d.to_json()) == d and d.to_json()["cpu_isa"] == ["avx2"]
+
+
 def test_other_run_arguments_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(manifest, "device_info", lambda: manifest.Device("cpu"))
     layout, m = _manifest(tmp_path, {"kind": "cpu"})
