@@ -149,6 +149,13 @@ def baked_image(build_flags) -> str:
 BUILD_OUTPUT: dict[str, str] = {}  # what `fvbuild image` showed while it built each session image
 
 
+@pytest.fixture(scope="session")
+def build_output() -> dict[str, str]:
+    """BUILD_OUTPUT, through pytest: a test that imported this module by name could get a copy of
+    its own (--import-mode=importlib loads conftest under another name), empty."""
+    return BUILD_OUTPUT
+
+
 def pytest_runtest_logreport(report):
     """FV_FAILURE_LOG=FILE: each failure's text appended as it happens. GPU CI sets it: a run the
     device machine cuts off (10-minute calls) still says why its failed tests failed."""

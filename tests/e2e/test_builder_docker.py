@@ -55,15 +55,13 @@ def test_vllm_command_works_in_the_image(baked_image):
     assert r.returncode == 0 and "usage: vllm serve" in r.stdout, r.stderr[-2000:]
 
 
-def test_the_bake_shows_what_it_wrote(baked_image):
+def test_the_bake_shows_what_it_wrote(baked_image, build_output):
     """Progress a person can follow: the weight dump's and the checkpoint's sizes as they are written."""
     import re
 
-    from conftest import BUILD_OUTPUT
-
-    if baked_image not in BUILD_OUTPUT:
+    if baked_image not in build_output:
         pytest.skip("the image was baked before this session (FV_E2E_IMAGE)")
-    out = BUILD_OUTPUT[baked_image]
+    out = build_output[baked_image]
     assert re.search(r"fvboot bake: weight dump written: \d+\.\d\d GB in \d+ files", out), out[-3000:]
     assert re.search(r"fvboot bake: checkpoint written: \d+\.\d\d GB in \d+ files", out), out[-3000:]
 
