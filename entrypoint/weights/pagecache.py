@@ -31,7 +31,6 @@ from .stats import TransferStats
 
 REGISTER_WINDOW = 1 << 30  # measured best of 64 MiB / 256 MiB / 1 GiB (bench/gpu_register_load.py)
 _HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
-_PAGE = PAGE
 
 
 class PageCachePathUnavailable(GpuLoaderError):
@@ -127,7 +126,7 @@ def _copy_windows(entries: Sequence[WeightEntry], tensors: Sequence[torch.Tensor
     try:
         for k, w in enumerate(plan_):
             woff = w.offset
-            span = min(-(-w.length // _PAGE) * _PAGE, -(-mapping.size // _PAGE) * _PAGE - woff)
+            span = min(-(-w.length // PAGE) * PAGE, -(-mapping.size // PAGE) * PAGE - woff)
             tr = time.perf_counter()
             err = int(cudart.cudaHostRegister(mapping.addr + woff, span, _HOST_REGISTER_READ_ONLY))
             registering += time.perf_counter() - tr
