@@ -175,10 +175,12 @@ def phase_bake(env: dict) -> dict:
 
 LEGACY = {"FV_CUDA_CHECKPOINT_SERVICE": "0", "FV_RESTORE_THP": "0"}  # how the previous stop restored
 # FV_BENCH_VARIANTS (comma-separated, default "legacy,no-thp,vmtouch"): the restores measured
-# beside the shipped ones; "map-pages" adds warm and cold restores with memory mapped from the
-# checkpoint (criu-patches/0003); NAME=VALUE: warm restores with that setting;
+# beside the shipped ones; "read-pages" adds warm and cold restores with memory read back whole
+# instead of mapped from the checkpoint (criu-patches/0003, the default since 2026-12-03);
+# "map-pages" forces the mapping (a build from before); NAME=VALUE: warm restores with that setting;
 # FV_BENCH_VARIANT_RUNS (default 1) warm ones each
-VARIANTS = {"legacy": LEGACY, "no-thp": {"FV_RESTORE_THP": "0"}, "map-pages": {"FV_RESTORE_MAP_PAGES": "1"}}
+VARIANTS = {"legacy": LEGACY, "no-thp": {"FV_RESTORE_THP": "0"}, "map-pages": {"FV_RESTORE_MAP_PAGES": "1"},
+            "read-pages": {"FV_RESTORE_MAP_PAGES": "0"}}
 
 
 def variant_env(v: str) -> dict | None:
@@ -191,7 +193,8 @@ def variant_env(v: str) -> dict | None:
 
 def _restores(env: dict, warm: int) -> dict:
     """Warm restores as shipped, then each variant's warm restores (what each lever brings); then
-    with the page cache dropped: as shipped (fvboot's read-ahead prefetch), with vmtouch, mapped."""
+    with the page cache dropped: as shipped (fvboot's read-ahead prefetch), with vmtouch, mapped,
+    read back whole."""
     chosen = [v for v in os.environ.get("FV_BENCH_VARIANTS", "legacy,no-thp,vmtouch").split(",") if v]
     runs = int(os.environ.get("FV_BENCH_VARIANT_RUNS", "1"))
     res = {}
@@ -208,9 +211,10 @@ def _restores(env: dict, warm: int) -> dict:
     if "vmtouch" in chosen:
         drop_caches()
         res["restore_cold_vmtouch"] = serve_once(env, "restore-cold-vmtouch", {"FV_PREFETCH": "vmtouch"})
-    if "map-pages" in chosen:
-        drop_caches()
-        res["restore_cold_map_pages"] = serve_once(env, "restore-cold-map-pages", VARIANTS["map-pages"])
+    for v in ("map-pages", "read-pages"):
+        if v in chosen:
+            drop_caches()
+            res[f"restore_cold_{v.replace('-', '_')}"] = serve_once(env, f"restore-cold-{v}", VARIANTS[v])
     return res
 
 

@@ -140,10 +140,12 @@ WEIGHT_CHECK_ENV = "FV_WEIGHT_CHECK"
 
 
 def weight_check_overlaps() -> bool:
-    """FV_WEIGHT_CHECK: "inline" (default) checks every weight before the KV cache wakes;
-    "overlap" lets the checksums finish beside the KV wake and the probe, and waits for them
-    before the gate opens. Read before the restore: a bad value is found before CRIU runs."""
-    value = os.environ.get(WEIGHT_CHECK_ENV, "inline").strip().lower() or "inline"
+    """FV_WEIGHT_CHECK: "overlap" (default) lets the weights' checksums finish beside the KV wake
+    and the probe, and waits for them before the gate opens (3B CUDA image on an H200, restores
+    interleaved with inline ones: ~0.1 s sooner in 5 rounds of 7); "inline" checks every weight
+    before the KV cache wakes. Either way nothing is served before every weight is checked.
+    Read before the restore: a bad value is found before CRIU runs."""
+    value = os.environ.get(WEIGHT_CHECK_ENV, "overlap").strip().lower() or "overlap"
     if value not in ("inline", "overlap"):
         raise CheckpointUnusable(f"{WEIGHT_CHECK_ENV}={os.environ.get(WEIGHT_CHECK_ENV)!r}: expected inline or overlap")
     return value == "overlap"
@@ -197,16 +199,15 @@ def criu_restore(s: RestoreState) -> None:
     thp, why = criu.restore_thp()
     if not thp:
         log(f"memory is restored into 4 KiB pages: {why}")
-    mapped, why = criu.restore_map_pages(s.gpu)
-    if not mapped and why.startswith("auto"):
+    mapped, why = criu.restore_map_pages()
+    if not mapped:
         log(f"memory is read back whole, not mapped from the checkpoint: {why}")
     issued = time.time()
     s.tl.mark("restore issued", issued)
     m = s.manifest
     pid = criu.restore(s.layout.images_dir, s.layout.run_dir,
                        [(s.pipes.out_w, m.pipes.stdout), (s.pipes.err_w, m.pipes.stderr)],
-                       env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})},
-                       gpu=s.gpu)
+                       env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
     s.tree = RestoredTree(pid, Path(m.runtime_file))
     restore_log = criu.read_restore_log(s.layout.run_dir / "criu-restore.log")
     if s.gpu and restore_log.gpu_failure:  # CRIU carried on; the tree would block on its first CUDA call

@@ -59,25 +59,6 @@ def test_restore_on_gpu_gives_baked_answers_and_timeline(baked_image):
     assert "weights loaded" in logs and "engine awake" in logs
 
 
-def test_restore_on_gpu_with_memory_mapped_from_the_checkpoint(baked_image):
-    """criu-patches/0003 beside CRIU's cuda plugin (FV_RESTORE_MAP_PAGES=1; off by default on
-    GPUs until this and the figures say so): the GPU state resumes from mapped memory and the
-    server answers as at bake."""
-    from e2e.test_restore import Container, _assert_same_as_bake, _map_pages, _wait_ready
-
-    m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
-                                  check=True).stdout)
-    with Container(baked_image, "-e", "FV_RESTORE_MAP_PAGES=1") as c:
-        _wait_ready(container=c.id)
-        _assert_same_as_bake(m)
-        logs = c.logs()
-        log = subprocess.run(["docker", "exec", c.id, "cat", "/tmp/fvboot/criu-restore.log"],
-                             capture_output=True, text=True).stdout
-    assert "restored from checkpoint" in logs, logs[-3000:]
-    mapped, read = _map_pages(log)
-    assert mapped > read, (mapped, read)
-
-
 @pytest.mark.parametrize("field, value, reason", [
     ("name", "NVIDIA Imaginary 1", "this machine has"),
     ("driver", "1.0.0", "baked with driver 1.0.0"),

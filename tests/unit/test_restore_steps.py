@@ -166,8 +166,7 @@ def test_a_gpu_state_criu_could_not_resume_ends_the_restore_naming_it(tmp_path, 
     m = dataclasses.replace(m, runtime_file=str(tmp_path / "run" / "runtime.json"))
     here = manifest.Device("cuda", (manifest.Gpu("NVIDIA H200", "GPU-2", "580"),), "580")
 
-    def criu_restore(images, workdir, inherit, env, gpu):
-        assert gpu
+    def criu_restore(images, workdir, inherit, env):
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "criu-restore.log").write_text(
             "(01.6) Error (plugins/cuda/cuda_plugin.c:510): cuda_plugin: RESUME_DEVICES RESTORE failed with"
@@ -246,8 +245,10 @@ def test_an_overlapped_weight_check_is_waited_for_before_the_gate(tmp_path):
 
 def test_the_weight_check_setting(monkeypatch):
     monkeypatch.delenv(restore.WEIGHT_CHECK_ENV, raising=False)
+    assert restore.weight_check_overlaps() is True
+    monkeypatch.setenv(restore.WEIGHT_CHECK_ENV, "inline")
     assert restore.weight_check_overlaps() is False
-    monkeypatch.setenv(restore.WEIGHT_CHECK_ENV, "overlap")
+    monkeypatch.setenv(restore.WEIGHT_CHECK_ENV, " Overlap ")
     assert restore.weight_check_overlaps() is True
     monkeypatch.setenv(restore.WEIGHT_CHECK_ENV, "later")
     with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_CHECK='later': expected inline or overlap"):
