@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 
 from . import criu, manifest, pagecheck
 from .control import ServerControl
-from .errors import CheckpointUnusable
+from .errors import CheckpointUnusable, ServerError
 from .launcher import Pipes, load_settings, write_runtime_settings
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
@@ -32,6 +32,7 @@ from .output import log
 from .pagecheck import PageCheck
 from .prefetch import WeightsResidency
 from .timeline import Timeline
+from .weight_stager import Stager
 
 PROBE_LOGPROB_TOL = 1e-3
 
@@ -169,6 +170,8 @@ class RestoreState:
     residency: Optional[WeightsResidency] = None  # the prefetch's finding: is the weight dump all cached?
     overlap_check: bool = False  # weight_check_overlaps(): the checksums finish beside the wake and probe
     checks_left: int = 0  # weight checks the load left running (check_weights waits for them)
+    stager: Optional[Stager] = None  # the weight dump being staged on the GPU (FV_WEIGHT_STAGING=on)
+    staged: bool = False  # the worker took the stager's copy: its verdict is the weights' check
 
     @property
     def gpu(self) -> bool:
@@ -222,10 +225,13 @@ def criu_restore(s: RestoreState) -> None:
 def load_weights(s: RestoreState) -> None:
     """The weights back from the dump, every tensor checked against its checksum, with this
     start's FV_LOAD_* settings; the loader is told when the prefetch found the dump all cached,
-    so it does not check again. (The KV cache wakes after, not beside: both take the driver's
+    so it does not check again. With a weight stager, the worker first tries its copy already on
+    the GPU (``take_staged``). (The KV cache wakes after, not beside: both take the driver's
     locks; overlapping them measured no faster.)"""
     if s.gpu:
         s.ctl.wake_up(["weights"], timeout=s.step_timeout_s)
+    if s.stager is not None and take_staged(s):
+        return
     cached = s.residency is not None and s.residency.resident()
     stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings(), cached,
                       s.overlap_check, timeout=s.step_timeout_s)
@@ -233,6 +239,27 @@ def load_weights(s: RestoreState) -> None:
     log(f"weights: {stats}")
 
 
+def take_staged(s: RestoreState) -> bool:
+    """The worker copies the weights from the stager's buffer on its GPU; True when it did. The
+    stager frees that buffer before this returns, used or not: the KV cache wakes into that
+    memory next. Whatever fails is said, and the worker then loads the weights itself."""
+    stager = s.stager
+    ready = stager.ready()
+    if ready is not None:
+        try:
+            stats = s.ctl.rpc("fv_take_staged", str(s.layout.weights_dir), ready["handle"], ready["size"],
+                              ready["gpu"], timeout=s.step_timeout_s)
+            s.staged = True
+        except ServerError as e:
+            stager.why = f"the worker could not take the stager's copy: {e}"
+    if s.staged:
+        stager.release()
+        log(f"weights: taken from the stager's copy on the GPU (staged {ready.get('t')} s after it started,"
+            f" context {ready.get('context_s')} s, page-locking {ready.get('register_s')} s): {stats}")
+    else:
+        stager.stop()
+        log(f"weights not staged: {stager.why}; the worker loads them")
+    return s.staged
 def wake_engine(s: RestoreState) -> None:
     s.ctl.wake_up(["kv_cache"] if s.gpu else None, timeout=s.step_timeout_s)
 
@@ -244,8 +271,12 @@ def check_answers(s: RestoreState) -> None:
 
 
 def check_weights(s: RestoreState) -> None:
-    """The weight checksums the load left running (FV_WEIGHT_CHECK=overlap), before any client
-    is served; a mismatch names the tensor, as an inline check does."""
+    """The weight checksums the load left running (FV_WEIGHT_CHECK=overlap), or the stager's
+    check of the dump its copy came from, before any client is served; a mismatch names the
+    tensor, as an inline check does."""
+    if s.staged:
+        verdict = s.stager.verdict(s.step_timeout_s)
+        log(f"weights checked by the stager: every entry of the cached dump in {verdict.get('seconds')} s")
     if s.checks_left:
         stats = s.ctl.rpc("fv_weights_checked", s.step_timeout_s, timeout=s.step_timeout_s + 10)
         log(f"weights checked: {stats}")

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Optional
 
-from . import cuda_checkpoint_service, exitnoise, manifest, restore
+from . import cuda_checkpoint_service, exitnoise, manifest, restore, weight_stager
 from .control import ServerControl
 from .errors import CheckpointUnusable, FvBootError, Stopped
 from .launcher import (Pipes, ServedTree, add_runtime_info, runtime_settings, server_env, server_port,
@@ -143,11 +143,18 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
             # 0.24 s slower that way (bench/fvboot_ab.py --cold: CRIU's own small reads then queue
             # behind them). _supervise reaps the readers.
             check = PageCheck(layout.home, m.files)
+            state = restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check,
+                                         step_timeout_s=restore.step_timeout(),
+                                         overlap_check=restore.weight_check_overlaps())
             ahead = prefetch(layout, check, stop_reading)
-            return restore.run(restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check,
-                                                    step_timeout_s=restore.step_timeout(),
-                                                    residency=ahead.weights,
-                                                    overlap_check=restore.weight_check_overlaps()))
+            state.residency = ahead.weights
+            if m.device.is_cuda:  # the dump onto the GPU while CRIU restores (FV_WEIGHT_STAGING=on)
+                state.stager = weight_stager.start(layout.weights_dir, [g.uuid for g in here.gpus[:len(m.device.gpus)]])
+            try:
+                return restore.run(state)
+            finally:
+                if state.stager is not None:
+                    state.stager.stop()  # done by now, or killed: its GPU memory is free either way
     except Exception as e:  # every failure of the restore path ends in the normal start
         stop_reading.set()  # the normal start must not share the disk with reads nobody needs
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"

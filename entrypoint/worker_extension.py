@@ -160,6 +160,27 @@ class FastVllmWorkerExtension:
             out["transfer"] = stats.details
         return out
 
+    def fv_take_staged(self, directory: str, handle: str, size: int, gpu: str) -> dict[str, Any]:
+        """Refill the released weights from the weight stager's copy on this GPU (its CUDA IPC
+        HANDLE, the SIZE of the file it staged, the GPU it staged on): device-to-device copies,
+        no page cache, no checks here (the stager checks the cached dump; the gate waits for
+        its verdict). Raises when its copy cannot be taken; fvboot then calls fv_load_weights."""
+        from .weights.staged import load_staged
+
+        regained = cpustate.request(getattr(self, "_fv_cpu_features", 0))  # as fv_load_weights
+        w = self._fv_weights()
+        self._fv_pending = ()
+        try:
+            out = load_staged(self._fv_path(directory), w.targets(), handle, int(size), gpu)
+            w.finish_load()
+        except BaseException:
+            w.release()  # never leave half-filled weights that look loaded
+            raise
+        out["rss"] = _rss()
+        if regained:
+            out["cpu_features_regained"] = regained
+        return out
+
     def fv_weights_checked(self, timeout: float = 300) -> dict[str, Any]:
         """Wait (at most TIMEOUT s each) for the checks fv_load_weights left running; raises the
         first failure (a checksum mismatch names the tensor), and then the weights count as not

@@ -59,6 +59,33 @@ def test_restore_on_gpu_gives_baked_answers_and_timeline(baked_image):
     assert "weights loaded" in logs and "engine awake" in logs
 
 
+def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_image):
+    """FV_WEIGHT_STAGING=on: a process of fvboot's puts the dump on the GPU while CRIU restores,
+    the worker takes it device to device, the stager's check of the dump is the gate's weight
+    check: restored, with the baked answers."""
+    from e2e.test_restore import Container, _assert_same_as_bake, _wait_ready
+
+    m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
+                                  check=True).stdout)
+    with Container(baked_image, "-e", "FV_WEIGHT_STAGING=on") as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(m)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs, logs[-3000:]
+    assert "weights: taken from the stager's copy on the GPU" in logs, logs[-3000:]
+    assert "weights checked by the stager" in logs
+
+
+def test_a_damaged_weight_byte_with_the_weights_staged_falls_back(baked_image):
+    """The stager's copy is taken, but its check of the dump finds the flipped byte: the gate
+    stays shut and the normal start serves the baked answers."""
+    from e2e.test_restore import FLIP_EMBEDDING_BYTE, _fallback
+
+    m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
+                                  check=True).stdout)
+    _fallback(baked_image, m, f"{FLIP_EMBEDDING_BYTE} && export FV_WEIGHT_STAGING=on", "checksum mismatch")
+
+
 @pytest.mark.parametrize("field, value, reason", [
     ("name", "NVIDIA Imaginary 1", "this machine has"),
     ("driver", "1.0.0", "baked with driver 1.0.0"),

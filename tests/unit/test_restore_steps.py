@@ -10,7 +10,7 @@ import types
 import pytest
 
 from fvboot import manifest, restore
-from fvboot.errors import CheckpointUnusable
+from fvboot.errors import CheckpointUnusable, ServerError
 from fvboot.layout import Layout
 from fvboot.restore import check_compatible, gpu_device_map, same_answers
 from fvboot.timeline import Timeline
@@ -241,6 +241,77 @@ def test_an_overlapped_weight_check_is_waited_for_before_the_gate(tmp_path):
     assert ctl.calls[0][1][4] is True and state.checks_left == 1
     restore.check_weights(state)
     assert ctl.calls[-1] == ("fv_weights_checked", (7,), 17)
+
+
+class _Stager:
+    """The restore's view of a weight stager (fvboot.weight_stager.Stager), each call recorded;
+    test_staging.py runs the real one."""
+
+    def __init__(self, ready):
+        self._ready, self.calls, self.why = ready, [], None
+
+    def ready(self):
+        self.calls.append("ready")
+        if self._ready is None:
+            self.why = "the weight stager could not stage the dump: no CUDA driver here"
+        return self._ready
+
+    def release(self):
+        self.calls.append("release")
+
+    def stop(self):
+        self.calls.append("stop")
+
+    def verdict(self, timeout):
+        self.calls.append(("verdict", timeout))
+        return {"ok": True, "seconds": 0.4}
+
+
+class _RefusingCtl(_Ctl):
+    def rpc(self, method, *args, timeout):
+        if method == "fv_take_staged":
+            self.calls.append((method, args, timeout))
+            raise ServerError("cuIpcOpenMemHandle: CUDA_ERROR_INVALID_VALUE (1)")
+        return super().rpc(method, *args, timeout=timeout)
+
+
+GPU = {"kind": "cuda", "driver": "580", "gpus": [{"name": "NVIDIA H200", "uuid": "GPU-1", "driver": "580"}]}
+READY = {"event": "ready", "handle": "ab" * 64, "size": 7, "gpu": "GPU-1", "t": 0.5}
+
+
+def test_the_worker_takes_the_stagers_copy_and_its_verdict_is_waited_for(tmp_path):
+    """Staged: the worker copies from the stager's buffer (no load from the page cache), the
+    stager frees that buffer before the step ends (the KV cache wakes into it next), and the
+    gate's weight check is the stager's verdict."""
+    ctl, stager = _Ctl(), _Stager(READY)
+    layout, m = _manifest(tmp_path, GPU)
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                 step_timeout_s=7, stager=stager)
+    restore.load_weights(state)
+    assert [c[0] for c in ctl.calls] == ["wake_up", "fv_take_staged"]
+    assert ctl.calls[1][1] == (str(layout.weights_dir), READY["handle"], 7, "GPU-1")
+    assert stager.calls == ["ready", "release"] and state.staged
+    restore.check_weights(state)
+    assert stager.calls[-1] == ("verdict", 7) and len(ctl.calls) == 2
+
+
+@pytest.mark.parametrize("ready, ctl_type", [(None, _Ctl), (READY, _RefusingCtl)])
+def test_a_stager_not_ready_or_refused_is_stopped_and_the_worker_loads_the_weights(tmp_path, capsys,
+                                                                                  ready, ctl_type):
+    """A stager that failed (or whose copy the worker cannot open) is stopped before the worker
+    loads the weights itself, with the reason in the log; its verdict is not the check then."""
+    ctl, stager = ctl_type(), _Stager(ready)
+    layout, m = _manifest(tmp_path, GPU)
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                 step_timeout_s=7, stager=stager)
+    restore.load_weights(state)
+    assert stager.calls == ["ready", "stop"] and not state.staged
+    assert ctl.calls[-1][0] == "fv_load_weights"
+    err = capsys.readouterr().err
+    reason = "no CUDA driver here" if ready is None else "the worker could not take the stager's copy: cuIpcOpenMemHandle"
+    assert "weights not staged: " in err and reason in err
+    restore.check_weights(state)
+    assert stager.calls == ["ready", "stop"]
 
 
 def test_the_weight_check_setting(monkeypatch):

@@ -1,0 +1,161 @@
+"""The few CUDA driver calls fvboot's own processes make, through ctypes (no torch, no CUDA
+toolkit: the driver's libcuda.so.1 is all a GPU container has for sure). The weight stager
+(``weight_stager``) uses them to put the weight dump on the GPU during a restore, and the
+restored worker (``weights.staged``) to take it from there.
+
+Every call checks its result and raises :class:`CudaError` naming the call and the driver's
+error name, so a failure reads as what it was ("cuMemAlloc: CUDA_ERROR_OUT_OF_MEMORY").
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+HOST_REGISTER_READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY: page-locked, the GPU only reads it
+IPC_LAZY_ENABLE_PEER_ACCESS = 0x1  # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
+STREAM_NON_BLOCKING = 0x1
+
+
+class CudaError(RuntimeError):
+    """A driver call failed (or the driver library is missing); the message names both."""
+
+
+class IpcHandle(ctypes.Structure):
+    """CUipcMemHandle: 64 opaque bytes, passed by value."""
+
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+    def hex(self) -> str:
+        return ctypes.string_at(ctypes.addressof(self), 64).hex()  # .reserved stops at a NUL
+
+    @classmethod
+    def from_hex(cls, text: str) -> "IpcHandle":
+        raw = bytes.fromhex(text)
+        if len(raw) != 64:
+            raise CudaError(f"an IPC handle has 64 bytes, not {len(raw)}")
+        h = cls()
+        ctypes.memmove(ctypes.addressof(h), raw, 64)
+        return h
+
+
+def uuid_text(raw: bytes) -> str:
+    """A GPU's 16-byte UUID as nvidia-smi and the manifest write it: GPU-8-4-4-4-12 hex."""
+    h = raw.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+_u64, _size, _ptr, _uint, _int = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
+_SIGNATURES = {
+    "cuInit": [_uint],
+    "cuDeviceGetCount": [ctypes.POINTER(_int)],
+    "cuDeviceGet": [ctypes.POINTER(_int), _int],
+    "cuDeviceGetUuid_v2": [ctypes.POINTER(ctypes.c_char), _int],
+    "cuDevicePrimaryCtxRetain": [ctypes.POINTER(_ptr), _int],
+    "cuCtxSetCurrent": [_ptr],
+    "cuCtxGetDevice": [ctypes.POINTER(_int)],
+    "cuMemAlloc_v2": [ctypes.POINTER(_u64), _size],
+    "cuMemFree_v2": [_u64],
+    "cuMemHostRegister_v2": [_ptr, _size, _uint],
+    "cuMemHostUnregister": [_ptr],
+    "cuStreamCreate": [ctypes.POINTER(_ptr), _uint],
+    "cuStreamSynchronize": [_ptr],
+    "cuMemcpyHtoDAsync_v2": [_u64, _ptr, _size, _ptr],
+    "cuMemcpyDtoDAsync_v2": [_u64, _u64, _size, _ptr],
+    "cuIpcGetMemHandle": [ctypes.POINTER(IpcHandle), _u64],
+    "cuIpcOpenMemHandle_v2": [ctypes.POINTER(_u64), IpcHandle, _uint],
+    "cuIpcCloseMemHandle": [_u64],
+    "cuGetErrorName": [_int, ctypes.POINTER(ctypes.c_char_p)],
+}
+
+
+class Driver:
+    """libcuda.so.1 with the signatures above; each method raises CudaError on failure."""
+
+    def __init__(self, lib: Optional[ctypes.CDLL] = None) -> None:
+        try:
+            self.lib = lib or ctypes.CDLL("libcuda.so.1")
+        except OSError as e:
+            raise CudaError(f"no CUDA driver here (libcuda.so.1: {e})") from None
+        for name, args in _SIGNATURES.items():
+            fn = getattr(self.lib, name)
+            fn.argtypes, fn.restype = args, _int
+
+    def _check(self, rc: int, call: str) -> None:
+        if rc != 0:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(rc, ctypes.byref(name))
+            raise CudaError(f"{call}: {(name.value or b'').decode() or 'CUresult'} ({rc})")
+
+    def init(self) -> None:
+        self._check(self.lib.cuInit(0), "cuInit")
+
+    def device_uuid(self, device: int) -> str:
+        raw = (ctypes.c_char * 16)()
+        self._check(self.lib.cuDeviceGetUuid_v2(raw, device), "cuDeviceGetUuid")
+        return uuid_text(bytes(raw))
+
+    def device_by_uuid(self, uuid: str) -> int:
+        """The ordinal of the visible GPU with this UUID."""
+        n = _int()
+        self._check(self.lib.cuDeviceGetCount(ctypes.byref(n)), "cuDeviceGetCount")
+        seen = []
+        for i in range(n.value):
+            dev = _int()
+            self._check(self.lib.cuDeviceGet(ctypes.byref(dev), i), "cuDeviceGet")
+            seen.append(self.device_uuid(dev.value))
+            if seen[-1].lower() == uuid.lower():
+                return dev.value
+        raise CudaError(f"no visible GPU is {uuid} (visible: {', '.join(seen) or 'none'})")
+
+    def use_primary_context(self, device: int) -> None:
+        ctx = _ptr()
+        self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
+        self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+    def current_device_uuid(self) -> str:
+        dev = _int()
+        self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
+        return self.device_uuid(dev.value)
+
+    def alloc(self, nbytes: int) -> int:
+        ptr = _u64()
+        self._check(self.lib.cuMemAlloc_v2(ctypes.byref(ptr), nbytes), "cuMemAlloc")
+        return ptr.value
+
+    def free(self, ptr: int) -> None:
+        self._check(self.lib.cuMemFree_v2(ptr), "cuMemFree")
+
+    def host_register(self, addr: int, nbytes: int, flags: int = HOST_REGISTER_READ_ONLY) -> None:
+        self._check(self.lib.cuMemHostRegister_v2(addr, nbytes, flags), "cuMemHostRegister")
+
+    def host_unregister(self, addr: int) -> None:
+        self._check(self.lib.cuMemHostUnregister(addr), "cuMemHostUnregister")
+
+    def stream(self) -> int:
+        s = _ptr()
+        self._check(self.lib.cuStreamCreate(ctypes.byref(s), STREAM_NON_BLOCKING), "cuStreamCreate")
+        return s.value
+
+    def synchronize(self, stream: int) -> None:
+        self._check(self.lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
+
+    def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._check(self.lib.cuMemcpyHtoDAsync_v2(dst, src, nbytes, stream), "cuMemcpyHtoDAsync")
+
+    def copy_on_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._check(self.lib.cuMemcpyDtoDAsync_v2(dst, src, nbytes, stream), "cuMemcpyDtoDAsync")
+
+    def ipc_handle(self, ptr: int) -> IpcHandle:
+        h = IpcHandle()
+        self._check(self.lib.cuIpcGetMemHandle(ctypes.byref(h), ptr), "cuIpcGetMemHandle")
+        return h
+
+    def ipc_open(self, handle: IpcHandle) -> int:
+        ptr = _u64()
+        self._check(self.lib.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), handle, IPC_LAZY_ENABLE_PEER_ACCESS),
+                    "cuIpcOpenMemHandle")
+        return ptr.value
+
+    def ipc_close(self, ptr: int) -> None:
+        self._check(self.lib.cuIpcCloseMemHandle(ptr), "cuIpcCloseMemHandle")

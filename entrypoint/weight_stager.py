@@ -1,0 +1,282 @@
+"""The weight dump put on the GPU while CRIU restores the engine (issue 11, lever 3).
+
+Without it the restored worker copies its weights out of the page cache itself, after CRIU and
+the CUDA resume: ~0.5 s for 7 GB on an H200, most of it page-locking the cache. The stager is a
+process of its own, torch-free, started beside the restore: it checks the dump is all in the
+page cache, makes a CUDA context on the worker's GPU, allocates one device buffer of the file's
+size, page-locks the cached file window by window while copying it in, and hands out a CUDA IPC
+handle. The worker opens it and copies each tensor device to device (``weights.staged``: ~5 ms
+for 7 GB); fvboot then has the stager free its buffer, before the KV cache wakes into that
+memory. Meanwhile the stager's threads check every entry of the cached file against the dump's
+checksums, and the gate waits for that verdict. Measured alone on an H200
+(``bench/gpu_weight_staging.py``): ready 0.55 s after its start for 7.5 GB, taken in 5 ms.
+
+``FV_WEIGHT_STAGING=on`` turns it on (default ``off`` until measured in an image). Whatever goes
+wrong (no driver, memory, a dump not all cached, a handle the worker cannot open) ends in the
+worker's own load, said in the log; its waits are bounded.
+
+The process speaks JSON lines on stdout: ``{"event": "ready", "handle", "size", "gpu", ...}``
+or ``{"event": "failed", "why"}``, then ``{"event": "freed"}`` and ``{"event": "verified", "ok",
+"why"}``. It reads "release" on stdin (free the device buffer now); at EOF it frees it too, and
+exits once its check is done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from .errors import CheckpointUnusable
+from .output import log
+
+STAGING_ENV = "FV_WEIGHT_STAGING"
+WINDOW = 1 << 30  # bytes page-locked and copied at a time: copies start before the last is locked
+READY_WAIT_S = 3.0  # how long a restore waits for a stager not yet ready once the worker is
+RELEASE_WAIT_S = 10.0
+
+
+def staging_wanted() -> bool:
+    """FV_WEIGHT_STAGING: "off" (default) or "on". Read before the restore: a bad value is found
+    before CRIU runs."""
+    value = os.environ.get(STAGING_ENV, "off").strip().lower() or "off"
+    if value not in ("off", "on"):
+        raise CheckpointUnusable(f"{STAGING_ENV}={os.environ.get(STAGING_ENV)!r}: expected on or off")
+    return value == "on"
+
+
+# --------------------------------------------------------------------------------------------
+# the stager process (torch-free: it must be working within milliseconds of its start)
+
+
+def check_entries(addr: int, entries: Sequence, alg: str, path: str, threads: int) -> Optional[str]:
+    """Every entry of a file mapped at ADDR against its recorded checksum, largest first, in
+    THREADS threads (the hashes release the GIL); the first mismatch's text, or None."""
+    from .weightfile import entry_hasher, mismatch
+
+    def one(e) -> Optional[str]:
+        h = entry_hasher(alg, e.nbytes)
+        if e.nbytes:
+            h.update(memoryview((ctypes.c_char * e.nbytes).from_address(addr + e.offset)).cast("B"))
+        return None if h.hexdigest() == e.checksum else str(mismatch(path, e, alg, h.hexdigest()))
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for problem in pool.map(one, sorted(entries, key=lambda e: -e.nbytes)):
+            if problem:
+                return problem
+    return None
+
+
+def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str]) -> int:
+    """The stager's whole life (see the module's docstring); EMIT sends an event, COMMANDS are
+    the lines read from fvboot. Returns the exit status."""
+    from .cuda_driver import CudaError, Driver
+    from .residency import FileMapping
+    from .weightfile import WeightFileError, read_index
+
+    t0 = time.perf_counter()
+    since = lambda: round(time.perf_counter() - t0, 4)  # noqa: E731
+    verdict: dict = {}
+    try:
+        idx = read_index(path)
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        mapping = FileMapping(fd, size)
+        missing = mapping.missing_pages()
+        if missing:
+            emit(event="failed", why=f"{missing} of the dump's {mapping.pages} pages are not in the page cache")
+            return 0
+
+        def check() -> None:
+            t = time.perf_counter()
+            problem = check_entries(mapping.addr, list(idx.entries.values()), idx.checksum, path,
+                                    min(16, os.cpu_count() or 1))
+            verdict.update(ok=problem is None, why=problem, seconds=round(time.perf_counter() - t, 4))
+
+        checking = threading.Thread(target=check, name="fv-stager-check", daemon=True)
+        checking.start()  # beside the CUDA work: the hashes and the copies read the same cached pages
+        drv = Driver()
+        drv.init()
+        drv.use_primary_context(drv.device_by_uuid(gpu))
+        t_ctx = since()
+        buf = drv.alloc(size)
+        streams = [drv.stream(), drv.stream()]
+        locked, locking = [], 0.0
+        try:
+            for k, off in enumerate(range(0, size, WINDOW)):
+                n = min(WINDOW, size - off)
+                t = time.perf_counter()
+                drv.host_register(mapping.addr + off, n)
+                locking += time.perf_counter() - t
+                locked.append(mapping.addr + off)
+                drv.copy_to_device(buf + off, mapping.addr + off, n, streams[k % 2])
+            for s in streams:
+                drv.synchronize(s)
+        finally:
+            for a in locked:
+                drv.host_unregister(a)
+        emit(event="ready", handle=drv.ipc_handle(buf).hex(), size=size, gpu=gpu, context_s=t_ctx,
+             register_s=round(locking, 4), t=since())
+    except (OSError, WeightFileError, CudaError) as e:
+        emit(event="failed", why=str(e))
+        return 0  # the process ends: its mapping, device buffer and context go with it
+    for line in commands:  # "release", or the end of the input: free the buffer either way
+        if line.strip() == "release":
+            break
+    drv.free(buf)
+    emit(event="freed", t=since())
+    checking.join()
+    emit(event="verified", **verdict, t=since())
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print("usage: python -m fvboot.weight_stager WEIGHT_FILE GPU_UUID", file=sys.stderr)
+        return 2
+    lock = threading.Lock()
+
+    def emit(**event) -> None:
+        with lock:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+
+    try:
+        return stage(args[0], args[1], emit, sys.stdin)
+    except BrokenPipeError:  # fvboot is gone: nothing to tell
+        return 0
+    except Exception as e:  # anything else: said as a failure, and the worker loads the weights itself
+        emit(event="failed", why=f"{type(e).__name__}: {e}")
+        return 1
+
+
+# --------------------------------------------------------------------------------------------
+# fvboot's side
+
+
+def stager_command(path: str, gpu: str, package_dir: str) -> tuple[list[str], Optional[dict[str, str]]]:
+    """(argv, environment). Where fvboot sits in a folder of its own (the image) it starts
+    without site (-S: the CUDA base's .pth hooks would cost it ~70 ms, as for the cuda-checkpoint
+    service), with this process's sys.path on PYTHONPATH: `fvboot serve` put there by hand the
+    folders site would add, and the stager needs blake3 from one of them. Elsewhere (an editable
+    install) it starts with site, which finds fvboot."""
+    argv = [sys.executable, "-m", "fvboot.weight_stager", path, gpu]
+    if os.path.basename(package_dir) != "fvboot":
+        return argv, None
+    folders = [os.path.dirname(package_dir)]
+    folders += [p for p in sys.path if p and p not in folders]
+    return [argv[0], "-S", *argv[1:]], {**os.environ, "PYTHONPATH": os.pathsep.join(folders)}
+
+
+class Stager:
+    """A running stager, as the restore sees it: its events, and what it is asked to do."""
+
+    def __init__(self, path: str, gpu: str, argv: Optional[list[str]] = None,
+                 env: Optional[dict[str, str]] = None) -> None:
+        self.path, self.gpu = path, gpu
+        self.why: Optional[str] = None  # why it was not used, once known
+        self._events: "queue.Queue[dict]" = queue.Queue()
+        self._seen: dict[str, dict] = {}
+        if argv is None:
+            argv, env = stager_command(path, gpu, os.path.dirname(os.path.abspath(__file__)))
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        threading.Thread(target=self._read, name="fv-stager-events", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and "event" in event:
+                self._events.put(event)
+        self._events.put({"event": "exited"})
+
+    def _wait(self, names: tuple[str, ...], timeout: float) -> Optional[dict]:
+        """The first of NAMES (or a failure, or the exit) seen, waiting at most TIMEOUT s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for name in (*names, "failed", "exited"):
+                if name in self._seen:
+                    return self._seen[name]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                event = self._events.get(timeout=left)
+            except queue.Empty:
+                return None
+            self._seen.setdefault(event["event"], event)
+
+    def ready(self, timeout: float = READY_WAIT_S) -> Optional[dict]:
+        """The ready event (handle, size, gpu, its timings), or None with the reason in ``why``."""
+        event = self._wait(("ready",), timeout)
+        if event is None:
+            self.why = f"the weight stager was not ready within {timeout:g} s of the worker"
+        elif event["event"] == "failed":
+            self.why = f"the weight stager could not stage the dump: {event.get('why')}"
+        elif event["event"] == "exited":
+            self.why = f"the weight stager ended without a word (exit {self.proc.poll()})"
+        return event if event is not None and event["event"] == "ready" else None
+
+    def release(self, timeout: float = RELEASE_WAIT_S) -> None:
+        """Have the stager free its device buffer, and wait until it has (or is gone): the KV
+        cache wakes into that memory next. A stager that does not say so is killed and reaped."""
+        try:
+            self.proc.stdin.write("release\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+        event = self._wait(("freed",), timeout)
+        if event is None or event["event"] != "freed":
+            self.stop()
+
+    def verdict(self, timeout: float) -> dict:
+        """Its check of every entry of the cached dump: raises CheckpointUnusable on a mismatch,
+        an error, or no verdict within TIMEOUT s."""
+        event = self._wait(("verified",), timeout)
+        if event is None or event["event"] != "verified":
+            raise CheckpointUnusable(f"the weight stager gave no verdict on the weights within {timeout:g} s")
+        if not event.get("ok"):
+            raise CheckpointUnusable(f"weights: {event.get('why')}")
+        return event
+
+    def stop(self, timeout: float = RELEASE_WAIT_S) -> None:
+        """Kill it, whatever it is doing, and reap it (its GPU memory is free once it is gone)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log(f"the weight stager (pid {self.proc.pid}) did not end within {timeout:g} s of SIGKILL")
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except (OSError, ValueError):
+                pass
+
+
+def start(weights_dir: Path, gpus: Sequence[str]) -> Optional[Stager]:
+    """A stager for this restore when FV_WEIGHT_STAGING=on and the image has one GPU and one
+    weight file; else None, saying why when it was asked for."""
+    if not staging_wanted():
+        return None
+    files = sorted(p for p in weights_dir.glob("*.fvw") if p.is_file()) if weights_dir.is_dir() else []
+    if len(gpus) != 1 or len(files) != 1:
+        log(f"weights not staged: {len(gpus)} GPUs and {len(files)} weight files (staging takes one of each)")
+        return None
+    return Stager(str(files[0]), gpus[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The weight stager (fvboot.weight_stager: the dump onto the GPU while CRIU restores) and the
+worker's side of it (fvboot.weights.staged). Here: its setting, when a restore starts one, its
+check of the cached dump, the real stager process on a machine without a CUDA driver (it says
+so, and the restore goes on without it), and the restore's side of its protocol against
+stand-in processes, which play only the part that needs a GPU. The whole path, real stager and
+real CUDA IPC, runs where a CUDA GPU is (GPU CI runs this file; bench/gpu_weight_staging.py
+measured it on an H200)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from fvboot import weight_stager
+from fvboot.errors import CheckpointUnusable
+from fvboot.residency import FileMapping
+from weights_testdata import MIB, flip_bit, fvw, torch  # noqa: F401 - fvw is a fixture
+
+from fvboot import weights as wf  # noqa: E402
+
+
+def test_staging_is_off_unless_asked_for_and_a_bad_value_is_refused(monkeypatch, tmp_path):
+    monkeypatch.delenv(weight_stager.STAGING_ENV, raising=False)
+    assert weight_stager.staging_wanted() is False
+    assert weight_stager.start(tmp_path, ["GPU-1"]) is None
+    monkeypatch.setenv(weight_stager.STAGING_ENV, " On ")
+    assert weight_stager.staging_wanted() is True
+    monkeypatch.setenv(weight_stager.STAGING_ENV, "later")
+    with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_STAGING='later': expected on or off"):
+        weight_stager.staging_wanted()
+
+
+def test_staging_takes_one_gpu_and_one_weight_file(monkeypatch, tmp_path, capsys):
+    """Tensor- or pipeline-parallel images (a file per worker) are not staged, and the log says so."""
+    monkeypatch.setenv(weight_stager.STAGING_ENV, "on")
+    (tmp_path / "rank0.fvw").write_bytes(b"x")
+    (tmp_path / "rank1.fvw").write_bytes(b"x")
+    assert weight_stager.start(tmp_path, ["GPU-1", "GPU-2"]) is None
+    assert "weights not staged: 2 GPUs and 2 weight files (staging takes one of each)" in capsys.readouterr().err
+
+
+def test_the_stager_in_an_image_starts_without_site_but_finds_what_fvboot_finds(tmp_path):
+    """In the image fvboot sits in a folder of its own and `fvboot serve` runs with -S, its
+    site folders put on sys.path by hand: the stager starts with -S too (no .pth hooks) and gets
+    that path, where blake3 lives. Run for real: the checksums it would use are importable."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "fvboot").symlink_to(os.path.dirname(os.path.abspath(weight_stager.__file__)))
+    argv, env = weight_stager.stager_command("w.fvw", "GPU-1", str(lib / "fvboot"))
+    assert argv[1:] == ["-S", "-m", "fvboot.weight_stager", "w.fvw", "GPU-1"]
+    folders = env["PYTHONPATH"].split(os.pathsep)
+    assert folders[0] == str(lib) and all(p in folders for p in sys.path if p)
+    import subprocess
+
+    r = subprocess.run([argv[0], "-S", "-c", "import fvboot.weight_stager; from fvboot import checksums; "
+                        "print(checksums.DEFAULT_CHECKSUM)"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == wf.fileformat.DEFAULT_CHECKSUM, r.stderr
+    argv, env = weight_stager.stager_command("w.fvw", "GPU-1", "/src/entrypoint")  # an editable install
+    assert "-S" not in argv and env is None
+
+
+def _check_mapped(path):
+    idx = wf.read_index(path)
+    fd = os.open(path, os.O_RDONLY)
+    m = FileMapping(fd, os.fstat(fd).st_size)
+    try:
+        return weight_stager.check_entries(m.addr, list(idx.entries.values()), idx.checksum, str(path), 3)
+    finally:
+        m.close()
+        os.close(fd)
+
+
+def test_the_stagers_check_passes_the_dump_and_names_a_flipped_bit(fvw):
+    """Its verdict is the weights' check when the worker takes its copy: one flipped bit in any
+    entry is named, as the worker's own check names it."""
+    path, _ = fvw
+    assert _check_mapped(path) is None
+    idx = wf.read_index(path)
+    for key, off in (("small3", idx.entries["small3"].offset),
+                     ("huge", idx.entries["huge"].offset + idx.entries["huge"].nbytes - 1)):
+        flip_bit(path, off)
+        problem = _check_mapped(path)
+        assert problem and f"{key} ({idx.entries[key].nbytes} bytes" in problem and "checksum mismatch" in problem
+        flip_bit(path, off)
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine without a CUDA driver")
+def test_the_real_stager_without_a_cuda_driver_says_why_and_the_restore_goes_on(fvw):
+    """The stager process itself (python -m fvboot.weight_stager) on this machine: it reads and
+    maps the dump, finds no driver, says so and ends; the restore's side reports the reason at
+    once (the worker then loads the weights itself)."""
+    path, _ = fvw
+    t0 = time.monotonic()
+    s = weight_stager.Stager(str(path), "GPU-00000000-0000-0000-0000-000000000000")
+    try:
+        assert s.ready(timeout=30) is None
+        assert s.why.startswith("the weight stager could not stage the dump: no CUDA driver here"), s.why
+    finally:
+        s.stop()
+    assert s.proc.poll() is not None and time.monotonic() - t0 < 30  # gone, and quickly
+
+
+def _stand_in(*events, then="") -> list[str]:
+    """A process that plays the stager's GPU part: says EVENTS, waits for "release", then THEN."""
+    script = ("import json, sys\n"
+              f"for e in {list(events)!r}: print(json.dumps(e), flush=True)\n"
+              "line = sys.stdin.readline()\n"
+              f"for e in {then!r} and [{{'event': 'freed'}}, {{'event': 'verified', **{then}}}] or []:\n"
+              "    print(json.dumps(e), flush=True)\n")
+    return [sys.executable, "-c", script]
+
+
+READY = {"event": "ready", "handle": "00" * 64, "size": 4096, "gpu": "GPU-1", "t": 0.5}
+
+
+def test_a_stager_that_staged_is_released_and_its_verdict_waited_for():
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=_stand_in(READY, then={"ok": True, "seconds": 0.2}))
+    try:
+        assert s.ready(timeout=10) == READY
+        s.release(timeout=10)
+        assert s.verdict(timeout=10)["seconds"] == 0.2
+    finally:
+        s.stop()
+
+
+def test_a_mismatch_in_the_stagers_check_keeps_the_gate_shut():
+    why = "w.fvw: lm_head (8 bytes at offset 4096): checksum mismatch, blake3 aa != recorded bb"
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=_stand_in(READY, then={"ok": False, "why": why}))
+    try:
+        s.ready(timeout=10)
+        s.release(timeout=10)
+        with pytest.raises(CheckpointUnusable, match=r"^weights: w.fvw: lm_head .* checksum mismatch"):
+            s.verdict(timeout=10)
+    finally:
+        s.stop()
+
+
+def test_a_silent_stager_is_waited_for_only_so_long_and_then_killed():
+    """Not ready in time: the restore goes on without it; a release it does not answer ends in
+    SIGKILL and a reaped process, within the bounds (its GPU memory is free once it is gone)."""
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=[sys.executable, "-c", "import time; time.sleep(60)"])
+    t0 = time.monotonic()
+    assert s.ready(timeout=0.3) is None and "not ready within 0.3 s" in s.why
+    s.release(timeout=0.3)
+    assert s.proc.poll() is not None and time.monotonic() - t0 < 10
+    with pytest.raises(CheckpointUnusable, match="gave no verdict on the weights within 0.1 s"):
+        s.verdict(timeout=0.1)
+
+
+def test_a_stager_that_ends_without_a_word_is_not_waited_for():
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=[sys.executable, "-c", "raise SystemExit(3)"])
+    t0 = time.monotonic()
+    assert s.ready(timeout=30) is None and "ended without a word" in s.why
+    assert time.monotonic() - t0 < 20
+    s.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_the_worker_takes_the_real_stagers_copy(fvw):
+    """The whole path on a GPU: the real stager stages the cached dump, the worker's side opens
+    its IPC handle and copies every tensor; the bytes are the dump's, and the stager's check
+    passes. A second run with one flipped bit: the copy still happens, the verdict refuses it."""
+    from fvboot.cuda_driver import Driver
+    from fvboot.weights.staged import load_staged
+
+    path, src = fvw
+    drv = Driver()
+    drv.init()
+    gpu = drv.device_uuid(0)
+    for flipped in (False, True):
+        if flipped:
+            e = wf.read_index(path).entries["huge"]
+            flip_bit(path, e.offset + MIB)
+        targets = {k: torch.zeros_like(t, device="cuda") for k, t in src.items()}
+        s = weight_stager.Stager(str(path), gpu)
+        try:
+            ready = s.ready(timeout=60)
+            assert ready is not None, s.why
+            out = load_staged(str(path), targets, ready["handle"], ready["size"], ready["gpu"])
+            s.release(timeout=30)
+            assert out["staged"] and out["tensors"] == len(src)
+            if flipped:
+                with pytest.raises(CheckpointUnusable, match="huge .* checksum mismatch"):
+                    s.verdict(timeout=60)
+            else:
+                assert s.verdict(timeout=60)["ok"]
+                assert all(torch.equal(targets[k].cpu(), t) for k, t in src.items())
+        finally:
+            s.stop()
