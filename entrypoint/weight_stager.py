@@ -193,13 +193,16 @@ class Stager:
         threading.Thread(target=self._read, name="fv-stager-events", daemon=True).start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and "event" in event:
-                self._events.put(event)
+        try:
+            for line in self.proc.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and "event" in event:
+                    self._events.put(event)
+        except (OSError, ValueError):  # the pipe went away with the process
+            pass
         self._events.put({"event": "exited"})
 
     def _wait(self, names: tuple[str, ...], timeout: float) -> Optional[dict]:
@@ -259,11 +262,10 @@ class Stager:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             log(f"the weight stager (pid {self.proc.pid}) did not end within {timeout:g} s of SIGKILL")
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except (OSError, ValueError):
-                pass
+        try:
+            self.proc.stdin.close()  # its stdout ends with it: the reader sees the end and stops
+        except (OSError, ValueError):
+            pass
 
 
 def start(weights_dir: Path, gpus: Sequence[str]) -> Optional[Stager]:
