@@ -260,6 +260,8 @@ def take_staged(s: RestoreState) -> bool:
         stager.stop()
         log(f"weights not staged: {stager.why}; the worker loads them")
     return s.staged
+
+
 def wake_engine(s: RestoreState) -> None:
     s.ctl.wake_up(["kv_cache"] if s.gpu else None, timeout=s.step_timeout_s)
 
