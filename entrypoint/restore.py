@@ -172,6 +172,7 @@ class RestoreState:
     checks_left: int = 0  # weight checks the load left running (check_weights waits for them)
     stager: Optional[Stager] = None  # the weight dump being staged on the GPU (FV_WEIGHT_STAGING=on)
     staged: bool = False  # the worker took the stager's copy: its verdict is the weights' check
+    kernel_facts: Optional[subprocess.Popen] = None  # criu.warm_kernel_facts(), started beside the checks
 
     @property
     def gpu(self) -> bool:
@@ -205,6 +206,7 @@ def criu_restore(s: RestoreState) -> None:
     mapped, why = criu.restore_map_pages()
     if not mapped:
         log(f"memory is read back whole, not mapped from the checkpoint: {why}")
+    criu.wait_kernel_facts(s.kernel_facts)  # done by now, as a rule: the restore loads its cache
     issued = time.time()
     s.tl.mark("restore issued", issued)
     m = s.manifest

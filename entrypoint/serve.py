@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Optional
 
-from . import cuda_checkpoint_service, exitnoise, manifest, restore, weight_stager
+from . import criu, cuda_checkpoint_service, exitnoise, manifest, restore, weight_stager
 from .control import ServerControl
 from .errors import CheckpointUnusable, FvBootError, Stopped
 from .launcher import (Pipes, ServedTree, add_runtime_info, runtime_settings, server_env, server_port,
@@ -135,6 +135,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
         tl.mark("manifest read")
         if os.environ.get("FV_RESTORE", "1") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
+        kernel_facts = criu.warm_kernel_facts()  # CRIU's kernel probing, beside the checks
         # The cuda-checkpoint service starts first: its cuInit overlaps the checks and CRIU.
         with cuda_checkpoint_service.running(layout.run_dir, enabled=m.device.is_cuda) as service_env:
             here = restore.check_compatible(m, layout, run_args)
@@ -145,7 +146,8 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
             check = PageCheck(layout.home, m.files)
             state = restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check,
                                          step_timeout_s=restore.step_timeout(),
-                                         overlap_check=restore.weight_check_overlaps())
+                                         overlap_check=restore.weight_check_overlaps(),
+                                         kernel_facts=kernel_facts)
             ahead = prefetch(layout, check, stop_reading)
             state.residency = ahead.weights
             if m.device.is_cuda:  # the dump onto the GPU while CRIU restores (FV_WEIGHT_STAGING=on)

@@ -270,6 +270,13 @@ def test_memory_is_mapped_from_the_checkpoint(restored, docker_compose_project_n
     assert "memory is read back whole" not in out
 
 
+def test_criu_restores_with_the_kernel_facts_learned_beside_the_checks(restored, docker_compose_project_name):
+    """criu-patches/0004: fvboot's `criu check` kept what the kernel can do in its tmpfs folder
+    while the image was checked, and the restore loaded that instead of probing the kernel again."""
+    log = _compose(docker_compose_project_name, "exec", "-T", "fvllm", "cat", "/tmp/fvboot/criu-restore.log")
+    assert "Loaded kdat cache from /dev/shm/.fvboot-criu/criu.kdat" in log, log[:3000]
+
+
 def test_metrics_say_how_the_server_started(restored):
     """vLLM's /metrics, with fvboot's lines after vLLM's own: the path, the phases, the gate."""
     text = requests.get(f"{URL}/metrics", headers={"Accept-Encoding": "gzip"}, timeout=10).text

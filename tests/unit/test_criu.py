@@ -1,7 +1,10 @@
 """criu.py without CRIU: the restore log's phases and GPU resume failures, the huge-page decision (free page reporting,
-FV_RESTORE_THP), the map-pages decision (FV_RESTORE_MAP_PAGES). CRIU itself runs in tests/e2e."""
+FV_RESTORE_THP), the map-pages decision (FV_RESTORE_MAP_PAGES), the kernel-facts warm-up
+(criu-patches/0004). CRIU itself runs in tests/e2e."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -68,20 +71,29 @@ def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path):
     assert not criu.free_page_reporting(tmp_path / "missing")
 
 
+def _switches() -> dict:
+    """restore_env() less the kernel-facts cache folder it always names (test below)."""
+    from fvboot import criu
+
+    env = criu.restore_env()
+    assert env.pop("CRIU_KDAT_CACHE_DIR") == criu.KDAT_CACHE_DIR
+    return env
+
+
 def test_thp_restore_setting(monkeypatch):
     from fvboot import criu
 
     monkeypatch.setenv("FV_RESTORE_MAP_PAGES", "0")
     monkeypatch.setattr(criu, "free_page_reporting", lambda: True)
     monkeypatch.delenv("FV_RESTORE_THP", raising=False)
-    assert criu.restore_env() == {} and "free page reporting" in criu.restore_thp()[1]
+    assert _switches() == {} and "free page reporting" in criu.restore_thp()[1]
     monkeypatch.setenv("FV_RESTORE_THP", "1")
-    assert criu.restore_env() == {"CRIU_RESTORE_THP": "1"}
+    assert _switches() == {"CRIU_RESTORE_THP": "1"}
     monkeypatch.setattr(criu, "free_page_reporting", lambda: False)
     monkeypatch.setenv("FV_RESTORE_THP", "auto")
-    assert criu.restore_env() == {"CRIU_RESTORE_THP": "1"}
+    assert _switches() == {"CRIU_RESTORE_THP": "1"}
     monkeypatch.setenv("FV_RESTORE_THP", "0")
-    assert criu.restore_env() == {}
+    assert _switches() == {}
 
 
 @pytest.mark.parametrize("setting, mapped", [(None, True), ("auto", True), ("1", True), ("0", False)])
@@ -95,6 +107,29 @@ def test_map_pages_setting(monkeypatch, setting, mapped):
         monkeypatch.delenv("FV_RESTORE_MAP_PAGES", raising=False)
     else:
         monkeypatch.setenv("FV_RESTORE_MAP_PAGES", setting)
-    assert criu.restore_env() == ({"CRIU_RESTORE_MAP_PAGES": "1"} if mapped else {})
+    assert _switches() == ({"CRIU_RESTORE_MAP_PAGES": "1"} if mapped else {})
     why = criu.restore_map_pages()[1]
     assert why == (f"FV_RESTORE_MAP_PAGES={setting}" if setting in ("0", "1") else "auto")
+
+def test_the_kernel_facts_are_learned_beside_the_checks_into_the_folder_the_restore_reads(tmp_path, monkeypatch):
+    """criu-patches/0004: `criu check --feature mnt_id` fills CRIU's kernel-facts cache in
+    KDAT_CACHE_DIR while fvboot checks the image, and the restore is pointed at the same folder;
+    a warm-up that does not end in time is killed (the restore then probes for itself)."""
+    from fvboot import criu
+
+    monkeypatch.setattr(criu, "KDAT_CACHE_DIR", str(tmp_path / "kdat"))
+    tool = tmp_path / "criu"
+    tool.write_text('#!/bin/sh\necho "$@" > "$CRIU_KDAT_CACHE_DIR/criu.kdat"\n')
+    tool.chmod(0o755)
+    monkeypatch.setattr(criu, "_criu", lambda: [str(tool)])
+    proc = criu.warm_kernel_facts()
+    criu.wait_kernel_facts(proc)
+    assert proc.returncode == 0
+    assert (tmp_path / "kdat" / "criu.kdat").read_text() == "check --feature mnt_id\n"
+    assert criu.restore_env()["CRIU_KDAT_CACHE_DIR"] == str(tmp_path / "kdat")
+    tool.write_text("#!/bin/sh\nexec sleep 60\n")
+    proc = criu.warm_kernel_facts()
+    t = time.monotonic()
+    criu.wait_kernel_facts(proc, timeout=0.3)
+    assert proc.returncode is not None and time.monotonic() - t < 5
+    criu.wait_kernel_facts(None)  # it could not start: nothing to wait for
