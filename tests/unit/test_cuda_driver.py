@@ -1,0 +1,36 @@
+"""cuda_driver.py without a GPU: what it does with the bytes it hands between processes (the
+IPC handle the weight stager prints and the worker reads back), the UUID text the manifest
+compares, and the error where no driver is. The driver calls themselves run on a GPU
+(tests/unit/weights/test_staging.py::test_gpu_*, bench/gpu_weight_staging.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+
+from fvboot.cuda_driver import CudaError, Driver, IpcHandle, uuid_text
+
+
+def test_an_ipc_handle_with_nul_bytes_survives_its_hex_round_trip():
+    """A CUDA IPC handle is 64 opaque bytes, NULs included: reading it through the ctypes field
+    (a c_char array stops at the first NUL) cut it to 4 bytes in a first probe on the H200, and
+    the worker could not open it. All 64 bytes must travel."""
+    raw = bytes([0xE0, 0xCC, 0xAF, 0x1F, 0, 0, 0, 0]) + bytes(range(56))
+    h = IpcHandle.from_hex(raw.hex())
+    assert h.hex() == raw.hex() and len(bytes.fromhex(h.hex())) == 64
+    assert ctypes.string_at(ctypes.addressof(h), 64) == raw
+    with pytest.raises(CudaError, match="an IPC handle has 64 bytes, not 4"):
+        IpcHandle.from_hex("e0ccaf1f")
+
+
+def test_uuid_text_is_the_manifests_spelling():
+    raw = bytes.fromhex("6e03ce3c4f405da6182f72dd3e3106cd")
+    assert uuid_text(raw) == "GPU-6e03ce3c-4f40-5da6-182f-72dd3e3106cd"
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine without a CUDA driver")
+def test_no_driver_is_one_clear_error():
+    with pytest.raises(CudaError, match=r"^no CUDA driver here \(libcuda.so.1: "):
+        Driver()
