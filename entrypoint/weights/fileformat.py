@@ -3,21 +3,9 @@
 Everything that knows the bytes on disk lives here (the header, the JSON index, where each
 tensor sits, the checksums); the modules that move the bytes (``load``, ``write``, ``ring``,
 ``pagecache``, ``dump``) ask this one. Device-agnostic on purpose: no vLLM, no CUDA. The
-torch-free part (header, index, entries, checksums, errors) lives in ``fvboot.weightfile`` and
-is re-exported here; this module adds the tensors' bytes and writing.
-
-Layout::
-
-    [0:64)      header: b"FVWEIGHT", u32 version, u32 reserved, u64 index length,
-                32-byte sha256 of the index, zero padding
-    [64:64+n)   index: UTF-8 JSON {"version", "checksum", "meta", "entries": [...]},
-                one entry per tensor: key, dtype, shape, offset (absolute), nbytes, checksum
-    ...         raw bytes of each tensor, each starting on a 4096-byte boundary; file padded
-                to a multiple of 4096 so O_DIRECT reads and pinned-buffer copies work later
-
-Checksums: those of ``..checksums`` (BLAKE3, or zlib.crc32 where blake3 is missing), named in
-the index, so either reader can check either file. The index itself is covered by sha256 in the
-header (it is small).
+torch-free part (the layout, header, index, entries, checksums, errors) lives in
+``fvboot.weightfile``, whose docstring draws the file, and is re-exported here; this module adds
+the tensors' bytes and writing.
 """
 
 from __future__ import annotations
