@@ -23,7 +23,6 @@ exits once its check is done.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import queue
@@ -60,13 +59,14 @@ def staging_wanted() -> bool:
 def check_entries(addr: int, entries: Sequence, alg: str, path: str, threads: int) -> Optional[str]:
     """Every entry of a file mapped at ADDR against its recorded checksum, largest first, in
     THREADS threads (the hashes release the GIL); the first mismatch's text, or None."""
-    from .weightfile import entry_hasher, mismatch
+    from .weightfile import ChecksumMismatchError, check_mapped
 
     def one(e) -> Optional[str]:
-        h = entry_hasher(alg, e.nbytes)
-        if e.nbytes:
-            h.update(memoryview((ctypes.c_char * e.nbytes).from_address(addr + e.offset)).cast("B"))
-        return None if h.hexdigest() == e.checksum else str(mismatch(path, e, alg, h.hexdigest()))
+        try:
+            check_mapped(addr, e, alg, path)
+        except ChecksumMismatchError as mismatch:
+            return str(mismatch)
+        return None
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for problem in pool.map(one, sorted(entries, key=lambda e: -e.nbytes)):

@@ -19,6 +19,7 @@ header (it is small).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -110,6 +111,17 @@ def entry_hasher(alg: str, nbytes: int):
 def mismatch(path: str | os.PathLike, e: WeightEntry, alg: str, got: str) -> ChecksumMismatchError:
     return ChecksumMismatchError(f"{path}: {e.key} ({e.nbytes} bytes at offset {e.offset}): "
                                  f"checksum mismatch, {alg} {got} != recorded {e.checksum}")
+
+
+def check_mapped(addr: int, e: WeightEntry, alg: str, path: str | os.PathLike) -> None:
+    """Entry E of the weight file mapped at ADDR against its recorded checksum (ALG); raises
+    ChecksumMismatchError naming it. Both readers of a cached dump check it this way: the GPU
+    loader's page-cache path and the weight stager."""
+    h = entry_hasher(alg, e.nbytes)
+    if e.nbytes:
+        h.update(memoryview((ctypes.c_char * e.nbytes).from_address(addr + e.offset)).cast("B"))
+    if h.hexdigest() != e.checksum:
+        raise mismatch(path, e, alg, h.hexdigest())
 
 
 def read_index(path: str | os.PathLike) -> WeightIndex:

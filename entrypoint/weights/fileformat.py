@@ -24,7 +24,7 @@ from ..checksums import DEFAULT_CHECKSUM, Crc32, blake3  # noqa: F401  (re-expor
 from ..weightfile import (  # noqa: F401  (re-exported: the torch-free part of the format)
     ALIGN, BIG_ENTRY, CHUNK, HEADER, HEADER_SIZE, MAGIC, VERSION, ChecksumMismatchError,
     CorruptHeaderError, MissingKeyError, TensorMismatchError, TruncatedFileError, WeightEntry,
-    WeightFileError, WeightIndex, align_up, entry_hasher, hasher, mismatch, read_index)
+    WeightFileError, WeightIndex, align_up, check_mapped, entry_hasher, hasher, mismatch, read_index)
 
 
 @dataclass(frozen=True)

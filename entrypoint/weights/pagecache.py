@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from ..residency import PAGE, FileMapping
-from .fileformat import WeightEntry, entry_hasher, flat_bytes, mismatch
+from .fileformat import WeightEntry, check_mapped, flat_bytes
 from .pending import PendingCheck
 from .pipeline import one_device
 from .plan import windows
@@ -61,7 +61,7 @@ class MappedVerifier:
         self.seconds = 0.0
         self._t0 = time.perf_counter()
         self._pool = ThreadPoolExecutor(max(1, threads)) if alg else None
-        self._jobs = [self._pool.submit(_verify_mapped, mapping, e, alg, path)
+        self._jobs = [self._pool.submit(check_mapped, mapping.addr, e, alg, path)
                       for e in sorted(entries, key=lambda e: -e.nbytes)] if self._pool else []
 
     def result(self) -> None:
@@ -77,14 +77,6 @@ class MappedVerifier:
             for job in self._jobs:
                 job.cancel()
             self._pool.shutdown(wait=True)
-
-
-def _verify_mapped(mapping: FileMapping, e: WeightEntry, alg: str, path: str) -> None:
-    h = entry_hasher(alg, e.nbytes)
-    if e.nbytes:
-        h.update(memoryview((ctypes.c_char * e.nbytes).from_address(mapping.addr + e.offset)).cast("B"))
-    if h.hexdigest() != e.checksum:
-        raise mismatch(path, e, alg, h.hexdigest())
 
 
 # --------------------------------------------------------------------------------------------
