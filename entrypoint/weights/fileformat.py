@@ -72,6 +72,18 @@ def check_target(e: WeightEntry, t: torch.Tensor) -> None:
         raise TensorMismatchError(f"{e.key}: target is not contiguous (strides {t.stride()})")
 
 
+def check_targets(path: str | os.PathLike, idx: WeightIndex, targets: Mapping[str, torch.Tensor]) -> None:
+    """Refuse targets that are not exactly the file's tensors (MissingKeyError, naming the first
+    few either way) or one that cannot take its entry's bytes as they are (check_target)."""
+    missing = sorted(set(idx.entries) - set(targets))
+    extra = sorted(set(targets) - set(idx.entries))
+    if missing or extra:
+        raise MissingKeyError(f"{path}: no target for {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                              f"; not in file: {extra[:5]}{'...' if len(extra) > 5 else ''}")
+    for k, e in idx.entries.items():
+        check_target(e, targets[k])
+
+
 # --------------------------------------------------------------------------------------------
 # writing: the index first (offsets), the header last
 

@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import fileformat, settings
-from .fileformat import (MissingKeyError, TruncatedFileError, WeightEntry, WeightIndex,
-                         check_target, flat_bytes, hasher, host_view, mismatch, read_index)
+from .fileformat import (TruncatedFileError, WeightEntry, WeightIndex, check_targets, flat_bytes,
+                         hasher, host_view, mismatch, read_index)
 from .pagecache import PageCachePathUnavailable, load_registered
 from .pending import PendingCheck
 from .ring import ODirectRefused, load_ring
@@ -39,13 +39,7 @@ def load_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], veri
     one's result before it serves these weights."""
     t0 = time.perf_counter()
     idx = read_index(path)
-    missing = sorted(set(idx.entries) - set(targets))
-    extra = sorted(set(targets) - set(idx.entries))
-    if missing or extra:
-        raise MissingKeyError(f"{path}: no target for {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                              f"; not in file: {extra[:5]}{'...' if len(extra) > 5 else ''}")
-    for k, e in idx.entries.items():
-        check_target(e, targets[k])
+    check_targets(path, idx, targets)
     details = _load_cuda(path, idx, targets, verify, threads, known_resident, defer_check)
     rest = [e for e in idx.entries.values() if details is None or e.key not in details["keys"]]
     pending: list[PendingCheck] = []

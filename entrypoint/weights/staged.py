@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from ..cuda_driver import CudaError, Driver, IpcHandle
-from .fileformat import MissingKeyError, WeightFileError, check_target, read_index
+from .fileformat import WeightFileError, check_targets, read_index
 from .pipeline import one_device
 
 
@@ -31,10 +31,7 @@ def load_staged(path: str, targets: Mapping[str, torch.Tensor], handle: str, siz
     idx = read_index(path)
     if idx.file_size != size:
         raise StagedUnusable(f"the stager staged {size} bytes, {path} has {idx.file_size}")
-    if set(idx.entries) != set(targets):
-        raise MissingKeyError(f"{path}: the file and the weights name other tensors")
-    for k, e in idx.entries.items():
-        check_target(e, targets[k])
+    check_targets(path, idx, targets)
     device = one_device(list(targets.values()))
     if device.type != "cuda":
         raise StagedUnusable(f"the weights are on {device.type}, not on a CUDA device")
