@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .cuda_checkpoint_client import MAGIC, SOCKET_ENV
+from .helper_process import helper_command
 
 if TYPE_CHECKING:
     from . import cuda_checkpoint as cc
@@ -152,17 +153,10 @@ def serve(path: str) -> int:
 
 
 def service_command(socket_path: Path, package_dir: str) -> tuple[list[str], Optional[dict[str, str]]]:
-    """(argv, environment) of the service process. Where fvboot sits in a folder of its own
-    (PACKAGE_DIR named fvboot: the image, the host-mode benches) the service starts without site
-    (-S), its folder on PYTHONPATH: the CUDA base's .pth hooks would cost it ~70 ms, and its
-    cuInit must be done before CRIU's cuda plugin calls (0.3 s into a mapped restore). Elsewhere
-    (an editable install) it starts with site, which finds fvboot."""
-    module = [sys.executable, "-m", "fvboot.cuda_checkpoint_service", str(socket_path)]
-    if os.path.basename(package_dir) != "fvboot":
-        return module, None
-    lib = os.path.dirname(package_dir)
-    path = os.environ.get("PYTHONPATH")
-    return [module[0], "-S", *module[1:]], {**os.environ, "PYTHONPATH": lib + (os.pathsep + path if path else "")}
+    """(argv, environment) of the service process (helper_process.helper_command): without site
+    where fvboot sits in a folder of its own, so that its cuInit is done before CRIU's cuda
+    plugin calls (0.3 s into a mapped restore)."""
+    return helper_command("cuda_checkpoint_service", [str(socket_path)], package_dir)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from .errors import CheckpointUnusable
+from .helper_process import helper_command
 from .output import log
 
 STAGING_ENV = "FV_WEIGHT_STAGING"
@@ -164,17 +165,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def stager_command(path: str, gpu: str, package_dir: str) -> tuple[list[str], Optional[dict[str, str]]]:
-    """(argv, environment). Where fvboot sits in a folder of its own (the image) it starts
-    without site (-S: the CUDA base's .pth hooks would cost it ~70 ms, as for the cuda-checkpoint
-    service), with this process's sys.path on PYTHONPATH: `fvboot serve` put there by hand the
-    folders site would add, and the stager needs blake3 from one of them. Elsewhere (an editable
-    install) it starts with site, which finds fvboot."""
-    argv = [sys.executable, "-m", "fvboot.weight_stager", path, gpu]
-    if os.path.basename(package_dir) != "fvboot":
-        return argv, None
-    folders = [os.path.dirname(package_dir)]
-    folders += [p for p in sys.path if p and p not in folders]
-    return [argv[0], "-S", *argv[1:]], {**os.environ, "PYTHONPATH": os.pathsep.join(folders)}
+    """(argv, environment) of the stager (helper_process.helper_command): without site where
+    fvboot sits in a folder of its own, with this process's sys.path, where blake3 is."""
+    return helper_command("weight_stager", [path, gpu], package_dir, site_folders=True)
 
 
 class Stager:
