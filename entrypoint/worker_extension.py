@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -121,6 +121,22 @@ class FastVllmWorkerExtension:
         freed = self._fv_weights().release()
         return {"bytes": freed, "rss_before": rss, "rss_after": _rss()}
 
+    def _fv_refill(self, fill: Callable[[dict], Any]) -> tuple[Any, list[str]]:
+        """What every refill of the released weights does: ask again for the CPU features the
+        bake had (the first call after a restore, before anything can run an AMX kernel), fill
+        the weights' targets with FILL, and never leave half-filled weights that look loaded.
+        Returns FILL's result and the features regained."""
+        regained = cpustate.request(getattr(self, "_fv_cpu_features", 0))
+        w = self._fv_weights()
+        self._fv_pending = ()
+        try:
+            result = fill(w.targets())
+            w.finish_load()
+        except BaseException:
+            w.release()
+            raise
+        return result, regained
+
     def fv_load_weights(self, directory: str, verify: bool = True,
                         settings: dict[str, str] | None = None, cached: bool = False,
                         overlap: bool = False) -> dict[str, Any]:
@@ -133,21 +149,13 @@ class FastVllmWorkerExtension:
         (the result says how many: ``checking``); ``fv_weights_checked`` waits for them, and
         nothing may be served before it has answered."""
         verify, cached, overlap = _flag(verify), _flag(cached), _flag(overlap)
-        # first after a restore, before anything can run an AMX kernel (the bake recorded it)
-        regained = cpustate.request(getattr(self, "_fv_cpu_features", 0))
         if settings is not None:
             apply_load_settings(settings)
         t0 = time.perf_counter()
-        w = self._fv_weights()
-        self._fv_pending = ()
-        try:
-            stats = load_into(self._fv_path(directory), w.targets(), verify=verify, known_resident=cached,
-                              defer_check=verify and overlap)
-            w.finish_load()
-            self._fv_pending = stats.pending
-        except BaseException:
-            w.release()  # never leave half-filled weights that look loaded
-            raise
+        path = self._fv_path(directory)
+        stats, regained = self._fv_refill(lambda targets: load_into(
+            path, targets, verify=verify, known_resident=cached, defer_check=verify and overlap))
+        self._fv_pending = stats.pending
         dt = time.perf_counter() - t0
         out = {"bytes": stats.bytes, "tensors": stats.tensors, "read_seconds": round(stats.seconds, 4),
                "seconds": round(dt, 4), "gb_per_s": round(stats.bytes / dt / 1e9, 3),
@@ -167,15 +175,8 @@ class FastVllmWorkerExtension:
         its verdict). Raises when its copy cannot be taken; fvboot then calls fv_load_weights."""
         from .weights.staged import load_staged
 
-        regained = cpustate.request(getattr(self, "_fv_cpu_features", 0))  # as fv_load_weights
-        w = self._fv_weights()
-        self._fv_pending = ()
-        try:
-            out = load_staged(self._fv_path(directory), w.targets(), handle, int(size), gpu)
-            w.finish_load()
-        except BaseException:
-            w.release()  # never leave half-filled weights that look loaded
-            raise
+        path = self._fv_path(directory)
+        out, regained = self._fv_refill(lambda targets: load_staged(path, targets, handle, int(size), gpu))
         out["rss"] = _rss()
         if regained:
             out["cpu_features_regained"] = regained
