@@ -170,7 +170,7 @@ class RestoreState:
     residency: Optional[WeightsResidency] = None  # the prefetch's finding: is the weight dump all cached?
     overlap_check: bool = False  # weight_check_overlaps(): the checksums finish beside the wake and probe
     checks_left: int = 0  # weight checks the load left running (check_weights waits for them)
-    stager: Optional[Stager] = None  # the weight dump being staged on the GPU (FV_WEIGHT_STAGING=on)
+    stager: Optional[Stager] = None  # the weight dump being staged on the GPU (FV_WEIGHT_STAGING)
     staged: bool = False  # the worker took the stager's copy: its verdict is the weights' check
     kernel_facts: Optional[subprocess.Popen] = None  # criu.warm_kernel_facts(), started beside the checks
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import time
@@ -65,10 +66,16 @@ def _answers(manifest: dict) -> list[dict]:
     return [_complete(p["prompt"], len(p["logprobs"]) or 12, name) for p in manifest["probe"]]
 
 
+def _bf16_step(x: float) -> float:
+    """The gap between two bf16 numbers near X: a logit one rounding apart moves its logprob by this."""
+    return 2.0 ** (math.frexp(abs(x))[1] - 8) if x else 0.0
+
+
 def _assert_same_as_bake(manifest: dict, exact: bool = True) -> None:
-    """Greedy text identical; logprobs identical to 4 decimals for a restored server (EXACT), within
-    fvboot's probe tolerance for a normal start (on a GPU, a fresh start's kernels may round the
-    4th decimal the other way)."""
+    """Greedy text identical; logprobs identical to 4 decimals for a restored server (EXACT). A
+    normal start on a GPU may pick other kernels than the bake's server did (seen on the 3B image:
+    three of twelve logprobs one bf16 rounding of the logit apart, 0.0312 at -7.7): there each
+    logprob may differ by fvboot's probe tolerance or one bf16 step at its size, whichever is more."""
     for got, baked in zip(_answers(manifest), manifest["probe"]):
         assert got["text"] == baked["text"]
         now = [round(x, 4) for x in got["logprobs"]]
@@ -76,7 +83,10 @@ def _assert_same_as_bake(manifest: dict, exact: bool = True) -> None:
             assert now == baked["logprobs"]
         else:
             assert len(now) == len(baked["logprobs"])
-            assert all(abs(a - b) <= PROBE_LOGPROB_TOL for a, b in zip(now, baked["logprobs"])), (now, baked)
+            off = [(abs(a - b) - max(PROBE_LOGPROB_TOL, _bf16_step(b) + 2e-4), i)
+                   for i, (a, b) in enumerate(zip(now, baked["logprobs"]))]
+            worst = max(off)
+            assert worst[0] <= 0, f"logprob {worst[1]} off by more than allowed: {now} vs {baked}"
 
 
 def _wait_ready(timeout: float = 900, container: str | None = None) -> None:
@@ -415,8 +425,9 @@ def test_memory_read_back_whole_when_mapping_is_turned_off_answers_the_same(bake
 def test_the_weights_checked_either_way_answer_the_same(baked_image, manifest, port_free, check):
     """FV_WEIGHT_CHECK=overlap (default): the load returns with the bytes in place, the checksums
     finish beside the KV wake and the probe, and the gate waits for them; inline: every weight is
-    checked before the load returns. Restored either way, with the same answers."""
-    with Container(baked_image, "-e", f"FV_WEIGHT_CHECK={check}") as c:
+    checked before the load returns. Restored either way, with the same answers. (The worker's own
+    load: on a GPU, the default stages the weights instead, tests/e2e_gpu.)"""
+    with Container(baked_image, "-e", f"FV_WEIGHT_CHECK={check}", "-e", "FV_WEIGHT_STAGING=off") as c:
         _wait_ready(container=c.id)
         _assert_same_as_bake(manifest)
         logs = c.logs()
@@ -481,6 +492,9 @@ def test_twenty_restores_in_a_row_answer_the_same_and_leave_nothing(baked_image,
 def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> None:
     with Container(baked_image, entry=["sh", "-c", shell + " && exec fvboot"]) as c:
         _wait_ready(container=c.id)
+        # shown only when the test fails: what served, and which processes were left
+        print(c.logs(), subprocess.run(["docker", "exec", c.id, "ps", "-eo", "pid,ppid,stat,etimes,args"],
+                                       capture_output=True, text=True).stdout)
         _assert_same_as_bake(manifest, exact=e2e_device() == "cpu")
         metrics = requests.get(f"{URL}/metrics", timeout=10).text
         logs = c.logs()
@@ -601,5 +615,7 @@ def test_one_damaged_weight_byte_the_probe_cannot_see_falls_back(baked_image, ma
     """A byte the probe prompts never reach (found by an operator: it was served as a wrong
     answer). Every weight is checked against the dump's checksums beside the KV wake and the
     probe (FV_WEIGHT_CHECK=overlap, the default), or while it loads (inline): the gate stays shut
-    either way."""
-    _fallback(baked_image, manifest, f"{FLIP_EMBEDDING_BYTE} && export FV_WEIGHT_CHECK={check}", "checksum mismatch")
+    either way. (The worker's own load: on a GPU the default stages the weights instead, and
+    tests/e2e_gpu damages them that way too.)"""
+    _fallback(baked_image, manifest, f"{FLIP_EMBEDDING_BYTE} && export FV_WEIGHT_CHECK={check} FV_WEIGHT_STAGING=off",
+              "checksum mismatch")

@@ -60,14 +60,14 @@ def test_restore_on_gpu_gives_baked_answers_and_timeline(baked_image):
 
 
 def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_image):
-    """FV_WEIGHT_STAGING=on: a process of fvboot's puts the dump on the GPU while CRIU restores,
-    the worker takes it device to device, the stager's check of the dump is the gate's weight
-    check: restored, with the baked answers."""
+    """The default on one GPU (FV_WEIGHT_STAGING=auto): a process of fvboot's puts the dump on
+    the GPU while CRIU restores, the worker takes it device to device, the stager's check of the
+    dump is the gate's weight check: restored, with the baked answers."""
     from e2e.test_restore import Container, _assert_same_as_bake, _wait_ready
 
     m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
                                   check=True).stdout)
-    with Container(baked_image, "-e", "FV_WEIGHT_STAGING=on") as c:
+    with Container(baked_image) as c:
         _wait_ready(container=c.id)
         _assert_same_as_bake(m)
         logs = c.logs()
@@ -83,7 +83,7 @@ def test_a_damaged_weight_byte_with_the_weights_staged_falls_back(baked_image):
 
     m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
                                   check=True).stdout)
-    _fallback(baked_image, m, f"{FLIP_EMBEDDING_BYTE} && export FV_WEIGHT_STAGING=on", "checksum mismatch")
+    _fallback(baked_image, m, FLIP_EMBEDDING_BYTE, "checksum mismatch")
 
 
 @pytest.mark.parametrize("field, value, reason", [

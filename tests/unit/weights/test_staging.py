@@ -22,24 +22,32 @@ from weights_testdata import MIB, flip_bit, fvw, torch  # noqa: F401 - fvw is a 
 from fvboot import weights as wf  # noqa: E402
 
 
-def test_staging_is_off_unless_asked_for_and_a_bad_value_is_refused(monkeypatch, tmp_path):
+def test_staging_is_on_where_it_can_be_and_a_bad_value_is_refused(monkeypatch, tmp_path, capsys):
+    """auto (the default) stages an image of one GPU and one weight file; off never stages; a bad
+    value is refused with the values it takes."""
+    monkeypatch.setattr(weight_stager, "Stager", lambda path, gpu: ("stager", path, gpu))
+    (tmp_path / "rank0.fvw").write_bytes(b"x")
     monkeypatch.delenv(weight_stager.STAGING_ENV, raising=False)
-    assert weight_stager.staging_wanted() is False
+    assert weight_stager.staging_mode() == "auto"
+    assert weight_stager.start(tmp_path, ["GPU-1"]) == ("stager", str(tmp_path / "rank0.fvw"), "GPU-1")
+    monkeypatch.setenv(weight_stager.STAGING_ENV, " Off ")
     assert weight_stager.start(tmp_path, ["GPU-1"]) is None
-    monkeypatch.setenv(weight_stager.STAGING_ENV, " On ")
-    assert weight_stager.staging_wanted() is True
     monkeypatch.setenv(weight_stager.STAGING_ENV, "later")
-    with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_STAGING='later': expected on or off"):
-        weight_stager.staging_wanted()
+    with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_STAGING='later': expected auto, on or off"):
+        weight_stager.start(tmp_path, ["GPU-1"])
+    assert capsys.readouterr().err == ""
 
 
-def test_staging_takes_one_gpu_and_one_weight_file(monkeypatch, tmp_path, capsys):
-    """Tensor- or pipeline-parallel images (a file per worker) are not staged, and the log says so."""
-    monkeypatch.setenv(weight_stager.STAGING_ENV, "on")
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_staging_takes_one_gpu_and_one_weight_file(monkeypatch, tmp_path, capsys, mode):
+    """Tensor- or pipeline-parallel images (a file per worker) are not staged; the log says so
+    when staging was asked for (on), and keeps quiet by default (auto)."""
+    monkeypatch.setenv(weight_stager.STAGING_ENV, mode)
     (tmp_path / "rank0.fvw").write_bytes(b"x")
     (tmp_path / "rank1.fvw").write_bytes(b"x")
     assert weight_stager.start(tmp_path, ["GPU-1", "GPU-2"]) is None
-    assert "weights not staged: 2 GPUs and 2 weight files (staging takes one of each)" in capsys.readouterr().err
+    said = "weights not staged: 2 GPUs and 2 weight files (staging takes one of each)" in capsys.readouterr().err
+    assert said == (mode == "on")
 
 
 def test_the_stager_in_an_image_starts_without_site_but_finds_what_fvboot_finds(tmp_path):
