@@ -54,6 +54,7 @@ _SIGNATURES = {
     "cuDevicePrimaryCtxRetain": [ctypes.POINTER(_ptr), _int],
     "cuCtxSetCurrent": [_ptr],
     "cuCtxGetDevice": [ctypes.POINTER(_int)],
+    "cuMemGetInfo_v2": [ctypes.POINTER(_size), ctypes.POINTER(_size)],
     "cuMemAlloc_v2": [ctypes.POINTER(_u64), _size],
     "cuMemFree_v2": [_u64],
     "cuMemHostRegister_v2": [_ptr, _size, _uint],
@@ -117,6 +118,12 @@ class Driver:
         dev = _int()
         self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
         return self.device_uuid(dev.value)
+
+    def mem_get_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the current context's GPU, other processes' use counted."""
+        free, total = _size(), _size()
+        self._check(self.lib.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)), "cuMemGetInfo")
+        return free.value, total.value
 
     def alloc(self, nbytes: int) -> int:
         ptr = _u64()

@@ -422,6 +422,14 @@ class Manifest:
                    timeline=timeline,
                    extra=_extra(d, cls._KEYS))
 
+    def gpu_bytes_at_checkpoint(self) -> int:
+        """The most GPU memory one worker's GPU had in use when the workers were checkpointed
+        (asleep: no weights, no KV cache; what the CUDA resume allocates again), 0 where the
+        bake did not record it."""
+        workers = self.trim if isinstance(self.trim, list) else [self.trim]
+        used = [w.get("gpu_used_bytes") for w in workers if isinstance(w, dict)]
+        return max((u for u in used if _is_int(u) and u > 0), default=0)
+
     def to_json(self) -> dict[str, Any]:
         return _some({**self.extra, "format": self.format, "model": self.model.to_json(),
                       "vllm": self.vllm.to_json(), "device": self.device.to_json(),

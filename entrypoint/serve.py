@@ -150,8 +150,11 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
                                          kernel_facts=kernel_facts)
             ahead = prefetch(layout, check, stop_reading)
             state.residency = ahead.weights
+            tl.mark("prefetch started")
             if m.device.is_cuda:  # the dump onto the GPU while CRIU restores (FV_WEIGHT_STAGING)
-                state.stager = weight_stager.start(layout.weights_dir, [g.uuid for g in here.gpus[:len(m.device.gpus)]])
+                state.stager = weight_stager.start(layout.weights_dir, [g.uuid for g in here.gpus[:len(m.device.gpus)]],
+                                                   m.gpu_bytes_at_checkpoint())
+                tl.mark("stager started")
             try:
                 return restore.run(state)
             finally:

@@ -45,6 +45,9 @@ STAGING_ENV = "FV_WEIGHT_STAGING"
 WINDOW = 1 << 30  # bytes page-locked and copied at a time: copies start before the last is locked
 READY_WAIT_S = 3.0  # how long a restore waits for a stager not yet ready once the worker is
 RELEASE_WAIT_S = 10.0
+# GPU memory a stager leaves free beyond what the restore itself will take: CUDA contexts, cuBLAS
+# workspaces, the allocators' rounding
+HEADROOM = 2 << 30
 
 
 STAGING_VALUES = ("auto", "on", "off")
@@ -82,9 +85,22 @@ def check_entries(addr: int, entries: Sequence, alg: str, path: str, threads: in
     return None
 
 
-def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str]) -> int:
+def room_to_stage(free: int, size: int, reserve: int) -> Optional[str]:
+    """Why a copy of SIZE bytes may not be staged when the GPU has FREE bytes and the restore
+    still needs RESERVE (None: it may). The stager allocates while the CUDA resume allocates
+    the engine's memory back and before the worker allocates its weights: taking what those
+    need would turn a faster restore into a failed one."""
+    if free >= size + reserve:
+        return None
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    return (f"{gb(free)} of GPU memory free; a copy of the dump takes {gb(size)} and the restore "
+            f"needs {gb(reserve)} beside it")
+
+
+def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str], reserve: int = 0) -> int:
     """The stager's whole life (see the module's docstring); EMIT sends an event, COMMANDS are
-    the lines read from fvboot. Returns the exit status."""
+    the lines read from fvboot; RESERVE, the GPU memory the restore needs beside the copy.
+    Returns the exit status."""
     from .cuda_driver import CudaError, Driver
     from .residency import FileMapping
     from .weightfile import WeightFileError, read_index
@@ -114,6 +130,10 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
         drv.init()
         drv.use_primary_context(drv.device_by_uuid(gpu))
         t_ctx = since()
+        short = room_to_stage(drv.mem_get_info()[0], size, reserve)
+        if short:
+            emit(event="failed", why=short)
+            return 0
         buf = drv.alloc(size)
         streams = [drv.stream(), drv.stream()]
         locked, locking = [], 0.0
@@ -147,8 +167,8 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2:
-        print("usage: python -m fvboot.weight_stager WEIGHT_FILE GPU_UUID", file=sys.stderr)
+    if len(args) not in (2, 3) or not (len(args) == 2 or args[2].isdigit()):
+        print("usage: python -m fvboot.weight_stager WEIGHT_FILE GPU_UUID [RESERVE_BYTES]", file=sys.stderr)
         return 2
     lock = threading.Lock()
 
@@ -158,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             sys.stdout.flush()
 
     try:
-        return stage(args[0], args[1], emit, sys.stdin)
+        return stage(args[0], args[1], emit, sys.stdin, int(args[2]) if len(args) == 3 else 0)
     except BrokenPipeError:  # fvboot is gone: nothing to tell
         return 0
     except Exception as e:  # anything else: said as a failure, and the worker loads the weights itself
@@ -170,23 +190,23 @@ def main(argv: Optional[list[str]] = None) -> int:
 # fvboot's side
 
 
-def stager_command(path: str, gpu: str, package_dir: str) -> tuple[list[str], Optional[dict[str, str]]]:
+def stager_command(path: str, gpu: str, package_dir: str, reserve: int = 0) -> tuple[list[str], Optional[dict[str, str]]]:
     """(argv, environment) of the stager (helper_process.helper_command): without site where
     fvboot sits in a folder of its own, with this process's sys.path, where blake3 is."""
-    return helper_command("weight_stager", [path, gpu], package_dir, site_folders=True)
+    return helper_command("weight_stager", [path, gpu, str(reserve)], package_dir, site_folders=True)
 
 
 class Stager:
     """A running stager, as the restore sees it: its events, and what it is asked to do."""
 
-    def __init__(self, path: str, gpu: str, argv: Optional[list[str]] = None,
+    def __init__(self, path: str, gpu: str, reserve: int = 0, argv: Optional[list[str]] = None,
                  env: Optional[dict[str, str]] = None) -> None:
         self.path, self.gpu = path, gpu
         self.why: Optional[str] = None  # why it was not used, once known
         self._events: "queue.Queue[dict]" = queue.Queue()
         self._seen: dict[str, dict] = {}
         if argv is None:
-            argv, env = stager_command(path, gpu, os.path.dirname(os.path.abspath(__file__)))
+            argv, env = stager_command(path, gpu, os.path.dirname(os.path.abspath(__file__)), reserve)
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         threading.Thread(target=self._read, name="fv-stager-events", daemon=True).start()
@@ -267,9 +287,11 @@ class Stager:
             pass
 
 
-def start(weights_dir: Path, gpus: Sequence[str]) -> Optional[Stager]:
+def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0) -> Optional[Stager]:
     """A stager for this restore when the image has one GPU and one weight file and
-    FV_WEIGHT_STAGING is not off; else None (saying why only when it was asked for: "on")."""
+    FV_WEIGHT_STAGING is not off; else None (saying why only when it was asked for: "on").
+    RESUME_BYTES: the GPU memory the CUDA resume gives the engine back (the manifest's); the
+    stager leaves that, the worker's own weights and HEADROOM free, or does not stage."""
     mode = staging_mode()
     if mode == "off":
         return None
@@ -278,7 +300,8 @@ def start(weights_dir: Path, gpus: Sequence[str]) -> Optional[Stager]:
         if mode == "on":
             log(f"weights not staged: {len(gpus)} GPUs and {len(files)} weight files (staging takes one of each)")
         return None
-    return Stager(str(files[0]), gpus[0])
+    reserve = files[0].stat().st_size + resume_bytes + HEADROOM
+    return Stager(str(files[0]), gpus[0], reserve)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,13 @@ from fvboot import weights as wf  # noqa: E402
 def test_staging_is_on_where_it_can_be_and_a_bad_value_is_refused(monkeypatch, tmp_path, capsys):
     """auto (the default) stages an image of one GPU and one weight file; off never stages; a bad
     value is refused with the values it takes."""
-    monkeypatch.setattr(weight_stager, "Stager", lambda path, gpu: ("stager", path, gpu))
-    (tmp_path / "rank0.fvw").write_bytes(b"x")
+    monkeypatch.setattr(weight_stager, "Stager", lambda path, gpu, reserve: ("stager", path, gpu, reserve))
+    (tmp_path / "rank0.fvw").write_bytes(b"x" * 1000)
     monkeypatch.delenv(weight_stager.STAGING_ENV, raising=False)
     assert weight_stager.staging_mode() == "auto"
-    assert weight_stager.start(tmp_path, ["GPU-1"]) == ("stager", str(tmp_path / "rank0.fvw"), "GPU-1")
+    # it leaves free what the CUDA resume takes back, the worker's own weights and the headroom
+    assert weight_stager.start(tmp_path, ["GPU-1"], resume_bytes=5000) == (
+        "stager", str(tmp_path / "rank0.fvw"), "GPU-1", 1000 + 5000 + weight_stager.HEADROOM)
     monkeypatch.setenv(weight_stager.STAGING_ENV, " Off ")
     assert weight_stager.start(tmp_path, ["GPU-1"]) is None
     monkeypatch.setenv(weight_stager.STAGING_ENV, "later")
@@ -50,6 +52,28 @@ def test_staging_takes_one_gpu_and_one_weight_file(monkeypatch, tmp_path, capsys
     assert said == (mode == "on")
 
 
+def test_a_stager_leaves_the_restore_the_gpu_memory_it_needs():
+    """On a GPU whose free memory cannot hold the copy beside what the restore takes (a model
+    over ~45% of its GPU), staging would make the CUDA resume or the worker's allocation fail
+    and the whole restore fall back: the stager declines instead, saying the sizes."""
+    gb = 10**9
+    assert weight_stager.room_to_stage(free=40 * gb, size=16 * gb, reserve=20 * gb) is None
+    assert weight_stager.room_to_stage(free=30 * gb, size=16 * gb, reserve=20 * gb) == (
+        "30.0 GB of GPU memory free; a copy of the dump takes 16.0 GB and the restore needs 20.0 GB beside it")
+
+
+def test_the_manifest_says_what_gpu_memory_the_resume_takes_back():
+    from fvboot.manifest import Manifest
+
+    m = Manifest.__new__(Manifest)
+    for trim, want in (([{"gpu_used_bytes": 1758265344, "rss_after": 1}], 1758265344),
+                       ([{"gpu_used_bytes": 5}, {"gpu_used_bytes": 9}], 9),  # the most of any worker
+                       ({"gpu_used_bytes": 7}, 7), (None, 0), ([{"rss_after": 1}], 0),
+                       ([{"gpu_used_bytes": "lots"}], 0), ([{"gpu_used_bytes": True}], 0)):
+        object.__setattr__(m, "trim", trim)
+        assert m.gpu_bytes_at_checkpoint() == want, trim
+
+
 def test_the_stager_in_an_image_starts_without_site_but_finds_what_fvboot_finds(tmp_path):
     """In the image fvboot sits in a folder of its own and `fvboot serve` runs with -S, its
     site folders put on sys.path by hand: the stager starts with -S too (no .pth hooks) and gets
@@ -58,7 +82,7 @@ def test_the_stager_in_an_image_starts_without_site_but_finds_what_fvboot_finds(
     lib.mkdir()
     (lib / "fvboot").symlink_to(os.path.dirname(os.path.abspath(weight_stager.__file__)))
     argv, env = weight_stager.stager_command("w.fvw", "GPU-1", str(lib / "fvboot"))
-    assert argv[1:] == ["-S", "-m", "fvboot.weight_stager", "w.fvw", "GPU-1"]
+    assert argv[1:] == ["-S", "-m", "fvboot.weight_stager", "w.fvw", "GPU-1", "0"]
     folders = env["PYTHONPATH"].split(os.pathsep)
     assert folders[0] == str(lib) and all(p in folders for p in sys.path if p)
     import subprocess
@@ -198,3 +222,20 @@ def test_gpu_the_worker_takes_the_real_stagers_copy(fvw):
                 assert all(torch.equal(targets[k].cpu(), t) for k, t in src.items())
         finally:
             s.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_a_stager_asked_to_leave_more_than_the_gpu_has_declines(fvw):
+    """The real stager on a GPU, told the restore needs more memory than the GPU has: it says
+    so, with the sizes, and allocates nothing (the worker loads the weights itself)."""
+    from fvboot.cuda_driver import Driver
+
+    path, _ = fvw
+    drv = Driver()
+    drv.init()
+    s = weight_stager.Stager(str(path), drv.device_uuid(0), reserve=1 << 50)
+    try:
+        assert s.ready(timeout=60) is None
+        assert "of GPU memory free; a copy of the dump takes" in s.why, s.why
+    finally:
+        s.stop()
