@@ -58,6 +58,8 @@ _SIGNATURES = {
     "cuMemAlloc_v2": [ctypes.POINTER(_u64), _size],
     "cuMemFree_v2": [_u64],
     "cuMemHostRegister_v2": [_ptr, _size, _uint],
+    "cuMemAllocHost_v2": [ctypes.POINTER(_ptr), _size],
+    "cuMemFreeHost": [_ptr],
     "cuMemHostUnregister": [_ptr],
     "cuStreamCreate": [ctypes.POINTER(_ptr), _uint],
     "cuStreamSynchronize": [_ptr],
@@ -78,6 +80,7 @@ class Driver:
             self.lib = lib or ctypes.CDLL("libcuda.so.1")
         except OSError as e:
             raise CudaError(f"no CUDA driver here (libcuda.so.1: {e})") from None
+        self.context: Optional[int] = None  # the primary context use_primary_context made current
         for name, args in _SIGNATURES.items():
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = args, _int
@@ -110,9 +113,14 @@ class Driver:
         raise CudaError(f"no visible GPU is {uuid} (visible: {', '.join(seen) or 'none'})")
 
     def use_primary_context(self, device: int) -> None:
+        """Make DEVICE's primary context current in this thread (``use_context`` does it in another)."""
         ctx = _ptr()
         self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
-        self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        self.context = ctx.value
+        self.use_context()
+
+    def use_context(self) -> None:
+        self._check(self.lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
 
     def current_device_uuid(self) -> str:
         dev = _int()
@@ -132,6 +140,15 @@ class Driver:
 
     def free(self, ptr: int) -> None:
         self._check(self.lib.cuMemFree_v2(ptr), "cuMemFree")
+
+    def alloc_host(self, nbytes: int) -> int:
+        """NBYTES of page-locked host memory (cuMemAllocHost)."""
+        ptr = _ptr()
+        self._check(self.lib.cuMemAllocHost_v2(ctypes.byref(ptr), nbytes), "cuMemAllocHost")
+        return ptr.value
+
+    def free_host(self, ptr: int) -> None:
+        self._check(self.lib.cuMemFreeHost(ptr), "cuMemFreeHost")
 
     def host_register(self, addr: int, nbytes: int, flags: int = HOST_REGISTER_READ_ONLY) -> None:
         self._check(self.lib.cuMemHostRegister_v2(addr, nbytes, flags), "cuMemHostRegister")

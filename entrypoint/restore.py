@@ -257,7 +257,8 @@ def take_staged(s: RestoreState) -> bool:
     if s.staged:
         stager.release()
         log(f"weights: taken from the stager's copy on the GPU (staged {ready.get('t')} s after it started,"
-            f" context {ready.get('context_s')} s, page-locking {ready.get('register_s')} s): {stats}")
+            f" context {ready.get('context_s')} s, {ready.get('copy', 'register')}: page-locking"
+            f" {ready.get('register_s')} s): {stats}")
     else:
         stager.stop()
         log(f"weights not staged: {stager.why}; the worker loads them")

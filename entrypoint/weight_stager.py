@@ -45,6 +45,8 @@ STAGING_ENV = "FV_WEIGHT_STAGING"
 WINDOW = 1 << 30  # bytes page-locked and copied at a time: copies start before the last is locked
 READY_WAIT_S = 3.0  # how long a restore waits for a stager not yet ready once the worker is
 RELEASE_WAIT_S = 10.0
+COPY_ENV = "FV_WEIGHT_STAGING_COPY"  # register (default) or ring: see copy_registered, copy_through_ring
+RING_THREADS, RING_PIECE = 8, 32 << 20
 # GPU memory a stager leaves free beyond what the restore itself will take: CUDA contexts, cuBLAS
 # workspaces, the allocators' rounding
 HEADROOM = 2 << 30
@@ -97,6 +99,77 @@ def room_to_stage(free: int, size: int, reserve: int) -> Optional[str]:
             f"needs {gb(reserve)} beside it")
 
 
+def copy_registered(drv, dst: int, addr: int, size: int) -> float:
+    """Copy SIZE bytes of the cached file mapped at ADDR to DST by page-locking the page cache
+    in place, window by window (a window's copy runs while the next is locked). Returns the
+    seconds spent locking."""
+    streams = [drv.stream(), drv.stream()]
+    locked, locking = [], 0.0
+    try:
+        for k, off in enumerate(range(0, size, WINDOW)):
+            n = min(WINDOW, size - off)
+            t = time.perf_counter()
+            drv.host_register(addr + off, n)
+            locking += time.perf_counter() - t
+            locked.append(addr + off)
+            drv.copy_to_device(dst + off, addr + off, n, streams[k % 2])
+        for st in streams:
+            drv.synchronize(st)
+    finally:
+        for a in locked:
+            drv.host_unregister(a)
+    return locking
+
+
+def copy_through_ring(drv, dst: int, addr: int, size: int, threads: int = RING_THREADS,
+                      piece: int = RING_PIECE) -> float:
+    """The same copy through page-locked buffers of the stager's own (THREADS threads, two
+    PIECE-byte buffers and two streams each: one buffer fills while the other's copy runs).
+    It costs CPU copies, but no page-locking of 7 GB of page cache in the driver while the
+    CUDA resume needs it. Returns the seconds spent allocating the buffers."""
+    import ctypes
+
+    jobs, lock, errors = iter(range(0, size, piece)), threading.Lock(), []
+    setup = [0.0]
+
+    def run() -> None:
+        bufs: list[int] = []
+        try:
+            drv.use_context()
+            t = time.perf_counter()
+            bufs.extend(drv.alloc_host(piece) for _ in range(2))
+            streams = [drv.stream(), drv.stream()]
+            with lock:
+                setup[0] = max(setup[0], time.perf_counter() - t)
+            k = 0
+            while not errors:
+                with lock:
+                    off = next(jobs, None)
+                if off is None:
+                    break
+                n = min(piece, size - off)
+                drv.synchronize(streams[k])  # this buffer's last copy is done
+                ctypes.memmove(bufs[k], addr + off, n)
+                drv.copy_to_device(dst + off, bufs[k], n, streams[k])
+                k ^= 1
+            for st in streams:
+                drv.synchronize(st)
+        except Exception as e:  # noqa: BLE001 - said by the caller, and the worker loads the weights
+            errors.append(e)
+        finally:
+            for b in bufs:
+                drv.free_host(b)
+
+    workers = [threading.Thread(target=run, name=f"fv-stager-copy-{i}", daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return setup[0]
+
+
 def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str], reserve: int = 0) -> int:
     """The stager's whole life (see the module's docstring); EMIT sends an event, COMMANDS are
     the lines read from fvboot; RESERVE, the GPU memory the restore needs beside the copy.
@@ -135,23 +208,13 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
             emit(event="failed", why=short)
             return 0
         buf = drv.alloc(size)
-        streams = [drv.stream(), drv.stream()]
-        locked, locking = [], 0.0
-        try:
-            for k, off in enumerate(range(0, size, WINDOW)):
-                n = min(WINDOW, size - off)
-                t = time.perf_counter()
-                drv.host_register(mapping.addr + off, n)
-                locking += time.perf_counter() - t
-                locked.append(mapping.addr + off)
-                drv.copy_to_device(buf + off, mapping.addr + off, n, streams[k % 2])
-            for s in streams:
-                drv.synchronize(s)
-        finally:
-            for a in locked:
-                drv.host_unregister(a)
+        mode = os.environ.get(COPY_ENV, "register")
+        if mode == "ring":
+            locking = copy_through_ring(drv, buf, mapping.addr, size)
+        else:
+            mode, locking = "register", copy_registered(drv, buf, mapping.addr, size)
         emit(event="ready", handle=drv.ipc_handle(buf).hex(), size=size, gpu=gpu, context_s=t_ctx,
-             register_s=round(locking, 4), t=since())
+             copy=mode, register_s=round(locking, 4), t=since())
     except (OSError, WeightFileError, CudaError) as e:
         emit(event="failed", why=str(e))
         return 0  # the process ends: its mapping, device buffer and context go with it
@@ -295,6 +358,9 @@ def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0) -> Opti
     mode = staging_mode()
     if mode == "off":
         return None
+    copy = os.environ.get(COPY_ENV, "register")
+    if copy not in ("register", "ring"):
+        raise CheckpointUnusable(f"{COPY_ENV}={copy!r}: expected register or ring")
     files = sorted(p for p in weights_dir.glob("*.fvw") if p.is_file()) if weights_dir.is_dir() else []
     if len(gpus) != 1 or len(files) != 1:
         if mode == "on":

@@ -37,6 +37,10 @@ def test_staging_is_on_where_it_can_be_and_a_bad_value_is_refused(monkeypatch, t
     monkeypatch.setenv(weight_stager.STAGING_ENV, "later")
     with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_STAGING='later': expected auto, on or off"):
         weight_stager.start(tmp_path, ["GPU-1"])
+    monkeypatch.setenv(weight_stager.STAGING_ENV, "on")
+    monkeypatch.setenv(weight_stager.COPY_ENV, "dma")
+    with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_STAGING_COPY='dma': expected register or ring"):
+        weight_stager.start(tmp_path, ["GPU-1"])
     assert capsys.readouterr().err == ""
 
 
@@ -191,10 +195,13 @@ def test_a_stager_that_ends_without_a_word_is_not_waited_for():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_the_worker_takes_the_real_stagers_copy(fvw):
-    """The whole path on a GPU: the real stager stages the cached dump, the worker's side opens
-    its IPC handle and copies every tensor; the bytes are the dump's, and the stager's check
-    passes. A second run with one flipped bit: the copy still happens, the verdict refuses it."""
+@pytest.mark.parametrize("copy", ["register", "ring"])
+def test_gpu_the_worker_takes_the_real_stagers_copy(fvw, monkeypatch, copy):
+    """The whole path on a GPU: the real stager stages the cached dump (page-locking the page
+    cache, or through its own buffers: FV_WEIGHT_STAGING_COPY), the worker's side opens its IPC
+    handle and copies every tensor; the bytes are the dump's, and the stager's check passes. A
+    second run with one flipped bit: the copy still happens, the verdict refuses it."""
+    monkeypatch.setenv(weight_stager.COPY_ENV, copy)
     from fvboot.cuda_driver import Driver
     from fvboot.weights.staged import load_staged
 
