@@ -147,6 +147,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
             state = restore.RestoreState(layout, m, here, tl, pipes, service_env, settings, check,
                                          step_timeout_s=restore.step_timeout(),
                                          overlap_check=restore.weight_check_overlaps(),
+                                         kv_first_when_cold=restore.kv_first_when_cold(),
                                          kernel_facts=kernel_facts)
             ahead = prefetch(layout, check, stop_reading)
             state.residency = ahead.weights

@@ -230,6 +230,35 @@ def test_the_loader_is_told_what_the_prefetch_found_cached(tmp_path, cached):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("cached, kv_first, staged, order", [
+    (False, True, False, ["weights", "kv_cache", "fv_load_weights"]),  # from the disk: the wake first
+    (True, True, False, ["weights", "fv_load_weights", "kv_cache"]),  # from memory: after the load
+    (False, False, False, ["weights", "fv_load_weights", "kv_cache"]),  # FV_WAKE_ORDER=weights-first
+    (False, True, True, ["weights", "fv_take_staged", "kv_cache"]),  # a staged copy is freed first
+])
+def test_the_kv_cache_wakes_first_only_while_the_weights_come_from_the_disk(tmp_path, cached, kv_first,
+                                                                          staged, order):
+    ctl = _Ctl()
+    layout, m = _manifest(tmp_path, GPU)
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                 step_timeout_s=7, residency=types.SimpleNamespace(resident=lambda: cached),
+                                 kv_first_when_cold=kv_first, stager=_Stager(READY) if staged else None)
+    restore.load_weights(state)
+    restore.wake_engine(state)  # the step after: it wakes the KV cache only if it is not awake yet
+    assert [c[1][0] if c[0] == "wake_up" else c[0] for c in ctl.calls] == order
+    assert ("KV cache awake (the weights come from the disk)" in state.tl.as_dict()) == (order[1] == "kv_cache")
+
+
+def test_the_wake_order_setting(monkeypatch):
+    monkeypatch.delenv(restore.WAKE_ORDER_ENV, raising=False)
+    assert restore.kv_first_when_cold() is True
+    monkeypatch.setenv(restore.WAKE_ORDER_ENV, "Weights-First")
+    assert restore.kv_first_when_cold() is False
+    monkeypatch.setenv(restore.WAKE_ORDER_ENV, "kv-first")
+    with pytest.raises(CheckpointUnusable, match="FV_WAKE_ORDER='kv-first': expected auto or weights-first"):
+        restore.kv_first_when_cold()
+
+
 def test_an_overlapped_weight_check_is_waited_for_before_the_gate(tmp_path):
     """FV_WEIGHT_CHECK=overlap: the load is asked to leave its checks running, and the step
     after the probe waits for them (bounded) before the memory-image check and the gate."""
