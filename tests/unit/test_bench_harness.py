@@ -312,7 +312,7 @@ def test_without_OUT_the_result_is_only_printed_and_show_false_prints_nothing(tm
 
 def test_pages_touched_counts_what_a_process_touched_since_its_referenced_bits_were_cleared():
     """A child maps 64 MiB of private memory and fills it, its bits are cleared, it reads a
-    quarter back: the script must see ~64 MiB resident and ~16 MiB touched."""
+    quarter back: the script must see ~64 MiB resident and ~16 MiB touched (not 64)."""
     import pages_touched
 
     child = subprocess.Popen([sys.executable, "-c", """
@@ -336,4 +336,6 @@ print('read', s, flush=True); sys.stdin.readline()
         child.kill()
         child.wait()
     assert resident >= before >= 64 << 10
-    assert 16 << 10 <= touched < (16 << 10) + (resident - (64 << 10)) + 4096
+    # a little under 16 MiB happens: the kernel's page aging, when reclaim runs (a machine whose
+    # page cache is full), clears some accessed bits again (seen: 16,280 KiB of 16,384, 1 run in 13)
+    assert 14 << 10 <= touched < (16 << 10) + (resident - (64 << 10)) + 4096, (before, resident, touched)
