@@ -4,6 +4,7 @@
 # Runs on the GPU machine after `.ci/gpu-run build` (the image is there). Each sample is one
 # `fvbuild bench --runs 1` (an untimed restore to fill the page cache, then the timed one).
 # Usage: FV_AB_ROUNDS=4 bash bench/gpu_variants_interleaved.sh "default" "FV_RESTORE_MAP_PAGES=1" ...
+#   FV_AB_FLAGS adds `fvbuild bench` options to every sample (--cold: a cold restore after the warm one)
 #   a variant is "default" or space-separated KEY=VALUE settings; results: /root/fv-gpu-ci/interleaved/,
 #   packed into $OUT/interleaved.tgz (the device tool returns at most 8 files)
 set -uo pipefail
@@ -18,8 +19,8 @@ for r in $(seq "${FV_AB_ROUNDS:-4}"); do
     k=$((k + 1)); envs=()
     [ "$v" = default ] || for kv in $v; do envs+=(--env "$kv"); done
     python3 -m fvbuild.cli bench "$TAG" --gpu-access devices --nvidia-driver-dir /usr/local/nvidia \
-        --runs 1 --no-normal "${envs[@]}" --json "$D/v$k-r$r.json" > "$D/v$k-r$r.log" 2>&1
-    echo "round $r variant $k ($v): $(grep -o 'restore 1/1: .*' "$D/v$k-r$r.log")"
+        --runs 1 --no-normal ${FV_AB_FLAGS:-} "${envs[@]}" --json "$D/v$k-r$r.json" > "$D/v$k-r$r.log" 2>&1
+    echo "round $r variant $k ($v): $(grep -o 'restore\(, page cache dropped\)\? 1/1: .*' "$D/v$k-r$r.log" | tr '\n' ' ')"
   done
 done
 [ -n "${OUT:-}" ] && tar -czf "$OUT/interleaved.tgz" -C "$(dirname "$D")" interleaved
