@@ -56,6 +56,24 @@ def test_staging_takes_one_gpu_and_one_weight_file(monkeypatch, tmp_path, capsys
     assert said == (mode == "on")
 
 
+def test_the_stagers_check_leaves_most_cpus_and_priority_to_the_restore(monkeypatch):
+    """Its check ran on every CPU of a 16-core host beside CRIU and the CUDA resume: now a
+    quarter of them (2 to 8), each thread at a lower priority (a per-thread nice value)."""
+    assert [weight_stager.check_threads(n) for n in (1, 4, 16, 64, 128)] == [2, 2, 4, 8, 8]
+    seen = []
+    import threading
+
+    def check():
+        weight_stager._yield_cpu()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    t = threading.Thread(target=check)
+    t.start()
+    t.join()
+    assert seen == [os.getpriority(os.PRIO_PROCESS, 0) + weight_stager.CHECK_NICE] or seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != seen[0]  # this thread's is unchanged
+
+
 def test_a_stager_leaves_the_restore_the_gpu_memory_it_needs():
     """On a GPU whose free memory cannot hold the copy beside what the restore takes (a model
     over ~45% of its GPU), staging would make the CUDA resume or the worker's allocation fail
