@@ -72,9 +72,10 @@ CHECK_NICE = 10  # the check's threads yield the CPU to CRIU and the CUDA resume
 
 
 def check_threads(cpus: Optional[int] = None) -> int:
-    """Threads for the stager's check: a quarter of the CPUs, 2 to 8. All 16 of an H200 host's
-    hashing 7 GB beside CRIU and the CUDA resume slowed both; a quarter still checks 7 GB in
-    ~0.4 s, long before the gate asks for the verdict (~1.5 s later)."""
+    """Threads for the stager's check: a quarter of the CPUs, 2 to 8. With all 16 of an H200
+    host's hashing 7 GB beside them, CRIU and the CUDA resume took 0.25 s longer (the CPUs, or
+    the stager's page-locking in the driver: FV_WEIGHT_STAGING_COPY=ring tells); a quarter still
+    checks 7 GB in ~0.4 s, long before the gate asks for the verdict (~1.5 s later)."""
     return max(2, min(8, (cpus if cpus is not None else os.cpu_count() or 1) // 4))
 
 
