@@ -14,6 +14,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 MINCORE_SPAN = 1 << 30  # bytes per mincore(2) call when residency is checked that way
+# bytes of a cached file page-locked (cudaHostRegister) and copied to a GPU at a time, by the
+# worker's page-cache load and by the weight stager: the measured best of 64 MiB / 256 MiB /
+# 1 GiB (bench/gpu_register_load.py); a window's copy runs while the next one is locked
+REGISTER_WINDOW = 1 << 30
 _PROT_READ, _MAP_SHARED = 1, 1
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _LOW_BIT = bytes(b & 1 for b in range(256))

@@ -40,9 +40,9 @@ from typing import Callable, Iterable, Optional, Sequence
 from .errors import CheckpointUnusable
 from .helper_process import helper_command
 from .output import log
+from .residency import REGISTER_WINDOW, FileMapping
 
 STAGING_ENV = "FV_WEIGHT_STAGING"
-WINDOW = 1 << 30  # bytes page-locked and copied at a time: copies start before the last is locked
 READY_WAIT_S = 3.0  # how long a restore waits for a stager not yet ready once the worker is
 RELEASE_WAIT_S = 10.0
 COPY_ENV = "FV_WEIGHT_STAGING_COPY"  # register (default) or ring: see copy_registered, copy_through_ring
@@ -126,8 +126,8 @@ def copy_registered(drv, dst: int, addr: int, size: int) -> float:
     streams = [drv.stream(), drv.stream()]
     locked, locking = [], 0.0
     try:
-        for k, off in enumerate(range(0, size, WINDOW)):
-            n = min(WINDOW, size - off)
+        for k, off in enumerate(range(0, size, REGISTER_WINDOW)):
+            n = min(REGISTER_WINDOW, size - off)
             t = time.perf_counter()
             drv.host_register(addr + off, n)
             locking += time.perf_counter() - t
@@ -195,7 +195,6 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
     the lines read from fvboot; RESERVE, the GPU memory the restore needs beside the copy.
     Returns the exit status."""
     from .cuda_driver import CudaError, Driver
-    from .residency import FileMapping
     from .weightfile import WeightFileError, read_index
 
     t0 = time.perf_counter()

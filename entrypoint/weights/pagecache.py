@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..residency import PAGE, FileMapping
+from ..residency import PAGE, REGISTER_WINDOW, FileMapping
 from .fileformat import WeightEntry, check_mapped, flat_bytes
 from .pending import PendingCheck
 from .pipeline import one_device
@@ -29,7 +29,6 @@ from .plan import windows
 from .settings import GpuLoaderError
 from .stats import TransferStats
 
-REGISTER_WINDOW = 1 << 30  # measured best of 64 MiB / 256 MiB / 1 GiB (bench/gpu_register_load.py)
 _HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
 
 
