@@ -147,6 +147,7 @@ def test_the_real_stager_without_a_cuda_driver_says_why_and_the_restore_goes_on(
     maps the dump, finds no driver, says so and ends; the restore's side reports the reason at
     once (the worker then loads the weights itself)."""
     path, _ = fvw
+    path.read_bytes()  # cached now: a machine whose page cache is full may have dropped some (seen in CI)
     t0 = time.monotonic()
     s = weight_stager.Stager(str(path), "GPU-00000000-0000-0000-0000-000000000000")
     try:
