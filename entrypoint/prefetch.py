@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 from .layout import Layout
 from .pagecheck import PageCheck
@@ -23,6 +23,15 @@ PREFETCH_SMALL = 16 << 20  # CRIU reads these itself, first; queuing them again 
 
 
 RESIDENCY_WAIT_S = 5.0  # a reader waits this long for the weights' residency before reading them anyway
+
+
+class Residency(Protocol):
+    """Whoever finds out whether the weight files are all cached: WeightsResidency, or the
+    weight stager (weight_stager.StagerResidency), which looks anyway."""
+
+    files: set[str]
+
+    def resident(self, timeout: float = 0.0) -> bool: ...
 
 
 class WeightsResidency:
@@ -59,12 +68,12 @@ class Prefetch:
     """What a prefetch started: the vmtouch processes (FV_PREFETCH=vmtouch) and the weights'
     residency."""
 
-    def __init__(self, procs: list[subprocess.Popen], weights: WeightsResidency) -> None:
+    def __init__(self, procs: list[subprocess.Popen], weights: Residency) -> None:
         self.procs, self.weights = procs, weights
 
 
 def prefetch(layout: Layout, check: Optional[PageCheck] = None,
-             stop: Optional[threading.Event] = None) -> Prefetch:
+             stop: Optional[threading.Event] = None, weights: Optional[Residency] = None) -> Prefetch:
     """Bring the checkpoint's memory images, then the weights, into the page cache while CRIU
     restores, so each is in memory by the time its reader gets there; hand every piece of a
     memory image read to CHECK, which compares it with the bake's digest.
@@ -75,11 +84,11 @@ def prefetch(layout: Layout, check: Optional[PageCheck] = None,
     CRIU's own reads. FV_PREFETCH=vmtouch: `vmtouch -t` of both folders at once (the way of
     earlier versions). FV_PREFETCH=off: nothing ahead of the readers. With either of the last
     two, the threads still read the memory images for CHECK. A weight file found all cached
-    (WeightsResidency) is not read. Setting STOP ends the reads (a normal start after a failed
-    restore must not share the disk with them)."""
+    (WEIGHTS: who finds that out, a WeightsResidency of its own by default) is not read. Setting
+    STOP ends the reads (a normal start after a failed restore must not share the disk with them)."""
     mode = os.environ.get("FV_PREFETCH", "read")
     folders = (layout.images_dir, layout.weights_dir)
-    weights = WeightsResidency(layout.weights_dir)
+    weights = weights or WeightsResidency(layout.weights_dir)
     procs: list[subprocess.Popen] = []
     if mode == "vmtouch" and shutil.which("vmtouch"):
         procs = [subprocess.Popen(["vmtouch", "-qt", str(d)], stdout=subprocess.DEVNULL,
@@ -120,7 +129,7 @@ def plan(folders: Sequence[Path], check: Optional[PageCheck] = None) -> list[tup
 
 
 def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck],
-                stop: Optional[threading.Event] = None, weights: Optional[WeightsResidency] = None) -> None:
+                stop: Optional[threading.Event] = None, weights: Optional[Residency] = None) -> None:
     jobs = iter(work)
     lock = threading.Lock()
     size = max(n for _, _, n in work)

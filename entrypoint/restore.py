@@ -30,7 +30,7 @@ from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
 from .output import log
 from .pagecheck import PageCheck
-from .prefetch import WeightsResidency
+from .prefetch import Residency
 from .timeline import Timeline
 from .weight_stager import Stager
 
@@ -183,7 +183,7 @@ class RestoreState:
     ctl: Optional[ServerControl] = None
     tree: Optional[RestoredTree] = None
     step_timeout_s: float = STEP_TIMEOUT_S  # bound of each call to the restored server: step_timeout()
-    residency: Optional[WeightsResidency] = None  # the prefetch's finding: is the weight dump all cached?
+    residency: Optional[Residency] = None  # the prefetch's finding: is the weight dump all cached?
     overlap_check: bool = False  # weight_check_overlaps(): the checksums finish beside the wake and probe
     kv_first_when_cold: bool = False  # kv_first_when_cold(): the KV cache wakes before weights read from disk
     kv_awake: bool = False  # the KV cache woke already (before a load from the disk)

@@ -149,13 +149,15 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
                                          overlap_check=restore.weight_check_overlaps(),
                                          kv_first_when_cold=restore.kv_first_when_cold(),
                                          kernel_facts=kernel_facts)
-            ahead = prefetch(layout, check, stop_reading)
-            state.residency = ahead.weights
-            tl.mark("prefetch started")
             if m.device.is_cuda:  # the dump onto the GPU while CRIU restores (FV_WEIGHT_STAGING)
                 state.stager = weight_stager.start(layout.weights_dir, [g.uuid for g in here.gpus[:len(m.device.gpus)]],
                                                    m.gpu_bytes_at_checkpoint())
                 tl.mark("stager started")
+            # a stager scans the dump's residency anyway: the prefetch takes its answer
+            ahead = prefetch(layout, check, stop_reading,
+                             weights=state.stager and weight_stager.StagerResidency(state.stager))
+            state.residency = ahead.weights
+            tl.mark("prefetch started")
             try:
                 return restore.run(state)
             finally:

@@ -18,7 +18,8 @@ rounds, interleaved: bench/results/gpu_3b_cuda_image_h200_2026-12-03e/). Whateve
 wrong (no driver, memory, a dump not all cached, a handle the worker cannot open) ends in the
 worker's own load, said in the log; its waits are bounded.
 
-The process speaks JSON lines on stdout: ``{"event": "ready", "handle", "size", "gpu", ...}``
+The process speaks JSON lines on stdout: ``{"event": "residency", "missing", "pages"}`` (its
+mincore of the dump, first), then ``{"event": "ready", "handle", "size", "gpu", ...}``
 or ``{"event": "failed", "why"}``, then ``{"event": "freed"}`` and ``{"event": "verified", "ok",
 "why"}``. It reads "release" on stdin (free the device buffer now); at EOF it frees it too, and
 exits once its check is done.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
 import threading
@@ -201,11 +201,12 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
     since = lambda: round(time.perf_counter() - t0, 4)  # noqa: E731
     verdict: dict = {}
     try:
-        idx = read_index(path)
         fd = os.open(path, os.O_RDONLY)
         size = os.fstat(fd).st_size
         mapping = FileMapping(fd, size)
         missing = mapping.missing_pages()
+        emit(event="residency", missing=missing, pages=mapping.pages)  # fvboot's prefetch and loader use it
+        idx = read_index(path)
         if missing:
             emit(event="failed", why=f"{missing} of the dump's {mapping.pages} pages are not in the page cache")
             return 0
@@ -278,6 +279,19 @@ def stager_command(path: str, gpu: str, package_dir: str, reserve: int = 0) -> t
     return helper_command("weight_stager", [path, gpu, str(reserve)], package_dir, site_folders=True)
 
 
+class StagerResidency:
+    """The weights' residency (prefetch.WeightsResidency's answer) as the stager found it: it
+    runs mincore over the dump first thing anyway, in its own process, so fvboot does not map
+    and scan the same 7 GB a second time beside CRIU. Not said yet, or never: not cached."""
+
+    def __init__(self, stager: "Stager") -> None:
+        self.stager = stager
+        self.files = {stager.path}
+
+    def resident(self, timeout: float = 0.0) -> bool:
+        return bool(self.stager.residency(timeout))
+
+
 class Stager:
     """A running stager, as the restore sees it: its events, and what it is asked to do."""
 
@@ -285,8 +299,8 @@ class Stager:
                  env: Optional[dict[str, str]] = None) -> None:
         self.path, self.gpu = path, gpu
         self.why: Optional[str] = None  # why it was not used, once known
-        self._events: "queue.Queue[dict]" = queue.Queue()
-        self._seen: dict[str, dict] = {}
+        self._seen: dict[str, dict] = {}  # the first event of each kind, as it arrived
+        self._arrived = threading.Condition()  # the restore and the prefetch's readers wait on it
         if argv is None:
             argv, env = stager_command(path, gpu, os.path.dirname(os.path.abspath(__file__)), reserve)
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -301,26 +315,37 @@ class Stager:
                 except ValueError:
                     continue
                 if isinstance(event, dict) and "event" in event:
-                    self._events.put(event)
+                    self._arrive(event)
         except (OSError, ValueError):  # the pipe went away with the process
             pass
-        self._events.put({"event": "exited"})
+        self._arrive({"event": "exited"})
+
+    def _arrive(self, event: dict) -> None:
+        with self._arrived:
+            self._seen.setdefault(event["event"], event)
+            self._arrived.notify_all()
 
     def _wait(self, names: tuple[str, ...], timeout: float) -> Optional[dict]:
-        """The first of NAMES (or a failure, or the exit) seen, waiting at most TIMEOUT s."""
+        """The first of NAMES (or a failure, or the exit) seen, waiting at most TIMEOUT s; any
+        number of threads may wait at once."""
         deadline = time.monotonic() + timeout
-        while True:
-            for name in (*names, "failed", "exited"):
-                if name in self._seen:
-                    return self._seen[name]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                event = self._events.get(timeout=left)
-            except queue.Empty:
-                return None
-            self._seen.setdefault(event["event"], event)
+        with self._arrived:
+            while True:
+                for name in (*names, "failed", "exited"):
+                    if name in self._seen:
+                        return self._seen[name]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._arrived.wait(left)
+
+    def residency(self, timeout: float) -> Optional[bool]:
+        """Whether the stager found its dump all in the page cache (it looks first thing);
+        None if it did not say within TIMEOUT s."""
+        event = self._wait(("residency",), timeout)
+        if event is None or event["event"] != "residency":
+            return None
+        return event.get("missing") == 0
 
     def ready(self, timeout: float = READY_WAIT_S) -> Optional[dict]:
         """The ready event (handle, size, gpu, its timings), or None with the reason in ``why``."""

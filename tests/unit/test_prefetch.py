@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_prefetch_reads_the_biggest_memory_image_first_then_the_weights(tmp_path):
     from fvboot import prefetch
@@ -50,8 +52,9 @@ def _dump_folders(tmp_path, cached: bool):
     return images, weights, dump
 
 
-def _files_read(monkeypatch, images, weights):
-    """The files the prefetch's readers read, with the weights' residency found as a restore does."""
+def _files_read(monkeypatch, images, weights, residency=None):
+    """The files the prefetch's readers read, with the weights' residency found as a restore does
+    (or by RESIDENCY)."""
     import os
 
     from fvboot import prefetch
@@ -64,7 +67,7 @@ def _files_read(monkeypatch, images, weights):
         return real(fd, bufs, off)
 
     monkeypatch.setattr(prefetch.os, "preadv", preadv)
-    residency = prefetch.WeightsResidency(weights)
+    residency = residency or prefetch.WeightsResidency(weights)
     prefetch._read_ahead(prefetch.plan([images, weights]), None, None, residency)
     return set(read), residency
 
@@ -90,3 +93,22 @@ def test_no_weights_folder_is_not_resident(tmp_path):
     from fvboot import prefetch
 
     assert not prefetch.WeightsResidency(tmp_path / "absent").resident(timeout=5)
+
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_the_weight_stagers_finding_serves_the_prefetch(tmp_path, monkeypatch, cached):
+    """With a stager (GPU images), fvboot does not scan the dump's residency itself: the real
+    stager process says what its own mincore found (first thing, whatever follows: here it
+    then fails on a file that is no weight dump, or finds no CUDA driver), and the prefetch
+    reads the dump or leaves it alone on that word."""
+    from fvboot import weight_stager
+
+    images, weights, dump = _dump_folders(tmp_path, cached=cached)
+    stager = weight_stager.Stager(str(dump), "GPU-00000000-0000-0000-0000-000000000000")
+    try:
+        read, residency = _files_read(monkeypatch, images, weights, weight_stager.StagerResidency(stager))
+    finally:
+        stager.stop()
+    assert read == ({str(images / "pages-1.img")} | (set() if cached else {str(dump)}))
+    assert residency.resident() is cached and residency.files == {str(dump)}

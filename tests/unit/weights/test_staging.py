@@ -153,6 +153,7 @@ def test_the_real_stager_without_a_cuda_driver_says_why_and_the_restore_goes_on(
     try:
         assert s.ready(timeout=30) is None
         assert s.why.startswith("the weight stager could not stage the dump: no CUDA driver here"), s.why
+        assert s.residency(timeout=5) is True  # what its mincore found, said before anything else
     finally:
         s.stop()
     assert s.proc.poll() is not None and time.monotonic() - t0 < 30  # gone, and quickly
@@ -191,6 +192,26 @@ def test_a_mismatch_in_the_stagers_check_keeps_the_gate_shut():
             s.verdict(timeout=10)
     finally:
         s.stop()
+
+
+def test_its_events_reach_every_thread_that_waits_for_them():
+    """The restore waits for "ready" while the prefetch's readers wait for "residency": each
+    gets its event, in whatever order they wait."""
+    import threading
+
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=_stand_in({"event": "residency", "missing": 0, "pages": 1},
+                                                              READY, then={"ok": True}))
+    got = {}
+    waiters = [threading.Thread(target=lambda: got.update(residency=s.residency(timeout=20))) for _ in range(3)]
+    for w in waiters:
+        w.start()
+    got["ready"] = s.ready(timeout=20)
+    for w in waiters:
+        w.join()
+    s.release(timeout=20)
+    assert got == {"residency": True, "ready": READY}
+    assert weight_stager.StagerResidency(s).resident() is True
+    s.stop()
 
 
 def test_a_silent_stager_is_waited_for_only_so_long_and_then_killed():
