@@ -41,6 +41,7 @@ from .errors import CheckpointUnusable
 from .helper_process import helper_command
 from .output import log
 from .residency import REGISTER_WINDOW, FileMapping
+from .worker_threads import run_workers
 
 STAGING_ENV = "FV_WEIGHT_STAGING"
 READY_WAIT_S = 3.0  # how long a restore waits for a stager not yet ready once the worker is
@@ -149,7 +150,7 @@ def copy_through_ring(drv, dst: int, addr: int, size: int, threads: int = RING_T
     CUDA resume needs it. Returns the seconds spent allocating the buffers."""
     import ctypes
 
-    jobs, lock, errors = iter(range(0, size, piece)), threading.Lock(), []
+    jobs, lock, abort = iter(range(0, size, piece)), threading.Lock(), threading.Event()
     setup = [0.0]
 
     def run() -> None:
@@ -162,7 +163,7 @@ def copy_through_ring(drv, dst: int, addr: int, size: int, threads: int = RING_T
             with lock:
                 setup[0] = max(setup[0], time.perf_counter() - t)
             k = 0
-            while not errors:
+            while not abort.is_set():
                 with lock:
                     off = next(jobs, None)
                 if off is None:
@@ -174,19 +175,12 @@ def copy_through_ring(drv, dst: int, addr: int, size: int, threads: int = RING_T
                 k ^= 1
             for st in streams:
                 drv.synchronize(st)
-        except Exception as e:  # noqa: BLE001 - said by the caller, and the worker loads the weights
-            errors.append(e)
         finally:
             for b in bufs:
                 drv.free_host(b)
 
-    workers = [threading.Thread(target=run, name=f"fv-stager-copy-{i}", daemon=True) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
+    # the first error is raised here: said by the caller, and the worker loads the weights itself
+    run_workers(threads, run, abort, on_abort=lambda: None)
     return setup[0]
 
 

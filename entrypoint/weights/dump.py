@@ -22,7 +22,8 @@ import torch
 
 from . import pipeline
 from .fileformat import ALIGN, flat_bytes
-from .pipeline import OrderedHashes, Slot, finish, one_device, run_workers
+from ..worker_threads import run_workers
+from .pipeline import OrderedHashes, Slot, finish, one_device
 from .plan import plan
 from .settings import Config, GpuLoaderError
 from .stats import TransferStats

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..worker_threads import Aborted
 from .fileformat import ALIGN, entry_hasher, host_view
 from .plan import Piece
 from .settings import Config, GpuLoaderError
@@ -157,10 +158,6 @@ def one_device(tensors: Sequence[torch.Tensor]) -> torch.device:
 # ordered hashing
 
 
-class Aborted(Exception):
-    """Another worker failed: stop quietly (the first error is re-raised)."""
-
-
 class OrderedHashes:
     """One hasher per entry, fed strictly in piece order, entries in parallel."""
 
@@ -191,31 +188,6 @@ class OrderedHashes:
 
 # --------------------------------------------------------------------------------------------
 # the worker pool
-
-
-def run_workers(n: int, body: Callable[[], None], abort: threading.Event,
-                on_abort: Callable[[], None]) -> None:
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def run() -> None:
-        try:
-            body()
-        except Aborted:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - re-raised below in the caller's thread
-            with lock:
-                errors.append(exc)
-            abort.set()
-            on_abort()
-
-    threads = [threading.Thread(target=run, name=f"fv-xfer-{i}", daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def finish(eng: Any, run: Callable[[], None]) -> None:

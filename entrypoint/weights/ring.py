@@ -34,7 +34,8 @@ import torch
 
 from . import pipeline
 from .fileformat import ALIGN, TruncatedFileError, WeightEntry, flat_bytes, mismatch
-from .pipeline import OrderedHashes, Slot, finish, one_device, run_workers
+from ..worker_threads import run_workers
+from .pipeline import OrderedHashes, Slot, finish, one_device
 from .plan import plan
 from .settings import Config, GpuLoaderError
 from .stats import TransferStats
