@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 from . import criu, manifest, pagecheck
 from .control import ServerControl
+from .envchoice import choice
 from .errors import CheckpointUnusable, ServerError
 from .launcher import Pipes, load_settings, write_runtime_settings
 from .layout import Layout
@@ -146,10 +147,7 @@ def weight_check_overlaps() -> bool:
     interleaved with inline ones: ~0.1 s sooner in 5 rounds of 7); "inline" checks every weight
     before the KV cache wakes. Either way nothing is served before every weight is checked.
     Read before the restore: a bad value is found before CRIU runs."""
-    value = os.environ.get(WEIGHT_CHECK_ENV, "overlap").strip().lower() or "overlap"
-    if value not in ("inline", "overlap"):
-        raise CheckpointUnusable(f"{WEIGHT_CHECK_ENV}={os.environ.get(WEIGHT_CHECK_ENV)!r}: expected inline or overlap")
-    return value == "overlap"
+    return choice(WEIGHT_CHECK_ENV, ("inline", "overlap"), "overlap") == "overlap"
 
 
 WAKE_ORDER_ENV = "FV_WAKE_ORDER"
@@ -162,10 +160,7 @@ def kv_first_when_cold() -> bool:
     s on an H200) leaves the path to the first token. With the weights in memory, and always
     with "weights-first", the KV cache wakes after the load (a staged copy must be freed first:
     the KV cache wakes into that memory). Read before the restore."""
-    value = os.environ.get(WAKE_ORDER_ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "weights-first"):
-        raise CheckpointUnusable(f"{WAKE_ORDER_ENV}={os.environ.get(WAKE_ORDER_ENV)!r}: expected auto or weights-first")
-    return value == "auto"
+    return choice(WAKE_ORDER_ENV, ("auto", "weights-first"), "auto") == "auto"
 
 
 @dataclass

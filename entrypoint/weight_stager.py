@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from .envchoice import choice
 from .errors import CheckpointUnusable
 from .helper_process import helper_command
 from .output import log
@@ -59,10 +60,7 @@ STAGING_VALUES = ("auto", "on", "off")
 def staging_mode() -> str:
     """FV_WEIGHT_STAGING: "auto" (default), "on" or "off". Read before the restore: a bad value
     is found before CRIU runs."""
-    value = os.environ.get(STAGING_ENV, "auto").strip().lower() or "auto"
-    if value not in STAGING_VALUES:
-        raise CheckpointUnusable(f"{STAGING_ENV}={os.environ.get(STAGING_ENV)!r}: expected auto, on or off")
-    return value
+    return choice(STAGING_ENV, STAGING_VALUES, "auto")
 
 
 # --------------------------------------------------------------------------------------------
