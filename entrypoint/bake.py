@@ -35,6 +35,27 @@ def _warm_up(ctl: ServerControl, count: int) -> None:
         list(pool.map(lambda j: ctl.complete(j[0], j[1]), jobs))
 
 
+PROBE_TOGETHER_TRIES = 3
+
+
+def _probe_answers(answers: list[dict], key: str) -> tuple[manifest.ProbeAnswer, ...]:
+    return tuple(manifest.ProbeAnswer.from_json(a, f"{key}[{i}]") for i, a in enumerate(answers))
+
+
+def _steady_probe_together(ctl: ServerControl) -> Optional[tuple[manifest.ProbeAnswer, ...]]:
+    """The probe's answers to one request of all its prompts, if PROBE_TOGETHER_TRIES such
+    requests answered alike; else None, and restores ask one prompt at a time. The engine batches
+    the prompts as they reach it, so a batch can form differently from one request to the next,
+    and on a GPU a different batch can round differently: only a steady answer is worth
+    recording."""
+    tries = [ctl.probe_together() for _ in range(PROBE_TOGETHER_TRIES)]
+    if any(t != tries[0] for t in tries[1:]):
+        write_line(f"fvboot bake: the probe's prompts asked in one request answered differently across "
+                   f"{PROBE_TOGETHER_TRIES} tries; restores will ask them one at a time")
+        return None
+    return _probe_answers(tries[0], "probe_together")
+
+
 def save_dev_shm(dest: Path) -> None:
     """vLLM's shared-memory queues and semaphores; CRIU restores the fds but not the files.
     GNU tar --sparse: the ring buffers are mostly holes (hundreds of MB apparent, KB real)."""
@@ -72,7 +93,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         tl.mark("server healthy")
         step = "warm-up"
         _warm_up(ctl, warmup)
-        probe = tuple(manifest.ProbeAnswer.from_json(a, f"probe[{i}]") for i, a in enumerate(ctl.probe()))
+        probe = _probe_answers(ctl.probe(), "probe")
+        probe_together = _steady_probe_together(ctl)
         tl.mark("warmed up")
 
         step = "weight dump"
@@ -135,6 +157,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         trim=trimmed,
         files=files,
         probe=probe,
+        probe_together=probe_together,
         timeline=tl.as_dict(),
     )
     manifest.write(layout.manifest, m)

@@ -81,17 +81,29 @@ class ServerControl:
         out = self._call("POST", "/collective_rpc", {"method": method, "args": list(args)}, timeout=timeout)
         return out.get("results", out) if isinstance(out, dict) else out
 
-    def complete(self, prompt: str, max_tokens: int, admin: bool = True, timeout: float = 600) -> dict:
+    def complete(self, prompt: str | list[str], max_tokens: int, admin: bool = True, timeout: float = 600) -> dict:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0.0, "logprobs": 2, "seed": 0}
         return self._call("POST", "/v1/completions", body, admin=admin, timeout=timeout)
 
     def probe(self, timeout: float = 600) -> list[dict]:
-        """Greedy answers (text, token logprobs rounded to 1e-4) to the fixed probe prompts."""
-        answers = []
-        for prompt in PROBE_PROMPTS:
-            choice = self.complete(prompt, PROBE_MAX_TOKENS, timeout=timeout)["choices"][0]
-            lp = choice.get("logprobs") or {}
-            answers.append({"prompt": prompt, "text": choice["text"],
-                            "logprobs": [round(x, 4) for x in (lp.get("token_logprobs") or []) if x is not None]})
-        return answers
+        """Greedy answers (text, token logprobs rounded to 1e-4) to the fixed probe prompts, one
+        request after another."""
+        return [_answer(prompt, self.complete(prompt, PROBE_MAX_TOKENS, timeout=timeout)["choices"][0])
+                for prompt in PROBE_PROMPTS]
+
+    def probe_together(self, timeout: float = 600) -> list[dict]:
+        """The same answers from ONE request of all the probe prompts: the server runs them as
+        one batch, a third of the steps. Comparable only with answers asked the same way: a batch
+        can round differently from a prompt alone (other kernel shapes on a GPU)."""
+        choices = self.complete(list(PROBE_PROMPTS), PROBE_MAX_TOKENS, timeout=timeout)["choices"]
+        by_index = sorted(choices, key=lambda c: c["index"])
+        if len(by_index) != len(PROBE_PROMPTS):
+            raise ServerError(f"{len(PROBE_PROMPTS)} probe prompts got {len(by_index)} answers")
+        return [_answer(prompt, c) for prompt, c in zip(PROBE_PROMPTS, by_index)]
+
+
+def _answer(prompt: str, choice: dict) -> dict:
+    lp = choice.get("logprobs") or {}
+    return {"prompt": prompt, "text": choice["text"],
+            "logprobs": [round(x, 4) for x in (lp.get("token_logprobs") or []) if x is not None]}

@@ -390,10 +390,13 @@ class Manifest:
     processes: Optional[tuple[Process, ...]] = None
     trim: Any = None
     timeline: Optional[Mapping[str, float]] = None
+    # the probe's answers to one request of all its prompts, where the bake's tries agreed
+    # (ServerControl.probe_together): a restore asks that way first
+    probe_together: Optional[tuple[ProbeAnswer, ...]] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _KEYS = ("format", "fvboot_version", "baked_at", "model", "vllm", "runtime_file", "criu", "device",
-             "pipes", "weights", "processes", "trim", "files", "probe", "timeline")
+             "pipes", "weights", "processes", "trim", "files", "probe", "probe_together", "timeline")
 
     @classmethod
     def from_json(cls, d: Any) -> "Manifest":
@@ -419,6 +422,7 @@ class Manifest:
                    trim=d.get("trim"),
                    files=_items(d, "", "files", FileEntry.from_json),
                    probe=_items(d, "", "probe", ProbeAnswer.from_json),
+                   probe_together=_items(d, "", "probe_together", ProbeAnswer.from_json, None),
                    timeline=timeline,
                    extra=_extra(d, cls._KEYS))
 
@@ -439,7 +443,8 @@ class Manifest:
                      criu=self.criu and self.criu.to_json(),
                      weights=self.weights,
                      processes=None if self.processes is None else [p.to_json() for p in self.processes],
-                     trim=self.trim, timeline=None if self.timeline is None else dict(self.timeline))
+                     trim=self.trim, timeline=None if self.timeline is None else dict(self.timeline),
+                     probe_together=None if self.probe_together is None else [p.to_json() for p in self.probe_together])
 
 
 # --- this machine and the files ------------------------------------------------------------

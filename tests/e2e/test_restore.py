@@ -216,6 +216,8 @@ def test_logs_show_the_restored_server_and_the_timeline(restored, manifest, dock
     out = _compose(docker_compose_project_name, "logs", "--no-color")
     _complete("log line please", 4, manifest["model"]["served_name"])
     assert "restored from checkpoint" in out
+    if manifest.get("probe_together"):  # asked in one request, answered as at bake: no second asking
+        assert "asking one at a time" not in out
     assert "fvboot serve timeline" in out and "restore done" in out and "ready" in out
     assert '"fvboot_timeline"' in out
     deadline = time.monotonic() + 15  # fvboot marks the first request when the server's event reaches it
@@ -576,6 +578,41 @@ def test_a_cpu_without_an_extension_of_the_bakes_falls_back_at_once(baked_image,
 def test_missing_weight_dump_falls_back(baked_image, manifest, port_free):
     _fallback(baked_image, manifest, "rm -f /fv/weights/rank0.fvw", "weights/rank0.fvw is missing")
 
+
+def test_the_bake_records_the_probe_asked_in_one_request(manifest):
+    """The probe's prompts asked together (one batch, a third of the steps of asking them one
+    after another) give the same texts as asked alone; on the CPU image the same logprobs too, so
+    the bake records them (a GPU's batch may round otherwise: only the texts are held)."""
+    together = manifest.get("probe_together")
+    if e2e_device() == "cpu":
+        assert together == manifest["probe"]
+    elif together is not None:
+        assert [p["text"] for p in together] == [p["text"] for p in manifest["probe"]]
+
+
+def _edit_manifest(python: str) -> str:
+    return f"python3 -c \"import json;p='/fv/manifest.json';m=json.load(open(p));{python};json.dump(m,open(p,'w'))\""
+
+
+def test_answers_together_that_differ_send_the_probe_one_prompt_at_a_time(baked_image, manifest, port_free):
+    """The recorded answers to the prompts asked together differ from the server's (as a batch
+    that formed otherwise can round otherwise on a GPU): the prompts go one at a time, their
+    answers are the bake's, and the checkpoint serves."""
+    edit = _edit_manifest("m['probe_together']=[dict(a,text=a['text']+' (edited)') for a in m['probe']]")
+    with Container(baked_image, entry=["sh", "-c", edit + " && exec fvboot"]) as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs, logs[-3000:]
+    assert "prompts asked in one request answered otherwise (probe 'The capital of France is' answered" in logs
+    assert "asking one at a time" in logs
+
+
+def test_answers_that_differ_asked_either_way_fall_back(baked_image, manifest, port_free):
+    edit = _edit_manifest("m['probe']=[dict(a,text=a['text']+' (edited)') for a in m['probe']];"
+                          "m['probe_together']=m['probe']")
+    _fallback(baked_image, manifest, edit,
+              "restored server gives other answers than the baked one: probe 'The capital of France is' answered")
 
 def test_canary_token_is_nowhere_in_the_image(baked_image):
     """HF_TOKEN was set while building and baking: no layer, config or checkpoint page holds it.

@@ -9,6 +9,7 @@ dead. vLLM dying in the bake's start is the e2e test
 from __future__ import annotations
 
 import socket
+import types
 import urllib.error
 
 import pytest
@@ -56,6 +57,9 @@ class _Control:
         return {"choices": [{"text": "x", "logprobs": {"token_logprobs": [-1.0]}}]}
 
     def probe(self, **_k):
+        return [{"prompt": "p", "text": "x", "logprobs": [-1.0]}]
+
+    def probe_together(self, **_k):
         return [{"prompt": "p", "text": "x", "logprobs": [-1.0]}]
 
     def gate(self, state, **_k):
@@ -139,3 +143,17 @@ def test_any_other_error_is_one_line_with_its_type(baking):
     with pytest.raises(BakeFailed, match=r"^the bake's sleep failed: RuntimeError: weights still referenced$"):
         run()
     _nothing_left(layout, tree)
+
+
+def test_the_probe_asked_together_is_recorded_only_where_its_answers_are_steady(capsys):
+    """A batch forms as the prompts reach the engine, and can round otherwise when it forms
+    otherwise: the bake records the one-request answers only if every try gave the same, and
+    says when restores will ask one prompt at a time."""
+    answers = iter([[{"prompt": "p", "text": "x", "logprobs": [-1.0]}]] * 2
+                   + [[{"prompt": "p", "text": "x", "logprobs": [-1.0313]}]])
+    ctl = types.SimpleNamespace(probe_together=lambda: next(answers))
+    assert bake._steady_probe_together(ctl) is None
+    assert "answered differently across 3 tries; restores will ask them one at a time" in capsys.readouterr().out
+
+    steady = types.SimpleNamespace(probe_together=lambda: [{"prompt": "p", "text": "x", "logprobs": [-1.0]}])
+    assert bake._steady_probe_together(steady) == (manifest.ProbeAnswer("p", "x", (-1.0,)),)

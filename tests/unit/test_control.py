@@ -51,3 +51,45 @@ def test_a_server_that_takes_the_call_and_stays_silent_is_a_bounded_error():
         with pytest.raises(ServerError, match=r"^POST /wake_up\?tags=weights got no answer within 0.5 s$"):
             ctl.wake_up(["weights"], timeout=0.5)
         assert time.monotonic() - t < 5
+
+
+def test_the_probe_asked_together_is_one_request_read_back_in_prompt_order():
+    """vLLM answers a list of prompts with one choice each, by index; the answers come back in
+    the prompts' order whatever order the choices arrive in, and a missing one is an error."""
+    import http.server
+    import json
+    import threading
+
+    from fvboot.control import PROBE_PROMPTS, ServerControl
+    from fvboot.errors import ServerError
+
+    bodies, drop = [], []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            bodies.append(body)
+            choices = [{"index": i, "text": f"answer {i}", "logprobs": {"token_logprobs": [-0.123456, None]}}
+                       for i in range(len(body["prompt"]))][::-1][len(drop):]
+            data = json.dumps({"choices": choices}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        ctl = ServerControl(srv.server_address[1], "token", "m")
+        answers = ctl.probe_together()
+        assert [b["prompt"] for b in bodies] == [list(PROBE_PROMPTS)]
+        assert answers == [{"prompt": p, "text": f"answer {i}", "logprobs": [-0.1235]}
+                           for i, p in enumerate(PROBE_PROMPTS)]
+        drop.append(1)
+        with pytest.raises(ServerError, match=f"{len(PROBE_PROMPTS)} probe prompts got {len(PROBE_PROMPTS) - 1} answers"):
+            ctl.probe_together()
+    finally:
+        srv.shutdown()

@@ -46,6 +46,7 @@ def _baked_dict(device: dict) -> dict:
         "files": [{"path": "checkpoint/criu/pages-1.img", "size": 100, "sha256": None},
                   {"path": "checkpoint/criu/pstree.img", "size": 4, "sha256": "cd" * 32}],
         "probe": [{"prompt": "The capital of France is", "text": " Paris", "logprobs": [-0.0123, -1.5]}],
+        "probe_together": [{"prompt": "The capital of France is", "text": " Paris", "logprobs": [-0.0125, -1.5]}],
         "timeline": {"process start": 0.0, "server healthy": 12.5, "manifest written": 40.25},
     }
 
@@ -72,6 +73,7 @@ def test_a_manifest_of_the_current_bake_reads_and_writes_back_the_same_json(tmp_
     assert m.device.is_cuda == (device["kind"] == "cuda")
     assert m.files[0] == FileEntry("checkpoint/criu/pages-1.img", 100, None)
     assert m.probe[0].logprobs == (-0.0123, -1.5) and m.processes[0].checkpoint_bytes == 3 << 20
+    assert m.probe_together[0].logprobs == (-0.0125, -1.5)
     if m.device.is_cuda:
         assert m.device.gpus[1] == Gpu("NVIDIA H200", "GPU-0823a096", "580.65.06") and m.device.cuda == "13.0"
     assert m.to_json() == old
@@ -86,6 +88,7 @@ def test_round_trip_of_a_built_manifest(tmp_path):
                  device=Device("cuda", (Gpu("NVIDIA H200", "GPU-1", "580"),), "580", None),
                  pipes=manifest.Pipes("pipe:[1]", "pipe:[2]"), files=(FileEntry("weights/rank0.fvw", 10),),
                  probe=(ProbeAnswer("p", "t", (-1.0,)),), criu=manifest.Criu("4.2", ("-v",), ()),
+                 probe_together=(ProbeAnswer("p", "t", (-1.5,)),),
                  processes=(manifest.Process(1, 1, "init", "fvboot.nsinit", 0, 0),), timeline={"ready": 1.5})
     path = tmp_path / "manifest.json"
     manifest.write(path, m)
@@ -116,12 +119,14 @@ def test_unknown_keys_are_kept_where_they_were(tmp_path):
 
 def test_optional_fields_may_be_absent_and_stay_absent(tmp_path):
     old = _baked_dict({"kind": "cpu"})
-    for key in ("fvboot_version", "baked_at", "runtime_file", "criu", "weights", "processes", "trim", "timeline"):
+    for key in ("fvboot_version", "baked_at", "runtime_file", "criu", "weights", "processes", "trim", "timeline",
+                "probe_together"):
         del old[key]
     del old["vllm"]["version"], old["model"]["source"], old["model"]["path"]
     del old["files"][1]["sha256"]
     m = manifest.read(_write_json(tmp_path, old))
     assert m.runtime_file is None and m.criu is None and m.processes is None and m.files[1].sha256 is None
+    assert m.probe_together is None  # baked before the probe was asked together: restores ask one at a time
     back = m.to_json()
     assert back["files"][1] == {**old["files"][1], "sha256": None}
     back["files"][1].pop("sha256")

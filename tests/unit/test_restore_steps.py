@@ -146,6 +146,51 @@ def test_probe_comparison_catches_text_and_logprob_drift():
 
 
 
+class _Prober:
+    """A restored server's answers: TOGETHER to one request of all probe prompts, ALONE to one
+    prompt at a time; records which way it was asked."""
+
+    def __init__(self, together, alone):
+        self.together, self.alone, self.asked = together, alone, []
+
+    def probe_together(self, timeout):
+        self.asked.append("together")
+        return [{"text": t, "logprobs": [-1.0]} for t in self.together]
+
+    def probe(self, timeout):
+        self.asked.append("alone")
+        return [{"text": t, "logprobs": [-1.0]} for t in self.alone]
+
+
+def _probed(tmp_path, ctl, together):
+    _, m = _manifest(tmp_path, {"kind": "cpu"})
+    m = dataclasses.replace(m, probe=(manifest.ProbeAnswer("p", "alone", (-1.0,)),),
+                            probe_together=together and (manifest.ProbeAnswer("p", "together", (-1.0,)),))
+    s = restore.RestoreState(layout=None, manifest=m, here=None, tl=Timeline("serve"), pipes=None, criu_env={},
+                             settings={}, check=None, ctl=ctl)
+    restore.check_answers(s)
+    return s
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_the_probe_asks_together_where_the_bake_recorded_it_and_answers_that_match_end_it(tmp_path, recorded):
+    ctl = _Prober(["together"], ["alone"])
+    _probed(tmp_path, ctl, recorded)
+    assert ctl.asked == (["together"] if recorded else ["alone"])
+
+
+def test_answers_together_that_differ_only_send_the_prompts_one_at_a_time(tmp_path, capsys):
+    """A batch that formed otherwise than at bake may round otherwise: not a reason to give up
+    the checkpoint, but the answers one prompt at a time decide."""
+    ctl = _Prober(["other"], ["alone"])
+    s = _probed(tmp_path, ctl, True)
+    assert ctl.asked == ["together", "alone"]
+    assert "asked in one request answered otherwise (probe 'p' answered 'other'" in capsys.readouterr().err
+    assert "probe asked together: other answers" in [e[0] for e in s.tl.events]
+
+    with pytest.raises(CheckpointUnusable, match="other answers than the baked one: probe 'p' answered 'wrong'"):
+        _probed(tmp_path / "again", _Prober(["other"], ["wrong"]), True)
+
 def test_device_map_pairs_baked_gpus_with_this_nodes_by_index():
     def cuda(*uuids):
         return manifest.Device("cuda", tuple(manifest.Gpu("NVIDIA H200", u) for u in uuids), "580")
