@@ -153,14 +153,27 @@ def weight_check_overlaps() -> bool:
 WAKE_ORDER_ENV = "FV_WAKE_ORDER"
 
 
+WAKE_ORDERS = ("auto", "weights-first", "kv-beside")
+
+
 def kv_first_when_cold() -> bool:
     """FV_WAKE_ORDER: "auto" (default) wakes a GPU engine's KV cache before its weights are
     loaded when they come from the disk (the dump not all cached, nothing staged): the disk is
     what the load waits for, the prefetch keeps it reading during the wake, and the wake (~0.26
     s on an H200) leaves the path to the first token. With the weights in memory, and always
-    with "weights-first", the KV cache wakes after the load (a staged copy must be freed first:
-    the KV cache wakes into that memory). Read before the restore."""
-    return choice(WAKE_ORDER_ENV, ("auto", "weights-first"), "auto") == "auto"
+    with "weights-first", the KV cache wakes after the load (a staged copy is freed first:
+    the KV cache may need that memory). "kv-beside" is "auto", and with staged weights the
+    KV cache wakes while the worker takes the stager's copy, where the GPU has room for both
+    (see ``kv_beside_staged``). Read before the restore."""
+    return choice(WAKE_ORDER_ENV, WAKE_ORDERS, "auto") != "weights-first"
+
+
+def kv_beside_staged() -> bool:
+    """FV_WAKE_ORDER=kv-beside: the worker takes the stager's copy in a thread of its own while
+    the engine wakes the KV cache (the copy is ~0.06 s, the wake ~0.26 s on an H200), where the
+    GPU's free memory holds the KV cache beside the stager's buffer; else the buffer is freed
+    first, as by default. Read before the restore."""
+    return choice(WAKE_ORDER_ENV, WAKE_ORDERS, "auto") == "kv-beside"
 
 
 @dataclass
@@ -181,7 +194,8 @@ class RestoreState:
     residency: Optional[Residency] = None  # the prefetch's finding: is the weight dump all cached?
     overlap_check: bool = False  # weight_check_overlaps(): the checksums finish beside the wake and probe
     kv_first_when_cold: bool = False  # kv_first_when_cold(): the KV cache wakes before weights read from disk
-    kv_awake: bool = False  # the KV cache woke already (before a load from the disk)
+    kv_beside_staged: bool = False  # kv_beside_staged(): the KV cache wakes while the staged copy is taken
+    kv_awake: bool = False  # the KV cache woke already (before a load from the disk, or beside a staged copy)
     checks_left: int = 0  # weight checks the load left running (check_weights waits for them)
     stager: Optional[Stager] = None  # the weight dump being staged on the GPU (FV_WEIGHT_STAGING)
     staged: bool = False  # the worker took the stager's copy: its verdict is the weights' check
@@ -242,10 +256,12 @@ def load_weights(s: RestoreState) -> None:
     start's FV_LOAD_* settings; the loader is told when the prefetch found the dump all cached,
     so it does not check again. With a weight stager, the worker first tries its copy already on
     the GPU (``take_staged``). The KV cache wakes after, not beside (both take the driver's
-    locks; overlapping them measured no faster), except that weights read from the disk wait
-    for it to wake first (``kv_first_when_cold``)."""
+    locks; overlapping them with the page-cache load measured no faster), except that weights
+    read from the disk wait for it to wake first (``kv_first_when_cold``), and a staged copy
+    may be taken beside it (``kv_beside_staged``)."""
     if s.gpu:
         s.ctl.wake_up(["weights"], timeout=s.step_timeout_s)
+        s.tl.mark("weight memory mapped")
     if s.stager is not None and take_staged(s):
         return
     cached = s.residency is not None and s.residency.resident()
@@ -260,19 +276,25 @@ def load_weights(s: RestoreState) -> None:
 
 def take_staged(s: RestoreState) -> bool:
     """The worker copies the weights from the stager's buffer on its GPU; True when it did. The
-    stager frees that buffer before this returns, used or not: the KV cache wakes into that
-    memory next. Whatever fails is said, and the worker then loads the weights itself."""
+    stager frees that buffer before this returns, used or not (the KV cache may need that
+    memory), without waiting where the KV cache woke already. Whatever fails is said, and the
+    worker then loads the weights itself."""
     stager = s.stager
     ready = stager.ready()
+    stats = None
     if ready is not None:
+        args = (str(s.layout.weights_dir), ready["handle"], ready["size"], ready["gpu"])
         try:
-            stats = s.ctl.rpc("fv_take_staged", str(s.layout.weights_dir), ready["handle"], ready["size"],
-                              ready["gpu"], timeout=s.step_timeout_s)
+            if s.kv_beside_staged:
+                stats = _take_beside_kv_wake(s, args)
+            else:
+                stats = s.ctl.rpc("fv_take_staged", *args, timeout=s.step_timeout_s)
             s.staged = True
         except ServerError as e:
             stager.why = f"the worker could not take the stager's copy: {e}"
     if s.staged:
-        stager.release()
+        s.tl.mark("staged copy taken")
+        stager.release(wait=not s.kv_awake)
         log(f"weights: taken from the stager's copy on the GPU (staged {ready.get('t')} s after it started,"
             f" context {ready.get('context_s')} s, {ready.get('copy', 'register')}: page-locking"
             f" {ready.get('register_s')} s): {stats}")
@@ -280,6 +302,21 @@ def take_staged(s: RestoreState) -> bool:
         stager.stop()
         log(f"weights not staged: {stager.why}; the worker loads them")
     return s.staged
+
+
+def _take_beside_kv_wake(s: RestoreState, args: tuple) -> list:
+    """The worker starts taking the staged copy in a thread and says whether the GPU has room
+    for the KV cache beside the stager's buffer; if it has, the engine wakes the KV cache
+    meanwhile. Then wait for the copy (its failure raises ServerError, as an inline take's)."""
+    started = s.ctl.rpc("fv_take_staged", *args, True, timeout=s.step_timeout_s)
+    rooms = [r.get("kv_room") if isinstance(r, dict) else None for r in started]
+    if rooms and all(isinstance(r, dict) and r.get("room") for r in rooms):
+        wake_engine(s)
+        s.tl.mark("KV cache awake (beside the staged copy)")
+    else:
+        why = "; ".join(str((r or {}).get("why", r)) for r in rooms) or "no answer"
+        log(f"the KV cache wakes after the stager's buffer is freed: {why}")
+    return s.ctl.rpc("fv_staged_taken", s.step_timeout_s, timeout=s.step_timeout_s + 10)
 
 
 def wake_engine(s: RestoreState) -> None:

@@ -148,6 +148,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
                                          step_timeout_s=restore.step_timeout(),
                                          overlap_check=restore.weight_check_overlaps(),
                                          kv_first_when_cold=restore.kv_first_when_cold(),
+                                         kv_beside_staged=restore.kv_beside_staged(),
                                          kernel_facts=kernel_facts)
             if m.device.is_cuda:  # the dump onto the GPU while CRIU restores (FV_WEIGHT_STAGING)
                 state.stager = weight_stager.start(layout.weights_dir, [g.uuid for g in here.gpus[:len(m.device.gpus)]],

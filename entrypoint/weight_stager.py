@@ -350,14 +350,17 @@ class Stager:
             self.why = f"the weight stager ended without a word (exit {self.proc.poll()})"
         return event if event is not None and event["event"] == "ready" else None
 
-    def release(self, timeout: float = RELEASE_WAIT_S) -> None:
-        """Have the stager free its device buffer, and wait until it has (or is gone): the KV
-        cache wakes into that memory next. A stager that does not say so is killed and reaped."""
+    def release(self, timeout: float = RELEASE_WAIT_S, wait: bool = True) -> None:
+        """Have the stager free its device buffer, and (WAIT) wait until it has, or is gone: the
+        KV cache may wake into that memory next. A stager that does not say so is killed and
+        reaped. Not waiting (the KV cache is awake already), the end of the restore reaps it."""
         try:
             self.proc.stdin.write("release\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError):
             pass
+        if not wait:
+            return
         event = self._wait(("freed",), timeout)
         if event is None or event["event"] != "freed":
             self.stop()

@@ -29,7 +29,8 @@ from .launcher import apply_load_settings
 from .weights import load_into, release_pinned_cache, write_weights
 from .weights.collection import WeightCollectionError, fingerprint, malloc_trim
 from .weights.cpu import CpuWeights
-from .weights.gpu import GpuWeights
+from .weights.gpu import GpuWeights, kv_room
+from .worker_threads import InThread
 
 
 def collect_weights(model: torch.nn.Module, draft: torch.nn.Module | None = None):
@@ -168,19 +169,43 @@ class FastVllmWorkerExtension:
             out["transfer"] = stats.details
         return out
 
-    def fv_take_staged(self, directory: str, handle: str, size: int, gpu: str) -> dict[str, Any]:
+    def fv_take_staged(self, directory: str, handle: str, size: int, gpu: str,
+                       background: bool = False) -> dict[str, Any]:
         """Refill the released weights from the weight stager's copy on this GPU (its CUDA IPC
         HANDLE, the SIZE of the file it staged, the GPU it staged on): device-to-device copies,
         no page cache, no checks here (the stager checks the cached dump; the gate waits for
-        its verdict). Raises when its copy cannot be taken; fvboot then calls fv_load_weights."""
+        its verdict). Raises when its copy cannot be taken; fvboot then calls fv_load_weights.
+        BACKGROUND: start the take in a thread and return at once, saying whether the GPU has
+        room to wake the KV cache beside the stager's buffer meanwhile (``kv_room``);
+        ``fv_staged_taken`` waits for it."""
         from .weights.staged import load_staged
 
         path = self._fv_path(directory)
-        out, regained = self._fv_refill(lambda targets: load_staged(path, targets, handle, int(size), gpu))
-        out["rss"] = _rss()
-        if regained:
-            out["cpu_features_regained"] = regained
-        return out
+
+        def take() -> dict[str, Any]:
+            out, regained = self._fv_refill(lambda targets: load_staged(path, targets, handle, int(size), gpu))
+            out["rss"] = _rss()
+            if regained:
+                out["cpu_features_regained"] = regained
+            return out
+
+        if not _flag(background):
+            return take()
+        room = kv_room()  # before the take allocates anything
+        self._fv_taking = InThread(take, "fv-take-staged")
+        return {"started": True, "kv_room": room}
+
+    def fv_staged_taken(self, timeout: float = 300) -> dict[str, Any]:
+        """Wait (at most TIMEOUT s) for the take fv_take_staged(background) started: its result,
+        or its error (then the weights count as not loaded: the worker loads them itself)."""
+        taking, self._fv_taking = getattr(self, "_fv_taking", None), None
+        if taking is None:
+            raise WeightCollectionError("no staged copy is being taken: fv_take_staged(background) first")
+        try:
+            return taking.result(float(timeout))
+        except TimeoutError:
+            self._fv_weights().release()
+            raise
 
     def fv_weights_checked(self, timeout: float = 300) -> dict[str, Any]:
         """Wait (at most TIMEOUT s each) for the checks fv_load_weights left running; raises the

@@ -35,6 +35,30 @@ class _Alloc:
     asleep: bool
 
 
+# GPU memory the KV cache's wake must leave free beside the stager's buffer: the allocation
+# granularity's rounding of each of its maps, and what the engine allocates on its first steps
+KV_ROOM_MARGIN = 1 << 30
+
+
+def kv_room(pool: "CuMemPool | None" = None, free: int | None = None) -> dict[str, Any]:
+    """Whether the GPU's free memory holds everything still asleep in vLLM's pool (the KV
+    cache, once the weights are awake) and KV_ROOM_MARGIN: ``{"room", "free_bytes",
+    "asleep_bytes"}``, with ``why`` where it does not or cannot be told. POOL and FREE: this
+    process's pool and ``cudaMemGetInfo``'s free bytes unless given."""
+    pool = pool if pool is not None else CuMemPool.current()
+    if pool is None:
+        return {"room": False, "why": "no CuMemAllocator in this process"}
+    pool.refresh()
+    asleep = sum(a.size for a in pool.allocs if a.asleep)
+    if free is None:
+        free = int(torch.cuda.mem_get_info()[0])
+    out = {"room": free >= asleep + KV_ROOM_MARGIN, "free_bytes": free, "asleep_bytes": asleep}
+    if not out["room"]:
+        out["why"] = (f"{free / 1e9:.1f} GB of GPU memory free, the KV cache takes {asleep / 1e9:.1f} GB"
+                      f" and {KV_ROOM_MARGIN / 1e9:.1f} GB beside it")
+    return out
+
+
 class CuMemPool:
     """Read-only view of vLLM's CuMemAllocator bookkeeping (never creates the singleton)."""
 

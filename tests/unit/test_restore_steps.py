@@ -251,7 +251,11 @@ class _Ctl:
 
     def rpc(self, method, *args, timeout):
         self.calls.append((method, args, timeout))
+        if method == "fv_take_staged" and len(args) == 5:  # in the background
+            return [{"started": True, "kv_room": self.kv_room}]
         return [{"bytes": 1, **({"checking": self.checking} if self.checking else {})}]
+
+    kv_room = {"room": True, "free_bytes": 20, "asleep_bytes": 10}
 
 
 @pytest.mark.parametrize("cached", [True, False])
@@ -299,8 +303,12 @@ def test_the_wake_order_setting(monkeypatch):
     assert restore.kv_first_when_cold() is True
     monkeypatch.setenv(restore.WAKE_ORDER_ENV, "Weights-First")
     assert restore.kv_first_when_cold() is False
+    assert restore.kv_beside_staged() is False
+    monkeypatch.setenv(restore.WAKE_ORDER_ENV, "kv-beside")
+    assert restore.kv_first_when_cold() is True and restore.kv_beside_staged() is True
     monkeypatch.setenv(restore.WAKE_ORDER_ENV, "kv-first")
-    with pytest.raises(CheckpointUnusable, match="FV_WAKE_ORDER='kv-first': expected auto or weights-first"):
+    with pytest.raises(CheckpointUnusable,
+                       match="FV_WAKE_ORDER='kv-first': expected auto, weights-first or kv-beside"):
         restore.kv_first_when_cold()
 
 
@@ -330,8 +338,8 @@ class _Stager:
             self.why = "the weight stager could not stage the dump: no CUDA driver here"
         return self._ready
 
-    def release(self):
-        self.calls.append("release")
+    def release(self, wait=True):
+        self.calls.append("release" if wait else "release, not waited for")
 
     def stop(self):
         self.calls.append("stop")
@@ -398,3 +406,61 @@ def test_the_weight_check_setting(monkeypatch):
     monkeypatch.setenv(restore.WEIGHT_CHECK_ENV, "later")
     with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_CHECK='later': expected inline or overlap"):
         restore.weight_check_overlaps()
+
+
+class _TakeFailsCtl(_Ctl):
+    def rpc(self, method, *args, timeout):
+        if method == "fv_staged_taken":
+            self.calls.append((method, args, timeout))
+            raise ServerError("cuIpcOpenMemHandle: CUDA_ERROR_INVALID_VALUE (1)")
+        return super().rpc(method, *args, timeout=timeout)
+
+
+def _beside(tmp_path, ctl, stager):
+    layout, m = _manifest(tmp_path, GPU)
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                 step_timeout_s=7, stager=stager, kv_beside_staged=True,
+                                 residency=types.SimpleNamespace(resident=lambda: True))
+    restore.load_weights(state)
+    restore.wake_engine(state)  # the step after: a no-op where the KV cache woke already
+    return layout, state
+
+
+def _order(ctl):
+    return [c[1][0] if c[0] == "wake_up" else c[0] for c in ctl.calls]
+
+
+def test_kv_beside_the_engine_wakes_the_kv_cache_while_the_worker_takes_the_staged_copy(tmp_path):
+    """FV_WAKE_ORDER=kv-beside with room on the GPU: the take starts in the worker's background,
+    the KV cache wakes meanwhile, then the take is waited for (bounded); the stager is told to
+    free its buffer without being waited for, and its verdict is still the weights' check."""
+    ctl, stager = _Ctl(), _Stager(READY)
+    layout, state = _beside(tmp_path, ctl, stager)
+    assert _order(ctl) == ["weights", "fv_take_staged", "kv_cache", "fv_staged_taken"]
+    assert ctl.calls[1][1] == (str(layout.weights_dir), READY["handle"], 7, "GPU-1", True)
+    assert ctl.calls[3][1:] == ((7,), 17)
+    assert stager.calls == ["ready", "release, not waited for"] and state.staged and state.kv_awake
+    marks = list(state.tl.as_dict())
+    assert marks.index("KV cache awake (beside the staged copy)") < marks.index("staged copy taken")
+    restore.check_weights(state)
+    assert stager.calls[-1] == ("verdict", 7)
+
+
+def test_kv_beside_without_room_frees_the_stagers_buffer_before_the_kv_cache_wakes(tmp_path, capsys):
+    ctl, stager = _Ctl(), _Stager(READY)
+    why = "5.0 GB of GPU memory free, the KV cache takes 120.8 GB and 1.1 GB beside it"
+    ctl.kv_room = {"room": False, "why": why}
+    _, state = _beside(tmp_path, ctl, stager)
+    assert _order(ctl) == ["weights", "fv_take_staged", "fv_staged_taken", "kv_cache"]
+    assert stager.calls == ["ready", "release"] and state.staged
+    assert f"the KV cache wakes after the stager's buffer is freed: {why}" in capsys.readouterr().err
+
+
+def test_kv_beside_a_take_that_fails_ends_in_the_workers_own_load(tmp_path, capsys):
+    """The background take fails: the stager is stopped and the worker loads the weights from
+    the page cache; the KV cache, awake already, is not woken again."""
+    ctl, stager = _TakeFailsCtl(), _Stager(READY)
+    _, state = _beside(tmp_path, ctl, stager)
+    assert _order(ctl) == ["weights", "fv_take_staged", "kv_cache", "fv_staged_taken", "fv_load_weights"]
+    assert stager.calls == ["ready", "stop"] and not state.staged
+    assert "the worker could not take the stager's copy: cuIpcOpenMemHandle" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from conftest import need
 torch = need("torch", "the weight collections work on torch tensors")
 
 from fvboot.weights.collection import WeightCollectionError, fingerprint  # noqa: E402
-from fvboot.weights.gpu import CuMemPool, GpuWeights  # noqa: E402
+from fvboot.weights.gpu import KV_ROOM_MARGIN, CuMemPool, GpuWeights, kv_room  # noqa: E402
 
 
 class _FakeData:  # vllm.device_allocator.AllocationData
@@ -125,3 +125,25 @@ def test_gpu_weights_without_allocator_warns():
     w = cls({"": m}, pool=None)
     assert "workspace" not in {s.key for s in w.storages.values()}  # attributes need the pool
     assert "--enable-sleep-mode" in w.coverage()["warning"]
+
+
+def test_the_kv_cache_wakes_beside_a_staged_copy_only_where_the_gpu_holds_both():
+    """What is still asleep in the pool (the KV cache, the weights being awake) must fit in the
+    free memory with a margin; otherwise the stager's buffer is freed first, and the answer
+    says why with the sizes."""
+    alloc = _FakeAllocator()
+    kv, weights = torch.zeros(8), torch.zeros(8)
+    alloc.add(kv, "kv_cache", slack=(4 << 30) - 32)
+    alloc.add(weights, "weights")
+    alloc.pointer_to_data[kv.untyped_storage().data_ptr()].is_asleep = True
+    pool = CuMemPool(alloc)
+    room = kv_room(pool, free=(4 << 30) + KV_ROOM_MARGIN)
+    assert room == {"room": True, "free_bytes": (4 << 30) + KV_ROOM_MARGIN, "asleep_bytes": 4 << 30}
+    short = kv_room(pool, free=(4 << 30) + KV_ROOM_MARGIN - 1)
+    assert short["room"] is False
+    assert short["why"] == "5.4 GB of GPU memory free, the KV cache takes 4.3 GB and 1.1 GB beside it"
+
+
+def test_without_vllms_allocator_there_is_no_room_to_claim(monkeypatch):
+    monkeypatch.setattr(CuMemPool, "current", classmethod(lambda cls: None))
+    assert kv_room(free=1 << 40) == {"room": False, "why": "no CuMemAllocator in this process"}

@@ -182,6 +182,22 @@ def test_a_stager_that_staged_is_released_and_its_verdict_waited_for():
         s.stop()
 
 
+def test_a_release_not_waited_for_returns_at_once_and_the_stager_still_frees_its_buffer():
+    """With the KV cache awake already, the restore tells the stager to free its buffer and
+    goes on; the stager, slow to free, still gets the word and frees it."""
+    slow = _stand_in(READY, then={"ok": True})
+    slow[-1] = slow[-1].replace("line = sys.stdin.readline()\n", "line = sys.stdin.readline()\nimport time; time.sleep(2)\n")
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=slow)
+    try:
+        s.ready(timeout=10)
+        t0 = time.monotonic()
+        s.release(wait=False)
+        assert time.monotonic() - t0 < 1
+        assert s._wait(("freed",), 20) == {"event": "freed"}
+    finally:
+        s.stop()
+
+
 def test_a_mismatch_in_the_stagers_check_keeps_the_gate_shut():
     why = "w.fvw: lm_head (8 bytes at offset 4096): checksum mismatch, blake3 aa != recorded bb"
     s = weight_stager.Stager("w.fvw", "GPU-1", argv=_stand_in(READY, then={"ok": False, "why": why}))
