@@ -46,6 +46,8 @@ def uuid_text(raw: bytes) -> str:
 
 
 _u64, _size, _ptr, _uint, _int = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
+_LIMITS = {"stack_bytes": 0, "printf_fifo_bytes": 1, "malloc_heap_bytes": 2}  # CUlimit
+_ATTR_SM_COUNT, _ATTR_THREADS_PER_SM = 16, 39  # CUdevice_attribute
 _SIGNATURES = {
     "cuInit": [_uint],
     "cuDeviceGetCount": [ctypes.POINTER(_int)],
@@ -54,6 +56,8 @@ _SIGNATURES = {
     "cuDevicePrimaryCtxRetain": [ctypes.POINTER(_ptr), _int],
     "cuCtxSetCurrent": [_ptr],
     "cuCtxGetDevice": [ctypes.POINTER(_int)],
+    "cuCtxGetLimit": [ctypes.POINTER(_size), _int],
+    "cuDeviceGetAttribute": [ctypes.POINTER(_int), _int, _int],
     "cuMemGetInfo_v2": [ctypes.POINTER(_size), ctypes.POINTER(_size)],
     "cuMemAlloc_v2": [ctypes.POINTER(_u64), _size],
     "cuMemFree_v2": [_u64],
@@ -126,6 +130,23 @@ class Driver:
         dev = _int()
         self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
         return self.device_uuid(dev.value)
+
+    def context_limits(self) -> dict[str, int]:
+        """The current context's limits that hold GPU memory (bytes): the stack each thread
+        gets, the device malloc heap, the printf FIFO, and the local memory the stack size
+        reserves for every thread the GPU can run at once (``local_memory_bytes``). A sleeping
+        engine's context keeps them; the CUDA checkpoint copies them, zeros included."""
+        out = {}
+        for name, limit in _LIMITS.items():
+            v = _size()
+            self._check(self.lib.cuCtxGetLimit(ctypes.byref(v), limit), "cuCtxGetLimit")
+            out[name] = v.value
+        dev, sms, threads = _int(), _int(), _int()
+        self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
+        for value, attr in ((sms, _ATTR_SM_COUNT), (threads, _ATTR_THREADS_PER_SM)):
+            self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(value), attr, dev.value), "cuDeviceGetAttribute")
+        out["local_memory_bytes"] = out["stack_bytes"] * sms.value * threads.value
+        return out
 
     def mem_get_info(self) -> tuple[int, int]:
         """(free, total) bytes of the current context's GPU, other processes' use counted."""

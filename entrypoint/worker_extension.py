@@ -65,6 +65,18 @@ def _pools() -> list[dict[str, Any]]:
     return [{"pool": k, **v} for k, v in sorted(pools.items(), key=lambda kv: -kv[1]["total_bytes"])]
 
 
+def _context_limits() -> dict[str, Any]:
+    """What of the non-torch GPU memory the CUDA context's limits hold (stack, heap, FIFO):
+    with torch's pools it accounts for what a sleeping engine keeps; {"error"} where the driver
+    cannot say."""
+    from .cuda_driver import CudaError, Driver
+
+    try:
+        return Driver().context_limits()
+    except (CudaError, AttributeError) as e:  # a diagnostic: the bake goes on without it
+        return {"error": str(e)}
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -243,6 +255,7 @@ class FastVllmWorkerExtension:
             out["gpu_used_bytes"] = total - free  # what the CUDA checkpoint will copy to the host
             out["torch_reserved_bytes"] = torch.cuda.memory_reserved()
             out["torch_pools"] = _pools()
+            out["context_limits"] = _context_limits()
         return out
 
     def fv_weights_info(self) -> dict[str, Any]:

@@ -34,3 +34,38 @@ def test_uuid_text_is_the_manifests_spelling():
 def test_no_driver_is_one_clear_error():
     with pytest.raises(CudaError, match=r"^no CUDA driver here \(libcuda.so.1: "):
         Driver()
+
+
+class _FakeLib:
+    """libcuda's calls that context_limits makes, answering as an H200's context would (132
+    SMs, 2048 threads each, 1 KiB of stack per thread); every other call fails."""
+
+    LIMITS = {0: 1024, 1: 1 << 20, 2: 8 << 20}
+    ATTRS = {16: 132, 39: 2048}
+
+    def __getattr__(self, name):
+        def fail(*args):
+            return 999
+        fn = {"cuCtxGetLimit": self._limit, "cuCtxGetDevice": self._device,
+              "cuDeviceGetAttribute": self._attr}.get(name, fail)
+        wrapper = lambda *a: fn(*a)  # noqa: E731 - a new object that takes argtypes/restype
+        setattr(self, name, wrapper)
+        return wrapper
+
+    def _limit(self, out, which):
+        out._obj.value = self.LIMITS[which]
+        return 0
+
+    def _device(self, out):
+        out._obj.value = 0
+        return 0
+
+    def _attr(self, out, attr, dev):
+        out._obj.value = self.ATTRS[attr]
+        return 0
+
+
+def test_the_context_limits_say_the_local_memory_the_stack_reserves():
+    limits = Driver(_FakeLib()).context_limits()
+    assert limits == {"stack_bytes": 1024, "printf_fifo_bytes": 1 << 20, "malloc_heap_bytes": 8 << 20,
+                      "local_memory_bytes": 1024 * 132 * 2048}
