@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from . import cuda_checkpoint as cc
 
 DISABLE_ENV = "FV_CUDA_CHECKPOINT_SERVICE"  # 0: let the plugin start the tool for every call
+# A file beside the socket that exists while a CUDA restore runs: the weight stager, asked to
+# (FV_WEIGHT_STAGING_YIELD=resume), leaves the GPU, the page cache and the CPUs to it meanwhile.
+RESUME_MARK = "cuda-resume.running"
 _PR_SET_PDEATHSIG = 1
 REQUEST_TIMEOUT_S = 30
 
@@ -52,6 +55,34 @@ def decode_request(data: bytes) -> tuple[list[str], dict[str, str]]:
         raise ValueError(f"{len(items)} items, {argc} arguments announced")
     env = dict(item.split("=", 1) for item in items[argc:] if "=" in item)
     return items[:argc], env
+
+
+def resume_mark(run_dir: Path) -> Path:
+    return run_dir / RESUME_MARK
+
+
+def is_restore(request: bytes) -> bool:
+    """Whether REQUEST asks for `--action restore` (the call that brings a process's GPU state back)."""
+    try:
+        argv, _ = decode_request(request)
+    except ValueError:
+        return False
+    return "--action=restore" in argv or any(a == "--action" and b == "restore" for a, b in zip(argv, argv[1:]))
+
+
+@contextlib.contextmanager
+def marked(mark: str, on: bool) -> Iterator[None]:
+    """MARK exists for the duration (when ON): a CUDA restore is running."""
+    if on:
+        with contextlib.suppress(OSError):
+            with open(mark, "w"):
+                pass
+    try:
+        yield
+    finally:
+        if on:
+            with contextlib.suppress(OSError):
+                os.unlink(mark)
 
 
 def handle(request: bytes, driver: Callable[[], cc.CudaDriver]) -> bytes:
@@ -82,6 +113,7 @@ class Service:
 
         load = load or cc.CudaDriver.load
         self.path = path
+        self.mark = os.path.join(os.path.dirname(os.path.abspath(path)), RESUME_MARK)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,8 +162,11 @@ class Service:
                     chunks.append(chunk)
             except OSError:
                 return
+            request = b"".join(chunks)
+            with marked(self.mark, is_restore(request)):
+                reply = handle(request, self.driver)
             with contextlib.suppress(OSError):
-                conn.sendall(handle(b"".join(chunks), self.driver))
+                conn.sendall(reply)
 
     def close(self) -> None:
         self.sock.close()
@@ -169,6 +204,8 @@ def running(run_dir: Path, enabled: bool = True) -> Iterator[dict[str, str]]:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "cuda-checkpoint.sock"
+    with contextlib.suppress(FileNotFoundError):
+        resume_mark(run_dir).unlink()  # an earlier run's, cut off mid-restore: nobody waits on it
     argv, env = service_command(path, os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:

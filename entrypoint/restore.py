@@ -295,9 +295,10 @@ def take_staged(s: RestoreState) -> bool:
     if s.staged:
         s.tl.mark("staged copy taken")
         stager.release(wait=not s.kv_awake)
+        yielded = f", yielded to the CUDA resume {ready['yielded_s']} s" if "yielded_s" in ready else ""
         log(f"weights: taken from the stager's copy on the GPU (staged {ready.get('t')} s after it started,"
             f" context {ready.get('context_s')} s, {ready.get('copy', 'register')}: page-locking"
-            f" {ready.get('register_s')} s): {stats}")
+            f" {ready.get('register_s')} s{yielded}): {stats}")
     else:
         stager.stop()
         log(f"weights not staged: {stager.why}; the worker loads them")

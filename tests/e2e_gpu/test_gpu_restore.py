@@ -59,18 +59,19 @@ def test_restore_on_gpu_gives_baked_answers_and_timeline(baked_image):
     assert "weights loaded" in logs and "engine awake" in logs
 
 
-@pytest.mark.parametrize("wake_order", ["auto", "kv-beside"])
-def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_image, wake_order):
+@pytest.mark.parametrize("setting", ["FV_WAKE_ORDER=auto", "FV_WAKE_ORDER=kv-beside", "FV_WEIGHT_STAGING_YIELD=resume"])
+def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_image, setting):
     """The default on one GPU (FV_WEIGHT_STAGING=auto): a process of fvboot's puts the dump on
     the GPU while CRIU restores, the worker takes it device to device, the stager's check of the
     dump is the gate's weight check: restored, with the baked answers. With
     FV_WAKE_ORDER=kv-beside the worker takes the copy in a thread while the engine wakes the KV
-    cache (the GPU has room for both here)."""
+    cache (the GPU has room for both here); with FV_WEIGHT_STAGING_YIELD=resume the stager
+    waits while the CUDA resume runs."""
     from e2e.test_restore import Container, _assert_same_as_bake, _wait_ready
 
     m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
                                   check=True).stdout)
-    with Container(baked_image, "-e", f"FV_WAKE_ORDER={wake_order}") as c:
+    with Container(baked_image, "-e", setting) as c:
         _wait_ready(container=c.id)
         _assert_same_as_bake(m)
         logs = c.logs()
@@ -78,7 +79,8 @@ def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_ima
     assert "weights: taken from the stager's copy on the GPU" in logs, logs[-3000:]
     assert "weights checked by the stager" in logs
     beside = "KV cache awake (beside the staged copy)" in logs
-    assert beside == (wake_order == "kv-beside"), logs[-3000:]
+    assert beside == (setting == "FV_WAKE_ORDER=kv-beside"), logs[-3000:]
+    assert ("yielded to the CUDA resume" in logs) == (setting == "FV_WEIGHT_STAGING_YIELD=resume"), logs[-3000:]
 
 
 def test_a_damaged_weight_byte_with_the_weights_staged_falls_back(baked_image):

@@ -680,6 +680,30 @@ def test_service_uses_the_callers_device_map(service, monkeypatch):
     assert lib.last_pairs == [(RAW_A, RAW_B)]
 
 
+def test_the_service_keeps_its_mark_while_a_restore_runs_and_only_then(service, tmp_path):
+    """The weight stager may yield to the CUDA restore: the mark beside the socket exists while
+    a `--action restore` call runs, is gone when it has answered, and other calls never make it."""
+    path, lib = service
+    mark = tmp_path / service_mod.RESUME_MARK
+    seen = {}
+    real_restore = lib.cuCheckpointProcessRestore.impl
+
+    def restore(*args):
+        seen["during"] = mark.exists()
+        return real_restore(*args)
+
+    lib.cuCheckpointProcessRestore.impl = restore
+    lib.state = cc.STATE_CHECKPOINTED
+    assert client.forward(["--action", "restore", "--pid", "9"], path) == (0, "", "")
+    assert seen == {"during": True} and not mark.exists()
+    lib.state = cc.STATE_LOCKED
+    seen.clear()
+    assert client.forward(["--action", "unlock", "--pid", "9"], path) == (0, "", "")
+    assert client.forward(["--get-state", "--pid", "9"], path)[0] == 0
+    assert not mark.exists() and seen == {}
+    assert service_mod.is_restore(b"garbage") is False
+
+
 def test_service_driver_failure_is_reported_per_call(tmp_path):
     def broken():
         raise cc.DriverUnavailableError("cannot load libcuda.so.1 (gone)")

@@ -25,13 +25,23 @@ from fvboot import weights as wf  # noqa: E402
 def test_staging_is_on_where_it_can_be_and_a_bad_value_is_refused(monkeypatch, tmp_path, capsys):
     """auto (the default) stages an image of one GPU and one weight file; off never stages; a bad
     value is refused with the values it takes."""
-    monkeypatch.setattr(weight_stager, "Stager", lambda path, gpu, reserve: ("stager", path, gpu, reserve))
+    monkeypatch.setattr(weight_stager, "Stager", lambda path, gpu, reserve, resume_mark: (
+        "stager", path, gpu, reserve, resume_mark))
     (tmp_path / "rank0.fvw").write_bytes(b"x" * 1000)
     monkeypatch.delenv(weight_stager.STAGING_ENV, raising=False)
+    monkeypatch.delenv(weight_stager.YIELD_ENV, raising=False)
     assert weight_stager.staging_mode() == "auto"
     # it leaves free what the CUDA resume takes back, the worker's own weights and the headroom
-    assert weight_stager.start(tmp_path, ["GPU-1"], resume_bytes=5000) == (
-        "stager", str(tmp_path / "rank0.fvw"), "GPU-1", 1000 + 5000 + weight_stager.HEADROOM)
+    mark = tmp_path / "cuda-resume.running"
+    assert weight_stager.start(tmp_path, ["GPU-1"], resume_bytes=5000, resume_mark=mark) == (
+        "stager", str(tmp_path / "rank0.fvw"), "GPU-1", 1000 + 5000 + weight_stager.HEADROOM, None)
+    # FV_WEIGHT_STAGING_YIELD=resume: the stager is told the service's mark
+    monkeypatch.setenv(weight_stager.YIELD_ENV, "resume")
+    assert weight_stager.start(tmp_path, ["GPU-1"], resume_mark=mark)[-1] == str(mark)
+    monkeypatch.setenv(weight_stager.YIELD_ENV, "always")
+    with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_STAGING_YIELD='always': expected off or resume"):
+        weight_stager.start(tmp_path, ["GPU-1"], resume_mark=mark)
+    monkeypatch.delenv(weight_stager.YIELD_ENV)
     monkeypatch.setenv(weight_stager.STAGING_ENV, " Off ")
     assert weight_stager.start(tmp_path, ["GPU-1"]) is None
     monkeypatch.setenv(weight_stager.STAGING_ENV, "later")
@@ -302,3 +312,34 @@ def test_gpu_a_stager_asked_to_leave_more_than_the_gpu_has_declines(fvw):
         assert "of GPU memory free; a copy of the dump takes" in s.why, s.why
     finally:
         s.stop()
+
+
+def test_a_yielding_stager_waits_while_the_cuda_resume_runs_and_no_longer(tmp_path):
+    """FV_WEIGHT_STAGING_YIELD=resume: a copy window or check entry waits while the service's
+    mark exists, goes on as soon as it is gone, and a mark left behind holds it up at most the
+    budget, once (later calls do not wait again)."""
+    import threading
+
+    mark = tmp_path / "cuda-resume.running"
+    pause = weight_stager.Yield(str(mark), budget=0.5)
+    t0 = time.monotonic()
+    pause()  # no mark: no wait
+    assert time.monotonic() - t0 < 0.05 and pause.waited == 0
+    mark.touch()
+    threading.Timer(0.2, mark.unlink).start()
+    pause()
+    assert 0.15 < pause.waited < 0.45 and not mark.exists()
+    mark.touch()  # left behind: the rest of the budget, then never again
+    t0 = time.monotonic()
+    pause()
+    pause()
+    assert time.monotonic() - t0 < 0.45
+    assert weight_stager.Yield(None)() is None  # not asked to yield: never looks
+
+
+def test_the_stager_is_given_the_services_mark_only_when_asked_to_yield(tmp_path):
+    argv, env = weight_stager.stager_command("w.fvw", "GPU-1", "/opt/fast-vllm/lib/fvboot", 0,
+                                             resume_mark=str(tmp_path / "m"))
+    assert env[weight_stager.MARK_ENV] == str(tmp_path / "m")
+    _, env = weight_stager.stager_command("w.fvw", "GPU-1", "/opt/fast-vllm/lib/fvboot", 0)
+    assert weight_stager.MARK_ENV not in env
