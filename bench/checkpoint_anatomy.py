@@ -5,8 +5,10 @@ Every byte of `pages-*.img` is read back at each restore. This reads CRIU's own 
 process tree, each process's VMAs and page map) and says, per process and for the largest
 memory areas: how many bytes are dumped, of what kind (heap, private anonymous, private file,
 shared), how many of them are all-zero pages (which need no reading at all) and how many are
-byte-for-byte the same as a page of another process (which one read could serve). No CRIU or
-crit needed: fvboot's own reader of CRIU's images (fvboot.criu) decodes the few fields read here.
+byte-for-byte the same as a page of another process (which one read could serve), and per
+process the GPU code it holds in its memory (CUDA cubins and fatbins the driver or a library
+copied there: a candidate for what a sleeping engine's heap keeps). No CRIU or crit needed:
+fvboot's own reader of CRIU's images (fvboot.criu) decodes the few fields read here.
 
     python3 bench/checkpoint_anatomy.py DIR [--top 15]       (DIR: a criu images folder)
     python3 bench/checkpoint_anatomy.py --image IMAGE         (the baked image's /fv/checkpoint/criu)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,6 +59,40 @@ class Process:
     comm: str
     areas: list[Area] = field(default_factory=list)
     page_hashes: list[tuple[Area, bytes]] = field(default_factory=list)
+    embedded: Counter = field(default_factory=Counter)  # "cubin", "cubin_bytes", "fatbin", ...
+
+
+EM_CUDA = 190
+FATBIN_MAGIC = b"\x50\xed\x55\xba"  # 0xBA55ED50, little-endian
+MAX_EMBEDDED = 1 << 30
+
+
+def embedded_images(data: bytes) -> Counter:
+    """The ELF images (CUDA cubins apart) and CUDA fatbins that start anywhere in DATA, counted
+    with the sizes their headers claim (an image may run past DATA's end; a header that claims
+    nothing sensible is not counted)."""
+    found: Counter = Counter()
+    pos = data.find(b"\x7fELF\x02\x01")
+    while pos >= 0:
+        if pos + 64 <= len(data):
+            machine, = struct.unpack_from("<H", data, pos + 0x12)
+            phoff, shoff = struct.unpack_from("<QQ", data, pos + 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, pos + 0x36)
+            size = max(shoff + shentsize * shnum, phoff + phentsize * phnum)
+            if 64 <= size < MAX_EMBEDDED:
+                kind = "cubin" if machine == EM_CUDA else "other_elf"
+                found[kind] += 1
+                found[kind + "_bytes"] += size
+        pos = data.find(b"\x7fELF\x02\x01", pos + 4)
+    pos = data.find(FATBIN_MAGIC)
+    while pos >= 0:
+        if pos + 16 <= len(data):
+            version, header, fat = struct.unpack_from("<HHQ", data, pos + 4)
+            if version == 1 and header == 16 and 0 < fat < MAX_EMBEDDED:
+                found["fatbin"] += 1
+                found["fatbin_bytes"] += header + fat
+        pos = data.find(FATBIN_MAGIC, pos + 4)
+    return found
 
 
 def read_process(images: Path, pid: int) -> Process:
@@ -78,6 +115,7 @@ def read_process(images: Path, pid: int) -> Process:
         for vaddr, count in pagemap.runs:
             area = next((a for a in proc.areas if a.start <= vaddr < a.end), None)
             data = pages.read(count * PAGE)
+            proc.embedded.update(embedded_images(data))
             for k in range(count):
                 page = data[k * PAGE:(k + 1) * PAGE]
                 target = area if area and vaddr + k * PAGE < area.end else \
@@ -123,7 +161,9 @@ def anatomy(images: Path, top: int) -> dict:
         "zero_by_kind_gb": {k: round(zero_by_kind[k] / 1e9, 3) for k, _ in by_kind.most_common()},
         "processes": [{"pid": p.pid, "comm": p.comm, "dumped_gb": round(sum(a.dumped for a in p.areas) / 1e9, 3),
                        "zero_gb": round(sum(a.zero for a in p.areas) / 1e9, 3),
-                       "same_as_another_process_gb": round(sum(a.shared_with_others for a in p.areas) / 1e9, 3)}
+                       "same_as_another_process_gb": round(sum(a.shared_with_others for a in p.areas) / 1e9, 3),
+                       "gpu_code": {k: (round(v / 1e6, 1) if k.endswith("_bytes") else v)
+                                    for k, v in sorted(p.embedded.items())}}
                       for p in procs],
         "largest_areas": [a.row(f"{p.pid} {p.comm}") for p, a in areas[:top]],
     }

@@ -356,6 +356,7 @@ def test_checkpoint_anatomy_accounts_for_every_byte_a_restore_reads(baked_image,
     assert sum(p["dumped_gb"] for p in res["processes"]) == pytest.approx(res["dumped_gb"], abs=0.01)
     assert 0 <= res["zero_pages_gb"] < res["dumped_gb"]
     assert {a["kind"] for a in res["largest_areas"]} & {"heap", "anon-private"}
+    assert all(isinstance(p["gpu_code"], dict) for p in res["processes"])  # cubins, fatbins found in memory
     # the bake left the zero pages of private anonymous memory out (zeropages.py): none is stored
     assert [res["zero_by_kind_gb"].get(k, 0) for k in ("anon-private", "heap", "stack")] == [0, 0, 0]
 

@@ -1,0 +1,43 @@
+"""bench/checkpoint_anatomy.py's scan for GPU code in a process's memory: ELF images (CUDA
+cubins apart) and CUDA fatbins found at any offset, counted with the sizes their headers claim;
+bytes that only look like a header's start are not counted."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+from checkpoint_anatomy import EM_CUDA, FATBIN_MAGIC, embedded_images  # noqa: E402
+
+
+def _elf(machine: int, shoff: int, shnum: int) -> bytes:
+    head = bytearray(64)
+    head[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<H", head, 0x12, machine)
+    struct.pack_into("<QQ", head, 0x20, 64, shoff)  # program headers right after, sections at shoff
+    struct.pack_into("<HHHH", head, 0x36, 56, 1, 64, shnum)
+    return bytes(head)
+
+
+def _fatbin(fat: int) -> bytes:
+    return FATBIN_MAGIC + struct.pack("<HHQ", 1, 16, fat)
+
+
+def test_cubins_other_elf_and_fatbins_are_told_apart_and_sized():
+    data = (b"\0" * 40 + _elf(EM_CUDA, 10_000, 10) + b"x" * 100 + _elf(62, 500, 4)
+            + b"\0" * 8 + _fatbin(123_456) + b"\0" * 64)
+    found = embedded_images(data)
+    assert found == {"cubin": 1, "cubin_bytes": 10_000 + 640, "other_elf": 1, "other_elf_bytes": 500 + 256,
+                     "fatbin": 1, "fatbin_bytes": 16 + 123_456}
+
+
+def test_what_only_looks_like_a_header_is_not_counted():
+    data = (b"\x7fELF\x02\x01" + b"\0" * 100  # an ELF header that claims no size
+            + FATBIN_MAGIC + struct.pack("<HHQ", 7, 16, 10)  # another fatbin version
+            + _elf(EM_CUDA, 1 << 40, 1)  # an absurd size
+            + b"\x7fELF\x02\x01")  # cut off by the end of the data
+    assert embedded_images(data) == {}
