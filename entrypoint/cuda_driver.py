@@ -1,7 +1,10 @@
 """The few CUDA driver calls fvboot's own processes make, through ctypes (no torch, no CUDA
 toolkit: the driver's libcuda.so.1 is all a GPU container has for sure). The weight stager
 (``weight_stager``) uses them to put the weight dump on the GPU during a restore, and the
-restored worker (``weights.staged``) to take it from there.
+restored worker (``weights.staged``) to take it from there. The virtual memory calls (physical
+memory one process makes and exports as a file descriptor, another imports and maps at its own
+addresses) are what a helper needs to make a sleeping engine's memory while CRIU restores it:
+``bench/gpu_vmm_adopt.py`` measures them.
 
 Every call checks its result and raises :class:`CudaError` naming the call and the driver's
 error name, so a failure reads as what it was ("cuMemAlloc: CUDA_ERROR_OUT_OF_MEMORY").
@@ -15,6 +18,39 @@ from typing import Optional
 HOST_REGISTER_READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY: page-locked, the GPU only reads it
 IPC_LAZY_ENABLE_PEER_ACCESS = 0x1  # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
 STREAM_NON_BLOCKING = 0x1
+
+
+MEM_ALLOCATION_TYPE_PINNED = 1
+MEM_HANDLE_TYPE_POSIX_FD = 1  # CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+MEM_LOCATION_TYPE_DEVICE = 1
+MEM_ACCESS_READWRITE = 3
+
+
+class MemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class MemAllocFlags(ctypes.Structure):
+    _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
+                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
+
+
+class MemAllocationProp(ctypes.Structure):
+    """CUmemAllocationProp (cuda.h): 32 bytes."""
+    _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", MemLocation),
+                ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", MemAllocFlags)]
+
+
+class MemAccessDesc(ctypes.Structure):
+    """CUmemAccessDesc (cuda.h): 12 bytes."""
+    _fields_ = [("location", MemLocation), ("flags", ctypes.c_int)]
+
+
+def device_memory_prop(device: int, shareable: bool) -> MemAllocationProp:
+    """Physical memory on DEVICE, exportable as a file descriptor where SHAREABLE."""
+    return MemAllocationProp(type=MEM_ALLOCATION_TYPE_PINNED,
+                             requestedHandleTypes=MEM_HANDLE_TYPE_POSIX_FD if shareable else 0,
+                             location=MemLocation(MEM_LOCATION_TYPE_DEVICE, device))
 
 
 class CudaError(RuntimeError):
@@ -73,6 +109,18 @@ _SIGNATURES = {
     "cuIpcOpenMemHandle_v2": [ctypes.POINTER(_u64), IpcHandle, _uint],
     "cuIpcCloseMemHandle": [_u64],
     "cuGetErrorName": [_int, ctypes.POINTER(ctypes.c_char_p)],
+    "cuMemsetD8_v2": [_u64, ctypes.c_ubyte, _size],
+    "cuMemcpyDtoH_v2": [_ptr, _u64, _size],
+    "cuMemGetAllocationGranularity": [ctypes.POINTER(_size), ctypes.POINTER(MemAllocationProp), _int],
+    "cuMemCreate": [ctypes.POINTER(_u64), _size, ctypes.POINTER(MemAllocationProp), _u64],
+    "cuMemRelease": [_u64],
+    "cuMemExportToShareableHandle": [_ptr, _u64, _int, _u64],
+    "cuMemImportFromShareableHandle": [ctypes.POINTER(_u64), _ptr, _int],
+    "cuMemAddressReserve": [ctypes.POINTER(_u64), _size, _size, _u64, _u64],
+    "cuMemAddressFree": [_u64, _size],
+    "cuMemMap": [_u64, _size, _size, _u64, _u64],
+    "cuMemUnmap": [_u64, _size],
+    "cuMemSetAccess": [_u64, _size, ctypes.POINTER(MemAccessDesc), _size],
 }
 
 
@@ -204,3 +252,59 @@ class Driver:
 
     def ipc_close(self, ptr: int) -> None:
         self._check(self.lib.cuIpcCloseMemHandle(ptr), "cuIpcCloseMemHandle")
+
+    # --- virtual memory management: physical memory made here, mapped there
+
+    def memset(self, ptr: int, value: int, nbytes: int) -> None:
+        self._check(self.lib.cuMemsetD8_v2(ptr, value, nbytes), "cuMemsetD8")
+
+    def copy_to_host(self, dst: int, src: int, nbytes: int) -> None:
+        self._check(self.lib.cuMemcpyDtoH_v2(dst, src, nbytes), "cuMemcpyDtoH")
+
+    def granularity(self, device: int) -> int:
+        g = _size()
+        prop = device_memory_prop(device, True)
+        self._check(self.lib.cuMemGetAllocationGranularity(ctypes.byref(g), ctypes.byref(prop), 0),
+                    "cuMemGetAllocationGranularity")
+        return g.value
+
+    def create(self, nbytes: int, device: int, shareable: bool = True) -> int:
+        """NBYTES of physical memory on DEVICE (a multiple of the granularity); its handle."""
+        h, prop = _u64(), device_memory_prop(device, shareable)
+        self._check(self.lib.cuMemCreate(ctypes.byref(h), nbytes, ctypes.byref(prop), 0), "cuMemCreate")
+        return h.value
+
+    def release(self, handle: int) -> None:
+        self._check(self.lib.cuMemRelease(handle), "cuMemRelease")
+
+    def export_fd(self, handle: int) -> int:
+        """A file descriptor for HANDLE's memory, which another process may import."""
+        fd = _int()
+        self._check(self.lib.cuMemExportToShareableHandle(ctypes.byref(fd), handle, MEM_HANDLE_TYPE_POSIX_FD, 0),
+                    "cuMemExportToShareableHandle")
+        return fd.value
+
+    def import_fd(self, fd: int) -> int:
+        """The handle of the memory another process exported as FD (the FD stays ours to close)."""
+        h = _u64()
+        self._check(self.lib.cuMemImportFromShareableHandle(ctypes.byref(h), ctypes.c_void_p(fd),
+                                                            MEM_HANDLE_TYPE_POSIX_FD),
+                    "cuMemImportFromShareableHandle")
+        return h.value
+
+    def reserve(self, nbytes: int, alignment: int = 0) -> int:
+        va = _u64()
+        self._check(self.lib.cuMemAddressReserve(ctypes.byref(va), nbytes, alignment, 0, 0), "cuMemAddressReserve")
+        return va.value
+
+    def address_free(self, va: int, nbytes: int) -> None:
+        self._check(self.lib.cuMemAddressFree(va, nbytes), "cuMemAddressFree")
+
+    def map(self, va: int, nbytes: int, handle: int, device: int) -> None:
+        """HANDLE's memory at VA, readable and writable from DEVICE."""
+        self._check(self.lib.cuMemMap(va, nbytes, 0, handle, 0), "cuMemMap")
+        desc = MemAccessDesc(MemLocation(MEM_LOCATION_TYPE_DEVICE, device), MEM_ACCESS_READWRITE)
+        self._check(self.lib.cuMemSetAccess(va, nbytes, ctypes.byref(desc), 1), "cuMemSetAccess")
+
+    def unmap(self, va: int, nbytes: int) -> None:
+        self._check(self.lib.cuMemUnmap(va, nbytes), "cuMemUnmap")

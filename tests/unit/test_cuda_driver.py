@@ -69,3 +69,19 @@ def test_the_context_limits_say_the_local_memory_the_stack_reserves():
     limits = Driver(_FakeLib()).context_limits()
     assert limits == {"stack_bytes": 1024, "printf_fifo_bytes": 1 << 20, "malloc_heap_bytes": 8 << 20,
                       "local_memory_bytes": 1024 * 132 * 2048}
+
+
+def test_the_virtual_memory_structures_have_the_drivers_layout():
+    """cuda.h: CUmemAllocationProp is 32 bytes (the handle types at 4, the location at 8, the
+    flags at 24), CUmemAccessDesc 12; a device allocation asks for a file descriptor only when
+    it is to be shared."""
+    import ctypes
+
+    from fvboot.cuda_driver import MemAccessDesc, MemAllocationProp, device_memory_prop
+
+    assert ctypes.sizeof(MemAllocationProp) == 32 and ctypes.sizeof(MemAccessDesc) == 12
+    assert MemAllocationProp.requestedHandleTypes.offset == 4 and MemAllocationProp.location.offset == 8
+    assert MemAllocationProp.allocFlags.offset == 24
+    prop = device_memory_prop(3, True)
+    assert (prop.type, prop.requestedHandleTypes, prop.location.type, prop.location.id) == (1, 1, 1, 3)
+    assert device_memory_prop(0, False).requestedHandleTypes == 0
