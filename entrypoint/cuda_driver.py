@@ -304,7 +304,11 @@ class Driver:
         """HANDLE's memory at VA, readable and writable from DEVICE."""
         self._check(self.lib.cuMemMap(va, nbytes, 0, handle, 0), "cuMemMap")
         desc = MemAccessDesc(MemLocation(MEM_LOCATION_TYPE_DEVICE, device), MEM_ACCESS_READWRITE)
-        self._check(self.lib.cuMemSetAccess(va, nbytes, ctypes.byref(desc), 1), "cuMemSetAccess")
+        try:
+            self._check(self.lib.cuMemSetAccess(va, nbytes, ctypes.byref(desc), 1), "cuMemSetAccess")
+        except CudaError:
+            self.lib.cuMemUnmap(va, nbytes)  # not left half-mapped
+            raise
 
     def unmap(self, va: int, nbytes: int) -> None:
         self._check(self.lib.cuMemUnmap(va, nbytes), "cuMemUnmap")

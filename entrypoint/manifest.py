@@ -434,6 +434,20 @@ class Manifest:
         used = [w.get("gpu_used_bytes") for w in workers if isinstance(w, dict)]
         return max((u for u in used if _is_int(u) and u > 0), default=0)
 
+    def sleep_pool(self) -> list[tuple[str, int, int]]:
+        """(tag, address, size) of every allocation of vLLM's sleeping pool as the one worker's
+        bake recorded it (what a helper must make for the restore to adopt); [] for several
+        workers, or where the bake did not record it or recorded something else."""
+        workers = self.trim if isinstance(self.trim, list) else [self.trim]
+        if len(workers) != 1 or not isinstance(workers[0], dict):
+            return []
+        pool = workers[0].get("sleep_pool")
+        if not isinstance(pool, list) or not all(
+                isinstance(a, list) and len(a) == 3 and isinstance(a[0], str) and _is_int(a[1]) and _is_int(a[2]) and a[1] > 0
+                and a[2] > 0 for a in pool):
+            return []
+        return [(a[0], a[1], a[2]) for a in pool]
+
     def to_json(self) -> dict[str, Any]:
         return _some({**self.extra, "format": self.format, "model": self.model.to_json(),
                       "vllm": self.vllm.to_json(), "device": self.device.to_json(),

@@ -195,6 +195,7 @@ class RestoreState:
     overlap_check: bool = False  # weight_check_overlaps(): the checksums finish beside the wake and probe
     kv_first_when_cold: bool = False  # kv_first_when_cold(): the KV cache wakes before weights read from disk
     kv_beside_staged: bool = False  # kv_beside_staged(): the KV cache wakes while the staged copy is taken
+    adopt: bool = False  # FV_WAKE_MEMORY=helper: the stager made the sleeping memory, the worker adopts it
     kv_awake: bool = False  # the KV cache woke already (before a load from the disk, or beside a staged copy)
     checks_left: int = 0  # weight checks the load left running (check_weights waits for them)
     stager: Optional[Stager] = None  # the weight dump being staged on the GPU (FV_WEIGHT_STAGING)
@@ -259,6 +260,8 @@ def load_weights(s: RestoreState) -> None:
     locks; overlapping them with the page-cache load measured no faster), except that weights
     read from the disk wait for it to wake first (``kv_first_when_cold``), and a staged copy
     may be taken beside it (``kv_beside_staged``)."""
+    if s.gpu and s.adopt and s.stager is not None:
+        adopt_memory(s)
     if s.gpu:
         s.ctl.wake_up(["weights"], timeout=s.step_timeout_s)
         s.tl.mark("weight memory mapped")
@@ -272,6 +275,26 @@ def load_weights(s: RestoreState) -> None:
                       s.overlap_check, timeout=s.step_timeout_s)
     s.checks_left = sum(int(r.get("checking", 0)) for r in stats if isinstance(r, dict))
     log(f"weights: {stats}")
+
+
+def adopt_memory(s: RestoreState) -> None:
+    """FV_WAKE_MEMORY=helper: the worker takes the allocations the stager made while CRIU
+    restored it, and the wakes after map them instead of creating memory (fvboot.adopt).
+    Whatever fails is said, and vLLM then allocates its memory itself."""
+    if not s.stager.makes_pool:
+        log("the engine allocates its memory itself: this image's bake did not record its sleeping memory")
+        return
+    pool = s.stager.pool()
+    if pool is None:
+        log(f"the engine allocates its memory itself: {s.stager.why_no_pool}")
+        return
+    try:
+        stats = s.ctl.rpc("fv_adopt_memory", pool["pid"], pool["pool"], timeout=s.step_timeout_s)
+    except ServerError as e:
+        log(f"the engine allocates its memory itself: the worker could not adopt the stager's: {e}")
+        return
+    s.tl.mark("memory adopted")
+    log(f"memory made by the stager in {pool.get('seconds')} s, adopted: {stats}")
 
 
 def take_staged(s: RestoreState) -> bool:

@@ -149,11 +149,14 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
                                          overlap_check=restore.weight_check_overlaps(),
                                          kv_first_when_cold=restore.kv_first_when_cold(),
                                          kv_beside_staged=restore.kv_beside_staged(),
+                                         adopt=weight_stager.wake_memory() == "helper",
                                          kernel_facts=kernel_facts)
             if m.device.is_cuda:  # the dump onto the GPU while CRIU restores (FV_WEIGHT_STAGING)
                 state.stager = weight_stager.start(layout.weights_dir, [g.uuid for g in here.gpus[:len(m.device.gpus)]],
                                                    m.gpu_bytes_at_checkpoint(),
-                                                   cuda_checkpoint_service.resume_mark(layout.run_dir))
+                                                   cuda_checkpoint_service.resume_mark(layout.run_dir),
+                                                   [(p, n) for _, p, n in m.sleep_pool()] if state.adopt else (),
+                                                   layout.run_dir)
                 tl.mark("stager started")
             # a stager scans the dump's residency anyway: the prefetch takes its answer
             ahead = prefetch(layout, check, stop_reading,

@@ -58,6 +58,8 @@ STAGING_VALUES = ("auto", "on", "off")
 YIELD_ENV = "FV_WEIGHT_STAGING_YIELD"  # off (default) or resume: see Yield
 MARK_ENV = "FV_CUDA_RESUME_MARK"  # the stager's: the file that exists while a CUDA restore runs
 YIELD_MAX_S = 3.0
+POOL_ENV = "FV_STAGER_POOL"  # the stager's: a JSON file of [address, size] it makes for the worker to adopt
+WAKE_MEMORY_ENV = "FV_WAKE_MEMORY"  # engine (default) or helper: see fvboot.adopt
 
 
 def staging_mode() -> str:
@@ -221,6 +223,40 @@ def copy_through_ring(drv, dst: int, addr: int, size: int, threads: int = RING_T
     return setup[0]
 
 
+def make_pool(drv, device: int, reserve: int, emit: Callable[..., None]) -> list[int]:
+    """FV_STAGER_POOL given (FV_WAKE_MEMORY=helper): create each [address, size] it lists as
+    exportable memory on DEVICE, where the GPU holds them and RESERVE beside (what the CUDA
+    resume takes back and the headroom), and say
+    ``{"event": "pool", "pid", "pool": [[address, size, fd], ...]}`` (or ``{"event":
+    "no-pool", "why"}``); the handles, kept until the stager frees its buffer."""
+    from .cuda_driver import CudaError
+
+    path = os.environ.get(POOL_ENV)
+    if not path:
+        return []
+    t = time.perf_counter()
+    handles: list[int] = []
+    try:
+        with open(path) as f:
+            wanted = [(int(p), int(n)) for p, n in json.load(f)]
+        need = sum(n for _, n in wanted)
+        short = room_to_stage(drv.mem_get_info()[0], need, reserve)
+        if short:
+            emit(event="no-pool", why=short)
+            return []
+        pool = []
+        for ptr, n in wanted:
+            handles.append(drv.create(n, device))
+            pool.append([ptr, n, drv.export_fd(handles[-1])])
+    except (OSError, ValueError, TypeError, CudaError) as e:
+        for h in handles:
+            drv.release(h)
+        emit(event="no-pool", why=str(e))
+        return []
+    emit(event="pool", pid=os.getpid(), pool=pool, seconds=round(time.perf_counter() - t, 4))
+    return handles
+
+
 def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str], reserve: int = 0) -> int:
     """The stager's whole life (see the module's docstring); EMIT sends an event, COMMANDS are
     the lines read from fvboot; RESERVE, the GPU memory the restore needs beside the copy.
@@ -254,9 +290,13 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
         checking.start()  # beside the CUDA work: the hashes and the copies read the same cached pages
         drv = Driver()
         drv.init()
-        drv.use_primary_context(drv.device_by_uuid(gpu))
+        device = drv.device_by_uuid(gpu)
+        drv.use_primary_context(device)
         t_ctx = since()
-        short = room_to_stage(drv.mem_get_info()[0], size, reserve)
+        # RESERVE counts the worker's own weights; the pool holds them, so beside it the rest will do
+        beside = max(0, reserve - size)
+        pool_handles = make_pool(drv, device, beside, emit)
+        short = room_to_stage(drv.mem_get_info()[0], size, beside if pool_handles else reserve)
         if short:
             emit(event="failed", why=short)
             return 0
@@ -276,6 +316,8 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
         if line.strip() == "release":
             break
     drv.free(buf)
+    for h in pool_handles:  # the worker holds what it adopted; the rest goes with these
+        drv.release(h)
     emit(event="freed", t=since())
     checking.join()
     emit(event="verified", **verdict, t=since())
@@ -335,14 +377,19 @@ class Stager:
     """A running stager, as the restore sees it: its events, and what it is asked to do."""
 
     def __init__(self, path: str, gpu: str, reserve: int = 0, argv: Optional[list[str]] = None,
-                 env: Optional[dict[str, str]] = None, resume_mark: Optional[str] = None) -> None:
+                 env: Optional[dict[str, str]] = None, resume_mark: Optional[str] = None,
+                 pool_file: Optional[str] = None) -> None:
         self.path, self.gpu = path, gpu
         self.why: Optional[str] = None  # why it was not used, once known
+        self.why_no_pool: Optional[str] = None
+        self.makes_pool = bool(pool_file)  # given a pool to make (FV_WAKE_MEMORY=helper, recorded at bake)
         self._seen: dict[str, dict] = {}  # the first event of each kind, as it arrived
         self._arrived = threading.Condition()  # the restore and the prefetch's readers wait on it
         if argv is None:
             argv, env = stager_command(path, gpu, os.path.dirname(os.path.abspath(__file__)), reserve,
                                        resume_mark)
+        if pool_file:
+            env = {**(env if env is not None else os.environ), POOL_ENV: pool_file}
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         threading.Thread(target=self._read, name="fv-stager-events", daemon=True).start()
@@ -398,6 +445,16 @@ class Stager:
             self.why = f"the weight stager ended without a word (exit {self.proc.poll()})"
         return event if event is not None and event["event"] == "ready" else None
 
+    def pool(self, timeout: float = READY_WAIT_S) -> Optional[dict]:
+        """The pool event (pid, [address, size, fd] each), or None with the reason in
+        ``why_no_pool``; asked for only where the stager was given a pool to make."""
+        event = self._wait(("pool", "no-pool"), timeout)
+        if event is None:
+            self.why_no_pool = f"the weight stager made no memory within {timeout:g} s of the worker"
+        elif event["event"] != "pool":
+            self.why_no_pool = event.get("why") or f"the weight stager {event['event']}"
+        return event if event is not None and event["event"] == "pool" else None
+
     def release(self, timeout: float = RELEASE_WAIT_S, wait: bool = True) -> None:
         """Have the stager free its device buffer, and (WAIT) wait until it has, or is gone: the
         KV cache may wake into that memory next. A stager that does not say so is killed and
@@ -437,8 +494,16 @@ class Stager:
             pass
 
 
+def wake_memory() -> str:
+    """FV_WAKE_MEMORY: "engine" (default: vLLM allocates a restored engine's memory at its wake)
+    or "helper" (the stager makes it while CRIU restores, the worker adopts it: fvboot.adopt).
+    Read before the restore."""
+    return choice(WAKE_MEMORY_ENV, ("engine", "helper"), "engine")
+
+
 def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0,
-          resume_mark: Optional[Path] = None) -> Optional[Stager]:
+          resume_mark: Optional[Path] = None, pool: Sequence[tuple[int, int]] = (),
+          run_dir: Optional[Path] = None) -> Optional[Stager]:
     """A stager for this restore when the image has one GPU and one weight file and
     FV_WEIGHT_STAGING is not off; else None (saying why only when it was asked for: "on").
     RESUME_BYTES: the GPU memory the CUDA resume gives the engine back (the manifest's); the
@@ -458,8 +523,14 @@ def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0,
             log(f"weights not staged: {len(gpus)} GPUs and {len(files)} weight files (staging takes one of each)")
         return None
     reserve = files[0].stat().st_size + resume_bytes + HEADROOM
+    pool_file = None
+    if pool and run_dir is not None:  # FV_WAKE_MEMORY=helper: what the stager makes for the worker
+        pool_file = run_dir / "stager-pool.json"
+        pool_file.parent.mkdir(parents=True, exist_ok=True)
+        pool_file.write_text(json.dumps([[p, n] for p, n in pool]))
     return Stager(str(files[0]), gpus[0], reserve,
-                  resume_mark=str(resume_mark) if yielding and resume_mark is not None else None)
+                  resume_mark=str(resume_mark) if yielding and resume_mark is not None else None,
+                  pool_file=str(pool_file) if pool_file else None)
 
 
 if __name__ == "__main__":

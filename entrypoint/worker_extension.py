@@ -29,7 +29,7 @@ from .launcher import apply_load_settings
 from .weights import load_into, release_pinned_cache, write_weights
 from .weights.collection import WeightCollectionError, fingerprint, malloc_trim
 from .weights.cpu import CpuWeights
-from .weights.gpu import GpuWeights, kv_room
+from .weights.gpu import CuMemPool, GpuWeights, kv_room
 from .worker_threads import InThread
 
 
@@ -256,7 +256,24 @@ class FastVllmWorkerExtension:
             out["torch_reserved_bytes"] = torch.cuda.memory_reserved()
             out["torch_pools"] = _pools()
             out["context_limits"] = _context_limits()
+            pool = CuMemPool.current()
+            if pool is not None:  # what a helper must make for a restore to adopt (FV_WAKE_MEMORY=helper)
+                out["sleep_pool"] = [[a.tag, a.start, a.size] for a in pool.allocs]
         return out
+
+    def fv_adopt_memory(self, pid: int, pool: list) -> dict[str, Any]:
+        """Take the sleeping allocations the weight stager (process PID) made while CRIU restored
+        this worker (POOL: [address, size, its descriptor in PID] each) and have vLLM's wake map
+        them instead of creating memory (fvboot.adopt). Raises, leaving nothing imported, where
+        they do not match what is asleep here."""
+        from vllm.device_allocator import cumem
+
+        from .adopt import adopt
+        from .cuda_driver import Driver
+
+        current = CuMemPool.current()
+        asleep = {a.start: a.size for a in current.allocs if a.asleep} if current is not None else {}
+        return adopt(Driver(), int(pid), [(int(p), int(n), int(fd)) for p, n, fd in pool], asleep, cumem)
 
     def fv_weights_info(self) -> dict[str, Any]:
         return {**self._fv_weights().info(), "rss": _rss()}

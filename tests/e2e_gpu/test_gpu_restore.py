@@ -59,14 +59,16 @@ def test_restore_on_gpu_gives_baked_answers_and_timeline(baked_image):
     assert "weights loaded" in logs and "engine awake" in logs
 
 
-@pytest.mark.parametrize("setting", ["FV_WAKE_ORDER=auto", "FV_WAKE_ORDER=kv-beside", "FV_WEIGHT_STAGING_YIELD=resume"])
+@pytest.mark.parametrize("setting", ["FV_WAKE_ORDER=auto", "FV_WAKE_ORDER=kv-beside", "FV_WEIGHT_STAGING_YIELD=resume",
+                                     "FV_WAKE_MEMORY=helper"])
 def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_image, setting):
     """The default on one GPU (FV_WEIGHT_STAGING=auto): a process of fvboot's puts the dump on
     the GPU while CRIU restores, the worker takes it device to device, the stager's check of the
     dump is the gate's weight check: restored, with the baked answers. With
     FV_WAKE_ORDER=kv-beside the worker takes the copy in a thread while the engine wakes the KV
     cache (the GPU has room for both here); with FV_WEIGHT_STAGING_YIELD=resume the stager
-    waits while the CUDA resume runs."""
+    waits while the CUDA resume runs; with FV_WAKE_MEMORY=helper the stager makes the sleeping
+    memory (weights' pool, KV cache) and the worker's wakes map it."""
     from e2e.test_restore import Container, _assert_same_as_bake, _wait_ready
 
     m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
@@ -81,6 +83,7 @@ def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_ima
     beside = "KV cache awake (beside the staged copy)" in logs
     assert beside == (setting == "FV_WAKE_ORDER=kv-beside"), logs[-3000:]
     assert ("yielded to the CUDA resume" in logs) == (setting == "FV_WEIGHT_STAGING_YIELD=resume"), logs[-3000:]
+    assert ('"memory adopted"' in logs) == (setting == "FV_WAKE_MEMORY=helper"), logs[-3000:]
 
 
 def test_a_damaged_weight_byte_with_the_weights_staged_falls_back(baked_image):

@@ -329,8 +329,15 @@ class _Stager:
     """The restore's view of a weight stager (fvboot.weight_stager.Stager), each call recorded;
     test_staging.py runs the real one."""
 
-    def __init__(self, ready):
+    def __init__(self, ready, pool=None, makes_pool=False):
         self._ready, self.calls, self.why = ready, [], None
+        self._pool, self.makes_pool, self.why_no_pool = pool, makes_pool, None
+
+    def pool(self):
+        self.calls.append("pool")
+        if self._pool is None:
+            self.why_no_pool = "5.0 GB of GPU memory free; a copy of the dump takes 120.8 GB"
+        return self._pool
 
     def ready(self):
         self.calls.append("ready")
@@ -464,3 +471,48 @@ def test_kv_beside_a_take_that_fails_ends_in_the_workers_own_load(tmp_path, caps
     assert _order(ctl) == ["weights", "fv_take_staged", "kv_cache", "fv_staged_taken", "fv_load_weights"]
     assert stager.calls == ["ready", "stop"] and not state.staged
     assert "the worker could not take the stager's copy: cuIpcOpenMemHandle" in capsys.readouterr().err
+
+
+POOL = {"event": "pool", "pid": 42, "pool": [[4096, 8192, 7]], "seconds": 0.31}
+
+
+class _AdoptRefusedCtl(_Ctl):
+    def rpc(self, method, *args, timeout):
+        if method == "fv_adopt_memory":
+            self.calls.append((method, args, timeout))
+            raise ServerError("pidfd_getfd of descriptor 7 of process 42: Operation not permitted")
+        return super().rpc(method, *args, timeout=timeout)
+
+
+def _adopting(tmp_path, ctl, stager):
+    layout, m = _manifest(tmp_path, GPU)
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                 step_timeout_s=7, stager=stager, adopt=True,
+                                 residency=types.SimpleNamespace(resident=lambda: True))
+    restore.load_weights(state)
+    restore.wake_engine(state)
+    return state
+
+
+def test_with_wake_memory_helper_the_worker_adopts_the_stagers_memory_before_the_wakes(tmp_path):
+    """The worker takes the stager's allocations before the weights' wake (which then maps them,
+    as the KV cache's does after); then the staged copy is taken as always."""
+    ctl, stager = _Ctl(), _Stager(READY, pool=POOL, makes_pool=True)
+    state = _adopting(tmp_path, ctl, stager)
+    assert _order(ctl) == ["fv_adopt_memory", "weights", "fv_take_staged", "kv_cache"]
+    assert ctl.calls[0][1:] == ((42, [[4096, 8192, 7]]), 7)
+    assert "memory adopted" in state.tl.as_dict() and state.staged
+
+
+@pytest.mark.parametrize("stager, ctl_type, said", [
+    (_Stager(READY, pool=None, makes_pool=True), _Ctl, "5.0 GB of GPU memory free"),
+    (_Stager(READY, pool=POOL, makes_pool=True), _AdoptRefusedCtl, "could not adopt the stager's: pidfd_getfd"),
+    (_Stager(READY, makes_pool=False), _Ctl, "this image's bake did not record its sleeping memory"),
+])
+def test_memory_not_made_or_not_adopted_leaves_the_wakes_to_vllm(tmp_path, capsys, stager, ctl_type, said):
+    ctl = ctl_type()
+    state = _adopting(tmp_path, ctl, stager)
+    assert _order(ctl)[-3:] == ["weights", "fv_take_staged", "kv_cache"]
+    assert "memory adopted" not in state.tl.as_dict() and state.staged
+    assert f"the engine allocates its memory itself: " in capsys.readouterr().err
+    assert ("pool" in stager.calls) == stager.makes_pool  # not waited for where nothing is made

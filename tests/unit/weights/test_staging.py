@@ -8,9 +8,11 @@ measured it on an H200)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +27,7 @@ from fvboot import weights as wf  # noqa: E402
 def test_staging_is_on_where_it_can_be_and_a_bad_value_is_refused(monkeypatch, tmp_path, capsys):
     """auto (the default) stages an image of one GPU and one weight file; off never stages; a bad
     value is refused with the values it takes."""
-    monkeypatch.setattr(weight_stager, "Stager", lambda path, gpu, reserve, resume_mark: (
+    monkeypatch.setattr(weight_stager, "Stager", lambda path, gpu, reserve, resume_mark, pool_file: (
         "stager", path, gpu, reserve, resume_mark))
     (tmp_path / "rank0.fvw").write_bytes(b"x" * 1000)
     monkeypatch.delenv(weight_stager.STAGING_ENV, raising=False)
@@ -92,6 +94,19 @@ def test_a_stager_leaves_the_restore_the_gpu_memory_it_needs():
     assert weight_stager.room_to_stage(free=40 * gb, size=16 * gb, reserve=20 * gb) is None
     assert weight_stager.room_to_stage(free=30 * gb, size=16 * gb, reserve=20 * gb) == (
         "30.0 GB of GPU memory free; a copy of the dump takes 16.0 GB and the restore needs 20.0 GB beside it")
+
+
+def test_the_manifest_says_what_a_helper_must_make_for_the_restore_to_adopt():
+    from fvboot import manifest
+
+    pool = [["weights", 0x7F0000000000, 2 << 20], ["kv_cache", 0x7F1000000000, 4 << 30]]
+    base = {"format": 1, "model": {"served_name": "m"}, "vllm": {"args": [], "command": ["vllm"], "port": 8000},
+            "device": {"kind": "cuda"}, "pipes": {"stdout": "pipe:[1]", "stderr": "pipe:[2]"}, "files": [], "probe": []}
+    m = manifest.Manifest.from_json({**base, "trim": [{"sleep_pool": pool}]})
+    assert m.sleep_pool() == [tuple(a) for a in pool]
+    for trim in ([{"sleep_pool": pool}, {"sleep_pool": pool}], [{}], None, [{"sleep_pool": [["weights", -1, 5]]}],
+                 [{"sleep_pool": [["weights", 1, 0]]}], [{"sleep_pool": "all"}]):
+        assert manifest.Manifest.from_json({**base, "trim": trim}).sleep_pool() == [], trim
 
 
 def test_the_manifest_says_what_gpu_memory_the_resume_takes_back():
@@ -343,3 +358,41 @@ def test_the_stager_is_given_the_services_mark_only_when_asked_to_yield(tmp_path
     assert env[weight_stager.MARK_ENV] == str(tmp_path / "m")
     _, env = weight_stager.stager_command("w.fvw", "GPU-1", "/opt/fast-vllm/lib/fvboot", 0)
     assert weight_stager.MARK_ENV not in env
+
+
+def test_the_pool_the_stager_made_is_handed_on_or_why_not():
+    """FV_WAKE_MEMORY=helper: the stager says the allocations it made (pid, [address, size, fd]),
+    or why it made none; one that says nothing is waited for only so long."""
+    pool = {"event": "pool", "pid": 42, "pool": [[4096, 8192, 7]], "seconds": 0.3}
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=_stand_in(pool, READY, then={"ok": True}))
+    try:
+        assert s.pool(timeout=10) == pool
+    finally:
+        s.stop()
+    why = "120.0 GB of GPU memory free; a copy of the dump takes 130.0 GB and the restore needs 4.0 GB beside it"
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=_stand_in({"event": "no-pool", "why": why}, READY,
+                                                                then={"ok": True}))
+    try:
+        assert s.pool(timeout=10) is None and s.why_no_pool == why
+        assert s.ready(timeout=10) == READY  # staging goes on without it
+    finally:
+        s.stop()
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=[sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert s.pool(timeout=0.2) is None and "made no memory within 0.2 s" in s.why_no_pool
+    finally:
+        s.stop()
+
+
+def test_the_stager_is_given_the_pool_to_make_only_with_wake_memory_helper(monkeypatch, tmp_path):
+    monkeypatch.setattr(weight_stager, "Stager", lambda path, gpu, reserve, resume_mark, pool_file: pool_file)
+    (tmp_path / "rank0.fvw").write_bytes(b"x" * 1000)
+    run = tmp_path / "run"
+    assert weight_stager.start(tmp_path, ["GPU-1"], pool=(), run_dir=run) is None
+    made = weight_stager.start(tmp_path, ["GPU-1"], pool=[(4096, 2 << 20), (8 << 20, 4 << 20)], run_dir=run)
+    assert json.loads(Path(made).read_text()) == [[4096, 2 << 20], [8 << 20, 4 << 20]]
+    monkeypatch.setenv(weight_stager.WAKE_MEMORY_ENV, "Helper")
+    assert weight_stager.wake_memory() == "helper"
+    monkeypatch.setenv(weight_stager.WAKE_MEMORY_ENV, "gpu")
+    with pytest.raises(CheckpointUnusable, match="FV_WAKE_MEMORY='gpu': expected engine or helper"):
+        weight_stager.wake_memory()
