@@ -257,6 +257,16 @@ def make_pool(drv, device: int, reserve: int, emit: Callable[..., None]) -> list
     return handles
 
 
+def _hold_until_released(pool_handles: list[int], commands: Iterable[str]) -> int:
+    """A stager that could not stage but made a pool stays (its descriptors with it) until told
+    to release, or until fvboot stops it: the worker may still adopt the pool."""
+    if pool_handles:
+        for line in commands:
+            if line.strip() == "release":
+                break
+    return 0
+
+
 def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str], reserve: int = 0) -> int:
     """The stager's whole life (see the module's docstring); EMIT sends an event, COMMANDS are
     the lines read from fvboot; RESERVE, the GPU memory the restore needs beside the copy.
@@ -267,6 +277,7 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
     t0 = time.perf_counter()
     since = lambda: round(time.perf_counter() - t0, 4)  # noqa: E731
     verdict: dict = {}
+    pool_handles: list[int] = []
     try:
         fd = os.open(path, os.O_RDONLY)
         size = os.fstat(fd).st_size
@@ -299,7 +310,7 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
         short = room_to_stage(drv.mem_get_info()[0], size, beside if pool_handles else reserve)
         if short:
             emit(event="failed", why=short)
-            return 0
+            return _hold_until_released(pool_handles, commands)
         buf = drv.alloc(size)
         mode = os.environ.get(COPY_ENV, "register")
         if mode == "ring":
@@ -311,7 +322,9 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
              **({"yielded_s": round(pause.waited, 4)} if pause.mark else {}))
     except (OSError, WeightFileError, CudaError) as e:
         emit(event="failed", why=str(e))
-        return 0  # the process ends: its mapping, device buffer and context go with it
+        # the process ends (its mapping, device buffer and context go with it), once the worker
+        # had its chance to adopt a pool made before the failure
+        return _hold_until_released(pool_handles, commands)
     for line in commands:  # "release", or the end of the input: free the buffer either way
         if line.strip() == "release":
             break
