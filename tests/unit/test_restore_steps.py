@@ -415,22 +415,34 @@ def test_the_weight_check_setting(monkeypatch):
         restore.weight_check_overlaps()
 
 
-class _TakeFailsCtl(_Ctl):
-    def rpc(self, method, *args, timeout):
-        if method == "fv_staged_taken":
-            self.calls.append((method, args, timeout))
-            raise ServerError("cuIpcOpenMemHandle: CUDA_ERROR_INVALID_VALUE (1)")
-        return super().rpc(method, *args, timeout=timeout)
+def _failing(method, error):
+    """A _Ctl whose METHOD raises ServerError(ERROR), the call recorded."""
+    class Ctl(_Ctl):
+        def rpc(self, name, *args, timeout):
+            if name == method:
+                self.calls.append((name, args, timeout))
+                raise ServerError(error)
+            return super().rpc(name, *args, timeout=timeout)
+    return Ctl
+
+
+_TakeFailsCtl = _failing("fv_staged_taken", "cuIpcOpenMemHandle: CUDA_ERROR_INVALID_VALUE (1)")
+
+
+def _weights_then_wake(tmp_path, ctl, stager, **settings):
+    """The weight step and the wake after it (a no-op where the KV cache woke already), the dump
+    found cached, with SETTINGS on the state."""
+    layout, m = _manifest(tmp_path, GPU)
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                 step_timeout_s=7, stager=stager,
+                                 residency=types.SimpleNamespace(resident=lambda: True), **settings)
+    restore.load_weights(state)
+    restore.wake_engine(state)
+    return layout, state
 
 
 def _beside(tmp_path, ctl, stager):
-    layout, m = _manifest(tmp_path, GPU)
-    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
-                                 step_timeout_s=7, stager=stager, kv_beside_staged=True,
-                                 residency=types.SimpleNamespace(resident=lambda: True))
-    restore.load_weights(state)
-    restore.wake_engine(state)  # the step after: a no-op where the KV cache woke already
-    return layout, state
+    return _weights_then_wake(tmp_path, ctl, stager, kv_beside_staged=True)
 
 
 def _order(ctl):
@@ -476,22 +488,11 @@ def test_kv_beside_a_take_that_fails_ends_in_the_workers_own_load(tmp_path, caps
 POOL = {"event": "pool", "pid": 42, "pool": [[4096, 8192, 7]], "seconds": 0.31}
 
 
-class _AdoptRefusedCtl(_Ctl):
-    def rpc(self, method, *args, timeout):
-        if method == "fv_adopt_memory":
-            self.calls.append((method, args, timeout))
-            raise ServerError("pidfd_getfd of descriptor 7 of process 42: Operation not permitted")
-        return super().rpc(method, *args, timeout=timeout)
+_AdoptRefusedCtl = _failing("fv_adopt_memory", "pidfd_getfd of descriptor 7 of process 42: Operation not permitted")
 
 
 def _adopting(tmp_path, ctl, stager):
-    layout, m = _manifest(tmp_path, GPU)
-    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
-                                 step_timeout_s=7, stager=stager, adopt=True,
-                                 residency=types.SimpleNamespace(resident=lambda: True))
-    restore.load_weights(state)
-    restore.wake_engine(state)
-    return state
+    return _weights_then_wake(tmp_path, ctl, stager, adopt=True)[1]
 
 
 def test_with_wake_memory_helper_the_worker_adopts_the_stagers_memory_before_the_wakes(tmp_path):
