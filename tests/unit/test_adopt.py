@@ -7,6 +7,7 @@ calls themselves run on the GPU: bench/gpu_vmm_adopt.py."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,61 @@ def test_a_matching_pool_is_taken_imported_and_installed():
     finally:
         p.stdin.close()
         p.wait(10)
+
+
+HELPER = r"""
+import json, os, sys
+from fvboot.cuda_driver import Driver
+sizes = json.loads(sys.argv[1])
+drv = Driver(); drv.init(); drv.use_primary_context(0)
+handles, fds = [], []
+for k, n in enumerate(sizes):
+    h = drv.create(n, 0)
+    va = drv.reserve(n); drv.map(va, n, h, 0); drv.memset(va, k + 1, n); drv.unmap(va, n); drv.address_free(va, n)
+    handles.append(h); fds.append(drv.export_fd(h))
+print(json.dumps({"pid": os.getpid(), "fds": fds}), flush=True)
+sys.stdin.readline()
+for h in handles:
+    drv.release(h)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs a CUDA GPU")
+def test_gpu_memory_made_by_another_process_is_adopted_at_the_kept_addresses():
+    """The whole of fvboot.adopt with the real driver: a helper process creates, fills and
+    exports two allocations; this process, holding reserved addresses as a sleeping engine
+    does, adopts them; the wake's create_and_map maps them there (the bytes are the helper's,
+    the handle kept where vLLM keeps it), and they stay after the helper has gone."""
+    from fvboot.cuda_driver import Driver
+
+    drv = Driver()
+    drv.init()
+    drv.use_primary_context(0)
+    gran = drv.granularity(0)
+    sizes = [gran, 2 * gran]
+    vas = [drv.reserve(n) for n in sizes]
+    keep = [ctypes.c_uint64(0) for _ in sizes]
+    helper = subprocess.Popen([sys.executable, "-c", HELPER, json.dumps(sizes)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        said = json.loads(helper.stdout.readline())
+        module = types.SimpleNamespace(create_and_map=lambda h: pytest.fail(f"vLLM asked to create {h}"))
+        out = adopt(drv, said["pid"], [(va, n, fd) for va, n, fd in zip(vas, sizes, said["fds"])],
+                    dict(zip(vas, sizes)), module)
+        assert out["adopted"] == 2 and out["bytes"] == sum(sizes)
+        for va, n, k in zip(vas, sizes, keep):
+            module.create_and_map((0, n, va, ctypes.addressof(k)))
+        helper.stdin.write("done\n")
+        helper.stdin.flush()
+        assert helper.wait(60) == 0
+        buf = ctypes.create_string_buffer(64)
+        for i, (va, n) in enumerate(zip(vas, sizes)):
+            drv.copy_to_host(ctypes.addressof(buf), va + n - 64, 64)
+            assert buf.raw == bytes([i + 1]) * 64  # the helper's bytes, after the helper is gone
+        for va, n, k in zip(vas, sizes, keep):
+            drv.unmap(va, n)
+            drv.release(k.value)  # as vLLM's sleep would, with the handle kept for it
+            drv.address_free(va, n)
+    finally:
+        if helper.poll() is None:
+            helper.kill()
