@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
 import torch
@@ -30,7 +32,6 @@ from .weights import load_into, release_pinned_cache, write_weights
 from .weights.collection import WeightCollectionError, fingerprint, malloc_trim
 from .weights.cpu import CpuWeights
 from .weights.gpu import CuMemPool, GpuWeights, kv_room
-from .worker_threads import InThread
 
 
 def collect_weights(model: torch.nn.Module, draft: torch.nn.Module | None = None):
@@ -204,7 +205,9 @@ class FastVllmWorkerExtension:
         if not _flag(background):
             return take()
         room = kv_room()  # before the take allocates anything
-        self._fv_taking = InThread(take, "fv-take-staged")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="fv-take-staged")
+        self._fv_taking = pool.submit(take)
+        pool.shutdown(wait=False)
         return {"started": True, "kv_room": room}
 
     def fv_staged_taken(self, timeout: float = 300) -> dict[str, Any]:
@@ -215,9 +218,9 @@ class FastVllmWorkerExtension:
             raise WeightCollectionError("no staged copy is being taken: fv_take_staged(background) first")
         try:
             return taking.result(float(timeout))
-        except TimeoutError:
+        except FutureTimeout:
             self._fv_weights().release()
-            raise
+            raise WeightCollectionError(f"the staged copy's take did not end within {float(timeout):g} s") from None
 
     def fv_weights_checked(self, timeout: float = 300) -> dict[str, Any]:
         """Wait (at most TIMEOUT s each) for the checks fv_load_weights left running; raises the

@@ -1,12 +1,11 @@
-"""N threads running one body, the first error re-raised in the caller's thread; one piece of
-work left running in a thread whose result is asked for later. Torch-free: the weight loader's
-and dumper's pipelines use it, and so does the weight stager, which must start within
-milliseconds."""
+"""N threads running one body, the first error re-raised in the caller's thread. Torch-free: the
+weight loader's and dumper's pipelines use it, and so does the weight stager, which must start
+within milliseconds."""
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 
 class Aborted(Exception):
@@ -39,31 +38,3 @@ def run_workers(n: int, body: Callable[[], None], abort: threading.Event,
         t.join()
     if errors:
         raise errors[0]
-
-
-class InThread:
-    """WORK runs in a daemon thread from now on; ``result`` waits for its value or its error."""
-
-    def __init__(self, work: Callable[[], Any], name: str) -> None:
-        self.name = name
-        self._done = threading.Event()
-        self._value: Any = None
-        self._error: BaseException | None = None
-        threading.Thread(target=self._run, args=(work,), name=name, daemon=True).start()
-
-    def _run(self, work: Callable[[], Any]) -> None:
-        try:
-            self._value = work()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by result() in the caller's thread
-            self._error = exc
-        finally:
-            self._done.set()
-
-    def result(self, timeout: float) -> Any:
-        """WORK's value, or its error re-raised; TimeoutError when it has not ended within
-        TIMEOUT s (it goes on: a daemon thread cannot be stopped)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"{self.name} did not end within {timeout:g} s")
-        if self._error is not None:
-            raise self._error
-        return self._value
