@@ -113,7 +113,7 @@ class Service:
 
         load = load or cc.CudaDriver.load
         self.path = path
-        self.mark = os.path.join(os.path.dirname(os.path.abspath(path)), RESUME_MARK)
+        self.mark = str(resume_mark(Path(os.path.abspath(path)).parent))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

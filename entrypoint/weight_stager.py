@@ -101,12 +101,6 @@ class Yield:
         self.waited += now - t0
 
 
-def yield_from_env() -> Yield:
-    """The stager's Yield: the mark fvboot gave it where FV_WEIGHT_STAGING_YIELD=resume, else none."""
-    on = os.environ.get(YIELD_ENV, "off").strip().lower() == "resume"
-    return Yield(os.environ.get(MARK_ENV) if on else None)
-
-
 def check_threads(cpus: Optional[int] = None) -> int:
     """Threads for the stager's check: a quarter of the CPUs, 2 to 8. With all 16 of an H200
     host's hashing 7 GB beside them, CRIU and the CUDA resume took 0.25 s longer (the CPUs, or
@@ -289,7 +283,7 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
             emit(event="failed", why=f"{missing} of the dump's {mapping.pages} pages are not in the page cache")
             return 0
 
-        pause = yield_from_env()
+        pause = Yield(os.environ.get(MARK_ENV))  # fvboot gives the mark only where the stager is to yield
 
         def check() -> None:
             t = time.perf_counter()
@@ -362,14 +356,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 # fvboot's side
 
 
-def stager_command(path: str, gpu: str, package_dir: str, reserve: int = 0,
-                   resume_mark: Optional[str] = None) -> tuple[list[str], Optional[dict[str, str]]]:
+def stager_command(path: str, gpu: str, package_dir: str, reserve: int = 0, resume_mark: Optional[str] = None,
+                   pool_file: Optional[str] = None) -> tuple[list[str], Optional[dict[str, str]]]:
     """(argv, environment) of the stager (helper_process.helper_command): without site where
     fvboot sits in a folder of its own, with this process's sys.path, where blake3 is; with
-    RESUME_MARK (the cuda-checkpoint service's) for its Yield."""
+    RESUME_MARK (the cuda-checkpoint service's) for its Yield, and POOL_FILE (what it makes for
+    the worker to adopt), where given."""
     argv, env = helper_command("weight_stager", [path, gpu, str(reserve)], package_dir, site_folders=True)
-    if resume_mark:
-        env = {**(env if env is not None else os.environ), MARK_ENV: resume_mark}
+    extra = {k: v for k, v in ((MARK_ENV, resume_mark), (POOL_ENV, pool_file)) if v}
+    if extra:
+        env = {**(env if env is not None else os.environ), **extra}
     return argv, env
 
 
@@ -400,9 +396,7 @@ class Stager:
         self._arrived = threading.Condition()  # the restore and the prefetch's readers wait on it
         if argv is None:
             argv, env = stager_command(path, gpu, os.path.dirname(os.path.abspath(__file__)), reserve,
-                                       resume_mark)
-        if pool_file:
-            env = {**(env if env is not None else os.environ), POOL_ENV: pool_file}
+                                       resume_mark, pool_file)
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         threading.Thread(target=self._read, name="fv-stager-events", daemon=True).start()
@@ -514,15 +508,15 @@ def wake_memory() -> str:
     return choice(WAKE_MEMORY_ENV, ("engine", "helper"), "engine")
 
 
-def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0,
-          resume_mark: Optional[Path] = None, pool: Sequence[tuple[int, int]] = (),
-          run_dir: Optional[Path] = None) -> Optional[Stager]:
+def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0, run_dir: Optional[Path] = None,
+          pool: Sequence[tuple[int, int]] = ()) -> Optional[Stager]:
     """A stager for this restore when the image has one GPU and one weight file and
     FV_WEIGHT_STAGING is not off; else None (saying why only when it was asked for: "on").
     RESUME_BYTES: the GPU memory the CUDA resume gives the engine back (the manifest's); the
     stager leaves that, the worker's own weights and HEADROOM free, or does not stage.
-    RESUME_MARK: the cuda-checkpoint service's mark, which the stager yields to where
-    FV_WEIGHT_STAGING_YIELD=resume."""
+    RUN_DIR: fvboot's run folder, where the cuda-checkpoint service keeps its mark (which the
+    stager yields to where FV_WEIGHT_STAGING_YIELD=resume) and where the POOL to make
+    (FV_WAKE_MEMORY=helper: [address, size] each) is written for the stager."""
     mode = staging_mode()
     if mode == "off":
         return None
@@ -536,13 +530,16 @@ def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0,
             log(f"weights not staged: {len(gpus)} GPUs and {len(files)} weight files (staging takes one of each)")
         return None
     reserve = files[0].stat().st_size + resume_bytes + HEADROOM
-    pool_file = None
-    if pool and run_dir is not None:  # FV_WAKE_MEMORY=helper: what the stager makes for the worker
-        pool_file = run_dir / "stager-pool.json"
-        pool_file.parent.mkdir(parents=True, exist_ok=True)
-        pool_file.write_text(json.dumps([[p, n] for p, n in pool]))
-    return Stager(str(files[0]), gpus[0], reserve,
-                  resume_mark=str(resume_mark) if yielding and resume_mark is not None else None,
+    mark = pool_file = None
+    if run_dir is not None:
+        from .cuda_checkpoint_service import resume_mark  # fvboot's side only: the stager starts without it
+
+        mark = str(resume_mark(run_dir)) if yielding else None
+        if pool:  # FV_WAKE_MEMORY=helper: what the stager makes for the worker
+            run_dir.mkdir(parents=True, exist_ok=True)
+            pool_file = run_dir / "stager-pool.json"
+            pool_file.write_text(json.dumps([[p, n] for p, n in pool]))
+    return Stager(str(files[0]), gpus[0], reserve, resume_mark=mark,
                   pool_file=str(pool_file) if pool_file else None)
 
 

@@ -34,15 +34,16 @@ def test_staging_is_on_where_it_can_be_and_a_bad_value_is_refused(monkeypatch, t
     monkeypatch.delenv(weight_stager.YIELD_ENV, raising=False)
     assert weight_stager.staging_mode() == "auto"
     # it leaves free what the CUDA resume takes back, the worker's own weights and the headroom
-    mark = tmp_path / "cuda-resume.running"
-    assert weight_stager.start(tmp_path, ["GPU-1"], resume_bytes=5000, resume_mark=mark) == (
+    run = tmp_path / "run"
+    mark = run / "cuda-resume.running"
+    assert weight_stager.start(tmp_path, ["GPU-1"], resume_bytes=5000, run_dir=run) == (
         "stager", str(tmp_path / "rank0.fvw"), "GPU-1", 1000 + 5000 + weight_stager.HEADROOM, None)
     # FV_WEIGHT_STAGING_YIELD=resume: the stager is told the service's mark
     monkeypatch.setenv(weight_stager.YIELD_ENV, "resume")
-    assert weight_stager.start(tmp_path, ["GPU-1"], resume_mark=mark)[-1] == str(mark)
+    assert weight_stager.start(tmp_path, ["GPU-1"], run_dir=run)[-1] == str(mark)
     monkeypatch.setenv(weight_stager.YIELD_ENV, "always")
     with pytest.raises(CheckpointUnusable, match="FV_WEIGHT_STAGING_YIELD='always': expected off or resume"):
-        weight_stager.start(tmp_path, ["GPU-1"], resume_mark=mark)
+        weight_stager.start(tmp_path, ["GPU-1"], run_dir=run)
     monkeypatch.delenv(weight_stager.YIELD_ENV)
     monkeypatch.setenv(weight_stager.STAGING_ENV, " Off ")
     assert weight_stager.start(tmp_path, ["GPU-1"]) is None
@@ -357,7 +358,7 @@ def test_the_stager_is_given_the_services_mark_only_when_asked_to_yield(tmp_path
                                              resume_mark=str(tmp_path / "m"))
     assert env[weight_stager.MARK_ENV] == str(tmp_path / "m")
     _, env = weight_stager.stager_command("w.fvw", "GPU-1", "/opt/fast-vllm/lib/fvboot", 0)
-    assert weight_stager.MARK_ENV not in env
+    assert weight_stager.MARK_ENV not in env and weight_stager.POOL_ENV not in env
 
 
 def test_the_pool_the_stager_made_is_handed_on_or_why_not():
