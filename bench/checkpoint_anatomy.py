@@ -67,31 +67,37 @@ FATBIN_MAGIC = b"\x50\xed\x55\xba"  # 0xBA55ED50, little-endian
 MAX_EMBEDDED = 1 << 30
 
 
+ELF64_LE = b"\x7fELF\x02\x01"
+
+
+def _starts(data: bytes, magic: bytes, header: int):
+    """Every offset in DATA where MAGIC starts with HEADER bytes of header after it in DATA."""
+    pos = data.find(magic)
+    while pos >= 0:
+        if pos + header <= len(data):
+            yield pos
+        pos = data.find(magic, pos + 4)
+
+
 def embedded_images(data: bytes) -> Counter:
     """The ELF images (CUDA cubins apart) and CUDA fatbins that start anywhere in DATA, counted
     with the sizes their headers claim (an image may run past DATA's end; a header that claims
     nothing sensible is not counted)."""
     found: Counter = Counter()
-    pos = data.find(b"\x7fELF\x02\x01")
-    while pos >= 0:
-        if pos + 64 <= len(data):
-            machine, = struct.unpack_from("<H", data, pos + 0x12)
-            phoff, shoff = struct.unpack_from("<QQ", data, pos + 0x20)
-            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, pos + 0x36)
-            size = max(shoff + shentsize * shnum, phoff + phentsize * phnum)
-            if 64 <= size < MAX_EMBEDDED:
-                kind = "cubin" if machine == EM_CUDA else "other_elf"
-                found[kind] += 1
-                found[kind + "_bytes"] += size
-        pos = data.find(b"\x7fELF\x02\x01", pos + 4)
-    pos = data.find(FATBIN_MAGIC)
-    while pos >= 0:
-        if pos + 16 <= len(data):
-            version, header, fat = struct.unpack_from("<HHQ", data, pos + 4)
-            if version == 1 and header == 16 and 0 < fat < MAX_EMBEDDED:
-                found["fatbin"] += 1
-                found["fatbin_bytes"] += header + fat
-        pos = data.find(FATBIN_MAGIC, pos + 4)
+    for pos in _starts(data, ELF64_LE, 64):
+        machine, = struct.unpack_from("<H", data, pos + 0x12)
+        phoff, shoff = struct.unpack_from("<QQ", data, pos + 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, pos + 0x36)
+        size = max(shoff + shentsize * shnum, phoff + phentsize * phnum)
+        if 64 <= size < MAX_EMBEDDED:
+            kind = "cubin" if machine == EM_CUDA else "other_elf"
+            found[kind] += 1
+            found[kind + "_bytes"] += size
+    for pos in _starts(data, FATBIN_MAGIC, 16):
+        version, header, fat = struct.unpack_from("<HHQ", data, pos + 4)
+        if version == 1 and header == 16 and 0 < fat < MAX_EMBEDDED:
+            found["fatbin"] += 1
+            found["fatbin_bytes"] += header + fat
     return found
 
 

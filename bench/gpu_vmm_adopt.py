@@ -35,9 +35,8 @@ from harness import link_fvboot, record  # noqa: E402
 
 link_fvboot(Path("/tmp/fv-bench-lib"), require="cuda_driver.py")
 sys.path.insert(0, "/tmp/fv-bench-lib")
+from fvboot.adopt import take_fds  # noqa: E402
 from fvboot.cuda_driver import Driver  # noqa: E402
-
-SYS_PIDFD_GETFD = 438  # x86_64 and arm64
 
 
 def sizes(gib: float, count: int, gran: int) -> list[int]:
@@ -83,14 +82,6 @@ def helper(weights: list[int], kv: list[int]) -> int:
     return 0
 
 
-def take_fd(pidfd: int, fd: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    got = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-    if got < 0:
-        raise OSError(ctypes.get_errno(), f"pidfd_getfd({fd})")
-    return got
-
-
 def main() -> int:
     if sys.argv[1:2] == ["--helper"]:
         w, k = json.loads(sys.argv[2]), json.loads(sys.argv[3])
@@ -126,8 +117,7 @@ def main() -> int:
     out["helper"] = {**said, "ready_after_spawn_s": round(time.perf_counter() - t0, 4)}
     out["helper"].pop("fds")
     t = time.perf_counter()
-    pidfd = os.pidfd_open(said["pid"])
-    fds = [take_fd(pidfd, fd) for fd in said["fds"]]
+    fds = take_fds(said["pid"], said["fds"])
     t_take = time.perf_counter() - t
     t = time.perf_counter()
     handles = [drv.import_fd(fd) for fd in fds]
@@ -139,7 +129,6 @@ def main() -> int:
                      "map_s": round(time.perf_counter() - t, 4)}
     for fd in fds:
         os.close(fd)
-    os.close(pidfd)
 
     def pattern_ok() -> bool:
         buf = ctypes.create_string_buffer(4096)
