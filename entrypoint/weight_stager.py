@@ -139,15 +139,15 @@ def check_entries(addr: int, entries: Sequence, alg: str, path: str, threads: in
     return None
 
 
-def room_to_stage(free: int, size: int, reserve: int) -> Optional[str]:
-    """Why a copy of SIZE bytes may not be staged when the GPU has FREE bytes and the restore
-    still needs RESERVE (None: it may). The stager allocates while the CUDA resume allocates
-    the engine's memory back and before the worker allocates its weights: taking what those
-    need would turn a faster restore into a failed one."""
+def room_to_stage(free: int, size: int, reserve: int, what: str = "a copy of the dump") -> Optional[str]:
+    """Why WHAT, SIZE bytes, may not be made when the GPU has FREE bytes and the restore still
+    needs RESERVE (None: it may). The stager allocates while the CUDA resume allocates the
+    engine's memory back and before the worker allocates its weights: taking what those need
+    would turn a faster restore into a failed one."""
     if free >= size + reserve:
         return None
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
-    return (f"{gb(free)} of GPU memory free; a copy of the dump takes {gb(size)} and the restore "
+    return (f"{gb(free)} of GPU memory free; {what} takes {gb(size)} and the restore "
             f"needs {gb(reserve)} beside it")
 
 
@@ -234,7 +234,7 @@ def make_pool(drv, device: int, reserve: int, emit: Callable[..., None]) -> list
         with open(path) as f:
             wanted = [(int(p), int(n)) for p, n in json.load(f)]
         need = sum(n for _, n in wanted)
-        short = room_to_stage(drv.mem_get_info()[0], need, reserve)
+        short = room_to_stage(drv.mem_get_info()[0], need, reserve, "the engine's sleeping memory")
         if short:
             emit(event="no-pool", why=short)
             return []

@@ -95,6 +95,9 @@ def test_a_stager_leaves_the_restore_the_gpu_memory_it_needs():
     assert weight_stager.room_to_stage(free=40 * gb, size=16 * gb, reserve=20 * gb) is None
     assert weight_stager.room_to_stage(free=30 * gb, size=16 * gb, reserve=20 * gb) == (
         "30.0 GB of GPU memory free; a copy of the dump takes 16.0 GB and the restore needs 20.0 GB beside it")
+    assert weight_stager.room_to_stage(30 * gb, 16 * gb, 20 * gb, "the engine's sleeping memory") == (
+        "30.0 GB of GPU memory free; the engine's sleeping memory takes 16.0 GB and the restore needs 20.0 GB"
+        " beside it")
 
 
 def test_the_manifest_says_what_a_helper_must_make_for_the_restore_to_adopt():
