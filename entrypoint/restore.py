@@ -280,18 +280,21 @@ def load_weights(s: RestoreState) -> None:
 def adopt_memory(s: RestoreState) -> None:
     """FV_WAKE_MEMORY=helper: the worker takes the allocations the stager made while CRIU
     restored it, and the wakes after map them instead of creating memory (fvboot.adopt).
-    Whatever fails is said, and vLLM then allocates its memory itself."""
+    Whatever fails is said, the stager gives that memory back before the wakes need it, and
+    vLLM then allocates its memory itself."""
     if not s.stager.makes_pool:
         log("the engine allocates its memory itself: this image's bake did not record its sleeping memory")
         return
     pool = s.stager.pool()
     if pool is None:
         log(f"the engine allocates its memory itself: {s.stager.why_no_pool}")
+        s.stager.drop_pool()  # one still being made must not take the KV cache's room
         return
     try:
-        stats = s.ctl.rpc("fv_adopt_memory", pool["pid"], pool["pool"], timeout=s.step_timeout_s)
+        stats = s.ctl.rpc("fv_adopt_memory", pool["socket"], pool["pool"], timeout=s.step_timeout_s)
     except ServerError as e:
         log(f"the engine allocates its memory itself: the worker could not adopt the stager's: {e}")
+        s.stager.drop_pool()
         return
     s.tl.mark("memory adopted")
     log(f"memory made by the stager in {pool.get('seconds')} s, adopted: {stats}")

@@ -22,7 +22,9 @@ The process speaks JSON lines on stdout: ``{"event": "residency", "missing", "pa
 mincore of the dump, first), then ``{"event": "ready", "handle", "size", "gpu", ...}``
 or ``{"event": "failed", "why"}``, then ``{"event": "freed"}`` and ``{"event": "verified", "ok",
 "why"}``. It reads "release" on stdin (free the device buffer now); at EOF it frees it too, and
-exits once its check is done.
+exits once its check is done. Given a pool to make (``FV_WAKE_MEMORY=helper``), it says
+``{"event": "pool", "socket", "pool"}`` or ``{"event": "no-pool", "why"}`` before staging, and
+reads "drop-pool" (give that memory back now: ``{"event": "pool-dropped"}``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .worker_threads import run_workers
 STAGING_ENV = "FV_WEIGHT_STAGING"
 READY_WAIT_S = 3.0  # how long a restore waits for a stager not yet ready once the worker is
 RELEASE_WAIT_S = 10.0
+DROP_WAIT_S = 5.0  # how long a restore waits for a stager to give back a pool not adopted
 COPY_ENV = "FV_WEIGHT_STAGING_COPY"  # register (default) or ring: see copy_registered, copy_through_ring
 RING_THREADS, RING_PIECE = 8, 32 << 20
 # GPU memory a stager leaves free beyond what the restore itself will take: CUDA contexts, cuBLAS
@@ -217,19 +220,38 @@ def copy_through_ring(drv, dst: int, addr: int, size: int, threads: int = RING_T
     return setup[0]
 
 
-def make_pool(drv, device: int, reserve: int, emit: Callable[..., None]) -> list[int]:
+class Pool:
+    """The sleeping engine's memory the stager made (FV_WAKE_MEMORY=helper): its handles, kept
+    until the stager frees its buffer or fvboot has it dropped, and the HandOver that gives
+    their descriptors to the worker."""
+
+    def __init__(self, drv, handles: list[int], hand_over) -> None:
+        self.drv, self.handles, self.hand_over = drv, handles, hand_over
+
+    def drop(self) -> None:
+        """Give the memory back (what the worker adopted stays, held by its imports)."""
+        if self.hand_over is not None:
+            self.hand_over.close()
+        handles, self.handles = self.handles, []
+        for h in handles:
+            self.drv.release(h)
+
+
+def make_pool(drv, device: int, reserve: int, emit: Callable[..., None]) -> Optional[Pool]:
     """FV_STAGER_POOL given (FV_WAKE_MEMORY=helper): create each [address, size] it lists as
     exportable memory on DEVICE, where the GPU holds them and RESERVE beside (what the CUDA
-    resume takes back and the headroom), and say
-    ``{"event": "pool", "pid", "pool": [[address, size, fd], ...]}`` (or ``{"event":
-    "no-pool", "why"}``); the handles, kept until the stager frees its buffer."""
+    resume takes back and the headroom), hand their descriptors over at a socket beside that
+    file (fvboot.adopt.HandOver) and say ``{"event": "pool", "socket", "pool": [[address,
+    size], ...]}``; or say ``{"event": "no-pool", "why"}`` and return None."""
+    from .adopt import HandOver
     from .cuda_driver import CudaError
 
     path = os.environ.get(POOL_ENV)
     if not path:
-        return []
+        return None
     t = time.perf_counter()
     handles: list[int] = []
+    fds: list[int] = []
     try:
         with open(path) as f:
             wanted = [(int(p), int(n)) for p, n in json.load(f)]
@@ -237,27 +259,42 @@ def make_pool(drv, device: int, reserve: int, emit: Callable[..., None]) -> list
         short = room_to_stage(drv.mem_get_info()[0], need, reserve, "the engine's sleeping memory")
         if short:
             emit(event="no-pool", why=short)
-            return []
-        pool = []
-        for ptr, n in wanted:
+            return None
+        for _, n in wanted:
             handles.append(drv.create(n, device))
-            pool.append([ptr, n, drv.export_fd(handles[-1])])
+            fds.append(drv.export_fd(handles[-1]))
+        sock = os.path.splitext(path)[0] + ".sock"
+        hand_over = HandOver(sock, fds)
     except (OSError, ValueError, TypeError, CudaError) as e:
+        for fd in fds:
+            os.close(fd)
         for h in handles:
             drv.release(h)
         emit(event="no-pool", why=str(e))
-        return []
-    emit(event="pool", pid=os.getpid(), pool=pool, seconds=round(time.perf_counter() - t, 4))
-    return handles
+        return None
+    emit(event="pool", socket=sock, pool=[[p, n] for p, n in wanted], seconds=round(time.perf_counter() - t, 4))
+    return Pool(drv, handles, hand_over)
 
 
-def _hold_until_released(pool_handles: list[int], commands: Iterable[str]) -> int:
+def _await_release(pool: Optional[Pool], commands: Iterable[str], emit: Callable[..., None]) -> None:
+    """Read fvboot's commands until "release" (or their end): "drop-pool" gives the pool's
+    memory back at once (the worker did not adopt it, and the KV cache is to wake into it)."""
+    for line in commands:
+        word = line.strip()
+        if word == "release":
+            break
+        if word == "drop-pool":
+            if pool is not None:
+                pool.drop()
+            emit(event="pool-dropped")
+
+
+def _hold_until_released(pool: Optional[Pool], commands: Iterable[str], emit: Callable[..., None]) -> int:
     """A stager that could not stage but made a pool stays (its descriptors with it) until told
     to release, or until fvboot stops it: the worker may still adopt the pool."""
-    if pool_handles:
-        for line in commands:
-            if line.strip() == "release":
-                break
+    if pool is not None:
+        _await_release(pool, commands, emit)
+        pool.drop()
     return 0
 
 
@@ -271,7 +308,7 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
     t0 = time.perf_counter()
     since = lambda: round(time.perf_counter() - t0, 4)  # noqa: E731
     verdict: dict = {}
-    pool_handles: list[int] = []
+    pool: Optional[Pool] = None
     try:
         fd = os.open(path, os.O_RDONLY)
         size = os.fstat(fd).st_size
@@ -300,11 +337,11 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
         t_ctx = since()
         # RESERVE counts the worker's own weights; the pool holds them, so beside it the rest will do
         beside = max(0, reserve - size)
-        pool_handles = make_pool(drv, device, beside, emit)
-        short = room_to_stage(drv.mem_get_info()[0], size, beside if pool_handles else reserve)
+        pool = make_pool(drv, device, beside, emit)
+        short = room_to_stage(drv.mem_get_info()[0], size, beside if pool is not None else reserve)
         if short:
             emit(event="failed", why=short)
-            return _hold_until_released(pool_handles, commands)
+            return _hold_until_released(pool, commands, emit)
         buf = drv.alloc(size)
         mode = os.environ.get(COPY_ENV, "register")
         if mode == "ring":
@@ -318,13 +355,11 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
         emit(event="failed", why=str(e))
         # the process ends (its mapping, device buffer and context go with it), once the worker
         # had its chance to adopt a pool made before the failure
-        return _hold_until_released(pool_handles, commands)
-    for line in commands:  # "release", or the end of the input: free the buffer either way
-        if line.strip() == "release":
-            break
+        return _hold_until_released(pool, commands, emit)
+    _await_release(pool, commands, emit)  # "release", or the end of the input: free the buffer either way
     drv.free(buf)
-    for h in pool_handles:  # the worker holds what it adopted; the rest goes with these
-        drv.release(h)
+    if pool is not None:  # the worker holds what it adopted; the rest goes with these handles
+        pool.drop()
     emit(event="freed", t=since())
     checking.join()
     emit(event="verified", **verdict, t=since())
@@ -392,6 +427,7 @@ class Stager:
         self.why: Optional[str] = None  # why it was not used, once known
         self.why_no_pool: Optional[str] = None
         self.makes_pool = bool(pool_file)  # given a pool to make (FV_WAKE_MEMORY=helper, recorded at bake)
+        self.stopped = False  # killed: its copy is gone with it
         self._seen: dict[str, dict] = {}  # the first event of each kind, as it arrived
         self._arrived = threading.Condition()  # the restore and the prefetch's readers wait on it
         if argv is None:
@@ -419,13 +455,14 @@ class Stager:
             self._seen.setdefault(event["event"], event)
             self._arrived.notify_all()
 
-    def _wait(self, names: tuple[str, ...], timeout: float) -> Optional[dict]:
-        """The first of NAMES (or a failure, or the exit) seen, waiting at most TIMEOUT s; any
-        number of threads may wait at once."""
+    def _wait(self, names: tuple[str, ...], timeout: float,
+              ends: tuple[str, ...] = ("failed", "exited")) -> Optional[dict]:
+        """The first of NAMES (or of ENDS: a failure, the exit) seen, waiting at most TIMEOUT s;
+        any number of threads may wait at once."""
         deadline = time.monotonic() + timeout
         with self._arrived:
             while True:
-                for name in (*names, "failed", "exited"):
+                for name in (*names, *ends):
                     if name in self._seen:
                         return self._seen[name]
                 left = deadline - time.monotonic()
@@ -443,6 +480,9 @@ class Stager:
 
     def ready(self, timeout: float = READY_WAIT_S) -> Optional[dict]:
         """The ready event (handle, size, gpu, its timings), or None with the reason in ``why``."""
+        if self.stopped:
+            self.why = self.why or "the weight stager was stopped"
+            return None
         event = self._wait(("ready",), timeout)
         if event is None:
             self.why = f"the weight stager was not ready within {timeout:g} s of the worker"
@@ -453,7 +493,7 @@ class Stager:
         return event if event is not None and event["event"] == "ready" else None
 
     def pool(self, timeout: float = READY_WAIT_S) -> Optional[dict]:
-        """The pool event (pid, [address, size, fd] each), or None with the reason in
+        """The pool event (its socket, [address, size] each), or None with the reason in
         ``why_no_pool``; asked for only where the stager was given a pool to make."""
         event = self._wait(("pool", "no-pool"), timeout)
         if event is None:
@@ -462,15 +502,29 @@ class Stager:
             self.why_no_pool = event.get("why") or f"the weight stager {event['event']}"
         return event if event is not None and event["event"] == "pool" else None
 
+    def drop_pool(self, timeout: float = DROP_WAIT_S) -> None:
+        """The worker did not adopt the pool: have the stager give that memory back, and wait
+        until it has (the KV cache wakes into it next). A stager that does not say so within
+        TIMEOUT s is stopped, its staged copy with it (the worker then loads the weights itself)."""
+        if "no-pool" in self._seen or not self._command("drop-pool"):  # it made none, or is gone
+            return
+        if self._wait(("pool-dropped",), timeout, ends=("exited",)) is None:  # exited: its memory went with it
+            self.why = f"the weight stager did not give back within {timeout:g} s the memory the worker did not adopt"
+            self.stop()
+
+    def _command(self, word: str) -> bool:
+        try:
+            self.proc.stdin.write(word + "\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, ValueError):
+            return False
+
     def release(self, timeout: float = RELEASE_WAIT_S, wait: bool = True) -> None:
         """Have the stager free its device buffer, and (WAIT) wait until it has, or is gone: the
         KV cache may wake into that memory next. A stager that does not say so is killed and
         reaped. Not waiting (the KV cache is awake already), the end of the restore reaps it."""
-        try:
-            self.proc.stdin.write("release\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+        self._command("release")
         if not wait:
             return
         event = self._wait(("freed",), timeout)
@@ -489,6 +543,7 @@ class Stager:
 
     def stop(self, timeout: float = RELEASE_WAIT_S) -> None:
         """Kill it, whatever it is doing, and reap it (its GPU memory is free once it is gone)."""
+        self.stopped = True
         if self.proc.poll() is None:
             self.proc.kill()
         try:

@@ -264,11 +264,11 @@ class FastVllmWorkerExtension:
                 out["sleep_pool"] = [[a.tag, a.start, a.size] for a in pool.allocs]
         return out
 
-    def fv_adopt_memory(self, pid: int, pool: list) -> dict[str, Any]:
-        """Take the sleeping allocations the weight stager (process PID) made while CRIU restored
-        this worker (POOL: [address, size, its descriptor in PID] each) and have vLLM's wake map
-        them instead of creating memory (fvboot.adopt). Raises, leaving nothing imported, where
-        they do not match what is asleep here."""
+    def fv_adopt_memory(self, socket_path: str, pool: list) -> dict[str, Any]:
+        """Take the sleeping allocations the weight stager made while CRIU restored this worker
+        (POOL: [address, size] each; their descriptors handed over at SOCKET_PATH) and have
+        vLLM's wake map them instead of creating memory (fvboot.adopt). Raises, leaving nothing
+        imported, where they do not match what is asleep here."""
         from vllm.device_allocator import cumem
 
         from .adopt import adopt
@@ -276,7 +276,7 @@ class FastVllmWorkerExtension:
 
         current = CuMemPool.current()
         asleep = {a.start: a.size for a in current.allocs if a.asleep} if current is not None else {}
-        return adopt(Driver(), int(pid), [(int(p), int(n), int(fd)) for p, n, fd in pool], asleep, cumem)
+        return adopt(Driver(), str(socket_path), [(int(p), int(n)) for p, n in pool], asleep, cumem)
 
     def fv_weights_info(self) -> dict[str, Any]:
         return {**self._fv_weights().info(), "rss": _rss()}

@@ -348,6 +348,9 @@ class _Stager:
     def release(self, wait=True):
         self.calls.append("release" if wait else "release, not waited for")
 
+    def drop_pool(self):
+        self.calls.append("drop-pool")
+
     def stop(self):
         self.calls.append("stop")
 
@@ -485,10 +488,10 @@ def test_kv_beside_a_take_that_fails_ends_in_the_workers_own_load(tmp_path, caps
     assert "the worker could not take the stager's copy: cuIpcOpenMemHandle" in capsys.readouterr().err
 
 
-POOL = {"event": "pool", "pid": 42, "pool": [[4096, 8192, 7]], "seconds": 0.31}
+POOL = {"event": "pool", "socket": "/tmp/fvboot/stager-pool.sock", "pool": [[4096, 8192]], "seconds": 0.31}
 
 
-_AdoptRefusedCtl = _failing("fv_adopt_memory", "pidfd_getfd of descriptor 7 of process 42: Operation not permitted")
+_AdoptRefusedCtl = _failing("fv_adopt_memory", "[Errno 111] Connection refused")
 
 
 def _adopting(tmp_path, ctl, stager):
@@ -501,13 +504,13 @@ def test_with_wake_memory_helper_the_worker_adopts_the_stagers_memory_before_the
     ctl, stager = _Ctl(), _Stager(READY, pool=POOL, makes_pool=True)
     state = _adopting(tmp_path, ctl, stager)
     assert _order(ctl) == ["fv_adopt_memory", "weights", "fv_take_staged", "kv_cache"]
-    assert ctl.calls[0][1:] == ((42, [[4096, 8192, 7]]), 7)
-    assert "memory adopted" in state.tl.as_dict() and state.staged
+    assert ctl.calls[0][1:] == (("/tmp/fvboot/stager-pool.sock", [[4096, 8192]]), 7)
+    assert "memory adopted" in state.tl.as_dict() and state.staged and "drop-pool" not in stager.calls
 
 
 @pytest.mark.parametrize("stager, ctl_type, said", [
     (_Stager(READY, pool=None, makes_pool=True), _Ctl, "5.0 GB of GPU memory free"),
-    (_Stager(READY, pool=POOL, makes_pool=True), _AdoptRefusedCtl, "could not adopt the stager's: pidfd_getfd"),
+    (_Stager(READY, pool=POOL, makes_pool=True), _AdoptRefusedCtl, "the worker could not adopt the stager's: [Errno 111]"),
     (_Stager(READY, makes_pool=False), _Ctl, "this image's bake did not record its sleeping memory"),
 ])
 def test_memory_not_made_or_not_adopted_leaves_the_wakes_to_vllm(tmp_path, capsys, stager, ctl_type, said):
@@ -515,5 +518,9 @@ def test_memory_not_made_or_not_adopted_leaves_the_wakes_to_vllm(tmp_path, capsy
     state = _adopting(tmp_path, ctl, stager)
     assert _order(ctl)[-3:] == ["weights", "fv_take_staged", "kv_cache"]
     assert "memory adopted" not in state.tl.as_dict() and state.staged
-    assert f"the engine allocates its memory itself: " in capsys.readouterr().err
+    assert f"the engine allocates its memory itself: {said}" in capsys.readouterr().err
     assert ("pool" in stager.calls) == stager.makes_pool  # not waited for where nothing is made
+    # what it made (or may still be making) is given back before the wakes, which need the room
+    assert ("drop-pool" in stager.calls) == stager.makes_pool
+    if stager.makes_pool:
+        assert stager.calls.index("drop-pool") < stager.calls.index("ready")

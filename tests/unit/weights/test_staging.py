@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -365,9 +367,9 @@ def test_the_stager_is_given_the_services_mark_only_when_asked_to_yield(tmp_path
 
 
 def test_the_pool_the_stager_made_is_handed_on_or_why_not():
-    """FV_WAKE_MEMORY=helper: the stager says the allocations it made (pid, [address, size, fd]),
-    or why it made none; one that says nothing is waited for only so long."""
-    pool = {"event": "pool", "pid": 42, "pool": [[4096, 8192, 7]], "seconds": 0.3}
+    """FV_WAKE_MEMORY=helper: the stager says the allocations it made (its socket, [address,
+    size] each), or why it made none; one that says nothing is waited for only so long."""
+    pool = {"event": "pool", "socket": "/tmp/fvboot/stager-pool.sock", "pool": [[4096, 8192]], "seconds": 0.3}
     s = weight_stager.Stager("w.fvw", "GPU-1", argv=_stand_in(pool, READY, then={"ok": True}))
     try:
         assert s.pool(timeout=10) == pool
@@ -378,6 +380,7 @@ def test_the_pool_the_stager_made_is_handed_on_or_why_not():
                                                                 then={"ok": True}))
     try:
         assert s.pool(timeout=10) is None and s.why_no_pool == why
+        s.drop_pool(timeout=0.5)  # it made none: nothing asked, nothing stopped
         assert s.ready(timeout=10) == READY  # staging goes on without it
     finally:
         s.stop()
@@ -386,6 +389,95 @@ def test_the_pool_the_stager_made_is_handed_on_or_why_not():
         assert s.pool(timeout=0.2) is None and "made no memory within 0.2 s" in s.why_no_pool
     finally:
         s.stop()
+
+
+def _dropping(answer: bool) -> list[str]:
+    """A stand-in that made a pool and staged; on "drop-pool" says so (ANSWER) or keeps silent."""
+    pool = {"event": "pool", "socket": "/nonexistent.sock", "pool": [[4096, 8192]]}
+    script = ("import json, sys\n"
+              f"for e in {[pool, READY]!r}: print(json.dumps(e), flush=True)\n"
+              "for line in sys.stdin:\n"
+              f"    if line.strip() == 'drop-pool' and {answer}: print(json.dumps({{'event': 'pool-dropped'}}), flush=True)\n"
+              "    if line.strip() == 'release': break\n"
+              "for e in [{'event': 'freed'}, {'event': 'verified', 'ok': True}]: print(json.dumps(e), flush=True)\n")
+    return [sys.executable, "-c", script]
+
+
+def test_a_pool_the_worker_did_not_adopt_is_given_back_before_the_wakes():
+    """The KV cache wakes into the memory the stager made for it: a pool not adopted is given
+    back first (the staged copy stays, to be taken); a stager that does not give it back within
+    the bound is stopped, and its copy is then not offered to the worker."""
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=_dropping(True))
+    try:
+        assert s.pool(timeout=10) is not None
+        s.drop_pool(timeout=10)
+        assert s.proc.poll() is None and s.ready(timeout=10) == READY
+        s.release()
+        assert s.verdict(timeout=10)["ok"]
+    finally:
+        s.stop()
+    s = weight_stager.Stager("w.fvw", "GPU-1", argv=_dropping(False))
+    try:
+        assert s.pool(timeout=10) is not None
+        t0 = time.monotonic()
+        s.drop_pool(timeout=0.3)
+        assert time.monotonic() - t0 < 10 and s.proc.poll() is not None  # stopped: its memory is free
+        assert s.ready(timeout=10) is None and "did not give back within 0.3 s" in s.why
+    finally:
+        s.stop()
+
+
+class _PoolDriver:
+    """The driver calls make_pool uses; each export a real descriptor (a pipe's write end), as
+    cuMemExportToShareableHandle's is."""
+
+    def __init__(self, free):
+        self.free, self.created, self.released, self.reads = free, [], [], []
+
+    def mem_get_info(self):
+        return self.free, 141 << 30
+
+    def create(self, n, device):
+        self.created.append(n)
+        return len(self.created)
+
+    def export_fd(self, h):
+        r, w = os.pipe()
+        self.reads.append(r)
+        return w
+
+    def release(self, h):
+        self.released.append(h)
+
+
+def test_the_stager_makes_the_pool_hands_it_over_and_gives_back_what_is_dropped(monkeypatch):
+    """make_pool as the stager runs it (the driver a stand-in): the recorded allocations made,
+    their descriptors received by the worker's side at the socket it names, in order; then a
+    "drop-pool" gives the memory back and says so; too little GPU memory: no pool, and why."""
+    from fvboot.adopt import receive_fds
+
+    d = tempfile.mkdtemp(prefix="fv-", dir="/tmp")
+    try:
+        spec = os.path.join(d, "stager-pool.json")
+        Path(spec).write_text(json.dumps([[0x7F00_0000_0000, 2 << 20], [0x7F10_0000_0000, 4 << 20]]))
+        monkeypatch.setenv(weight_stager.POOL_ENV, spec)
+        events, drv = [], _PoolDriver(free=40 << 30)
+        pool = weight_stager.make_pool(drv, 0, 1 << 30, lambda **e: events.append(e))
+        [said] = events
+        assert said["event"] == "pool" and said["socket"] == os.path.join(d, "stager-pool.sock")
+        assert said["pool"] == [[0x7F00_0000_0000, 2 << 20], [0x7F10_0000_0000, 4 << 20]] and drv.created == [2 << 20, 4 << 20]
+        fds = receive_fds(said["socket"], 2, timeout=10)
+        for fd, r in zip(fds, drv.reads):
+            os.write(fd, b"k")
+            assert os.read(r, 1) == b"k"  # each the export it stands for, in the pool's order
+            os.close(fd)
+        weight_stager._await_release(pool, iter(["drop-pool\n", "release\n"]), lambda **e: events.append(e))
+        assert events[-1] == {"event": "pool-dropped"} and drv.released == [1, 2]
+        events.clear()
+        assert weight_stager.make_pool(_PoolDriver(free=512 << 20), 0, 1 << 30, lambda **e: events.append(e)) is None
+        assert events[0]["event"] == "no-pool" and "the engine's sleeping memory" in events[0]["why"]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_the_stager_is_given_the_pool_to_make_only_with_wake_memory_helper(monkeypatch, tmp_path):
