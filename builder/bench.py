@@ -70,6 +70,10 @@ class BenchPlan:
     env: tuple[str, ...] = ()  # KEY=VALUE runtime settings for the restores
     limit_s: float = 1800
     disk_dir: Optional[Path] = None  # where the image's layers are (Docker's root): its disk is measured
+    # seconds between one container's removal and the next timed start: the GPU driver clears the
+    # memory a process leaves before handing it out again, and a start right after another pays
+    # part of that (bench/gpu_vmm_adopt.py); a node starting one container sees a settled GPU
+    settle_s: float = 0.0
 
 
 @dataclass
@@ -82,6 +86,7 @@ class BenchResult:
     vllm_args: list
     model: str
     restore_env: list
+    settle_s: float = 0.0  # the plan's: the pause before each timed start
     warmup_s: Optional[float] = None  # the untimed restore that fills the page cache for the warm runs
     restore_s: list[float] = field(default_factory=list)
     cold_s: list[float] = field(default_factory=list)
@@ -245,9 +250,12 @@ def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
     """Every path of PLAN against the image whose manifest is M."""
     env = [x for kv in plan.env for x in ("-e", kv)]
     res = BenchResult(plan.image, time.strftime("%Y-%m-%d %H:%M"), platform.node(), m["device"],
-                      m["vllm"]["version"], m["vllm"]["args"], m["model"]["source"], list(plan.env))
+                      m["vllm"]["version"], m["vllm"]["args"], m["model"]["source"], list(plan.env),
+                      settle_s=plan.settle_s)
     for i in range(-1, plan.runs):  # -1: one restore first, untimed, so that "warm" means the
         # image's files are in the page cache whatever ran before (another bench's cold runs)
+        if i >= 0:
+            time.sleep(plan.settle_s)
         took, logs, got = first_answer(plan, m, env, extra=i == 0)
         if "restored from checkpoint" not in logs:
             raise BenchError("the image did not restore: " + next(
@@ -263,6 +271,7 @@ def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
         say(f"restore {i + 1}/{plan.runs}: {took:.2f} s")
     for i in range(plan.runs if plan.cold else 0):
         drop_page_cache()
+        time.sleep(plan.settle_s)
         took, logs, _ = first_answer(plan, m, env)
         res.cold_s.append(round(took, 2))
         res.last_cold_timeline = timeline_marks(logs)

@@ -229,13 +229,15 @@ def run_flags(device: str, gpu_access: str, nvidia_driver_dir: Optional[Path]) -
 @click.option("--normal/--no-normal", default=True, show_default=True, help="also a normal vLLM start (FV_RESTORE=0)")
 @click.option("--nocache", is_flag=True, help="also a normal start with empty compile caches")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="runtime setting for the restores")
+@click.option("--settle", "settle_s", type=click.FloatRange(0, 600), default=0.0, show_default=True,
+              help="seconds to wait before each timed restore (the GPU settles after the previous container)")
 @click.option("--gpu-access", type=click.Choice(["none", "auto", "toolkit", "devices"]), default="none",
               show_default=True, help="how containers get the GPUs (as `fvbuild run-flags`)")
 @click.option("--nvidia-driver-dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="write the results here")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path, dir_okay=False), help="draw them here (PNG)")
 def bench(image_ref: str, runs: int, cold: bool, normal: bool, nocache: bool, env: tuple[str, ...],
-          gpu_access: str, nvidia_driver_dir: Optional[Path], json_out: Optional[Path], plot_out: Optional[Path]) -> None:
+          settle_s: float, gpu_access: str, nvidia_driver_dir: Optional[Path], json_out: Optional[Path], plot_out: Optional[Path]) -> None:
     """Time `docker run` of a baked image to its first correct answer, per start path (restore,
     page cache dropped, normal start, empty compile caches), on this machine, in one run."""
     from . import bench as fvbench
@@ -255,7 +257,8 @@ def bench(image_ref: str, runs: int, cold: bool, normal: bool, nocache: bool, en
         if gpu_access != "none":
             flags += gpu_run_flags(gpu_access, nvidia_driver_dir)
         disk = engine.root_dir() if cold else None  # the disk a cold restore reads the layers from
-        plan = fvbench.BenchPlan(image_ref, tuple(flags), runs, cold, normal, nocache, env, disk_dir=disk)
+        plan = fvbench.BenchPlan(image_ref, tuple(flags), runs, cold, normal, nocache, env, disk_dir=disk,
+                                 settle_s=settle_s)
         res = fvbench.run(plan, m, say=lambda line: click.echo(line, err=True))
         if json_out:
             json_out.write_text(json.dumps(res.to_json(), indent=2) + "\n")
