@@ -123,6 +123,7 @@ class AdoptedMemory:
         self.drv = driver
         self.waiting: dict[int, tuple[int, int]] = {}
         self.mapped = 0
+        self.mapped_at: set[int] = set()  # the addresses a wake mapped adopted memory at
 
     def add(self, ptr: int, size: int, fd: int) -> None:
         self.waiting[ptr] = (size, self.drv.import_fd(fd))
@@ -158,6 +159,7 @@ class AdoptedMemory:
                 return original(handle)
             ctypes.c_uint64.from_address(keep).value = adopted
             self.mapped += 1
+            self.mapped_at.add(ptr)
             return None
 
         return create_and_map
@@ -196,5 +198,6 @@ def adopt(driver: Any, socket_path: str, pool: Sequence[tuple[int, int]], asleep
         for fd in fds:
             os.close(fd)
     install(adopted, module)
+    module._fv_adopted = adopted  # what the wakes mapped: the worker asks before it trusts a fill
     return {"adopted": len(adopted.waiting), "bytes": sum(n for n, _ in adopted.waiting.values()),
             "received_s": round(t_received, 4), "seconds": round(time.perf_counter() - t0, 4)}

@@ -448,6 +448,19 @@ class Manifest:
             return []
         return [(a[0], a[1], a[2]) for a in pool]
 
+    def weights_at(self) -> Optional[dict[str, int]]:
+        """Each weight-dump entry's device address in the one worker as its bake recorded it
+        (where a helper may put the dump for the worker to adopt); None for several workers, or
+        where the bake did not record it or recorded something else."""
+        workers = self.trim if isinstance(self.trim, list) else [self.trim]
+        if len(workers) != 1 or not isinstance(workers[0], dict):
+            return None
+        at = workers[0].get("weights_at")
+        if not isinstance(at, dict) or not at or not all(
+                isinstance(k, str) and _is_int(v) and v > 0 for k, v in at.items()):
+            return None
+        return dict(at)
+
     def to_json(self) -> dict[str, Any]:
         return _some({**self.extra, "format": self.format, "model": self.model.to_json(),
                       "vllm": self.vllm.to_json(), "device": self.device.to_json(),

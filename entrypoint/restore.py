@@ -196,6 +196,7 @@ class RestoreState:
     kv_first_when_cold: bool = False  # kv_first_when_cold(): the KV cache wakes before weights read from disk
     kv_beside_staged: bool = False  # kv_beside_staged(): the KV cache wakes while the staged copy is taken
     adopt: bool = False  # FV_WAKE_MEMORY=helper: the stager made the sleeping memory, the worker adopts it
+    adopted: bool = False  # and the worker did adopt it
     kv_awake: bool = False  # the KV cache woke already (before a load from the disk, or beside a staged copy)
     checks_left: int = 0  # weight checks the load left running (check_weights waits for them)
     stager: Optional[Stager] = None  # the weight dump being staged on the GPU (FV_WEIGHT_STAGING)
@@ -296,19 +297,30 @@ def adopt_memory(s: RestoreState) -> None:
         log(f"the engine allocates its memory itself: the worker could not adopt the stager's: {e}")
         s.stager.drop_pool()
         return
+    s.adopted = True
     s.tl.mark("memory adopted")
     log(f"memory made by the stager in {pool.get('seconds')} s, adopted: {stats}")
 
 
 def take_staged(s: RestoreState) -> bool:
-    """The worker copies the weights from the stager's buffer on its GPU; True when it did. The
-    stager frees that buffer before this returns, used or not (the KV cache may need that
-    memory), without waiting where the KV cache woke already. Whatever fails is said, and the
-    worker then loads the weights itself."""
+    """The worker copies the weights from the stager's buffer on its GPU, or, where the stager
+    put the dump straight into the weights memory the worker adopted (``in_place``), takes them
+    as they are; True when it did. The stager frees its buffer before this returns, used or not
+    (the KV cache may need that memory), without waiting where the KV cache woke already.
+    Whatever fails is said, and the worker then loads the weights itself."""
     stager = s.stager
     ready = stager.ready()
     stats = None
-    if ready is not None:
+    if ready is not None and ready.get("in_place"):
+        if not s.adopted:
+            stager.why = "the stager put the dump into memory the worker did not adopt"
+        else:
+            try:
+                stats = s.ctl.rpc("fv_weights_in_place", timeout=s.step_timeout_s)
+                s.staged = True
+            except ServerError as e:
+                stager.why = f"the weights the worker adopted are not all the stager's: {e}"
+    elif ready is not None:
         args = (str(s.layout.weights_dir), ready["handle"], ready["size"], ready["gpu"])
         try:
             if s.kv_beside_staged:
@@ -319,10 +331,12 @@ def take_staged(s: RestoreState) -> bool:
         except ServerError as e:
             stager.why = f"the worker could not take the stager's copy: {e}"
     if s.staged:
-        s.tl.mark("staged copy taken")
+        in_place = bool(ready.get("in_place"))
+        s.tl.mark("weights in place" if in_place else "staged copy taken")
         stager.release(wait=not s.kv_awake)
         yielded = f", yielded to the CUDA resume {ready['yielded_s']} s" if "yielded_s" in ready else ""
-        log(f"weights: taken from the stager's copy on the GPU (staged {ready.get('t')} s after it started,"
+        how = "put in place by the stager" if in_place else "taken from the stager's copy on the GPU"
+        log(f"weights: {how} (staged {ready.get('t')} s after it started,"
             f" context {ready.get('context_s')} s, {ready.get('copy', 'register')}: page-locking"
             f" {ready.get('register_s')} s{yielded}): {stats}")
     else:

@@ -154,7 +154,8 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
             if m.device.is_cuda:  # the dump onto the GPU while CRIU restores (FV_WEIGHT_STAGING)
                 state.stager = weight_stager.start(layout.weights_dir, [g.uuid for g in here.gpus[:len(m.device.gpus)]],
                                                    m.gpu_bytes_at_checkpoint(), layout.run_dir,
-                                                   [(p, n) for _, p, n in m.sleep_pool()] if state.adopt else ())
+                                                   m.sleep_pool() if state.adopt else (),
+                                                   m.weights_at() if state.adopt else None)
                 tl.mark("stager started")
             # a stager scans the dump's residency anyway: the prefetch takes its answer
             ahead = prefetch(layout, check, stop_reading,

@@ -61,7 +61,9 @@ STAGING_VALUES = ("auto", "on", "off")
 YIELD_ENV = "FV_WEIGHT_STAGING_YIELD"  # off (default) or resume: see Yield
 MARK_ENV = "FV_CUDA_RESUME_MARK"  # the stager's: the file that exists while a CUDA restore runs
 YIELD_MAX_S = 3.0
-POOL_ENV = "FV_STAGER_POOL"  # the stager's: a JSON file of [address, size] it makes for the worker to adopt
+# the stager's: a JSON file {"pool": [[tag, address, size], ...], "weights_at": {entry: address}}
+# of what it makes for the worker to adopt, and where the dump's entries go in it (fill_in_place)
+POOL_ENV = "FV_STAGER_POOL"
 WAKE_MEMORY_ENV = "FV_WAKE_MEMORY"  # engine (default) or helper: see fvboot.adopt
 
 
@@ -220,13 +222,104 @@ def copy_through_ring(drv, dst: int, addr: int, size: int, threads: int = RING_T
     return setup[0]
 
 
+def placement(entries: Iterable, weights_at: dict[str, int],
+              allocations: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """Where each entry of the dump goes in the engine's weights pool: (its offset in the file,
+    the index in ALLOCATIONS ((address, size) each, the pool's "weights" allocations) of the one
+    that holds it, its offset there, its bytes), in file order. WEIGHTS_AT: each entry's device
+    address in the engine, as the bake recorded it. ValueError names an entry the pool does not
+    hold whole (the worker then loads the weights itself)."""
+    import bisect
+
+    order = sorted(range(len(allocations)), key=lambda i: allocations[i][0])
+    starts = [allocations[i][0] for i in order]
+    out = []
+    for e in sorted(entries, key=lambda e: e.offset):
+        if not e.nbytes:
+            continue
+        at = weights_at.get(e.key)
+        k = bisect.bisect_right(starts, at) - 1 if isinstance(at, int) else -1
+        if k < 0:
+            raise ValueError(f"the bake recorded no address in the weights pool for {e.key}")
+        i = order[k]
+        base, size = allocations[i]
+        if at + e.nbytes > base + size:
+            raise ValueError(f"{e.key} ({e.nbytes} bytes at {at:#x}) is not within one allocation of the weights pool")
+        out.append((e.offset, i, at - base, e.nbytes))
+    return out
+
+
+def copy_segments(drv, segments: Sequence[tuple[int, int, int]], addr: int, size: int,
+                  pause: Callable[[], None] = lambda: None) -> float:
+    """copy_registered for scattered destinations: each SEGMENTS (file offset, device address,
+    bytes; in file order) from the cached file mapped at ADDR (SIZE bytes), the page cache
+    page-locked in place window by window. Returns the seconds spent locking."""
+    streams = [drv.stream(), drv.stream()]
+    locked, locking, k = [], 0.0, 0
+    try:
+        for w0 in range(0, size, REGISTER_WINDOW):
+            w1 = min(size, w0 + REGISTER_WINDOW)
+            while k < len(segments) and segments[k][0] + segments[k][2] <= w0:
+                k += 1
+            todo = []
+            for off, dst, n in segments[k:]:
+                if off >= w1:
+                    break
+                lo, hi = max(off, w0), min(off + n, w1)
+                todo.append((dst + lo - off, addr + lo, hi - lo))
+            if not todo:
+                continue
+            pause()
+            t = time.perf_counter()
+            drv.host_register(addr + w0, w1 - w0)
+            locking += time.perf_counter() - t
+            locked.append(addr + w0)
+            for dst, src, n in todo:
+                drv.copy_to_device(dst, src, n, streams[len(locked) % 2])
+        for st in streams:
+            drv.synchronize(st)
+    finally:
+        for a in locked:
+            drv.host_unregister(a)
+    return locking
+
+
+def fill_in_place(drv, device: int, pool: "Pool", entries: Iterable, addr: int, size: int,
+                  pause: Callable[[], None] = lambda: None) -> dict:
+    """The dump copied straight into the weights allocations the stager made for the worker to
+    adopt (mapped here for the copy, unmapped after; the handles keep the bytes): once the
+    worker's wake maps them, its weights are in place, with no buffer and no device copy."""
+    weights = [(n, h) for (tag, _, n), h in zip(pool.wanted, pool.handles) if tag == "weights"]
+    allocations = [(p, n) for tag, p, n in pool.wanted if tag == "weights"]
+    where = placement(entries, pool.weights_at, allocations)
+    mapped: list[tuple[int, int]] = []
+    reserved: list[tuple[int, int]] = []
+    try:
+        for n, h in weights:
+            va = drv.reserve(n)
+            reserved.append((va, n))
+            drv.map(va, n, h, device)
+            mapped.append((va, n))
+        locking = copy_segments(drv, [(off, mapped[i][0] + at, n) for off, i, at, n in where], addr, size, pause)
+    finally:
+        for va, n in mapped:
+            drv.unmap(va, n)
+        for va, n in reserved:
+            drv.address_free(va, n)
+    return {"copy": "in-place", "register_s": round(locking, 4), "bytes": sum(n for *_, n in where),
+            "entries": len(where)}
+
+
 class Pool:
     """The sleeping engine's memory the stager made (FV_WAKE_MEMORY=helper): its handles, kept
     until the stager frees its buffer or fvboot has it dropped, and the HandOver that gives
     their descriptors to the worker."""
 
-    def __init__(self, drv, handles: list[int], hand_over) -> None:
+    def __init__(self, drv, handles: list[int], hand_over, wanted: Sequence[tuple[str, int, int]] = (),
+                 weights_at: Optional[dict[str, int]] = None) -> None:
         self.drv, self.handles, self.hand_over = drv, handles, hand_over
+        self.wanted = list(wanted)  # (tag, address, size) each, in the handles' order
+        self.weights_at = weights_at  # each dump entry's address in the engine: the stager may fill it
 
     def drop(self) -> None:
         """Give the memory back (what the worker adopted stays, held by its imports)."""
@@ -238,7 +331,7 @@ class Pool:
 
 
 def make_pool(drv, device: int, reserve: int, emit: Callable[..., None]) -> Optional[Pool]:
-    """FV_STAGER_POOL given (FV_WAKE_MEMORY=helper): create each [address, size] it lists as
+    """FV_STAGER_POOL given (FV_WAKE_MEMORY=helper): create each [tag, address, size] it lists as
     exportable memory on DEVICE, where the GPU holds them and RESERVE beside (what the CUDA
     resume takes back and the headroom), hand their descriptors over at a socket beside that
     file (fvboot.adopt.HandOver) and say ``{"event": "pool", "socket", "pool": [[address,
@@ -254,26 +347,30 @@ def make_pool(drv, device: int, reserve: int, emit: Callable[..., None]) -> Opti
     fds: list[int] = []
     try:
         with open(path) as f:
-            wanted = [(int(p), int(n)) for p, n in json.load(f)]
-        need = sum(n for _, n in wanted)
+            spec = json.load(f)
+        wanted = [(str(tag), int(p), int(n)) for tag, p, n in spec["pool"]]
+        weights_at = spec.get("weights_at")
+        if weights_at is not None:
+            weights_at = {str(k): int(v) for k, v in weights_at.items()}
+        need = sum(n for *_, n in wanted)
         short = room_to_stage(drv.mem_get_info()[0], need, reserve, "the engine's sleeping memory")
         if short:
             emit(event="no-pool", why=short)
             return None
-        for _, n in wanted:
+        for _, _, n in wanted:
             handles.append(drv.create(n, device))
             fds.append(drv.export_fd(handles[-1]))
         sock = os.path.splitext(path)[0] + ".sock"
         hand_over = HandOver(sock, fds)
-    except (OSError, ValueError, TypeError, CudaError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, CudaError) as e:
         for fd in fds:
             os.close(fd)
         for h in handles:
             drv.release(h)
-        emit(event="no-pool", why=str(e))
+        emit(event="no-pool", why=str(e) or type(e).__name__)
         return None
-    emit(event="pool", socket=sock, pool=[[p, n] for p, n in wanted], seconds=round(time.perf_counter() - t, 4))
-    return Pool(drv, handles, hand_over)
+    emit(event="pool", socket=sock, pool=[[p, n] for _, p, n in wanted], seconds=round(time.perf_counter() - t, 4))
+    return Pool(drv, handles, hand_over, wanted, weights_at)
 
 
 def _await_release(pool: Optional[Pool], commands: Iterable[str], emit: Callable[..., None]) -> None:
@@ -338,26 +435,36 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
         # RESERVE counts the worker's own weights; the pool holds them, so beside it the rest will do
         beside = max(0, reserve - size)
         pool = make_pool(drv, device, beside, emit)
-        short = room_to_stage(drv.mem_get_info()[0], size, beside if pool is not None else reserve)
-        if short:
-            emit(event="failed", why=short)
-            return _hold_until_released(pool, commands, emit)
-        buf = drv.alloc(size)
-        mode = os.environ.get(COPY_ENV, "register")
-        if mode == "ring":
-            locking = copy_through_ring(drv, buf, mapping.addr, size, pause=pause)
+        yielded = lambda: {"yielded_s": round(pause.waited, 4)} if pause.mark else {}  # noqa: E731 - after the copy
+        buf = None
+        if pool is not None and pool.weights_at:  # the dump straight into the weights the worker adopts
+            try:
+                filled = fill_in_place(drv, device, pool, idx.entries.values(), mapping.addr, size, pause)
+            except (ValueError, CudaError) as e:
+                emit(event="failed", why=f"the dump could not be put into the engine's weights: {e}")
+                return _hold_until_released(pool, commands, emit)
+            emit(event="ready", in_place=True, size=size, gpu=gpu, context_s=t_ctx, t=since(), **filled, **yielded())
         else:
-            mode, locking = "register", copy_registered(drv, buf, mapping.addr, size, pause)
-        emit(event="ready", handle=drv.ipc_handle(buf).hex(), size=size, gpu=gpu, context_s=t_ctx,
-             copy=mode, register_s=round(locking, 4), t=since(),
-             **({"yielded_s": round(pause.waited, 4)} if pause.mark else {}))
+            short = room_to_stage(drv.mem_get_info()[0], size, beside if pool is not None else reserve)
+            if short:
+                emit(event="failed", why=short)
+                return _hold_until_released(pool, commands, emit)
+            buf = drv.alloc(size)
+            mode = os.environ.get(COPY_ENV, "register")
+            if mode == "ring":
+                locking = copy_through_ring(drv, buf, mapping.addr, size, pause=pause)
+            else:
+                mode, locking = "register", copy_registered(drv, buf, mapping.addr, size, pause)
+            emit(event="ready", handle=drv.ipc_handle(buf).hex(), size=size, gpu=gpu, context_s=t_ctx,
+                 copy=mode, register_s=round(locking, 4), t=since(), **yielded())
     except (OSError, WeightFileError, CudaError) as e:
         emit(event="failed", why=str(e))
         # the process ends (its mapping, device buffer and context go with it), once the worker
         # had its chance to adopt a pool made before the failure
         return _hold_until_released(pool, commands, emit)
     _await_release(pool, commands, emit)  # "release", or the end of the input: free the buffer either way
-    drv.free(buf)
+    if buf is not None:
+        drv.free(buf)
     if pool is not None:  # the worker holds what it adopted; the rest goes with these handles
         pool.drop()
     emit(event="freed", t=since())
@@ -564,14 +671,16 @@ def wake_memory() -> str:
 
 
 def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0, run_dir: Optional[Path] = None,
-          pool: Sequence[tuple[int, int]] = ()) -> Optional[Stager]:
+          pool: Sequence[tuple[str, int, int]] = (), weights_at: Optional[dict[str, int]] = None) -> Optional[Stager]:
     """A stager for this restore when the image has one GPU and one weight file and
     FV_WEIGHT_STAGING is not off; else None (saying why only when it was asked for: "on").
     RESUME_BYTES: the GPU memory the CUDA resume gives the engine back (the manifest's); the
     stager leaves that, the worker's own weights and HEADROOM free, or does not stage.
     RUN_DIR: fvboot's run folder, where the cuda-checkpoint service keeps its mark (which the
     stager yields to where FV_WEIGHT_STAGING_YIELD=resume) and where the POOL to make
-    (FV_WAKE_MEMORY=helper: [address, size] each) is written for the stager."""
+    (FV_WAKE_MEMORY=helper: (tag, address, size) each) is written for the stager, with
+    WEIGHTS_AT (each dump entry's address in the engine, as baked), where the stager then puts
+    the dump straight into the weights it makes instead of a buffer of its own."""
     mode = staging_mode()
     if mode == "off":
         return None
@@ -593,7 +702,10 @@ def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0, run_dir
         if pool:  # FV_WAKE_MEMORY=helper: what the stager makes for the worker
             run_dir.mkdir(parents=True, exist_ok=True)
             pool_file = run_dir / "stager-pool.json"
-            pool_file.write_text(json.dumps([[p, n] for p, n in pool]))
+            spec: dict = {"pool": [[t, p, n] for t, p, n in pool]}
+            if weights_at:
+                spec["weights_at"] = dict(weights_at)
+            pool_file.write_text(json.dumps(spec))
     return Stager(str(files[0]), gpus[0], reserve, resume_mark=mark,
                   pool_file=str(pool_file) if pool_file else None)
 

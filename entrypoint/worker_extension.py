@@ -262,6 +262,9 @@ class FastVllmWorkerExtension:
             pool = CuMemPool.current()
             if pool is not None:  # what a helper must make for a restore to adopt (FV_WAKE_MEMORY=helper)
                 out["sleep_pool"] = [[a.tag, a.start, a.size] for a in pool.allocs]
+                addresses = getattr(self._fv_weights(), "addresses", None)
+                if addresses is not None:  # and where it may put the dump's entries
+                    out["weights_at"] = addresses()
         return out
 
     def fv_adopt_memory(self, socket_path: str, pool: list) -> dict[str, Any]:
@@ -277,6 +280,33 @@ class FastVllmWorkerExtension:
         current = CuMemPool.current()
         asleep = {a.start: a.size for a in current.allocs if a.asleep} if current is not None else {}
         return adopt(Driver(), str(socket_path), [(int(p), int(n)) for p, n in pool], asleep, cumem)
+
+    def fv_weights_in_place(self) -> dict[str, Any]:
+        """The stager put the dump straight into the weights memory this worker adopted, and the
+        weights' wake mapped it (FV_WAKE_MEMORY=helper with the bake's addresses): the weights
+        count as loaded, with no copy, where every allocation of the weights pool is one the
+        wake mapped from the adopted memory. Raises otherwise (an allocation vLLM made itself
+        holds no weights); fvboot then calls fv_load_weights."""
+        from vllm.device_allocator import cumem
+
+        adopted = getattr(cumem, "_fv_adopted", None)
+        current = CuMemPool.current()
+        if adopted is None or current is None:
+            raise WeightCollectionError("no adopted memory in this worker: the weights are not in place")
+        current.refresh()
+        weights = [a for a in current.allocs if a.tag == "weights"]
+        missing = [a for a in weights if a.asleep or a.start not in adopted.mapped_at]
+        if not weights or missing:
+            raise WeightCollectionError(f"{len(missing)} of the {len(weights)} allocations of the weights pool were"
+                                        " not mapped from the stager's memory: the weights are not in place")
+        regained = cpustate.request(getattr(self, "_fv_cpu_features", 0))
+        self._fv_pending = ()
+        self._fv_weights().mark_filled()
+        out: dict[str, Any] = {"in_place": True, "allocations": len(weights),
+                               "bytes": sum(a.size for a in weights), "rss": _rss()}
+        if regained:
+            out["cpu_features_regained"] = regained
+        return out
 
     def fv_weights_info(self) -> dict[str, Any]:
         return {**self._fv_weights().info(), "rss": _rss()}

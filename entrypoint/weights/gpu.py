@@ -212,6 +212,20 @@ class GpuWeights:
             return []
         return list(self.coverage().get("_uncovered", []))
 
+    def addresses(self) -> dict[str, int]:
+        """Each dump entry's device address (the storages', the raw blocks'): where its bytes
+        belong in the pool, whose addresses a sleep keeps. Valid asleep too (nothing is read)."""
+        out = {s.key: s.tensor.data_ptr() for s in self.storages.values()}
+        out.update({f"pool@{addr:#x}": addr for addr, _ in getattr(self, "raw_blocks", [])})
+        return out
+
+    def mark_filled(self) -> None:
+        """The weights were put in place by another process (the stager's fill of the memory
+        this worker adopted): valid again, with no copy of ours."""
+        self.require_awake("fill")
+        self._staging = []
+        self._released = False
+
     def release(self) -> int:
         """Mark the contents invalid; the memory itself goes with /sleep?level=2."""
         self._released = True

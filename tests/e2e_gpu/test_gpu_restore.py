@@ -68,7 +68,8 @@ def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_ima
     FV_WAKE_ORDER=kv-beside the worker takes the copy in a thread while the engine wakes the KV
     cache (the GPU has room for both here); with FV_WEIGHT_STAGING_YIELD=resume the stager
     waits while the CUDA resume runs; with FV_WAKE_MEMORY=helper the stager makes the sleeping
-    memory (weights' pool, KV cache) and the worker's wakes map it."""
+    memory (weights' pool, KV cache), puts the dump straight into the weights' part, and the
+    worker's wakes map it: no copy of the worker's."""
     from e2e.test_restore import Container, _assert_same_as_bake, _wait_ready
 
     m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
@@ -78,7 +79,9 @@ def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_ima
         _assert_same_as_bake(m)
         logs = c.logs()
     assert "restored from checkpoint" in logs, logs[-3000:]
-    assert "weights: taken from the stager's copy on the GPU" in logs, logs[-3000:]
+    helper = setting == "FV_WAKE_MEMORY=helper"  # the dump put straight into the weights it adopts
+    how = "weights: put in place by the stager" if helper else "weights: taken from the stager's copy on the GPU"
+    assert how in logs, logs[-3000:]
     assert "weights checked by the stager" in logs
     beside = "KV cache awake (beside the staged copy)" in logs
     assert beside == (setting == "FV_WAKE_ORDER=kv-beside"), logs[-3000:]
@@ -86,14 +89,16 @@ def test_restore_with_the_weights_staged_on_the_gpu_during_the_restore(baked_ima
     assert ('"memory adopted"' in logs) == (setting == "FV_WAKE_MEMORY=helper"), logs[-3000:]
 
 
-def test_a_damaged_weight_byte_with_the_weights_staged_falls_back(baked_image):
-    """The stager's copy is taken, but its check of the dump finds the flipped byte: the gate
-    stays shut and the normal start serves the baked answers."""
+@pytest.mark.parametrize("setting", ["", "FV_WAKE_MEMORY=helper"])
+def test_a_damaged_weight_byte_with_the_weights_staged_falls_back(baked_image, setting):
+    """The stager's copy is taken (or, with FV_WAKE_MEMORY=helper, put in place), but its check
+    of the dump finds the flipped byte: the gate stays shut and the normal start serves the
+    baked answers."""
     from e2e.test_restore import FLIP_EMBEDDING_BYTE, _fallback
 
     m = json.loads(subprocess.run(["fvbuild", "inspect", baked_image], capture_output=True, text=True,
                                   check=True).stdout)
-    _fallback(baked_image, m, FLIP_EMBEDDING_BYTE, "checksum mismatch")
+    _fallback(baked_image, m, (f"export {setting} && " if setting else "") + FLIP_EMBEDDING_BYTE, "checksum mismatch")
 
 
 @pytest.mark.parametrize("field, value, reason", [

@@ -524,3 +524,39 @@ def test_memory_not_made_or_not_adopted_leaves_the_wakes_to_vllm(tmp_path, capsy
     assert ("drop-pool" in stager.calls) == stager.makes_pool
     if stager.makes_pool:
         assert stager.calls.index("drop-pool") < stager.calls.index("ready")
+
+
+IN_PLACE = {"event": "ready", "in_place": True, "size": 7, "gpu": "GPU-1", "t": 0.6, "copy": "in-place",
+            "register_s": 0.2, "bytes": 7, "entries": 1}
+
+
+def test_weights_the_stager_put_into_the_adopted_memory_are_taken_as_they_are(tmp_path, capsys):
+    """FV_WAKE_MEMORY=helper on an image whose bake recorded the weights' addresses: the stager
+    fills the weights memory it made, the worker adopts it, the weights' wake maps it, and the
+    worker takes the weights in place (no copy, no page cache); the stager's verdict is still
+    the weights' check."""
+    ctl, stager = _Ctl(), _Stager(IN_PLACE, pool=POOL, makes_pool=True)
+    state = _adopting(tmp_path, ctl, stager)
+    assert _order(ctl) == ["fv_adopt_memory", "weights", "fv_weights_in_place", "kv_cache"]
+    assert state.staged and "weights in place" in state.tl.as_dict() and stager.calls[-1] == "release"
+    assert "weights: put in place by the stager" in capsys.readouterr().err
+    restore.check_weights(state)
+    assert stager.calls[-1] == ("verdict", 7)
+
+
+@pytest.mark.parametrize("stager, ctl_type, said", [
+    (_Stager(IN_PLACE, pool=POOL, makes_pool=True), _AdoptRefusedCtl,
+     "the stager put the dump into memory the worker did not adopt"),
+    (_Stager(IN_PLACE, pool=POOL, makes_pool=True),
+     _failing("fv_weights_in_place", "1 of the 120 allocations of the weights pool were not mapped"),
+     "the weights the worker adopted are not all the stager's: 1 of the 120"),
+])
+def test_weights_not_in_place_are_loaded_by_the_worker(tmp_path, capsys, stager, ctl_type, said):
+    """A fill the worker cannot trust (its memory not adopted, or an allocation of the weights
+    pool vLLM made itself) is never taken: the stager is stopped and the worker loads the
+    weights from the page cache, checked."""
+    ctl = ctl_type()
+    state = _adopting(tmp_path, ctl, stager)
+    assert _order(ctl)[-2:] == ["fv_load_weights", "kv_cache"] and not state.staged
+    assert "stop" in stager.calls
+    assert f"weights not staged: {said}" in capsys.readouterr().err

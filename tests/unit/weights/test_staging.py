@@ -113,6 +113,12 @@ def test_the_manifest_says_what_a_helper_must_make_for_the_restore_to_adopt():
     for trim in ([{"sleep_pool": pool}, {"sleep_pool": pool}], [{}], None, [{"sleep_pool": [["weights", -1, 5]]}],
                  [{"sleep_pool": [["weights", 1, 0]]}], [{"sleep_pool": "all"}]):
         assert manifest.Manifest.from_json({**base, "trim": trim}).sleep_pool() == [], trim
+    # and where the dump's entries go in it (the stager may put them there)
+    at = {"model.embed_tokens.weight": 0x7F0000000000, "pool@0x7f0000100000": 0x7F0000100000}
+    assert manifest.Manifest.from_json({**base, "trim": [{"sleep_pool": pool, "weights_at": at}]}).weights_at() == at
+    for trim in ([{"weights_at": at}, {"weights_at": at}], [{}], None, [{"weights_at": {}}],
+                 [{"weights_at": {"w": -1}}], [{"weights_at": [["w", 1]]}], [{"weights_at": {"w": "0x10"}}]):
+        assert manifest.Manifest.from_json({**base, "trim": trim}).weights_at() is None, trim
 
 
 def test_the_manifest_says_what_gpu_memory_the_resume_takes_back():
@@ -459,7 +465,8 @@ def test_the_stager_makes_the_pool_hands_it_over_and_gives_back_what_is_dropped(
     d = tempfile.mkdtemp(prefix="fv-", dir="/tmp")
     try:
         spec = os.path.join(d, "stager-pool.json")
-        Path(spec).write_text(json.dumps([[0x7F00_0000_0000, 2 << 20], [0x7F10_0000_0000, 4 << 20]]))
+        Path(spec).write_text(json.dumps({"pool": [["weights", 0x7F00_0000_0000, 2 << 20],
+                                                    ["kv_cache", 0x7F10_0000_0000, 4 << 20]]}))
         monkeypatch.setenv(weight_stager.POOL_ENV, spec)
         events, drv = [], _PoolDriver(free=40 << 30)
         pool = weight_stager.make_pool(drv, 0, 1 << 30, lambda **e: events.append(e))
@@ -476,6 +483,10 @@ def test_the_stager_makes_the_pool_hands_it_over_and_gives_back_what_is_dropped(
         events.clear()
         assert weight_stager.make_pool(_PoolDriver(free=512 << 20), 0, 1 << 30, lambda **e: events.append(e)) is None
         assert events[0]["event"] == "no-pool" and "the engine's sleeping memory" in events[0]["why"]
+        events.clear()
+        Path(spec).write_text(json.dumps([[0x7F00_0000_0000, 2 << 20]]))  # another fvboot's format
+        assert weight_stager.make_pool(_PoolDriver(free=40 << 30), 0, 1 << 30, lambda **e: events.append(e)) is None
+        assert events[0]["event"] == "no-pool"
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -485,10 +496,100 @@ def test_the_stager_is_given_the_pool_to_make_only_with_wake_memory_helper(monke
     (tmp_path / "rank0.fvw").write_bytes(b"x" * 1000)
     run = tmp_path / "run"
     assert weight_stager.start(tmp_path, ["GPU-1"], pool=(), run_dir=run) is None
-    made = weight_stager.start(tmp_path, ["GPU-1"], pool=[(4096, 2 << 20), (8 << 20, 4 << 20)], run_dir=run)
-    assert json.loads(Path(made).read_text()) == [[4096, 2 << 20], [8 << 20, 4 << 20]]
+    made = weight_stager.start(tmp_path, ["GPU-1"], pool=[("weights", 4096, 2 << 20), ("kv_cache", 8 << 20, 4 << 20)],
+                               run_dir=run, weights_at={"w": 4096})
+    assert json.loads(Path(made).read_text()) == {"pool": [["weights", 4096, 2 << 20], ["kv_cache", 8 << 20, 4 << 20]],
+                                                  "weights_at": {"w": 4096}}
     monkeypatch.setenv(weight_stager.WAKE_MEMORY_ENV, "Helper")
     assert weight_stager.wake_memory() == "helper"
     monkeypatch.setenv(weight_stager.WAKE_MEMORY_ENV, "gpu")
     with pytest.raises(CheckpointUnusable, match="FV_WAKE_MEMORY='gpu': expected engine or helper"):
         weight_stager.wake_memory()
+
+
+class _Entry:
+    def __init__(self, key, offset, nbytes):
+        self.key, self.offset, self.nbytes = key, offset, nbytes
+
+
+def test_each_entry_of_the_dump_is_placed_in_the_weights_allocation_that_holds_it():
+    allocations = [(0x20000, 0x1000), (0x10000, 0x2000)]  # (address, size), not in address order
+    entries = [_Entry("b", 100, 50), _Entry("a", 0, 100), _Entry("empty", 150, 0), _Entry("c", 150, 16)]
+    at = {"a": 0x10000, "b": 0x11000, "c": 0x20FF0}
+    assert weight_stager.placement(entries, at, allocations) == [
+        (0, 1, 0, 100), (100, 1, 0x1000, 50), (150, 0, 0xFF0, 16)]  # file order; empty entries skipped
+    with pytest.raises(ValueError, match="c .16 bytes at 0x20ff8. is not within one allocation"):
+        weight_stager.placement(entries, {**at, "c": 0x20FF8}, allocations)
+    with pytest.raises(ValueError, match="no address in the weights pool for b"):
+        weight_stager.placement(entries, {"a": 0x10000, "c": 0x20FF0}, allocations)
+    with pytest.raises(ValueError, match="no address in the weights pool for a"):
+        weight_stager.placement(entries, {**at, "a": 0x100}, allocations)  # below every allocation
+
+
+class _HostDriver:
+    """The driver calls fill_in_place makes, with host memory standing in for the GPU's: a
+    reserved range is a host buffer, a map binds a handle's buffer there, a copy is a memmove."""
+
+    def __init__(self, sizes):
+        import ctypes
+
+        self.ctypes = ctypes
+        self.memory = {h: ctypes.create_string_buffer(n) for h, n in enumerate(sizes, 1)}  # handle -> bytes
+        self.at, self.registered, self.calls = {}, [], []
+
+    def reserve(self, n):
+        buf = self.ctypes.create_string_buffer(n)
+        self.at[self.ctypes.addressof(buf)] = buf
+        return self.ctypes.addressof(buf)
+
+    def map(self, va, n, handle, device):
+        self.calls.append(("map", handle))
+        self.at[va] = self.memory[handle]  # copies to VA land in the handle's memory
+
+    def unmap(self, va, n):
+        self.calls.append("unmap")
+
+    def address_free(self, va, n):
+        self.calls.append("free")
+
+    def stream(self):
+        return 0
+
+    def synchronize(self, st):
+        pass
+
+    def host_register(self, addr, n):
+        self.registered.append((addr, n))
+
+    def host_unregister(self, addr):
+        self.registered = [r for r in self.registered if r[0] != addr]
+
+    def copy_to_device(self, dst, src, n, stream):
+        for va, buf in self.at.items():
+            if va <= dst < va + len(buf):
+                self.ctypes.memmove(self.ctypes.addressof(buf) + dst - va, src, n)
+                return
+        raise AssertionError(f"a copy to {dst:#x}, which nothing maps")
+
+
+def test_the_stager_puts_the_dump_into_the_weights_it_made_entry_by_entry(monkeypatch):
+    """fill_in_place, the driver standing in with host memory: every entry's bytes land at its
+    offset in the allocation that holds it, across the page-locking windows; the stager's own
+    mappings are undone after; the KV cache's allocation is not touched."""
+    import ctypes
+
+    monkeypatch.setattr(weight_stager, "REGISTER_WINDOW", 64)  # entries straddle windows
+    data = bytes(range(256)) * 2
+    src = ctypes.create_string_buffer(data, len(data))
+    entries = [_Entry("a", 0, 200), _Entry("b", 200, 100), _Entry("c", 300, 212)]
+    wanted = [("weights", 0x10000, 512), ("kv_cache", 0x30000, 64), ("weights", 0x20000, 256)]
+    at = {"a": 0x10000 + 300, "b": 0x20000 + 10, "c": 0x10000 + 0}
+    drv = _HostDriver([n for *_, n in wanted])
+    pool = weight_stager.Pool(drv, [1, 2, 3], None, wanted, at)
+    out = weight_stager.fill_in_place(drv, 0, pool, entries, ctypes.addressof(src), len(data))
+    assert out["bytes"] == 512 and out["entries"] == 3 and out["copy"] == "in-place"
+    w1, kv, w2 = (drv.memory[h].raw for h in (1, 2, 3))
+    assert w1[300:500] == data[0:200] and w1[0:212] == data[300:512]
+    assert w2[10:110] == data[200:300] and kv == bytes(64)
+    assert [c for c in drv.calls if c != "unmap" and c != "free"] == [("map", 1), ("map", 3)]
+    assert drv.calls.count("unmap") == 2 and drv.calls.count("free") == 2 and drv.registered == []
