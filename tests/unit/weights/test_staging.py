@@ -593,3 +593,61 @@ def test_the_stager_puts_the_dump_into_the_weights_it_made_entry_by_entry(monkey
     assert w2[10:110] == data[200:300] and kv == bytes(64)
     assert [c for c in drv.calls if c != "unmap" and c != "free"] == [("map", 1), ("map", 3)]
     assert drv.calls.count("unmap") == 2 and drv.calls.count("free") == 2 and drv.registered == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_the_stager_puts_the_dump_into_the_weights_the_worker_adopts(fvw):
+    """FV_WAKE_MEMORY=helper with the real driver: this process plays the sleeping engine (two
+    weights allocations reserved, holding the dump's entries in another order than the file's,
+    and a KV cache one); the real stager makes them, puts every entry where the engine keeps it
+    and hands them over; adopted and mapped at the engine's addresses, each entry reads back
+    as the dump's bytes, and the stager's check passes."""
+    import ctypes
+    import types
+
+    from fvboot.adopt import adopt
+    from fvboot.cuda_driver import Driver
+
+    path, src = fvw
+    drv = Driver()
+    drv.init()
+    drv.use_primary_context(0)
+    gran = drv.granularity(0)
+    up = lambda n, k: -(-n // k) * k  # noqa: E731
+    entries = sorted((e for e in wf.read_index(path).entries.values() if e.nbytes), key=lambda e: -e.offset)
+    allocs, at = [], {}
+    for group in (entries[:len(entries) // 2], entries[len(entries) // 2:]):
+        size = up(sum(up(e.nbytes, 256) for e in group), gran)
+        va, off = drv.reserve(size), 0
+        for e in group:
+            at[e.key], off = va + off, off + up(e.nbytes, 256)
+        allocs.append(("weights", va, size))
+    allocs.append(("kv_cache", drv.reserve(gran), gran))
+    d = tempfile.mkdtemp(prefix="fv-", dir="/tmp")
+    spec = os.path.join(d, "stager-pool.json")
+    Path(spec).write_text(json.dumps({"pool": [list(a) for a in allocs], "weights_at": at}))
+    keep = [ctypes.c_uint64(0) for _ in allocs]
+    s = weight_stager.Stager(str(path), drv.device_uuid(0), pool_file=spec)
+    try:
+        pool = s.pool(timeout=60)
+        assert pool is not None, s.why_no_pool
+        module = types.SimpleNamespace(create_and_map=lambda h: pytest.fail(f"vLLM asked to create {h}"))
+        adopt(drv, pool["socket"], [(p, n) for p, n in pool["pool"]], {p: n for _, p, n in allocs}, module)
+        for (_, p, n), k in zip(allocs, keep):
+            module.create_and_map((0, n, p, ctypes.addressof(k)))
+        ready = s.ready(timeout=60)
+        assert ready is not None and ready["in_place"] and ready["entries"] == len(entries), s.why
+        s.release(timeout=30)
+        assert s.verdict(timeout=60)["ok"]
+        for e in entries:
+            got = ctypes.create_string_buffer(e.nbytes)
+            drv.copy_to_host(ctypes.addressof(got), at[e.key], e.nbytes)
+            assert got.raw == src[e.key].contiguous().view(-1).view(torch.uint8).numpy().tobytes(), e.key
+    finally:
+        s.stop()
+        for (_, p, n), k in zip(allocs, keep):
+            if k.value:
+                drv.unmap(p, n)
+                drv.release(k.value)
+            drv.address_free(p, n)
+        shutil.rmtree(d, ignore_errors=True)
