@@ -160,23 +160,7 @@ def copy_registered(drv, dst: int, addr: int, size: int, pause: Callable[[], Non
     """Copy SIZE bytes of the cached file mapped at ADDR to DST by page-locking the page cache
     in place, window by window (a window's copy runs while the next is locked); PAUSE is called
     before each window (a Yield). Returns the seconds spent locking."""
-    streams = [drv.stream(), drv.stream()]
-    locked, locking = [], 0.0
-    try:
-        for k, off in enumerate(range(0, size, REGISTER_WINDOW)):
-            n = min(REGISTER_WINDOW, size - off)
-            pause()
-            t = time.perf_counter()
-            drv.host_register(addr + off, n)
-            locking += time.perf_counter() - t
-            locked.append(addr + off)
-            drv.copy_to_device(dst + off, addr + off, n, streams[k % 2])
-        for st in streams:
-            drv.synchronize(st)
-    finally:
-        for a in locked:
-            drv.host_unregister(a)
-    return locking
+    return copy_segments(drv, [(0, dst, size)], addr, size, pause)
 
 
 def copy_through_ring(drv, dst: int, addr: int, size: int, threads: int = RING_THREADS,
