@@ -27,4 +27,4 @@ for r in $(seq "${FV_AB_ROUNDS:-4}"); do
     echo "round $r variant $k ($v): $(grep -o 'restore\(, page cache dropped\)\? 1/1: .*' "$D/v$k-r$r.log" | tr '\n' ' ')"
   done
 done
-[ -n "${OUT:-}" ] && tar -czf "$OUT/interleaved.tgz" -C "$(dirname "$D")" interleaved
+if [ -n "${OUT:-}" ]; then tar -czf "$OUT/interleaved.tgz" -C "$(dirname "$D")" interleaved; fi
