@@ -2,7 +2,8 @@
 """The tables of an interleaved run (bench/gpu_variants_interleaved.sh, `.ci/gpu-run variants`):
 per setting, each round's `docker run` -> first correct answer and their median, a round that
 did not restore named as such with its reason; then where the time went, step by step (medians
-of the rounds' timelines). Markdown, for the results' README.
+of the rounds' timelines); and the restores with the page cache dropped, for a setting that
+asked for them (`--cold`). Markdown, for the results' README.
 
     python3 bench/interleaved_summary.py bench/results/<run>/interleaved
 """
@@ -43,6 +44,8 @@ def label(run: dict) -> str:
     parts = list(run.get("restore_env") or [])
     if run.get("settle_s"):
         parts.append(f"--settle={run['settle_s']:g}")
+    if run.get("cold_s"):
+        parts.append("--cold")
     return " ".join(f"`{p}`" for p in parts) or "defaults"
 
 
@@ -54,12 +57,14 @@ def load(folder: Path) -> dict[int, dict]:
         if not m:
             continue
         v, r = int(m.group(1)), int(m.group(2))
-        entry = out.setdefault(v, {"label": None, "rounds": {}, "timelines": []})
+        entry = out.setdefault(v, {"label": None, "rounds": {}, "timelines": [], "cold": {}})
         res = log.with_suffix(".json")
         if res.exists():
             run = json.loads(res.read_text())
             entry["label"] = entry["label"] or label(run)
             entry["rounds"][r] = run["restore_s"][0]
+            if run.get("cold_s"):
+                entry["cold"][r] = run["cold_s"][0]
             entry["timelines"].append({e["event"]: e["t"] for e in run.get("last_restore_timeline", [])})
         else:
             last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
@@ -94,6 +99,14 @@ def tables(variants: dict[int, dict]) -> str:
             cells.append(f"{statistics.median(d):.2f}" if d else "-")
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cold = [k for k in sorted(variants) if variants[k]["cold"]]
+    if cold:
+        lines += ["", "Page cache dropped (`--cold`), s:", "",
+                  "| setting | " + " | ".join(f"r{r}" for r in rounds) + " | median |", "| --- |" + " --- |" * (len(rounds) + 1)]
+        for k in cold:
+            c = variants[k]["cold"]
+            lines.append(f"| {variants[k]['label']} | " + " | ".join(f"{c[r]:.2f}" if r in c else "" for r in rounds)
+                         + f" | {statistics.median(c.values()):.2f} |")
     return "\n".join(lines + ([""] + why if why else []))
 
 
