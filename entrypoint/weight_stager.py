@@ -211,8 +211,10 @@ def placement(entries: Iterable, weights_at: dict[str, int],
     """Where each entry of the dump goes in the engine's weights pool: (its offset in the file,
     the index in ALLOCATIONS ((address, size) each, the pool's "weights" allocations) of the one
     that holds it, its offset there, its bytes), in file order. WEIGHTS_AT: each entry's device
-    address in the engine, as the bake recorded it. ValueError names an entry the pool does not
-    hold whole (the worker then loads the weights itself)."""
+    address in the engine, as the bake recorded it. An entry outside every allocation of the
+    pool is left out: a sleep discards only the pool, so its bytes are still where they were.
+    ValueError names an entry with no recorded address, or one that runs past the end of its
+    allocation (the worker then loads the weights itself)."""
     import bisect
 
     order = sorted(range(len(allocations)), key=lambda i: allocations[i][0])
@@ -222,9 +224,11 @@ def placement(entries: Iterable, weights_at: dict[str, int],
         if not e.nbytes:
             continue
         at = weights_at.get(e.key)
-        k = bisect.bisect_right(starts, at) - 1 if isinstance(at, int) else -1
-        if k < 0:
-            raise ValueError(f"the bake recorded no address in the weights pool for {e.key}")
+        if not isinstance(at, int):
+            raise ValueError(f"the bake recorded no address for {e.key}")
+        k = bisect.bisect_right(starts, at) - 1
+        if k < 0 or at >= allocations[order[k]][0] + allocations[order[k]][1]:
+            continue  # not in the pool: kept through the sleep
         i = order[k]
         base, size = allocations[i]
         if at + e.nbytes > base + size:
