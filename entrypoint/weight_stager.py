@@ -43,15 +43,14 @@ from .envchoice import choice
 from .errors import CheckpointUnusable
 from .helper_process import helper_command
 from .output import log
-from .residency import REGISTER_WINDOW, FileMapping
-from .worker_threads import run_workers
+from .residency import FileMapping
+from .stager_copy import copy_registered, copy_through_ring, fill_in_place
 
 STAGING_ENV = "FV_WEIGHT_STAGING"
 READY_WAIT_S = 3.0  # how long a restore waits for a stager not yet ready once the worker is
 RELEASE_WAIT_S = 10.0
 DROP_WAIT_S = 5.0  # how long a restore waits for a stager to give back a pool not adopted
 COPY_ENV = "FV_WEIGHT_STAGING_COPY"  # register (default) or ring: see copy_registered, copy_through_ring
-RING_THREADS, RING_PIECE = 8, 32 << 20
 # GPU memory a stager leaves free beyond what the restore itself will take: CUDA contexts, cuBLAS
 # workspaces, the allocators' rounding
 HEADROOM = 2 << 30
@@ -154,148 +153,6 @@ def room_to_stage(free: int, size: int, reserve: int, what: str = "a copy of the
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     return (f"{gb(free)} of GPU memory free; {what} takes {gb(size)} and the restore "
             f"needs {gb(reserve)} beside it")
-
-
-def copy_registered(drv, dst: int, addr: int, size: int, pause: Callable[[], None] = lambda: None) -> float:
-    """Copy SIZE bytes of the cached file mapped at ADDR to DST by page-locking the page cache
-    in place, window by window (a window's copy runs while the next is locked); PAUSE is called
-    before each window (a Yield). Returns the seconds spent locking."""
-    return copy_segments(drv, [(0, dst, size)], addr, size, pause)
-
-
-def copy_through_ring(drv, dst: int, addr: int, size: int, threads: int = RING_THREADS,
-                      piece: int = RING_PIECE, pause: Callable[[], None] = lambda: None) -> float:
-    """The same copy through page-locked buffers of the stager's own (THREADS threads, two
-    PIECE-byte buffers and two streams each: one buffer fills while the other's copy runs).
-    It costs CPU copies, but no page-locking of 7 GB of page cache in the driver while the
-    CUDA resume needs it. Returns the seconds spent allocating the buffers."""
-    import ctypes
-
-    jobs, lock, abort = iter(range(0, size, piece)), threading.Lock(), threading.Event()
-    setup = [0.0]
-
-    def run() -> None:
-        bufs: list[int] = []
-        try:
-            drv.use_context()
-            t = time.perf_counter()
-            bufs.extend(drv.alloc_host(piece) for _ in range(2))
-            streams = [drv.stream(), drv.stream()]
-            with lock:
-                setup[0] = max(setup[0], time.perf_counter() - t)
-            k = 0
-            while not abort.is_set():
-                with lock:
-                    off = next(jobs, None)
-                if off is None:
-                    break
-                n = min(piece, size - off)
-                pause()
-                drv.synchronize(streams[k])  # this buffer's last copy is done
-                ctypes.memmove(bufs[k], addr + off, n)
-                drv.copy_to_device(dst + off, bufs[k], n, streams[k])
-                k ^= 1
-            for st in streams:
-                drv.synchronize(st)
-        finally:
-            for b in bufs:
-                drv.free_host(b)
-
-    # the first error is raised here: said by the caller, and the worker loads the weights itself
-    run_workers(threads, run, abort, on_abort=lambda: None)
-    return setup[0]
-
-
-def placement(entries: Iterable, weights_at: dict[str, int],
-              allocations: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
-    """Where each entry of the dump goes in the engine's weights pool: (its offset in the file,
-    the index in ALLOCATIONS ((address, size) each, the pool's "weights" allocations) of the one
-    that holds it, its offset there, its bytes), in file order. WEIGHTS_AT: each entry's device
-    address in the engine, as the bake recorded it. An entry outside every allocation of the
-    pool is left out: a sleep discards only the pool, so its bytes are still where they were.
-    ValueError names an entry with no recorded address, or one that runs past the end of its
-    allocation (the worker then loads the weights itself)."""
-    import bisect
-
-    order = sorted(range(len(allocations)), key=lambda i: allocations[i][0])
-    starts = [allocations[i][0] for i in order]
-    out = []
-    for e in sorted(entries, key=lambda e: e.offset):
-        if not e.nbytes:
-            continue
-        at = weights_at.get(e.key)
-        if not isinstance(at, int):
-            raise ValueError(f"the bake recorded no address for {e.key}")
-        k = bisect.bisect_right(starts, at) - 1
-        if k < 0 or at >= allocations[order[k]][0] + allocations[order[k]][1]:
-            continue  # not in the pool: kept through the sleep
-        i = order[k]
-        base, size = allocations[i]
-        if at + e.nbytes > base + size:
-            raise ValueError(f"{e.key} ({e.nbytes} bytes at {at:#x}) is not within one allocation of the weights pool")
-        out.append((e.offset, i, at - base, e.nbytes))
-    return out
-
-
-def copy_segments(drv, segments: Sequence[tuple[int, int, int]], addr: int, size: int,
-                  pause: Callable[[], None] = lambda: None) -> float:
-    """copy_registered for scattered destinations: each SEGMENTS (file offset, device address,
-    bytes; in file order) from the cached file mapped at ADDR (SIZE bytes), the page cache
-    page-locked in place window by window. Returns the seconds spent locking."""
-    streams = [drv.stream(), drv.stream()]
-    locked, locking, k = [], 0.0, 0
-    try:
-        for w0 in range(0, size, REGISTER_WINDOW):
-            w1 = min(size, w0 + REGISTER_WINDOW)
-            while k < len(segments) and segments[k][0] + segments[k][2] <= w0:
-                k += 1
-            todo = []
-            for off, dst, n in segments[k:]:
-                if off >= w1:
-                    break
-                lo, hi = max(off, w0), min(off + n, w1)
-                todo.append((dst + lo - off, addr + lo, hi - lo))
-            if not todo:
-                continue
-            pause()
-            t = time.perf_counter()
-            drv.host_register(addr + w0, w1 - w0)
-            locking += time.perf_counter() - t
-            locked.append(addr + w0)
-            for dst, src, n in todo:
-                drv.copy_to_device(dst, src, n, streams[len(locked) % 2])
-        for st in streams:
-            drv.synchronize(st)
-    finally:
-        for a in locked:
-            drv.host_unregister(a)
-    return locking
-
-
-def fill_in_place(drv, device: int, pool: "Pool", entries: Iterable, addr: int, size: int,
-                  pause: Callable[[], None] = lambda: None) -> dict:
-    """The dump copied straight into the weights allocations the stager made for the worker to
-    adopt (mapped here for the copy, unmapped after; the handles keep the bytes): once the
-    worker's wake maps them, its weights are in place, with no buffer and no device copy."""
-    weights = [(n, h) for (tag, _, n), h in zip(pool.wanted, pool.handles) if tag == "weights"]
-    allocations = [(p, n) for tag, p, n in pool.wanted if tag == "weights"]
-    where = placement(entries, pool.weights_at, allocations)
-    mapped: list[tuple[int, int]] = []
-    reserved: list[tuple[int, int]] = []
-    try:
-        for n, h in weights:
-            va = drv.reserve(n)
-            reserved.append((va, n))
-            drv.map(va, n, h, device)
-            mapped.append((va, n))
-        locking = copy_segments(drv, [(off, mapped[i][0] + at, n) for off, i, at, n in where], addr, size, pause)
-    finally:
-        for va, n in mapped:
-            drv.unmap(va, n)
-        for va, n in reserved:
-            drv.address_free(va, n)
-    return {"copy": "in-place", "register_s": round(locking, 4), "bytes": sum(n for *_, n in where),
-            "entries": len(where)}
 
 
 class Pool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fvboot import weight_stager
+from fvboot import stager_copy, weight_stager
 from fvboot.errors import CheckpointUnusable
 from fvboot.residency import FileMapping
 from weights_testdata import MIB, flip_bit, fvw, torch  # noqa: F401 - fvw is a fixture
@@ -516,15 +516,15 @@ def test_each_entry_of_the_dump_is_placed_in_the_weights_allocation_that_holds_i
     allocations = [(0x20000, 0x1000), (0x10000, 0x2000)]  # (address, size), not in address order
     entries = [_Entry("b", 100, 50), _Entry("a", 0, 100), _Entry("empty", 150, 0), _Entry("c", 150, 16)]
     at = {"a": 0x10000, "b": 0x11000, "c": 0x20FF0}
-    assert weight_stager.placement(entries, at, allocations) == [
+    assert stager_copy.placement(entries, at, allocations) == [
         (0, 1, 0, 100), (100, 1, 0x1000, 50), (150, 0, 0xFF0, 16)]  # file order; empty entries skipped
     with pytest.raises(ValueError, match="c .16 bytes at 0x20ff8. is not within one allocation"):
-        weight_stager.placement(entries, {**at, "c": 0x20FF8}, allocations)
+        stager_copy.placement(entries, {**at, "c": 0x20FF8}, allocations)
     with pytest.raises(ValueError, match="the bake recorded no address for b"):
-        weight_stager.placement(entries, {"a": 0x10000, "c": 0x20FF0}, allocations)
+        stager_copy.placement(entries, {"a": 0x10000, "c": 0x20FF0}, allocations)
     # outside the pool (below, between, above its allocations): a sleep kept it, nothing to put back
     for elsewhere in (0x100, 0x12000, 0x30000):
-        assert weight_stager.placement(entries, {**at, "a": elsewhere}, allocations) == [
+        assert stager_copy.placement(entries, {**at, "a": elsewhere}, allocations) == [
             (100, 1, 0x1000, 50), (150, 0, 0xFF0, 16)]
 
 
@@ -580,7 +580,7 @@ def test_the_stager_puts_the_dump_into_the_weights_it_made_entry_by_entry(monkey
     mappings are undone after; the KV cache's allocation is not touched."""
     import ctypes
 
-    monkeypatch.setattr(weight_stager, "REGISTER_WINDOW", 64)  # entries straddle windows
+    monkeypatch.setattr(stager_copy, "REGISTER_WINDOW", 64)  # entries straddle windows
     data = bytes(range(256)) * 2
     src = ctypes.create_string_buffer(data, len(data))
     entries = [_Entry("a", 0, 200), _Entry("b", 200, 100), _Entry("c", 300, 212)]
@@ -588,7 +588,7 @@ def test_the_stager_puts_the_dump_into_the_weights_it_made_entry_by_entry(monkey
     at = {"a": 0x10000 + 300, "b": 0x20000 + 10, "c": 0x10000 + 0}
     drv = _HostDriver([n for *_, n in wanted])
     pool = weight_stager.Pool(drv, [1, 2, 3], None, wanted, at)
-    out = weight_stager.fill_in_place(drv, 0, pool, entries, ctypes.addressof(src), len(data))
+    out = stager_copy.fill_in_place(drv, 0, pool, entries, ctypes.addressof(src), len(data))
     assert out["bytes"] == 512 and out["entries"] == 3 and out["copy"] == "in-place"
     w1, kv, w2 = (drv.memory[h].raw for h in (1, 2, 3))
     assert w1[300:500] == data[0:200] and w1[0:212] == data[300:512]
