@@ -35,6 +35,9 @@ def _bake(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
+    from .devices import DeviceLookup
+
+    devices = DeviceLookup()  # NVML's start beside the imports below, not before the restore
     from .serve import serve
 
     home = None
@@ -42,7 +45,7 @@ def _serve(argv: list[str]) -> int:
         home, argv = argv[1], argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    return serve(Layout.from_env(home), argv)
+    return serve(Layout.from_env(home), argv, devices)
 
 
 def _inspect(argv: list[str]) -> int:

@@ -12,17 +12,16 @@ probe and the file checks stay in the one module that owns the file.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .errors import ManifestInvalid
+from .devices import LOOKUP_WAIT_S, DeviceLookup
+from .errors import CheckpointUnusable, ManifestInvalid
 
 FORMAT = 1
 # CRIU's page images are large and read anyway by the restore: too slow to hash before CRIU starts,
@@ -477,67 +476,21 @@ class Manifest:
 # --- this machine and the files ------------------------------------------------------------
 
 
-def device_info() -> Device:
+def device_info(lookup: Optional[DeviceLookup] = None, timeout: float = LOOKUP_WAIT_S) -> Device:
     """'cpu', or the GPUs with name, UUID, driver and CUDA versions; either with the CPU's
     instruction-set extensions. NVML through ctypes: a few milliseconds, where nvidia-smi or
-    importing torch would cost seconds at every start."""
+    importing torch would cost seconds at every start. LOOKUP: one started earlier (fvboot
+    serve starts it at its first line), waited for at most TIMEOUT s."""
+    if lookup is None:
+        lookup = DeviceLookup(background=False)
     try:
-        return dataclasses.replace(_nvml_info(), cpu_isa=cpu_isa())
-    except OSError:
-        return Device("cpu", cpu_isa=cpu_isa())
-
-
-# Extensions that user-space code selects its kernels by when it starts (numpy's and torch's
-# dispatch, oneDNN's JIT, vLLM's CPU kernels): a process restored on a CPU without one of them
-# may execute an instruction that CPU does not have. Other /proc/cpuinfo flags (virtualization,
-# power management, errata) differ between machines that run the same code.
-_ISA_FLAG = re.compile(r"^(sse\w*|ssse3|avx\w*|amx\w*|fma\w*|f16c|bmi\d|adx|sha_ni|aes|vaes|pclmulqdq|"
-                       r"vpclmulqdq|gfni|movbe|popcnt|abm|cx16|xsave(c|opt)?|rdrand|rdseed|clflushopt|"
-                       r"clwb|serialize|movdir\w*|erms|fsrm|sve\w*|asimd\w*|sme(?!p)\w*|bf16|i8mm)$")
-
-
-def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
-    """The instruction-set extensions of this machine's CPU, from the first processor's flags
-    (x86: "flags", Arm: "Features"); () where that cannot be read."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return tuple(sorted(v for v in value.split() if _ISA_FLAG.match(v)))
-    except OSError:
-        pass
-    return ()
-
-
-def _nvml_info() -> Device:
-    import ctypes
-
-    nvml = ctypes.CDLL("libnvidia-ml.so.1")  # OSError where there is no NVIDIA driver
-    if nvml.nvmlInit_v2() != 0:
-        raise OSError("nvmlInit failed")
-    try:
-        buf = ctypes.create_string_buffer(96)
-        if nvml.nvmlSystemGetDriverVersion(buf, 96) != 0:
-            raise OSError("nvmlSystemGetDriverVersion failed")
-        driver = buf.value.decode()
-        cuda = ctypes.c_int()
-        nvml.nvmlSystemGetCudaDriverVersion_v2(ctypes.byref(cuda))
-        count = ctypes.c_uint()
-        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0 or count.value == 0:
-            raise OSError("no NVIDIA GPU visible")
-        gpus = []
-        for i in range(count.value):
-            handle = ctypes.c_void_p()
-            nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(handle))
-            nvml.nvmlDeviceGetName(handle, buf, 96)
-            name = buf.value.decode()
-            nvml.nvmlDeviceGetUUID(handle, buf, 96)
-            gpus.append(Gpu(name, buf.value.decode(), driver))
-    finally:
-        nvml.nvmlShutdown()
-    return Device("cuda", tuple(gpus), driver,
-                  f"{cuda.value // 1000}.{cuda.value % 1000 // 10}" if cuda.value else None)
+        gpus, isa = lookup.result(timeout)
+    except TimeoutError:
+        raise CheckpointUnusable(f"this machine's GPUs were not listed within {timeout:g} s (NVML did not answer)") from None
+    if gpus is None:
+        return Device("cpu", cpu_isa=isa)
+    return Device("cuda", tuple(Gpu(name, uuid, gpus.driver) for name, uuid in gpus.gpus), gpus.driver,
+                  gpus.cuda, cpu_isa=isa)
 
 
 def _sha256(path: Path) -> str:

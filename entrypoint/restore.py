@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 from . import criu, manifest, pagecheck
 from .control import ServerControl
+from .devices import DeviceLookup
 from .envchoice import choice
 from .errors import CheckpointUnusable, ServerError
 from .launcher import Pipes, load_settings, write_runtime_settings
@@ -38,13 +39,15 @@ from .weight_stager import Stager
 PROBE_LOGPROB_TOL = 1e-3
 
 
-def check_compatible(m: Manifest, layout: Layout, run_args: list[str]) -> Device:
+def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
+                     devices: Optional[DeviceLookup] = None) -> Device:
     """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here; return this
-    machine's device info (the restore maps GPUs with it). M's format was checked when it was read."""
+    machine's device info (the restore maps GPUs with it; DEVICES: a lookup started earlier).
+    M's format was checked when it was read."""
     baked_args = list(m.vllm.args)
     if run_args and run_args != baked_args:
         raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")
-    baked, here = m.device, manifest.device_info()
+    baked, here = m.device, manifest.device_info(devices) if devices is not None else manifest.device_info()
     if baked.kind != here.kind:
         raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")
     lacking = sorted(set(baked.cpu_isa) - set(here.cpu_isa)) if here.cpu_isa else []

@@ -22,6 +22,7 @@ from typing import Optional
 
 from . import criu, cuda_checkpoint_service, exitnoise, manifest, restore, weight_stager
 from .control import ServerControl
+from .devices import DeviceLookup
 from .errors import CheckpointUnusable, FvBootError, Stopped
 from .launcher import (Pipes, ServedTree, add_runtime_info, runtime_settings, server_env, server_port,
                        vllm_command, write_runtime_settings)
@@ -73,7 +74,7 @@ def _raise_stopped(signum, _frame) -> None:
     raise Stopped(signum)
 
 
-def serve(layout: Layout, run_args: list[str]) -> int:
+def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] = None) -> int:
     # First of all: docker stop during a restore or a start stops what runs and ends the container
     # (143), instead of waiting for Docker's SIGKILL.
     signal.signal(signal.SIGTERM, _raise_stopped)
@@ -94,7 +95,7 @@ def serve(layout: Layout, run_args: list[str]) -> int:
     tree = None
     outcome: dict = {}
     try:
-        tree = _start(layout, run_args, pipes, tl, settings, outcome)
+        tree = _start(layout, run_args, pipes, tl, settings, outcome, devices)
         tl.print_table()
         _publish_startup(layout, tree, tl, outcome)
         return _supervise(tree)
@@ -122,9 +123,10 @@ def _publish_startup(layout: Layout, tree, tl: Timeline, outcome: dict) -> None:
 
 
 def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, settings: dict,
-           outcome: Optional[dict] = None):
+           outcome: Optional[dict] = None, devices: Optional[DeviceLookup] = None):
     """The restored tree, or after any failure on that path (said in one line, with its reason,
-    and cleaned up), a normally started one. OUTCOME gets the reason of a fallback."""
+    and cleaned up), a normally started one. OUTCOME gets the reason of a fallback; DEVICES,
+    this machine's GPUs looked up since fvboot's first line."""
     m: Optional[Manifest] = None  # None: missing or invalid; the normal start salvages what it can
     check: Optional[PageCheck] = None
     stop_reading = threading.Event()
@@ -138,7 +140,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
         kernel_facts = criu.warm_kernel_facts()  # CRIU's kernel probing, beside the checks
         # The cuda-checkpoint service starts first: its cuInit overlaps the checks and CRIU.
         with cuda_checkpoint_service.running(layout.run_dir, enabled=m.device.is_cuda) as service_env:
-            here = restore.check_compatible(m, layout, run_args)
+            here = restore.check_compatible(m, layout, run_args, devices)
             tl.mark("checks passed")
             # The big reads start after the checks, not beside them: a cold CPU restore measured
             # 0.24 s slower that way (bench/fvboot_ab.py --cold: CRIU's own small reads then queue

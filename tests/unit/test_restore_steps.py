@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from fvboot import manifest, restore
+from fvboot import devices, manifest, restore
 from fvboot.errors import CheckpointUnusable, ServerError
 from fvboot.layout import Layout
 from fvboot.restore import check_compatible, gpu_device_map, same_answers
@@ -124,9 +124,9 @@ def test_the_cpu_extensions_recorded_are_the_instruction_sets(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx avx2 avx512f avx512_bf16 "
                     "amx_tile hypervisor smep smap xsave xsaves xsaveopt tsc_known_freq fma\n"
                     "processor\t: 1\nflags\t\t: fpu\n")
-    assert manifest.cpu_isa(str(info)) == ("amx_tile", "avx", "avx2", "avx512_bf16", "avx512f", "fma", "sse",
+    assert devices.cpu_isa(str(info)) == ("amx_tile", "avx", "avx2", "avx512_bf16", "avx512f", "fma", "sse",
                                            "sse2", "sse4_1", "sse4_2", "ssse3", "xsave", "xsaveopt")
-    assert manifest.cpu_isa(str(tmp_path / "none")) == ()
+    assert devices.cpu_isa(str(tmp_path / "none")) == ()
     d = manifest.Device("cpu", cpu_isa=("avx2",))
     assert manifest.Device.from_json(d.to_json()) == d and d.to_json()["cpu_isa"] == ["avx2"]
 
