@@ -370,6 +370,17 @@ def test_the_bake_leaves_zero_pages_out_and_says_so(manifest):
     assert sum(left_out) >= 32 << 20
 
 
+def test_the_bake_says_what_the_engines_heap_holds(manifest):
+    """For the checkpoint's size (its largest part is the engine's live heap): the trim records
+    malloc's bytes in use and Python's objects by type, the engine's own among them."""
+    [heap] = [w["heap"] for w in manifest["trim"]]
+    assert "error" not in heap, heap
+    assert heap["python"]["objects"] > 100_000 and heap["python"]["bytes"] > 10 << 20
+    names = [t[0] for t in heap["python"]["top"]]
+    assert "dict" in names and "str" in names  # containers, and what they hold the collector does not track
+    assert all(isinstance(v, int) and v >= 0 for v in heap["malloc"].values()), heap["malloc"]
+
+
 @pytest.mark.parametrize("mapped", ["1", "0"], ids=["mapped", "read"])
 def test_zero_pages_left_out_come_back_as_zeros_in_parent_and_child(baked_image, mapped):
     """zeropages.py against the image's own CRIU, on a parent and a forked child whose memory has
