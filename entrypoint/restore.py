@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import criu, manifest, pagecheck
+from . import control, criu, manifest, pagecheck
 from .control import ServerControl
 from .devices import DeviceLookup
 from .envchoice import choice
@@ -241,6 +241,7 @@ def criu_restore(s: RestoreState) -> None:
     criu.wait_kernel_facts(s.kernel_facts)  # done by now, as a rule: the restore loads its cache
     issued = time.time()
     s.tl.mark("restore issued", issued)
+    control.warm_up()  # the HTTP client the steps after CRIU need, imported while it runs
     m = s.manifest
     pid = criu.restore(s.layout.images_dir, s.layout.run_dir,
                        [(s.pipes.out_w, m.pipes.stdout), (s.pipes.err_w, m.pipes.stderr)],

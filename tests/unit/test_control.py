@@ -93,3 +93,24 @@ def test_the_probe_asked_together_is_one_request_read_back_in_prompt_order():
             ctl.probe_together()
     finally:
         srv.shutdown()
+
+
+def test_fvboots_start_leaves_the_http_client_for_while_criu_runs(tmp_path):
+    """urllib (http.client, email, tempfile: ~12 ms) is not imported with `fvboot serve`'s
+    modules; warm_up imports it in a thread, which the restore starts beside CRIU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fvboot
+
+    (tmp_path / "fvboot").symlink_to(Path(fvboot.__file__).parent)
+    code = ("import sys, time; import fvboot.serve, fvboot.control as c\n"
+            "before = 'urllib.request' in sys.modules\n"
+            "c.warm_up(); t = time.monotonic()\n"
+            "while 'urllib.request' not in sys.modules and time.monotonic() - t < 10: time.sleep(0.001)\n"
+            "print(before, 'urllib.request' in sys.modules)")
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
+                       env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"]
