@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from .cuda_driver import CudaError
+from .local_socket import listen_privately
 
 HAND_OVER_WAIT_S = 30.0  # how long the stager waits for the worker to come for its descriptors
 BATCH = 128  # descriptors per message (the kernel takes at most 253 in one)
@@ -43,20 +44,8 @@ class HandOver:
         self.path, self.fds = path, list(descriptors)
         self._lock = threading.Lock()
         self.given = False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            old = os.umask(0o077)  # the socket is the owner's only, from its first moment
-            try:
-                self._sock.bind(path)
-            finally:
-                os.umask(old)
-            self._sock.listen(1)
-            self._sock.settimeout(wait)
-        except OSError:
-            self._sock.close()
-            raise
+        self._sock = listen_privately(path, socket.SOCK_SEQPACKET)
+        self._sock.settimeout(wait)
         self._thread = threading.Thread(target=self._serve, name="fv-stager-hand-over", daemon=True)
         self._thread.start()
 
@@ -122,8 +111,11 @@ class AdoptedMemory:
     def __init__(self, driver: Any) -> None:
         self.drv = driver
         self.waiting: dict[int, tuple[int, int]] = {}
-        self.mapped = 0
         self.mapped_at: set[int] = set()  # the addresses a wake mapped adopted memory at
+
+    @property
+    def mapped(self) -> int:
+        return len(self.mapped_at)
 
     def add(self, ptr: int, size: int, fd: int) -> None:
         self.waiting[ptr] = (size, self.drv.import_fd(fd))
@@ -158,7 +150,6 @@ class AdoptedMemory:
                     pass
                 return original(handle)
             ctypes.c_uint64.from_address(keep).value = adopted
-            self.mapped += 1
             self.mapped_at.add(ptr)
             return None
 

@@ -19,7 +19,6 @@ import ctypes
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from .cuda_checkpoint_client import MAGIC, SOCKET_ENV
 from .helper_process import helper_command
+from .local_socket import listen_privately
 
 if TYPE_CHECKING:
     from . import cuda_checkpoint as cc
@@ -114,15 +114,8 @@ class Service:
         load = load or cc.CudaDriver.load
         self.path = path
         self.mark = str(resume_mark(Path(os.path.abspath(path)).parent))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # only root (the caller's user) may connect
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        self.sock.listen(16)  # callers queue from here on
+        # only root (the caller's user) may connect; callers queue from here on
+        self.sock = listen_privately(path, backlog=16)
         self._driver: cc.CudaDriver | None = None
         self._load_error: cc.ToolError | None = None
 

@@ -425,20 +425,25 @@ class Manifest:
                    timeline=timeline,
                    extra=_extra(d, cls._KEYS))
 
+    def _trim_records(self) -> list[dict]:
+        """Each worker's record of the bake's trim (one per worker; a lone record as the list of
+        one), what is not a record left out."""
+        workers = self.trim if isinstance(self.trim, list) else [self.trim]
+        return [w for w in workers if isinstance(w, dict)]
+
     def gpu_bytes_at_checkpoint(self) -> int:
         """The most GPU memory one worker's GPU had in use when the workers were checkpointed
         (asleep: no weights, no KV cache; what the CUDA resume allocates again), 0 where the
         bake did not record it."""
-        workers = self.trim if isinstance(self.trim, list) else [self.trim]
-        used = [w.get("gpu_used_bytes") for w in workers if isinstance(w, dict)]
+        used = [w.get("gpu_used_bytes") for w in self._trim_records()]
         return max((u for u in used if _is_int(u) and u > 0), default=0)
 
     def sleep_pool(self) -> list[tuple[str, int, int]]:
         """(tag, address, size) of every allocation of vLLM's sleeping pool as the one worker's
         bake recorded it (what a helper must make for the restore to adopt); [] for several
         workers, or where the bake did not record it or recorded something else."""
-        workers = self.trim if isinstance(self.trim, list) else [self.trim]
-        if len(workers) != 1 or not isinstance(workers[0], dict):
+        workers = self._trim_records()
+        if len(workers) != 1:
             return []
         pool = workers[0].get("sleep_pool")
         if not isinstance(pool, list) or not all(
@@ -451,8 +456,8 @@ class Manifest:
         """Each weight-dump entry's device address in the one worker as its bake recorded it
         (where a helper may put the dump for the worker to adopt); None for several workers, or
         where the bake did not record it or recorded something else."""
-        workers = self.trim if isinstance(self.trim, list) else [self.trim]
-        if len(workers) != 1 or not isinstance(workers[0], dict):
+        workers = self._trim_records()
+        if len(workers) != 1:
             return None
         at = workers[0].get("weights_at")
         if not isinstance(at, dict) or not at or not all(

@@ -47,7 +47,7 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     baked_args = list(m.vllm.args)
     if run_args and run_args != baked_args:
         raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")
-    baked, here = m.device, manifest.device_info(devices) if devices is not None else manifest.device_info()
+    baked, here = m.device, manifest.device_info(devices)
     if baked.kind != here.kind:
         raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")
     lacking = sorted(set(baked.cpu_isa) - set(here.cpu_isa)) if here.cpu_isa else []

@@ -139,13 +139,12 @@ def fill_in_place(drv, device: int, pool, entries: Iterable, addr: int, size: in
     """The dump copied straight into the weights allocations the stager made for the worker to
     adopt (POOL: a weight_stager.Pool) (mapped here for the copy, unmapped after; the handles keep the bytes): once the
     worker's wake maps them, its weights are in place, with no buffer and no device copy."""
-    weights = [(n, h) for (tag, _, n), h in zip(pool.wanted, pool.handles) if tag == "weights"]
-    allocations = [(p, n) for tag, p, n in pool.wanted if tag == "weights"]
-    where = placement(entries, pool.weights_at, allocations)
+    weights = [(p, n, h) for (tag, p, n), h in zip(pool.wanted, pool.handles) if tag == "weights"]
+    where = placement(entries, pool.weights_at, [(p, n) for p, n, _ in weights])
     mapped: list[tuple[int, int]] = []
     reserved: list[tuple[int, int]] = []
     try:
-        for n, h in weights:
+        for _, n, h in weights:
             va = drv.reserve(n)
             reserved.append((va, n))
             drv.map(va, n, h, device)

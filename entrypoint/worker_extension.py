@@ -340,7 +340,7 @@ class FastVllmWorkerExtension:
         if adopted is None or current is None:
             raise WeightCollectionError("no adopted memory in this worker: the weights are not in place")
         current.refresh()
-        weights = [a for a in current.allocs if a.tag == "weights"]
+        weights = current.tagged("weights")
         missing = [a for a in weights if a.asleep or a.start not in adopted.mapped_at]
         if not weights or missing:
             raise WeightCollectionError(f"{len(missing)} of the {len(weights)} allocations of the weights pool were"

@@ -203,7 +203,7 @@ def test_a_device_that_does_not_fit_is_for_the_compatibility_check_to_refuse(tmp
     edited["device"]["kind"] = "cuda"
     m = manifest.read(_write_json(tmp_path, edited))
     assert m.device == Device("cuda")
-    monkeypatch.setattr(manifest, "device_info", lambda: Device("cpu"))
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: Device("cpu"))
     with pytest.raises(CheckpointUnusable, match="^baked on cuda, running on cpu$"):
         check_compatible(m, Layout(tmp_path), [])
 

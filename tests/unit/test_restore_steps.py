@@ -83,7 +83,7 @@ def _manifest(tmp_path, device):
 
 
 def test_checkpoint_from_another_device_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest, "device_info", lambda: manifest.Device("cpu"))
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
     layout, m = _manifest(tmp_path, {"kind": "cuda", "gpus": [], "driver": "580"})
     with pytest.raises(CheckpointUnusable, match="baked on cuda, running on cpu"):
         check_compatible(m, layout, [])
@@ -91,7 +91,7 @@ def test_checkpoint_from_another_device_is_refused(tmp_path, monkeypatch):
 
 def test_other_gpu_model_or_driver_is_refused(tmp_path, monkeypatch):
     here = manifest.Device("cuda", (manifest.Gpu("NVIDIA H200", "GPU-2", "580.1"),), "580.1")
-    monkeypatch.setattr(manifest, "device_info", lambda: here)
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: here)
     layout, m = _manifest(tmp_path, {"kind": "cuda", "driver": "580.1",
                                      "gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1", "driver": "580.1"}]})
     with pytest.raises(CheckpointUnusable, match="this machine has \\['NVIDIA H200'\\]"):
@@ -109,7 +109,7 @@ def test_a_cpu_without_an_extension_the_bake_had_is_refused(tmp_path, monkeypatc
     layout, m = _manifest(tmp_path, {"kind": "cpu", "cpu_isa": ["avx2", "avx512f", "amx_tile"]})
     for here, refused in ((("avx2",), "amx_tile, avx512f"), (("avx2", "avx512f", "amx_tile", "avx512_fp16"), None),
                           ((), None)):
-        monkeypatch.setattr(manifest, "device_info", lambda: manifest.Device("cpu", cpu_isa=here))
+        monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu", cpu_isa=here))
         if refused:
             with pytest.raises(CheckpointUnusable, match=f"baked on a CPU with {refused}, which this CPU lacks"):
                 check_compatible(m, layout, [])
@@ -132,7 +132,7 @@ def test_the_cpu_extensions_recorded_are_the_instruction_sets(tmp_path):
 
 
 def test_other_run_arguments_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest, "device_info", lambda: manifest.Device("cpu"))
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
     layout, m = _manifest(tmp_path, {"kind": "cpu"})
     with pytest.raises(CheckpointUnusable, match="differ from the baked ones"):
         check_compatible(m, layout, ["--max-model-len", "1024"])
