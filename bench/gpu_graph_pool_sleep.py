@@ -76,6 +76,7 @@ def main() -> int:
         del eager
 
         held = free()
+        torch.cuda.synchronize()  # a sleep unmaps: nothing may still run in that memory
         t = time.perf_counter()
         allocator.sleep(offload_tags=())  # the graph pool's memory unmapped, its addresses kept
         out["sleep_s"] = round(time.perf_counter() - t, 4)
@@ -90,6 +91,7 @@ def main() -> int:
         out["checks"]["replay_after_wake_is_the_same"] = bool(torch.equal(y, want))
 
         for _ in range(3):  # and again, a sleep and wake each time
+            torch.cuda.synchronize()
             allocator.sleep(offload_tags=())
             allocator.wake_up([TAG])
             graph.replay()

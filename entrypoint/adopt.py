@@ -1,5 +1,5 @@
 """A sleeping engine's GPU memory, made by the weight stager while CRIU restores the engine
-(``FV_WAKE_MEMORY=helper``, an option being measured).
+(``FV_WAKE_MEMORY=helper``, the default where the weights are staged).
 
 Waking a restored engine allocates its memory again: vLLM's allocator creates physical memory
 for every sleeping allocation (the weights' pool, the KV cache) and maps it at the addresses the

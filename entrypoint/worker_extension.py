@@ -86,7 +86,10 @@ def _heap_census() -> dict[str, Any]:
     """What the engine process's heap holds after the trim, for the checkpoint's size (CRIU
     dumps its live heap: 0.76 GB in the 3B engine): malloc's bytes in use and free (glibc's
     mallinfo2, every arena), and Python's objects by type (count, their own sizes; what they
-    point to in C is not counted). A diagnostic: {"error"} where it cannot be taken."""
+    point to in C is not counted, nor a tensor's or storage's memory off the CPU). The objects
+    vLLM froze after its start-up (gc.freeze: 3 190 of them seen on the GPU without this) are
+    counted too: unfrozen for the count and frozen again. A diagnostic: {"error"} where it
+    cannot be taken."""
     import gc
 
     out: dict[str, Any] = {}
@@ -101,13 +104,28 @@ def _heap_census() -> dict[str, Any]:
             out["malloc"] = {"in_use_bytes": m.uordblks, "free_bytes": m.fordblks, "mmapped_bytes": m.hblkhd,
                              "arena_bytes": m.arena}
         by_type: dict[str, list[int]] = {}
+        torch = sys.modules.get("torch")
+        device_types = (torch.Tensor, torch.UntypedStorage, torch.TypedStorage) if torch else ()
+
+        def size(o: Any) -> int:
+            if device_types and issubclass(type(o), device_types) and o.device.type != "cpu":
+                return object.__sizeof__(o)  # their __sizeof__ adds the device memory they hold
+            return sys.getsizeof(o, 0)
 
         def count(o: Any) -> None:
             entry = by_type.setdefault(type(o).__name__, [0, 0])
             entry[0] += 1
-            entry[1] += sys.getsizeof(o, 0)
+            entry[1] += size(o)
 
-        objects = gc.get_objects()  # the collector's: containers only
+        frozen = gc.get_freeze_count()
+        if frozen:
+            gc.unfreeze()  # get_objects() leaves the permanent generation out
+        try:
+            objects = gc.get_objects()  # the collector's: containers only
+        finally:
+            if frozen:
+                gc.freeze()  # as vLLM left them (the objects of the young generations with them)
+        out["frozen_objects"] = frozen
         seen: set[int] = set()
         for o in objects:
             count(o)

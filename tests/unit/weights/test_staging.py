@@ -491,7 +491,7 @@ def test_the_stager_makes_the_pool_hands_it_over_and_gives_back_what_is_dropped(
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_the_stager_is_given_the_pool_to_make_only_with_wake_memory_helper(monkeypatch, tmp_path):
+def test_the_stager_is_given_the_pool_to_make_unless_wake_memory_engine(monkeypatch, tmp_path):
     monkeypatch.setattr(weight_stager, "Stager", lambda path, gpu, reserve, resume_mark, pool_file: pool_file)
     (tmp_path / "rank0.fvw").write_bytes(b"x" * 1000)
     run = tmp_path / "run"
@@ -500,8 +500,10 @@ def test_the_stager_is_given_the_pool_to_make_only_with_wake_memory_helper(monke
                                run_dir=run, weights_at={"w": 4096})
     assert json.loads(Path(made).read_text()) == {"pool": [["weights", 4096, 2 << 20], ["kv_cache", 8 << 20, 4 << 20]],
                                                   "weights_at": {"w": 4096}}
-    monkeypatch.setenv(weight_stager.WAKE_MEMORY_ENV, "Helper")
-    assert weight_stager.wake_memory() == "helper"
+    monkeypatch.delenv(weight_stager.WAKE_MEMORY_ENV, raising=False)
+    assert weight_stager.wake_memory() == "helper"  # the default: faster on the H200 (README)
+    monkeypatch.setenv(weight_stager.WAKE_MEMORY_ENV, "Engine")
+    assert weight_stager.wake_memory() == "engine"
     monkeypatch.setenv(weight_stager.WAKE_MEMORY_ENV, "gpu")
     with pytest.raises(CheckpointUnusable, match="FV_WAKE_MEMORY='gpu': expected engine or helper"):
         weight_stager.wake_memory()
