@@ -118,6 +118,8 @@ def _heap_census() -> dict[str, Any]:
             entry[1] += size(o)
 
         frozen = gc.get_freeze_count()
+        collecting = gc.isenabled()
+        gc.disable()  # no collection between: what vLLM froze stays, garbage or not
         if frozen:
             gc.unfreeze()  # get_objects() leaves the permanent generation out
         try:
@@ -125,6 +127,8 @@ def _heap_census() -> dict[str, Any]:
         finally:
             if frozen:
                 gc.freeze()  # as vLLM left them (the objects of the young generations with them)
+            if collecting:
+                gc.enable()
         out["frozen_objects"] = frozen
         seen: set[int] = set()
         for o in objects:
