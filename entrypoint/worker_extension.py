@@ -27,12 +27,18 @@ from typing import Any, Callable
 
 import torch
 
-from . import cpustate
+from . import cpustate, graph_pool
 from .launcher import apply_load_settings
 from .weights import load_into, release_pinned_cache, write_weights
 from .weights.collection import WeightCollectionError, fingerprint, malloc_trim
 from .weights.cpu import CpuWeights
 from .weights.gpu import CuMemPool, GpuWeights, kv_room
+
+
+try:  # before vLLM builds its CUDA-graph wrappers: this module is imported with the worker
+    graph_pool.install()
+except Exception as e:  # noqa: BLE001 - the engine then keeps vLLM's own graph pool
+    print(f"fvboot: CUDA graphs stay in vLLM's own pool: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def collect_weights(model: torch.nn.Module, draft: torch.nn.Module | None = None):
@@ -327,6 +333,9 @@ class FastVllmWorkerExtension:
             out["torch_reserved_bytes"] = torch.cuda.memory_reserved()
             out["torch_pools"] = _pools()
             out["context_limits"] = _context_limits()
+            tagged = graph_pool.tag_graph_memory()  # FV_GRAPH_POOL=sleep: the graphs' memory sleeps too
+            if tagged:
+                out["graph_pool_allocations"] = tagged
             pool = CuMemPool.current()
             if pool is not None:  # what a helper must make for a restore to adopt (FV_WAKE_MEMORY=helper)
                 out["sleep_pool"] = [[a.tag, a.start, a.size] for a in pool.allocs]

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 11: FV_GRAPH_POOL=sleep against vLLM's own graph pool, host mode, one GPU machine: two
+# bakes of the same model (the graphs in vLLM's pool / in memory that sleeps), then their warm
+# restores alternated. From the repo root, after `source .devkit/remote.sh` (the device kit):
+#
+#   bash bench/gpu_graph_pool_ab.sh [ROUNDS]      # default 2; results and logs under $OUT
+#
+# ~8 minutes at 3B with one round (two bakes of ~4 min with their restores): one device call.
+#
+# Each bake: bench/gpu_startup.py bake (3 warm restores and a cold one after it); each round:
+# bench/gpu_startup.py restore of each (3 warm, 1 cold). The manifests' trim records say what
+# the sleeping engine kept on the GPU (gpu_used_bytes, torch_pools, graph_pool_allocations).
+set -uo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-/tmp/fv-graph-pool-ab}; mkdir -p "$OUT"
+ROUNDS=${1:-2}
+export FV_BENCH_MODEL=${FV_BENCH_MODEL:-synthetic:llama-3.2-3b} FV_BENCH_VARIANTS=none
+export FV_BENCH_COMMIT=${FV_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
+A=/root/fv-graphs-vllm B=/root/fv-graphs-sleep
+leftovers() {  # a phase cut off by its timeout leaves its server up (port 8000, GPU memory)
+  pkill -9 -f 'fvboot (serve|bake)' 2>/dev/null; pkill -9 -f 'vllm.entrypoints' 2>/dev/null
+  pkill -9 -f 'VLLM::' 2>/dev/null; sleep 2
+}
+run() {  # NAME HOME PHASE [ENV...]; a bake phase is the model, the bake and 4 restores (~4 min at 3B)
+  local name=$1 home=$2 phase=$3; shift 3
+  local limit=${FV_AB_RESTORE_TIMEOUT:-150}
+  [ "$phase" = bake ] && limit=${FV_AB_BAKE_TIMEOUT:-420}
+  env "$@" FV_BENCH_HOME="$home" OUT="$OUT" timeout "$limit" \
+      python3 gpu_startup.py "$phase" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  leftovers
+  echo "$name: exit $rc $(grep -E 'first correct token|baked in|failed' "$OUT/$name.log" | tr '\n' ' ')"
+  mv -f "$OUT/gpu_startup_$phase.json" "$OUT/$name.json" 2>/dev/null
+  mv -f "$OUT/logs_$phase.tar.gz" "$OUT/$name-logs.tar.gz" 2>/dev/null
+}
+run vllm-bake "$A" bake FV_GRAPH_POOL=vllm
+mkdir -p "$B" && [ -e "$B/model" ] || cp -al "$A/model" "$B/model"   # the same model, no second make
+run sleep-bake "$B" bake FV_GRAPH_POOL=sleep
+for r in $(seq "$ROUNDS"); do
+  run "vllm-restore-$r" "$A" restore
+  run "sleep-restore-$r" "$B" restore
+done
+python3 - "$OUT" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for name in ("vllm", "sleep"):
+    warm, gpu = [], None
+    for f in sorted(out.glob(f"{name}-*.json")):
+        d = json.loads(f.read_text())
+        warm += [v["first_token_s"] for k, v in d.items() if k.startswith("restore_warm") and isinstance(v, dict)
+                 and not v.get("fallback")]
+        if d.get("trim"):
+            t = d["trim"][0]
+            gpu = (t.get("gpu_used_bytes"), t.get("graph_pool_allocations"), d.get("checkpoint_bytes"))
+    print(f"{name}: warm {sorted(warm)} median {statistics.median(warm) if warm else None}; "
+          f"gpu kept, graph allocations, checkpoint: {gpu}")
+PY

@@ -1,0 +1,113 @@
+"""vLLM's CUDA graphs captured into memory that sleeps with the engine (``FV_GRAPH_POOL=sleep``,
+read at bake; an option being measured).
+
+A sleeping 3B engine still holds 1.76 GB of GPU memory at the checkpoint, 0.53 GB of it vLLM's
+CUDA-graph pool (33 MB of that in use between replays); the CUDA checkpoint saves whatever the
+engine holds and the resume brings it back, ~0.25 s per GiB on an H200. A graph's memory holds
+nothing between replays that a replay does not write again (``bench/gpu_graph_pool_sleep.py``:
+the same bytes after a sleep and a wake, four times over), so here vLLM's global graph pool is
+made a pool of its own CuMemAllocator: the level-2 sleep unmaps it (its addresses kept), the
+CUDA checkpoint has that much less to save, and the restore wakes it with the KV cache
+(``FV_WAKE_MEMORY=helper``: the stager makes it with the rest of the sleeping memory).
+
+The allocator tags an allocation with its current tag, which during a capture is its default;
+the trim (``tag_graph_memory``) gives the pool's allocations ``TAG``, which the manifest's sleep
+pool then names and the restore wakes. Installed from the worker extension's import, before
+vLLM builds its graph wrappers; it acts only where the engine runs on CUDA in sleep mode (the
+bake), never in a normal start.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+TAG = "cudagraph"
+ENV = "FV_GRAPH_POOL"
+CHOICES = ("vllm", "sleep")
+
+_pool: Optional[Any] = None  # the MemPool made: kept, or torch frees it with its last reference
+
+
+def asked(environ: Optional[dict] = None) -> bool:
+    """FV_GRAPH_POOL=sleep (default ``vllm``: vLLM's own pool, kept through the sleep). The
+    bake validates it (``graph_pool_setting``) before vLLM starts; here a value it refused
+    never arrives."""
+    return (environ if environ is not None else os.environ).get(ENV, "").strip().lower() == "sleep"
+
+
+def graph_pool_setting() -> str:
+    """The bake's FV_GRAPH_POOL, checked before vLLM starts: BakeFailed names a value that is
+    neither."""
+    from .envchoice import choice
+    from .errors import BakeFailed, CheckpointUnusable
+
+    try:
+        return choice(ENV, CHOICES, "vllm")
+    except CheckpointUnusable as e:
+        raise BakeFailed(str(e)) from None
+
+
+def install() -> bool:
+    """Where asked: vLLM's global graph pool becomes one of its CuMemAllocator's when the
+    platform first hands it out (a worker of an engine on CUDA in sleep mode); True when the
+    hook is in place. Before the model is built: the worker extension's import."""
+    if not asked():
+        return False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return False
+    platform = type(current_platform)
+    if getattr(platform, "_fv_graph_pool", False):
+        return True
+    vllm_pool = platform.get_global_graph_pool
+
+    def get_global_graph_pool(self):
+        if platform._global_graph_pool is None and _sleep_mode():
+            platform._global_graph_pool = _make_pool()
+        return vllm_pool(self)
+
+    platform.get_global_graph_pool = get_global_graph_pool
+    platform._fv_graph_pool = True
+    return True
+
+
+def _sleep_mode() -> bool:
+    try:
+        from vllm.config import get_current_vllm_config
+
+        model = get_current_vllm_config().model_config
+    except Exception:  # noqa: BLE001 - no config set: not an engine's worker
+        return False
+    return bool(model is not None and getattr(model, "enable_sleep_mode", False))
+
+
+def _make_pool() -> Any:
+    import torch
+    from vllm.device_allocator.cumem import CuMemAllocator, get_pluggable_allocator
+
+    global _pool
+    allocator = CuMemAllocator.get_instance()
+    # the allocator's own callbacks (its C side keeps one pair for every pool); a pool of our
+    # own, not use_memory_pool(): leaving that releases every segment torch thinks empty,
+    # which a graph's intermediates are between replays
+    plug = get_pluggable_allocator(allocator.python_malloc_callback, allocator.python_free_callback)
+    _pool = torch.cuda.MemPool(plug._allocator)
+    return _pool.id
+
+
+def tag_graph_memory() -> int:
+    """The graph pool's allocations in the allocator's books get TAG (at the trim, after the
+    captures); how many. 0 where no such pool was made."""
+    if _pool is None:
+        return 0
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    segments = {s["address"] for s in _pool.snapshot()}
+    n = 0
+    for address, data in CuMemAllocator.get_instance().pointer_to_data.items():
+        if address in segments:
+            data.tag = TAG
+            n += 1
+    return n
