@@ -17,7 +17,6 @@ by ``/sleep?level=2``); :func:`collect_weights` picks one. The file itself is
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import cpustate, graph_pool
+from . import cpustate, graph_pool, heap_census
 from .launcher import apply_load_settings
 from .weights import load_into, release_pinned_cache, write_weights
 from .weights.collection import WeightCollectionError, fingerprint, malloc_trim
@@ -83,72 +82,6 @@ def _context_limits() -> dict[str, Any]:
         return Driver().context_limits()
     except (CudaError, AttributeError) as e:  # a diagnostic: the bake goes on without it
         return {"error": str(e)}
-
-
-HEAP_TOP = 12  # the Python types a heap census names
-
-
-def _heap_census() -> dict[str, Any]:
-    """What the engine process's heap holds after the trim, for the checkpoint's size (CRIU
-    dumps its live heap: 0.76 GB in the 3B engine): malloc's bytes in use and free (glibc's
-    mallinfo2, every arena), and Python's objects by type (count, their own sizes; what they
-    point to in C is not counted, nor a tensor's or storage's memory off the CPU). The objects
-    vLLM froze after its start-up (gc.freeze: 3 190 of them seen on the GPU without this) are
-    counted too: unfrozen for the count and frozen again. A diagnostic: {"error"} where it
-    cannot be taken."""
-    import gc
-
-    out: dict[str, Any] = {}
-    try:
-        info = getattr(ctypes.CDLL(None), "mallinfo2", None)
-        if info is not None:  # glibc 2.33+; absent under tcmalloc's LD_PRELOAD
-            class MallInfo2(ctypes.Structure):
-                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                           "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-            info.restype = MallInfo2
-            m = info()
-            out["malloc"] = {"in_use_bytes": m.uordblks, "free_bytes": m.fordblks, "mmapped_bytes": m.hblkhd,
-                             "arena_bytes": m.arena}
-        by_type: dict[str, list[int]] = {}
-        torch = sys.modules.get("torch")
-        device_types = (torch.Tensor, torch.UntypedStorage, torch.TypedStorage) if torch else ()
-
-        def size(o: Any) -> int:
-            if device_types and issubclass(type(o), device_types) and o.device.type != "cpu":
-                return object.__sizeof__(o)  # their __sizeof__ adds the device memory they hold
-            return sys.getsizeof(o, 0)
-
-        def count(o: Any) -> None:
-            entry = by_type.setdefault(type(o).__name__, [0, 0])
-            entry[0] += 1
-            entry[1] += size(o)
-
-        frozen = gc.get_freeze_count()
-        collecting = gc.isenabled()
-        gc.disable()  # no collection between: what vLLM froze stays, garbage or not
-        if frozen:
-            gc.unfreeze()  # get_objects() leaves the permanent generation out
-        try:
-            objects = gc.get_objects()  # the collector's: containers only
-        finally:
-            if frozen:
-                gc.freeze()  # as vLLM left them (the objects of the young generations with them)
-            if collecting:
-                gc.enable()
-        out["frozen_objects"] = frozen
-        seen: set[int] = set()
-        for o in objects:
-            count(o)
-            for r in gc.get_referents(o):  # and what they hold that it does not track (str, bytes, ...)
-                if not gc.is_tracked(r) and id(r) not in seen:
-                    seen.add(id(r))
-                    count(r)
-        top = sorted(by_type.items(), key=lambda kv: -kv[1][1])[:HEAP_TOP]
-        out["python"] = {"objects": len(objects) + len(seen), "bytes": sum(b for _, b in by_type.values()),
-                         "top": [[name, n, b] for name, (n, b) in top]}
-    except Exception as e:  # noqa: BLE001 - a diagnostic: the bake goes on without it
-        out["error"] = f"{type(e).__name__}: {e}"
-    return out
 
 
 def _rss() -> int:
@@ -324,7 +257,7 @@ class FastVllmWorkerExtension:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             release_pinned_cache()
-        heap = _heap_census()  # before the trim, which then returns the census's own garbage too
+        heap = heap_census.census()  # before the trim, which then returns the census's own garbage too
         malloc_trim()
         out = {"rss_before": rss, "rss_after": _rss(), "cpu_features": hex(self._fv_cpu_features), "heap": heap}
         if cuda:

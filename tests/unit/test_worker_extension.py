@@ -55,38 +55,3 @@ def test_a_take_past_the_bound_marks_the_weights_not_loaded():
     finally:
         go.set()
 
-
-def test_the_heap_census_counts_frozen_objects_and_leaves_them_frozen():
-    """vLLM freezes the collector after its start-up; a census of gc.get_objects() alone saw
-    3 190 objects of the 3B engine's heap. Frozen ones are counted, and stay frozen."""
-    import gc
-
-    from fvboot.worker_extension import _heap_census
-
-    kept = [[i] for i in range(50_000)]
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        heap = _heap_census()
-        young = {id(o) for o in gc.get_objects()}  # the permanent generation left out
-        assert not any(id(o) in young for o in kept)  # frozen again
-        assert frozen >= heap["frozen_objects"] > 50_000  # (frozen ones may die by refcount meanwhile)
-        assert heap["python"]["objects"] > heap["frozen_objects"]
-        assert [n for name, n, _ in heap["python"]["top"] if name == "list"][0] > 50_000
-    finally:
-        gc.unfreeze()
-    del kept
-
-
-def test_the_heap_census_leaves_out_memory_a_tensor_holds_off_the_cpu():
-    """A tensor's and a storage's __sizeof__ add the memory they hold, on whatever device: a
-    GPU's weights and KV cache counted 120 GB of "Python heap". Off the CPU only the object is."""
-    import torch
-
-    from fvboot.worker_extension import _heap_census
-
-    big = torch.empty(1 << 36, dtype=torch.uint8, device="meta")  # 64 GiB, nowhere
-    storage = big.untyped_storage()
-    heap = _heap_census()
-    assert heap["python"]["bytes"] < 8 << 30, heap["python"]["top"]
-    del big, storage
