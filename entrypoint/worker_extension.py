@@ -251,8 +251,9 @@ class FastVllmWorkerExtension:
         rss = _rss()
         # the CPU features this process was permitted (AMX tile data): a restore asks again
         self._fv_cpu_features = cpustate.permitted()
-        gc.collect()
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        saved = self._fv_drop_saved_buffers() if cuda else {}  # before the collection and the trim
+        gc.collect()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -266,6 +267,8 @@ class FastVllmWorkerExtension:
             out["torch_reserved_bytes"] = torch.cuda.memory_reserved()
             out["torch_pools"] = _pools()
             out["context_limits"] = _context_limits()
+            if saved:
+                out["saved_buffers"] = saved
             tagged = graph_pool.tag_graph_memory()  # FV_GRAPH_POOL=sleep: the graphs' memory sleeps too
             if tagged:
                 out["graph_pool_allocations"] = tagged
@@ -276,6 +279,26 @@ class FastVllmWorkerExtension:
                 if addresses is not None:  # and where it may put the dump's entries
                     out["weights_at"] = addresses()
         return out
+
+    def _fv_drop_saved_buffers(self) -> dict[str, int]:
+        """vLLM's level-2 sleep keeps a CPU copy of every model buffer (the rotary cache among
+        them), which its wake copies back: in the checkpoint's heap, and redundant where the
+        restore brings the buffer back anyway (in the weight dump, or outside the sleeping
+        pool). Those copies are let go before the checkpoint; any other stays. Bytes of each."""
+        saved = getattr(self, "_sleep_saved_buffers", None)
+        if not saved:
+            return {}
+        total = sum(t.nbytes for t in saved.values())
+        try:
+            buffers = dict(self.model_runner.model.named_buffers())
+            weights = self._fv_weights()
+            dropped = [name for name in saved if name in buffers and weights.restores(buffers[name])]
+        except Exception as e:  # noqa: BLE001 - the copies stay: the checkpoint is larger, not wrong
+            return {"bytes": total, "dropped_bytes": 0, "kept": len(saved), "error": f"{type(e).__name__}: {e}"}
+        for name in dropped:
+            del saved[name]
+        freed = total - sum(t.nbytes for t in saved.values())
+        return {"bytes": total, "dropped_bytes": freed, "kept": len(saved)}
 
     def fv_adopt_memory(self, socket_path: str, pool: list) -> dict[str, Any]:
         """Take the sleeping allocations the weight stager made while CRIU restored this worker

@@ -219,6 +219,17 @@ class GpuWeights:
         out.update({f"pool@{addr:#x}": addr for addr, _ in getattr(self, "raw_blocks", [])})
         return out
 
+    def restores(self, t: torch.Tensor) -> bool:
+        """Whether a restore brings T back as it is now with no other copy: its storage is in
+        the dump, or outside vLLM's sleeping pool (the sleep leaves it and the CUDA checkpoint
+        keeps it). False for one in another tag's pool, or where the pool is unknown."""
+        if self.pool is None:
+            return False
+        st = t.untyped_storage()
+        if st._cdata in self.storages:
+            return True
+        return self.pool.find(st.data_ptr()) is None
+
     def mark_filled(self) -> None:
         """The weights were put in place by another process (the stager's fill of the memory
         this worker adopted): valid again, with no copy of ours."""

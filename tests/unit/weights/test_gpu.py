@@ -147,3 +147,31 @@ def test_the_kv_cache_wakes_beside_a_staged_copy_only_where_the_gpu_holds_both()
 def test_without_vllms_allocator_there_is_no_room_to_claim(monkeypatch):
     monkeypatch.setattr(CuMemPool, "current", classmethod(lambda cls: None))
     assert kv_room(free=1 << 40) == {"room": False, "why": "no CuMemAllocator in this process"}
+
+
+def test_a_restore_brings_back_a_buffer_in_the_dump_or_outside_the_sleeping_pool():
+    cls, m, alloc = _gpu_weights_fixture()
+    w = cls({"": m}, pool=CuMemPool(alloc))
+    assert w.restores(m.lin.weight) and w.restores(m.strided)  # in the dump (a view: its storage)
+    assert w.restores(m.scratch[0])  # outside every pool: kept through the sleep
+    assert not w.restores(m.kvbuf)  # the KV cache's pool: wiped by the sleep, not in the dump
+    assert not cls({"": m}, pool=None).restores(m.lin.weight)  # no pool known: cannot say
+
+
+def test_vllms_cpu_copies_of_buffers_a_restore_brings_back_are_dropped_before_the_checkpoint():
+    """vLLM's level-2 sleep keeps a CPU copy of every model buffer for its wake (the rotary
+    cache among them): in the checkpoint, and redundant where the dump or the checkpoint brings
+    the buffer back. Those go; a copy of a buffer nothing else brings back stays."""
+    import types
+
+    from fvboot.worker_extension import FastVllmWorkerExtension
+
+    cls, m, alloc = _gpu_weights_fixture()
+    worker = FastVllmWorkerExtension()
+    worker.model_runner = types.SimpleNamespace(model=m)
+    worker._fv_weight_set = cls({"": m}, pool=CuMemPool(alloc))
+    worker._sleep_saved_buffers = {name: b.cpu().clone() for name, b in m.named_buffers()}
+    out = worker._fv_drop_saved_buffers()
+    assert list(worker._sleep_saved_buffers) == ["kvbuf"]
+    assert out == {"bytes": 200 + 160, "dropped_bytes": 200, "kept": 1}
+    assert FastVllmWorkerExtension()._fv_drop_saved_buffers() == {}  # CPU, or no level-2 sleep
