@@ -1,9 +1,13 @@
 """FV_GRAPH_POOL=sleep: vLLM's CUDA graphs captured into memory of its CuMemAllocator, which
 sleeps with the engine. The setting is checked before the bake starts vLLM; the hook acts only
-where asked, on CUDA; on a GPU, a graph captured into that pool replays the same bytes after the
-pool slept and woke under its tag (the real allocator and driver)."""
+where asked, in an engine on CUDA in sleep mode (vLLM's platform and config stood in for: vLLM
+cannot run in CPU CI); on a GPU, a graph captured into that pool replays the same bytes after
+the pool slept and woke under its tag (the real allocator and driver)."""
 
 from __future__ import annotations
+
+import sys
+import types
 
 import pytest
 
@@ -21,18 +25,55 @@ def test_the_bake_refuses_a_graph_pool_setting_it_does_not_know(monkeypatch):
         graph_pool.graph_pool_setting()
 
 
-def test_nothing_is_hooked_unless_asked_and_on_cuda(monkeypatch):
-    monkeypatch.delenv(graph_pool.ENV, raising=False)
-    assert graph_pool.install() is False
-    vllm = pytest.importorskip("vllm.platforms", reason="needs vLLM")
-    platform = type(vllm.current_platform)
-    before = platform.get_global_graph_pool
-    monkeypatch.setenv(graph_pool.ENV, "sleep")
-    installed = graph_pool.install()
-    assert installed == vllm.current_platform.is_cuda()
-    if not installed:
-        assert platform.get_global_graph_pool is before
-    assert graph_pool.tag_graph_memory() == 0  # no pool made: nothing to tag
+class _Platform:  # vLLM's platform interface as graph_pool uses it (vLLM cannot run in CPU CI)
+    _global_graph_pool = None
+    cuda = True
+
+    def is_cuda(self):
+        return self.cuda
+
+    def graph_pool_handle(self):
+        return ("vllm's", 1)
+
+    def get_global_graph_pool(self):
+        cls = self.__class__
+        if cls._global_graph_pool is None:
+            cls._global_graph_pool = self.graph_pool_handle()
+        return cls._global_graph_pool
+
+
+def _fake_vllm(monkeypatch, sleep_mode: bool, cuda: bool = True):
+    platform_cls = type("CudaPlatform", (_Platform,), {"cuda": cuda, "_global_graph_pool": None})
+    model = types.SimpleNamespace(enable_sleep_mode=sleep_mode)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.platforms",
+                        types.SimpleNamespace(current_platform=platform_cls()))
+    monkeypatch.setitem(sys.modules, "vllm.config", types.SimpleNamespace(
+        get_current_vllm_config=lambda: types.SimpleNamespace(model_config=model)))
+    monkeypatch.setattr(graph_pool, "_make_pool", lambda: ("fast-vllm's", 2))
+    return platform_cls
+
+
+@pytest.mark.parametrize("asked, sleep_mode, cuda, pool", [
+    ("sleep", True, True, ("fast-vllm's", 2)),  # the bake on a GPU: the graphs' memory sleeps
+    ("sleep", False, True, ("vllm's", 1)),  # a normal start (no sleep mode): vLLM's own pool
+    ("", True, True, ("vllm's", 1)),  # not asked
+    ("sleep", True, False, ("vllm's", 1)),  # not CUDA: nothing hooked
+])
+def test_the_global_graph_pool_sleeps_only_where_asked_in_a_sleep_mode_engine_on_cuda(monkeypatch, asked,
+                                                                                     sleep_mode, cuda, pool):
+    platform_cls = _fake_vllm(monkeypatch, sleep_mode, cuda)
+    monkeypatch.setenv(graph_pool.ENV, asked)
+    assert graph_pool.install() == (asked == "sleep" and cuda)
+    assert graph_pool.install() == (asked == "sleep" and cuda)  # twice: hooked once
+    platform = sys.modules["vllm.platforms"].current_platform
+    assert platform.get_global_graph_pool() == pool
+    assert platform.get_global_graph_pool() == pool and platform_cls._global_graph_pool == pool
+
+
+def test_with_no_pool_made_there_is_nothing_to_tag(monkeypatch):
+    monkeypatch.setattr(graph_pool, "_pool", None)
+    assert graph_pool.tag_graph_memory() == 0
 
 
 def test_gpu_a_graph_in_the_sleeping_pool_replays_the_same_after_a_sleep_and_a_wake():
