@@ -44,15 +44,32 @@ python3 - "$OUT" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
+STEPS = ("criu: memory restored", "criu: CUDA resumed", "memory adopted", "weight memory mapped",
+         "weights in place", "staged copy taken", "engine awake", "answers checked")
 for name in ("vllm", "sleep"):
-    warm, gpu = [], None
+    warm, fell, steps, trim = [], 0, {}, {}
     for f in sorted(out.glob(f"{name}-*.json")):
         d = json.loads(f.read_text())
-        warm += [v["first_token_s"] for k, v in d.items() if k.startswith("restore_warm") and isinstance(v, dict)
-                 and not v.get("fallback")]
-        if d.get("trim"):
-            t = d["trim"][0]
-            gpu = (t.get("gpu_used_bytes"), t.get("graph_pool_allocations"), d.get("checkpoint_bytes"))
-    print(f"{name}: warm {sorted(warm)} median {statistics.median(warm) if warm else None}; "
-          f"gpu kept, graph allocations, checkpoint: {gpu}")
+        trim = (d.get("trim") or [trim])[0] or trim
+        if d.get("checkpoint_bytes"):
+            trim["checkpoint_bytes"] = d["checkpoint_bytes"]
+        for k, v in d.items():
+            if not (k.startswith("restore_warm") and isinstance(v, dict)):
+                continue
+            if v.get("fallback"):
+                fell += 1
+                continue
+            warm.append(v["first_token_s"])
+            t = {e["event"]: e["t"] for e in v.get("timeline", [])}
+            prev = t.get("restore issued")
+            for s in STEPS:
+                if s in t and prev is not None:
+                    steps.setdefault(s, []).append(t[s] - prev)
+                    prev = t[s]
+    med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+    print(f"{name}: warm median {med(warm)} s of {len(warm)} ({sorted(warm)}), fell back {fell}")
+    print(f"  steps (median s): " + ", ".join(f"{s} {med(v)}" for s, v in steps.items()))
+    print(f"  bake: gpu kept {trim.get('gpu_used_bytes')}, graph allocations {trim.get('graph_pool_allocations')}, "
+          f"saved buffers {trim.get('saved_buffers')}, checkpoint {trim.get('checkpoint_bytes')}, "
+          f"heap elf {(trim.get('heap') or {}).get('elf_images')}")
 PY
