@@ -7,8 +7,9 @@ manifest (``trim[].heap``): a diagnostic, never a reason for the bake to fail.
 - Python's objects by type: their count and own sizes (what they point to in C is not counted,
   nor a tensor's or storage's memory off the CPU), the objects vLLM froze after its start-up
   included (``gc.freeze``: the census saw 3 190 objects of the 3B engine without them);
-- ELF images held as ``bytes`` (GPU code: a compiled kernel's cubin is one), with what holds
-  them (a dict's key, else the holder's type): 477 cubins (324 MB) were found in the 3B engine's
+- ELF images held as ``bytes`` (GPU code: a compiled kernel's cubin is one), with the bytes
+  each kind of holder holds (a dict's key and the object it was reached from, else the
+  holder's type): 477 cubins (324 MB) were found in the 3B engine's
   anonymous memory by ``bench/checkpoint_anatomy.py``, and whether Python or the driver holds
   them decides whether they can be let go before the checkpoint.
 """
@@ -22,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 TOP = 12  # the Python types a census names
-HOLDERS = 8  # the holders of ELF images it names
+HOLDERS = 8  # the kinds of holders of ELF images it names, by bytes held
 ELF = b"\x7fELF"
 
 
@@ -98,7 +99,7 @@ def _python() -> dict[str, Any]:
             holder = todo.pop()
             for r in gc.get_referents(holder):
                 if _is_elf(r):
-                    holders[_holder(holder, r)] += 1
+                    holders[_holder(holder, r, o)] += len(r)
                 if gc.is_tracked(r) or id(r) in seen:
                     continue
                 seen.add(id(r))
@@ -119,10 +120,13 @@ def _is_elf(o: Any) -> bool:
     return type(o) is bytes and len(o) >= 64 and o[:4] == ELF  # 64: an ELF header's size
 
 
-def _holder(o: Any, r: bytes) -> str:
-    """A dict holding R by key: "dict['KEY']"; anything else: its type's name."""
+def _holder(o: Any, r: bytes, owner: Any) -> str:
+    """What holds R: a dict by key, "dict['KEY']", prefixed with the type of the tracked object
+    it was reached from where that is another (a compiled kernel's dict of its stages, say);
+    anything else, its type's name."""
     if type(o) is dict:
         for k, v in o.items():
             if v is r:
-                return f"dict[{k!r}]"[:80]
+                name = f"dict[{k!r}]"
+                return (name if owner is o else f"{type(owner).__name__}>{name}")[:100]
     return type(o).__name__

@@ -43,10 +43,15 @@ def test_the_heap_census_leaves_out_memory_a_tensor_holds_off_the_cpu():
 def test_elf_images_held_as_bytes_are_counted_with_what_holds_them():
     """A compiled kernel's cubin held by Python (a dict's "cubin", an attribute) is GPU code in
     the checkpoint: the census counts such images, their bytes, and names their holders."""
+    class CompiledKernel:
+        def __init__(self, cubin):
+            self.asm = {"ptx": "// ptx", "cubin": cubin}  # only untracked values: untracked itself
+
     image = heap_census.ELF + bytes(range(256)) * 4096  # 1 MiB
-    kernels = [{"cubin": image + bytes([i])} for i in range(3)]
+    kernels = [CompiledKernel(image + bytes([i])) for i in range(3)]
     heap = heap_census.census()
     elf = heap["elf_images"]
     assert elf["count"] >= 3 and elf["bytes"] >= 3 * len(image), elf
-    assert ["dict['cubin']", 3] in [list(h) for h in elf["held_by"]], elf
+    held = dict((name, n) for name, n in elf["held_by"])
+    assert held.get("CompiledKernel>dict['cubin']") == 3 * (len(image) + 1), elf
     del kernels
