@@ -29,11 +29,11 @@ CHOICES = ("vllm", "sleep")
 _pool: Optional[Any] = None  # the MemPool made: kept, or torch frees it with its last reference
 
 
-def asked(environ: Optional[dict] = None) -> bool:
+def asked() -> bool:
     """FV_GRAPH_POOL=sleep (default ``vllm``: vLLM's own pool, kept through the sleep). The
     bake validates it (``graph_pool_setting``) before vLLM starts; here a value it refused
     never arrives."""
-    return (environ if environ is not None else os.environ).get(ENV, "").strip().lower() == "sleep"
+    return os.environ.get(ENV, "").strip().lower() == "sleep"
 
 
 def graph_pool_setting() -> str:

@@ -295,9 +295,7 @@ class FastVllmWorkerExtension:
             dropped = [name for name in saved if name in buffers and weights.restores(buffers[name])]
         except Exception as e:  # noqa: BLE001 - the copies stay: the checkpoint is larger, not wrong
             return {"bytes": total, "dropped_bytes": 0, "kept": len(saved), "error": f"{type(e).__name__}: {e}"}
-        for name in dropped:
-            del saved[name]
-        freed = total - sum(t.nbytes for t in saved.values())
+        freed = sum(saved.pop(name).nbytes for name in dropped)
         return {"bytes": total, "dropped_bytes": freed, "kept": len(saved)}
 
     def fv_adopt_memory(self, socket_path: str, pool: list) -> dict[str, Any]:
