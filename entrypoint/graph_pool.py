@@ -11,8 +11,8 @@ CUDA checkpoint has that much less to save, and the restore wakes it with the KV
 (``FV_WAKE_MEMORY=helper``: the stager makes it with the rest of the sleeping memory).
 
 The allocator tags an allocation with its current tag, which during a capture is its default;
-the trim (``tag_graph_memory``) gives the pool's allocations ``TAG``, which the manifest's sleep
-pool then names and the restore wakes. Installed from the worker extension's import, before
+the trim (``tag_graph_memory``) gives the pool's allocations the KV cache's tag (``TAG``), so
+the restore's wake of the KV cache maps them too. Installed from the worker extension's import, before
 vLLM builds its graph wrappers; it acts only where the engine runs on CUDA in sleep mode (the
 bake), never in a normal start.
 """
@@ -22,7 +22,10 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-TAG = "cudagraph"
+# the KV cache's tag: vLLM's executor wakes only the tags its sleep set (weights, kv_cache) and
+# refuses a whole wake that names another (its KV cache then stays asleep: the 3B restore's first
+# request hung on the H200, 2026-12-04), so the graphs' memory wakes with the KV cache
+TAG = "kv_cache"
 ENV = "FV_GRAPH_POOL"
 CHOICES = ("vllm", "sleep")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import control, criu, graph_pool, manifest, pagecheck
+from . import control, criu, manifest, pagecheck
 from .control import ServerControl
 from .devices import DeviceLookup
 from .envchoice import choice
@@ -366,9 +366,10 @@ def _take_beside_kv_wake(s: RestoreState, args: tuple) -> list:
 
 def wake_engine(s: RestoreState) -> None:
     if not s.kv_awake:
-        # the graphs' memory too, where the bake put it to sleep (FV_GRAPH_POOL=sleep; a tag
-        # the engine does not have wakes nothing)
-        s.ctl.wake_up(["kv_cache", graph_pool.TAG] if s.gpu else None, timeout=s.step_timeout_s)
+        # only a tag vLLM's sleep set (VLLM_SLEEP_TAGS): its executor refuses a whole wake that
+        # names another, and the KV cache then stays unmapped (the first request hangs). The
+        # graphs' memory, where the bake put it to sleep, carries the KV cache's tag
+        s.ctl.wake_up(["kv_cache"] if s.gpu else None, timeout=s.step_timeout_s)
         s.kv_awake = True
 
 

@@ -296,7 +296,7 @@ def test_the_kv_cache_wakes_first_only_while_the_weights_come_from_the_disk(tmp_
     restore.wake_engine(state)  # the step after: it wakes the KV cache only if it is not awake yet
     assert [c[1][0] if c[0] == "wake_up" else c[0] for c in ctl.calls] == order
     assert ("KV cache awake (the weights come from the disk)" in state.tl.as_dict()) == (order[1] == "kv_cache")
-    assert [c[1] for c in ctl.calls if c[0] == "wake_up"][-1] == ["kv_cache", "cudagraph"]  # FV_GRAPH_POOL=sleep's too
+    assert [c[1] for c in ctl.calls if c[0] == "wake_up"][-1] == ["kv_cache"]  # vLLM's own tag only
 
 
 def test_the_wake_order_setting(monkeypatch):
