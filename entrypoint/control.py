@@ -84,6 +84,12 @@ class ServerControl:
         q = "" if not tags else "?" + "&".join(f"tags={t}" for t in tags)
         self._call("POST", "/wake_up" + q, timeout=timeout)
 
+    def is_sleeping(self, timeout: float = 60) -> bool:
+        """Whether vLLM still counts its engine asleep (a tag not woken yet). Its wake answers
+        200 even where its executor refused the wake (a tag its sleep did not set)."""
+        out = self._call("GET", "/is_sleeping", timeout=timeout)
+        return bool(out.get("is_sleeping")) if isinstance(out, dict) else True
+
     def rpc(self, method: str, *args: Any, timeout: float = 1800) -> list:
         """collective_rpc on every worker; returns one result per worker."""
         out = self._call("POST", "/collective_rpc", {"method": method, "args": list(args)}, timeout=timeout)

@@ -124,6 +124,11 @@ def same_answers(now: list[dict], baked: Sequence[ProbeAnswer]) -> Optional[str]
 
 
 STEP_TIMEOUT_ENV, STEP_TIMEOUT_S = "FV_RESTORE_STEP_TIMEOUT_S", 300.0
+# The probe's own bound, within the step's: a warmed engine answers it in well under a second
+# (0.16 s at 3B on an H200, the same prompts as the bake's warm-up, nothing to compile); one
+# that does not answer in a minute has lost its GPU state, and the normal start should not
+# wait the step's five minutes behind it
+PROBE_TIMEOUT_S = 60.0
 
 
 def step_timeout() -> float:
@@ -366,11 +371,16 @@ def _take_beside_kv_wake(s: RestoreState, args: tuple) -> list:
 
 def wake_engine(s: RestoreState) -> None:
     if not s.kv_awake:
-        # only a tag vLLM's sleep set (VLLM_SLEEP_TAGS): its executor refuses a whole wake that
-        # names another, and the KV cache then stays unmapped (the first request hangs). The
-        # graphs' memory, where the bake put it to sleep, carries the KV cache's tag
+        # only a tag vLLM's sleep set (weights, kv_cache): its executor refuses a whole wake
+        # that names another, and the KV cache then stays unmapped (the first request hangs).
+        # The graphs' memory, where the bake put it to sleep, carries the KV cache's tag
         s.ctl.wake_up(["kv_cache"] if s.gpu else None, timeout=s.step_timeout_s)
         s.kv_awake = True
+    if s.gpu and s.ctl.is_sleeping(timeout=s.step_timeout_s):
+        # vLLM answers a refused wake with 200 and a warning; the first request would then
+        # wait on memory that is not mapped until the probe's bound
+        raise CheckpointUnusable("vLLM did not wake its engine: it still counts part of it asleep"
+                                 " (its log above says which tag)")
 
 
 def check_answers(s: RestoreState) -> None:
@@ -378,14 +388,15 @@ def check_answers(s: RestoreState) -> None:
     prompts in one request, ask that way first (one batch: a third of the steps); a batch that
     formed otherwise can round otherwise, so a difference there only sends the prompts again
     one at a time, and those answers decide."""
+    bound = min(s.step_timeout_s, PROBE_TIMEOUT_S)
     together = s.manifest.probe_together
     if together:
-        mismatch = same_answers(s.ctl.probe_together(timeout=s.step_timeout_s), together)
+        mismatch = same_answers(s.ctl.probe_together(timeout=bound), together)
         if mismatch is None:
             return
         log(f"the probe's prompts asked in one request answered otherwise ({mismatch}); asking one at a time")
         s.tl.mark("probe asked together: other answers")
-    mismatch = same_answers(s.ctl.probe(timeout=s.step_timeout_s), s.manifest.probe)
+    mismatch = same_answers(s.ctl.probe(timeout=bound), s.manifest.probe)
     if mismatch:
         raise CheckpointUnusable("restored server gives other answers than the baked one: " + mismatch)
 

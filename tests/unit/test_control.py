@@ -114,3 +114,38 @@ def test_fvboots_start_leaves_the_http_client_for_while_criu_runs(tmp_path):
                        env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True"]
+
+
+def test_whether_vllm_still_sleeps_is_read_from_its_own_route():
+    """vLLM's GET /is_sleeping (its dev routes, with the admin token): the restore asks it after
+    the KV cache's wake, because vLLM answers a wake it refused with 200."""
+    import http.server
+    import json
+    import threading
+
+    from fvboot.control import ServerControl
+
+    answers, tokens = [{"is_sleeping": True}, {"is_sleeping": False}], []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            assert self.path == "/is_sleeping"
+            tokens.append(self.headers.get("x-fastvllm-admin"))
+            body = json.dumps(answers.pop(0)).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        ctl = ServerControl(srv.server_address[1], "secret", "m")
+        assert ctl.is_sleeping(timeout=5) is True
+        assert ctl.is_sleeping(timeout=5) is False
+        assert tokens == ["secret", "secret"]
+    finally:
+        srv.shutdown()

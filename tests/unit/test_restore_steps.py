@@ -155,21 +155,36 @@ class _Prober:
 
     def probe_together(self, timeout):
         self.asked.append("together")
+        self.bounds.append(timeout)
         return [{"text": t, "logprobs": [-1.0]} for t in self.together]
 
     def probe(self, timeout):
         self.asked.append("alone")
+        self.bounds.append(timeout)
         return [{"text": t, "logprobs": [-1.0]} for t in self.alone]
 
+    bounds: list
 
-def _probed(tmp_path, ctl, together):
+
+def _probed(tmp_path, ctl, together, step_timeout_s=restore.STEP_TIMEOUT_S):
     _, m = _manifest(tmp_path, {"kind": "cpu"})
     m = dataclasses.replace(m, probe=(manifest.ProbeAnswer("p", "alone", (-1.0,)),),
                             probe_together=together and (manifest.ProbeAnswer("p", "together", (-1.0,)),))
     s = restore.RestoreState(layout=None, manifest=m, here=None, tl=Timeline("serve"), pipes=None, criu_env={},
-                             settings={}, check=None, ctl=ctl)
+                             settings={}, check=None, ctl=ctl, step_timeout_s=step_timeout_s)
+    ctl.bounds = []
     restore.check_answers(s)
     return s
+
+
+@pytest.mark.parametrize("step, bound", [(300.0, 60.0), (20.0, 20.0)])
+def test_the_probe_waits_a_minute_at_most_not_the_steps_five(tmp_path, step, bound):
+    """A warmed engine answers the probe in under a second; one silent for a minute has lost
+    its GPU state, and the normal start should not wait five more behind it. A step bound set
+    lower still holds."""
+    ctl = _Prober(["other"], ["alone"])
+    _probed(tmp_path, ctl, True, step_timeout_s=step)
+    assert ctl.bounds == [bound, bound]
 
 
 @pytest.mark.parametrize("recorded", [True, False])
@@ -241,13 +256,22 @@ def test_the_bound_of_each_call_to_the_restored_server_is_a_setting(monkeypatch)
 
 
 class _Ctl:
-    """The restored server's control as the weight steps use it, each call recorded."""
+    """The restored server's control as the weight steps use it, each call recorded. Its wake
+    keeps vLLM 0.26's executor's rule: the tags its sleep set are weights and kv_cache, and a
+    wake that names another is refused whole (answered 200, nothing woken)."""
 
-    def __init__(self, checking: int = 0):
-        self.calls, self.checking = [], checking
+    def __init__(self, checking: int = 0, refuses: bool = False):
+        self.calls, self.checking, self.refuses = [], checking, refuses
+        self.asleep = {"weights", "kv_cache"}
 
     def wake_up(self, tags, timeout):
         self.calls.append(("wake_up", tags, timeout))
+        if self.refuses or any(t not in self.asleep for t in tags or ()):
+            return
+        self.asleep -= set(tags or self.asleep)
+
+    def is_sleeping(self, timeout):
+        return bool(self.asleep)
 
     def rpc(self, method, *args, timeout):
         self.calls.append((method, args, timeout))
@@ -297,6 +321,24 @@ def test_the_kv_cache_wakes_first_only_while_the_weights_come_from_the_disk(tmp_
     assert [c[1][0] if c[0] == "wake_up" else c[0] for c in ctl.calls] == order
     assert ("KV cache awake (the weights come from the disk)" in state.tl.as_dict()) == (order[1] == "kv_cache")
     assert [c[1] for c in ctl.calls if c[0] == "wake_up"][-1] == ["kv_cache"]  # vLLM's own tag only
+
+
+def test_a_wake_vllm_refused_ends_the_restore_at_once_instead_of_a_hung_first_request(tmp_path):
+    """vLLM answers a wake it refused with 200 (a tag its sleep did not set: the restore once
+    woke ["kv_cache", "cudagraph"]); the KV cache stayed unmapped and the probe hung until the
+    step bound. The engine's own word that it still sleeps ends the restore there."""
+    layout, m = _manifest(tmp_path, GPU)
+    for refuses in (False, True):
+        ctl = _Ctl(refuses=refuses)
+        state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                     step_timeout_s=7, residency=types.SimpleNamespace(resident=lambda: True))
+        restore.load_weights(state)
+        if not refuses:
+            restore.wake_engine(state)
+            assert not ctl.asleep
+            continue
+        with pytest.raises(CheckpointUnusable, match="vLLM did not wake its engine"):
+            restore.wake_engine(state)
 
 
 def test_the_wake_order_setting(monkeypatch):
