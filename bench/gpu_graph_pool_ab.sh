@@ -71,7 +71,7 @@ for name in ("vllm", "sleep"):
     print(f"  steps (median s): " + ", ".join(f"{s} {med(v)}" for s, v in steps.items()))
     print(f"  bake: gpu kept {trim.get('gpu_used_bytes')}, graph allocations {trim.get('graph_pool_allocations')}, "
           f"saved buffers {trim.get('saved_buffers')}, checkpoint {trim.get('checkpoint_bytes')}, "
-          f"kernel images let go {trim.get('kernel_images')}, heap elf {(trim.get('heap') or {}).get('elf_images')}")
-    top = ((trim.get('heap') or {}).get('python') or {}).get('top')
-    print(f"  heap: malloc {(trim.get('heap') or {}).get('malloc')}, python top {top}")
+          f"heap elf {(trim.get('heap') or {}).get('elf_images')}")
+    heap = trim.get('heap') or {}
+    print(f"  heap: malloc {heap.get('malloc')}, python top {(heap.get('python') or {}).get('top')}")
 PY

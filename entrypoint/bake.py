@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from . import __version__, criu, cuda_checkpoint_service, graph_pool, kernel_images, manifest, zeropages
+from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, zeropages
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
 from .launcher import Pipes, ServedTree, server_env, tree_processes, vllm_command, write_runtime_settings
@@ -74,8 +74,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     layout.weights_dir.mkdir(parents=True)
 
     _check_port_free(port)
-    graph_pool.graph_pool_setting()  # bad values said before anything starts
-    kernel_images.kernel_images_setting()
+    graph_pool.graph_pool_setting()  # a bad value said before anything starts
     served_name = prepare_model(model, layout.model_dir, token_file)
     detach_build_inputs()
     tl.mark("model ready")

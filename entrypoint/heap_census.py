@@ -53,7 +53,7 @@ def _malloc() -> dict[str, int]:
     return {"in_use_bytes": m.uordblks, "free_bytes": m.fordblks, "mmapped_bytes": m.hblkhd, "arena_bytes": m.arena}
 
 
-def all_objects() -> tuple[list, int]:
+def _all_objects() -> tuple[list, int]:
     """Every object the collector tracks, the frozen ones too (unfrozen for the count and
     frozen again, no collection between: what vLLM froze stays, garbage or not), and how many
     were frozen."""
@@ -88,7 +88,7 @@ def _python() -> dict[str, Any]:
         entry[0] += 1
         entry[1] += size(o)
 
-    objects, frozen = all_objects()
+    objects, frozen = _all_objects()
     seen: set[int] = set()
     for o in objects:
         count(o)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import cpustate, graph_pool, heap_census, kernel_images
+from . import cpustate, graph_pool, heap_census
 from .launcher import apply_load_settings
 from .weights import load_into, release_pinned_cache, write_weights
 from .weights.collection import WeightCollectionError, fingerprint, malloc_trim
@@ -253,7 +253,6 @@ class FastVllmWorkerExtension:
         self._fv_cpu_features = cpustate.permitted()
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         saved = self._fv_drop_saved_buffers() if cuda else {}  # before the collection and the trim
-        kernels = kernel_images.drop_loaded()  # Triton's copies of the GPU code the driver loaded
         gc.collect()
         if cuda:
             torch.cuda.synchronize()
@@ -262,8 +261,6 @@ class FastVllmWorkerExtension:
         heap = heap_census.census()  # before the trim, which then returns the census's own garbage too
         malloc_trim()
         out = {"rss_before": rss, "rss_after": _rss(), "cpu_features": hex(self._fv_cpu_features), "heap": heap}
-        if kernels:
-            out["kernel_images"] = kernels
         if cuda:
             free, total = torch.cuda.mem_get_info()
             out["gpu_used_bytes"] = total - free  # what the CUDA checkpoint will copy to the host
