@@ -43,7 +43,8 @@ EMPTY_CACHES = ("-e", "VLLM_CACHE_ROOT=/tmp/nc/vllm", "-e", "TORCHINDUCTOR_CACHE
 
 # What "fast" means here (the speed issue's targets), by device and model as baked: the warm
 # restore's seconds, and the largest checkpoint. A cold restore's target follows from this run's
-# own disk: COLD_FACTOR x (checkpoint + weight dump) / the disk's sequential read bandwidth. The
+# own disk: COLD_FACTOR x the bytes the cold run read from it (the checkpoint and weight dump
+# where its counters cannot be read) / the disk's sequential read bandwidth. The
 # bake (with --nocache): BAKE_FACTOR x this run's plain start.
 WARM_TARGET_S = {("cpu", "synthetic:tiny"): 0.5, ("cuda", "synthetic:llama-3.2-3b"): 1.5,
                  ("cuda", "synthetic:llama-3.1-8b"): 2.0}
@@ -101,6 +102,7 @@ class BenchResult:
     checkpoint_bytes: int = 0
     weights_bytes: int = 0
     disk_read_gbps: Optional[float] = None  # measured in the same run, with --cold
+    cold_read_bytes: list[int] = field(default_factory=list)  # read from that disk by each cold run: disk_reads()
     bake_s: Optional[float] = None  # the image's bake, from its model on disk to the checkpoint: bake_seconds()
     targets: list[dict] = field(default_factory=list)  # filled by run(): see targets()
 
@@ -115,8 +117,12 @@ class BenchResult:
             out.append({"what": "warm restore", "unit": "s", "target": WARM_TARGET_S[key],
                         "now": statistics.median(self.restore_s)})
         if self.cold_s and self.disk_read_gbps:
-            read_gb = (self.checkpoint_bytes + self.weights_bytes) / 1e9
-            out.append({"what": f"cold restore: {COLD_FACTOR} x {read_gb:.2f} GB / {self.disk_read_gbps:.2f} GB/s",
+            # the bytes a cold run read from the disk (the image's libraries and Python too),
+            # where the disk's counters could be read; else the checkpoint and the weight dump
+            read = statistics.median(self.cold_read_bytes) if self.cold_read_bytes else None
+            read_gb = (read or self.checkpoint_bytes + self.weights_bytes) / 1e9
+            what = "read" if read else "(checkpoint, weights)"
+            out.append({"what": f"cold restore: {COLD_FACTOR} x {read_gb:.2f} GB {what} / {self.disk_read_gbps:.2f} GB/s",
                         "unit": "s", "target": round(COLD_FACTOR * read_gb / self.disk_read_gbps, 2),
                         "now": statistics.median(self.cold_s)})
         if self.bake_s is not None and self.nocache_s:
@@ -216,6 +222,21 @@ def disk_read_gbps(folder: Path, size: int = 1 << 30) -> float:
         path.unlink(missing_ok=True)
 
 
+def disk_reads(folder: Optional[Path]) -> Optional[int]:
+    """Bytes read so far from the block device FOLDER's filesystem is on (the kernel's counter
+    in /sys/dev/block/MAJ:MIN/stat, 512-byte sectors); None where that filesystem has no such
+    device (an overlay, a network or pooled filesystem): a cold run's bytes read are then
+    unknown."""
+    if folder is None:
+        return None
+    try:
+        dev = os.stat(folder).st_dev
+        fields = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").read_text().split()
+        return int(fields[2]) * 512
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def drop_page_cache() -> None:
     subprocess.run(["sync"], check=True)
     try:
@@ -272,11 +293,16 @@ def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
     for i in range(plan.runs if plan.cold else 0):
         drop_page_cache()
         time.sleep(plan.settle_s)
+        before = disk_reads(plan.disk_dir)
         took, logs, _ = first_answer(plan, m, env)
+        after = disk_reads(plan.disk_dir)  # the container's removal's few reads counted too
+        if before is not None and after is not None:
+            res.cold_read_bytes.append(after - before)
         res.cold_s.append(round(took, 2))
         res.last_cold_timeline = timeline_marks(logs)
         res.last_cold_weights = weights_line(logs)
-        say(f"restore, page cache dropped {i + 1}/{plan.runs}: {took:.2f} s")
+        read = f", {res.cold_read_bytes[-1] / 1e9:.2f} GB read" if len(res.cold_read_bytes) == len(res.cold_s) else ""
+        say(f"restore, page cache dropped {i + 1}/{plan.runs}: {took:.2f} s{read}")
     for i in range(min(plan.runs, 2) if plan.normal else 0):
         took, _, got = first_answer(plan, m, ["-e", "FV_RESTORE=0"], extra=i == 0)
         res.normal_s.append(round(took, 2))
