@@ -3,24 +3,35 @@ line; a server that stays silent is a bounded, named error."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
+import threading
+from typing import Any, Callable, Iterator
+
 import pytest
 
 
-def test_server_errors_become_one_line_fvboot_errors():
-    """A worker exception (HTTP 500 from collective_rpc) must reach the operator as one line."""
-    import http.server
-    import threading
-
-    from fvboot.control import ServerControl
-    from fvboot.errors import ServerError
+@contextlib.contextmanager
+def _server(answer: Callable[[str, http.server.BaseHTTPRequestHandler, Any], tuple[int, Any]]) -> Iterator[int]:
+    """A real HTTP server on 127.0.0.1 whose every request ANSWER(method, request, JSON body or
+    None) turns into (status, JSON answer); its port."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = b'{"error": "WeightCollectionError: layer.cpu_linear captures a Foo"}'
-            self.send_response(500)
-            self.send_header("content-length", str(len(body)))
+        def _answer(self, method: str) -> None:
+            n = int(self.headers.get("content-length") or 0)
+            status, out = answer(method, self, json.loads(self.rfile.read(n)) if n else None)
+            data = json.dumps(out).encode()
+            self.send_response(status)
+            self.send_header("content-length", str(len(data)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._answer("GET")
+
+        def do_POST(self):
+            self._answer("POST")
 
         def log_message(self, *args):
             pass
@@ -28,11 +39,20 @@ def test_server_errors_become_one_line_fvboot_errors():
     srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        ctl = ServerControl(srv.server_address[1], "token", "m")
-        with pytest.raises(ServerError, match="POST /collective_rpc answered 500: .*captures a Foo"):
-            ctl.rpc("fv_dump_weights", "/x")
+        yield srv.server_address[1]
     finally:
         srv.shutdown()
+
+
+def test_server_errors_become_one_line_fvboot_errors():
+    """A worker exception (HTTP 500 from collective_rpc) must reach the operator as one line."""
+    from fvboot.control import ServerControl
+    from fvboot.errors import ServerError
+
+    with _server(lambda *_: (500, {"error": "WeightCollectionError: layer.cpu_linear captures a Foo"})) as port:
+        ctl = ServerControl(port, "token", "m")
+        with pytest.raises(ServerError, match="POST /collective_rpc answered 500: .*captures a Foo"):
+            ctl.rpc("fv_dump_weights", "/x")
 
 
 
@@ -56,34 +76,19 @@ def test_a_server_that_takes_the_call_and_stays_silent_is_a_bounded_error():
 def test_the_probe_asked_together_is_one_request_read_back_in_prompt_order():
     """vLLM answers a list of prompts with one choice each, by index; the answers come back in
     the prompts' order whatever order the choices arrive in, and a missing one is an error."""
-    import http.server
-    import json
-    import threading
-
     from fvboot.control import PROBE_PROMPTS, ServerControl
     from fvboot.errors import ServerError
 
     bodies, drop = [], []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            bodies.append(body)
-            choices = [{"index": i, "text": f"answer {i}", "logprobs": {"token_logprobs": [-0.123456, None]}}
-                       for i in range(len(body["prompt"]))][::-1][len(drop):]
-            data = json.dumps({"choices": choices}).encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def answer(method, request, body):
+        bodies.append(body)
+        choices = [{"index": i, "text": f"answer {i}", "logprobs": {"token_logprobs": [-0.123456, None]}}
+                   for i in range(len(body["prompt"]))][::-1][len(drop):]
+        return 200, {"choices": choices}
 
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        ctl = ServerControl(srv.server_address[1], "token", "m")
+    with _server(answer) as port:
+        ctl = ServerControl(port, "token", "m")
         answers = ctl.probe_together()
         assert [b["prompt"] for b in bodies] == [list(PROBE_PROMPTS)]
         assert answers == [{"prompt": p, "text": f"answer {i}", "logprobs": [-0.1235]}
@@ -91,8 +96,6 @@ def test_the_probe_asked_together_is_one_request_read_back_in_prompt_order():
         drop.append(1)
         with pytest.raises(ServerError, match=f"{len(PROBE_PROMPTS)} probe prompts got {len(PROBE_PROMPTS) - 1} answers"):
             ctl.probe_together()
-    finally:
-        srv.shutdown()
 
 
 def test_fvboots_start_leaves_the_http_client_for_while_criu_runs(tmp_path):
@@ -119,33 +122,17 @@ def test_fvboots_start_leaves_the_http_client_for_while_criu_runs(tmp_path):
 def test_whether_vllm_still_sleeps_is_read_from_its_own_route():
     """vLLM's GET /is_sleeping (its dev routes, with the admin token): the restore asks it after
     the KV cache's wake, because vLLM answers a wake it refused with 200."""
-    import http.server
-    import json
-    import threading
-
     from fvboot.control import ServerControl
 
     answers, tokens = [{"is_sleeping": True}, {"is_sleeping": False}], []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            assert self.path == "/is_sleeping"
-            tokens.append(self.headers.get("x-fastvllm-admin"))
-            body = json.dumps(answers.pop(0)).encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(method, request, body):
+        assert (method, request.path) == ("GET", "/is_sleeping")
+        tokens.append(request.headers.get("x-fastvllm-admin"))
+        return 200, answers.pop(0)
 
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        ctl = ServerControl(srv.server_address[1], "secret", "m")
+    with _server(answer) as port:
+        ctl = ServerControl(port, "secret", "m")
         assert ctl.is_sleeping(timeout=5) is True
         assert ctl.is_sleeping(timeout=5) is False
         assert tokens == ["secret", "secret"]
-    finally:
-        srv.shutdown()
