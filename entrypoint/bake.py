@@ -109,6 +109,9 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         step = "sleep"
         if gpu:
             ctl.sleep(2)
+            if not ctl.is_sleeping():  # vLLM answers 200 to a sleep it did not do, too
+                raise BakeFailed("vLLM answered the level-2 sleep but says it is not asleep (its log above"
+                                 " says why): the checkpoint would hold its whole GPU memory")
         else:
             ctl.sleep(1)  # CPU: pauses the scheduler only; the extension frees the weights
             ctl.rpc("fv_release_weights")

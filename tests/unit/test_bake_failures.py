@@ -72,6 +72,11 @@ class _Control:
     def sleep(self, level):
         pass
 
+    asleep = True
+
+    def is_sleeping(self, **_k):
+        return self.asleep
+
     def trim(self):
         return []
 
@@ -157,3 +162,15 @@ def test_the_probe_asked_together_is_recorded_only_where_its_answers_are_steady(
 
     steady = types.SimpleNamespace(probe_together=lambda: [{"prompt": "p", "text": "x", "logprobs": [-1.0]}])
     assert bake._steady_probe_together(steady) == (manifest.ProbeAnswer("p", "x", (-1.0,)),)
+
+
+def test_a_gpu_engine_that_does_not_go_to_sleep_stops_the_bake(baking, monkeypatch):
+    """vLLM answers /sleep with 200 whatever it did; an engine still awake would put its whole
+    GPU memory (the weights, the KV cache) into the CUDA checkpoint. Its own word decides."""
+    layout, run, tree = baking
+    monkeypatch.setattr(bake.manifest, "device_info", lambda: manifest.Device("cuda", driver="580"))
+    monkeypatch.setattr(_Control, "asleep", False)
+    with pytest.raises(BakeFailed, match=r"^the bake's sleep failed: vLLM answered the level-2 sleep but says it is"
+                                         r" not asleep \(its log above says why\)"):
+        run()
+    _nothing_left(layout, tree)
