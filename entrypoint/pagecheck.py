@@ -16,14 +16,16 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checksums import DEFAULT_CHECKSUM, UnknownChecksum, digest
+from .checksums import UnknownChecksum, digest, fastest_checksum
 from .manifest import FileEntry, PieceSums
 
 PIECE = 8 << 20  # the prefetch's read size: each piece it reads is one digest
 
 
-def piece_sums(path: Path, alg: str = DEFAULT_CHECKSUM, piece: int = PIECE) -> PieceSums:
-    """The digests of PATH's consecutive PIECE-byte pieces (at bake)."""
+def piece_sums(path: Path, alg: str = "", piece: int = PIECE) -> PieceSums:
+    """The digests of PATH's consecutive PIECE-byte pieces (at bake), by ALG (default: the
+    algorithm fastest on this machine, which the restore's machine most likely resembles)."""
+    alg = alg or fastest_checksum()
     sums = []
     buf = bytearray(piece)
     with path.open("rb", buffering=0) as f:
