@@ -69,9 +69,9 @@ for name in ("vllm", "sleep"):
     med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
     print(f"{name}: warm median {med(warm)} s of {len(warm)} ({sorted(warm)}), fell back {fell}")
     print(f"  steps (median s): " + ", ".join(f"{s} {med(v)}" for s, v in steps.items()))
+    heap = trim.get('heap') or {}
     print(f"  bake: gpu kept {trim.get('gpu_used_bytes')}, graph allocations {trim.get('graph_pool_allocations')}, "
           f"saved buffers {trim.get('saved_buffers')}, checkpoint {trim.get('checkpoint_bytes')}, "
-          f"heap elf {(trim.get('heap') or {}).get('elf_images')}")
-    heap = trim.get('heap') or {}
+          f"heap elf {heap.get('elf_images')}")
     print(f"  heap: malloc {heap.get('malloc')}, python top {(heap.get('python') or {}).get('top')}")
 PY

@@ -12,9 +12,9 @@ CUDA checkpoint has that much less to save, and the restore wakes it with the KV
 
 The allocator tags an allocation with its current tag, which during a capture is its default;
 the trim (``tag_graph_memory``) gives the pool's allocations the KV cache's tag (``TAG``), so
-the restore's wake of the KV cache maps them too. Installed from the worker extension's import, before
-vLLM builds its graph wrappers; it acts only where the engine runs on CUDA in sleep mode (the
-bake), never in a normal start.
+the restore's wake of the KV cache maps them too. Installed from the worker extension's import,
+before vLLM builds its graph wrappers; it acts only where the engine runs on CUDA in sleep mode
+(the bake), never in a normal start.
 """
 
 from __future__ import annotations

@@ -375,12 +375,12 @@ def wake_engine(s: RestoreState) -> None:
         # that names another, and the KV cache then stays unmapped (the first request hangs).
         # The graphs' memory, where the bake put it to sleep, carries the KV cache's tag
         s.ctl.wake_up(["kv_cache"] if s.gpu else None, timeout=s.step_timeout_s)
+        if s.gpu and s.ctl.is_sleeping(timeout=s.step_timeout_s):
+            # vLLM answers a refused wake with 200 and a warning; the first request would then
+            # wait on memory that is not mapped until the probe's bound
+            raise CheckpointUnusable("vLLM did not wake its engine: it still counts part of it asleep"
+                                     " (its log above says which tag)")
         s.kv_awake = True
-    if s.gpu and s.ctl.is_sleeping(timeout=s.step_timeout_s):
-        # vLLM answers a refused wake with 200 and a warning; the first request would then
-        # wait on memory that is not mapped until the probe's bound
-        raise CheckpointUnusable("vLLM did not wake its engine: it still counts part of it asleep"
-                                 " (its log above says which tag)")
 
 
 def check_answers(s: RestoreState) -> None:

@@ -323,22 +323,22 @@ def test_the_kv_cache_wakes_first_only_while_the_weights_come_from_the_disk(tmp_
     assert [c[1] for c in ctl.calls if c[0] == "wake_up"][-1] == ["kv_cache"]  # vLLM's own tag only
 
 
-def test_a_wake_vllm_refused_ends_the_restore_at_once_instead_of_a_hung_first_request(tmp_path):
+@pytest.mark.parametrize("refuses", [False, True])
+def test_a_wake_vllm_refused_ends_the_restore_at_once_instead_of_a_hung_first_request(tmp_path, refuses):
     """vLLM answers a wake it refused with 200 (a tag its sleep did not set: the restore once
     woke ["kv_cache", "cudagraph"]); the KV cache stayed unmapped and the probe hung until the
     step bound. The engine's own word that it still sleeps ends the restore there."""
     layout, m = _manifest(tmp_path, GPU)
-    for refuses in (False, True):
-        ctl = _Ctl(refuses=refuses)
-        state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
-                                     step_timeout_s=7, residency=types.SimpleNamespace(resident=lambda: True))
-        restore.load_weights(state)
-        if not refuses:
-            restore.wake_engine(state)
-            assert not ctl.asleep
-            continue
+    ctl = _Ctl(refuses=refuses)
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                 step_timeout_s=7, residency=types.SimpleNamespace(resident=lambda: True))
+    restore.load_weights(state)
+    if refuses:
         with pytest.raises(CheckpointUnusable, match="vLLM did not wake its engine"):
             restore.wake_engine(state)
+    else:
+        restore.wake_engine(state)
+        assert not ctl.asleep
 
 
 def test_the_wake_order_setting(monkeypatch):
