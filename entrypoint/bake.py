@@ -14,7 +14,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, zeropages
 from .control import ServerControl
@@ -119,6 +119,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         step = "checkpoint"
         with cuda_checkpoint_service.running(layout.run_dir, enabled=gpu) as service_env:
             trimmed = ctl.trim()
+            _say_graph_pool(trimmed)
             processes = tree_processes(tree.init_pid())
             criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log",
                       env=service_env)
@@ -189,6 +190,15 @@ def step_failed(step: str, e: Exception, tree: ServedTree) -> FvBootError:
                           "checkpoint, about twice the model's size, are written under /fv): free space "
                           "where Docker keeps its data and build again")
     return BakeFailed(f"the bake's {step} failed: {text}")
+
+
+def _say_graph_pool(trimmed: Any) -> None:
+    """FV_GRAPH_POOL=sleep asked and no graph memory sleeping: the bake says so (the checkpoint is
+    as good, with vLLM's own pool in it), so a measurement of the option cannot pass unnoticed."""
+    for worker in trimmed if isinstance(trimmed, list) else []:
+        if isinstance(worker, dict) and worker.get("graph_pool_allocations") == 0:
+            write_line("fvboot bake: FV_GRAPH_POOL=sleep: vLLM's CUDA graphs stayed in its own pool "
+                       "(none of their memory sleeps): the checkpoint keeps it")
 
 
 def _check_port_free(port: int) -> None:

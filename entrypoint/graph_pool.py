@@ -77,13 +77,16 @@ def install() -> bool:
 
 
 def _sleep_mode() -> bool:
+    """The engine's memory is its CuMemAllocator's: vLLM makes that allocator (sleep mode on
+    CUDA) when it loads the model, before any graph wrapper asks for the pool. Not vLLM's current
+    config: vLLM builds its piecewise graph wrappers while it compiles in the first profile run,
+    outside any ``set_current_vllm_config``, where asking for it raises (on the H200,
+    2026-12-04, the pool stayed vLLM's own that way and nothing slept)."""
     try:
-        from vllm.config import get_current_vllm_config
-
-        model = get_current_vllm_config().model_config
-    except Exception:  # noqa: BLE001 - no config set: not an engine's worker
+        from vllm.device_allocator.cumem import CuMemAllocator
+    except Exception:  # noqa: BLE001 - no CUDA build of vLLM's allocator: no sleep mode
         return False
-    return bool(model is not None and getattr(model, "enable_sleep_mode", False))
+    return CuMemAllocator.instance is not None
 
 
 def _make_pool() -> Any:

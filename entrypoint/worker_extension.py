@@ -269,9 +269,8 @@ class FastVllmWorkerExtension:
             out["context_limits"] = _context_limits()
             if saved:
                 out["saved_buffers"] = saved
-            tagged = graph_pool.tag_graph_memory()  # FV_GRAPH_POOL=sleep: the graphs' memory sleeps too
-            if tagged:
-                out["graph_pool_allocations"] = tagged
+            if graph_pool.asked():  # FV_GRAPH_POOL=sleep: the graphs' memory sleeps too (0: it did not)
+                out["graph_pool_allocations"] = graph_pool.tag_graph_memory()
             pool = CuMemPool.current()
             if pool is not None:  # what a helper must make for a restore to adopt (FV_WAKE_MEMORY=helper)
                 out["sleep_pool"] = [[a.tag, a.start, a.size] for a in pool.allocs]

@@ -42,14 +42,23 @@ class _Platform:  # vLLM's platform interface as graph_pool uses it (vLLM cannot
         return cls._global_graph_pool
 
 
+def _outside_a_config_context():
+    raise AssertionError("Current vLLM config is not set.")  # vLLM's, where its compile builds wrappers
+
+
 def _fake_vllm(monkeypatch, sleep_mode: bool, cuda: bool = True):
+    """vLLM as graph_pool meets it: its CuMemAllocator exists only in sleep mode (made when the
+    model loads), and its current config is not set where the compile builds graph wrappers."""
     platform_cls = type("CudaPlatform", (_Platform,), {"cuda": cuda, "_global_graph_pool": None})
-    model = types.SimpleNamespace(enable_sleep_mode=sleep_mode)
+    allocator = types.SimpleNamespace(instance=object() if sleep_mode else None)
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
     monkeypatch.setitem(sys.modules, "vllm.platforms",
                         types.SimpleNamespace(current_platform=platform_cls()))
-    monkeypatch.setitem(sys.modules, "vllm.config", types.SimpleNamespace(
-        get_current_vllm_config=lambda: types.SimpleNamespace(model_config=model)))
+    monkeypatch.setitem(sys.modules, "vllm.config",
+                        types.SimpleNamespace(get_current_vllm_config=_outside_a_config_context))
+    monkeypatch.setitem(sys.modules, "vllm.device_allocator", types.ModuleType("vllm.device_allocator"))
+    monkeypatch.setitem(sys.modules, "vllm.device_allocator.cumem",
+                        types.SimpleNamespace(CuMemAllocator=allocator))
     monkeypatch.setattr(graph_pool, "_make_pool", lambda: ("fast-vllm's", 2))
     return platform_cls
 
@@ -105,3 +114,13 @@ def test_gpu_a_graph_in_the_sleeping_pool_replays_the_same_after_a_sleep_and_a_w
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, want)
+
+
+def test_the_bake_says_when_the_graphs_memory_asked_to_sleep_does_not(capsys):
+    from fvboot import bake
+
+    bake._say_graph_pool([{"graph_pool_allocations": 15}])
+    bake._say_graph_pool([{"gpu_used_bytes": 1}])  # not asked
+    assert capsys.readouterr().out == ""
+    bake._say_graph_pool([{"graph_pool_allocations": 0}])
+    assert "FV_GRAPH_POOL=sleep: vLLM's CUDA graphs stayed in its own pool" in capsys.readouterr().out
