@@ -74,4 +74,7 @@ for name in ("vllm", "sleep"):
           f"saved buffers {trim.get('saved_buffers')}, checkpoint {trim.get('checkpoint_bytes')}, "
           f"heap elf {heap.get('elf_images')}")
     print(f"  heap: malloc {heap.get('malloc')}, python top {(heap.get('python') or {}).get('top')}")
+    if name == "sleep" and not trim.get("graph_pool_allocations"):
+        print("  NOT A MEASUREMENT: the sleep bake put no graph allocation in memory that sleeps "
+              "(its bake log says why); both arms restore the same kind of checkpoint")
 PY
