@@ -7,7 +7,9 @@ memory areas: how many bytes are dumped, of what kind (heap, private anonymous, 
 shared), how many of them are all-zero pages (which need no reading at all) and how many are
 byte-for-byte the same as a page of another process (which one read could serve), and per
 process the GPU code it holds in its memory (CUDA cubins and fatbins the driver or a library
-copied there: a candidate for what a sleeping engine's heap keeps). No CRIU or crit needed:
+copied there: a candidate for what a sleeping engine's heap keeps). Each of the largest areas
+comes with the longest text found at its start (a hint of whose memory it is: a tokenizer's
+vocabulary, a library's tables). No CRIU or crit needed:
 fvboot's own reader of CRIU's images (fvboot.criu) decodes the few fields read here.
 
     python3 bench/checkpoint_anatomy.py DIR [--top 15]       (DIR: a criu images folder)
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import struct
 import subprocess
 import sys
@@ -31,6 +34,8 @@ from harness import record
 
 PAGE = 4096
 ZERO = bytes(PAGE)
+SAMPLE = 256 << 10  # the bytes of each area kept for its text hints
+TEXT = re.compile(rb"[\x20-\x7e]{12,}")
 # VMA status bits (criu/include/image.h)
 STATUS = {1 << 1: "stack", 1 << 5: "heap", 1 << 6: "file-private", 1 << 7: "file-shared",
           1 << 8: "anon-shared", 1 << 9: "anon-private", 1 << 14: "memfd", 1 << 27: "plugin"}
@@ -45,12 +50,18 @@ class Area:
     dumped: int = 0
     zero: int = 0
     shared_with_others: int = 0
+    sample: bytearray = field(default_factory=bytearray)
+
+    def hints(self, n: int = 5) -> list[str]:
+        """The longest printable runs of the area's first dumped bytes."""
+        runs = sorted(set(TEXT.findall(bytes(self.sample))), key=len, reverse=True)[:n]
+        return [r[:80].decode() for r in runs]
 
     def row(self, process: str) -> dict:
         return {"process": process, "start": hex(self.start), "size_mb": round((self.end - self.start) / 1e6, 1),
                 "kind": self.kind, "prot": "".join(c if self.prot & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4))),
                 "dumped_mb": round(self.dumped / 1e6, 1), "zero_mb": round(self.zero / 1e6, 1),
-                "same_as_another_process_mb": round(self.shared_with_others / 1e6, 1)}
+                "same_as_another_process_mb": round(self.shared_with_others / 1e6, 1), "text": self.hints()}
 
 
 @dataclass
@@ -129,6 +140,8 @@ def read_process(images: Path, pid: int) -> Process:
                 if target is None:
                     continue
                 target.dumped += PAGE
+                if len(target.sample) < SAMPLE:
+                    target.sample += page
                 if page == ZERO:
                     target.zero += PAGE
                 else:
