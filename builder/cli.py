@@ -31,6 +31,8 @@ def _options_params(f):
         click.option("--vllm-version", help="vLLM version (default: 0.26.0 cuda, 0.32.0 cpu)"),
         click.option("--vllm-arg", "vllm_args", multiple=True, help="extra `vllm serve` argument (repeat)"),
         click.option("--port", type=int, help="port the server listens on (default 8000)"),
+        click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
+                     help="environment of the image, seen by the bake and every start; vLLM's VLLM_* settings go here (repeat)"),
         click.option("--criu-repo", help="CRIU git repo URL or local git repo"),
         click.option("--criu-ref", help="CRIU tag, branch or commit (default v4.2.1)"),
         click.option("--criu-src", type=click.Path(path_type=Path), help="local CRIU source folder or tarball (offline)"),

@@ -41,6 +41,7 @@ class RenderContext:
     # Build-context path of a `fvbuild criu` tarball ("" = build CRIU in the criu stage).
     criu_prebuilt: str
     labels: tuple[tuple[str, str], ...] = field(default=())
+    env: tuple[tuple[str, str], ...] = field(default=())  # the user's ENV of the image (--env)
 
 
 def make_context(opts: CriuOptions, criu: CriuSource, patches: tuple[str, ...]) -> RenderContext:
@@ -77,4 +78,5 @@ def make_context(opts: CriuOptions, criu: CriuSource, patches: tuple[str, ...]) 
         target="image",
         criu_prebuilt=PREBUILT_ARCHIVE if opts.criu_prebuilt is not None else "",
         labels=labels,
+        env=tuple(sorted(opts.env.items())),
     )

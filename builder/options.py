@@ -180,6 +180,8 @@ class BuildOptions(CriuOptions):
     nvidia_driver_dir: Optional[Path] = Field(None, description="driver folder mounted for --gpu-access devices")
     warmup_requests: int = Field(4, ge=1, le=1000)
     hf_token_env: str = Field("HF_TOKEN", description="env var that holds the model-download token")
+    env: dict[str, str] = Field(default_factory=dict,
+                                description="the image's environment, NAME=VALUE: the bake's and every start's")
 
     @field_validator("model")
     @classmethod
@@ -227,6 +229,35 @@ class BuildOptions(CriuOptions):
     def _env_name(cls, v: str) -> str:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
             raise ValueError(f"{v!r} is not an environment variable name")
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_pairs(cls, v: Any) -> Any:
+        """`--env NAME=VALUE` (repeat) or a table of a config file."""
+        if isinstance(v, (list, tuple)):
+            out = {}
+            for item in v:
+                name, sep, value = str(item).partition("=")
+                if not sep:
+                    raise ValueError(f"{item!r} is not NAME=VALUE")
+                out[name] = value
+            return out
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_is_safe(cls, v: dict[str, str]) -> dict[str, str]:
+        from fvboot.launcher import is_secret_name
+
+        for name, value in v.items():
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if is_secret_name(name):  # an image's ENV is in its config for anyone who pulls it
+                raise ValueError(f"{name} may hold a secret, which must not be in an image: pass it at run "
+                                 "time (docker run -e), or for the model download as --hf-token-env")
+            if any(c in value for c in "\n\r\0"):
+                raise ValueError(f"the value of {name} contains a newline")
         return v
 
     @field_validator("wheels")

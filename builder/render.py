@@ -18,6 +18,11 @@ def docker_quote(value: str) -> str:
     return json.dumps(value)
 
 
+def env_quote(value: str) -> str:
+    """Quote a value for an ENV line: docker_quote, with `$` kept literal (ENV expands variables)."""
+    return docker_quote(value).replace("$", "\\$")
+
+
 def sh_quote(value: object) -> str:
     """Quote a value for a shell word in a RUN line (values are validated too; this is the belt)."""
     import shlex
@@ -38,6 +43,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["docker_quote"] = docker_quote
+    env.filters["env_quote"] = env_quote
     env.filters["sh_quote"] = sh_quote
     return env
 

@@ -19,7 +19,8 @@ from typing import Any, Optional
 from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, zeropages
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
-from .launcher import Pipes, ServedTree, server_env, tree_processes, vllm_command, write_runtime_settings
+from .launcher import (Pipes, ServedTree, server_env, tree_processes, vllm_command, vllm_settings,
+                       write_runtime_settings)
 from .layout import Layout
 from .models import detach_build_inputs, prepare_model
 from .output import write_line
@@ -152,7 +153,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         fvboot_version=__version__,
         baked_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         model=manifest.Model(served_name=served_name, source=model, path=str(layout.model_dir)),
-        vllm=manifest.Vllm(args=tuple(user_args), command=tuple(cmd), port=port, version=_vllm_version()),
+        vllm=manifest.Vllm(args=tuple(user_args), command=tuple(cmd), port=port, version=_vllm_version(),
+                           env=vllm_settings()),
         runtime_file=str(layout.runtime_file),  # where the restored middleware looks
         criu=manifest.Criu(criu.version(), tuple(criu.DUMP_FLAGS), tuple(criu.RESTORE_FLAGS)),
         device=dev,

@@ -82,6 +82,28 @@ def is_secret_name(name: str) -> bool:
     return up.endswith(SECRET_SUFFIXES) or any(part in up for part in SECRET_PARTS)
 
 
+# vLLM's settings fvboot gives the served tree itself (server_env): not the operator's to compare
+OWN_VLLM_SETTINGS = {"VLLM_SERVER_DEV_MODE", "VLLM_NO_USAGE_STATS"}
+
+
+def vllm_settings(env: Optional[dict] = None) -> dict[str, str]:
+    """vLLM's own settings (VLLM_*) in ENV (fvboot's environment by default) that reach the
+    server: a restored one keeps the bake's, so the bake records them and a restore compares.
+    Secrets (VLLM_API_KEY: a runtime setting) and what fvboot sets itself are left out."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in env.items()
+            if k.startswith("VLLM_") and k not in OWN_VLLM_SETTINGS and not is_secret_name(k)}
+
+
+def vllm_settings_changed(baked: dict[str, str], here: dict[str, str]) -> str:
+    """What of vLLM's settings HERE differs from BAKED, said as `NAME=VALUE (baked: VALUE)`, or ""."""
+    def shown(v: Optional[str]) -> str:
+        return "unset" if v is None else (v if len(v) <= 60 else v[:57] + "...")
+
+    return ", ".join(f"{k}={shown(here.get(k))} (baked: {shown(baked.get(k))})"
+                     for k in sorted(set(baked) | set(here)) if baked.get(k) != here.get(k))
+
+
 def arg_value(args: list[str], name: str) -> Optional[str]:
     """The value vLLM's argument parser will see for NAME (`--port 9000` or `--port=9000`; the
     last one wins, as in argparse), or None."""

@@ -64,6 +64,10 @@ def _is_obj(v: Any) -> bool:
     return isinstance(v, dict)
 
 
+def _is_str_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+
+
 def _is_list(v: Any) -> bool:
     return isinstance(v, list)
 
@@ -143,15 +147,18 @@ class Model:
 
 @dataclass(frozen=True)
 class Vllm:
-    """How vLLM was started: the user's ARGS, the whole COMMAND (ending with ARGS), its PORT."""
+    """How vLLM was started: the user's ARGS, the whole COMMAND (ending with ARGS), its PORT, and
+    the ENV of its own settings (VLLM_*, launcher.vllm_settings) the restored server keeps; None
+    in a manifest of an fvboot that did not record them."""
 
     args: tuple[str, ...]
     command: tuple[str, ...]
     port: int
     version: Optional[str] = None
+    env: Optional[Mapping[str, str]] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("args", "command", "port", "version")
+    _KEYS = ("args", "command", "port", "version", "env")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "vllm") -> "Vllm":
@@ -159,11 +166,12 @@ class Vllm:
                    command=tuple(_get(d, where, "command", _is_str_list, "a list of strings")),
                    port=_get(d, where, "port", _is_int, "an integer"),
                    version=_get(d, where, "version", _is_str, "a string", None),
+                   env=_get(d, where, "env", _is_str_map, "an object of strings", None),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
         return _some({**self.extra, "args": list(self.args), "command": list(self.command), "port": self.port},
-                     version=self.version)
+                     version=self.version, env=dict(self.env) if self.env is not None else None)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from .control import ServerControl
 from .devices import DeviceLookup
 from .envchoice import choice
 from .errors import CheckpointUnusable, ServerError
-from .launcher import Pipes, load_settings, write_runtime_settings
+from .launcher import Pipes, load_settings, vllm_settings, vllm_settings_changed, write_runtime_settings
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
 from .output import log
@@ -47,6 +47,10 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     baked_args = list(m.vllm.args)
     if run_args and run_args != baked_args:
         raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")
+    changed = vllm_settings_changed(dict(m.vllm.env), vllm_settings()) if m.vllm.env is not None else ""
+    if changed:  # the restored processes keep the bake's environment: the normal start gets this one
+        raise CheckpointUnusable(f"vLLM's settings differ from the bake's: {changed}; a restored server keeps"
+                                 " the bake's environment (bake them into the image: fvbuild image --env NAME=VALUE)")
     baked, here = m.device, manifest.device_info(devices)
     if baked.kind != here.kind:
         raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")

@@ -116,7 +116,12 @@ def build_flags(docker_client) -> list[str]:
             flags += ["--nvidia-driver-dir", os.environ["FV_NVIDIA_DRIVER_DIR"]]
     # a small KV cache on every device: the suite's model is tiny, and sleep and wake stay quick
     args = os.environ.get("FV_E2E_VLLM_ARGS", "--max-model-len=512 --kv-cache-memory-bytes=67108864")
-    return flags + [f"--vllm-arg={a}" for a in args.split()]
+    return flags + [f"--env={IMAGE_ENV}"] + [f"--vllm-arg={a}" for a in args.split()]
+
+
+# a vLLM setting in the suite's image (`fvbuild image --env`; GPU CI builds its image with it too):
+# the bake records it, and a start given another value is refused the checkpoint
+IMAGE_ENV = "VLLM_LOGGING_LEVEL=INFO"
 
 
 def fvbuild(*args: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:

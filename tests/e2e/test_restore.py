@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from fvbuild.engine import docker_run_flags
 import requests
 
-from conftest import CANARY, REPO, e2e_device, fvbuild
+from conftest import CANARY, IMAGE_ENV, REPO, e2e_device, fvbuild
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 PORT = 8000
@@ -504,7 +505,9 @@ def test_twenty_restores_in_a_row_answer_the_same_and_leave_nothing(baked_image,
     assert _host_leftovers() == before
 
 
-def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> None:
+def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> str:
+    """The container started after SHELL fell back with REASON and served the bake's answers;
+    its logs."""
     with Container(baked_image, entry=["sh", "-c", shell + " && exec fvboot"]) as c:
         _wait_ready(container=c.id)
         # shown only when the test fails: what served, and which processes were left
@@ -517,6 +520,27 @@ def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> None
     line = next(l for l in logs.splitlines() if "checkpoint not used" in l)
     assert reason in line, line
     assert "starting vLLM normally" in line
+    return logs
+
+
+def test_the_images_environment_reaches_the_bake_which_records_vllms_settings(manifest):
+    """`fvbuild image --env` (the suite's image has conftest.IMAGE_ENV): the bake ran with it and
+    recorded vLLM's settings, which every restore compares with its own (restored here: the
+    image's environment is the same at every start)."""
+    name, value = IMAGE_ENV.split("=", 1)
+    assert manifest["vllm"]["env"].get(name) == value, manifest["vllm"].get("env")
+    assert "VLLM_SERVER_DEV_MODE" not in manifest["vllm"]["env"]
+
+
+def test_a_vllm_setting_given_at_run_time_gets_a_normal_start_that_has_it(baked_image, manifest, port_free):
+    """`docker run -e VLLM_LOGGING_LEVEL=DEBUG` on an image baked with INFO: a restored server
+    would keep INFO, so the checkpoint is not used, the log says which setting and how to bake
+    it, and the normal start runs with DEBUG (vLLM's debug lines in its log)."""
+    name, value = IMAGE_ENV.split("=", 1)
+    logs = _fallback(baked_image, manifest, f"export {name}=DEBUG",
+                     f"vLLM's settings differ from the bake's: {name}=DEBUG (baked: {value}); a restored server keeps"
+                     " the bake's environment (bake them into the image: fvbuild image --env NAME=VALUE)")
+    assert re.search(r"^(\(\w+ pid=\d+\) )?DEBUG \d\d-\d\d ", logs, re.M), logs[-3000:]
 
 
 def test_corrupt_checkpoint_file_falls_back(baked_image, manifest, port_free):

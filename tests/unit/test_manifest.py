@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -107,12 +108,12 @@ def test_write_refuses_a_manifest_that_would_not_read_back(tmp_path):
 def test_unknown_keys_are_kept_where_they_were(tmp_path):
     newer = _baked_dict(CUDA)
     newer["signature"] = {"by": "someone"}
-    newer["vllm"]["env"] = {"VLLM_X": "1"}
+    newer["vllm"]["plugins"] = ["lora"]
     newer["device"]["gpus"][0]["memory"] = 141
     newer["files"][1]["mode"] = 0o644
     newer["probe"][0]["tokens"] = [1, 2]
     m = manifest.read(_write_json(tmp_path, newer))
-    assert m.extra == {"signature": {"by": "someone"}} and m.vllm.extra == {"env": {"VLLM_X": "1"}}
+    assert m.extra == {"signature": {"by": "someone"}} and m.vllm.extra == {"plugins": ["lora"]}
     assert m.device.gpus[0].extra == {"memory": 141} and m.files[1].extra == {"mode": 0o644}
     assert m.to_json() == newer
 
@@ -206,6 +207,50 @@ def test_a_device_that_does_not_fit_is_for_the_compatibility_check_to_refuse(tmp
     monkeypatch.setattr(manifest, "device_info", lambda lookup=None: Device("cpu"))
     with pytest.raises(CheckpointUnusable, match="^baked on cuda, running on cpu$"):
         check_compatible(m, Layout(tmp_path), [])
+
+
+def test_vllms_settings_in_this_start_that_are_not_the_bakes_are_refused_with_each_named(tmp_path, monkeypatch):
+    """The restored processes keep the bake's environment: a VLLM_* setting given at run time
+    that the bake did not have (or another value, or one the bake had left out) would reach
+    only a normal start, so the checkpoint is not used and the log says which and how to bake
+    it. What fvboot sets itself and the API key (a runtime setting) are not compared; a
+    manifest without the record (an older fvboot) is not checked."""
+    from fvboot.layout import Layout
+    from fvboot.restore import check_compatible
+
+    baked = _baked_dict({"kind": "cpu"})
+    baked["vllm"]["env"] = {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    m = manifest.read(_write_json(tmp_path, baked))
+    assert m.vllm.env == baked["vllm"]["env"] and m.to_json()["vllm"]["env"] == baked["vllm"]["env"]
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: Device("cpu"))
+    monkeypatch.setattr(manifest, "verify_files", lambda home, files: "stop here")
+    for k in [k for k in os.environ if k.startswith("VLLM_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    monkeypatch.setenv("VLLM_API_KEY", "k")  # a runtime setting
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")  # fvboot's own
+    with pytest.raises(CheckpointUnusable, match="^stop here$"):  # the same settings: on to the next check
+        check_compatible(m, Layout(tmp_path), [])
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(CheckpointUnusable) as e:
+        check_compatible(m, Layout(tmp_path), [])
+    assert str(e.value) == ("vLLM's settings differ from the bake's: VLLM_CPU_OMP_THREADS_BIND=unset (baked: 0-1), "
+                            "VLLM_LOGGING_LEVEL=DEBUG (baked: INFO), VLLM_USE_V2_MODEL_RUNNER=1 (baked: unset); a "
+                            "restored server keeps the bake's environment (bake them into the image: fvbuild image "
+                            "--env NAME=VALUE)")
+    del baked["vllm"]["env"]
+    with pytest.raises(CheckpointUnusable, match="^stop here$"):
+        check_compatible(manifest.read(_write_json(tmp_path, baked)), Layout(tmp_path), [])
+
+
+def test_a_manifests_vllm_settings_must_be_strings(tmp_path):
+    bad = _baked_dict({"kind": "cpu"})
+    bad["vllm"]["env"] = {"VLLM_X": 1}
+    with pytest.raises(ManifestInvalid, match="^manifest: vllm.env must be an object of strings$"):
+        manifest.read(_write_json(tmp_path, bad))
 
 
 # --- the builder's side: the same JSON, read by name, without importing fvboot --------------------

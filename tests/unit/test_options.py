@@ -47,6 +47,10 @@ def test_invalid_toml_names_the_file(tmp_path):
     ({"model": "m", "wheels": ["/opt"], "device": "cuda"}, "--wheels/--extra-index-url are used by --device cpu"),
     ({"model": "m", "vllm_args": ["--port=9"]}, "--vllm-arg: --port is reserved: use --port"),
     ({"device": "cpu"}, "--model: Field required"),
+    ({"model": "m", "env": ["VLLM_X"]}, "--env: 'VLLM_X' is not NAME=VALUE"),
+    ({"model": "m", "env": ["1X=a"]}, "--env: '1X' is not an environment variable name"),
+    ({"model": "m", "env": ["AWS_SECRET_ACCESS_KEY=a"]}, "--env: AWS_SECRET_ACCESS_KEY may hold a secret, which must not be in an image"),
+    ({"model": "m", "env": {"VLLM_X": "a\nb"}}, "--env: the value of VLLM_X contains a newline"),
 ])
 def test_invalid_values_say_what_to_change(values, message):
     with pytest.raises(OptionsError) as e:
@@ -131,3 +135,11 @@ def test_the_gpus_a_model_takes_come_from_vllms_parallel_sizes(args, gpus):
 def test_a_parallel_size_that_is_not_a_count_is_one_clear_error(args, message):
     with pytest.raises(OptionsError, match=re.escape(message)):
         load_options({"model": "synthetic:tiny", "vllm_args": args})
+
+
+def test_the_images_environment_comes_as_pairs_or_a_table(tmp_path):
+    assert load_options({"model": "m", "env": ("VLLM_LOGGING_LEVEL=INFO", "FV_GRAPH_POOL=sleep", "E=a=b")}).env == {
+        "VLLM_LOGGING_LEVEL": "INFO", "FV_GRAPH_POOL": "sleep", "E": "a=b"}
+    cfg = tmp_path / "fv.toml"
+    cfg.write_text('model = "m"\n[env]\nVLLM_LOGGING_LEVEL = "INFO"\n')
+    assert load_options({}, cfg).env == {"VLLM_LOGGING_LEVEL": "INFO"}

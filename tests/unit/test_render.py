@@ -212,6 +212,13 @@ def test_criu_target_renders_the_same_criu_stage_plus_export(tmp_path):
     assert "ldd" in export and "/out/cuda-checkpoint" in export.split("AS criu-export", 1)[1]
 
 
+def test_the_images_environment_is_set_in_the_runtime_stage_quoted_and_unexpanded(tmp_path):
+    df = _render(tmp_path, device="cpu", env={"VLLM_LOGGING_LEVEL": "INFO", "FV_X": 'a$HOME "q"'}).dockerfile
+    runtime = df.split("AS runtime\n", 1)[1]
+    assert 'ENV FV_X="a\\$HOME \\"q\\""\nENV VLLM_LOGGING_LEVEL="INFO"\n' in runtime
+    assert runtime.index("ENV VLLM_LOGGING_LEVEL") < runtime.index('ENTRYPOINT ["fvboot"]')
+
+
 def test_index_urls_reach_the_pip_line_shell_quoted(tmp_path):
     url = "https://user@example.org/simple/?a=1"
     df = _render(tmp_path, device="cpu", extra_index_urls=[url]).dockerfile
