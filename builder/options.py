@@ -257,7 +257,7 @@ class BuildOptions(CriuOptions):
                 raise ValueError(f"{name} may hold a secret, which must not be in an image: pass it at run "
                                  "time (docker run -e), or for the model download as --hf-token-env")
             if any(c in value for c in "\n\r\0"):
-                raise ValueError(f"the value of {name} contains a newline")
+                raise ValueError(f"the value of {name} contains a line break or a NUL")
         return v
 
     @field_validator("wheels")
