@@ -56,6 +56,13 @@ class GpuAccess(str, Enum):
 _UNSAFE_CHARS = re.compile(r"[\s'\"`$\\;|&<>(){}]")
 
 
+def _env_var_name(v: str) -> str:
+    """V, where it can name an environment variable."""
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+        raise ValueError(f"{v!r} is not an environment variable name")
+    return v
+
+
 def _plain_value(v: str) -> str:
     """A value that reaches a Dockerfile/shell line: non-empty, no whitespace, quotes or shell syntax."""
     if not v:
@@ -227,9 +234,7 @@ class BuildOptions(CriuOptions):
     @field_validator("hf_token_env")
     @classmethod
     def _env_name(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
-            raise ValueError(f"{v!r} is not an environment variable name")
-        return v
+        return _env_var_name(v)
 
     @field_validator("env", mode="before")
     @classmethod
@@ -251,8 +256,7 @@ class BuildOptions(CriuOptions):
         from fvboot.launcher import is_secret_name
 
         for name, value in v.items():
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-                raise ValueError(f"{name!r} is not an environment variable name")
+            _env_var_name(name)
             if is_secret_name(name):  # an image's ENV is in its config for anyone who pulls it
                 raise ValueError(f"{name} may hold a secret, which must not be in an image: pass it at run "
                                  "time (docker run -e), or for the model download as --hf-token-env")
