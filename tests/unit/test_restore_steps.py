@@ -148,10 +148,10 @@ def test_probe_comparison_catches_text_and_logprob_drift():
 
 class _Prober:
     """A restored server's answers: TOGETHER to one request of all probe prompts, ALONE to one
-    prompt at a time; records which way it was asked."""
+    prompt at a time; records which way it was asked, and with which bound."""
 
     def __init__(self, together, alone):
-        self.together, self.alone, self.asked = together, alone, []
+        self.together, self.alone, self.asked, self.bounds = together, alone, [], []
 
     def probe_together(self, timeout):
         self.asked.append("together")
@@ -163,8 +163,6 @@ class _Prober:
         self.bounds.append(timeout)
         return [{"text": t, "logprobs": [-1.0]} for t in self.alone]
 
-    bounds: list
-
 
 def _probed(tmp_path, ctl, together, step_timeout_s=restore.STEP_TIMEOUT_S):
     _, m = _manifest(tmp_path, {"kind": "cpu"})
@@ -172,7 +170,6 @@ def _probed(tmp_path, ctl, together, step_timeout_s=restore.STEP_TIMEOUT_S):
                             probe_together=together and (manifest.ProbeAnswer("p", "together", (-1.0,)),))
     s = restore.RestoreState(layout=None, manifest=m, here=None, tl=Timeline("serve"), pipes=None, criu_env={},
                              settings={}, check=None, ctl=ctl, step_timeout_s=step_timeout_s)
-    ctl.bounds = []
     restore.check_answers(s)
     return s
 
