@@ -6,6 +6,7 @@
 #   bash bench/gpu_graph_pool_ab.sh [ROUNDS]      # default 2; results and logs under $OUT
 #
 # ~8 minutes at 3B with one round (two bakes of ~4 min with their restores): one device call.
+# Both homes are removed at the end (FV_AB_KEEP=1 keeps them).
 #
 # Each bake: bench/gpu_startup.py bake (3 warm restores and a cold one after it); each round:
 # bench/gpu_startup.py restore of each (3 warm, 1 cold). The manifests' trim records say what
@@ -78,3 +79,7 @@ for name in ("vllm", "sleep"):
         print("  NOT A MEASUREMENT: the sleep bake put no graph allocation in memory that sleeps "
               "(its bake log says why); both arms restore the same kind of checkpoint")
 PY
+# the two homes hold ~20 GB (the model, two weight dumps, two checkpoints): gone unless
+# FV_AB_KEEP=1, so that a build in the same device session has the 64 GB disk it needs (one
+# filled it on 2026-12-04: bench/results/gpu_image_3b_h200_2026-12-04b/build-disk-full.log)
+[ "${FV_AB_KEEP:-0}" = 1 ] || rm -rf "$A" "$B"
