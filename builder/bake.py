@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from . import __version__, gpu
 from .engine import DockerEngine, RunningContainer
-from .errors import BakeError, BakeTimeoutError, ContainerTimeoutError, EngineError
+from .errors import BakeError, BakeTimeoutError, ContainerTimeoutError, EngineError, GpuAccessError
 from .options import BuildOptions, Device
 from .render import render_template
 
@@ -50,7 +50,10 @@ def gpu_plan(engine: DockerEngine, opts: BuildOptions) -> Optional[gpu.GpuPlan]:
     """How the bake container gets the GPUs (None for cpu); raises before any build when it cannot."""
     if opts.device is not Device.cuda:
         return None
-    return gpu.plan(opts.gpu_access, engine.runtimes(), opts.nvidia_driver_dir, count=opts.gpus_used)
+    try:
+        return gpu.plan(opts.gpu_access, engine.runtimes(), opts.nvidia_driver_dir, count=opts.gpus_used)
+    except GpuAccessError as e:
+        raise GpuAccessError(f"{e}; or build the image without its checkpoint (--no-bake)") from None
 
 
 def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str,

@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 
 from . import __version__
-from .errors import FvBuildError, ImageNotBakedError, OptionsError
+from .errors import BaseImageMissingError, FvBuildError, GpuAccessError, ImageNotBakedError, OptionsError
 from .options import BuildOptions, CriuOptions, load_options
 
 console = Console(stderr=True, highlight=False)
@@ -204,24 +204,53 @@ def criu(out: Path, **values: Any) -> None:
 
 
 @main.command("run-flags")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+@click.argument("image_ref", required=False)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="the image's device  [default: IMAGE's, else cuda]")
 @click.option("--gpu-access", type=click.Choice(["auto", "toolkit", "devices"]), default="auto", show_default=True)
 @click.option("--nvidia-driver-dir", type=click.Path(path_type=Path, file_okay=False))
-def run_flags(device: str, gpu_access: str, nvidia_driver_dir: Optional[Path]) -> None:
+def run_flags(image_ref: Optional[str], device: Optional[str], gpu_access: str, nvidia_driver_dir: Optional[Path]) -> None:
     """Print the `docker run` flags a baked image needs here (CRIU's capabilities, and the GPUs
-    as the bake would get them), e.g. docker run $(fvbuild run-flags) IMAGE."""
+    as the bake would get them), e.g. docker run $(fvbuild run-flags IMAGE) IMAGE. Named, the
+    image says its device (its label); otherwise --device, cuda by default."""
     import shlex
 
     from .engine import docker_run_flags
     from .gpu import gpu_run_flags
 
     try:
+        if image_ref is not None:
+            device = _image_device(image_ref, device)
         flags = docker_run_flags()
-        if device == "cuda":
-            flags += gpu_run_flags(gpu_access, nvidia_driver_dir)
+        if (device or "cuda") == "cuda":
+            try:
+                flags += gpu_run_flags(gpu_access, nvidia_driver_dir)
+            except GpuAccessError as e:
+                if image_ref is None and device is None:  # cuda only by default: the CPU image's way out
+                    raise GpuAccessError(f"{e}; a CPU image needs no GPU: fvbuild run-flags IMAGE, or --device cpu") from None
+                raise
     except FvBuildError as e:
         _fail(e)
     click.echo(shlex.join(flags))
+
+
+def _image_device(image_ref: str, asked: Optional[str]) -> str:
+    """The device IMAGE_REF was built for (its org.fast-vllm.device label); OptionsError where
+    ASKED says otherwise or the image is not one of ours."""
+    from .context import DEVICE_LABEL
+    from .engine import DockerEngine
+
+    try:
+        labels = DockerEngine.connect().inspect(image_ref).get("Config", {}).get("Labels") or {}
+    except BaseImageMissingError:
+        raise ImageNotBakedError(f"image {image_ref} is not on this machine: docker pull it first, "
+                                 "or say its device instead (--device cuda|cpu, no IMAGE)") from None
+    device = labels.get(DEVICE_LABEL)
+    if device not in ("cuda", "cpu"):
+        raise ImageNotBakedError(f"{image_ref} is not a fast-vllm image (no {DEVICE_LABEL} label); build it with `fvbuild image`")
+    if asked is not None and asked != device:
+        raise OptionsError(f"--device {asked}: {image_ref} is a {device} image")
+    return device
 
 
 @main.command()

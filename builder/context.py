@@ -8,6 +8,8 @@ from typing import Literal
 from . import __version__
 from .options import BuildOptions, CriuOptions
 
+DEVICE_LABEL = "org.fast-vllm.device"  # the device an image was built for (fvbuild run-flags IMAGE reads it)
+
 PREBUILT_ARCHIVE = "criu-prebuilt.tar.gz"  # build-context path of a --criu-prebuilt tarball
 
 
@@ -57,7 +59,7 @@ def make_context(opts: CriuOptions, criu: CriuSource, patches: tuple[str, ...]) 
     labels = (
         ("org.fast-vllm.version", __version__),
         ("org.fast-vllm.model", opts.model),
-        ("org.fast-vllm.device", opts.device.value),
+        (DEVICE_LABEL, opts.device.value),
         ("org.fast-vllm.vllm-version", opts.resolved_vllm_version),
         ("org.fast-vllm.criu", criu.describe),
         ("org.fast-vllm.criu-patches", ",".join(patches)),

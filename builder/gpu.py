@@ -70,7 +70,7 @@ def plan(mode: GpuAccess, runtimes: Iterable[str], driver_dir: Optional[Path] = 
         else:
             raise GpuAccessError(
                 "no NVIDIA device nodes on this host and no nvidia runtime in docker info: run on a GPU "
-                "host, install the NVIDIA container toolkit (--gpu-access toolkit), or bake later (--no-bake)")
+                "host, or install the NVIDIA container toolkit (--gpu-access toolkit)")
     if mode is GpuAccess.toolkit:
         if not has_runtime:
             raise GpuAccessError("--gpu-access toolkit: docker info lists no nvidia runtime; install the "

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -131,11 +132,39 @@ def port_free(docker_compose_project_name):
         time.sleep(0.2)
 
 
+@functools.lru_cache(maxsize=None)
+def run_flags(image: str) -> tuple[str, ...]:
+    """`fvbuild run-flags IMAGE`, the documented way to get a restore's `docker run` flags (the
+    image names its device; the GPU as gpu_flags() gives it): every Container runs with these."""
+    args = ["run-flags", image]
+    if e2e_device() == "cuda":
+        args += ["--gpu-access", os.environ.get("FV_GPU_ACCESS", "auto")]
+        if os.environ.get("FV_NVIDIA_DRIVER_DIR"):
+            args += ["--nvidia-driver-dir", os.environ["FV_NVIDIA_DRIVER_DIR"]]
+    r = fvbuild(*args)
+    assert r.returncode == 0, r.stderr
+    return tuple(shlex.split(r.stdout))
+
+
+def test_run_flags_of_the_image_are_its_devices_and_criu_needs(baked_image):
+    """What `fvbuild run-flags IMAGE` prints: CRIU's capabilities, and the GPU only for a CUDA
+    image (the CPU image's flags on a host without a GPU, too); a --device the image is not is
+    refused, naming the image's."""
+    flags = run_flags(baked_image)
+    assert list(flags[:len(docker_run_flags())]) == docker_run_flags()
+    assert list(flags[len(docker_run_flags()):]) == gpu_flags()
+    other = "cpu" if e2e_device() == "cuda" else "cuda"
+    r = fvbuild("run-flags", baked_image, "--device", other)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"--device {other}: {baked_image} is a {e2e_device()} image" in r.stderr
+
+
 class Container:
-    """`docker run -d` of the baked image with the documented flags; removed on exit."""
+    """`docker run -d` of the baked image with the flags `fvbuild run-flags IMAGE` prints; removed
+    on exit."""
 
     def __init__(self, image: str, *pre: str, entry: list[str] | None = None) -> None:
-        cmd = ["docker", "run", "-d", *CAPS, *gpu_flags(), *pre]
+        cmd = ["docker", "run", "-d", *run_flags(image), "--network", "host", *pre]
         if entry:
             cmd += ["--entrypoint", entry[0], image, *entry[1:]]
         else:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fvbuild import bake, gpu
-from fvbuild.errors import BakeError, BakeTimeoutError, ContainerTimeoutError, EngineError, GpuAccessError
+from fvbuild.errors import BakeError, BakeTimeoutError, BaseImageMissingError, ContainerTimeoutError, EngineError, GpuAccessError
 from fvbuild.options import GpuAccess, load_options
 
 
@@ -181,3 +181,59 @@ def test_run_flags_helper_gives_the_restore_the_same_access(host):
     assert gpu.gpu_run_flags("toolkit", runtimes={"nvidia"}) == ["--gpus", "all"]
     with pytest.raises(GpuAccessError):
         gpu.gpu_run_flags("toolkit", runtimes={"runc"})
+
+
+class _LabelledEngine:
+    """Docker stood in for: an image with LABELS, a daemon without NVIDIA's runtime."""
+
+    def __init__(self, labels: dict | None) -> None:
+        self.labels = labels
+
+    def inspect(self, ref: str) -> dict:
+        if self.labels is None:
+            raise BaseImageMissingError(f"image {ref} does not exist")
+        return {"Config": {"Labels": self.labels}}
+
+    def runtimes(self) -> set[str]:
+        return {"runc"}
+
+
+@pytest.mark.parametrize("labels, argv, ok, words", [
+    ({"org.fast-vllm.device": "cpu"}, ["img:cpu"], True, []),
+    ({"org.fast-vllm.device": "cpu"}, ["img:cpu", "--device", "cpu"], True, []),
+    ({"org.fast-vllm.device": "cpu"}, ["img:cpu", "--device", "cuda"], False, ["--device cuda: img:cpu is a cpu image"]),
+    ({}, ["img:other"], False, ["img:other is not a fast-vllm image", "fvbuild image"]),
+    (None, ["img:elsewhere"], False, ["image img:elsewhere is not on this machine: docker pull it first", "--device cuda|cpu"]),
+    ({"org.fast-vllm.device": "cuda"}, ["img:cuda"], False, ["no NVIDIA device nodes on this host"]),
+    ({}, [], False, ["no NVIDIA device nodes on this host", "a CPU image needs no GPU: fvbuild run-flags IMAGE, or --device cpu"]),
+], ids=["cpu-image", "cpu-image-cpu", "cpu-image-asked-cuda", "not-ours", "not-here", "cuda-image-no-gpu", "no-image-no-gpu"])
+def test_run_flags_take_the_device_from_the_image_and_say_what_to_do_without_a_gpu(monkeypatch, labels, argv, ok, words):
+    """`fvbuild run-flags IMAGE` on a host without a GPU: a CPU image gets CRIU's flags alone;
+    anything else is one line saying what to do, never a traceback (and no --no-bake advice,
+    which is the build's)."""
+    from click.testing import CliRunner
+
+    from fvbuild.cli import main
+    from fvbuild.engine import DockerEngine, docker_run_flags
+
+    monkeypatch.setattr(gpu, "gpu_nodes", lambda *a, **k: ())
+    monkeypatch.setattr(DockerEngine, "connect", classmethod(lambda cls, *a, **k: _LabelledEngine(labels)))
+    r = CliRunner().invoke(main, ["run-flags", *argv])
+    if ok:
+        assert r.exit_code == 0, r.output
+        assert r.stdout.split() == docker_run_flags()
+        return
+    assert r.exit_code not in (0, None)
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--no-bake" not in lines[0], r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_a_build_without_a_gpu_to_bake_on_says_it_can_build_without_the_checkpoint(monkeypatch, tmp_path):
+    """The build's own way out, which run-flags does not offer."""
+    monkeypatch.setattr(gpu, "gpu_nodes", lambda *a, **k: ())
+    opts = load_options({"model": "synthetic:tiny", "device": "cuda"})
+    with pytest.raises(GpuAccessError, match=r"no NVIDIA device nodes.*\(--no-bake\)"):
+        bake.gpu_plan(_LabelledEngine({}), opts)
