@@ -8,7 +8,7 @@ bits of every process in a running container (`/proc/PID/clear_refs`), sends com
 sums, over the private writable memory (heap and anonymous areas: what the checkpoint holds),
 how much is resident and how much was read or written since. Run as root beside the container:
 
-    docker run -d --name fv --network host $(fvbuild run-flags --device cpu) IMAGE
+    docker run -d --name fv --network host $(fvbuild run-flags IMAGE) IMAGE
     python3 bench/pages_touched.py fv [--requests 3] [--port 8000]
 """
 
