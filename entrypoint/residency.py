@@ -100,6 +100,20 @@ class FileMapping:
         with ThreadPoolExecutor(min(8, len(offsets))) as pool:
             return sum(pool.map(missing, offsets))
 
+    def range_resident(self, off: int, length: int) -> bool:
+        """Is every page of the LENGTH bytes at OFF in the page cache (one mincore(2) call)?"""
+        start = off - off % PAGE
+        n = (off + length - start + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * n)()
+        if self.libc.mincore(self.addr + start, n * PAGE, vec) != 0:
+            return False
+        return bytes(vec).translate(_LOW_BIT).count(0) == 0
+
+    def view(self, off: int, length: int) -> memoryview:
+        """The LENGTH bytes at OFF, read in place from the page cache (no copy); valid until
+        close()."""
+        return memoryview((ctypes.c_char * length).from_address(self.addr + off)).cast("B")
+
     def close(self) -> None:
         self.libc.munmap(self.addr, self.size)
 

@@ -78,17 +78,73 @@ def test_intact_images_pass_whether_or_not_the_prefetch_reads_ahead(tmp_path, mo
     assert check.result(timeout=30) is None
 
 
+def _evict(layout: Layout) -> None:
+    """The memory images out of the page cache (a cold start), or skip where the filesystem
+    keeps them (tmpfs)."""
+    from fvboot.residency import missing_pages
+
+    for p in layout.images_dir.iterdir():
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if missing_pages(layout.images_dir / "pages-1.img") == 0:
+        pytest.skip("this filesystem keeps the files' pages in memory (tmpfs): no cold read to test")
+
+
+def _count_reads(monkeypatch) -> list[str]:
+    """The paths the prefetch's readers read (copied into their buffers), one per piece."""
+    reads: list[str] = []
+    real_open, real_preadv = os.open, os.preadv
+    names: dict[int, str] = {}
+
+    def opened(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        names[fd] = os.fspath(path)
+        return fd
+
+    def preadv(fd, bufs, off, *a):
+        reads.append(names.get(fd, "?"))
+        return real_preadv(fd, bufs, off, *a)
+
+    monkeypatch.setattr(prefetch.os, "open", opened)
+    monkeypatch.setattr(prefetch.os, "preadv", preadv)
+    return reads
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "cold"])
+def test_cached_pieces_are_checked_where_they_lie_and_cold_ones_are_read(tmp_path, monkeypatch, cached):
+    """A warm start's memory images are hashed in the page cache, not copied first (on a
+    2-core machine the copies took CPU that CRIU needed); pieces not cached are read, which
+    also brings them in for CRIU."""
+    layout = _home(tmp_path)
+    files = _files(layout)
+    if not cached:
+        _evict(layout)
+    reads = _count_reads(monkeypatch)
+    check = _restore_reads(layout, files, "read", monkeypatch)
+    assert check.result(timeout=30) is None
+    images = [r for r in reads if "/criu/" in r]
+    assert (images == []) if cached else (len(images) >= 4), images
+
+
 @pytest.mark.parametrize("name, offset", [("pages-1.img", PIECE + 77), ("pages-1.img", BIG - 1),
                                           ("pages-2.img", 5000)])
 @pytest.mark.parametrize("mode", ["read", "off"])
 @pytest.mark.parametrize("alg", ["blake3", "crc32"])
-def test_one_flipped_bit_in_any_memory_image_is_found_and_named(tmp_path, monkeypatch, name, offset, mode, alg):
-    """Whichever algorithm the bake found fastest on its machine (blake3 or crc32)."""
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "cold"])
+def test_one_flipped_bit_in_any_memory_image_is_found_and_named(tmp_path, monkeypatch, name, offset, mode, alg, cached):
+    """Whichever algorithm the bake found fastest on its machine (blake3 or crc32), hashed in
+    the page cache or read from the disk."""
     monkeypatch.setattr(pagecheck, "fastest_checksum", lambda: alg)
     layout = _home(tmp_path)
     files = _files(layout)
     assert {f.pieces.alg for f in files if f.pieces} == {alg}
     flip_bit(layout.images_dir / name, offset)
+    if not cached:
+        _evict(layout)
     problem = _restore_reads(layout, files, mode, monkeypatch).result(timeout=30)
     piece = offset // PIECE * PIECE
     assert problem is not None and problem.startswith(f"checkpoint/criu/{name} is corrupt: bytes {piece}-"), problem
