@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# Issue 11: FV_GRAPH_POOL=sleep against vLLM's own graph pool, host mode, one GPU machine: two
-# bakes of the same model (the graphs in vLLM's pool / in memory that sleeps), then their warm
-# restores alternated. From the repo root, after `source .devkit/remote.sh` (the device kit):
+# Issue 11: two bake-time settings against each other, host mode, one GPU machine: a bake of the
+# same model under each arm's environment, then their warm restores alternated. From the repo
+# root, after `source .devkit/remote.sh` (the device kit):
 #
-#   bash bench/gpu_graph_pool_ab.sh [ROUNDS]      # default 2; results and logs under $OUT
+#   bash bench/gpu_bake_ab.sh NAME_A[:ENV...] NAME_B[:ENV...] [ROUNDS]   # results, logs under $OUT
+#   bash bench/gpu_bake_ab.sh vllm:FV_GRAPH_POOL=vllm sleep:FV_GRAPH_POOL=sleep 1   # .ci/gpu-run graphs
+#   bash bench/gpu_bake_ab.sh default stack:FV_TRIM_STACK_BYTES=0 1                  # .ci/gpu-run stack
 #
-# ~8 minutes at 3B with one round (two bakes of ~4 min with their restores): one device call.
-# Both homes are removed at the end (FV_AB_KEEP=1 keeps them).
+# ENV: NAME=VALUE pairs, comma-separated. ~8 minutes at 3B with one round (two bakes of ~4 min
+# with their restores): one device call. Both homes are removed at the end (FV_AB_KEEP=1 keeps
+# them: ~20 GB of a 64 GB disk).
 #
 # Each bake: bench/gpu_startup.py bake (3 warm restores and a cold one after it); each round:
 # bench/gpu_startup.py restore of each (3 warm, 1 cold). The manifests' trim records say what
-# the sleeping engine kept on the GPU (gpu_used_bytes, torch_pools, graph_pool_allocations).
+# the sleeping engine kept on the GPU (gpu_used_bytes, torch_pools, graph_pool_allocations,
+# stack_trim).
 set -uo pipefail
 cd "$(dirname "$0")"
-OUT=${OUT:-/tmp/fv-graph-pool-ab}; mkdir -p "$OUT"
-ROUNDS=${1:-2}
+OUT=${OUT:-/tmp/fv-bake-ab}; mkdir -p "$OUT"
+[ $# -ge 2 ] || { echo "usage: $0 NAME_A[:ENV,...] NAME_B[:ENV,...] [ROUNDS]" >&2; exit 2; }
+ARM_A=$1 ARM_B=$2 ROUNDS=${3:-2}
+NAME_A=${ARM_A%%:*} NAME_B=${ARM_B%%:*}
+ENV_A=$([ "$ARM_A" = "$NAME_A" ] || echo "${ARM_A#*:}" | tr ',' ' ')
+ENV_B=$([ "$ARM_B" = "$NAME_B" ] || echo "${ARM_B#*:}" | tr ',' ' ')
+[ "$NAME_A" != "$NAME_B" ] || { echo "$0: the two arms need two names" >&2; exit 2; }
 export FV_BENCH_MODEL=${FV_BENCH_MODEL:-synthetic:llama-3.2-3b} FV_BENCH_VARIANTS=none
 export FV_BENCH_COMMIT=${FV_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
-A=/root/fv-graphs-vllm B=/root/fv-graphs-sleep
+A=/root/fv-ab-$NAME_A B=/root/fv-ab-$NAME_B
 leftovers() {  # a phase cut off by its timeout leaves its server up (port 8000, GPU memory)
   pkill -9 -f 'fvboot (serve|bake)' 2>/dev/null; pkill -9 -f 'vllm.entrypoints' 2>/dev/null
   pkill -9 -f 'VLLM::' 2>/dev/null; sleep 2
@@ -34,20 +43,22 @@ run() {  # NAME HOME PHASE [ENV...]; a bake phase is the model, the bake and 4 r
   mv -f "$OUT/gpu_startup_$phase.json" "$OUT/$name.json" 2>/dev/null
   mv -f "$OUT/logs_$phase.tar.gz" "$OUT/$name-logs.tar.gz" 2>/dev/null
 }
-run vllm-bake "$A" bake FV_GRAPH_POOL=vllm
+# shellcheck disable=SC2086  # ENV_A / ENV_B: NAME=VALUE words
+run "$NAME_A-bake" "$A" bake $ENV_A
 mkdir -p "$B" && [ -e "$B/model" ] || cp -al "$A/model" "$B/model"   # the same model, no second make
-run sleep-bake "$B" bake FV_GRAPH_POOL=sleep
+# shellcheck disable=SC2086
+run "$NAME_B-bake" "$B" bake $ENV_B
 for r in $(seq "$ROUNDS"); do
-  run "vllm-restore-$r" "$A" restore
-  run "sleep-restore-$r" "$B" restore
+  run "$NAME_A-restore-$r" "$A" restore
+  run "$NAME_B-restore-$r" "$B" restore
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$NAME_A" "$NAME_B" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 STEPS = ("criu: memory restored", "criu: CUDA resumed", "memory adopted", "weight memory mapped",
          "weights in place", "staged copy taken", "engine awake", "answers checked")
-for name in ("vllm", "sleep"):
+for name in sys.argv[2:4]:
     warm, fell, steps, trim = [], 0, {}, {}
     for f in sorted(out.glob(f"{name}-*.json")):
         d = json.loads(f.read_text())
@@ -72,10 +83,11 @@ for name in ("vllm", "sleep"):
     print(f"  steps (median s): " + ", ".join(f"{s} {med(v)}" for s, v in steps.items()))
     heap = trim.get('heap') or {}
     print(f"  bake: gpu kept {trim.get('gpu_used_bytes')}, graph allocations {trim.get('graph_pool_allocations')}, "
-          f"saved buffers {trim.get('saved_buffers')}, checkpoint {trim.get('checkpoint_bytes')}, "
+          f"saved buffers {trim.get('saved_buffers')}, stack trim {trim.get('stack_trim')}, "
+          f"checkpoint {trim.get('checkpoint_bytes')}, "
           f"heap elf {heap.get('elf_images')}")
     print(f"  heap: malloc {heap.get('malloc')}, python top {(heap.get('python') or {}).get('top')}")
-    if name == "sleep" and not trim.get("graph_pool_allocations"):
+    if "graph_pool_allocations" in trim and not trim["graph_pool_allocations"]:
         print("  NOT A MEASUREMENT: the sleep bake put no graph allocation in memory that sleeps "
               "(its bake log says why); both arms restore the same kind of checkpoint")
 PY
