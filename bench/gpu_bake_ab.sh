@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_bake_ab.sh NAME_A[:ENV...] NAME_B[:ENV...] [ROUNDS]   # results, logs under $OUT
 #   bash bench/gpu_bake_ab.sh vllm:FV_GRAPH_POOL=vllm sleep:FV_GRAPH_POOL=sleep 1   # .ci/gpu-run graphs
-#   bash bench/gpu_bake_ab.sh default stack:FV_TRIM_STACK_BYTES=0 1                  # .ci/gpu-run stack
+#   bash bench/gpu_bake_ab.sh default stack:FV_TRIM_STACK_BYTES=256 1                  # .ci/gpu-run stack
 #
 # ENV: NAME=VALUE pairs, comma-separated. ~8 minutes at 3B with one round (two bakes of ~4 min
 # with their restores): one device call. Both homes are removed at the end (FV_AB_KEEP=1 keeps
