@@ -157,7 +157,7 @@ def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]
                     continue
                 if path in checked:  # a piece already cached is checked where it lies
                     m = mappings.get(path)
-                    if m is not None and off + n <= m.size and m.range_resident(off, n):
+                    if m is not None and off + n <= m.size and m.missing_in(off, n) == 0:
                         check.piece(path, off, m.view(off, n))
                         continue
                 try:

@@ -85,29 +85,22 @@ class FileMapping:
     def mincore_missing(self, span: int = MINCORE_SPAN) -> int:
         """mincore(2) over the mapping, SPAN bytes per call in threads (~85 ms for 7 GB on an
         H200 host; the calls release the GIL). A span mincore refuses counts whole."""
-        def missing(off: int) -> int:
-            length = min(span, self.size - off)
-            n = (length + PAGE - 1) // PAGE
-            vec = (ctypes.c_ubyte * n)()
-            if self.libc.mincore(self.addr + off, length, vec) != 0:
-                return n
-            # bit 0 of each byte: that page is resident (the other bits are reserved)
-            return bytes(vec).translate(_LOW_BIT).count(0)
-
         offsets = range(0, self.size, span)
         if len(offsets) <= 1:
-            return missing(0) if self.size else 0
+            return self.missing_in(0, self.size) if self.size else 0
         with ThreadPoolExecutor(min(8, len(offsets))) as pool:
-            return sum(pool.map(missing, offsets))
+            return sum(pool.map(lambda off: self.missing_in(off, min(span, self.size - off)), offsets))
 
-    def range_resident(self, off: int, length: int) -> bool:
-        """Is every page of the LENGTH bytes at OFF in the page cache (one mincore(2) call)?"""
+    def missing_in(self, off: int, length: int) -> int:
+        """Pages of the LENGTH bytes at OFF not in the page cache, by one mincore(2) call; all
+        of them where mincore refuses."""
         start = off - off % PAGE
         n = (off + length - start + PAGE - 1) // PAGE
         vec = (ctypes.c_ubyte * n)()
-        if self.libc.mincore(self.addr + start, n * PAGE, vec) != 0:
-            return False
-        return bytes(vec).translate(_LOW_BIT).count(0) == 0
+        if self.libc.mincore(self.addr + start, off + length - start, vec) != 0:
+            return n
+        # bit 0 of each byte: that page is resident (the other bits are reserved)
+        return bytes(vec).translate(_LOW_BIT).count(0)
 
     def view(self, off: int, length: int) -> memoryview:
         """The LENGTH bytes at OFF, read in place from the page cache (no copy); valid until
