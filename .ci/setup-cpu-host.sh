@@ -56,4 +56,13 @@ ls "$WORK"/criu_*.orig.tar.* | head -1 > "$WORK/criu-src.path"
 # The tests import torch (weight-file format, GPU loader planning): the [test] extra pins the CPU
 # build vLLM's CPU image uses (torch 2.13.0; this environment's pip finds that wheel locally).
 python3 -m pip install -q -e "$REPO[test]"
+# What the tests import must load, not only be installed: a torch whose libraries cannot be
+# loaded (a partial or damaged install) fails every test module that needs it at collection.
+# Once, everything the extra names is installed afresh; then it loads or CI stops here, saying why.
+TEST_IMPORTS="import torch, blake3, yaml, matplotlib, docker, requests, pytest_docker, kubernetes_validate"
+if ! err=$(python3 -c "$TEST_IMPORTS" 2>&1); then
+  echo "setup: the test packages do not load ($(echo "$err" | tail -1)); installing them afresh" >&2
+  python3 -m pip install -q --force-reinstall --no-cache-dir -e "$REPO[test]"
+  python3 -c "$TEST_IMPORTS" || { echo "setup: the test packages still do not load" >&2; exit 1; }
+fi
 echo "ready: base image $BASE_IMAGE, CRIU source $(cat "$WORK/criu-src.path")"

@@ -23,10 +23,13 @@ def need(module: str, why: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        msg = f"{module} is not installed ({why}); .ci/setup-cpu-host.sh installs it"
-        if os.environ.get("FV_REQUIRE_TEST_DEPS") == "1":
-            pytest.fail(f"{msg} (FV_REQUIRE_TEST_DEPS=1): {e}", pytrace=False)
-        pytest.skip(msg, allow_module_level=True)
+        msg, err = f"{module} is not installed ({why}); .ci/setup-cpu-host.sh installs it", e
+    except OSError as e:  # installed, but a library of it cannot be loaded (a broken or partial install)
+        msg, err = (f"{module} is installed but cannot be loaded ({why}); .ci/setup-cpu-host.sh "
+                    "checks it and reinstalls it"), e
+    if os.environ.get("FV_REQUIRE_TEST_DEPS") == "1":
+        pytest.fail(f"{msg} (FV_REQUIRE_TEST_DEPS=1): {err}", pytrace=False)
+    pytest.skip(msg, allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
