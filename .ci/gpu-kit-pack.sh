@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The device kit repacked for fewer device calls (README "GPU CI"): the vLLM site of the shared
 # kit's gzip chunks (SRC: folders c0..c3 holding site.part*, as ../shared/device/build-kit.sh
-# leaves them) as xz in .devkit/k0, k1 (62 MB each) and k2, with .devkit/site-xz.sha256 (what
+# leaves them) as xz in .devkit/k0, k1 (56 MB each) and k2, with .devkit/site-xz.sha256 (what
 # .devkit/remote.sh checks on the GPU machine); and .devkit/docker/dock.txz recompressed with
-# xz -9e. A call carries at most 64 MiB with the repo (~3.5 MB): two calls for k0 and k1, and
-# the setup call carries k2, the Docker kit, the prebuilt CRIU and .whl. ~6 min on 2 cores.
+# xz -9e. A call carries at most 64 MiB with the repo (~5 MB): three calls for k0, k1 and k2, and
+# the setup call carries the Docker kit, CRIU, the prebuilt CRIU and .whl. ~6 min on 2 cores.
 #   bash .ci/gpu-kit-pack.sh SRC
 set -euo pipefail
 SRC=${1:?usage: .ci/gpu-kit-pack.sh FOLDER_WITH_c0..c3}
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 K=.devkit; T=$(mktemp -d); trap 'rm -rf "$T"' EXIT
 cat "$SRC"/c*/site.part* | gzip -dc | xz -9e -T0 > "$T/site.txz"
 rm -rf "$K"/k0 "$K"/k1 "$K"/k2; mkdir -p "$K"/k0 "$K"/k1 "$K"/k2
-split -b 62000000 -d -a 1 "$T/site.txz" "$T/site.txz.part"
+split -b 56000000 -d -a 1 "$T/site.txz" "$T/site.txz.part"
 for i in 0 1 2; do mv "$T/site.txz.part$i" "$K/k$i/"; done
 [ ! -e "$T/site.txz.part3" ] || { echo "the kit no longer fits three calls" >&2; exit 1; }
 cat "$K"/k0/* "$K"/k1/* "$K"/k2/* | sha256sum | cut -d' ' -f1 > "$K/site-xz.sha256"

@@ -5,7 +5,6 @@
 #
 #   bash bench/gpu_bake_ab.sh NAME_A[:ENV...] NAME_B[:ENV...] [ROUNDS]   # results, logs under $OUT
 #   bash bench/gpu_bake_ab.sh vllm:FV_GRAPH_POOL=vllm sleep:FV_GRAPH_POOL=sleep 1   # .ci/gpu-run graphs
-#   bash bench/gpu_bake_ab.sh default stack:FV_TRIM_STACK_BYTES=256 1                  # .ci/gpu-run stack
 #
 # ENV: NAME=VALUE pairs, comma-separated. ~8 minutes at 3B with one round (two bakes of ~4 min
 # with their restores): one device call. Both homes are removed at the end (FV_AB_KEEP=1 keeps
@@ -14,7 +13,7 @@
 # Each bake: bench/gpu_startup.py bake (3 warm restores and a cold one after it); each round:
 # bench/gpu_startup.py restore of each (3 warm, 1 cold). The manifests' trim records say what
 # the sleeping engine kept on the GPU (gpu_used_bytes, torch_pools, graph_pool_allocations,
-# stack_trim).
+# context_limits).
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-/tmp/fv-bake-ab}; mkdir -p "$OUT"
@@ -39,9 +38,13 @@ run() {  # NAME HOME PHASE [ENV...]; a bake phase is the model, the bake and 4 r
       python3 gpu_startup.py "$phase" > "$OUT/$name.log" 2>&1
   local rc=$?
   leftovers
-  echo "$name: exit $rc $(grep -E 'first correct token|baked in|failed' "$OUT/$name.log" | tr '\n' ' ')"
+  # a phase cut off by its timeout writes no JSON and no log archive: keep fvboot's own logs
+  # (why a restore fell back) before the next phase overwrites them
+  [ "$rc" = 0 ] || (cd /tmp/fvbench 2>/dev/null && find . -name '*.log' -print0 |
+      tar -czf "$OUT/$name-logs.tar.gz" --null -T - 2>/dev/null)
+  echo "$name: exit $rc $(grep -E 'first correct token|baked in|failed|fell back' "$OUT/$name.log" | tr '\n' ' ')"
   mv -f "$OUT/gpu_startup_$phase.json" "$OUT/$name.json" 2>/dev/null
-  mv -f "$OUT/logs_$phase.tar.gz" "$OUT/$name-logs.tar.gz" 2>/dev/null
+  [ "$rc" != 0 ] || mv -f "$OUT/logs_$phase.tar.gz" "$OUT/$name-logs.tar.gz" 2>/dev/null
 }
 # shellcheck disable=SC2086  # ENV_A / ENV_B: NAME=VALUE words
 run "$NAME_A-bake" "$A" bake $ENV_A
@@ -83,7 +86,7 @@ for name in sys.argv[2:4]:
     print(f"  steps (median s): " + ", ".join(f"{s} {med(v)}" for s, v in steps.items()))
     heap = trim.get('heap') or {}
     print(f"  bake: gpu kept {trim.get('gpu_used_bytes')}, graph allocations {trim.get('graph_pool_allocations')}, "
-          f"saved buffers {trim.get('saved_buffers')}, stack trim {trim.get('stack_trim')}, "
+          f"saved buffers {trim.get('saved_buffers')}, context limits {trim.get('context_limits')}, "
           f"checkpoint {trim.get('checkpoint_bytes')}, "
           f"heap elf {heap.get('elf_images')}")
     print(f"  heap: malloc {heap.get('malloc')}, python top {(heap.get('python') or {}).get('top')}")

@@ -108,6 +108,8 @@ def serve_once(env: dict, label: str, extra_env: dict | None = None, limit: floa
                 if l.startswith('{"fvboot_timeline"')]
     weights = [l for l in text.splitlines() if l.startswith("fvboot: weights:")]
     fell_back = [l for l in text.splitlines() if "checkpoint not used" in l]
+    if fell_back:  # said now: a phase cut off by its timeout writes no JSON
+        log(f"{label}: fell back: {fell_back[0].strip()[:400]}")
     return {"label": label, "env": extra_env or {}, "first_token_s": round(took, 3), "timeline": timeline,
             "cuda_plugin": _plugin_calls(RUN / "logs" / f"criu-restore-{label}.log"),
             "weights": weights[-1] if weights else None, "fallback": fell_back[0] if fell_back else None}
