@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, stack_trim, zeropages
+from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, zeropages
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
 from .launcher import (Pipes, ServedTree, server_env, tree_processes, vllm_command, vllm_settings,
@@ -76,7 +76,6 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
 
     _check_port_free(port)
     graph_pool.graph_pool_setting()  # a bad value said before anything starts
-    stack_trim.bake_setting()
     served_name = prepare_model(model, layout.model_dir, token_file)
     detach_build_inputs()
     tl.mark("model ready")

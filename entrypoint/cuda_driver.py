@@ -93,7 +93,6 @@ _SIGNATURES = {
     "cuCtxSetCurrent": [_ptr],
     "cuCtxGetDevice": [ctypes.POINTER(_int)],
     "cuCtxGetLimit": [ctypes.POINTER(_size), _int],
-    "cuCtxSetLimit": [_int, _size],
     "cuDeviceGetAttribute": [ctypes.POINTER(_int), _int, _int],
     "cuMemGetInfo_v2": [ctypes.POINTER(_size), ctypes.POINTER(_size)],
     "cuMemAlloc_v2": [ctypes.POINTER(_u64), _size],
@@ -196,11 +195,6 @@ class Driver:
             self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(value), attr, dev.value), "cuDeviceGetAttribute")
         out["local_memory_bytes"] = out["stack_bytes"] * sms.value * threads.value
         return out
-
-    def set_limit(self, name: str, value: int) -> None:
-        """One of the current context's limits (a name of context_limits()); the driver applies
-        it at once, waiting for the work before it (cuCtxSetLimit)."""
-        self._check(self.lib.cuCtxSetLimit(_LIMITS[name], value), "cuCtxSetLimit")
 
     def mem_get_info(self) -> tuple[int, int]:
         """(free, total) bytes of the current context's GPU, other processes' use counted."""

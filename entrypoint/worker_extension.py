@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import cpustate, graph_pool, heap_census, stack_trim
+from . import cpustate, graph_pool, heap_census
 from .launcher import apply_load_settings
 from .weights import load_into, release_pinned_cache, write_weights
 from .weights.collection import WeightCollectionError, fingerprint, malloc_trim
@@ -82,17 +82,6 @@ def _context_limits() -> dict[str, Any]:
         return Driver().context_limits()
     except (CudaError, AttributeError) as e:  # a diagnostic: the bake goes on without it
         return {"error": str(e)}
-
-
-def _stack_trim(stack_bytes: int) -> dict[str, Any]:
-    """FV_TRIM_STACK_BYTES at bake: the context's stack reservation given back (stack_trim)."""
-    from .cuda_driver import CudaError, Driver
-
-    try:
-        driver = Driver()
-    except (CudaError, OSError) as e:
-        return {"error": str(e)}
-    return stack_trim.trim(driver, stack_bytes)
 
 
 def _rss() -> int:
@@ -273,9 +262,6 @@ class FastVllmWorkerExtension:
         malloc_trim()
         out = {"rss_before": rss, "rss_after": _rss(), "cpu_features": hex(self._fv_cpu_features), "heap": heap}
         if cuda:
-            stack = stack_trim.setting()  # FV_TRIM_STACK_BYTES: the bake checked it before vLLM started
-            if stack is not None:
-                out["stack_trim"] = _stack_trim(stack)
             free, total = torch.cuda.mem_get_info()
             out["gpu_used_bytes"] = total - free  # what the CUDA checkpoint will copy to the host
             out["torch_reserved_bytes"] = torch.cuda.memory_reserved()
