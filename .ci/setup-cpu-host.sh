@@ -8,6 +8,9 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${FV_WORK:-$REPO/.fv-work}
 BASE_IMAGE=${FV_BASE_IMAGE:-fv-local/debian:bookworm}
 mkdir -p "$WORK"
+# Each step says how long it took (a CI run's time is kept only in its output).
+took() { echo "setup: $1 in $SECONDS s" >&2; SECONDS=0; }
+SECONDS=0
 
 # The machine's configured Debian mirror (sites with their own mirror or proxy set it in apt's
 # sources): debootstrap and CRIU's source tarball come from there.
@@ -24,6 +27,7 @@ command -v xz >/dev/null || need="$need xz-utils"
 if [ -n "$need" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+  took "installed$need"
 fi
 
 # Docker engine: no default bridge, so containers use --network host and tests stay on 127.0.0.1.
@@ -31,6 +35,7 @@ if ! docker info >/dev/null 2>&1; then
   setsid dockerd --bridge=none --iptables=false --ip-masq=false >"$WORK/dockerd.log" 2>&1 < /dev/null &
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "dockerd did not start; see $WORK/dockerd.log" >&2; exit 1; }
+  took "started dockerd"
 fi
 
 # Local base image (no registry here): Debian 12 minbase by debootstrap.
@@ -39,6 +44,7 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   debootstrap --variant=minbase bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1
   tar -C "$WORK/rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
   rm -rf "$WORK/rootfs"
+  took "made the base image $BASE_IMAGE"
 fi
 
 # CRIU's release tarball from Debian's source index (GitHub is not reachable here).
@@ -50,12 +56,14 @@ if ! ls "$WORK"/criu_*.orig.tar.* >/dev/null 2>&1; then
   read -r dir sum file < <(apt-cache $o showsrc criu | awk '/^Package:/{if(f)exit} /^Directory:/{d=$2} /^Checksums-Sha256:/{c=1;next} /^[A-Z]/{c=0} c&&/orig\.tar/{h=$1;f=$3} END{print d, h, f}')
   curl -fsSL -o "$WORK/$file" "$MIRROR/$dir/$file"
   echo "$sum  $WORK/$file" | sha256sum -c --quiet
+  took "fetched CRIU's source"
 fi
 ls "$WORK"/criu_*.orig.tar.* | head -1 > "$WORK/criu-src.path"
 
 # The tests import torch (weight-file format, GPU loader planning): the [test] extra pins the CPU
 # build vLLM's CPU image uses (torch 2.13.0; this environment's pip finds that wheel locally).
 python3 -m pip install -q -e "$REPO[test]"
+took "installed fast-vllm[test]"
 # What the tests import must load, not only be installed: a torch whose libraries cannot be
 # loaded (a partial or damaged install) fails every test module that needs it at collection.
 # Once, everything the extra names is installed afresh; then it loads or CI stops here, saying why.
@@ -64,5 +72,6 @@ if ! err=$(python3 -c "$TEST_IMPORTS" 2>&1); then
   echo "setup: the test packages do not load ($(echo "$err" | tail -1)); installing them afresh" >&2
   python3 -m pip install -q --force-reinstall --no-cache-dir -e "$REPO[test]"
   python3 -c "$TEST_IMPORTS" || { echo "setup: the test packages still do not load" >&2; exit 1; }
+  took "installed the test packages afresh"
 fi
 echo "ready: base image $BASE_IMAGE, CRIU source $(cat "$WORK/criu-src.path")"
