@@ -129,6 +129,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
     this machine's GPUs looked up since fvboot's first line."""
     m: Optional[Manifest] = None  # None: missing or invalid; the normal start salvages what it can
     check: Optional[PageCheck] = None
+    kernel_facts = None  # our own `criu check`, beside the checks: not a leftover of a restore
     stop_reading = threading.Event()
     try:
         if not layout.manifest.exists():
@@ -171,6 +172,8 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
                     state.stager.stop()  # done by now, or killed: its GPU memory is free either way
     except Exception as e:  # every failure of the restore path ends in the normal start
         stop_reading.set()  # the normal start must not share the disk with reads nobody needs
+        # let it end (~60 ms, bounded): killed, its own children would be orphans called left
+        criu.wait_kernel_facts(kernel_facts, timeout=criu.KDAT_WARM_WAIT_S)
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
         if check is not None and check.problem and check.problem not in reason:
             reason = f"{check.problem} ({reason})"  # a damaged image explains what CRIU made of it

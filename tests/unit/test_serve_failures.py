@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fvboot import criu, manifest, restore, serve
-from fvboot.errors import ManifestInvalid
+from fvboot.errors import CheckpointUnusable, ManifestInvalid
 from fvboot.launcher import Pipes, ServedTree, arg_value, server_port
 from fvboot.layout import Layout
 
@@ -151,6 +151,29 @@ def test_any_exception_on_the_restore_path_ends_in_the_normal_start(tmp_path, mo
     err = capfd.readouterr().err
     assert "checkpoint not used: RuntimeError: the namespace init did not start; starting vLLM normally" in err
     assert started and started[0][1] == manifest.Manifest.from_json(BAKED)
+
+
+def test_a_refusal_before_criu_stops_its_own_kernel_probe_and_reports_no_leftovers(tmp_path, monkeypatch, capfd):
+    """The `criu check` started beside the checks is fvboot's own: after a refusal by the checks
+    it is let end (bounded: this one never would, and is killed), not reported as what "the
+    failed restore left" (there was no restore)."""
+    layout = _layout(tmp_path, monkeypatch, json.dumps(BAKED))
+    monkeypatch.setenv("FV_RESTORE", "1")
+    probes = []
+    monkeypatch.setattr(serve.criu, "KDAT_WARM_WAIT_S", 0.3)
+    monkeypatch.setattr(serve.criu, "warm_kernel_facts",
+                        lambda: probes.append(subprocess.Popen(["sleep", "60"])) or probes[-1])
+
+    def refused(*_a, **_k):
+        raise CheckpointUnusable("baked on cuda, running on cpu")
+
+    monkeypatch.setattr(serve.restore, "check_compatible", refused)
+    monkeypatch.setattr(serve, "_cold_start", lambda *a: "tree")
+    assert serve._start(layout, [], None, serve.Timeline("t"), {}) == "tree"
+    assert probes and probes[0].returncode is not None  # stopped and reaped
+    err = capfd.readouterr().err
+    assert "checkpoint not used: baked on cuda, running on cpu; starting vLLM normally" in err
+    assert "the failed restore left" not in err, err
 
 
 def _serve_proc(tmp_path, command: list[str], **env) -> subprocess.Popen:
