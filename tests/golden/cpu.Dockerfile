@@ -44,13 +44,15 @@ d.mkdir(); (d / 'METADATA').write_text('Metadata-Version: 2.1\\nName: vllm\\nVer
 
 # ---- runtime: the base image plus CRIU, vmtouch and fvboot -------------------------------------
 FROM fv-local/debian:bookworm AS runtime
+# The venv (GBs) before the packages, which differ with a prebuilt CRIU: images with and
+# without one share it.
+COPY --from=vllm-cpu /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         ca-certificates vmtouch util-linux iproute2 libprotobuf-c1 libnl-3-200 libnet1 libcap2 libaio1 \
         libbsd0 libgnutls30 libnftables1 libuuid1 \
         python3 python3-dev g++ libssl3 libsqlite3-0 libreadline8 libgomp1 libnuma1 \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=vllm-cpu /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv
 COPY --from=criu /out/criu /usr/local/sbin/criu
 COPY fvboot /opt/fast-vllm/lib/fvboot
 # fvboot goes in next to the base's Python (no pip); the base must bring vLLM, tar and unshare.
