@@ -108,6 +108,15 @@ def _logs(container: str) -> str:
     return r.stdout + r.stderr
 
 
+def _wait_log(container: str, text: str, timeout: float) -> str:
+    """The container's logs once they hold TEXT, or as they are after TIMEOUT s (the caller's
+    assertions say what was missing)."""
+    deadline = time.monotonic() + timeout
+    while text not in (logs := _logs(container)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return logs
+
+
 COMPOSE_FILE = REPO / "tests" / "e2e" / "docker-compose.yml"
 
 
@@ -559,11 +568,8 @@ def _refused_before_restore(baked_image: str, shell: str, reason: str) -> None:
     the restore began) compare with the bake's; waiting for it here again would cost a minute
     of CI per fault and test nothing more."""
     with Container(baked_image, entry=["sh", "-c", shell + " && exec fvboot"]) as c:
-        deadline, line = time.monotonic() + 120, None
-        while line is None and time.monotonic() < deadline:
-            line = next((l for l in c.logs().splitlines() if "checkpoint not used" in l), None)
-            time.sleep(0.2)
-        logs = c.logs()
+        logs = _wait_log(c.id, "checkpoint not used", 120)
+    line = next((l for l in logs.splitlines() if "checkpoint not used" in l), None)
     assert line is not None, f"no fallback within 120 s:\n{logs[-3000:]}"
     assert reason in line and "starting vLLM normally" in line, line
     assert "the failed restore left" not in logs and "restored from checkpoint" not in logs, logs[-3000:]

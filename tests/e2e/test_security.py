@@ -14,7 +14,7 @@ import pytest
 
 from fvboot.layout import ADMIN_HEADER
 from fvboot.middleware import is_public
-from test_restore import (PORT, Container, _assert_same_as_bake, _logs, _wait_ready,  # noqa: F401
+from test_restore import (PORT, Container, _assert_same_as_bake, _logs, _wait_log, _wait_ready,  # noqa: F401
                           docker_compose_command, docker_compose_file, docker_setup, gpu_flags, manifest,
                           port_free)
 
@@ -156,10 +156,8 @@ def test_docker_stop_during_a_normal_start_on_another_port(baked_image, port_fre
     """`docker run IMAGE --port 9000`: arguments differ, so a normal start, which waits on 9000
     (not the baked 8000); docker stop meanwhile ends it at once, not at Docker's SIGKILL."""
     with Container(baked_image, entry=["fvboot", "--port", "9000"]) as c:
-        deadline = time.monotonic() + 120
-        while "waiting up to" not in c.logs() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "for it on port 9000" in c.logs(), c.logs()[-3000:]
+        logs = _wait_log(c.id, "waiting up to", 120)
+        assert "for it on port 9000" in logs, logs[-3000:]
         time.sleep(2)  # vLLM is starting
         took, code = _stop(c.id)
         logs = c.logs()
@@ -173,10 +171,7 @@ def test_without_capabilities_the_reason_names_the_missing_one(baked_image, port
     cid = subprocess.run(["docker", "run", "-d", "--network", "host", "--shm-size", "1g", *gpu_flags(), baked_image],
                          capture_output=True, text=True, check=True).stdout.strip()
     try:
-        deadline = time.monotonic() + 60
-        while "checkpoint not used" not in _logs(cid) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        line = next(l for l in _logs(cid).splitlines() if "checkpoint not used" in l)
+        line = next(l for l in _wait_log(cid, "checkpoint not used", 60).splitlines() if "checkpoint not used" in l)
         assert "capability" in line and "CAP_" in line and "no log" not in line, line
         took, code = _stop(cid)
         assert code == 143 and took < 9, (code, took)
