@@ -8,8 +8,10 @@ shared), how many of them are all-zero pages (which need no reading at all) and 
 byte-for-byte the same as a page of another process (which one read could serve), and per
 process the GPU code it holds in its memory (CUDA cubins and fatbins the driver or a library
 copied there: a candidate for what a sleeping engine's heap keeps). Each of the largest areas
-comes with the longest text found at its start (a hint of whose memory it is: a tokenizer's
-vocabulary, a library's tables). No CRIU or crit needed:
+comes with the longest text found at its start and its first bytes (a hint of whose memory it
+is: a tokenizer's vocabulary, a library's tables), and each process with the GPU libraries it
+has mapped (a process that maps libcuda has started CUDA's driver, whose host memory the
+checkpoint carries). No CRIU or crit needed:
 fvboot's own reader of CRIU's images (fvboot.criu) decodes the few fields read here.
 
     python3 bench/checkpoint_anatomy.py DIR [--top 15]       (DIR: a criu images folder)
@@ -58,7 +60,7 @@ class Area:
         return [r[:80].decode() for r in runs]
 
     def row(self, process: str) -> dict:
-        return {"process": process, "start": hex(self.start), "size_mb": round((self.end - self.start) / 1e6, 1),
+        return {"first_bytes": bytes(self.sample[:16]).hex(),"process": process, "start": hex(self.start), "size_mb": round((self.end - self.start) / 1e6, 1),
                 "kind": self.kind, "prot": "".join(c if self.prot & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4))),
                 "dumped_mb": round(self.dumped / 1e6, 1), "zero_mb": round(self.zero / 1e6, 1),
                 "same_as_another_process_mb": round(self.shared_with_others / 1e6, 1), "text": self.hints()}
@@ -71,6 +73,24 @@ class Process:
     areas: list[Area] = field(default_factory=list)
     page_hashes: list[tuple[Area, bytes]] = field(default_factory=list)
     embedded: Counter = field(default_factory=Counter)  # "cubin", "cubin_bytes", "fatbin", ...
+    gpu_libraries: list[str] = field(default_factory=list)
+
+
+GPU_LIBRARY = re.compile(r"/(lib(cuda|nvidia-[a-z]+|cudart|cublas(Lt)?|cudnn[a-z_]*|nccl|nvrtc|cusparse(Lt)?"
+                         r"|cufft|curand|cusolver|nvJitLink|cupti|flashinfer)\b)[^/]*$")
+
+
+def file_names(images: Path) -> dict[int, str]:
+    """files.img's regular files by id (file_entry: id 2, reg 3; reg_file_entry: name 6)."""
+    names = {}
+    for entry in image_entries(images / "files.img"):
+        f = dict(proto_fields(entry))
+        reg = f.get(3)
+        if isinstance(reg, bytes):
+            name = dict(proto_fields(reg)).get(6)
+            if isinstance(name, bytes):
+                names[f[2]] = name.decode(errors="replace")
+    return names
 
 
 EM_CUDA = 190
@@ -112,7 +132,7 @@ def embedded_images(data: bytes) -> Counter:
     return found
 
 
-def read_process(images: Path, pid: int) -> Process:
+def read_process(images: Path, pid: int, files: dict[int, str]) -> Process:
     comm = "?"
     core = images / f"core-{pid}.img"
     if core.exists():
@@ -122,10 +142,14 @@ def read_process(images: Path, pid: int) -> Process:
     proc = Process(pid, comm)
     mm = image_entries(images / f"mm-{pid}.img")[0]
     for number, value in proto_fields(mm):
-        if number == 14:  # vma_entry: start 1, end 2, prot 5, status 7
+        if number == 14:  # vma_entry: start 1, end 2, shmid 4 (a file mapping's file), prot 5, status 7
             f = dict(proto_fields(value))
             kind = next((name for bit, name in STATUS.items() if f[7] & bit), "other")
             proc.areas.append(Area(f[1], f[2], kind, f[5]))
+            if kind.startswith("file"):
+                lib = GPU_LIBRARY.search(files.get(f.get(4, -1), ""))
+                if lib and lib.group(0)[1:] not in proc.gpu_libraries:
+                    proc.gpu_libraries.append(lib.group(0)[1:])
     proc.areas.sort(key=lambda a: a.start)
     pagemap = read_pagemap(images / f"pagemap-{pid}.img")
     with open(images / f"pages-{pagemap.pages_id}.img", "rb") as pages:
@@ -151,7 +175,8 @@ def read_process(images: Path, pid: int) -> Process:
 
 def anatomy(images: Path, top: int) -> dict:
     # a zombie has no memory images (CRIU keeps only its exit state)
-    procs = [read_process(images, pid) for pid in tree_pids(images) if (images / f"mm-{pid}.img").exists()]
+    files = file_names(images)
+    procs = [read_process(images, pid, files) for pid in tree_pids(images) if (images / f"mm-{pid}.img").exists()]
     procs = [p for p in procs if sum(a.dumped for a in p.areas)]
     owners: dict[bytes, set[int]] = {}
     for p in procs:
@@ -182,7 +207,8 @@ def anatomy(images: Path, top: int) -> dict:
                        "zero_gb": round(sum(a.zero for a in p.areas) / 1e9, 3),
                        "same_as_another_process_gb": round(sum(a.shared_with_others for a in p.areas) / 1e9, 3),
                        "gpu_code": {k: (round(v / 1e6, 1) if k.endswith("_bytes") else v)
-                                    for k, v in sorted(p.embedded.items())}}
+                                    for k, v in sorted(p.embedded.items())},
+                       "gpu_libraries": sorted(p.gpu_libraries)}
                       for p in procs],
         "largest_areas": [a.row(f"{p.pid} {p.comm}") for p, a in areas[:top]],
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from checkpoint_anatomy import EM_CUDA, FATBIN_MAGIC, embedded_images  # noqa: E402
+from checkpoint_anatomy import EM_CUDA, FATBIN_MAGIC, GPU_LIBRARY, embedded_images  # noqa: E402
 
 
 def _elf(machine: int, shoff: int, shnum: int) -> bytes:
@@ -41,3 +41,20 @@ def test_what_only_looks_like_a_header_is_not_counted():
             + _elf(EM_CUDA, 1 << 40, 1)  # an absurd size
             + b"\x7fELF\x02\x01")  # cut off by the end of the data
     assert embedded_images(data) == {}
+
+
+def test_the_gpu_libraries_a_process_maps_are_named_and_nothing_else():
+    """A process that maps libcuda has started CUDA's driver (whose host memory the checkpoint
+    carries); PyTorch's own libraries, which every process that imports torch maps, are not
+    named."""
+    named = {"/usr/local/nvidia/lib64/libcuda.so.580.65.06": "libcuda.so.580.65.06",
+             "/usr/local/nvidia/lib64/libnvidia-ml.so.1": "libnvidia-ml.so.1",
+             "/v/site-packages/nvidia/cu13/lib/libcublasLt.so.13": "libcublasLt.so.13",
+             "/v/site-packages/nvidia/cudnn/lib/libcudnn_engines_precompiled.so.9": "libcudnn_engines_precompiled.so.9",
+             "/v/site-packages/torch/lib/libtorch_cuda.so": None,
+             "/v/site-packages/torch/lib/libc10_cuda.so": None,
+             "/usr/lib/x86_64-linux-gnu/libcudaxyz.so": None,
+             "/usr/lib/x86_64-linux-gnu/libz.so.1": None}
+    for path, want in named.items():
+        m = GPU_LIBRARY.search(path)
+        assert (m.group(0)[1:] if m else None) == want, path
