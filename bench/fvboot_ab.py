@@ -4,11 +4,13 @@ the image's own fvboot (A) and a folder of fvboot's sources bind-mounted over it
 medians of `docker run` -> first correct answer and of each timeline step are printed side by
 side. Alternating runs cancel most of the drift of a noisy machine.
 
-    python3 bench/fvboot_ab.py IMAGE B_FOLDER [--a-folder A_FOLDER] [--runs 7] [--cold]
-                               [--env KEY=VALUE ...] [--json OUT]
+    python3 bench/fvboot_ab.py IMAGE B_FOLDER [--a-folder A_FOLDER] [--b-manifest FILE] [--runs 7]
+                               [--cold] [--env KEY=VALUE ...] [--json OUT]
 
 B_FOLDER is a copy of entrypoint/ with the change, byte-compiled (`git archive REV entrypoint`,
-`python3 -m compileall`); A is the image's fvboot, or A_FOLDER. --cold drops the page cache
+`python3 -m compileall`); A is the image's fvboot, or A_FOLDER. --b-manifest mounts FILE over
+B's /fv/manifest.json (the same checkpoint recorded another way, e.g. its pieces' digests by
+another algorithm). --cold drops the page cache
 before each restore. CPU images only (the run flags are fvbuild's CPU ones)."""
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     p.add_argument("--a-folder")
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--cold", action="store_true")
+    p.add_argument("--b-manifest")
     p.add_argument("--env", action="append", default=[])
     p.add_argument("--json")
     a = p.parse_args()
@@ -45,7 +48,8 @@ def main() -> None:
     plan = bench.BenchPlan(a.image, tuple(docker_run_flags() + ["--network", "host"]))
     env = [x for kv in a.env for x in ("-e", kv)]
     mount = "{}:/opt/fast-vllm/lib/fvboot:ro".format
-    arms = {"A": env + (["-v", mount(a.a_folder)] if a.a_folder else []), "B": env + ["-v", mount(a.b_folder)]}
+    arms = {"A": env + (["-v", mount(a.a_folder)] if a.a_folder else []), "B": env + ["-v", mount(a.b_folder)]
+            + (["-v", f"{a.b_manifest}:/fv/manifest.json:ro"] if a.b_manifest else [])}
     res: dict = {k: {"s": [], "steps": []} for k in arms}
     bench.first_answer(plan, m, env)  # fills the page cache, not counted
     for i in range(a.runs):
@@ -66,6 +70,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"image": a.image, "env": a.env, "a_folder": a.a_folder, "b_folder": a.b_folder,
+                       "b_manifest": a.b_manifest,
                        "cold": a.cold, **res}, f, indent=1)
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fvboot import manifest, pagecheck, prefetch
+from fvboot import checksums, manifest, pagecheck, prefetch
 from fvboot.layout import Layout
 from fvboot.manifest import FileEntry
 from fvboot.pagecheck import PIECE, PageCheck
@@ -64,7 +64,7 @@ def test_the_bake_records_the_algorithm_that_hashes_fastest_on_its_machine(tmp_p
     from fvboot.checksums import digest, fastest_checksum
 
     chosen = fastest_checksum()
-    assert chosen in ("blake3", "crc32")
+    assert chosen in ("blake3", "crc32", "xxh3")
     layout = _home(tmp_path)
     big = next(f for f in _files(layout) if f.path.endswith("pages-1.img"))
     assert big.pieces.alg == chosen
@@ -133,11 +133,13 @@ def test_cached_pieces_are_checked_where_they_lie_and_cold_ones_are_read(tmp_pat
 @pytest.mark.parametrize("name, offset", [("pages-1.img", PIECE + 77), ("pages-1.img", BIG - 1),
                                           ("pages-2.img", 5000)])
 @pytest.mark.parametrize("mode", ["read", "off"])
-@pytest.mark.parametrize("alg", ["blake3", "crc32"])
+@pytest.mark.parametrize("alg", ["blake3", "crc32", "xxh3"])
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "cold"])
 def test_one_flipped_bit_in_any_memory_image_is_found_and_named(tmp_path, monkeypatch, name, offset, mode, alg, cached):
-    """Whichever algorithm the bake found fastest on its machine (blake3 or crc32), hashed in
-    the page cache or read from the disk."""
+    """Whichever algorithm the bake found fastest on its machine (blake3, crc32 or xxh3), hashed
+    in the page cache or read from the disk."""
+    if alg == "xxh3" and checksums._xxhash() is None:
+        pytest.skip(f"{checksums.XXHASH_LIBRARY} is not installed on this machine")
     monkeypatch.setattr(pagecheck, "fastest_checksum", lambda: alg)
     layout = _home(tmp_path)
     files = _files(layout)
