@@ -8,8 +8,9 @@ shared), how many of them are all-zero pages (which need no reading at all) and 
 byte-for-byte the same as a page of another process (which one read could serve), and per
 process the GPU code it holds in its memory (CUDA cubins and fatbins the driver or a library
 copied there: a candidate for what a sleeping engine's heap keeps). Each of the largest areas
-comes with the longest text found at its start and its first bytes (a hint of whose memory it
-is: a tokenizer's vocabulary, a library's tables), and each process with the GPU libraries it
+comes with the longest text found at its start, its first bytes and the file mapped right
+below it (hints of whose memory it is: a tokenizer's vocabulary, a library's tables or .bss),
+and each process with the GPU libraries it
 has mapped (a process that maps libcuda has started CUDA's driver, whose host memory the
 checkpoint carries). No CRIU or crit needed:
 fvboot's own reader of CRIU's images (fvboot.criu) decodes the few fields read here.
@@ -53,6 +54,10 @@ class Area:
     zero: int = 0
     shared_with_others: int = 0
     sample: bytearray = field(default_factory=bytearray)
+    file: str = ""  # a file mapping's file; for an anonymous area, see `after`
+    # an anonymous area's nearest file mapping right below it: a library's .bss follows its file;
+    # other anonymous memory lands wherever mmap puts it, so a hint at most
+    after: str = ""
 
     def hints(self, n: int = 5) -> list[str]:
         """The longest printable runs of the area's first dumped bytes."""
@@ -60,7 +65,7 @@ class Area:
         return [r[:80].decode() for r in runs]
 
     def row(self, process: str) -> dict:
-        return {"first_bytes": bytes(self.sample[:16]).hex(),"process": process, "start": hex(self.start), "size_mb": round((self.end - self.start) / 1e6, 1),
+        return {"first_bytes": bytes(self.sample[:16]).hex(), "file": self.file, "after": self.after,"process": process, "start": hex(self.start), "size_mb": round((self.end - self.start) / 1e6, 1),
                 "kind": self.kind, "prot": "".join(c if self.prot & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4))),
                 "dumped_mb": round(self.dumped / 1e6, 1), "zero_mb": round(self.zero / 1e6, 1),
                 "same_as_another_process_mb": round(self.shared_with_others / 1e6, 1), "text": self.hints()}
@@ -145,12 +150,15 @@ def read_process(images: Path, pid: int, files: dict[int, str]) -> Process:
         if number == 14:  # vma_entry: start 1, end 2, shmid 4 (a file mapping's file), prot 5, status 7
             f = dict(proto_fields(value))
             kind = next((name for bit, name in STATUS.items() if f[7] & bit), "other")
-            proc.areas.append(Area(f[1], f[2], kind, f[5]))
-            if kind.startswith("file"):
-                lib = GPU_LIBRARY.search(files.get(f.get(4, -1), ""))
-                if lib and lib.group(0)[1:] not in proc.gpu_libraries:
-                    proc.gpu_libraries.append(lib.group(0)[1:])
+            name = files.get(f.get(4, -1), "") if kind.startswith("file") else ""
+            proc.areas.append(Area(f[1], f[2], kind, f[5], file=name))
+            lib = GPU_LIBRARY.search(name)
+            if lib and lib.group(0)[1:] not in proc.gpu_libraries:
+                proc.gpu_libraries.append(lib.group(0)[1:])
     proc.areas.sort(key=lambda a: a.start)
+    for before, area in zip(proc.areas, proc.areas[1:]):
+        if not area.file and before.end == area.start:
+            area.after = before.file or before.after
     pagemap = read_pagemap(images / f"pagemap-{pid}.img")
     with open(images / f"pages-{pagemap.pages_id}.img", "rb") as pages:
         for vaddr, count in pagemap.runs:
