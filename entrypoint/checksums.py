@@ -4,9 +4,8 @@
 BLAKE3 (``blake3`` is a vLLM dependency; ~4.5 GB/s on one core of a CPU with AVX-512, 1.4 GB/s
 on one with AVX2 only; releases the GIL) with a fallback to stdlib ``zlib.crc32`` (2.8 GB/s on
 that AVX2 CPU; releases the GIL too) where blake3 is missing, and XXH3 (64-bit) where the
-system has xxHash's own library (``libxxhash.so.0``: Debian's libxxhash0, which rsync and
-zstd's tools pull in; 11.5 GB/s on the AVX2 CPU), through ctypes, which lets go of the GIL for
-the call. What was recorded names its algorithm, so either side can check what the other
+system has xxHash's own library (``libxxhash.so.0``: apt's own library depends on it in Debian
+and Ubuntu; 11.5 GB/s on the AVX2 CPU), through ctypes, which lets go of the GIL for the call. What was recorded names its algorithm, so either side can check what the other
 wrote. All of them catch the accidental damage these checks are for (a flipped bit, a
 truncated layer); a hand that can change the image can change its manifest too.
 """
@@ -58,9 +57,7 @@ def _xxhash():
         # a library built with xxHash's x86 dispatch also exports the update that picks the
         # widest vectors the CPU has at run time (AVX2: 11.5 GB/s against 8-9 on the AMD EPYC
         # machine); the digest is the same
-        update = getattr(lib, "XXH3_64bits_update_dispatch", None) if hasattr(lib, "XXH3_64bits_dispatch") \
-            else None
-        lib.fv_update = update or lib.XXH3_64bits_update
+        lib.fv_update = getattr(lib, "XXH3_64bits_update_dispatch", None) or lib.XXH3_64bits_update
         lib.fv_update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         lib.XXH3_64bits_digest.argtypes = [ctypes.c_void_p]
         lib.XXH3_64bits_digest.restype = ctypes.c_uint64
@@ -83,9 +80,14 @@ class Xxh3:
         view = memoryview(data).cast("B")
         if not view.nbytes:
             return
-        # the buffer's own address (no copy): a writable buffer through ctypes, bytes as they are
-        buf = view.obj if isinstance(view.obj, bytes) and view.nbytes == len(view.obj) else \
-            (ctypes.c_char * view.nbytes).from_buffer(view) if not view.readonly else bytes(view)
+        # the buffer's own memory, not a copy: bytes are passed as they are, a writable buffer
+        # (a bytearray, a ctypes view of a mapping) through ctypes; only a read-only slice is copied
+        if isinstance(view.obj, bytes) and view.nbytes == len(view.obj):
+            buf = view.obj
+        elif not view.readonly:
+            buf = (ctypes.c_char * view.nbytes).from_buffer(view)
+        else:
+            buf = bytes(view)
         self.lib.fv_update(self.state, buf, view.nbytes)
 
     def hexdigest(self) -> str:
