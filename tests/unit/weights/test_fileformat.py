@@ -36,7 +36,7 @@ def _blank(src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.zeros_like(v) for k, v in src.items()}
 
 
-@pytest.fixture(params=["blake3", "crc32"])
+@pytest.fixture(params=["blake3", "crc32", "xxh3"])
 def written(tmp_path, request):
     src = _tensors()
     path = tmp_path / "rank0.fvw"

@@ -11,6 +11,7 @@ from conftest import flip_bit, need  # noqa: F401 - flip_bit: for the tests that
 
 torch = need("torch", "the weight path works on torch tensors")
 
+from fvboot import checksums  # noqa: E402
 from fvboot import weights as wf  # noqa: E402
 from fvboot.weights import fileformat  # noqa: E402
 from fvboot.weights.settings import Config  # noqa: E402
@@ -35,10 +36,12 @@ def write_dump(path, src, checksum, **kw):
     """``write_weights`` with CHECKSUM; the test is skipped where that algorithm is missing."""
     if checksum == "blake3" and fileformat.blake3 is None:
         pytest.skip("the blake3 package is not installed (vLLM's images bring it)")
+    if checksum == "xxh3" and checksums._xxhash() is None:
+        pytest.skip(f"{checksums.XXHASH_LIBRARY} is not installed on this machine")
     return wf.write_weights(path, src.items(), checksum=checksum, **kw)
 
 
-@pytest.fixture(params=["blake3", "crc32"])
+@pytest.fixture(params=["blake3", "crc32", "xxh3"])
 def fvw(tmp_path, request):
     src = sample_tensors()
     path = tmp_path / "rank0.fvw"
