@@ -35,6 +35,19 @@ RESTORE_TIMEOUT_ENV, DUMP_TIMEOUT_ENV = "FV_CRIU_RESTORE_TIMEOUT_S", "FV_CRIU_DU
 RESTORE_TIMEOUT_S, DUMP_TIMEOUT_S = 600.0, 3600.0
 
 
+# CRIU's log level for a restore: 3 (errors, warnings, what it did and when, the cuda plugin's
+# resume included) unless FV_CRIU_RESTORE_LOG_LEVEL says otherwise (4 adds every area and mmap:
+# ~14,500 lines for the CPU image, each one write(2) of its own, ~20 ms of the restore on two
+# cores, bench/fvboot_ab.py). A dump always logs everything: a bake is not timed to the ms.
+RESTORE_LOG_LEVEL_ENV, RESTORE_LOG_LEVEL = "FV_CRIU_RESTORE_LOG_LEVEL", 3
+
+
+def restore_log_level() -> int:
+    """FV_CRIU_RESTORE_LOG_LEVEL, one of CRIU's 0-4; anything else is the default (3)."""
+    raw = os.environ.get(RESTORE_LOG_LEVEL_ENV, "").strip()
+    return int(raw) if raw in ("0", "1", "2", "3", "4") else RESTORE_LOG_LEVEL
+
+
 class CriuError(FvBootError):
     def __init__(self, action: str, log: Path, how: str, stderr: str = "") -> None:
         self.log = log
@@ -228,8 +241,8 @@ def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]],
     workdir.mkdir(parents=True, exist_ok=True)
     log, pidfile = workdir / "criu-restore.log", workdir / "restored.pid"
     pidfile.unlink(missing_ok=True)
-    cmd = [*_criu(), "restore", "-D", str(images), "-W", str(workdir), "-o", str(log), "-v4",
-           "--pidfile", str(pidfile), *RESTORE_FLAGS]
+    cmd = [*_criu(), "restore", "-D", str(images), "-W", str(workdir), "-o", str(log),
+           f"-v{restore_log_level()}", "--pidfile", str(pidfile), *RESTORE_FLAGS]
     for fd, key in inherit:
         cmd += ["--inherit-fd", f"fd[{fd}]:{key}"]
     _run("restore", cmd, log, _timeout(RESTORE_TIMEOUT_ENV, RESTORE_TIMEOUT_S),
@@ -262,7 +275,7 @@ class RestoreLog:
 
 def read_restore_log(log: Path) -> RestoreLog:
     # str.find over the whole text, not a loop over its lines: a CPU restore's log has ~14,500
-    # lines at -v4, and parsing each took ~15 ms of every restore
+    # lines at -v4 (FV_CRIU_RESTORE_LOG_LEVEL=4), and parsing each took ~15 ms of every restore
     try:
         text = log.read_text(errors="replace")
     except OSError:

@@ -133,3 +133,16 @@ def test_the_kernel_facts_are_learned_beside_the_checks_into_the_folder_the_rest
     criu.wait_kernel_facts(proc, timeout=0.3)
     assert proc.returncode is not None and time.monotonic() - t < 5
     criu.wait_kernel_facts(None)  # it could not start: nothing to wait for
+
+
+@pytest.mark.parametrize("setting, level", [(None, 3), ("4", 4), ("0", 0), ("5", 3), ("debug", 3)])
+def test_the_restore_logs_at_the_info_level_unless_told_otherwise(monkeypatch, setting, level):
+    """-v3 keeps the timestamps and the lines the restore reads (the cuda plugin's resume, the
+    end); only CRIU's own levels 0-4 are taken."""
+    from fvboot import criu
+
+    if setting is None:
+        monkeypatch.delenv("FV_CRIU_RESTORE_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("FV_CRIU_RESTORE_LOG_LEVEL", setting)
+    assert criu.restore_log_level() == level
