@@ -81,20 +81,21 @@ def drop_caches() -> None:
     drop_page_cache(strict=True)
 
 
-def expected_answer() -> tuple[str, str, str]:
+def expected_answer() -> tuple[str, str, str, int]:
     m = json.loads((HOME / "manifest.json").read_text())
     p = m["probe"][0]
-    return m["model"]["served_name"], p["prompt"], p["text"]
+    return m["model"]["served_name"], p["prompt"], p["text"], max(1, len(p["logprobs"]))
 
 
 def serve_once(env: dict, label: str, extra_env: dict | None = None, limit: float = 400) -> dict:
     """Launch `fvboot serve`, time the first correct token, stop it; returns the measurement."""
-    name, prompt, want = expected_answer()
+    name, prompt, want, tokens = expected_answer()
     out = RUN / f"serve-{label}.log"
     t0 = time.monotonic()
     proc = start([sys.executable, "-m", "fvboot", "serve"], log=out, env={**env, **(extra_env or {})})
     try:
-        took = first_correct_token(PORT, name, prompt, want, t0=t0, limit=limit, proc=proc, name="fvboot serve")
+        took = first_correct_token(PORT, name, prompt, want, t0=t0, limit=limit, proc=proc, name="fvboot serve",
+                                   max_tokens=tokens)
         log(f"{label}: first correct token after {took:.2f} s")
     finally:
         stop(proc, grace=60)

@@ -171,13 +171,13 @@ def stop(proc: subprocess.Popen, *, sig: int = signal.SIGTERM, grace: float = 60
 
 def first_correct_token(port: int, model: str, prompt: str, want: str, *, t0: float, limit: float,
                         proc: subprocess.Popen | None = None, name: str = "the server",
-                        host: str = "127.0.0.1") -> float:
+                        host: str = "127.0.0.1", max_tokens: int = 12) -> float:
     """Seconds from T0 (time.monotonic()) to the first answer of an OpenAI-style server at
-    HOST:PORT to a greedy completion of PROMPT: until it answers, connection errors and HTTP
+    HOST:PORT to a greedy completion of PROMPT (MAX_TOKENS long): until it answers, connection errors and HTTP
     errors are retried every 5 ms. The first answer must be WANT: a server that answers
     something else is broken (not slow), so that raises at once, as does PROC exiting, and LIMIT
     seconds from T0 without an answer."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0.0}).encode()
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}).encode()
     while time.monotonic() - t0 < limit:
         if proc is not None and proc.poll() is not None:
             raise BenchError(f"{name} exited with {proc.returncode}")

@@ -176,7 +176,9 @@ def first_answer(plan: BenchPlan, m: dict, flags: list[str], extra: bool = False
     """Seconds from `docker run` to the first correct answer, the container's log, and (with
     EXTRA) its answers to EXTRA_PROMPTS. BenchError on a wrong answer or none within the limit."""
     port, model, probe = m["vllm"]["port"], m["model"]["served_name"], m["probe"][0]
-    body = {"model": model, "prompt": probe["prompt"], "max_tokens": 12, "temperature": 0.0}
+    # as many tokens as the bake's answer has (the probe asks 4; an answer may end sooner)
+    body = {"model": model, "prompt": probe["prompt"], "max_tokens": max(1, len(probe["logprobs"])),
+            "temperature": 0.0}
     t0 = time.monotonic()
     run = subprocess.run(["docker", "run", "-d", *plan.run_flags, *flags, plan.image], capture_output=True, text=True)
     if run.returncode != 0:
