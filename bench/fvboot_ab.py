@@ -5,12 +5,13 @@ medians of `docker run` -> first correct answer and of each timeline step are pr
 side. Alternating runs cancel most of the drift of a noisy machine.
 
     python3 bench/fvboot_ab.py IMAGE B_FOLDER [--a-folder A_FOLDER] [--b-manifest FILE] [--runs 7]
-                               [--cold] [--env KEY=VALUE ...] [--json OUT]
+                               [--b-mount SRC:DST ...] [--cold] [--env KEY=VALUE ...] [--json OUT]
 
 B_FOLDER is a copy of entrypoint/ with the change, byte-compiled (`git archive REV entrypoint`,
 `python3 -m compileall`); A is the image's fvboot, or A_FOLDER. --b-manifest mounts FILE over
 B's /fv/manifest.json (the same checkpoint recorded another way, e.g. its pieces' digests by
-another algorithm). --cold drops the page cache
+another algorithm). --b-mount bind-mounts a file over B's (read-only), e.g. another build of
+criu over /usr/local/sbin/criu. --cold drops the page cache
 before each restore. CPU images only (the run flags are fvbuild's CPU ones)."""
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--cold", action="store_true")
     p.add_argument("--b-manifest")
+    p.add_argument("--b-mount", action="append", default=[])
     p.add_argument("--env", action="append", default=[])
     p.add_argument("--json")
     a = p.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
     env = [x for kv in a.env for x in ("-e", kv)]
     mount = "{}:/opt/fast-vllm/lib/fvboot:ro".format
     arms = {"A": env + (["-v", mount(a.a_folder)] if a.a_folder else []), "B": env + ["-v", mount(a.b_folder)]
-            + (["-v", f"{a.b_manifest}:/fv/manifest.json:ro"] if a.b_manifest else [])}
+            + (["-v", f"{a.b_manifest}:/fv/manifest.json:ro"] if a.b_manifest else [])
+            + [x for m in a.b_mount for x in ("-v", f"{m}:ro")]}
     res: dict = {k: {"s": [], "steps": []} for k in arms}
     bench.first_answer(plan, m, env)  # fills the page cache, not counted
     for i in range(a.runs):
@@ -70,7 +73,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"image": a.image, "env": a.env, "a_folder": a.a_folder, "b_folder": a.b_folder,
-                       "b_manifest": a.b_manifest,
+                       "b_manifest": a.b_manifest, "b_mount": a.b_mount,
                        "cold": a.cold, **res}, f, indent=1)
 
 

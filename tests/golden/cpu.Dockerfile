@@ -14,8 +14,8 @@ RUN git init -q /src/criu && cd /src/criu \
         || { echo "fvbuild-error: criu-ref: cannot fetch $CRIU_REF from $CRIU_REPO"; exit 1; }) \
     && git checkout -q FETCH_HEAD
 COPY criu-patches /src/patches
-# Patch series: 0001-version-mark-fast-vllm-builds.patch, 0002-restore-thp-fill.patch, 0003-restore-map-pages.patch, 0004-kerndat-cache-dir.patch
-RUN cd /src/criu && for p in 0001-version-mark-fast-vllm-builds.patch 0002-restore-thp-fill.patch 0003-restore-map-pages.patch 0004-kerndat-cache-dir.patch; do \
+# Patch series: 0001-version-mark-fast-vllm-builds.patch, 0002-restore-thp-fill.patch, 0003-restore-map-pages.patch, 0004-kerndat-cache-dir.patch, 0005-restore-log-areas-at-debug.patch
+RUN cd /src/criu && for p in 0001-version-mark-fast-vllm-builds.patch 0002-restore-thp-fill.patch 0003-restore-map-pages.patch 0004-kerndat-cache-dir.patch 0005-restore-log-areas-at-debug.patch; do \
         patch -p1 --forward --batch --silent < "/src/patches/$p" \
         || { echo "fvbuild-error: patch: $p does not apply to CRIU v4.2.1 from https://github.com/checkpoint-restore/criu.git"; exit 1; }; \
     done
@@ -92,7 +92,7 @@ LABEL org.fast-vllm.model="synthetic:tiny"
 LABEL org.fast-vllm.device="cpu"
 LABEL org.fast-vllm.vllm-version="0.32.0"
 LABEL org.fast-vllm.criu="v4.2.1 from https://github.com/checkpoint-restore/criu.git"
-LABEL org.fast-vllm.criu-patches="0001-version-mark-fast-vllm-builds.patch,0002-restore-thp-fill.patch,0003-restore-map-pages.patch,0004-kerndat-cache-dir.patch"
+LABEL org.fast-vllm.criu-patches="0001-version-mark-fast-vllm-builds.patch,0002-restore-thp-fill.patch,0003-restore-map-pages.patch,0004-kerndat-cache-dir.patch,0005-restore-log-areas-at-debug.patch"
 EXPOSE 8000
 ENTRYPOINT ["fvboot"]
 CMD []
