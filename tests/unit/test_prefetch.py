@@ -26,6 +26,38 @@ def test_prefetch_reads_the_biggest_memory_image_first_then_the_weights(tmp_path
 
 
 
+def test_the_readers_yield_the_cpu_to_criu_and_the_engine(tmp_path):
+    """Every reader hashes at the lowest CPU priority (its own thread's nice value), the thread
+    that started them keeps its own."""
+    import os
+    import threading
+
+    from fvboot import prefetch
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(b"\1" * prefetch.PREFETCH_SMALL * 2)
+    seen = []
+
+    class Check:
+        def paths(self):
+            return [str(images / "pages-1.img")]
+
+        def piece_size(self, path):
+            return prefetch.PREFETCH_SMALL
+
+        def piece(self, path, off, view):
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+        def unreadable(self, path, off, e):
+            raise AssertionError(e)
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    prefetch._read_ahead(prefetch.plan([images], Check()), Check(), None, None)
+    assert seen == [prefetch.READER_NICE] * 2
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
+
 def _dump_folders(tmp_path, cached: bool):
     """An images folder with one big memory image and a weights folder whose dump is cached
     (read once) or not (written, synced and dropped from the page cache)."""
