@@ -65,10 +65,26 @@ class ServerControl:
         except (OSError, ValueError, ServerError):  # urllib's URLError is an OSError
             return False
 
+    def knows_the_token(self) -> bool:
+        """Whether the server answering is the one this start runs: only its middleware knows
+        this start's admin token (another server on the port, on the host's network, does not)."""
+        try:
+            self._call("GET", "/fv/gate/state", timeout=5)
+            return True
+        except (OSError, ValueError, ServerError):
+            return False
+
     def wait_healthy(self, timeout: float, alive: Callable[[], bool], poll: float = 0.05) -> None:
+        """Until the server answers /health (bounded by TIMEOUT; ServerDied once ALIVE says the
+        tree is gone), and then it must be ours: a server that answers without this start's
+        token is another one on the same port, and fvboot must not warm, probe or serve it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.healthy():
+                if not self.knows_the_token():
+                    raise ServerDied(f"another server answers on {self.base}, not the vLLM fvboot started"
+                                     " (it does not know this start's admin token): stop what listens on"
+                                     " that port (with --network host, on the host) or use another port")
                 return
             if not alive():
                 raise ServerDied("the vLLM server exited before it became healthy (see its log above)")

@@ -243,11 +243,11 @@ def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipe
     port = server_port(cmd)
     timeout = float(os.environ.get(START_TIMEOUT_ENV, "3600"))
     log(f"starting vLLM with {how}; waiting up to {timeout:.0f} s for it on port {port}")
-    write_runtime_settings(layout.runtime_file, settings)
-    # fvboot calls nothing but /health here: no dev routes in this server.
+    token = write_runtime_settings(layout.runtime_file, settings)
+    # fvboot calls nothing but /health and the gate's state here: no dev routes in this server.
     tree = ServedTree(cmd, server_env(layout.runtime_file, dev_mode=False), pipes, namespaced=False)
     try:
-        ServerControl(port, "", name).wait_healthy(timeout, tree.alive)
+        ServerControl(port, token, name).wait_healthy(timeout, tree.alive)
     except BaseException:
         tree.terminate(timeout=5)  # within docker stop's 10 s grace
         raise

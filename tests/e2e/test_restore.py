@@ -649,6 +649,47 @@ def test_a_full_disk_at_restore_gives_no_wrong_answer_and_no_hang(baked_image, m
         assert "No space left" in logs or "no space" in logs.lower(), fv[-3:]
 
 
+def test_another_server_on_the_port_is_never_taken_for_the_restored_one(baked_image, manifest, port_free):
+    """With the host's network another HTTP server already holds the baked port and answers
+    /health. The restore cannot take the port, and the normal start after it must not take
+    that server for its own (the bake's would warm and checkpoint it): the container ends,
+    bounded, saying which server answers, and nothing is served or probed there."""
+    import http.server
+    import threading
+
+    probed = []
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status = 200 if self.path == "/health" else 404
+            self.send_response(status)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def do_POST(self):
+            probed.append(self.path)
+            self.do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    port = manifest["vllm"]["port"]
+    other = http.server.ThreadingHTTPServer(("0.0.0.0", port), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        with Container(baked_image) as c:
+            code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=300).stdout.strip()
+            logs = c.logs()
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert code not in ("", "0"), logs[-3000:]
+    assert f"another server answers on http://127.0.0.1:{port}, not the vLLM fvboot started" in logs, logs[-3000:]
+    assert "restored from checkpoint" not in logs and "Traceback" not in logs, logs[-3000:]
+    assert probed == [], "no request but /health and the gate's state may reach another server"
+
+
 def test_manifest_from_another_device_falls_back(baked_image, port_free):
     other = "cuda" if e2e_device() == "cpu" else "cpu"
     _refused_before_restore(

@@ -56,6 +56,27 @@ def test_server_errors_become_one_line_fvboot_errors():
 
 
 
+def test_another_server_on_the_port_is_not_taken_for_ours():
+    """With the host's network another server may hold the port (another container's, a
+    restore's): it answers /health, but without this start's token its gate's state is not
+    found. fvboot stops there, saying so, instead of warming, probing or serving it."""
+    from fvboot.control import ServerControl
+    from fvboot.errors import ServerDied
+    from fvboot.layout import ADMIN_HEADER
+
+    def answer(method, req, body):
+        if req.path == "/health":
+            return 200, {}
+        if req.path == "/fv/gate/state" and req.headers.get(ADMIN_HEADER.decode()) == "ours":
+            return 200, {"gate": "closed"}
+        return 404, {"error": "not found"}
+
+    with _server(answer) as port:
+        ServerControl(port, "ours", "m").wait_healthy(5, lambda: True)
+        with pytest.raises(ServerDied, match=f"another server answers on http://127.0.0.1:{port}, not the vLLM"):
+            ServerControl(port, "a token of another start", "m").wait_healthy(5, lambda: True)
+
+
 def test_a_server_that_takes_the_call_and_stays_silent_is_a_bounded_error():
     """As a restored tree whose GPU state did not come back: it accepts the connection, then never
     answers. The call ends at its bound, named, and that ends the restore (fallback)."""
