@@ -95,6 +95,9 @@ class BenchResult:
     nocache_s: list[float] = field(default_factory=list)
     last_restore_timeline: list[dict] = field(default_factory=list)
     last_cold_timeline: list[dict] = field(default_factory=list)
+    # the slowest run's timeline of each path (what to look at when one run stands out)
+    slowest_restore_timeline: list[dict] = field(default_factory=list)
+    slowest_cold_timeline: list[dict] = field(default_factory=list)
     last_restore_weights: Optional[str] = None  # fvboot's "weights:" line: the path the load took, its speed
     last_cold_weights: Optional[str] = None
     answers: dict[str, list] = field(default_factory=dict)
@@ -290,6 +293,8 @@ def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
         res.restore_s.append(round(took, 2))
         res.answers.setdefault("restore", got)
         res.last_restore_timeline = timeline_marks(logs)
+        if res.restore_s[-1] >= max(res.restore_s):
+            res.slowest_restore_timeline = res.last_restore_timeline
         res.last_restore_weights = weights_line(logs)
         say(f"restore {i + 1}/{plan.runs}: {took:.2f} s")
     for i in range(plan.runs if plan.cold else 0):
@@ -302,6 +307,8 @@ def run(plan: BenchPlan, m: dict, say=print) -> BenchResult:
             res.cold_read_bytes.append(after - before)
         res.cold_s.append(round(took, 2))
         res.last_cold_timeline = timeline_marks(logs)
+        if res.cold_s[-1] >= max(res.cold_s):
+            res.slowest_cold_timeline = res.last_cold_timeline
         res.last_cold_weights = weights_line(logs)
         read = f", {res.cold_read_bytes[-1] / 1e9:.2f} GB read" if len(res.cold_read_bytes) == len(res.cold_s) else ""
         say(f"restore, page cache dropped {i + 1}/{plan.runs}: {took:.2f} s{read}")
