@@ -49,9 +49,9 @@ def restore_log_level() -> int:
 
 
 class CriuError(FvBootError):
-    def __init__(self, action: str, log: Path, how: str, stderr: str = "") -> None:
+    def __init__(self, action: str, log: Path, how: str, stderr: str = "", stdout: str = "") -> None:
         self.log = log
-        super().__init__(f"criu {action} {how}: {last_error(log, stderr)} (full log: {log})")
+        super().__init__(f"criu {action} {how}: {last_error(log, stderr, stdout)} (full log: {log})")
 
 
 # Printed by every CRIU run in containers, never the cause (vllm-cpu-and-criu.md).
@@ -64,23 +64,27 @@ _CAP_NAMES = {2: "DAC_READ_SEARCH", 12: "NET_ADMIN", 19: "SYS_PTRACE", 21: "SYS_
 
 
 def _name_capability(line: str) -> str:
-    """CRIU names a missing capability by number; say which, and what to do."""
+    """CRIU names a missing capability by number, or only says it lacks some; say which, and
+    what to do."""
     m = re.search(r"capability (\d+) missing", line)
-    if not m:
-        return line
-    name = _CAP_NAMES.get(int(m.group(1)), "unknown")
-    return f"{line} (CAP_{name}: run the container with the capabilities the README lists)"
+    if m:
+        name = _CAP_NAMES.get(int(m.group(1)), "unknown")
+        return f"{line} (CAP_{name}: run the container with the capabilities the README lists)"
+    if re.search(r"capabilit", line, re.IGNORECASE):
+        return f"{line} (run the container with the capabilities the README lists: fvbuild run-flags IMAGE)"
+    return line
 
 
-def last_error(log: Path, stderr: str = "") -> str:
+def last_error(log: Path, stderr: str = "", stdout: str = "") -> str:
     """The most telling error line of a CRIU run: a missing capability or permission first,
-    then CRIU's last `Error` line, then any other failure line, from its log and its stderr
-    (CRIU prints there what happens before it opens its log, e.g. missing capabilities)."""
+    then CRIU's last `Error` line, then any other failure line, from what it said to the user
+    (its stdout: e.g. that it lacks the capabilities it needs, said before its log opens), its
+    log and its stderr (where its earliest lines go)."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         lines = []
-    lines += stderr.splitlines()
+    lines = stdout.splitlines() + lines + stderr.splitlines()
     lines = [re.sub(r"^\(\s*[\d.]+\)\s*", "", l).strip() for l in lines]
     lines = [l for l in lines if l and not any(h in l for h in _HARMLESS)]
     causes = [l for l in lines if _CAUSE_FIRST.search(l)]
@@ -106,20 +110,21 @@ def _run(action: str, cmd: list[str], log: Path, timeout: float, **kw) -> None:
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **kw)
     try:
-        _, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
+        out, err = proc.communicate()
         raise CriuError(action, log, f"did not finish within {timeout:g} s and was killed",
-                        err.decode(errors="replace")) from None
+                        err.decode(errors="replace"), out.decode(errors="replace")) from None
     except BaseException:  # docker stop meanwhile: no CRIU left behind
         proc.kill()
         proc.wait()
         raise
+    said = err.decode(errors="replace"), out.decode(errors="replace")
     if proc.returncode < 0:
-        raise CriuError(action, log, f"was killed by signal {-proc.returncode}", err.decode(errors="replace"))
+        raise CriuError(action, log, f"was killed by signal {-proc.returncode}", *said)
     if proc.returncode != 0:
-        raise CriuError(action, log, f"failed (exit {proc.returncode})", err.decode(errors="replace"))
+        raise CriuError(action, log, f"failed (exit {proc.returncode})", *said)
 
 
 def version() -> str:

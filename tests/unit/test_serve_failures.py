@@ -38,15 +38,16 @@ def test_a_stuck_criu_restore_is_killed_and_said(tmp_path, monkeypatch):
 
 
 def test_criu_without_capabilities_says_so_not_no_log(tmp_path, monkeypatch):
-    """CRIU prints this before it opens its log (seen in a container without the caps)."""
+    """What CRIU 4.2 says in a container without the capabilities (seen at -v3): its earliest
+    log line on stderr, and why it stops on stdout, before it opens its log."""
     _fake_criu(tmp_path, monkeypatch,
-               'echo "Warn  (criu/tty.c:123): tty: something about a tty" >&2\n'
-               'echo "Error (criu/crtools.c:300): CRIU needs to have the CAP_SYS_ADMIN or the '
-               'CAP_CHECKPOINT_RESTORE capability: " >&2\necho "setcap cap_checkpoint_restore+eip criu" >&2\nexit 1\n')
+               'echo "(00.000000) CRIU run id = 3962868e-4072-4dfc-a33a-f16be105e3d0" >&2\n'
+               'echo "CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability: "\n'
+               'echo "setcap cap_checkpoint_restore+eip criu"\nexit 1\n')
     with pytest.raises(criu.CriuError) as e:
         criu.restore(tmp_path / "images", tmp_path / "work", [])
-    assert "failed (exit 1)" in str(e.value)
-    assert "needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability" in str(e.value)
+    assert "failed (exit 1): CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability:" \
+           " (run the container with the capabilities the README lists: fvbuild run-flags IMAGE)" in str(e.value)
 
 
 def test_a_killed_criu_is_reported_as_killed_with_its_last_error(tmp_path, monkeypatch):
