@@ -25,7 +25,6 @@ PROBE_PROMPTS = ("The capital of France is Paris, and the capital of Italy is",
 PROBE_MAX_TOKENS = 4
 
 
-
 def warm_up() -> None:
     """Import the HTTP client in a thread: ~15 ms of fvboot's start otherwise, spent while CRIU
     restores instead (urllib is imported at the first call, not with this module)."""
