@@ -117,7 +117,9 @@ def serve_once(env: dict, label: str, extra_env: dict | None = None, limit: floa
 
 
 def _plugin_calls(log: Path) -> dict:
-    """From CRIU's log: when the cuda plugin's late hook ran per process, and CRIU's THP note."""
+    """From CRIU's log: when the cuda plugin's late hook ran per process (its "resuming devices"
+    line, logged at -v3, fvboot's restore level; the hook's own line is CRIU's debug), and
+    CRIU's THP note."""
     out: dict = {"hooks": []}
     if not log.exists():
         return out
@@ -125,7 +127,7 @@ def _plugin_calls(log: Path) -> dict:
     for line in log.read_text(errors="replace").splitlines():
         if "thp:" in line:
             out["thp"] = line.split("thp:", 1)[1].strip()
-        if line.startswith("(") and ("plugin: `cuda_plugin' hook 9" in line or "Restore finished" in line):
+        if line.startswith("(") and ("cuda_plugin: resuming devices" in line or "Restore finished" in line):
             t = float(line[1:line.index(")")])
             if prev is not None:
                 out["hooks"].append(round(t - prev, 3))
