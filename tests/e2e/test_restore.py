@@ -456,6 +456,21 @@ def test_the_same_image_restores_again_in_fresh_containers(baked_image, manifest
             assert "restored from checkpoint" in c.logs()
 
 
+def test_docker_restart_restores_the_same_container_again(baked_image, manifest, port_free):
+    """`docker restart` (what a restart policy does) starts the same container again: its
+    writable layer still holds the first start's /tmp (fvboot's run folder, the sockets vLLM
+    bound there). The second start restores too, with the bake's answers."""
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        subprocess.run(["docker", "restart", "-t", "30", c.id], capture_output=True, check=True, timeout=120)
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    assert logs.count("restored from checkpoint") == 2, logs[-4000:]
+    assert "checkpoint not used" not in logs, logs[-4000:]
+
+
 def test_criu_reads_memory_into_huge_pages_when_asked(baked_image, manifest, port_free):
     """criu-patches/0002 at work in the image's CRIU (FV_RESTORE_THP=1), answers unchanged."""
     with Container(baked_image, "-e", "FV_RESTORE_THP=1") as c:
