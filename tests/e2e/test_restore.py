@@ -172,8 +172,8 @@ class Container:
     """`docker run -d` of the baked image with the flags `fvbuild run-flags IMAGE` prints; removed
     on exit."""
 
-    def __init__(self, image: str, *pre: str, entry: list[str] | None = None) -> None:
-        cmd = ["docker", "run", "-d", *run_flags(image), "--network", "host", *pre]
+    def __init__(self, image: str, *pre: str, entry: list[str] | None = None, network: str = "host") -> None:
+        cmd = ["docker", "run", "-d", *run_flags(image), "--network", network, *pre]
         if entry:
             cmd += ["--entrypoint", entry[0], image, *entry[1:]]
         else:
@@ -454,6 +454,71 @@ def test_the_same_image_restores_again_in_fresh_containers(baked_image, manifest
             _wait_ready(container=c.id)
             _assert_same_as_bake(manifest)
             assert "restored from checkpoint" in c.logs()
+
+
+# Run inside a container of its own network (docker exec): waits for the server's /health, then
+# asks each prompt of argv[2] (JSON) as _complete() does and prints the answers as JSON.
+_ASK_INSIDE = """
+import json, sys, time, urllib.request
+port, asks = int(sys.argv[1]), json.loads(sys.argv[2])
+deadline = time.monotonic() + 600
+while True:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+out = []
+for body in asks:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    c = json.load(urllib.request.urlopen(req, timeout=600))["choices"][0]
+    out.append({"text": c["text"], "logprobs": c["logprobs"]["token_logprobs"]})
+print(json.dumps(out))
+"""
+
+
+def _assert_same_as_bake_inside(container: str, manifest: dict) -> None:
+    """_assert_same_as_bake, asked from inside CONTAINER (a network of its own)."""
+    name = manifest["model"]["served_name"]
+    asks = [{"model": name, "prompt": p["prompt"], "max_tokens": len(p["logprobs"]) or 12,
+             "temperature": 0.0, "logprobs": 2, "seed": 0} for p in manifest["probe"]]
+    r = subprocess.run(["docker", "exec", container, "python3", "-c", _ASK_INSIDE,
+                        str(manifest["vllm"]["port"]), json.dumps(asks)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:] + "\n" + _logs(container)[-4000:]
+    for got, baked in zip(json.loads(r.stdout), manifest["probe"]):
+        assert got["text"] == baked["text"]
+        assert [round(x, 4) for x in got["logprobs"]] == baked["logprobs"]
+
+
+def _host_dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def test_containers_given_the_hosts_ipc_restore_side_by_side_and_leave_its_dev_shm_alone(baked_image, manifest):
+    """`docker run --ipc=host` (vLLM's docs suggest it) gives a container the host's /dev/shm.
+    fvboot restores into a /dev/shm of its own (private_shm): before it, a second container of
+    the image put the bake's shared-memory files back over the first one's live queues and that
+    server stopped, and each container left its files on the host. Each container here has a
+    network of its own (both serve the baked port); on a GPU one at a time, as two servers of
+    the image do not fit one GPU."""
+    before = _host_dev_shm()
+    side_by_side = e2e_device() == "cpu"
+    with Container(baked_image, "--ipc=host", network="none") as first:
+        _assert_same_as_bake_inside(first.id, manifest)
+        assert _host_dev_shm() <= before, _host_dev_shm() - before
+        if side_by_side:
+            with Container(baked_image, "--ipc=host", network="none") as second:
+                _assert_same_as_bake_inside(second.id, manifest)
+                _assert_same_as_bake_inside(first.id, manifest)  # still serving, unharmed
+                assert "restored from checkpoint" in second.logs()
+                assert "checkpoint not used" not in second.logs()
+        logs = first.logs()
+    assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-4000:]
+    assert "/dev/shm is the one this container was given" not in logs
+    assert _host_dev_shm() <= before, _host_dev_shm() - before
 
 
 def test_docker_restart_restores_the_same_container_again(baked_image, manifest, port_free):
