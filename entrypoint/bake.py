@@ -57,11 +57,13 @@ def _steady_probe_together(ctl: ServerControl) -> Optional[tuple[manifest.ProbeA
     return _probe_answers(tries[0], "probe_together")
 
 
-def save_dev_shm(dest: Path) -> None:
+def save_dev_shm(dest: Path, leave_out: Path) -> None:
     """vLLM's shared-memory queues and semaphores; CRIU restores the fds but not the files.
-    GNU tar --sparse: the ring buffers are mostly holes (hundreds of MB apparent, KB real)."""
-    names = sorted(p.name for p in Path("/dev/shm").iterdir())
-    subprocess.run(["tar", "--sparse", "-cf", str(dest), "-C", "/dev/shm", "--", *names], check=True)
+    GNU tar --sparse: the ring buffers are mostly holes (hundreds of MB apparent, KB real).
+    LEAVE_OUT (fvboot's run folder, with the bake's admin token) is not saved."""
+    names = sorted(p.name for p in Path("/dev/shm").iterdir() if p != leave_out)
+    what = ["--", *names] if names else ["--files-from=/dev/null"]  # not tar's "cowardly" refusal
+    subprocess.run(["tar", "--sparse", "-cf", str(dest), "-C", "/dev/shm", *what], check=True)
 
 
 def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: int,
@@ -136,7 +138,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
             {**p, "checkpoint_bytes": stored.get(p["pid"], 0), "zero_bytes_left_out": zeros.get(p["pid"], 0)},
             f"processes[{i}]") for i, p in enumerate(processes))
         step = "save of /dev/shm"
-        save_dev_shm(layout.shm_archive)
+        save_dev_shm(layout.shm_archive, layout.run_dir)
         tree.proc.wait(30)
     except Exception as e:
         tree.terminate()

@@ -30,23 +30,24 @@ def _bake(argv: list[str]) -> int:
     a = p.parse_args(argv)
     args = a.vllm_args[1:] if a.vllm_args[:1] == ["--"] else a.vllm_args
     check_tools()
-    _own_dev_shm()
+    _own_mounts()
     bake(Layout.from_env(a.home), a.model, args, a.port, a.warmup_requests, a.token_file)
     return 0
 
 
-def _own_dev_shm() -> None:
-    """/dev/shm of our own before any thread starts (private_shm: --ipc=host shares the host's)."""
-    from .private_shm import isolate
+def _own_mounts() -> None:
+    """Our own /dev/shm (--ipc=host shares the host's) and a writable /tmp (--read-only), before
+    any thread starts (private_mounts)."""
+    from .private_mounts import isolate
 
     done, why = isolate()
     if not done:
-        print(f"fvboot: /dev/shm is the one this container was given, shared with whatever shares its"
-              f" IPC namespace (docker run --ipc=host): {why}", file=sys.stderr, flush=True)
+        print(f"fvboot: /dev/shm and /tmp are the ones this container was given (under docker run"
+              f" --ipc=host, the host's /dev/shm): {why}", file=sys.stderr, flush=True)
 
 
 def _serve(argv: list[str]) -> int:
-    _own_dev_shm()
+    _own_mounts()
     from .devices import DeviceLookup
 
     devices = DeviceLookup()  # NVML's start beside the imports below, not before the restore

@@ -196,7 +196,7 @@ def write_runtime_settings(path: Path, settings: Optional[dict] = None) -> str:
     token: it is in no image layer and no checkpoint, and no two containers share it.
     Root-only (0600), replaced atomically so the middleware never reads half a file."""
     token = secrets.token_hex(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_private_json(path, {**(settings or {}), "admin_token": token})
     return token
 

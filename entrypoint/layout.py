@@ -10,6 +10,7 @@ ADMIN_HEADER = b"x-fastvllm-admin"  # carries the per-start admin token (middlew
 # The server learns where its runtime settings are from this variable, set once at bake: the
 # middleware's environment is frozen in the checkpoint, so a restore writes to the same path.
 RUNTIME_FILE_ENV = "FV_RUNTIME_FILE"
+RUN_DIR = "/dev/shm/.fvboot"  # Layout.run_dir unless FV_RUN_DIR says otherwise
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,11 @@ class Layout:
 
     @property
     def run_dir(self) -> Path:
-        """Scratch files of one start (logs); never part of the checkpoint."""
-        return Path(os.environ.get("FV_RUN_DIR", "/tmp/fvboot"))
+        """Scratch files of one start (logs, sockets, the runtime file); never part of the
+        checkpoint. In fvboot's own /dev/shm (private_mounts), which the restored tree binds from
+        CRIU's: writable under `docker run --read-only` too, where the image's /tmp is not, and
+        seen by the restored server where a --tmpfs /tmp, mounted after the bake, is not."""
+        return Path(os.environ.get("FV_RUN_DIR", RUN_DIR))
 
     @property
     def runtime_file(self) -> Path:

@@ -31,6 +31,7 @@ from .manifest import Manifest
 from .output import log
 from .pagecheck import PageCheck
 from .prefetch import prefetch
+from .private_mounts import writable_overlay
 from .restore import RestoredTree
 from .timeline import Timeline
 
@@ -243,6 +244,15 @@ def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipe
     port = server_port(cmd)
     timeout = float(os.environ.get(START_TIMEOUT_ENV, "3600"))
     log(f"starting vLLM with {how}; waiting up to {timeout:.0f} s for it on port {port}")
+    if layout.cache_dir.is_dir() and not os.access(layout.cache_dir, os.W_OK):
+        # vLLM's compile (torch inductor) takes lock files in its caches even when all is cached
+        done, why = writable_overlay(str(layout.cache_dir), str(layout.run_dir / "cache-overlay"))
+        if done:
+            log(f"vLLM's caches in {layout.cache_dir} are read-only here (docker run --read-only?): what"
+                f" this start writes there goes to memory and is gone with the container")
+        else:
+            log(f"warning: vLLM's caches in {layout.cache_dir} cannot be written here (docker run"
+                f" --read-only?) and no overlay could make them so ({why}): vLLM's start needs to write there")
     token = write_runtime_settings(layout.runtime_file, settings)
     # fvboot calls nothing but /health and the gate's state here: no dev routes in this server.
     tree = ServedTree(cmd, server_env(layout.runtime_file, dev_mode=False), pipes, namespaced=False)

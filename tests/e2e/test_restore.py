@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fvbuild.engine import docker_run_flags
+from fvboot.layout import RUN_DIR  # fvboot's run folder in its containers
 import requests
 
 from conftest import CANARY, IMAGE_ENV, REPO, e2e_device, fvbuild
@@ -292,7 +293,7 @@ def test_memory_restore_page_size_follows_the_host(restored, docker_compose_proj
     first restore after other work would be slower); fvboot says which, CRIU's log agrees."""
     from fvboot.criu import free_page_reporting
 
-    log = _compose(docker_compose_project_name, "exec", "-T", "fvllm", "cat", "/tmp/fvboot/criu-restore.log")
+    log = _compose(docker_compose_project_name, "exec", "-T", "fvllm", "cat", f"{RUN_DIR}/criu-restore.log")
     out = _compose(docker_compose_project_name, "logs", "--no-color")
     if free_page_reporting():
         assert "memory is restored into 4 KiB pages: virtio-balloon free page reporting" in out
@@ -312,7 +313,7 @@ def _map_pages(log: str) -> tuple[int, int]:
 def test_memory_is_mapped_from_the_checkpoint(restored, docker_compose_project_name):
     """criu-patches/0003: the restored processes map most of their memory from the page images
     instead of reading it back, CPU and GPU images alike (the GPU's state resumes from it)."""
-    log = _compose(docker_compose_project_name, "exec", "-T", "fvllm", "cat", "/tmp/fvboot/criu-restore.log")
+    log = _compose(docker_compose_project_name, "exec", "-T", "fvllm", "cat", f"{RUN_DIR}/criu-restore.log")
     mapped, read = _map_pages(log)
     assert mapped > read > 0, (mapped, read)
     if e2e_device() == "cpu":
@@ -324,7 +325,7 @@ def test_memory_is_mapped_from_the_checkpoint(restored, docker_compose_project_n
 def test_criu_restores_with_the_kernel_facts_learned_beside_the_checks(restored, docker_compose_project_name):
     """criu-patches/0004: fvboot's `criu check` kept what the kernel can do in its tmpfs folder
     while the image was checked, and the restore loaded that instead of probing the kernel again."""
-    log = _compose(docker_compose_project_name, "exec", "-T", "fvllm", "cat", "/tmp/fvboot/criu-restore.log")
+    log = _compose(docker_compose_project_name, "exec", "-T", "fvllm", "cat", f"{RUN_DIR}/criu-restore.log")
     assert "Loaded kdat cache from /dev/shm/.fvboot-criu/criu.kdat" in log, log[:3000]
 
 
@@ -499,7 +500,7 @@ def _host_dev_shm() -> set[str]:
 
 def test_containers_given_the_hosts_ipc_restore_side_by_side_and_leave_its_dev_shm_alone(baked_image, manifest):
     """`docker run --ipc=host` (vLLM's docs suggest it) gives a container the host's /dev/shm.
-    fvboot restores into a /dev/shm of its own (private_shm): before it, a second container of
+    fvboot restores into a /dev/shm of its own (private_mounts): before it, a second container of
     the image put the bake's shared-memory files back over the first one's live queues and that
     server stopped, and each container left its files on the host. Each container here has a
     network of its own (both serve the baked port); on a GPU one at a time, as two servers of
@@ -517,8 +518,33 @@ def test_containers_given_the_hosts_ipc_restore_side_by_side_and_leave_its_dev_s
                 assert "checkpoint not used" not in second.logs()
         logs = first.logs()
     assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-4000:]
-    assert "/dev/shm is the one this container was given" not in logs
+    assert "are the ones this container was given" not in logs
     assert _host_dev_shm() <= before, _host_dev_shm() - before
+
+
+@pytest.mark.parametrize("flags", [("--read-only",), ("--read-only", "--tmpfs", "/tmp")], ids=["read-only", "tmpfs-tmp"])
+def test_a_read_only_root_filesystem_restores_and_answers(baked_image, manifest, port_free, flags):
+    """`docker run --read-only` (Kubernetes: readOnlyRootFilesystem), with and without a tmpfs on
+    /tmp: fvboot's run folder, its logs and this start's admin token are in its own /dev/shm,
+    which the restored server binds too. (A /tmp mounted after the bake is not the restored
+    server's /tmp: the token there answered 403, 2026-12-05.)"""
+    with Container(baked_image, *flags) as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-4000:]
+
+
+def test_a_read_only_root_filesystem_still_gets_its_normal_start(baked_image, manifest, port_free):
+    """The normal start under --read-only (here asked for, FV_RESTORE=0): vLLM's compile takes
+    lock files in its caches, which are read-only there; fvboot lays an overlay in memory over
+    them for this start (its own mount namespace), so it starts and answers as baked."""
+    with Container(baked_image, "--read-only", "-e", "FV_RESTORE=0") as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest, exact=e2e_device() == "cpu")
+        logs = c.logs()
+    assert "FV_RESTORE=0 asks for a normal start" in logs
+    assert "are read-only here" in logs and "what this start writes there goes to memory" in logs, logs[-4000:]
 
 
 def test_docker_restart_restores_the_same_container_again(baked_image, manifest, port_free):
@@ -541,7 +567,7 @@ def test_criu_reads_memory_into_huge_pages_when_asked(baked_image, manifest, por
     with Container(baked_image, "-e", "FV_RESTORE_THP=1") as c:
         _wait_ready(container=c.id)
         _assert_same_as_bake(manifest)
-        r = subprocess.run(["docker", "exec", c.id, "cat", "/tmp/fvboot/criu-restore.log"],
+        r = subprocess.run(["docker", "exec", c.id, "cat", f"{RUN_DIR}/criu-restore.log"],
                            capture_output=True, text=True)
         _assert_thp_logged(r.stdout)
 
@@ -551,7 +577,7 @@ def test_memory_read_back_whole_when_mapping_is_turned_off_answers_the_same(bake
     with Container(baked_image, "-e", "FV_RESTORE_MAP_PAGES=0") as c:
         _wait_ready(container=c.id)
         _assert_same_as_bake(manifest)
-        log = subprocess.run(["docker", "exec", c.id, "cat", "/tmp/fvboot/criu-restore.log"],
+        log = subprocess.run(["docker", "exec", c.id, "cat", f"{RUN_DIR}/criu-restore.log"],
                              capture_output=True, text=True).stdout
     assert "map-pages: private memory mapped from the page images: no" in log
     assert _map_pages(log) == (0, 0)

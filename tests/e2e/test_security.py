@@ -14,12 +14,12 @@ import pytest
 
 from fvboot.layout import ADMIN_HEADER
 from fvboot.middleware import is_public
-from test_restore import (PORT, Container, _assert_same_as_bake, _logs, _wait_log, _wait_ready,  # noqa: F401
+from test_restore import (PORT, RUN_DIR, Container, _assert_same_as_bake, _logs, _wait_log, _wait_ready,  # noqa: F401
                           docker_compose_command, docker_compose_file, docker_setup, gpu_flags, manifest,
                           port_free)
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
-RUNTIME_FILE = "/tmp/fvboot/runtime.json"
+RUNTIME_FILE = f"{RUN_DIR}/runtime.json"
 
 
 def _request(method: str, path: str, headers: dict | None = None, body: bytes = b"{}") -> int:
@@ -80,7 +80,7 @@ def test_admin_token_is_per_container_and_in_no_layer(baked_image, port_free):
             assert tokens[-1] not in inspect
     assert tokens[0] != tokens[1] and all(len(t) == 64 for t in tokens)
     shipped = subprocess.run(["docker", "run", "--rm", "--entrypoint", "sh", baked_image, "-c",
-                              "ls -A /fv/checkpoint; ls -A /tmp/fvboot 2>/dev/null; env"],
+                              f"ls -A /fv/checkpoint; ls -A {RUN_DIR} 2>/dev/null; tar -tf /fv/checkpoint/dev-shm.tar; env"],
                              capture_output=True, text=True, check=True).stdout
     assert "admin-token" not in shipped and "runtime.json" not in shipped and "FV_ADMIN_TOKEN" not in shipped
 

@@ -1,0 +1,144 @@
+"""fvboot's own mounts (private_mounts): real mount namespaces, in child processes, as root."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fvboot.capabilities import held
+from fvboot.private_mounts import isolate
+
+# A child that isolates, writes a file into its /dev/shm and reports what it sees.
+CHILD = """
+import json, os, sys
+from fvboot.private_mounts import isolate
+before = os.statvfs("/dev/shm")
+done, why = isolate()
+name = sys.argv[1]
+seen = {"done": done, "why": why, "listing": sorted(os.listdir("/dev/shm"))}
+after = os.statvfs("/dev/shm")
+seen["same_size"] = before.f_blocks * before.f_frsize == after.f_blocks * after.f_frsize
+if done:
+    open(f"/dev/shm/{name}", "w").write("x")
+    seen["mine"] = os.path.exists(f"/dev/shm/{name}")
+seen["tmp_kept"] = os.path.exists(sys.argv[2])  # a writable /tmp is left as it was
+print(json.dumps(seen))
+"""
+
+
+def _needs_root_with_sys_admin() -> None:
+    if os.geteuid() != 0 or "CAP_SYS_ADMIN" not in held(Path("/proc/self/status").read_text())["CapEff"]:
+        pytest.skip("needs root with CAP_SYS_ADMIN (mount namespaces)")
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("this machine has no /dev/shm")
+
+
+def _child(*prefix: str) -> tuple[dict, str]:
+    name = f"fv-private-shm-test-{uuid.uuid4().hex}"
+    marker = Path("/tmp") / f"{name}.tmp-marker"
+    marker.write_text("x")
+    try:
+        r = subprocess.run([*prefix, sys.executable, "-c", CHILD, name, str(marker)], capture_output=True, text=True,
+                           timeout=60)
+    finally:
+        marker.unlink()
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), name
+
+
+def test_a_process_gets_an_empty_dev_shm_of_the_same_size_that_nothing_outside_sees():
+    _needs_root_with_sys_admin()
+    marker = Path("/dev/shm") / f"fv-private-shm-outside-{uuid.uuid4().hex}"
+    marker.write_text("outside")  # what another container on an --ipc=host machine would have there
+    try:
+        seen, name = _child()
+    finally:
+        marker.unlink()
+    assert seen["done"], seen["why"]
+    assert seen["listing"] == []  # neither the outside's file nor anything else
+    assert seen["same_size"]
+    assert seen["mine"]
+    assert not (Path("/dev/shm") / name).exists()  # the child's file stayed in its own tmpfs
+
+
+def test_without_cap_sys_admin_it_says_why_and_leaves_dev_shm_as_it_was():
+    _needs_root_with_sys_admin()
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("no setpriv (util-linux) to drop CAP_SYS_ADMIN with")
+    seen, _ = _child(setpriv, "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--")
+    assert not seen["done"]
+    assert "Operation not permitted" in seen["why"]
+    assert "mine" not in seen
+
+
+def test_a_missing_dev_shm_is_said_not_raised(tmp_path):
+    done, why = isolate(str(tmp_path / "absent"))
+    assert not done
+    assert "cannot be read" in why
+
+
+def test_the_bakes_dev_shm_archive_leaves_fvboots_run_folder_out(tmp_path):
+    """The bake saves /dev/shm for the restore; its run folder there holds the bake's admin
+    token, which must be in no checkpoint."""
+    import subprocess as sp
+
+    from fvboot.bake import save_dev_shm
+
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    tag = uuid.uuid4().hex
+    queue, run = Path(f"/dev/shm/fv-test-queue-{tag}"), Path(f"/dev/shm/fv-test-run-{tag}")
+    queue.write_bytes(b"q")
+    run.mkdir()
+    (run / "runtime.json").write_text('{"admin_token": "secret"}')
+    try:
+        save_dev_shm(tmp_path / "dev-shm.tar", run)
+    finally:
+        shutil.rmtree(run)
+        queue.unlink()
+    names = sp.run(["tar", "-tf", str(tmp_path / "dev-shm.tar")], capture_output=True, text=True, check=True).stdout.split()
+    assert queue.name in names
+    assert not [n for n in names if n.startswith(run.name)]
+
+
+# A child that isolates with /tmp standing in for a read-only one (a read-only bind of a folder)
+# and reports whether it can write there afterwards.
+READ_ONLY_TMP = """
+import json, os, subprocess, sys
+tmp = sys.argv[1]
+subprocess.run(["mount", "--bind", "-o", "ro", tmp, tmp], check=True)
+subprocess.run(["mount", "-o", "remount,bind,ro", tmp, tmp], check=True)
+before = os.access(tmp, os.W_OK)
+from fvboot.private_mounts import isolate
+done, why = isolate(tmp=tmp)
+print(json.dumps({"before": before, "done": done, "why": why, "after": os.access(tmp, os.W_OK),
+                  "listing": os.listdir(tmp)}))
+"""
+
+
+def test_a_read_only_tmp_gets_a_writable_tmpfs_and_a_writable_one_is_kept(tmp_path):
+    _needs_root_with_sys_admin()
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        pytest.skip("needs unshare and mount (util-linux)")
+    ro = tmp_path / "ro-tmp"
+    ro.mkdir()
+    (ro / "baked").write_text("the image's own /tmp")
+    # in a mount namespace of its own, so the read-only bind never reaches this machine's
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", READ_ONLY_TMP,
+                        str(ro)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["done"], seen["why"]
+    assert not seen["before"] and seen["after"]
+    assert seen["listing"] == []  # a fresh tmpfs over the read-only folder
+    seen, _ = _child()  # this machine's /tmp is writable: left as it is
+    assert seen["done"] and seen["tmp_kept"]
+    assert (ro / "baked").read_text() == "the image's own /tmp"
