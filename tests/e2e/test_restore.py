@@ -733,10 +733,11 @@ def test_one_flipped_bit_in_a_memory_image_falls_back(baked_image, manifest, por
 
 
 def test_a_full_disk_at_restore_gives_no_wrong_answer_and_no_hang(baked_image, manifest, port_free):
-    """/tmp, where fvboot and CRIU write their run files (the token, CRIU's log), has 16 KiB: the
-    restore cannot finish. Either the normal start that follows serves the baked answers, or the
+    """/dev/shm, where fvboot and CRIU write their run files (the token, CRIU's log) and vLLM its
+    queues, has 16 KiB (fvboot's own /dev/shm is as large as the one it is given): the restore
+    cannot finish. Either the normal start that follows serves the baked answers, or the
     container ends, bounded, with one fvboot line saying what failed."""
-    with Container(baked_image, "--tmpfs", "/tmp:size=16k,mode=1777") as c:
+    with Container(baked_image, "--shm-size", "16k") as c:
         deadline = time.monotonic() + 600
         while not _ready() and time.monotonic() < deadline:
             if subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", c.id],
