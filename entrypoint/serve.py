@@ -238,21 +238,31 @@ def launch_command(layout: Layout, m: Optional[Manifest], run_args: list[str]) -
 START_TIMEOUT_ENV = "FV_START_TIMEOUT_S"
 
 
+def writable_caches(layout: Layout) -> None:
+    """vLLM's caches writable for a normal start: where they are not (a read-only root
+    filesystem), an overlay in memory over them, in fvboot's own mount namespace (vLLM's compile
+    takes lock files there even when all is cached); where that cannot be done either, said."""
+    cache = layout.cache_dir
+    if not cache.is_dir() or os.access(cache, os.W_OK):
+        return
+    done, why = writable_overlay(str(cache), str(layout.run_dir / "cache-overlay"))
+    if done:
+        log(f"vLLM's caches in {cache} are read-only here (docker run --read-only?): what this start"
+            f" writes there goes to memory and is gone with the container")
+        return
+    cause = (f"fvboot runs as uid {os.geteuid()}, not root: docker run --user?" if os.geteuid()
+             else "docker run --read-only?")
+    log(f"warning: vLLM's caches in {cache} cannot be written here ({cause}) and no overlay could make"
+        f" them so ({why}): vLLM's start needs to write there")
+
+
 def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipes: Pipes, tl: Timeline,
                 settings: dict):
     cmd, name, how = launch_command(layout, m, run_args)
     port = server_port(cmd)
     timeout = float(os.environ.get(START_TIMEOUT_ENV, "3600"))
     log(f"starting vLLM with {how}; waiting up to {timeout:.0f} s for it on port {port}")
-    if layout.cache_dir.is_dir() and not os.access(layout.cache_dir, os.W_OK):
-        # vLLM's compile (torch inductor) takes lock files in its caches even when all is cached
-        done, why = writable_overlay(str(layout.cache_dir), str(layout.run_dir / "cache-overlay"))
-        if done:
-            log(f"vLLM's caches in {layout.cache_dir} are read-only here (docker run --read-only?): what"
-                f" this start writes there goes to memory and is gone with the container")
-        else:
-            log(f"warning: vLLM's caches in {layout.cache_dir} cannot be written here (docker run"
-                f" --read-only?) and no overlay could make them so ({why}): vLLM's start needs to write there")
+    writable_caches(layout)
     token = write_runtime_settings(layout.runtime_file, settings)
     # fvboot calls nothing but /health and the gate's state here: no dev routes in this server.
     tree = ServedTree(cmd, server_env(layout.runtime_file, dev_mode=False), pipes, namespaced=False)

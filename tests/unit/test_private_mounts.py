@@ -142,3 +142,64 @@ def test_a_read_only_tmp_gets_a_writable_tmpfs_and_a_writable_one_is_kept(tmp_pa
     seen, _ = _child()  # this machine's /tmp is writable: left as it is
     assert seen["done"] and seen["tmp_kept"]
     assert (ro / "baked").read_text() == "the image's own /tmp"
+
+
+# A child in a mount namespace of its own: FV_HOME's cache folder made read-only (as under
+# docker run --read-only), then the normal start's writable_caches(); it reports what it can do.
+READ_ONLY_CACHES = """
+import json, os, subprocess, sys
+from pathlib import Path
+home, run = Path(sys.argv[1]), sys.argv[2]
+cache = home / "cache"
+subprocess.run(["mount", "--bind", str(cache), str(cache)], check=True)
+subprocess.run(["mount", "-o", "remount,bind,ro", str(cache), str(cache)], check=True)
+os.environ["FV_RUN_DIR"] = run
+if len(sys.argv) > 3:  # CAP_SYS_ADMIN given up now that the read-only bind is made
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(24, 21, 0, 0, 0) == 0  # PR_CAPBSET_DROP CAP_SYS_ADMIN
+    hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)()
+    libc.capget(hdr, data)
+    data[0] &= ~(1 << 21); data[1] &= ~(1 << 21)  # effective, permitted (CAP_SYS_ADMIN = 21)
+    assert libc.capset(hdr, data) == 0
+from fvboot.layout import Layout
+from fvboot.serve import writable_caches
+writable_caches(Layout(home))
+try:
+    (cache / "vllm" / "lock").write_text("x")
+    wrote = True
+except OSError:
+    wrote = False
+print(json.dumps({"wrote": wrote, "baked": (cache / "vllm" / "baked").read_text()}))
+"""
+
+
+def _read_only_caches(tmp_path, *drop: str) -> tuple[dict, str]:
+    home = tmp_path / "fv"
+    (home / "cache" / "vllm").mkdir(parents=True)
+    (home / "cache" / "vllm" / "baked").write_text("compiled at bake")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", READ_ONLY_CACHES,
+                        str(home), str(tmp_path / "run"), *drop], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not (home / "cache" / "vllm" / "lock").exists()  # nothing reached the image's folder
+    return json.loads(r.stdout.splitlines()[-1]), r.stderr
+
+
+def test_read_only_caches_get_an_overlay_in_memory_for_a_normal_start(tmp_path):
+    _needs_root_with_sys_admin()
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        pytest.skip("needs unshare and mount (util-linux)")
+    seen, err = _read_only_caches(tmp_path)
+    assert seen == {"wrote": True, "baked": "compiled at bake"}
+    assert "are read-only here (docker run --read-only?): what this start writes there goes to memory" in err
+
+
+def test_read_only_caches_without_the_capability_for_an_overlay_are_said(tmp_path):
+    _needs_root_with_sys_admin()
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        pytest.skip("needs unshare and mount (util-linux)")
+    seen, err = _read_only_caches(tmp_path, "drop")
+    assert seen == {"wrote": False, "baked": "compiled at bake"}
+    assert "cannot be written here (docker run --read-only?) and no overlay could make them so" in err
+    assert "Operation not permitted" in err
