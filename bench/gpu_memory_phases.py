@@ -141,6 +141,7 @@ def child_engine(name: str, model_dir: str) -> None:
     if trim:
         trim(0)
     measure("asleep (level 2), collected, trimmed", t0, top=12)
+    sys._debugmallocstats()  # pymalloc's arenas and blocks in use (stderr, in the child's log)
 
 
 def child_api(model_dir: str) -> None:
@@ -158,6 +159,7 @@ def child_api(model_dir: str) -> None:
     measure("torch.cuda.is_available() (by NVML: vLLM sets PYTORCH_NVML_BASED_CUDA_CHECK)", t0, top=8)
     torch.cuda.init()
     measure("torch.cuda.init()", t0, top=8)
+    sys._debugmallocstats()
 
 
 def run_child(args: list[str], env_extra: dict, logfile: Path) -> dict:
