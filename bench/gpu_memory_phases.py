@@ -16,6 +16,7 @@ checkpoint's anatomy says whether the real one maps libcuda).
 
     python3 bench/gpu_memory_phases.py [MODEL_DIR]   # default: makes synthetic:llama-3.2-3b in $FV_BENCH_HOME
 
+FV_PHASES_ENGINES=default (comma-separated) runs only those engines after the API-like process.
 Writes ($OUT or /tmp) gpu_memory_phases.json; each child's log beside it.
 """
 
@@ -48,10 +49,14 @@ MAX_READ = 2 << 30  # larger areas (reserved address space) are not read for cub
 def _areas() -> list[dict]:
     """/proc/self/smaps as one dict per mapping: start, end, perms, path, anon and rss bytes."""
     out: list[dict] = []
+    below = ""  # the last file mapped below: whose .bss or allocations an anonymous area may be
     for line in Path("/proc/self/smaps").read_text().splitlines():
         m = HEADER.match(line)
         if m:
-            out.append({"start": int(m[1], 16), "end": int(m[2], 16), "perms": m[3], "path": m[4], "anon": 0})
+            out.append({"start": int(m[1], 16), "end": int(m[2], 16), "perms": m[3], "path": m[4], "anon": 0,
+                        "below": below})
+            if m[4].startswith("/"):
+                below = m[4]
         elif line.startswith("Anonymous:"):
             out[-1]["anon"] = int(line.split()[1]) * 1024
     return out
@@ -85,7 +90,8 @@ def measure(phase: str, t0: float, top: int = 0) -> dict:
             found = embedded_images(data)["cubin_bytes"]
             cubin += found
             largest.append({"mb": round(a["anon"] / 1e6, 1), "kind": _kind(a), "cubin_mb": round(found / 1e6, 1),
-                            "first_bytes": data[:16].hex()})
+                            "first_bytes": data[:16].hex(),
+                            "file_below": a["below"].rsplit("/", 1)[-1]})
     row = {"phase": phase, "t": round(time.monotonic() - t0, 1),
            "anon_mb": {k: round(v / 1e6, 1) for k, v in sorted(by_kind.items())},
            "anon_total_mb": round(sum(by_kind.values()) / 1e6, 1), "cubin_mb": round(cubin / 1e6, 1),
@@ -135,6 +141,7 @@ def large_strings(min_size: int = 64 << 10) -> dict:
             return ((f"{type(o).__name__}[{k!r:.40}]", v) for k, v in o.items())
         return ((type(o).__name__, v) for v in gc.get_referents(o))
 
+    gc.unfreeze()  # vLLM freezes its startup objects, which gc.get_objects() then leaves out
     for o in gc.get_objects():
         types[type(o).__name__] += 1
         for where, v in pairs(o):
@@ -202,7 +209,7 @@ def child_api(model_dir: str) -> None:
     t0 = time.monotonic()
     measure("python", t0)
     import torch
-    measure("import torch", t0)
+    measure("import torch", t0, top=8)
     import vllm.entrypoints.openai.api_server  # noqa: F401
     measure("import vLLM's OpenAI server", t0)
     from vllm.platforms import current_platform
@@ -257,7 +264,7 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "fvboot", "make-model", MODEL, str(model_dir)], env=env, check=True)
     res: dict = {"bench": "gpu_memory_phases", "model": MODEL, "vllm_args": VLLM_ARGS, "children": {}}
     res["children"]["api"] = run_child(["api", str(model_dir)], {}, out_dir / "phases-api.log")
-    for name in ENGINES:
+    for name in [n for n in ENGINES if n in os.environ.get("FV_PHASES_ENGINES", ",".join(ENGINES)).split(",")]:
         res["children"][name] = run_child([name, str(model_dir)], {}, out_dir / f"phases-{name}.log")
     record("gpu_memory_phases", res)
     return 0 if all(c["rc"] == 0 for c in res["children"].values()) else 1
