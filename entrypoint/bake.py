@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, zeropages
+from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, sockets, zeropages
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
 from .launcher import (Pipes, ServedTree, server_env, tree_processes, vllm_command, vllm_settings,
@@ -128,6 +128,12 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
                       env=service_env)
         tl.mark("checkpoint written")
         write_line(f"fvboot bake: checkpoint written: {_gb(layout.images_dir)}")
+        addresses = sockets.bound_addresses(layout.images_dir)
+        if addresses:
+            write_line(f"fvboot bake: warning: the checkpoint holds sockets bound to {', '.join(addresses)} (this"
+                       " container's network): it restores only where that address exists, and starts vLLM"
+                       " normally elsewhere; keep the server's sockets on loopback (a setting of the image's"
+                       " environment, VLLM_HOST_IP or GLOO_SOCKET_IFNAME, points them elsewhere)", err=True)
         step = "leaving zero pages out of the checkpoint"
         zeros = {d.pid: d.nbytes for d in zeropages.drop_zero_pages(layout.images_dir)}
         tl.mark("zero pages left out")
@@ -158,7 +164,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         vllm=manifest.Vllm(args=tuple(user_args), command=tuple(cmd), port=port, version=_vllm_version(),
                            env=vllm_settings()),
         runtime_file=str(layout.runtime_file),  # where the restored middleware looks
-        criu=manifest.Criu(criu.version(), tuple(criu.DUMP_FLAGS), tuple(criu.RESTORE_FLAGS)),
+        criu=manifest.Criu(criu.version(), tuple(criu.DUMP_FLAGS), tuple(criu.RESTORE_FLAGS), addresses),
         device=dev,
         pipes=pipe_keys,
         weights=dumped,

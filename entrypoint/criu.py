@@ -57,6 +57,10 @@ class CriuError(FvBootError):
 # Printed by every CRIU run in containers, never the cause (vllm-cpu-and-criu.md).
 _HARMLESS = ("RLIMIT_NOFILE", "Unable to create tun", "Warn")
 _CAUSE_FIRST = re.compile(r"CAP_|capabilit|Permission denied|Operation not permitted", re.IGNORECASE)
+# lines that only say a failure went on (a task exited, the restore failed), not what failed
+_CONSEQUENCE = re.compile(r"Restoring FAILED|exited, status=|Unable to open fd=|Dumping FAILED")
+# a socket put back on an address this network namespace does not have
+_ADDRESS_GONE = re.compile(r"Can't bind inet socket back|Cannot assign requested address")
 
 
 _CAP_NAMES = {2: "DAC_READ_SEARCH", 12: "NET_ADMIN", 19: "SYS_PTRACE", 21: "SYS_ADMIN", 25: "SYS_TIME",
@@ -77,7 +81,8 @@ def _name_capability(line: str) -> str:
 
 def last_error(log: Path, stderr: str = "", stdout: str = "") -> str:
     """The most telling error line of a CRIU run: a missing capability or permission first,
-    then CRIU's last `Error` line, then any other failure line, from what it said to the user
+    then CRIU's last `Error` line that says what failed (not only that a task exited or the
+    restore failed), then any other failure line, from what it said to the user
     (its stdout: e.g. that it lacks the capabilities it needs, said before its log opens), its
     log and its stderr (where its earliest lines go)."""
     try:
@@ -90,9 +95,13 @@ def last_error(log: Path, stderr: str = "", stdout: str = "") -> str:
     causes = [l for l in lines if _CAUSE_FIRST.search(l)]
     if causes:
         return _name_capability(causes[0])
-    for pick in (lambda l: "Error" in l, lambda l: "error" in l or "Can't" in l or "fail" in l):
+    for pick in (lambda l: "Error" in l and not _CONSEQUENCE.search(l), lambda l: "Error" in l,
+                 lambda l: "error" in l or "Can't" in l or "fail" in l):
         hits = [l for l in lines if pick(l)]
         if hits:
+            if _ADDRESS_GONE.search(hits[-1]):
+                return (f"{hits[-1]} (a socket of the checkpoint is bound to an address this container's"
+                        " network does not have: the bake container's own)")
             return hits[-1]
     return lines[-1] if lines else "no log and no output"
 

@@ -125,13 +125,23 @@ def server_port(cmd: list[str], default: int = 8000) -> int:
         return default
 
 
+# One node's server needs no network address but loopback, and a checkpoint restores only where
+# the addresses its sockets are bound to exist (sockets.py). Left alone, vLLM's distributed setup
+# binds to the container's own address: its TCP store to the default route's (VLLM_HOST_IP), gloo
+# to the host name's, NCCL's bootstrap to the first interface's; a GPU image baked so fell back to a
+# normal start in any other network (found on the H200, 2026-12-05). An image's own setting wins.
+LOOPBACK_SETTINGS = {"VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+
+
 def server_env(runtime_file: Path, dev_mode: bool = True, extra: Optional[dict] = None) -> dict:
     """The tree's environment: secrets stripped (is_secret_name: they would land in checkpoint
     pages). The admin token is not in it either: the middleware reads it from RUNTIME_FILE,
     which every start rewrites (the path is the same at bake and restore). DEV_MODE: vLLM's dev
     routes (sleep, wake_up, collective_rpc), which fvboot needs only in a server it checkpoints
-    or restores."""
+    or restores. Its sockets stay on loopback (LOOPBACK_SETTINGS) unless the image says otherwise."""
     env = {k: v for k, v in os.environ.items() if not is_secret_name(k)}
+    for k, v in LOOPBACK_SETTINGS.items():
+        env.setdefault(k, v)
     env.pop("VLLM_SERVER_DEV_MODE", None)
     if dev_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"

@@ -179,20 +179,24 @@ class Criu:
     version: Optional[str] = None
     dump_flags: tuple[str, ...] = ()
     restore_flags: tuple[str, ...] = ()
+    # addresses other than loopback and the wildcard the checkpoint's sockets are bound to
+    # (sockets.py): a restore needs each of them here
+    addresses: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("version", "dump_flags", "restore_flags")
+    _KEYS = ("version", "dump_flags", "restore_flags", "addresses")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "criu") -> "Criu":
         return cls(version=_get(d, where, "version", _is_opt_str, "a string", None),
                    dump_flags=tuple(_get(d, where, "dump_flags", _is_str_list, "a list of strings", [])),
                    restore_flags=tuple(_get(d, where, "restore_flags", _is_str_list, "a list of strings", [])),
+                   addresses=tuple(_get(d, where, "addresses", _is_str_list, "a list of strings", [])),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
         return {**self.extra, "version": self.version, "dump_flags": list(self.dump_flags),
-                "restore_flags": list(self.restore_flags)}
+                "restore_flags": list(self.restore_flags), "addresses": list(self.addresses)}
 
 
 @dataclass(frozen=True)

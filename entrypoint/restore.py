@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import control, criu, manifest, pagecheck
+from . import control, criu, manifest, pagecheck, sockets
 from .control import ServerControl
 from .devices import DeviceLookup
 from .envchoice import choice
@@ -65,6 +65,10 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
             raise CheckpointUnusable(f"baked on {b_names}, this machine has {h_names}")
         if baked.driver != here.driver:
             raise CheckpointUnusable(f"baked with driver {baked.driver}, this machine has {here.driver}")
+    missing = sockets.missing_here(m.criu.addresses) if m.criu else []
+    if missing:
+        raise CheckpointUnusable(f"the checkpoint's sockets are bound to {', '.join(missing)}, which this"
+                                 f" container's network does not have (the bake container's own address); {sockets.REBAKE_ON_LOOPBACK}")
     problem = manifest.verify_files(layout.home, m.files)
     if problem:
         raise CheckpointUnusable(problem)

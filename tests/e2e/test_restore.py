@@ -449,6 +449,45 @@ def test_zero_pages_left_out_come_back_as_zeros_in_parent_and_child(baked_image,
     assert sum(said in line for line in res["restore_log"]) == 2, res["restore_log"]
 
 
+def test_the_checkpoint_holds_no_socket_bound_to_the_bakes_own_address(manifest):
+    """The served tree's sockets stay on loopback (launcher.LOOPBACK_SETTINGS), so the image
+    restores in any network: left alone, vLLM's GPU worker connected its TCP store from the bake
+    container's address, and a restore anywhere else fell back (H200, 2026-12-05)."""
+    assert manifest["criu"]["addresses"] == [], manifest["criu"]
+
+
+def test_sockets_on_the_bakes_own_address_are_read_from_criu_and_named_where_missing(baked_image, tmp_path):
+    """The image's CRIU dumps a process with a listener and a connection on the host's address
+    (a container of the host's network, as the GPU suite's bake was, and vLLM's TCP store in it);
+    fvboot.sockets reads that address from the images; restored in a container of no network,
+    CRIU fails to bind it, and what fvboot says of the failure and of the address names it."""
+    tree = REPO / "tests" / "e2e" / "socket_addresses_tree.py"
+    run = ["docker", "run", "--rm", *docker_run_flags(), "-v", f"{tree}:/fv-test/tree.py:ro",
+           "-v", f"{tmp_path}:/fv-test/work", "--entrypoint", "python3"]
+    r = subprocess.run([*run, "--network", "host", baked_image, "/fv-test/tree.py", "dump", "/fv-test/work"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dumped = json.loads(r.stdout.splitlines()[-1])
+    if dumped["own"] is None:
+        pytest.skip("this host's network has no address but loopback")
+    assert dumped["recorded"] == [dumped["own"]], dumped
+    r = subprocess.run([*run, "--network", "none", baked_image, "/fv-test/tree.py", "restore", "/fv-test/work"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    restored = json.loads(r.stdout.splitlines()[-1])
+    assert restored["rc"] != 0 and restored["missing_here"] == [dumped["own"]], restored
+    assert "bound to an address this container's network does not have" in restored["last_error"], restored
+
+
+def test_a_checkpoint_bound_to_an_address_this_network_lacks_falls_back_at_once(baked_image, port_free):
+    """A manifest recording an address the container lacks (an image baked with its sockets on
+    the bake container's address): refused before CRIU runs, the address named."""
+    _refused_before_restore(
+        baked_image, "python3 -c \"import json;p='/fv/manifest.json';m=json.load(open(p));"
+        "m['criu']['addresses']=['203.0.113.77'];json.dump(m,open(p,'w'))\"",
+        "the checkpoint's sockets are bound to 203.0.113.77, which this container's network does not have")
+
+
 def test_dev_endpoints_are_refused_to_clients(restored):
     for method, path in [("POST", "/sleep?level=1"), ("POST", "/wake_up"), ("POST", "/collective_rpc"),
                          ("GET", "/is_sleeping"), ("POST", "/fv/gate/close")]:

@@ -17,6 +17,20 @@ def test_only_a_server_fvboot_checkpoints_runs_in_dev_mode(monkeypatch, tmp_path
     assert server_env(tmp_path / "r.json")["FV_RUNTIME_FILE"] == str(tmp_path / "r.json")
 
 
+def test_the_served_trees_sockets_stay_on_loopback_unless_the_image_says_otherwise(monkeypatch, tmp_path):
+    """vLLM's TCP store, gloo and NCCL bind to loopback (a checkpoint restores only where its
+    sockets' addresses exist); a setting of the image's own is kept as it is."""
+    from fvboot.launcher import LOOPBACK_SETTINGS, server_env
+
+    for name in LOOPBACK_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    env = server_env(tmp_path / "r.json")
+    assert {k: env[k] for k in LOOPBACK_SETTINGS} == {"VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo",
+                                                      "NCCL_SOCKET_IFNAME": "lo"}
+    monkeypatch.setenv("VLLM_HOST_IP", "10.1.2.3")
+    assert server_env(tmp_path / "r.json")["VLLM_HOST_IP"] == "10.1.2.3"
+
+
 @pytest.mark.parametrize("name", [
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY",
     "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID_SECRET",

@@ -36,7 +36,7 @@ def _baked_dict(device: dict) -> dict:
                  "port": 8000},
         "runtime_file": "/run/fv/runtime.json",
         "criu": {"version": "Version: 4.2", "dump_flags": ["--tcp-established", "--link-remap"],
-                 "restore_flags": ["--tcp-established", "--root", "/"]},
+                 "restore_flags": ["--tcp-established", "--root", "/"], "addresses": []},
         "device": device,
         "pipes": {"stdout": "pipe:[1234]", "stderr": "pipe:[1235]"},
         "weights": [{"path": "/fv/weights/rank0.fvw", "bytes": 988, "tensors": 290, "index_sha256": "ab" * 32,

@@ -68,6 +68,24 @@ def test_last_error_ignores_the_harmless_lines(tmp_path):
     assert criu.last_error(tmp_path / "none.log") == "no log and no output"
 
 
+def test_last_error_names_the_failure_not_that_the_restore_failed(tmp_path):
+    """CRIU's last Error lines only say a task exited and the restore failed; the line before
+    them says what failed, and a socket that cannot be bound again is explained (CRIU 4.2.1's
+    words, from a GPU image restored in a container of another network, 2026-12-05)."""
+    log = tmp_path / "restore.log"
+    log.write_text("(00.000910) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n"
+                   "(00.023716)    108: Error (soccr/soccr.c:499): Can't bind inet socket back: Cannot assign requested address\n"
+                   "(00.023736)    108: Error (criu/files.c:1221): Unable to open fd=40 id=0x1c2\n"
+                   "(00.024852)      2: Error (criu/cr-restore.c:1315): 108 exited, status=1\n"
+                   "(00.026498) Error (criu/cr-restore.c:2381): Restoring FAILED.\n")
+    said = criu.last_error(log)
+    assert said.startswith("108: Error (soccr/soccr.c:499): Can't bind inet socket back"), said
+    assert "bound to an address this container's network does not have" in said
+    log.write_text("(00.02) 2: Error (criu/cr-restore.c:1315): 108 exited, status=1\n"
+                   "(00.03) Error (criu/cr-restore.c:2381): Restoring FAILED.\n")
+    assert criu.last_error(log) == "Error (criu/cr-restore.c:2381): Restoring FAILED."
+
+
 @pytest.mark.parametrize("args, port", [
     ([], 8000), (["--port", "9000"], 9000), (["--port=9001"], 9001),
     (["--port", "8000", "--max-model-len", "5", "--port=9002"], 9002), (["--port"], 8000),
