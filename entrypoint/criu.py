@@ -58,7 +58,7 @@ class CriuError(FvBootError):
 _HARMLESS = ("RLIMIT_NOFILE", "Unable to create tun", "Warn")
 _CAUSE_FIRST = re.compile(r"CAP_|capabilit|Permission denied|Operation not permitted", re.IGNORECASE)
 # lines that only say a failure went on (a task exited, the restore failed), not what failed
-_CONSEQUENCE = re.compile(r"Restoring FAILED|exited, status=|Unable to open fd=|Dumping FAILED")
+_CONSEQUENCE = re.compile(r"Restoring FAILED|exited, status=|\d+ killed by signal|Unable to open fd=|Dumping FAILED")
 # a socket put back on an address this network namespace does not have
 _ADDRESS_GONE = re.compile(r"Can't bind inet socket back|Cannot assign requested address")
 
