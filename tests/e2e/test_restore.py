@@ -456,6 +456,16 @@ def test_the_checkpoint_holds_no_socket_bound_to_the_bakes_own_address(manifest)
     assert manifest["criu"]["addresses"] == [], manifest["criu"]
 
 
+def test_a_container_of_another_network_restores_and_answers(baked_image, manifest):
+    """Restored where the bake's network does not exist (`--network none`; a Kubernetes pod, a
+    Docker network of its own): the bake ran in the host's network. On the CUDA image this fell
+    back until the served tree's sockets were kept on loopback (H200, 2026-12-05)."""
+    with Container(baked_image, network="none") as c:
+        _assert_same_as_bake_inside(c.id, manifest)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-4000:]
+
+
 def test_sockets_on_the_bakes_own_address_are_read_from_criu_and_named_where_missing(baked_image, tmp_path):
     """The image's CRIU dumps a process with a listener and a connection on the host's address
     (a container of the host's network, as the GPU suite's bake was, and vLLM's TCP store in it);
