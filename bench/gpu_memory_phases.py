@@ -120,55 +120,6 @@ def _malloc_in_use_mb() -> float | None:
     return round((m.uordblks + m.hblkhd) / 1e6, 1)
 
 
-def large_strings(min_size: int = 64 << 10) -> dict:
-    """Python's str/bytes of min_size or more, by the container holding them (a dict's key: a
-    Triton kernel's `ptx`, `llir`, `cubin`...), and the most numerous tracked object types: which
-    Python objects make the heap (strings are not tracked by gc; their dicts and lists are)."""
-    import gc
-    from collections import Counter
-
-    seen: set[int] = set()
-    by_key: Counter = Counter()
-    types: Counter = Counter()
-
-    def count(where: str, v) -> None:
-        if isinstance(v, (str, bytes, bytearray)) and len(v) >= min_size and id(v) not in seen:
-            seen.add(id(v))
-            by_key[where] += sys.getsizeof(v)
-
-    def pairs(o):  # (where, value) for what o holds; a dict of only strings is not tracked: look inside
-        if isinstance(o, dict):
-            return ((f"{type(o).__name__}[{k!r:.40}]", v) for k, v in o.items())
-        return ((type(o).__name__, v) for v in gc.get_referents(o))
-
-    gc.unfreeze()  # vLLM freezes its startup objects, which gc.get_objects() then leaves out
-    for o in gc.get_objects():
-        types[type(o).__name__] += 1
-        for where, v in pairs(o):
-            count(where, v)
-            if isinstance(v, dict) and not gc.is_tracked(v):
-                for w, inner in pairs(v):
-                    count(f"{type(o).__name__}>{w}", inner)
-    return {"total_mb": round(sum(by_key.values()) / 1e6, 1),
-            "by_holder_mb": {k: round(v / 1e6, 1) for k, v in by_key.most_common(20)},
-            "tracked_types": dict(types.most_common(15))}
-
-
-def drop_kernel_texts() -> int:
-    """What a sleeping engine could give back: Triton's kernels keep each level of their IR as
-    text (asm: ttir, ttgir, llir, ptx) beside the binary they were loaded from. Drops the texts,
-    keeps the binaries; returns how many dicts it changed."""
-    import gc
-
-    n = 0
-    for o in gc.get_objects():
-        if isinstance(o, dict) and type(o).__name__ == "AsmDict":
-            for k in [k for k in o if k in ("ttir", "ttgir", "llir", "ptx", "source", "amdgcn")]:
-                del o[k]
-            n += 1
-    return n
-
-
 def child_engine(name: str, model_dir: str) -> None:
     import gc
 
@@ -197,12 +148,9 @@ def child_engine(name: str, model_dir: str) -> None:
         trim(0)
     measure("asleep (level 2), collected, trimmed", t0, top=12)
     sys._debugmallocstats()  # pymalloc's arenas and blocks in use (stderr, in the child's log)
-    print("STRINGS " + json.dumps(large_strings()), flush=True)
-    changed = drop_kernel_texts()
-    gc.collect()
-    if trim:
-        trim(0)
-    measure(f"Triton's IR texts dropped ({changed} kernels), collected, trimmed", t0)
+    from fvboot.heap_census import census  # the worker's own census at the bake's trim
+
+    print("CENSUS " + json.dumps(census()), flush=True)
 
 
 def child_api(model_dir: str) -> None:
@@ -237,9 +185,9 @@ def run_child(args: list[str], env_extra: dict, logfile: Path) -> dict:
     logfile.write_text(text)
     phases = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("PHASE ")]
     answer = next((json.loads(line[7:]) for line in text.splitlines() if line.startswith("ANSWER ")), None)
-    strings = next((json.loads(line[8:]) for line in text.splitlines() if line.startswith("STRINGS ")), None)
+    heap = next((json.loads(line[7:]) for line in text.splitlines() if line.startswith("CENSUS ")), None)
     res = {"rc": rc, "seconds": round(time.monotonic() - t, 1), "phases": phases, "answer": answer,
-           "large_strings": strings}
+           "heap_census": heap}
     if rc != 0:
         res["tail"] = text.splitlines()[-8:]
     log(f"{args[0]}: exit {rc} in {res['seconds']} s; last: {phases[-1] if phases else None}")
