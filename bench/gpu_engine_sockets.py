@@ -81,6 +81,8 @@ def main() -> int:
         return 0
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     lib = link_fvboot(HOME / "lib")
+    sys.path.insert(0, str(lib))
+    from fvboot.launcher import LOOPBACK_SETTINGS
     env = dict(os.environ, PYTHONPATH=f"{lib}:{os.environ.get('PYTHONPATH', '')}", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HOME / "model"
     if not (model_dir / "config.json").exists():
@@ -91,7 +93,7 @@ def main() -> int:
     for arm in ("loopback", "default"):
         arm_env = dict(env)
         if arm == "default":
-            for k in ("VLLM_HOST_IP", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            for k in LOOPBACK_SETTINGS:
                 arm_env.pop(k, None)
         logf = open(out_dir / f"engine-sockets-{arm}.log", "w")
         procs[arm] = (subprocess.Popen([sys.executable, __file__, "--child", str(model_dir), arm], env=arm_env,

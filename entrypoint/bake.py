@@ -132,9 +132,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         if addresses:
             write_line(f"fvboot bake: warning: the checkpoint holds sockets bound to {', '.join(addresses)} (this"
                        " container's network): it restores only where that address exists, and starts vLLM"
-                       " normally elsewhere; fvboot keeps the server's sockets on loopback unless the image's"
-                       " environment sets VLLM_HOST_IP, GLOO_SOCKET_IFNAME or NCCL_SOCKET_IFNAME, or its"
-                       " arguments bind one (--host)", err=True)
+                       f" normally elsewhere; {sockets.KEPT_ON_LOOPBACK}, or its arguments bind one (--host)",
+                       err=True)
         step = "leaving zero pages out of the checkpoint"
         zeros = {d.pid: d.nbytes for d in zeropages.drop_zero_pages(layout.images_dir)}
         tl.mark("zero pages left out")

@@ -68,7 +68,8 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     missing = sockets.missing_here(m.criu.addresses) if m.criu else []
     if missing:
         raise CheckpointUnusable(f"the checkpoint's sockets are bound to {', '.join(missing)}, which this"
-                                 f" container's network does not have (the bake container's own address); {sockets.REBAKE_ON_LOOPBACK}")
+                                 " container's network does not have (the bake container's own address); bake the"
+                                 f" image again: {sockets.KEPT_ON_LOOPBACK}")
     problem = manifest.verify_files(layout.home, m.files)
     if problem:
         raise CheckpointUnusable(problem)

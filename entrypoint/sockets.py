@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Iterable
 
 from .criu import image_entries, proto_fields
+from .launcher import LOOPBACK_SETTINGS
 
 # CRIU's images/fdinfo.proto: file_entry.isk = 4; images/sk-inet.proto: inet_sk_entry.family = 3,
 # src_addr = 11 (repeated uint32, unpacked as CRIU writes it: the address's bytes in network
 # order, 1 word for IPv4, 4 for IPv6)
 _FILE_ISK, _ISK_FAMILY, _ISK_SRC_ADDR = 4, 3, 11
-REBAKE_ON_LOOPBACK = ("bake the image again with this fvboot, which keeps the server's sockets on loopback unless"
-                      " the image's environment sets VLLM_HOST_IP, GLOO_SOCKET_IFNAME or NCCL_SOCKET_IFNAME")
+# what keeps a checkpoint free of such addresses, said where one is found (bake) or missing (restore)
+KEPT_ON_LOOPBACK = ("fvboot keeps the server's sockets on loopback unless the image's environment sets "
+                    + ", ".join(LOOPBACK_SETTINGS))
 
 
 def _address(family: int, words: list[int]) -> str | None:
