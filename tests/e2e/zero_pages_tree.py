@@ -1,11 +1,15 @@
-"""Run inside the image, as its restore runs (root, CRIU's capabilities): a parent and a forked
-child whose private anonymous memory mixes the cases zeropages.py must get right -- zeros the
-child wrote over the data it inherited, data over zeros, areas made after the fork and written
-with zeros -- dumped by the image's CRIU, rewritten by fvboot.zeropages, restored (with
-CRIU_RESTORE_MAP_PAGES as given), after which each process digests its memory again.
+"""Run inside the image, as its restore runs (root, CRIU's capabilities): a parent, a forked
+child and its forked grandchild whose private anonymous memory mixes the cases zeropages.py must
+get right -- zeros the child wrote over the data it inherited, data over zeros, areas made after
+the fork and written with zeros, zeros written before the forks and left alone in all three --
+dumped by the image's CRIU, rewritten by fvboot.zeropages, restored (with CRIU_RESTORE_MAP_PAGES
+as given), after which each process digests its memory again. bench/cpu_fork_cow.sh runs it with
+the experimental CRIU of bench/experiments/criu-dump-cow-pages-once.patch (CRIU_DUMP_COW=1: the
+pages nobody wrote since a fork stored once).
 
     python3 zero_pages_tree.py run WORKDIR     prints one JSON line: digests before and after, the
-                                               pages left out, the tail of CRIU's logs
+                                               pages left out, bytes stored per process, the
+                                               tail of CRIU's restore log
 (`tree` is the dumped processes' own entry point.)
 """
 
@@ -16,8 +20,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PAGE = 4096
+ROLES = ("parent", "child", "grandchild")
 N = 512  # pages per area: 2 MiB, runs well over criu-patches/0003's 64 KiB
 
 
@@ -44,18 +50,21 @@ def wait_for(path: str, limit_s: float = 60) -> None:
 def tree(workdir: str) -> None:
     inherited = mmap.mmap(-1, N * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     fill(inherited, 0, N, lambda i: i % 251 + 1)  # data on every page, before the fork
-    pid = os.fork()
-    child = pid == 0
-    role = "child" if child else "parent"
-    if child:
+    fill(inherited, N // 2 + 20, N // 2 + 40, 0)  # zeros written before the fork, left alone
+    role = "parent"
+    if os.fork() == 0:
+        role = "child"
         fill(inherited, 0, N // 4, 0)  # zeros over the parent's data: the DONTNEED case
         fill(inherited, N // 4, N // 4 + 5, 0xEE)
         fill(inherited, N // 2, N // 2 + 10, 0)
+        if os.fork() == 0:
+            role = "grandchild"
+            fill(inherited, N // 4 + 2, N // 4 + 8, 0x77)  # over the child's and the parent's pages
     else:
         fill(inherited, 3 * N // 4, N, 0)  # the parent's zeros; the child keeps the data
     fresh = mmap.mmap(-1, N * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     fill(fresh, 0, N, 0)
-    fill(fresh, 0, N, lambda i: 0 if i % 7 else (0x11 if child else 0x22))
+    fill(fresh, 0, N, lambda i: 0 if i % 7 else {"parent": 0x22, "child": 0x11, "grandchild": 0x44}[role])
     fill(fresh, 40, 60, 0x33)
     publish(f"{workdir}/{role}.before", digest([inherited, fresh]))
     wait_for(f"{workdir}/go", 600)
@@ -72,14 +81,15 @@ def publish(path: str, text: str) -> None:
 
 def run(workdir: str) -> dict:
     from fvboot import zeropages
+    from fvboot.criu import pagemap_bytes, tree_pids
 
     images = f"{workdir}/images"
     os.makedirs(images)
     with open(f"{workdir}/tree.out", "wb") as out:
         root = subprocess.Popen([sys.executable, __file__, "tree", workdir], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out, start_new_session=True)
-    wait_for(f"{workdir}/parent.before")
-    wait_for(f"{workdir}/child.before")
+    for role in ROLES:
+        wait_for(f"{workdir}/{role}.before")
     subprocess.run(["criu", "dump", "-t", str(root.pid), "-D", images, "-o", "dump.log", "-v4", "--shell-job"],
                    check=True, timeout=120)
     root.wait(10)
@@ -88,21 +98,23 @@ def run(workdir: str) -> dict:
             os.waitpid(-1, 0)
     except ChildProcessError:
         pass
-    dropped = zeropages.drop_zero_pages(__import__("pathlib").Path(images))
+    dropped = zeropages.drop_zero_pages(Path(images))
     r = subprocess.run(["criu", "restore", "-D", images, "-o", "restore.log", "-v4", "--shell-job",
                         "--restore-detached"], timeout=120)
     if r.returncode != 0:
         log = open(f"{images}/restore.log", errors="replace").read().splitlines()
         raise SystemExit("criu restore failed:\n" + "\n".join(line for line in log if "Error" in line or "rror" in line)[-3000:])
     open(f"{workdir}/go", "w").close()
-    wait_for(f"{workdir}/parent.after")
-    wait_for(f"{workdir}/child.after")
+    for role in ROLES:
+        wait_for(f"{workdir}/{role}.after")
     read = lambda name: open(f"{workdir}/{name}").read()  # noqa: E731
     log = open(f"{images}/restore.log", errors="replace").read().splitlines()
-    return {"before": {r: read(f"{r}.before") for r in ("parent", "child")},
-            "after": {r: read(f"{r}.after") for r in ("parent", "child")},
+    pids = tree_pids(Path(images))  # parents first: parent, child, grandchild
+    return {"before": {r: read(f"{r}.before") for r in ROLES},
+            "after": {r: read(f"{r}.after") for r in ROLES},
             "left_out": {d.pid: d.pages for d in dropped},
-            "restore_log": [line for line in log if "mapped" in line or "Error" in line][-20:]}
+            "stored_bytes": {r: pagemap_bytes(Path(images) / f"pagemap-{p}.img") for r, p in zip(ROLES, pids)},
+            "restore_log": [line for line in log if "mapped" in line or "Error" in line or "cow:" in line][-20:]}
 
 
 if __name__ == "__main__":
