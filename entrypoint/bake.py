@@ -22,7 +22,7 @@ from .errors import BakeFailed, FvBootError, ServerDied
 from .launcher import (Pipes, ServedTree, server_env, tree_processes, vllm_command, vllm_settings,
                        write_runtime_settings)
 from .layout import Layout
-from .models import detach_build_inputs, prepare_model
+from .models import detach_build_inputs, prepare_model, readable_by_all
 from .output import write_line
 from .timeline import Timeline
 
@@ -146,6 +146,10 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         step = "save of /dev/shm"
         save_dev_shm(layout.shm_archive, layout.run_dir)
         tree.proc.wait(30)
+        step = "making the compile caches readable by every user"
+        # vLLM writes some files of its caches readable by root only; a container run with
+        # --user starts normally from a copy of them (serve.writable_caches)
+        readable_by_all(layout.cache_dir)
     except Exception as e:
         tree.terminate()
         raise step_failed(step, e, tree) from None

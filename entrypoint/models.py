@@ -36,7 +36,24 @@ def detach_build_inputs() -> list[str]:
 
 
 def prepare_model(model: str, dest: Path, token_file: Optional[Path]) -> str:
-    """Fill DEST; return the name clients use in requests (the model as the user wrote it)."""
+    """Fill DEST, readable by every user (a container run with --user must be able to start
+    vLLM normally from it); return the name clients use in requests (the model as the user wrote it)."""
+    name = _fill(model, dest, token_file)
+    readable_by_all(dest)
+    return name
+
+
+def readable_by_all(root: Path) -> None:
+    """Give everyone read access to ROOT's files and the way into its folders (safetensors writes
+    its files 0600, a copied folder keeps its owner's modes); nothing gets write access."""
+    for path in (root, *root.rglob("*")):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        path.chmod(mode | (0o555 if path.is_dir() else 0o444))
+
+
+def _fill(model: str, dest: Path, token_file: Optional[Path]) -> str:
     name = synthetic.parse_name(model)
     if (dest / "config.json").exists():
         return model

@@ -44,6 +44,10 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here; return this
     machine's device info (the restore maps GPUs with it; DEVICES: a lookup started earlier).
     M's format was checked when it was read."""
+    if os.geteuid() != 0:  # CRIU restores a tree of root's processes, and fvboot mounts for it
+        raise CheckpointUnusable(f"fvboot runs as uid {os.geteuid()} (docker run --user?), and a restore needs"
+                                 " root with CRIU's capabilities: run the image as root, with the flags `fvbuild"
+                                 " run-flags IMAGE` prints (the served tree gives the capabilities up either way)")
     baked_args = list(m.vllm.args)
     if run_args and run_args != baked_args:
         raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")

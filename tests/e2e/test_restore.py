@@ -935,6 +935,21 @@ def test_normal_start_on_request_keeps_the_baked_arguments(baked_image, manifest
     _fallback(baked_image, manifest, "export FV_RESTORE=0", "FV_RESTORE=0 asks for a normal start")
 
 
+def test_a_container_run_as_another_user_starts_normally_and_answers_the_same(baked_image, manifest, port_free):
+    """docker run --user (a cluster's rule against root; tried as an operator would: the normal
+    start died on the model's weights, which only root could read, then on the compile caches):
+    the restore, which needs root, is refused by name before CRIU runs; the normal start reads
+    the model, gets a copy of the baked caches it may write, and serves the bake's answers."""
+    with Container(baked_image, "--user", "1000:1000") as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest, exact=e2e_device() == "cpu")
+        logs = c.logs()
+    line = next(l for l in logs.splitlines() if "checkpoint not used" in l)
+    assert "fvboot runs as uid 1000 (docker run --user?), and a restore needs root" in line, line
+    assert "starting vLLM normally" in line and "criu restore" not in logs, logs[-3000:]
+    assert "(fvboot runs as uid 1000, not root: docker run --user?): this start uses a copy of them in /tmp/fvboot-cache-" in logs, logs[-3000:]
+
+
 FLIP_EMBEDDING_BYTE = (  # the embedding's last row: a token no probe prompt produces
     "python3 -c \"from fvboot import weights as wf; p='/fv/weights/rank0.fvw'; "
     "e=next(e for k, e in wf.read_index(p).entries.items() if 'embed_tokens' in k); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -145,16 +146,17 @@ def test_a_read_only_tmp_gets_a_writable_tmpfs_and_a_writable_one_is_kept(tmp_pa
 
 
 # A child in a mount namespace of its own: FV_HOME's cache folder made read-only (as under
-# docker run --read-only), then the normal start's writable_caches(); it reports what it can do.
+# docker run --read-only), then the normal start's writable_caches(); it reports what it can do:
+# whether the start's cache folder (the copy, where the settings were moved to one) takes a write.
 READ_ONLY_CACHES = """
 import json, os, subprocess, sys
 from pathlib import Path
-home, run = Path(sys.argv[1]), sys.argv[2]
+home, run, tmp = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 cache = home / "cache"
 subprocess.run(["mount", "--bind", str(cache), str(cache)], check=True)
 subprocess.run(["mount", "-o", "remount,bind,ro", str(cache), str(cache)], check=True)
-os.environ["FV_RUN_DIR"] = run
-if len(sys.argv) > 3:  # CAP_SYS_ADMIN given up now that the read-only bind is made
+os.environ.update(FV_RUN_DIR=run, TMPDIR=tmp, VLLM_CACHE_ROOT=str(cache / "vllm"))
+if len(sys.argv) > 4:  # CAP_SYS_ADMIN given up now that the read-only bind is made (docker run --user)
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(24, 21, 0, 0, 0) == 0  # PR_CAPBSET_DROP CAP_SYS_ADMIN
@@ -165,13 +167,14 @@ if len(sys.argv) > 3:  # CAP_SYS_ADMIN given up now that the read-only bind is m
     assert libc.capset(hdr, data) == 0
 from fvboot.layout import Layout
 from fvboot.serve import writable_caches
-writable_caches(Layout(home))
+moved = writable_caches(Layout(home))
+start = Path(moved.get("VLLM_CACHE_ROOT", cache / "vllm"))
 try:
-    (cache / "vllm" / "lock").write_text("x")
+    (start / "lock").write_text("x")
     wrote = True
 except OSError:
     wrote = False
-print(json.dumps({"wrote": wrote, "baked": (cache / "vllm" / "baked").read_text()}))
+print(json.dumps({"wrote": wrote, "baked": (start / "baked").read_text(), "moved": moved}))
 """
 
 
@@ -179,27 +182,46 @@ def _read_only_caches(tmp_path, *drop: str) -> tuple[dict, str]:
     home = tmp_path / "fv"
     (home / "cache" / "vllm").mkdir(parents=True)
     (home / "cache" / "vllm" / "baked").write_text("compiled at bake")
+    (tmp_path / "tmp").mkdir()
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", READ_ONLY_CACHES,
-                        str(home), str(tmp_path / "run"), *drop], capture_output=True, text=True, timeout=60)
+                        str(home), str(tmp_path / "run"), str(tmp_path / "tmp"), *drop],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert not (home / "cache" / "vllm" / "lock").exists()  # nothing reached the image's folder
     return json.loads(r.stdout.splitlines()[-1]), r.stderr
 
 
-def test_read_only_caches_get_an_overlay_in_memory_for_a_normal_start(tmp_path):
+def _needs_unshare_and_mount():
     _needs_root_with_sys_admin()
     if not shutil.which("unshare") or not shutil.which("mount"):
         pytest.skip("needs unshare and mount (util-linux)")
+
+
+def test_read_only_caches_get_an_overlay_in_memory_for_a_normal_start(tmp_path):
+    _needs_unshare_and_mount()
     seen, err = _read_only_caches(tmp_path)
-    assert seen == {"wrote": True, "baked": "compiled at bake"}
+    assert seen == {"wrote": True, "baked": "compiled at bake", "moved": {}}
     assert "are read-only here (docker run --read-only?): what this start writes there goes to memory" in err
 
 
-def test_read_only_caches_without_the_capability_for_an_overlay_are_said(tmp_path):
-    _needs_root_with_sys_admin()
-    if not shutil.which("unshare") or not shutil.which("mount"):
-        pytest.skip("needs unshare and mount (util-linux)")
+def test_caches_a_user_without_the_capability_for_an_overlay_cannot_write_are_copied(tmp_path):
+    """docker run --user: no overlay; the start gets a copy in the temporary folder, its cache
+    settings moved there, the image's folder untouched."""
+    _needs_unshare_and_mount()
     seen, err = _read_only_caches(tmp_path, "drop")
-    assert seen == {"wrote": False, "baked": "compiled at bake"}
-    assert "cannot be written here (docker run --read-only?) and no overlay could make them so" in err
-    assert "Operation not permitted" in err
+    [copy] = list((tmp_path / "tmp").iterdir())
+    assert seen == {"wrote": True, "baked": "compiled at bake", "moved": {"VLLM_CACHE_ROOT": f"{copy}/vllm"}}
+    assert f"cannot be written here (docker run --read-only?): this start uses a copy of them in {copy}" in err
+
+
+def test_caches_that_can_be_neither_overlaid_nor_copied_are_said_and_no_half_copy_is_left(tmp_path):
+    _needs_unshare_and_mount()
+    (tmp_path / "fv" / "cache" / "triton").mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as s:  # a file no copy can take
+        s.bind(str(tmp_path / "fv" / "cache" / "triton" / "sock"))
+        seen, err = _read_only_caches(tmp_path, "drop")
+    assert seen == {"wrote": False, "baked": "compiled at bake", "moved": {}}
+    assert "cannot be written here (docker run --read-only?) and neither an overlay (mounting an overlay on" in err
+    assert ": Operation not permitted) nor a copy (copying " in err and "/triton/sock to " in err
+    assert "No such device or address" in err and "could make them so: vLLM's start needs to write there" in err
+    assert list((tmp_path / "tmp").iterdir()) == []

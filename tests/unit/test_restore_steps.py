@@ -5,6 +5,7 @@ timeline, and on a failure the restored tree killed and no later step run (the g
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 
 import pytest
@@ -80,6 +81,14 @@ def _manifest(tmp_path, device):
         vllm=manifest.Vllm(("--max-model-len", "512"), ("vllm", "--max-model-len", "512"), 8000),
         device=manifest.Device.from_json(device), pipes=manifest.Pipes("pipe:[1]", "pipe:[2]"),
         files=manifest.describe_files(tmp_path, [layout.checkpoint_dir]), probe=())
+
+
+def test_a_user_other_than_root_is_refused_before_criu_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    with pytest.raises(CheckpointUnusable, match=r"fvboot runs as uid 1000 \(docker run --user\?\), and a restore"
+                                                 r" needs root with CRIU's capabilities"):
+        check_compatible(m, layout, [])
 
 
 def test_checkpoint_from_another_device_is_refused(tmp_path, monkeypatch):
