@@ -15,14 +15,13 @@ import ctypes
 import json
 import os
 import re
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from typing import Optional
 
 from . import criu, cuda_checkpoint_service, exitnoise, manifest, restore, weight_stager
+from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, FvBootError, Stopped
@@ -33,7 +32,6 @@ from .manifest import Manifest
 from .output import log
 from .pagecheck import PageCheck
 from .prefetch import prefetch
-from .private_mounts import writable_overlay
 from .restore import RestoredTree
 from .timeline import Timeline
 
@@ -238,59 +236,6 @@ def launch_command(layout: Layout, m: Optional[Manifest], run_args: list[str]) -
 
 
 START_TIMEOUT_ENV = "FV_START_TIMEOUT_S"
-
-
-def writable_caches(layout: Layout) -> dict[str, str]:
-    """vLLM's caches writable for a normal start (vLLM's compile takes lock files there even when
-    all is cached): where they are not (a read-only root filesystem), an overlay in memory over
-    them, in fvboot's own mount namespace; where fvboot may not mount (docker run --user), a copy
-    of them in the temporary folder, which the cache settings then name; where neither can be
-    done, said. Returns the environment the start needs for it."""
-    cache = layout.cache_dir
-    if not cache.is_dir() or os.access(cache, os.W_OK):
-        return {}
-    done, why = writable_overlay(str(cache), str(layout.run_dir / "cache-overlay"))
-    if done:
-        log(f"vLLM's caches in {cache} are read-only here (docker run --read-only?): what this start"
-            f" writes there goes to memory and is gone with the container")
-        return {}
-    cause = (f"fvboot runs as uid {os.geteuid()}, not root: docker run --user?" if os.geteuid()
-             else "docker run --read-only?")
-    copy, why_not = _cache_copy(cache)
-    if copy is None:
-        log(f"warning: vLLM's caches in {cache} cannot be written here ({cause}) and neither an overlay"
-            f" ({why}) nor a copy ({why_not}) could make them so: vLLM's start needs to write there")
-        return {}
-    log(f"vLLM's caches in {cache} cannot be written here ({cause}): this start uses a copy of them"
-        f" in {copy}, gone with the container")
-    return cache_settings_moved(os.environ, str(cache), copy)
-
-
-def _cache_copy(cache) -> tuple[Optional[str], str]:
-    """A writable copy of CACHE in the temporary folder (TMPDIR, else /tmp): (its path, "") or
-    (None, why not); a copy that could not be finished (a full or read-only disk) is removed."""
-    try:
-        dest = tempfile.mkdtemp(prefix="fvboot-cache-")
-    except OSError as e:
-        return None, f"{tempfile.gettempdir()}: {e.strerror}"
-    try:
-        shutil.copytree(cache, dest, symlinks=True, dirs_exist_ok=True)
-    except shutil.Error as e:  # copytree's list of (source, destination, why), one per file it could not copy
-        shutil.rmtree(dest, ignore_errors=True)
-        failed = e.args[0]
-        src, _, why = failed[0]
-        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        return None, f"copying {src} to {dest}: {why}{more}"
-    except OSError as e:
-        shutil.rmtree(dest, ignore_errors=True)
-        return None, f"copying to {dest}: {e.strerror or e}"
-    return dest, ""
-
-
-def cache_settings_moved(env, old: str, new: str) -> dict[str, str]:
-    """The settings of ENV that name OLD or a path below it (VLLM_CACHE_ROOT, TORCHINDUCTOR_CACHE_DIR,
-    TRITON_CACHE_DIR, ...), naming NEW instead."""
-    return {k: new + v[len(old):] for k, v in env.items() if v == old or v.startswith(old.rstrip("/") + "/")}
 
 
 def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipes: Pipes, tl: Timeline,

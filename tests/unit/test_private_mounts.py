@@ -155,7 +155,11 @@ home, run, tmp = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 cache = home / "cache"
 subprocess.run(["mount", "--bind", str(cache), str(cache)], check=True)
 subprocess.run(["mount", "-o", "remount,bind,ro", str(cache), str(cache)], check=True)
-os.environ.update(FV_RUN_DIR=run, TMPDIR=tmp, VLLM_CACHE_ROOT=str(cache / "vllm"))
+os.environ.update(FV_RUN_DIR=run, TMPDIR=tmp, VLLM_CACHE_ROOT=str(cache / "vllm"),
+                  TRITON_CACHE_DIR=str(cache / "triton"), HF_HOME=str(cache / "hf"))
+volume = home.parent / "hf-volume"  # a writable volume mounted below the caches (examples/kubernetes)
+volume.mkdir()
+subprocess.run(["mount", "--bind", str(volume), str(cache / "hf")], check=True)
 if len(sys.argv) > 4:  # CAP_SYS_ADMIN given up now that the read-only bind is made (docker run --user)
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -166,7 +170,7 @@ if len(sys.argv) > 4:  # CAP_SYS_ADMIN given up now that the read-only bind is m
     data[0] &= ~(1 << 21); data[1] &= ~(1 << 21)  # effective, permitted (CAP_SYS_ADMIN = 21)
     assert libc.capset(hdr, data) == 0
 from fvboot.layout import Layout
-from fvboot.serve import writable_caches
+from fvboot.caches import writable_caches
 moved = writable_caches(Layout(home))
 start = Path(moved.get("VLLM_CACHE_ROOT", cache / "vllm"))
 try:
@@ -181,6 +185,7 @@ print(json.dumps({"wrote": wrote, "baked": (start / "baked").read_text(), "moved
 def _read_only_caches(tmp_path, *drop: str) -> tuple[dict, str]:
     home = tmp_path / "fv"
     (home / "cache" / "vllm").mkdir(parents=True)
+    (home / "cache" / "hf").mkdir()
     (home / "cache" / "vllm" / "baked").write_text("compiled at bake")
     (tmp_path / "tmp").mkdir()
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", READ_ONLY_CACHES,
@@ -205,13 +210,17 @@ def test_read_only_caches_get_an_overlay_in_memory_for_a_normal_start(tmp_path):
 
 
 def test_caches_a_user_without_the_capability_for_an_overlay_cannot_write_are_copied(tmp_path):
-    """docker run --user: no overlay; the start gets a copy in the temporary folder, its cache
-    settings moved there, the image's folder untouched."""
+    """docker run --user: no overlay; the start gets a copy of each cache a setting names in the
+    temporary folder, that setting moved there (one the bake never made, an empty folder), the
+    image's folder untouched; a writable volume mounted below the caches is left where it is."""
     _needs_unshare_and_mount()
     seen, err = _read_only_caches(tmp_path, "drop")
     [copy] = list((tmp_path / "tmp").iterdir())
-    assert seen == {"wrote": True, "baked": "compiled at bake", "moved": {"VLLM_CACHE_ROOT": f"{copy}/vllm"}}
-    assert f"cannot be written here (docker run --read-only?): this start uses a copy of them in {copy}" in err
+    assert seen == {"wrote": True, "baked": "compiled at bake",
+                    "moved": {"VLLM_CACHE_ROOT": f"{copy}/vllm", "TRITON_CACHE_DIR": f"{copy}/triton"}}
+    assert sorted(p.name for p in copy.iterdir()) == ["triton", "vllm"]
+    assert (f"cannot be written here (docker run --read-only?): this start uses a copy of them in {copy}"
+            " (TRITON_CACHE_DIR, VLLM_CACHE_ROOT)") in err
 
 
 def test_caches_that_can_be_neither_overlaid_nor_copied_are_said_and_no_half_copy_is_left(tmp_path):
