@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, sockets, zeropages
+from .capabilities import RUN_WITH
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
 from .launcher import (Pipes, ServedTree, server_env, tree_processes, vllm_command, vllm_settings,
@@ -254,5 +255,4 @@ def check_tools() -> None:
     r = criu_check()
     if r.returncode != 0:
         lines = (r.stderr + r.stdout).strip().splitlines() or ["no output"]
-        raise BakeFailed(f"`criu check` failed: {lines[-2] if len(lines) > 1 else lines[-1]} "
-                         "(run the container with the capabilities the README lists)")
+        raise BakeFailed(f"`criu check` failed: {lines[-2] if len(lines) > 1 else lines[-1]} ({RUN_WITH})")

@@ -12,6 +12,26 @@ from __future__ import annotations
 import ctypes
 import os
 
+# What a container needs for CRIU (README "Capabilities"): one list for fvbuild's `run-flags`
+# and bake container, the examples, the tests, and fvboot's own hint when a restore lacks them.
+CONTAINER_CAPS = ("SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "DAC_READ_SEARCH", "SYS_TIME")
+CONTAINER_SECURITY_OPT = ("seccomp=unconfined", "apparmor=unconfined")
+CONTAINER_SHM_SIZE = "1g"  # vLLM's queues
+
+
+def docker_run_flags() -> list[str]:
+    """CONTAINER_CAPS, CONTAINER_SECURITY_OPT and the /dev/shm size as `docker run` flags."""
+    flags = [f for cap in CONTAINER_CAPS for f in ("--cap-add", cap)]
+    flags += [f for opt in CONTAINER_SECURITY_OPT for f in ("--security-opt", opt)]
+    return flags + ["--shm-size", CONTAINER_SHM_SIZE]
+
+
+# What to do when CRIU lacks them, literally: an operator who ran `docker run IMAGE` may not have
+# fvbuild at hand.
+RUN_WITH = (f"run the container with {' '.join(docker_run_flags())} (`fvbuild run-flags IMAGE` prints them,"
+            " and a GPU image's GPUs)")
+
+
 # Capability numbers from <linux/capability.h>.
 RESTORE_ONLY = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19,
                 "CAP_SYS_ADMIN": 21, "CAP_SYS_TIME": 25, "CAP_CHECKPOINT_RESTORE": 40}

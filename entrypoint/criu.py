@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .capabilities import RUN_WITH
 from .errors import FvBootError
 
 # --tcp-established: the engine's loopback connections; --network-lock skip: no iptables in
@@ -73,9 +74,9 @@ def _name_capability(line: str) -> str:
     m = re.search(r"capability (\d+) missing", line)
     if m:
         name = _CAP_NAMES.get(int(m.group(1)), "unknown")
-        return f"{line} (CAP_{name}: run the container with the capabilities the README lists)"
+        return f"{line} (CAP_{name}: {RUN_WITH})"
     if re.search(r"capabilit", line, re.IGNORECASE):
-        return f"{line} (run the container with the capabilities the README lists: fvbuild run-flags IMAGE)"
+        return f"{line} ({RUN_WITH})"
     return line
 
 
