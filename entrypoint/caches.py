@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -59,8 +60,13 @@ def copied_settings(cache: Path, env) -> tuple[dict[str, str], str]:
     todo = {k: p for k, p in named.items() if not (p.is_dir() and os.access(p, os.W_OK))}
     if not todo:
         return {}, ""
+    # the copies of this container's earlier starts (docker restart keeps /tmp): gone first, so
+    # restarts do not pile them up; a /tmp shared with other containers keeps theirs
+    prefix = f"fvboot-cache-{socket.gethostname()}-"
+    for earlier in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        shutil.rmtree(earlier, ignore_errors=True)
     try:
-        dest = tempfile.mkdtemp(prefix="fvboot-cache-")
+        dest = tempfile.mkdtemp(prefix=prefix)
     except OSError as e:
         raise CacheCopyFailed(f"{tempfile.gettempdir()}: {e.strerror or e}") from None
     moved = {}

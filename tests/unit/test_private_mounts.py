@@ -187,7 +187,7 @@ def _read_only_caches(tmp_path, *drop: str) -> tuple[dict, str]:
     (home / "cache" / "vllm").mkdir(parents=True)
     (home / "cache" / "hf").mkdir()
     (home / "cache" / "vllm" / "baked").write_text("compiled at bake")
-    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", READ_ONLY_CACHES,
                         str(home), str(tmp_path / "run"), str(tmp_path / "tmp"), *drop],
                        capture_output=True, text=True, timeout=60)
@@ -214,7 +214,14 @@ def test_caches_a_user_without_the_capability_for_an_overlay_cannot_write_are_co
     temporary folder, that setting moved there (one the bake never made, an empty folder), the
     image's folder untouched; a writable volume mounted below the caches is left where it is."""
     _needs_unshare_and_mount()
+    (tmp_path / "tmp").mkdir()
+    earlier = tmp_path / "tmp" / f"fvboot-cache-{socket.gethostname()}-earlier"  # a start before docker restart
+    (earlier / "vllm").mkdir(parents=True)
+    others = tmp_path / "tmp" / "fvboot-cache-another-container-x"  # a /tmp shared with another container
+    others.mkdir()
     seen, err = _read_only_caches(tmp_path, "drop")
+    assert not earlier.exists() and others.exists()
+    others.rmdir()
     [copy] = list((tmp_path / "tmp").iterdir())
     assert seen == {"wrote": True, "baked": "compiled at bake",
                     "moved": {"VLLM_CACHE_ROOT": f"{copy}/vllm", "TRITON_CACHE_DIR": f"{copy}/triton"}}
