@@ -22,7 +22,7 @@ import statistics
 import subprocess
 
 from fvbuild import bench
-from fvbuild.engine import docker_run_flags
+from fvboot.capabilities import docker_run_flags
 
 
 def steps(timeline: list[dict]) -> dict[str, float]:

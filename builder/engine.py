@@ -19,17 +19,13 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ReadTimeout
 
+# CRIU's container rights are fvboot's list (its restore names them when they lack); fvbuild's CLI
+# takes docker_run_flags (`fvbuild run-flags`) from here
 from fvboot.capabilities import CONTAINER_CAPS, CONTAINER_SECURITY_OPT, CONTAINER_SHM_SIZE, docker_run_flags  # noqa: F401
 
 from .errors import (BaseImageMissingError, BaseImageUnsuitableError, BuildFailedError, ContainerTimeoutError,
                      CriuPrebuiltError, CriuSourceError, DockerUnavailableError, EngineError, PatchError)
 
-# The minimal capability set CRIU needs in a container on Docker 20.10 (see README):
-# --privileged is not needed (and fails on hosts without CAP_SYS_RESOURCE).
-# What CRIU needs in a container: fvboot's list (its restore names the flags when they lack), the
-# one the bake container, `fvbuild run-flags`, README, tests and benchmarks use.
-CRIU_CAPS = list(CONTAINER_CAPS)
-CRIU_SECURITY_OPT = list(CONTAINER_SECURITY_OPT)
 
 
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
@@ -238,7 +234,7 @@ class DockerEngine:
         try:
             return RunningContainer(self.client.containers.run(
                 image, command, detach=True, name=name, network_mode=network_mode,
-                cap_add=CRIU_CAPS, security_opt=CRIU_SECURITY_OPT, shm_size=CONTAINER_SHM_SIZE,
+                cap_add=list(CONTAINER_CAPS), security_opt=list(CONTAINER_SECURITY_OPT), shm_size=CONTAINER_SHM_SIZE,
                 volumes=volumes or {}, environment=environment or {},
                 device_requests=device_requests or None, devices=devices or None))
         except (APIError, DockerException) as e:

@@ -149,7 +149,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         tree.proc.wait(30)
         step = "making the compile caches readable by every user"
         # vLLM writes some files of its caches readable by root only; a container run with
-        # --user starts normally from a copy of them (serve.writable_caches)
+        # --user starts normally from a copy of them (caches.writable_caches)
         readable_by_all(layout.cache_dir)
     except Exception as e:
         tree.terminate()

@@ -12,8 +12,9 @@ from __future__ import annotations
 import ctypes
 import os
 
-# What a container needs for CRIU (README "Capabilities"): one list for fvbuild's `run-flags`
-# and bake container, the examples, the tests, and fvboot's own hint when a restore lacks them.
+# What a container needs for CRIU on Docker 20.10 (README "Capabilities"; --privileged is not
+# needed, and fails on hosts without CAP_SYS_RESOURCE): one list for fvbuild's `run-flags` and
+# bake container, the examples, the tests, and fvboot's own hint when a restore lacks them.
 CONTAINER_CAPS = ("SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "DAC_READ_SEARCH", "SYS_TIME")
 CONTAINER_SECURITY_OPT = ("seccomp=unconfined", "apparmor=unconfined")
 CONTAINER_SHM_SIZE = "1g"  # vLLM's queues

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fvbuild.engine import docker_run_flags
+from fvboot.capabilities import docker_run_flags
 
 from conftest import base_image, e2e_device, fvbuild
 

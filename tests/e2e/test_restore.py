@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fvbuild.engine import docker_run_flags
+from fvboot.capabilities import docker_run_flags
 from fvboot.layout import RUN_DIR  # fvboot's run folder in its containers
 import requests
 

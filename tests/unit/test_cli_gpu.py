@@ -214,7 +214,8 @@ def test_run_flags_take_the_device_from_the_image_and_say_what_to_do_without_a_g
     from click.testing import CliRunner
 
     from fvbuild.cli import main
-    from fvbuild.engine import DockerEngine, docker_run_flags
+    from fvboot.capabilities import docker_run_flags
+    from fvbuild.engine import DockerEngine
 
     monkeypatch.setattr(gpu, "gpu_nodes", lambda *a, **k: ())
     monkeypatch.setattr(DockerEngine, "connect", classmethod(lambda cls, *a, **k: _LabelledEngine(labels)))

@@ -1,5 +1,5 @@
 """The operator examples in examples/ against what fvboot needs: the capability set CRIU needs
-(fvbuild.engine's CRIU_CAPS / CRIU_SECURITY_OPT, the one list `docker run` flags, tests and
+(fvboot.capabilities' CONTAINER_CAPS / CONTAINER_SECURITY_OPT, the one list `docker run` flags, tests and
 benchmarks use), /dev/shm, and a health check that follows the gate (/health: 503 while the
 restored server is not yet checked). They fail if an example drifts from those."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, need
-from fvbuild.engine import CRIU_CAPS, CRIU_SECURITY_OPT, docker_run_flags
+from fvboot.capabilities import CONTAINER_CAPS, CONTAINER_SECURITY_OPT, docker_run_flags
 
 yaml = need("yaml", "PyYAML parses the example compose, Kubernetes and workflow files")
 
@@ -37,8 +37,8 @@ def _service(path: Path) -> dict:
 
 def test_compose_has_exactly_the_documented_capability_set():
     svc = _service(COMPOSE)
-    assert sorted(svc["cap_add"]) == sorted(CRIU_CAPS)
-    assert sorted(svc["security_opt"]) == sorted(CRIU_SECURITY_OPT)
+    assert sorted(svc["cap_add"]) == sorted(CONTAINER_CAPS)
+    assert sorted(svc["security_opt"]) == sorted(CONTAINER_SECURITY_OPT)
     assert str(svc["shm_size"]) == docker_run_flags()[docker_run_flags().index("--shm-size") + 1]
     assert not svc.get("privileged"), "--privileged is not needed (README, Capabilities)"
 
@@ -121,7 +121,7 @@ def test_compose_files_are_accepted_by_docker_compose(tmp_path):
         assert r.returncode == 0, r.stderr
         svc = yaml.safe_load(r.stdout)["services"]["vllm"]
         assert svc["image"] == "x/y:z"
-        assert sorted(svc["cap_add"]) == sorted(CRIU_CAPS)
+        assert sorted(svc["cap_add"]) == sorted(CONTAINER_CAPS)
 
 
 # --- Kubernetes -----------------------------------------------------------------------------
@@ -168,8 +168,8 @@ def test_kubernetes_validation_can_fail():
 
 def test_kubernetes_has_exactly_the_documented_capability_set_and_shm():
     sc = _vllm_container()["securityContext"]
-    assert sorted(sc["capabilities"]["add"]) == sorted(CRIU_CAPS)
-    want = {o.split("=")[0]: o.split("=")[1] for o in CRIU_SECURITY_OPT}
+    assert sorted(sc["capabilities"]["add"]) == sorted(CONTAINER_CAPS)
+    want = {o.split("=")[0]: o.split("=")[1] for o in CONTAINER_SECURITY_OPT}
     assert want == {"seccomp": "unconfined", "apparmor": "unconfined"}, "update the manifest's profiles"
     assert sc["seccompProfile"] == {"type": "Unconfined"}
     assert sc["appArmorProfile"] == {"type": "Unconfined"}
