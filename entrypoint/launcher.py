@@ -178,12 +178,35 @@ def apply_load_settings(settings: dict[str, str], env: Optional[dict] = None) ->
 API_KEY_ENVS = ("FV_API_KEY", "VLLM_API_KEY")  # docker run -e ...: clients must send it
 
 
+def api_key(env: dict) -> Optional[str]:
+    """The key clients must send, from FV_API_KEY or VLLM_API_KEY; None (an open API) where
+    neither is set or the one set is empty (compose's `${FV_API_KEY:-}`). White space at its ends
+    is left out: HTTP trims it from a header, so no client could send it, and a Kubernetes secret
+    made from a file keeps the file's last newline. Both set to different keys is refused."""
+    given = {k: env[k].strip() for k in API_KEY_ENVS if env.get(k, "").strip()}
+    if len(set(given.values())) > 1:
+        raise ValueError("FV_API_KEY and VLLM_API_KEY are both set, to different keys; set one of them")
+    return next(iter(given.values()), None)
+
+
+def api_key_line(env: dict) -> str:
+    """One line for the log saying whether clients need a key, and where it came from: an empty
+    variable or a key trimmed is said, not guessed at by the operator from a 401."""
+    name = next((k for k in API_KEY_ENVS if env.get(k, "").strip()), None)
+    if name is None:
+        empty = [k for k in API_KEY_ENVS if k in env]
+        return (f"{' and '.join(empty)} empty: clients need no API key" if empty
+                else "clients need no API key (FV_API_KEY sets one)")
+    trimmed = " (white space at its ends left out)" if env[name] != env[name].strip() else ""
+    return f"clients must send the API key in {name}{trimmed} as `Authorization: Bearer <key>`"
+
+
 def runtime_settings(env: Optional[dict] = None) -> dict:
     """What `docker run -e` can set for the server's middleware at each start (the server's own
     environment is frozen at bake): the API key clients must present, the gate's wait."""
     env = os.environ if env is None else env
     out: dict = {}
-    key = next((env[k] for k in API_KEY_ENVS if env.get(k)), None)
+    key = api_key(env)
     if key:
         out["api_key"] = key
     wait = env.get("FV_GATE_WAIT_S")

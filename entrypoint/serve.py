@@ -25,8 +25,8 @@ from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, FvBootError, Stopped
-from .launcher import (Pipes, ServedTree, add_runtime_info, runtime_settings, server_env, server_port,
-                       vllm_command, write_runtime_settings)
+from .launcher import (Pipes, ServedTree, add_runtime_info, api_key_line, runtime_settings, server_env,
+                       server_port, vllm_command, write_runtime_settings)
 from .layout import Layout
 from .manifest import Manifest
 from .output import log
@@ -86,6 +86,7 @@ def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] =
         settings = runtime_settings()
     except ValueError as e:
         raise FvBootError(str(e)) from None
+    log(api_key_line(dict(os.environ)))
     become_subreaper()
     try:
         layout.run_dir.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,9 @@ def _completion_body(prompt: str, max_tokens: int, model: str) -> dict:
     return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "logprobs": 2, "seed": 0}
 
 
-def _complete(prompt: str, max_tokens: int, model: str, timeout: float = 600) -> dict:
-    r = requests.post(f"{URL}/v1/completions", timeout=timeout, json=_completion_body(prompt, max_tokens, model))
+def _complete(prompt: str, max_tokens: int, model: str, timeout: float = 600, headers: dict | None = None) -> dict:
+    r = requests.post(f"{URL}/v1/completions", timeout=timeout, json=_completion_body(prompt, max_tokens, model),
+                      headers=headers)
     r.raise_for_status()
     c = r.json()["choices"][0]
     return {"text": c["text"], "logprobs": c["logprobs"]["token_logprobs"]}
@@ -70,8 +71,8 @@ def _probe_asks(manifest: dict) -> list[tuple[str, int, str]]:
     return [(p["prompt"], len(p["logprobs"]) or 12, name) for p in manifest["probe"]]
 
 
-def _answers(manifest: dict) -> list[dict]:
-    return [_complete(*ask) for ask in _probe_asks(manifest)]
+def _answers(manifest: dict, headers: dict | None = None) -> list[dict]:
+    return [_complete(*ask, headers=headers) for ask in _probe_asks(manifest)]
 
 
 # How far a normal start's logprob may be from the bake's on a GPU. A normal start need not

@@ -11,11 +11,12 @@ import subprocess
 import time
 
 import pytest
+import requests
 
 from fvboot.layout import ADMIN_HEADER
 from fvboot.middleware import is_public
-from test_restore import (PORT, RUN_DIR, Container, _assert_same_as_bake, _logs, _wait_log, _wait_ready,  # noqa: F401
-                          docker_compose_command, docker_compose_file, docker_setup, gpu_flags, manifest,
+from test_restore import (PORT, RUN_DIR, URL, Container, _answers, _assert_same_as_bake, _completion_body,  # noqa: F401
+                          _logs, _probe_asks, _wait_log, _wait_ready, docker_compose_command, docker_compose_file, docker_setup, gpu_flags, manifest,
                           port_free)
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
@@ -177,3 +178,29 @@ def test_without_capabilities_the_reason_names_the_missing_one(baked_image, port
         assert code == 143 and took < 9, (code, took)
     finally:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+
+
+def test_an_api_key_given_at_docker_run_is_what_the_restored_server_asks_for(baked_image, manifest, port_free):
+    """The key is this start's, not the bake's (the restored server's environment is the bake's):
+    without it 401, with it the bake's answers. Given as a Kubernetes secret made from a file
+    gives it, with the file's last newline, which no client can send: left out, and said."""
+    with Container(baked_image, "-e", "FV_API_KEY=k-e2e\n") as c:
+        _wait_ready(container=c.id)
+        logs = c.logs()
+        assert "restored from checkpoint" in logs, logs[-3000:]
+        assert "clients must send the API key in FV_API_KEY (white space at its ends left out)" in logs
+        body = _completion_body(*_probe_asks(manifest)[0])
+        assert requests.post(f"{URL}/v1/completions", json=body, timeout=60).status_code == 401
+        wrong = {"Authorization": "Bearer k-e2f"}
+        assert requests.post(f"{URL}/v1/completions", json=body, headers=wrong, timeout=60).status_code == 401
+        assert requests.get(f"{URL}/health", timeout=10).status_code == 200
+        _assert_same_as_bake(manifest, answers=_answers(manifest, headers={"Authorization": "Bearer k-e2e"}))
+
+
+def test_two_different_api_keys_are_refused_at_once_with_the_reason(baked_image, port_free):
+    with Container(baked_image, "-e", "FV_API_KEY=a", "-e", "VLLM_API_KEY=b") as c:
+        code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=120).stdout.strip()
+        logs = c.logs()
+        assert code != "0", logs
+        assert "FV_API_KEY and VLLM_API_KEY are both set, to different keys; set one of them" in logs, logs
+        assert "Traceback" not in logs

@@ -222,3 +222,31 @@ def test_cors_preflight_needs_no_api_key(monkeypatch, tmp_path):
 
     asyncio.run(mw({"type": "http", "method": "OPTIONS", "path": "/v1/completions", "headers": []}, None, send))
     assert sent[0]["status"] == 200
+
+
+def test_an_empty_api_key_means_open_and_the_log_says_so():
+    from fvboot.launcher import api_key_line, runtime_settings
+
+    assert "api_key" not in runtime_settings({"FV_API_KEY": ""})  # compose's ${FV_API_KEY:-}
+    assert "api_key" not in runtime_settings({"FV_API_KEY": " \n"})
+    assert api_key_line({"FV_API_KEY": ""}) == "FV_API_KEY empty: clients need no API key"
+    assert api_key_line({}) == "clients need no API key (FV_API_KEY sets one)"
+
+
+def test_a_key_from_a_secrets_file_loses_its_last_newline_and_the_log_says_so(monkeypatch, tmp_path):
+    from fvboot.launcher import api_key_line
+
+    mw, _ = _start(tmp_path, monkeypatch, FV_API_KEY="k-123\n")  # kubectl create secret --from-file
+    assert call(mw, "/v1/models", headers=[(b"authorization", b"Bearer k-123")]) == 200
+    assert call(mw, "/v1/models") == 401
+    assert "white space at its ends left out" in api_key_line({"FV_API_KEY": "k-123\n"})
+    assert "left out" not in api_key_line({"FV_API_KEY": "k-123"})
+
+
+def test_two_different_keys_are_refused_and_the_same_one_twice_is_not(monkeypatch, tmp_path):
+    from fvboot.launcher import runtime_settings
+
+    with pytest.raises(ValueError, match="FV_API_KEY and VLLM_API_KEY are both set, to different keys"):
+        runtime_settings({"FV_API_KEY": "a", "VLLM_API_KEY": "b"})
+    assert runtime_settings({"FV_API_KEY": "a", "VLLM_API_KEY": "a\n"})["api_key"] == "a"
+    assert runtime_settings({"FV_API_KEY": "", "VLLM_API_KEY": "b"})["api_key"] == "b"
