@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, sockets, zeropages
+from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, ports, sockets, zeropages
 from .capabilities import RUN_WITH
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
@@ -77,7 +77,9 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     layout.checkpoint_dir.mkdir(parents=True)
     layout.weights_dir.mkdir(parents=True)
 
-    _check_port_free(port)
+    problem = ports.taken(port)  # another server would answer our health checks (host networking)
+    if problem:
+        raise BakeFailed(f"{problem}: free it, or bake on another one (fvbuild image --port) or network (--network)")
     graph_pool.graph_pool_setting()  # a bad value said before anything starts
     served_name = prepare_model(model, layout.model_dir, token_file)
     detach_build_inputs()
@@ -214,18 +216,6 @@ def _say_graph_pool(trimmed: Any) -> None:
         if isinstance(worker, dict) and worker.get("graph_pool_allocations") == 0:
             write_line("fvboot bake: FV_GRAPH_POOL=sleep: vLLM's CUDA graphs stayed in its own pool "
                        "(none of their memory sleeps): the checkpoint keeps it")
-
-
-def _check_port_free(port: int) -> None:
-    """Another server on the port would answer our health checks (host networking)."""
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            raise BakeFailed(f"port {port} is already in use here; stop what listens on it or choose --port") from None
 
 
 def _vllm_version() -> str:

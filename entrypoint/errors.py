@@ -27,6 +27,10 @@ class ServerError(FvBootError):
     """The vLLM server answered an fvboot call with an error (its text is in the message)."""
 
 
+class PortTaken(FvBootError):
+    """The port the server is to listen on is held by another process: no start can serve on it."""
+
+
 class Stopped(BaseException):
     """SIGTERM/SIGINT (docker stop) before the server was up: unwinds whatever runs (a restore, a
     start), each step cleaning up after itself, so the container ends promptly. A BaseException,

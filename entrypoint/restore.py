@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import control, criu, manifest, pagecheck, sockets
+from . import control, criu, manifest, pagecheck, ports, sockets
 from .control import ServerControl
 from .devices import DeviceLookup
 from .envchoice import choice
 from .errors import CheckpointUnusable, ServerError
-from .launcher import Pipes, load_settings, vllm_settings, vllm_settings_changed, write_runtime_settings
+from .launcher import (Pipes, arg_value, load_settings, vllm_settings, vllm_settings_changed,
+                       write_runtime_settings)
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
 from .output import log
@@ -79,6 +80,9 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
         raise CheckpointUnusable(problem)
     if shutil.which("criu") is None:
         raise CheckpointUnusable("criu is not on PATH")
+    in_use = ports.taken(m.vllm.port, arg_value(list(m.vllm.command), "--host"))
+    if in_use:  # CRIU could not put the listening socket back (the normal start says what to do)
+        raise CheckpointUnusable(in_use)
     return here
 
 

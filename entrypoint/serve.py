@@ -30,6 +30,7 @@ from .launcher import (Pipes, ServedTree, add_runtime_info, api_key_line, runtim
 from .layout import Layout
 from .manifest import Manifest
 from .output import log
+from .ports import check_serving_port
 from .pagecheck import PageCheck
 from .prefetch import prefetch
 from .restore import RestoredTree
@@ -244,6 +245,7 @@ def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipe
     cmd, name, how = launch_command(layout, m, run_args)
     port = server_port(cmd)
     timeout = float(os.environ.get(START_TIMEOUT_ENV, "3600"))
+    check_serving_port(cmd)  # taken: no start can serve, and vLLM would say so only after its imports
     log(f"starting vLLM with {how}; waiting up to {timeout:.0f} s for it on port {port}")
     caches = writable_caches(layout)
     token = write_runtime_settings(layout.runtime_file, settings)

@@ -813,45 +813,56 @@ def test_a_full_disk_at_restore_gives_no_wrong_answer_and_no_hang(baked_image, m
         assert "No space left" in logs or "no space" in logs.lower(), fv[-3:]
 
 
-def test_another_server_on_the_port_is_never_taken_for_the_restored_one(baked_image, manifest, port_free):
-    """With the host's network another HTTP server already holds the baked port and answers
-    /health. The restore cannot take the port, and the normal start after it must not take
-    that server for its own (the bake's would warm and checkpoint it): the container ends,
-    bounded, saying which server answers, and nothing is served or probed there."""
+@pytest.mark.parametrize("other", ["http", "tcp"])
+def test_a_port_another_process_holds_ends_the_start_at_once_with_the_reason(baked_image, manifest, port_free, other):
+    """With the host's network another process already holds the baked port: an HTTP server that
+    answers /health, or a listener that speaks no HTTP at all (found by hand, 2026-12-05: the
+    restore failed on CRIU's bind, then a normal start spent its imports only for vLLM to fail on
+    the same bind with a traceback). Neither the restore nor a normal start can serve there: the
+    container ends before either runs, naming the port and how to find the process; nothing but
+    the port is touched (another server must never be taken for ours: no request reaches it)."""
     import http.server
+    import socket
     import threading
 
     probed = []
 
     class Other(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            status = 200 if self.path == "/health" else 404
-            self.send_response(status)
+            probed.append(self.path)
+            self.send_response(200)
             self.send_header("content-length", "2")
             self.end_headers()
             self.wfile.write(b"{}")
 
-        def do_POST(self):
-            probed.append(self.path)
-            self.do_GET()
+        do_POST = do_GET
 
         def log_message(self, *args):
             pass
 
     port = manifest["vllm"]["port"]
-    other = http.server.ThreadingHTTPServer(("0.0.0.0", port), Other)
-    threading.Thread(target=other.serve_forever, daemon=True).start()
+    if other == "http":
+        holder = http.server.ThreadingHTTPServer(("0.0.0.0", port), Other)
+        threading.Thread(target=holder.serve_forever, daemon=True).start()
+        close = lambda: (holder.shutdown(), holder.server_close())  # noqa: E731
+    else:
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", port))
+        holder.listen(8)
+        close = holder.close
     try:
         with Container(baked_image) as c:
             code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=300).stdout.strip()
             logs = c.logs()
     finally:
-        other.shutdown()
-        other.server_close()
+        close()
     assert code not in ("", "0"), logs[-3000:]
-    assert f"another server answers on http://127.0.0.1:{port}, not the vLLM fvboot started" in logs, logs[-3000:]
+    assert f"checkpoint not used: port {port} is taken in this container's network" in logs, logs[-3000:]
+    assert f"ss -ltnp 'sport = :{port}'" in logs and f"docker run -p HOST_PORT:{port}" in logs, logs[-3000:]
+    assert "starting vLLM with" not in logs and "criu restore" not in logs, logs[-3000:]  # neither start ran
     assert "restored from checkpoint" not in logs and "Traceback" not in logs, logs[-3000:]
-    assert probed == [], "no request but /health and the gate's state may reach another server"
+    assert probed == [], "no request may reach another server on the port"
 
 
 def test_manifest_from_another_device_falls_back(baked_image, port_free):

@@ -1,0 +1,56 @@
+"""fvboot.ports with real sockets: a port another process listens on is named, with the command
+that finds the process; a free one, or one only a closed connection left in TIME_WAIT, is not."""
+
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from fvboot.errors import PortTaken
+from fvboot.ports import check_serving_port, taken
+
+
+def _listener(host: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as vLLM's server binds
+    s.bind((host, 0))
+    s.listen(1)
+    return s
+
+
+def test_a_port_another_process_listens_on_is_named_with_how_to_find_it():
+    with _listener("0.0.0.0") as other:
+        port = other.getsockname()[1]
+        problem = taken(port)
+    assert problem.startswith(f"port {port} is taken in this container's network")
+    assert f"ss -ltnp 'sport = :{port}'" in problem
+
+
+def test_a_listener_on_loopback_only_still_blocks_the_wildcard_vllm_binds():
+    with _listener("127.0.0.1") as other:
+        assert taken(other.getsockname()[1], "0.0.0.0") is not None
+
+
+def test_a_free_port_and_one_left_in_time_wait_are_not_taken():
+    with _listener() as server:
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.close()
+    states = subprocess.run(["ss", "-tanH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    assert "TIME-WAIT" in states or not shutil.which("ss")
+    assert taken(port) is None
+
+
+def test_the_serving_port_of_vllms_command_is_checked_with_what_to_do():
+    with _listener("0.0.0.0") as other:
+        port = other.getsockname()[1]
+        with pytest.raises(PortTaken, match=rf"port {port} is taken.*docker run -p HOST_PORT:{port}"):
+            check_serving_port(["vllm", "serve", "/fv/model", "--host", "0.0.0.0", "--port", str(port)])
+    check_serving_port(["vllm", "serve", "/fv/model", f"--port={port}"])  # free again: no error
+
+
+def test_an_address_this_network_lacks_is_left_for_vllm_to_say():
+    assert taken(8000, "192.0.2.1") is None  # TEST-NET-1: EADDRNOTAVAIL, not a taken port
