@@ -978,3 +978,82 @@ def test_one_damaged_weight_byte_the_probe_cannot_see_falls_back(baked_image, ma
     tests/e2e_gpu damages them that way too.)"""
     _fallback(baked_image, manifest, f"{FLIP_EMBEDDING_BYTE} && export FV_WEIGHT_CHECK={check} FV_WEIGHT_STAGING=off",
               "checksum mismatch")
+
+
+class _OtherEngine:
+    """A second Docker engine on this host, with a data root of its own: what another node's
+    engine is to an image pulled there (its layers unpacked anew: other files, inodes and overlay
+    paths than the engine that baked it). Stopped and its files removed on exit."""
+
+    def __init__(self) -> None:
+        import shutil
+        import tempfile
+
+        dockerd = shutil.which("dockerd")
+        if dockerd is None:
+            pytest.skip("no dockerd on PATH to start a second Docker engine with")
+        self.root = Path(tempfile.mkdtemp(prefix="fv-e2e-engine-", dir="/var/tmp"))
+        self.run = Path(tempfile.mkdtemp(prefix="fv-e2e-", dir="/run"))  # short: socket paths are limited
+        self.host = f"unix://{self.run}/docker.sock"
+        self.log = open(self.root / "dockerd.log", "wb")
+        self.proc = subprocess.Popen(
+            [dockerd, "--data-root", str(self.root / "data"), "--exec-root", str(self.run / "exec"),
+             "--pidfile", str(self.run / "docker.pid"), "-H", self.host, "--bridge=none", "--iptables=false",
+             "--ip-masq=false"], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while self.docker("info", check=False).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                pytest.fail(f"the second Docker engine did not start:\n{(self.root / 'dockerd.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "-H", self.host, *args], capture_output=True, text=True, check=check,
+                              timeout=timeout, **kw)
+
+    def close(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        # dockerd leaves its network namespace's bind mount (exec-root/netns/default) behind
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            point = line.split()[1]
+            if point.startswith(f"{self.run}/") or point.startswith(f"{self.root}/"):
+                subprocess.run(["umount", "-l", point], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.run, ignore_errors=True)
+
+
+@pytest.mark.skipif(e2e_device() == "cuda", reason="a second copy of the CUDA image (its base alone is ~15 GB)"
+                    " costs the GPU machine's small disk and minutes of device time; the layers are the CPU image's kind")
+def test_the_image_shipped_to_another_docker_engine_restores_and_answers_as_baked(baked_image, manifest, port_free):
+    """What a registry push and a pull on another node do to the image: its layers as a tar
+    stream (`docker save`), unpacked by another engine, cold (nothing of it in the page cache:
+    new files). Restored there and answering as baked; the product's promise is an artifact,
+    not a snapshot tied to the engine that baked it."""
+    engine = _OtherEngine()
+    try:
+        save = subprocess.Popen(["docker", "save", baked_image], stdout=subprocess.PIPE)
+        loaded = subprocess.run(["docker", "-H", engine.host, "load"], stdin=save.stdout, capture_output=True,
+                                text=True, timeout=900)
+        save.stdout.close()
+        assert save.wait(timeout=60) == 0 and loaded.returncode == 0, loaded.stderr[-2000:]
+        cid = engine.docker("run", "-d", *run_flags(baked_image), "--network", "host", baked_image).stdout.strip()
+        deadline = time.monotonic() + 900
+        while not _ready() and time.monotonic() < deadline:
+            assert engine.docker("inspect", "-f", "{{.State.Running}}", cid).stdout.strip() == "true", \
+                engine.docker("logs", cid, check=False).stderr[-4000:]
+            time.sleep(0.2)
+        logs = (lambda r: r.stdout + r.stderr)(engine.docker("logs", cid, check=False))
+        assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-4000:]
+        _assert_same_as_bake(manifest)
+    finally:
+        engine.docker("rm", "-f", *engine.docker("ps", "-aq", check=False).stdout.split(), check=False)
+        engine.close()
