@@ -1031,8 +1031,8 @@ class _OtherEngine:
         shutil.rmtree(self.run, ignore_errors=True)
 
 
-@pytest.mark.skipif(e2e_device() == "cuda", reason="a second copy of the CUDA image (its base alone is ~15 GB)"
-                    " costs the GPU machine's small disk and minutes of device time; the layers are the CPU image's kind")
+@pytest.mark.skipif(e2e_device() == "cuda", reason="a second copy of the CUDA image (its base is the GPU"
+                    " machine's own vLLM install) costs that machine's 64 GB disk and minutes of device time")
 def test_the_image_shipped_to_another_docker_engine_restores_and_answers_as_baked(baked_image, manifest, port_free):
     """What a registry push and a pull on another node do to the image: its layers as a tar
     stream (`docker save`), unpacked by another engine, cold (nothing of it in the page cache:
