@@ -165,10 +165,15 @@ RESERVED_VLLM_ARGS = {
     "--middleware": "fvboot sets it",
     "--enable-sleep-mode": "fvboot sets it",
     "--served-model-name": "fvboot serves the model under the name given to --model",
-    "--host": "fvboot sets it; publish the port with docker run instead",
     "--api-key": "pass the key at run time: docker run -e FV_API_KEY=...",
     "--uds": "the restored server listens on --port",
 }
+
+
+# --host values a checkpoint restores with in any network: every IPv4 address, or every IPv6 and
+# IPv4 one (a dual-stack socket, what an IPv6-only Kubernetes cluster needs); fvboot's own calls
+# go to 127.0.0.1, which either reaches
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 
 
 class BuildOptions(CriuOptions):
@@ -284,12 +289,19 @@ class BuildOptions(CriuOptions):
     @field_validator("vllm_args")
     @classmethod
     def _no_owned_args(cls, v: list[str]) -> list[str]:
-        for a in v:
+        for i, a in enumerate(v):
             if "\n" in a or "\r" in a or "\0" in a:
                 raise ValueError("a --vllm-arg value contains a newline")
-            name = a.split("=", 1)[0]
+            name, eq, value = a.partition("=")
             if name in RESERVED_VLLM_ARGS:
                 raise ValueError(f"{name} is reserved: {RESERVED_VLLM_ARGS[name]}")
+            if name == "--host":
+                value = value if eq else (v[i + 1] if i + 1 < len(v) else "")
+                if value not in WILDCARD_HOSTS:
+                    raise ValueError(f"--host {value!r}: the server listens on every address of its container,"
+                                     " 0.0.0.0 (IPv4, the default) or :: (IPv6 and IPv4: an IPv6-only cluster);"
+                                     " one address would tie the checkpoint to one network: publish the port with"
+                                     " docker run instead")
         return v
 
     @field_validator("vllm_args")

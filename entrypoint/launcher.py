@@ -52,9 +52,12 @@ def tree_processes(root: int) -> list[dict]:
 
 def vllm_command(model_dir: str, served_name: str, port: int, user_args: list[str], sleep_mode: bool) -> list[str]:
     """`vllm serve MODEL ...` (vLLM's current entry point; `-m` so that it runs under this very
-    Python whatever the image's PATH says), with fvboot's worker extension and gate middleware."""
+    Python whatever the image's PATH says), with fvboot's worker extension and gate middleware.
+    It listens on every IPv4 address unless USER_ARGS say `--host ::` (fvbuild allows only these
+    wildcards). USER_ARGS end the command as given: a manifest reads them back from its end."""
+    host = [] if arg_value(user_args, "--host") else ["--host", "0.0.0.0"]
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
-           "--served-model-name", served_name, "--host", "0.0.0.0", "--port", str(port),
+           "--served-model-name", served_name, *host, "--port", str(port),
            "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE]
     if sleep_mode:
         cmd.append("--enable-sleep-mode")

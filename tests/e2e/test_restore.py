@@ -1057,3 +1057,50 @@ def test_the_image_shipped_to_another_docker_engine_restores_and_answers_as_bake
     finally:
         engine.docker("rm", "-f", *engine.docker("ps", "-aq", check=False).stdout.split(), check=False)
         engine.close()
+
+
+@pytest.mark.skipif(e2e_device() == "cuda", reason="the API server's listening socket, the same on a GPU; a second"
+                    " bake there costs minutes of device time")
+def test_an_image_baked_to_listen_on_ipv6_too_restores_and_answers_on_both(baked_image, manifest, port_free):
+    """`fvbuild image --vllm-arg=--host=::` (an IPv6-only Kubernetes cluster: the pod's address is
+    IPv6): the server's socket is dual-stack, and CRIU must put it back so: the restored server
+    answers as baked on IPv6 and on IPv4 (fvboot's own calls). Baked here as fvbuild bakes, on
+    the suite's image with the same arguments and `--host ::`."""
+    name = f"fv-e2e-bake-v6-{os.getpid()}"
+    tag = f"fv-test/ipv6-{os.getpid()}:cpu"
+    cmd = ["docker", "run", "--name", name, *run_flags(baked_image), "--network", "host", "--entrypoint", "fvboot",
+           baked_image, "bake", "--model", manifest["model"]["source"], "--port", str(manifest["vllm"]["port"]),
+           "--", *manifest["vllm"]["args"], "--host", "::"]
+    try:
+        bake = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert bake.returncode == 0, (bake.stdout + bake.stderr)[-4000:]
+        subprocess.run(["docker", "commit", "-c", 'ENTRYPOINT ["fvboot"]', "-c", "CMD []", name, tag],
+                       capture_output=True, check=True, timeout=300)
+        with Container(tag) as c:
+            _wait_ready(container=c.id)
+            assert "restored from checkpoint" in c.logs(), c.logs()[-3000:]
+            listening = subprocess.run(["docker", "exec", c.id, "python3", "-c", _LISTENING_ON, str(PORT)],
+                                       capture_output=True, text=True, timeout=60)
+            assert listening.stdout.split() == ["::"], listening.stdout + listening.stderr
+            _assert_same_as_bake(manifest)  # over IPv4
+            ask = _probe_asks(manifest)[0]
+            r = requests.post(f"http://[::1]:{PORT}/v1/completions", json=_completion_body(*ask), timeout=60)
+            assert r.json()["choices"][0]["text"] == manifest["probe"][0]["text"]
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+
+# the local addresses of the listening TCP sockets on a port, from /proc (no ss in the image)
+_LISTENING_ON = """
+import ipaddress, sys
+port = int(sys.argv[1])
+for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(name).read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, p = local.split(":")
+        if state == "0A" and int(p, 16) == port:
+            raw = bytes.fromhex(addr)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            print(ipaddress.ip_address(raw))
+"""

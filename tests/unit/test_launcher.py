@@ -85,3 +85,16 @@ def test_event_lines_are_found_with_or_without_vllms_process_prefix(line):
 ])
 def test_other_lines_are_not_events(line):
     assert parse_event(line) is None
+
+
+def test_the_server_listens_on_every_ipv4_address_unless_the_bake_asked_for_ipv6_too():
+    """`--vllm-arg=--host=::` (an IPv6-only cluster): one --host in the command, the user's; the
+    user's arguments still end it, as the manifest reads them back; the port check asks IPv6."""
+    from fvboot.launcher import arg_value, vllm_command
+
+    plain = vllm_command("/fv/model", "m", 8000, ["--max-model-len=512"], sleep_mode=False)
+    assert plain.count("--host") == 1 and arg_value(plain, "--host") == "0.0.0.0"
+    for user in (["--host", "::"], ["--host=::"]):
+        cmd = vllm_command("/fv/model", "m", 8000, [*user, "--max-model-len=512"], sleep_mode=True)
+        assert [a for a in cmd if a.startswith("--host")] == [user[0]] and arg_value(cmd, "--host") == "::"
+        assert cmd[-len(user) - 1:] == [*user, "--max-model-len=512"]

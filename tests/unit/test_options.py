@@ -143,3 +143,18 @@ def test_the_images_environment_comes_as_pairs_or_a_table(tmp_path):
     cfg = tmp_path / "fv.toml"
     cfg.write_text('model = "m"\n[env]\nVLLM_LOGGING_LEVEL = "INFO"\n')
     assert load_options({}, cfg).env == {"VLLM_LOGGING_LEVEL": "INFO"}
+
+
+@pytest.mark.parametrize("args", [["--host", "::"], ["--host=::"], ["--host=0.0.0.0"]])
+def test_host_takes_the_wildcards_a_checkpoint_restores_with_anywhere(args):
+    from fvbuild.options import BuildOptions
+
+    assert BuildOptions(model="synthetic:tiny", vllm_args=args).vllm_args == args
+
+
+@pytest.mark.parametrize("args", [["--host", "10.0.0.5"], ["--host=::1"], ["--host"], ["--host="]])
+def test_host_refuses_one_address(args):
+    from fvbuild.options import BuildOptions
+
+    with pytest.raises(ValueError, match="one address would tie the checkpoint to one network"):
+        BuildOptions(model="synthetic:tiny", vllm_args=args)

@@ -54,3 +54,14 @@ def test_the_serving_port_of_vllms_command_is_checked_with_what_to_do():
 
 def test_an_address_this_network_lacks_is_left_for_vllm_to_say():
     assert taken(8000, "192.0.2.1") is None  # TEST-NET-1: EADDRNOTAVAIL, not a taken port
+
+
+def test_a_dual_stack_server_finds_an_ipv4_listener_on_its_port():
+    """`--host ::` (an IPv6-only cluster's image) binds IPv6 and IPv4: an IPv4 holder blocks it."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    with _listener("0.0.0.0") as other:
+        try:
+            assert taken(other.getsockname()[1], "::") is not None
+        except OSError as e:  # an IPv6 socket cannot even be made here (ipv6.disable=1)
+            pytest.skip(f"no IPv6 sockets here: {e}")
