@@ -89,8 +89,10 @@ class ServerControl:
             time.sleep(poll)
         raise ServerDied(f"the vLLM server did not become healthy within {timeout:.0f} s")
 
-    def gate(self, state: str, timeout: float = 600) -> None:
-        self._call("POST", f"/fv/gate/{state}", timeout=timeout)
+    def gate(self, state: str, timeout: float = 600) -> dict:
+        """Open or close the gate; the middleware's answer (opening: what it did to the metrics)."""
+        answer = self._call("POST", f"/fv/gate/{state}", timeout=timeout)
+        return answer if isinstance(answer, dict) else {}
 
     def trim(self) -> Any:
         """Shrink the server's processes before the dump (API server, then every worker);

@@ -19,7 +19,9 @@ Two jobs, both inside the server process so they survive checkpoint and restore:
   `docker run`, never baked (a `--api-key` vLLM argument would be saved in the manifest and the
   checkpoint). The same file carries FV_GATE_WAIT_S of this start.
 - fvboot's metrics (metrics.py) appended to vLLM's `/metrics`: how the server started, the
-  start-up phases, the requests held at the gate.
+  start-up phases, the requests held at the gate; and, as a restored server opens its gate,
+  vLLM's own counters made this start's (served_metrics.py: the bake's warm-up and this start's
+  probe are not clients' requests).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import sys
 import time
 
 from .layout import ADMIN_HEADER, RUNTIME_FILE_ENV
+from .served_metrics import zero_served_counts
 from .metrics import exposition
 
 GATE_OPEN, GATE_CLOSE, GATE_STATE = "/fv/gate/open", "/fv/gate/close", "/fv/gate/state"
@@ -183,9 +186,10 @@ class GateMiddleware:
             if path == GATE_CLOSE:
                 self._open.clear()
                 return await self._reply(scope, send, 200, {"gate": "closed"})
-            if path == GATE_OPEN:
+            if path == GATE_OPEN:  # a restored server's start, for monitoring too
+                metrics = zero_served_counts()
                 self._open.set()
-                return await self._reply(scope, send, 200, {"gate": "open"})
+                return await self._reply(scope, send, 200, {"gate": "open", "metrics": metrics})
             if path == TRIM:
                 self.forget_settings()
                 return await self._reply(scope, send, 200, _trim())

@@ -438,7 +438,9 @@ def check_memory_images(s: RestoreState) -> None:
 
 def open_gate(s: RestoreState) -> None:
     log(f"restored from checkpoint in {s.tl.events[-1][1]:.2f} s since start; opening the gate")
-    s.ctl.gate("open", timeout=s.step_timeout_s)
+    metrics = s.ctl.gate("open", timeout=s.step_timeout_s).get("metrics") or {}
+    if metrics.get("not_zeroed") or metrics.get("skipped"):  # served anyway: monitoring only
+        log(f"vLLM's metrics still count the bake's warm-up and this start's probe: {metrics}")
 
 
 # (timeline mark when done, step): the restore, in order.

@@ -348,6 +348,37 @@ def test_metrics_say_how_the_server_started(restored):
     assert "fastvllm_gate_held_requests_total " in text
 
 
+def _samples(text: str, name: str) -> list[float]:
+    """The values of metric NAME's samples (any labels) in a Prometheus text answer."""
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")]
+
+
+def test_a_restored_servers_metrics_count_only_its_clients_requests(baked_image, port_free):
+    """The checkpoint holds the API server's metrics as the bake left them (found by hand,
+    2026-12-05: 19 requests and 282 prompt tokens served before any client had asked, and a
+    process start time computed with the bake machine's boot time). Opening the gate zeroes the
+    counts: none until a client asks, then exactly its request; the start time is this start's."""
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        started = subprocess.run(["docker", "inspect", "-f", "{{.State.StartedAt}}", c.id], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        assert "restored from checkpoint" in c.logs(), c.logs()[-3000:]
+        text = requests.get(f"{URL}/metrics", timeout=10).text
+        assert sum(_samples(text, "vllm:request_success_total")) == 0, text[:3000]
+        assert sum(_samples(text, "vllm:prompt_tokens_total")) == 0
+        assert sum(_samples(text, "vllm:e2e_request_latency_seconds_count")) == 0
+        from datetime import datetime
+        t0 = datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00").timestamp()
+        (start,) = _samples(text, "process_start_time_seconds")
+        assert t0 - 5 <= start <= time.time(), (start, t0)
+        name = requests.get(f"{URL}/v1/models", timeout=10).json()["data"][0]["id"]
+        _complete("one client request", 3, name)
+        text = requests.get(f"{URL}/metrics", timeout=10).text
+        assert sum(_samples(text, "vllm:request_success_total")) == 1
+        assert sum(_samples(text, "vllm:e2e_request_latency_seconds_count")) == 1
+
+
 def test_fvbuild_bench_times_the_restore_and_draws_it(baked_image, tmp_path, port_free):
     """Warm and cold restores, the disk measured in the same run, the targets that apply. (The
     picture where matplotlib is installed: CPU CI; its panels are checked in test_bench.py.)"""
