@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from . import __version__, criu, cuda_checkpoint_service, graph_pool, manifest, ports, sockets, zeropages
+from . import (__version__, capabilities, criu, cuda_checkpoint_service, graph_pool, manifest, ports, sockets,
+               zeropages)
 from .capabilities import RUN_WITH
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
@@ -127,6 +128,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
             trimmed = ctl.trim()
             _say_graph_pool(trimmed)
             processes = tree_processes(tree.init_pid())
+            tree_caps = _tree_capabilities(processes)
             criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log",
                       env=service_env)
         tl.mark("checkpoint written")
@@ -171,7 +173,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         vllm=manifest.Vllm(args=tuple(user_args), command=tuple(cmd), port=port, version=_vllm_version(),
                            env=vllm_settings()),
         runtime_file=str(layout.runtime_file),  # where the restored middleware looks
-        criu=manifest.Criu(criu.version(), tuple(criu.DUMP_FLAGS), tuple(criu.RESTORE_FLAGS), addresses),
+        criu=manifest.Criu(criu.version(), tuple(criu.DUMP_FLAGS), tuple(criu.RESTORE_FLAGS), addresses,
+                           tree_caps),
         device=dev,
         pipes=pipe_keys,
         weights=dumped,
@@ -216,6 +219,17 @@ def _say_graph_pool(trimmed: Any) -> None:
         if isinstance(worker, dict) and worker.get("graph_pool_allocations") == 0:
             write_line("fvboot bake: FV_GRAPH_POOL=sleep: vLLM's CUDA graphs stayed in its own pool "
                        "(none of their memory sleeps): the checkpoint keeps it")
+
+
+def _tree_capabilities(processes: list[dict]) -> tuple[str, ...]:
+    """Every capability a process of the tree may use, by name: what a restore must hold."""
+    held: set[str] = set()
+    for p in processes:
+        try:
+            held |= capabilities.permitted(p["host_pid"])
+        except OSError:  # gone since it was listed: not in the checkpoint either
+            continue
+    return tuple(sorted(held))
 
 
 def _vllm_version() -> str:

@@ -15,7 +15,9 @@ import os
 # What a container needs for CRIU on Docker 20.10 (README "Capabilities"; --privileged is not
 # needed, and fails on hosts without CAP_SYS_RESOURCE): one list for fvbuild's `run-flags` and
 # bake container, the examples, the tests, and fvboot's own hint when a restore lacks them.
-CONTAINER_CAPS = ("SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "DAC_READ_SEARCH", "SYS_TIME")
+# SYS_CHROOT is Docker's by default; a container that drops them all (Kubernetes' drop: [ALL])
+# needs it back for CRIU's setns into the restored mount namespace.
+CONTAINER_CAPS = ("SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "DAC_READ_SEARCH", "SYS_TIME", "SYS_CHROOT")
 CONTAINER_SECURITY_OPT = ("seccomp=unconfined", "apparmor=unconfined")
 CONTAINER_SHM_SIZE = "1g"  # vLLM's queues
 
@@ -79,3 +81,33 @@ def held(status_text: str) -> dict[str, set[str]]:
             mask = int(value.strip(), 16)
             out[key] = {name for name, cap in RESTORE_ONLY.items() if mask >> cap & 1}
     return out
+
+
+# <linux/capability.h>, by number: the names Docker's --cap-add takes
+CAP_NAMES = ("CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+             "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+             "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+             "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+             "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+             "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE")
+
+
+def permitted(pid: "int | str" = "self") -> frozenset[str]:
+    """The capabilities process PID may use (its permitted set, from /proc), by name; OSError if
+    it is gone."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("CapPrm:"):
+                mask = int(line.split(":", 1)[1].strip(), 16)
+                return frozenset(CAP_NAMES[n] if n < len(CAP_NAMES) else f"CAP_{n}"
+                                 for n in range(mask.bit_length()) if mask >> n & 1)
+    return frozenset()
+
+
+def restore_lacks(tree_caps: "tuple[str, ...] | None", have: frozenset[str]) -> list[str]:
+    """What a restore needs and HAVE (fvboot's permitted set) lacks: CRIU's own capabilities
+    (CONTAINER_CAPS), and every one the checkpoint's processes held (TREE_CAPS, recorded at bake;
+    None in an older manifest): CRIU gives a process back only capabilities it holds itself, and
+    a restore without them fails inside CRIU's restorer (it hung until its timeout)."""
+    needed = set(CONTAINER_CAPS) | set(tree_caps or ())
+    return sorted(needed - have)

@@ -56,6 +56,10 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
+def _opt_str_tuple(v: Optional[list]) -> Optional[tuple[str, ...]]:
+    return None if v is None else tuple(v)
+
+
 def _is_num_list(v: Any) -> bool:
     return isinstance(v, list) and all(_is_num(x) for x in v)
 
@@ -182,9 +186,12 @@ class Criu:
     # addresses other than loopback and the wildcard the checkpoint's sockets are bound to
     # (sockets.py): a restore needs each of them here
     addresses: tuple[str, ...] = ()
+    # the capabilities the checkpoint's processes held (their permitted sets, by name): a restore
+    # needs each of them (capabilities.restore_lacks); None: not recorded (an older fvboot)
+    capabilities: Optional[tuple[str, ...]] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("version", "dump_flags", "restore_flags", "addresses")
+    _KEYS = ("version", "dump_flags", "restore_flags", "addresses", "capabilities")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "criu") -> "Criu":
@@ -192,11 +199,16 @@ class Criu:
                    dump_flags=tuple(_get(d, where, "dump_flags", _is_str_list, "a list of strings", [])),
                    restore_flags=tuple(_get(d, where, "restore_flags", _is_str_list, "a list of strings", [])),
                    addresses=tuple(_get(d, where, "addresses", _is_str_list, "a list of strings", [])),
+                   capabilities=_opt_str_tuple(_get(d, where, "capabilities", _is_str_list, "a list of strings",
+                                                    None)),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.extra, "version": self.version, "dump_flags": list(self.dump_flags),
-                "restore_flags": list(self.restore_flags), "addresses": list(self.addresses)}
+        out = {**self.extra, "version": self.version, "dump_flags": list(self.dump_flags),
+               "restore_flags": list(self.restore_flags), "addresses": list(self.addresses)}
+        if self.capabilities is not None:
+            out["capabilities"] = list(self.capabilities)
+        return out
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import control, criu, manifest, pagecheck, ports, sockets
+from . import capabilities, control, criu, manifest, pagecheck, ports, sockets
 from .control import ServerControl
 from .devices import DeviceLookup
 from .envchoice import choice
@@ -49,6 +49,13 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
         raise CheckpointUnusable(f"fvboot runs as uid {os.geteuid()} (docker run --user?), and a restore needs"
                                  " root with CRIU's capabilities: run the image as root, with the flags `fvbuild"
                                  " run-flags IMAGE` prints (the served tree gives the capabilities up either way)")
+    lacking = capabilities.restore_lacks(m.criu.capabilities if m.criu else None, capabilities.permitted())
+    if lacking:  # checked here: CRIU's restorer would fail on them only mid-restore (it hung)
+        raise CheckpointUnusable(
+            f"this container lacks what a restore needs (missing capability: {', '.join('CAP_' + c for c in lacking)}):"
+            " CRIU's own, and those the checkpoint's processes held at bake, which CRIU can give back only if it"
+            " holds them (docker run --cap-drop ALL, or Kubernetes' drop: [ALL]?); add them: "
+            + " ".join(f"--cap-add {c}" for c in lacking))
     baked_args = list(m.vllm.args)
     if run_args and run_args != baked_args:
         raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")

@@ -204,3 +204,26 @@ def test_two_different_api_keys_are_refused_at_once_with_the_reason(baked_image,
         assert code != "0", logs
         assert "FV_API_KEY and VLLM_API_KEY are both set, to different keys; set one of them" in logs, logs
         assert "Traceback" not in logs
+
+
+def test_a_container_that_drops_every_capability_is_told_which_to_add_back(baked_image, manifest, port_free):
+    """`docker run --cap-drop ALL` with CRIU's list (Kubernetes' drop: [ALL] and add): the
+    checkpoint's processes held Docker's default capabilities, which CRIU can give back only if it
+    holds them (found by hand, 2026-12-05: CRIU's restorer failed on them and the restore hung
+    until its 600 s timeout). Refused at once, by name; with those added back it restores."""
+    from fvboot.capabilities import CONTAINER_CAPS
+
+    held = manifest["criu"]["capabilities"]
+    assert held and "SYS_ADMIN" not in held, held  # the tree gives CRIU's up (nsinit)
+    with Container(baked_image, "--cap-drop", "ALL") as c:
+        logs = _wait_log(c.id, "checkpoint not used", 60)
+        line = next((l for l in logs.splitlines() if "checkpoint not used" in l), logs[-3000:])
+        lacking = sorted(set(held) - set(CONTAINER_CAPS))
+        assert "missing capability: " + ", ".join(f"CAP_{n}" for n in lacking) in line, line
+        assert "add them: " + " ".join(f"--cap-add {n}" for n in lacking) in line, line
+        assert "criu restore" not in logs, logs[-3000:]  # refused before CRIU ran
+    back = [f for n in held for f in ("--cap-add", n)]
+    with Container(baked_image, "--cap-drop", "ALL", *back) as c:
+        _wait_ready(container=c.id)
+        assert "restored from checkpoint" in c.logs(), c.logs()[-3000:]
+        _assert_same_as_bake(manifest)

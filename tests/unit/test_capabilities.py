@@ -37,3 +37,19 @@ def test_a_process_started_through_nsinit_holds_none_of_them_in_any_set():
     assert set(sets) == {"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"}
     assert all(not names for names in sets.values()), sets
     assert "CAP_SYS_ADMIN" in _own()["CapEff"]  # the caller (fvboot, CRIU) keeps its own
+
+
+def test_permitted_reads_this_processs_set_by_name():
+    from fvboot.capabilities import CAP_NAMES, permitted
+
+    mask = int(next(l for l in open("/proc/self/status") if l.startswith("CapPrm:")).split()[1], 16)
+    assert permitted() == {CAP_NAMES[n] for n in range(mask.bit_length()) if mask >> n & 1}
+    assert CAP_NAMES[21] == "SYS_ADMIN" and CAP_NAMES[40] == "CHECKPOINT_RESTORE"
+
+
+def test_a_restore_needs_crius_capabilities_and_the_trees():
+    from fvboot.capabilities import CONTAINER_CAPS, restore_lacks
+
+    assert restore_lacks(("CHOWN",), frozenset(CONTAINER_CAPS) | {"CHOWN", "KILL"}) == []
+    assert restore_lacks(("CHOWN", "KILL"), frozenset(CONTAINER_CAPS)) == ["CHOWN", "KILL"]
+    assert restore_lacks(None, frozenset()) == sorted(CONTAINER_CAPS)

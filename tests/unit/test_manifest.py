@@ -285,3 +285,12 @@ def test_labels_do_not_fail_on_a_manifest_missing_optional_fields(data):
 
     labels = dict(baked_labels(data))
     assert labels["org.fast-vllm.baked"] == "true" and labels["org.fast-vllm.baked-vllm"] == ""
+
+
+def test_the_capabilities_the_tree_held_are_kept_and_an_older_manifest_has_none():
+    c = manifest.Criu.from_json({"version": "4.2", "capabilities": ["CHOWN", "KILL"]})
+    assert c.capabilities == ("CHOWN", "KILL") and c.to_json()["capabilities"] == ["CHOWN", "KILL"]
+    old = manifest.Criu.from_json({"version": "4.2"})
+    assert old.capabilities is None and "capabilities" not in old.to_json()
+    with pytest.raises(manifest.ManifestInvalid, match="criu.capabilities must be a list of strings"):
+        manifest.Criu.from_json({"capabilities": "CHOWN"})

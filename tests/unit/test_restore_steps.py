@@ -91,6 +91,30 @@ def test_a_user_other_than_root_is_refused_before_criu_runs(tmp_path, monkeypatc
         check_compatible(m, layout, [])
 
 
+def test_a_container_without_the_capabilities_the_tree_held_is_refused_before_criu_runs(tmp_path, monkeypatch):
+    """docker run --cap-drop ALL (Kubernetes' drop: [ALL]) plus CRIU's list: the checkpoint's
+    processes held CHOWN (Docker's default), which CRIU cannot give back without holding it; the
+    restore's restorer failed on it and hung until CRIU's timeout (found by hand, 2026-12-05)."""
+    from fvboot import capabilities
+
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    m = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), (), ("CHOWN", "KILL", "SYS_ADMIN")))
+    monkeypatch.setattr(capabilities, "permitted", lambda pid="self": frozenset(capabilities.CONTAINER_CAPS))
+    with pytest.raises(CheckpointUnusable, match=r"missing capability: CAP_CHOWN, CAP_KILL\).*drop: \[ALL\].*"
+                                                 r"add them: --cap-add CHOWN --cap-add KILL$"):
+        check_compatible(m, layout, [])
+    without_chroot = frozenset(capabilities.CONTAINER_CAPS) - {"SYS_CHROOT"} | {"CHOWN", "KILL"}
+    monkeypatch.setattr(capabilities, "permitted", lambda pid="self": without_chroot)
+    with pytest.raises(CheckpointUnusable, match=r"missing capability: CAP_SYS_CHROOT\)"):
+        check_compatible(m, layout, [])
+    old = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), ()))  # an older fvboot's: CRIU's own only
+    monkeypatch.setattr(capabilities, "permitted", lambda pid="self": frozenset(capabilities.CONTAINER_CAPS))
+    monkeypatch.setattr(manifest, "verify_files", lambda home, files: "stop here")
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
+    with pytest.raises(CheckpointUnusable, match="^stop here$"):
+        check_compatible(old, layout, [])
+
+
 def test_checkpoint_from_another_device_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
     layout, m = _manifest(tmp_path, {"kind": "cuda", "gpus": [], "driver": "580"})

@@ -48,7 +48,8 @@ def test_criu_without_capabilities_says_so_not_no_log(tmp_path, monkeypatch):
         criu.restore(tmp_path / "images", tmp_path / "work", [])
     assert "failed (exit 1): CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability:" \
            " (run the container with --cap-add SYS_ADMIN --cap-add SYS_PTRACE --cap-add NET_ADMIN --cap-add" \
-           " DAC_READ_SEARCH --cap-add SYS_TIME --security-opt seccomp=unconfined --security-opt apparmor=unconfined" \
+           " DAC_READ_SEARCH --cap-add SYS_TIME --cap-add SYS_CHROOT --security-opt seccomp=unconfined" \
+           " --security-opt apparmor=unconfined" \
            " --shm-size 1g (`fvbuild run-flags IMAGE` prints them, and a GPU image's GPUs))" in str(e.value)
 
 
