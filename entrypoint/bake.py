@@ -9,6 +9,7 @@ lives in the run dir's runtime file (outside FV_HOME) and is deleted when the ba
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import time
@@ -129,6 +130,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
             _say_graph_pool(trimmed)
             processes = tree_processes(tree.init_pid())
             tree_caps = _tree_capabilities(processes)
+            tasks = _tree_tasks(processes)
             criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log",
                       env=service_env)
         tl.mark("checkpoint written")
@@ -174,7 +176,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
                            env=vllm_settings()),
         runtime_file=str(layout.runtime_file),  # where the restored middleware looks
         criu=manifest.Criu(criu.version(), tuple(criu.DUMP_FLAGS), tuple(criu.RESTORE_FLAGS), addresses,
-                           tree_caps),
+                           tree_caps, tasks),
         device=dev,
         pipes=pipe_keys,
         weights=dumped,
@@ -230,6 +232,17 @@ def _tree_capabilities(processes: list[dict]) -> tuple[str, ...]:
         except OSError:  # gone since it was listed: not in the checkpoint either
             continue
     return tuple(sorted(held))
+
+
+def _tree_tasks(processes: list[dict]) -> int:
+    """The tree's threads, every process's: what a pids limit counts at restore (pids.py)."""
+    count = 0
+    for p in processes:
+        try:
+            count += len(os.listdir(f"/proc/{p['host_pid']}/task"))
+        except OSError:  # gone since it was listed: not in the checkpoint either
+            continue
+    return count
 
 
 def _vllm_version() -> str:

@@ -56,6 +56,10 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
+def _is_opt_count(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+
+
 def _opt_str_tuple(v: Optional[list]) -> Optional[tuple[str, ...]]:
     return None if v is None else tuple(v)
 
@@ -189,9 +193,11 @@ class Criu:
     # the capabilities the checkpoint's processes held (their permitted sets, by name): a restore
     # needs each of them (capabilities.restore_lacks); None: not recorded (an older fvboot)
     capabilities: Optional[tuple[str, ...]] = None
+    # how many threads the checkpoint's processes had (a pids limit counts each): None, not recorded
+    tasks: Optional[int] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("version", "dump_flags", "restore_flags", "addresses", "capabilities")
+    _KEYS = ("version", "dump_flags", "restore_flags", "addresses", "capabilities", "tasks")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "criu") -> "Criu":
@@ -201,6 +207,7 @@ class Criu:
                    addresses=tuple(_get(d, where, "addresses", _is_str_list, "a list of strings", [])),
                    capabilities=_opt_str_tuple(_get(d, where, "capabilities", _is_str_list, "a list of strings",
                                                     None)),
+                   tasks=_get(d, where, "tasks", _is_opt_count, "a whole number", None),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
@@ -208,6 +215,8 @@ class Criu:
                "restore_flags": list(self.restore_flags), "addresses": list(self.addresses)}
         if self.capabilities is not None:
             out["capabilities"] = list(self.capabilities)
+        if self.tasks is not None:
+            out["tasks"] = self.tasks
         return out
 
 

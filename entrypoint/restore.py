@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import capabilities, control, criu, manifest, pagecheck, ports, sockets
+from . import capabilities, control, criu, manifest, pagecheck, pids, ports, sockets
 from .control import ServerControl
 from .devices import DeviceLookup
 from .envchoice import choice
@@ -56,6 +56,9 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
             " CRIU's own, and those the checkpoint's processes held at bake, which CRIU can give back only if it"
             " holds them (docker run --cap-drop ALL, or Kubernetes' drop: [ALL]?); add them: "
             + " ".join(f"--cap-add {c}" for c in lacking))
+    no_room = pids.lacking_room(m.criu.tasks if m.criu else None)
+    if no_room:  # CRIU would fail on it mid-restore: "Unable to create a thread: -11"
+        raise CheckpointUnusable(no_room)
     baked_args = list(m.vllm.args)
     if run_args and run_args != baked_args:
         raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")

@@ -1135,3 +1135,18 @@ for name in ("/proc/net/tcp", "/proc/net/tcp6"):
             raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
             print(ipaddress.ip_address(raw))
 """
+
+
+def test_a_pids_limit_without_room_for_the_server_is_said_before_criu_runs(baked_image, manifest, port_free):
+    """`docker run --pids-limit` (a Kubernetes pod's pids limit) below the server's threads
+    (found by hand, 2026-12-05: CRIU's restorer failed with "Unable to create a thread: -11"): the
+    checks say so, with the number the bake recorded, before CRIU runs."""
+    tasks = manifest["criu"]["tasks"]
+    assert tasks > 10, manifest["criu"]  # vLLM's processes and their threads
+    limit = tasks // 2
+    with Container(baked_image, "--pids-limit", str(limit)) as c:
+        logs = _wait_log(c.id, "checkpoint not used", 60)
+        line = next((l for l in logs.splitlines() if "checkpoint not used" in l), logs[-3000:])
+        assert f"this container may run {limit} processes and threads" in line, line
+        assert f"the checkpoint's server has {tasks}: raise the limit" in line, line
+        assert "Unable to create a thread" not in logs and "criu restore" not in logs, logs[-3000:]

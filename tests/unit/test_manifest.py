@@ -294,3 +294,11 @@ def test_the_capabilities_the_tree_held_are_kept_and_an_older_manifest_has_none(
     assert old.capabilities is None and "capabilities" not in old.to_json()
     with pytest.raises(manifest.ManifestInvalid, match="criu.capabilities must be a list of strings"):
         manifest.Criu.from_json({"capabilities": "CHOWN"})
+
+
+def test_the_trees_thread_count_is_kept_and_checked():
+    c = manifest.Criu.from_json({"tasks": 81})
+    assert c.tasks == 81 and c.to_json()["tasks"] == 81
+    assert manifest.Criu.from_json({}).tasks is None
+    with pytest.raises(manifest.ManifestInvalid, match="criu.tasks must be a whole number"):
+        manifest.Criu.from_json({"tasks": -1})
