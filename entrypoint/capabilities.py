@@ -35,9 +35,24 @@ RUN_WITH = (f"run the container with {' '.join(docker_run_flags())} (`fvbuild ru
             " and a GPU image's GPUs)")
 
 
-# Capability numbers from <linux/capability.h>.
-RESTORE_ONLY = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19,
-                "CAP_SYS_ADMIN": 21, "CAP_SYS_TIME": 25, "CAP_CHECKPOINT_RESTORE": 40}
+# <linux/capability.h>, by number: the names Docker's --cap-add takes
+CAP_NAMES = ("CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+             "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+             "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+             "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+             "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+             "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE")
+
+
+def names(mask: int) -> frozenset[str]:
+    """The capabilities a /proc/PID/status mask holds, by name (a number this table lacks as CAP_N)."""
+    return frozenset(CAP_NAMES[n] if n < len(CAP_NAMES) else f"CAP_{n}"
+                     for n in range(mask.bit_length()) if mask >> n & 1)
+
+
+# The capabilities only CRIU needs, by number: the served tree drops them
+RESTORE_ONLY = {f"CAP_{name}": CAP_NAMES.index(name) for name in
+                ("DAC_READ_SEARCH", "NET_ADMIN", "SYS_PTRACE", "SYS_ADMIN", "SYS_TIME", "CHECKPOINT_RESTORE")}
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _VERSION_3 = 0x20080522
@@ -83,14 +98,6 @@ def held(status_text: str) -> dict[str, set[str]]:
     return out
 
 
-# <linux/capability.h>, by number: the names Docker's --cap-add takes
-CAP_NAMES = ("CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-             "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
-             "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
-             "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
-             "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
-             "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE")
-
 
 def permitted(pid: "int | str" = "self") -> frozenset[str]:
     """The capabilities process PID may use (its permitted set, from /proc), by name; OSError if
@@ -98,9 +105,7 @@ def permitted(pid: "int | str" = "self") -> frozenset[str]:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("CapPrm:"):
-                mask = int(line.split(":", 1)[1].strip(), 16)
-                return frozenset(CAP_NAMES[n] if n < len(CAP_NAMES) else f"CAP_{n}"
-                                 for n in range(mask.bit_length()) if mask >> n & 1)
+                return names(int(line.split(":", 1)[1].strip(), 16))
     return frozenset()
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .capabilities import RUN_WITH
+from .capabilities import CAP_NAMES, RUN_WITH
 from .errors import FvBootError
 
 # --tcp-established: the engine's loopback connections; --network-lock skip: no iptables in
@@ -64,16 +64,15 @@ _CONSEQUENCE = re.compile(r"Restoring FAILED|exited, status=|\d+ killed by signa
 _ADDRESS_GONE = re.compile(r"Can't bind inet socket back|Cannot assign requested address")
 
 
-_CAP_NAMES = {2: "DAC_READ_SEARCH", 12: "NET_ADMIN", 19: "SYS_PTRACE", 21: "SYS_ADMIN", 25: "SYS_TIME",
-              40: "CHECKPOINT_RESTORE (SYS_ADMIN covers it)"}
-
-
 def _name_capability(line: str) -> str:
     """CRIU names a missing capability by number, or only says it lacks some; say which, and
     what to do."""
     m = re.search(r"capability (\d+) missing", line)
     if m:
-        name = _CAP_NAMES.get(int(m.group(1)), "unknown")
+        number = int(m.group(1))
+        name = CAP_NAMES[number] if number < len(CAP_NAMES) else "unknown"
+        if name == "CHECKPOINT_RESTORE":
+            name += " (SYS_ADMIN covers it)"
         return f"{line} (CAP_{name}: {RUN_WITH})"
     if re.search(r"capabilit", line, re.IGNORECASE):
         return f"{line} ({RUN_WITH})"
