@@ -162,7 +162,7 @@ def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]
 
     def reader() -> None:
         yield_the_cpu()
-        buf = bytearray(size)
+        buf: Optional[bytearray] = None  # made at the first piece to read: a warm start reads none
         fds: dict[str, int] = {}
         try:
             while True:
@@ -177,11 +177,14 @@ def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]
                     m = mappings.get(path)
                     if m is not None and off + n <= m.size and m.missing_in(off, n) == 0:
                         check.piece(path, off, m.view(off, n))
+                        m.let_go(off, n)
                         continue
                 try:
                     fd = fds.get(path)
                     if fd is None:
                         fd = fds[path] = os.open(path, os.O_RDONLY)
+                    if buf is None:
+                        buf = bytearray(size)
                     got = os.preadv(fd, [memoryview(buf)[:n]], off)
                 except OSError as e:
                     if check:  # for the check an unreadable piece is a failure; for a prefetch only a hint

@@ -24,11 +24,12 @@ from . import criu, cuda_checkpoint_service, exitnoise, manifest, restore, weigh
 from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
-from .errors import CheckpointUnusable, FvBootError, Stopped
+from .errors import CheckpointUnusable, FvBootError, ServerDied, Stopped
 from .launcher import (Pipes, ServedTree, add_runtime_info, api_key_line, runtime_settings, server_env,
                        server_port, vllm_command, write_runtime_settings)
 from .layout import Layout
 from .manifest import Manifest
+from .oom import OomWatch
 from .output import log
 from .ports import check_serving_port
 from .pagecheck import PageCheck
@@ -97,11 +98,12 @@ def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] =
     pipes.pump(lambda ev, args: ev == "first_request_served" and _first_request(tl, args))
     tree = None
     outcome: dict = {}
+    oom = OomWatch()
     try:
-        tree = _start(layout, run_args, pipes, tl, settings, outcome, devices)
+        tree = _start(layout, run_args, pipes, tl, settings, outcome, devices, oom)
         tl.print_table()
         _publish_startup(layout, tree, tl, outcome)
-        return _supervise(tree)
+        return _supervise(tree, oom)
     except Stopped as stop:
         log(f"stopped by signal {stop.signum} before the server was serving; stopping what runs")
         if tree is not None:
@@ -126,10 +128,12 @@ def _publish_startup(layout: Layout, tree, tl: Timeline, outcome: dict) -> None:
 
 
 def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, settings: dict,
-           outcome: Optional[dict] = None, devices: Optional[DeviceLookup] = None):
+           outcome: Optional[dict] = None, devices: Optional[DeviceLookup] = None,
+           oom: Optional[OomWatch] = None):
     """The restored tree, or after any failure on that path (said in one line, with its reason,
     and cleaned up), a normally started one. OUTCOME gets the reason of a fallback; DEVICES,
-    this machine's GPUs looked up since fvboot's first line."""
+    this machine's GPUs looked up since fvboot's first line; OOM, the container's OOM kills
+    counted since fvboot began (a kill is named as the cause of what failed)."""
     m: Optional[Manifest] = None  # None: missing or invalid; the normal start salvages what it can
     check: Optional[PageCheck] = None
     kernel_facts = None  # our own `criu check`, beside the checks: not a leftover of a restore
@@ -180,6 +184,9 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
         reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
         if check is not None and check.problem and check.problem not in reason:
             reason = f"{check.problem} ({reason})"  # a damaged image explains what CRIU made of it
+        killed = oom.since() if oom is not None else None
+        if killed:  # what the restore saw was only a process gone or a connection closed
+            reason = f"{killed} ({reason})"
         log(f"checkpoint not used: {reason}; starting vLLM normally (compile caches reused)")
         if outcome is not None:
             outcome["reason"] = reason
@@ -187,7 +194,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
     if left:
         log(f"stopped {len(left)} process(es) the failed restore left")
     tl.mark("fallback start")
-    return _cold_start(layout, m, run_args, pipes, tl, settings)
+    return _cold_start(layout, m, run_args, pipes, tl, settings, oom)
 
 
 def _first_request(tl: Timeline, args: list[str]) -> None:
@@ -241,7 +248,7 @@ START_TIMEOUT_ENV = "FV_START_TIMEOUT_S"
 
 
 def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipes: Pipes, tl: Timeline,
-                settings: dict):
+                settings: dict, oom: Optional[OomWatch] = None):
     cmd, name, how = launch_command(layout, m, run_args)
     port = server_port(cmd)
     timeout = float(os.environ.get(START_TIMEOUT_ENV, "3600"))
@@ -253,6 +260,12 @@ def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipe
     tree = ServedTree(cmd, server_env(layout.runtime_file, dev_mode=False, extra=caches), pipes, namespaced=False)
     try:
         ServerControl(port, token, name).wait_healthy(timeout, tree.alive)
+    except ServerDied as e:
+        tree.terminate(timeout=5)
+        killed = oom.since() if oom is not None else None
+        if killed:  # vLLM's log shows nothing of a SIGKILL
+            raise ServerDied(f"{e}: {killed}") from None
+        raise
     except BaseException:
         tree.terminate(timeout=5)  # within docker stop's 10 s grace
         raise
@@ -260,8 +273,9 @@ def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipe
     return tree
 
 
-def _supervise(tree) -> int:
-    """Wait for the tree, reaping whatever is reparented to us; forward SIGTERM/SIGINT to it."""
+def _supervise(tree, oom: Optional[OomWatch] = None) -> int:
+    """Wait for the tree, reaping whatever is reparented to us; forward SIGTERM/SIGINT to it.
+    Its end is said in one line, with the OOM killer's part in it where it had one."""
     root = tree.pid if isinstance(tree, RestoredTree) else tree.proc.pid
 
     def stop(signum, _frame):
@@ -283,6 +297,7 @@ def _supervise(tree) -> int:
             code = os.waitstatus_to_exitcode(status)
             break
     quiet = exitnoise.dropped()
+    killed = oom.since() if oom is not None and not exitnoise.stopping.is_set() else None
     log(f"vLLM exited with code {code}" + (f" ({quiet} lines of its libraries' exit warnings not shown)"
-                                           if quiet else ""))
+                                           if quiet else "") + (f": {killed}" if killed else ""))
     return code & 0xFF if code >= 0 else 128 - code

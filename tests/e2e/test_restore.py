@@ -1150,3 +1150,20 @@ def test_a_pids_limit_without_room_for_the_server_is_said_before_criu_runs(baked
         assert f"this container may run {limit} processes and threads" in line, line
         assert f"the checkpoint's server has {tasks}: raise the limit" in line, line
         assert "Unable to create a thread" not in logs and "criu restore" not in logs, logs[-3000:]
+
+
+def test_a_memory_limit_too_small_for_the_server_is_named_as_what_ended_it(baked_image, port_free):
+    """`docker run --memory` (a pod's resources.limits.memory) below what vLLM needs (found by
+    hand, 2026-12-05): the kernel kills one of its processes, vLLM prints nothing of it, and
+    fvboot said only "exited before it became healthy" -- or, restoring, was itself the process
+    the kernel chose (its mapping of the checked memory images counted ~0.5 GB in its resident
+    set) and the container ended with no word at all. A normal start (the restore's fallback,
+    which needs more memory than a restore) under 300 MiB: its last line names the kill and
+    the limit."""
+    with Container(baked_image, "--memory", "300m", "--memory-swap", "300m", "-e", "FV_RESTORE=0") as c:
+        code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=300).stdout.strip()
+        logs = c.logs()
+        assert code == "1", logs[-3000:]
+        last = [l for l in logs.splitlines() if l.startswith("fvboot:")][-1]
+        assert "the kernel's OOM killer ended" in last and "its memory limit, 300 MiB, is too small" in last, last
+        assert "raise it (docker run --memory, or the pod's resources.limits.memory)" in last, last

@@ -144,3 +144,47 @@ def test_the_weight_stagers_finding_serves_the_prefetch(tmp_path, monkeypatch, c
         stager.stop()
     assert read == ({str(images / "pages-1.img")} | (set() if cached else {str(dump)}))
     assert residency.resident() is cached and residency.files == {str(dump)}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError("no VmRSS")
+
+
+def test_cached_memory_images_checked_in_place_do_not_stay_in_fvboots_memory(tmp_path):
+    """A piece hashed from the page cache through fvboot's mapping is let go at once: pages read
+    through a mapping count in fvboot's resident set, and under a container memory limit the OOM
+    killer chose fvboot (0.5 GB of checked images) over the server it supervises, silently."""
+    import os
+
+    from fvboot import prefetch
+
+    images = tmp_path / "images"
+    images.mkdir()
+    piece, pieces = 4 << 20, 32
+    path = images / "pages-1.img"
+    path.write_bytes(os.urandom(piece) * pieces)  # written: in the page cache
+    grown = []
+    base = _rss_bytes()
+
+    class Check:
+        def paths(self):
+            return [str(path)]
+
+        def piece_size(self, _path):
+            return piece
+
+        def piece(self, _path, _off, view):
+            bytes(view[::4096])  # read every page, as a hash does
+            grown.append(_rss_bytes() - base)
+
+        def unreadable(self, _path, _off, e):
+            raise AssertionError(e)
+
+    prefetch._read_ahead(prefetch.plan([images], Check()), Check(), None, None)
+    assert len(grown) == pieces
+    # at most the pieces the readers hold at once; kept, it would reach the whole 128 MiB
+    assert max(grown) < (prefetch.PREFETCH_THREADS + 4) * piece, [g >> 20 for g in grown]

@@ -308,3 +308,53 @@ def test_an_os_error_of_the_normal_start_is_one_line(tmp_path):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(
         "fvboot: vLLM could not be started normally either: [Errno 21] Is a directory"), err
+
+
+def _oom_cgroup(tmp_path, kills: int) -> Path:
+    """A container's cgroup v2 memory files, as the kernel keeps them, with KILLS OOM kills."""
+    d = tmp_path / "cgroup"
+    d.mkdir(exist_ok=True)
+    (d / "memory.events").write_text(f"oom 1\noom_kill {kills}\n")
+    (d / "memory.max").write_text(str(128 << 20))
+    return d
+
+
+def test_a_restore_the_oom_killer_ended_says_so_before_what_fvboot_saw(tmp_path, monkeypatch, capfd):
+    """What fvboot sees of a restored server the kernel killed for memory is a closed connection;
+    the reason names the kill and the limit first."""
+    from fvboot.oom import OomWatch
+
+    layout = _layout(tmp_path, monkeypatch, json.dumps(BAKED))
+    cgroup = _oom_cgroup(tmp_path, 0)
+    watch = OomWatch(cgroup, tmp_path / "no-v1")
+
+    def killed(*_a, **_k):
+        _oom_cgroup(tmp_path, 1)
+        raise ConnectionError("Remote end closed connection without response")
+
+    monkeypatch.setenv("FV_RESTORE", "1")
+    monkeypatch.setattr(serve.restore, "check_compatible", killed)
+    monkeypatch.setattr(serve, "_cold_start", lambda *a: "tree")
+    outcome: dict = {}
+    assert serve._start(layout, [], None, serve.Timeline("t"), {}, outcome, None, watch) == "tree"
+    assert outcome["reason"] == ("the kernel's OOM killer ended 1 of this container's processes: its memory limit,"
+                                 " 128 MiB, is too small for the server; raise it (docker run --memory, or the pod's"
+                                 " resources.limits.memory) (ConnectionError: Remote end closed connection without"
+                                 " response)")
+    assert f"checkpoint not used: {outcome['reason']}; starting vLLM normally" in capfd.readouterr().err
+
+
+def test_a_normal_start_the_oom_killer_ended_names_it_in_its_last_line(tmp_path, monkeypatch):
+    """vLLM prints nothing when the kernel kills one of its processes: fvboot's line says it."""
+    from fvboot.errors import ServerDied
+    from fvboot.oom import OomWatch
+
+    layout = _layout(tmp_path, monkeypatch)
+    watch = OomWatch(_oom_cgroup(tmp_path, 4), tmp_path / "no-v1")
+    bump = f"printf 'oom 1\\noom_kill 5\\n' > {tmp_path / 'cgroup' / 'memory.events'}; exit 1"
+    m = manifest.Manifest.from_json(_baked(["sh", "-c", bump, "--port", "1"], [], "m", 1))
+    with pytest.raises(ServerDied) as e:
+        serve._cold_start(layout, m, [], Pipes.create(), serve.Timeline("t"), {}, watch)
+    assert str(e.value) == ("the vLLM server exited before it became healthy (see its log above): the kernel's OOM"
+                            " killer ended 1 of this container's processes: its memory limit, 128 MiB, is too small"
+                            " for the server; raise it (docker run --memory, or the pod's resources.limits.memory)")
