@@ -165,7 +165,7 @@ RESERVED_VLLM_ARGS = {
     "--middleware": "fvboot sets it",
     "--enable-sleep-mode": "fvboot sets it",
     "--served-model-name": "fvboot serves the model under the name given to --model",
-    "--api-key": "pass the key at run time: docker run -e FV_API_KEY=...",
+    "--api-key": "pass the key at run time: docker run -e FV_API_KEY=... (or docker run IMAGE --api-key ...)",
     "--uds": "the restored server listens on --port",
 }
 
@@ -289,12 +289,18 @@ class BuildOptions(CriuOptions):
     @field_validator("vllm_args")
     @classmethod
     def _no_owned_args(cls, v: list[str]) -> list[str]:
+        from fvboot.launcher import is_secret_name
+
         for i, a in enumerate(v):
             if "\n" in a or "\r" in a or "\0" in a:
                 raise ValueError("a --vllm-arg value contains a newline")
             name, eq, value = a.partition("=")
             if name in RESERVED_VLLM_ARGS:
                 raise ValueError(f"{name} is reserved: {RESERVED_VLLM_ARGS[name]}")
+            if name.startswith("--") and is_secret_name(name[2:].replace("-", "_")):
+                raise ValueError(f"{name} may hold a secret, which must not be in an image (the manifest and the"
+                                 " checkpoint keep the server's arguments): give it at run time (docker run -e), or for the model"
+                                 " download as --hf-token-env")
             if name == "--host":
                 value = value if eq else (v[i + 1] if i + 1 < len(v) else "")
                 if value not in WILDCARD_HOSTS:

@@ -179,37 +179,94 @@ def apply_load_settings(settings: dict[str, str], env: Optional[dict] = None) ->
 
 
 API_KEY_ENVS = ("FV_API_KEY", "VLLM_API_KEY")  # docker run -e ...: clients must send it
+API_KEY_ARG = "--api-key"  # docker run IMAGE --api-key KEY, as with vLLM's own image
 
 
-def api_key(env: dict) -> Optional[str]:
-    """The key clients must send, from FV_API_KEY or VLLM_API_KEY; None (an open API) where
-    neither is set or the one set is empty (compose's `${FV_API_KEY:-}`). White space at its ends
-    is left out: HTTP trims it from a header, so no client could send it, and a Kubernetes secret
-    made from a file keeps the file's last newline. Both set to different keys is refused."""
-    given = {k: env[k].strip() for k in API_KEY_ENVS if env.get(k, "").strip()}
+def take_api_key_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
+    """ARGS without `--api-key KEY` / `--api-key=KEY`, and KEY (the last one, as vLLM's parser
+    takes it), or None. The key is the middleware's to ask for, in a restore as in a normal
+    start: it is not an argument of the server (a restore goes ahead) and is never logged.
+    ValueError for `--api-key` without a value."""
+    rest: list[str] = []
+    key: Optional[str] = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == API_KEY_ARG:
+            if i + 1 >= len(args):
+                raise ValueError("--api-key needs a value: docker run IMAGE --api-key KEY (or docker run -e FV_API_KEY=KEY)")
+            key, i = args[i + 1], i + 2
+        elif a.startswith(API_KEY_ARG + "="):
+            key, i = a[len(API_KEY_ARG) + 1:], i + 1
+        else:
+            rest.append(a)
+            i += 1
+    return rest, key
+
+
+def _key_sources(env: dict, arg: Optional[str]) -> dict[str, str]:
+    """Where a key was given (FV_API_KEY, VLLM_API_KEY, --api-key) -> the key as given."""
+    given = {k: env[k] for k in API_KEY_ENVS if env.get(k, "").strip()}
+    if arg is not None and arg.strip():
+        given[API_KEY_ARG] = arg
+    return given
+
+
+def api_key(env: dict, arg: Optional[str] = None) -> Optional[str]:
+    """The key clients must send, from FV_API_KEY, VLLM_API_KEY or the run's --api-key (ARG);
+    None (an open API) where none is set or the one set is empty (compose's `${FV_API_KEY:-}`).
+    White space at its ends is left out: HTTP trims it from a header, so no client could send
+    it, and a Kubernetes secret made from a file keeps the file's last newline. Two different
+    keys are refused."""
+    given = {k: v.strip() for k, v in _key_sources(env, arg).items()}
     if len(set(given.values())) > 1:
-        raise ValueError("FV_API_KEY and VLLM_API_KEY are both set, to different keys; set one of them")
+        names = list(given)
+        both = "both" if len(names) == 2 else "all"
+        raise ValueError(f"{' and '.join(names)} are {both} set, to different keys; set one of them")
     return next(iter(given.values()), None)
 
 
-def api_key_line(env: dict) -> str:
+def api_key_line(env: dict, arg: Optional[str] = None) -> str:
     """One line for the log saying whether clients need a key, and where it came from: an empty
     variable or a key trimmed is said, not guessed at by the operator from a 401."""
-    name = next((k for k in API_KEY_ENVS if env.get(k, "").strip()), None)
-    if name is None:
-        empty = [k for k in API_KEY_ENVS if k in env]
+    given = _key_sources(env, arg)
+    if not given:
+        empty = [k for k in API_KEY_ENVS if k in env] + ([API_KEY_ARG] if arg is not None else [])
         return (f"{' and '.join(empty)} empty: clients need no API key" if empty
                 else "clients need no API key (FV_API_KEY sets one)")
-    trimmed = " (white space at its ends left out)" if env[name] != env[name].strip() else ""
-    return f"clients must send the API key in {name}{trimmed} as `Authorization: Bearer <key>`"
+    name, key = next(iter(given.items()))
+    where = "given as --api-key" if name == API_KEY_ARG else f"in {name}"
+    trimmed = " (white space at its ends left out)" if key != key.strip() else ""
+    return f"clients must send the API key {where}{trimmed} as `Authorization: Bearer <key>`"
 
 
-def runtime_settings(env: Optional[dict] = None) -> dict:
-    """What `docker run -e` can set for the server's middleware at each start (the server's own
-    environment is frozen at bake): the API key clients must present, the gate's wait."""
+def shown_args(args: list[str]) -> list[str]:
+    """ARGS as a log line may show them: the value of an option whose name says it holds a
+    credential (--api-key, --hf-token; the names is_secret_name knows) is left out."""
+    out: list[str] = []
+    hide_next = False
+    for a in args:
+        if hide_next:
+            out.append("<hidden>")
+            hide_next = False
+            continue
+        name, eq, _ = a.partition("=")
+        secret = name.startswith("--") and is_secret_name(name[2:].replace("-", "_"))
+        if secret and eq:
+            out.append(f"{name}=<hidden>")
+        else:
+            out.append(a)
+            hide_next = secret
+    return out
+
+
+def runtime_settings(env: Optional[dict] = None, api_key_arg: Optional[str] = None) -> dict:
+    """What `docker run` can set for the server's middleware at each start (the server's own
+    environment is frozen at bake): the API key clients must present (-e FV_API_KEY, or the
+    run's --api-key, API_KEY_ARG), the gate's wait."""
     env = os.environ if env is None else env
     out: dict = {}
-    key = api_key(env)
+    key = api_key(env, api_key_arg)
     if key:
         out["api_key"] = key
     wait = env.get("FV_GATE_WAIT_S")

@@ -27,7 +27,7 @@ from .control import ServerControl
 from .devices import DeviceLookup
 from .envchoice import choice
 from .errors import CheckpointUnusable, ServerError
-from .launcher import (Pipes, arg_value, load_settings, vllm_settings, vllm_settings_changed,
+from .launcher import (Pipes, arg_value, load_settings, shown_args, vllm_settings, vllm_settings_changed,
                        write_runtime_settings)
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
@@ -61,7 +61,8 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
         raise CheckpointUnusable(no_room)
     baked_args = list(m.vllm.args)
     if run_args and run_args != baked_args:
-        raise CheckpointUnusable(f"arguments {run_args} differ from the baked ones {baked_args}")
+        raise CheckpointUnusable(f"arguments {shown_args(run_args)} were given, and a restored server has only the"
+                                 f" baked ones {shown_args(baked_args)}; the normal start adds them after those")
     changed = vllm_settings_changed(dict(m.vllm.env), vllm_settings()) if m.vllm.env is not None else ""
     if changed:  # the restored processes keep the bake's environment: the normal start gets this one
         raise CheckpointUnusable(f"vLLM's settings differ from the bake's: {changed}; a restored server keeps"

@@ -26,7 +26,7 @@ from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, FvBootError, ServerDied, Stopped
 from .launcher import (Pipes, ServedTree, add_runtime_info, api_key_line, runtime_settings, server_env,
-                       server_port, vllm_command, write_runtime_settings)
+                       server_port, shown_args, take_api_key_arg, vllm_command, write_runtime_settings)
 from .layout import Layout
 from .manifest import Manifest
 from .oom import OomWatch
@@ -85,10 +85,11 @@ def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] =
     tl = Timeline("serve")
     tl.mark("fvboot running")  # after Python's start-up and fvboot's imports
     try:
-        settings = runtime_settings()
+        run_args, key_arg = take_api_key_arg(run_args)  # the middleware's to ask for, not vLLM's
+        settings = runtime_settings(api_key_arg=key_arg)
     except ValueError as e:
         raise FvBootError(str(e)) from None
-    log(api_key_line(dict(os.environ)))
+    log(api_key_line(dict(os.environ), key_arg))
     become_subreaper()
     try:
         layout.run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,20 +228,21 @@ def _salvage(layout: Layout) -> tuple[Optional[str], Optional[list], Optional[in
 
 
 def launch_command(layout: Layout, m: Optional[Manifest], run_args: list[str]) -> tuple[list[str], str, str]:
-    """(command, served name, how it was found) for a normal start: the baked command with the
-    run's arguments if any, else the baked ones; without a valid manifest (M None), what can be
-    read from the damaged file."""
+    """(command, served name, how it was found) for a normal start: the baked command, the run's
+    arguments after it (vLLM takes the last value of an option given twice: `--port 9000` moves
+    the baked server, it does not drop its --max-model-len); without a valid manifest (M None),
+    what can be read from the damaged file."""
     if m is not None:
-        baked, args = list(m.vllm.command), list(m.vllm.args)
-        cmd = baked[: len(baked) - len(args)] + (run_args or args)
-        return [c for c in cmd if c != "--enable-sleep-mode"], m.model.served_name, "the baked command"
+        cmd = list(m.vllm.command) + list(run_args)
+        how = "the baked command" + (f" and {shown_args(run_args)}" if run_args else "")
+        return [c for c in cmd if c != "--enable-sleep-mode"], m.model.served_name, how
     name, args, port = _salvage(layout)
     found = [what for what, v in (("name", name), ("arguments", args), ("port", port)) if v is not None]
     how = (f"the baked {', '.join(found)} read from the damaged manifest" if found
            else "the image's defaults (no baked name or arguments could be read)")
     name = name or os.environ.get("FV_SERVED_MODEL") or str(layout.model_dir)
     port = port or int(os.environ.get("FV_PORT", "8000"))
-    cmd = vllm_command(str(layout.model_dir), name, port, run_args or args or [], sleep_mode=False)
+    cmd = vllm_command(str(layout.model_dir), name, port, (args or []) + list(run_args), sleep_mode=False)
     return cmd, name, how
 
 

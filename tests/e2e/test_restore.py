@@ -1167,3 +1167,30 @@ def test_a_memory_limit_too_small_for_the_server_is_named_as_what_ended_it(baked
         last = [l for l in logs.splitlines() if l.startswith("fvboot:")][-1]
         assert "the kernel's OOM killer ended" in last and "its memory limit, 300 MiB, is too small" in last, last
         assert "raise it (docker run --memory, or the pod's resources.limits.memory)" in last, last
+
+
+def test_arguments_given_at_docker_run_are_added_to_the_baked_ones(baked_image, manifest, port_free):
+    """`docker run IMAGE --port 9000`: a restored server has only the baked arguments, so the
+    start is a normal one, said with the arguments, and it keeps the baked ones (tried as an
+    operator would, 2026-12-05: the run's arguments replaced them, so the server on 9000 ran
+    without the baked --max-model-len -- on a GPU, without a baked --gpu-memory-utilization)."""
+    from fvboot.launcher import arg_value
+
+    baked_len = arg_value(manifest["vllm"]["args"], "--max-model-len")
+    if baked_len is None:
+        pytest.skip("this image was baked without --max-model-len")
+    with Container(baked_image, entry=["fvboot", "--port", "9000"]) as c:
+        deadline, models = time.monotonic() + 900, None
+        while time.monotonic() < deadline and models is None:
+            try:
+                models = requests.get("http://127.0.0.1:9000/v1/models", timeout=5).json()["data"]
+            except (requests.RequestException, ValueError, KeyError):
+                assert subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", c.id], capture_output=True,
+                                      text=True).stdout.strip() == "true", c.logs()[-3000:]
+                time.sleep(1)
+        logs = c.logs()
+        assert models, logs[-3000:]
+        assert models[0]["max_model_len"] == int(baked_len), models
+        assert "checkpoint not used: arguments ['--port', '9000'] were given, and a restored server has only the" \
+               " baked ones" in logs, logs[-3000:]
+        assert "starting vLLM with the baked command and ['--port', '9000']" in logs, logs[-3000:]

@@ -227,3 +227,21 @@ def test_a_container_that_drops_every_capability_is_told_which_to_add_back(baked
         _wait_ready(container=c.id)
         assert "restored from checkpoint" in c.logs(), c.logs()[-3000:]
         _assert_same_as_bake(manifest)
+
+
+def test_an_api_key_given_as_an_argument_is_asked_for_by_the_restored_server_and_never_logged(baked_image, manifest,
+                                                                                               port_free):
+    """`docker run IMAGE --api-key KEY`, as with vLLM's own image (tried as an operator would,
+    2026-12-05: the key counted as an argument the bake did not have, so the checkpoint was not
+    used, the log line saying so printed the key, and the normal start dropped the baked
+    arguments). The key is the middleware's: the restore goes ahead, and the key is in no line."""
+    key = "k-arg-e2e-5d1f"
+    with Container(baked_image, entry=["fvboot", "--api-key", key]) as c:
+        _wait_ready(container=c.id)
+        logs = c.logs()
+        assert "restored from checkpoint" in logs, logs[-3000:]
+        assert "clients must send the API key given as --api-key as `Authorization: Bearer <key>`" in logs, logs[-3000:]
+        body = _completion_body(*_probe_asks(manifest)[0])
+        assert requests.post(f"{URL}/v1/completions", json=body, timeout=60).status_code == 401
+        _assert_same_as_bake(manifest, answers=_answers(manifest, headers={"Authorization": f"Bearer {key}"}))
+        assert key not in c.logs()

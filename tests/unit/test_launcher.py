@@ -98,3 +98,42 @@ def test_the_server_listens_on_every_ipv4_address_unless_the_bake_asked_for_ipv6
         cmd = vllm_command("/fv/model", "m", 8000, [*user, "--max-model-len=512"], sleep_mode=True)
         assert [a for a in cmd if a.startswith("--host")] == [user[0]] and arg_value(cmd, "--host") == "::"
         assert cmd[-len(user) - 1:] == [*user, "--max-model-len=512"]
+
+
+@pytest.mark.parametrize("args, rest, key", [
+    (["--api-key", "k1"], [], "k1"),
+    (["--port", "9000", "--api-key=k2"], ["--port", "9000"], "k2"),
+    (["--api-key", "a", "--api-key", "b"], [], "b"),  # the last, as vLLM's parser takes it
+    (["--max-model-len", "512"], ["--max-model-len", "512"], None),
+])
+def test_the_runs_api_key_is_taken_out_of_the_servers_arguments(args, rest, key):
+    from fvboot.launcher import take_api_key_arg
+
+    assert take_api_key_arg(args) == (rest, key)
+
+
+def test_an_api_key_argument_without_a_value_says_how_to_give_one():
+    from fvboot.launcher import take_api_key_arg
+
+    with pytest.raises(ValueError, match="--api-key needs a value: docker run IMAGE --api-key KEY"):
+        take_api_key_arg(["--port", "9000", "--api-key"])
+
+
+def test_the_runs_api_key_is_the_key_and_is_said_where_it_came_from():
+    from fvboot.launcher import api_key_line, runtime_settings
+
+    assert runtime_settings({}, "k-9\n")["api_key"] == "k-9"
+    assert runtime_settings({"FV_API_KEY": "k-9"}, "k-9")["api_key"] == "k-9"
+    assert api_key_line({}, "k-9") == "clients must send the API key given as --api-key as `Authorization: Bearer <key>`"
+    assert api_key_line({}, "") == "--api-key empty: clients need no API key"
+    with pytest.raises(ValueError, match="FV_API_KEY and --api-key are both set, to different keys"):
+        runtime_settings({"FV_API_KEY": "a"}, "b")
+    with pytest.raises(ValueError, match="FV_API_KEY and VLLM_API_KEY and --api-key are all set, to different keys"):
+        runtime_settings({"FV_API_KEY": "a", "VLLM_API_KEY": "b"}, "c")
+
+
+def test_arguments_shown_in_a_log_leave_credentials_out():
+    from fvboot.launcher import shown_args
+
+    assert shown_args(["--api-key", "k", "--hf-token=hf_x", "--ssl-keyfile", "/k.pem", "--port", "9000"]) == [
+        "--api-key", "<hidden>", "--hf-token=<hidden>", "--ssl-keyfile", "/k.pem", "--port", "9000"]

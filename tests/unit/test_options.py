@@ -46,6 +46,8 @@ def test_invalid_toml_names_the_file(tmp_path):
     ({"model": "m", "port": 0}, "--port"),
     ({"model": "m", "wheels": ["/opt"], "device": "cuda"}, "--wheels/--extra-index-url are used by --device cpu"),
     ({"model": "m", "vllm_args": ["--port=9"]}, "--vllm-arg: --port is reserved: use --port"),
+    ({"model": "m", "vllm_args": ["--hf-token", "hf_x"]}, "--vllm-arg: --hf-token may hold a secret, which must not be in an image"),
+    ({"model": "m", "vllm_args": ["--api-key=k"]}, "--vllm-arg: --api-key is reserved: pass the key at run time"),
     ({"device": "cpu"}, "--model: Field required"),
     ({"model": "m", "env": ["VLLM_X"]}, "--env: 'VLLM_X' is not NAME=VALUE"),
     ({"model": "m", "env": ["1X=a"]}, "--env: '1X' is not an environment variable name"),
@@ -158,3 +160,7 @@ def test_host_refuses_one_address(args):
 
     with pytest.raises(ValueError, match="one address would tie the checkpoint to one network"):
         BuildOptions(model="synthetic:tiny", vllm_args=args)
+
+
+def test_arguments_naming_a_key_file_are_not_secrets():
+    assert load_options({"model": "m", "vllm_args": ["--ssl-keyfile", "/k.pem"]}).vllm_args == ["--ssl-keyfile", "/k.pem"]

@@ -167,8 +167,12 @@ def test_the_cpu_extensions_recorded_are_the_instruction_sets(tmp_path):
 def test_other_run_arguments_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
     layout, m = _manifest(tmp_path, {"kind": "cpu"})
-    with pytest.raises(CheckpointUnusable, match="differ from the baked ones"):
+    with pytest.raises(CheckpointUnusable, match=r"arguments \['--max-model-len', '1024'\] were given, and a restored"
+                                                  r" server has only the baked ones \[.*\]; the normal start adds them"):
         check_compatible(m, layout, ["--max-model-len", "1024"])
+    with pytest.raises(CheckpointUnusable) as e:
+        check_compatible(m, layout, ["--hf-token=hf_s3cret"])
+    assert "s3cret" not in str(e.value) and "--hf-token=<hidden>" in str(e.value)
 
 
 def test_probe_comparison_catches_text_and_logprob_drift():

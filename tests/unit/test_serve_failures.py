@@ -122,9 +122,16 @@ BAKED = _baked(["py", "-m", "vllm", "--served-model-name", "synthetic:tiny", "--
 
 def test_normal_start_after_other_args_waits_on_their_port(tmp_path, monkeypatch):
     layout = _layout(tmp_path, monkeypatch)
-    cmd, name, _ = serve.launch_command(layout, manifest.Manifest.from_json(BAKED), ["--port", "9000"])
-    assert cmd[-2:] == ["--port", "9000"] and "--max-model-len" not in cmd and "--enable-sleep-mode" not in cmd
+    cmd, name, how = serve.launch_command(layout, manifest.Manifest.from_json(BAKED), ["--port", "9000"])
+    assert cmd[-4:] == ["--max-model-len", "512", "--port", "9000"] and "--enable-sleep-mode" not in cmd
     assert server_port(cmd) == 9000 and name == "synthetic:tiny"
+    assert how == "the baked command and ['--port', '9000']"
+
+
+def test_a_secret_given_to_a_normal_start_is_not_in_the_line_saying_how(tmp_path, monkeypatch):
+    layout = _layout(tmp_path, monkeypatch)
+    cmd, _, how = serve.launch_command(layout, manifest.Manifest.from_json(BAKED), ["--hf-token", "hf_s3cret"])
+    assert cmd[-2:] == ["--hf-token", "hf_s3cret"] and "s3cret" not in how
 
 
 def test_a_damaged_manifest_still_gives_the_baked_name_and_args(tmp_path, monkeypatch):
