@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import runenv
 from .capabilities import CAP_NAMES, RUN_WITH
 from .errors import FvBootError
 
@@ -33,20 +34,18 @@ def _criu() -> list[str]:
 
 
 RESTORE_TIMEOUT_ENV, DUMP_TIMEOUT_ENV = "FV_CRIU_RESTORE_TIMEOUT_S", "FV_CRIU_DUMP_TIMEOUT_S"
-RESTORE_TIMEOUT_S, DUMP_TIMEOUT_S = 600.0, 3600.0
 
 
 # CRIU's log level for a restore: 3 (errors, warnings, what it did and when, the cuda plugin's
 # resume included) unless FV_CRIU_RESTORE_LOG_LEVEL says otherwise (4 adds every area and mmap:
 # ~14,500 lines for the CPU image, each one write(2) of its own, ~20 ms of the restore on two
 # cores, bench/fvboot_ab.py). A dump always logs everything: a bake is not timed to the ms.
-RESTORE_LOG_LEVEL_ENV, RESTORE_LOG_LEVEL = "FV_CRIU_RESTORE_LOG_LEVEL", 3
+RESTORE_LOG_LEVEL_ENV = "FV_CRIU_RESTORE_LOG_LEVEL"  # default 3: runenv
 
 
 def restore_log_level() -> int:
-    """FV_CRIU_RESTORE_LOG_LEVEL, one of CRIU's 0-4; anything else is the default (3)."""
-    raw = os.environ.get(RESTORE_LOG_LEVEL_ENV, "").strip()
-    return int(raw) if raw in ("0", "1", "2", "3", "4") else RESTORE_LOG_LEVEL
+    """FV_CRIU_RESTORE_LOG_LEVEL, one of CRIU's 0-4 (default 3)."""
+    return int(runenv.value(RESTORE_LOG_LEVEL_ENV))
 
 
 class CriuError(FvBootError):
@@ -106,13 +105,6 @@ def last_error(log: Path, stderr: str = "", stdout: str = "") -> str:
     return lines[-1] if lines else "no log and no output"
 
 
-def _timeout(env: str, default: float) -> float:
-    try:
-        return float(os.environ.get(env, default))
-    except ValueError:
-        return default
-
-
 def _run(action: str, cmd: list[str], log: Path, timeout: float, **kw) -> None:
     """Run one CRIU command, bounded: past TIMEOUT it is killed (the caller cleans up what it
     left, e.g. a half-restored tree) and the error says so."""
@@ -147,7 +139,7 @@ def version() -> str:
 def dump(pid: int, images: Path, log: Path, env: dict[str, str] | None = None) -> None:
     images.mkdir(parents=True, exist_ok=True)
     cmd = [*_criu(), "dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4", *DUMP_FLAGS]
-    _run("dump", cmd, log, _timeout(DUMP_TIMEOUT_ENV, DUMP_TIMEOUT_S),
+    _run("dump", cmd, log, runenv.seconds(DUMP_TIMEOUT_ENV),
          env={**os.environ, **env} if env else None)
 
 
@@ -180,7 +172,7 @@ def restore_thp() -> tuple[bool, str]:
     """Whether CRIU should read memory back into huge pages (criu-patches/0002), and why.
     FV_RESTORE_THP=1 / 0 decide; auto (default): yes, unless free page reporting makes the
     first restore after other work slower (measured on such VMs: 2.1-2.4 s against 0.9 s)."""
-    setting = os.environ.get("FV_RESTORE_THP", "auto")
+    setting = runenv.value("FV_RESTORE_THP")
     if setting == "0":
         return False, "FV_RESTORE_THP=0"
     if setting != "1" and free_page_reporting():
@@ -194,7 +186,7 @@ def restore_map_pages() -> tuple[bool, str]:
     0 decide; auto (default): yes, CPU and GPU images alike (3B CUDA image on an H200, restores
     interleaved with read-back ones: median 2.84 s against 3.42 s, faster in every round;
     bench/results/gpu_3b_cuda_image_h200_2026-12-03d/)."""
-    setting = os.environ.get("FV_RESTORE_MAP_PAGES", "auto")
+    setting = runenv.value("FV_RESTORE_MAP_PAGES")
     if setting in ("0", "1"):
         return setting == "1", f"FV_RESTORE_MAP_PAGES={setting}"
     return True, "auto"
@@ -259,7 +251,7 @@ def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]],
            f"-v{restore_log_level()}", "--pidfile", str(pidfile), *RESTORE_FLAGS]
     for fd, key in inherit:
         cmd += ["--inherit-fd", f"fd[{fd}]:{key}"]
-    _run("restore", cmd, log, _timeout(RESTORE_TIMEOUT_ENV, RESTORE_TIMEOUT_S),
+    _run("restore", cmd, log, runenv.seconds(RESTORE_TIMEOUT_ENV),
          pass_fds=[fd for fd, _ in inherit], env={**os.environ, **restore_env(), **(env or {})})
     try:
         return int(pidfile.read_text().strip())

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+from . import runenv
 from .cuda_checkpoint_client import MAGIC, SOCKET_ENV
 from .helper_process import helper_command
 from .local_socket import listen_privately
@@ -192,7 +193,7 @@ def running(run_dir: Path, enabled: bool = True) -> Iterator[dict[str, str]]:
     """Run the service for the duration of a CRIU call; yields the environment CRIU (and so the
     plugin's cuda-checkpoint calls) must get. Yields {} when disabled (no GPU, or
     FV_CUDA_CHECKPOINT_SERVICE=0): the plugin then runs the tool for every call."""
-    if not enabled or os.environ.get(DISABLE_ENV, "1") == "0":
+    if not enabled or runenv.value(DISABLE_ENV) == "0":
         yield {}
         return
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ from typing import Any, Optional
 # request hung on the H200, 2026-12-04), so the graphs' memory wakes with the KV cache
 TAG = "kv_cache"
 ENV = "FV_GRAPH_POOL"
-CHOICES = ("vllm", "sleep")
 
 _pool: Optional[Any] = None  # the MemPool made: kept, or torch frees it with its last reference
 
@@ -42,11 +41,11 @@ def asked() -> bool:
 def graph_pool_setting() -> str:
     """The bake's FV_GRAPH_POOL, checked before vLLM starts: BakeFailed names a value that is
     neither."""
-    from .envchoice import choice
+    from . import runenv
     from .errors import BakeFailed, CheckpointUnusable
 
     try:
-        return choice(ENV, CHOICES, "vllm")
+        return runenv.value(ENV)
     except CheckpointUnusable as e:
         raise BakeFailed(str(e)) from None
 

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 from .errors import ServerDied
 from .exitnoise import ExitFilter
+from . import runenv
 from .layout import RUNTIME_FILE_ENV
 from .output import write_line
 
@@ -269,12 +270,8 @@ def runtime_settings(env: Optional[dict] = None, api_key_arg: Optional[str] = No
     key = api_key(env, api_key_arg)
     if key:
         out["api_key"] = key
-    wait = env.get("FV_GATE_WAIT_S")
-    if wait:
-        try:
-            out["gate_wait_s"] = float(wait)
-        except ValueError:
-            raise ValueError(f"FV_GATE_WAIT_S={wait!r} is not a number of seconds") from None
+    if (env.get("FV_GATE_WAIT_S") or "").strip():
+        out["gate_wait_s"] = float(runenv.SETTINGS["FV_GATE_WAIT_S"].parse(env["FV_GATE_WAIT_S"]))
     return out
 
 

@@ -11,11 +11,11 @@ are the reads the prefetch makes anyway.
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import runenv
 from .checksums import UnknownChecksum, digest, fastest_checksum
 from .manifest import FileEntry, PieceSums
 
@@ -107,8 +107,5 @@ class PageCheck:
 def check_timeout() -> float:
     """FV_PAGE_CHECK_TIMEOUT_S (default 300): how long the gate waits for the check after the
     probe; reading 4 GB from a slow disk takes well under that."""
-    try:
-        return float(os.environ.get("FV_PAGE_CHECK_TIMEOUT_S", "300"))
-    except ValueError:
-        return 300.0
+    return runenv.seconds("FV_PAGE_CHECK_TIMEOUT_S")
 

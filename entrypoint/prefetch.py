@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
+from . import runenv
 from .layout import Layout
 from .pagecheck import PageCheck
 from .residency import FileMapping, missing_pages
@@ -86,7 +87,7 @@ def prefetch(layout: Layout, check: Optional[PageCheck] = None,
     two, the threads still read the memory images for CHECK. A weight file found all cached
     (WEIGHTS: who finds that out, a WeightsResidency of its own by default) is not read. Setting
     STOP ends the reads (a normal start after a failed restore must not share the disk with them)."""
-    mode = os.environ.get("FV_PREFETCH", "read")
+    mode = runenv.value("FV_PREFETCH")
     folders = (layout.images_dir, layout.weights_dir)
     weights = weights or WeightsResidency(layout.weights_dir)
     procs: list[subprocess.Popen] = []

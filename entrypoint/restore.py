@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import capabilities, control, criu, manifest, pagecheck, pids, ports, sockets
+from . import capabilities, control, criu, manifest, pagecheck, pids, ports, runenv, sockets
 from .control import ServerControl
 from .devices import DeviceLookup
-from .envchoice import choice
 from .errors import CheckpointUnusable, ServerError
 from .launcher import (Pipes, arg_value, load_settings, shown_args, vllm_settings, vllm_settings_changed,
                        write_runtime_settings)
@@ -151,7 +150,8 @@ def same_answers(now: list[dict], baked: Sequence[ProbeAnswer]) -> Optional[str]
     return None
 
 
-STEP_TIMEOUT_ENV, STEP_TIMEOUT_S = "FV_RESTORE_STEP_TIMEOUT_S", 300.0
+STEP_TIMEOUT_ENV = "FV_RESTORE_STEP_TIMEOUT_S"
+STEP_TIMEOUT_S = float(runenv.SETTINGS[STEP_TIMEOUT_ENV].default)
 # The probe's own bound, within the step's: a warmed engine answers it in well under a second
 # (0.16 s at 3B on an H200, the same prompts as the bake's warm-up, nothing to compile); one
 # that does not answer in a minute has lost its GPU state, and the normal start should not
@@ -164,14 +164,7 @@ def step_timeout() -> float:
     weight load, each probe, the gate) may stay silent; a tree that stops answering (a GPU state
     that did not come back blocks its CUDA calls) then ends in the normal start. Read once,
     before the restore: a bad value is found before CRIU runs."""
-    try:
-        value = float(os.environ.get(STEP_TIMEOUT_ENV, STEP_TIMEOUT_S))
-    except ValueError:
-        value = 0.0
-    if value <= 0:
-        raise CheckpointUnusable(f"{STEP_TIMEOUT_ENV}={os.environ.get(STEP_TIMEOUT_ENV)!r} is not a number of"
-                                 " seconds above 0")
-    return value
+    return runenv.seconds(STEP_TIMEOUT_ENV)
 
 
 WEIGHT_CHECK_ENV = "FV_WEIGHT_CHECK"
@@ -183,13 +176,10 @@ def weight_check_overlaps() -> bool:
     interleaved with inline ones: ~0.1 s sooner in 5 rounds of 7); "inline" checks every weight
     before the KV cache wakes. Either way nothing is served before every weight is checked.
     Read before the restore: a bad value is found before CRIU runs."""
-    return choice(WEIGHT_CHECK_ENV, ("inline", "overlap"), "overlap") == "overlap"
+    return runenv.value(WEIGHT_CHECK_ENV) == "overlap"
 
 
 WAKE_ORDER_ENV = "FV_WAKE_ORDER"
-
-
-WAKE_ORDERS = ("auto", "weights-first", "kv-beside")
 
 
 def kv_first_when_cold() -> bool:
@@ -201,7 +191,7 @@ def kv_first_when_cold() -> bool:
     the KV cache may need that memory). "kv-beside" is "auto", and with staged weights the
     KV cache wakes while the worker takes the stager's copy, where the GPU has room for both
     (see ``kv_beside_staged``). Read before the restore."""
-    return choice(WAKE_ORDER_ENV, WAKE_ORDERS, "auto") != "weights-first"
+    return runenv.value(WAKE_ORDER_ENV) != "weights-first"
 
 
 def kv_beside_staged() -> bool:
@@ -209,7 +199,7 @@ def kv_beside_staged() -> bool:
     the engine wakes the KV cache (the copy is ~0.06 s, the wake ~0.26 s on an H200), where the
     GPU's free memory holds the KV cache beside the stager's buffer; else the buffer is freed
     first, as by default. Read before the restore."""
-    return choice(WAKE_ORDER_ENV, WAKE_ORDERS, "auto") == "kv-beside"
+    return runenv.value(WAKE_ORDER_ENV) == "kv-beside"
 
 
 @dataclass

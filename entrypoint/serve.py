@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Optional
 
-from . import criu, cuda_checkpoint_service, exitnoise, manifest, restore, weight_stager
+from . import criu, cuda_checkpoint_service, exitnoise, manifest, restore, runenv, weight_stager
 from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
@@ -84,6 +84,11 @@ def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] =
     signal.signal(signal.SIGINT, _raise_stopped)
     tl = Timeline("serve")
     tl.mark("fvboot running")  # after Python's start-up and fvboot's imports
+    bad = runenv.problems(os.environ)
+    if bad:  # a typo must not cost the restore, nor be ignored
+        raise FvBootError("; ".join(bad))
+    for line in runenv.unknown(os.environ):
+        log(line)
     try:
         run_args, key_arg = take_api_key_arg(run_args)  # the middleware's to ask for, not vLLM's
         settings = runtime_settings(api_key_arg=key_arg)
@@ -144,7 +149,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
         m = manifest.read(layout.manifest)  # ManifestInvalid (a CheckpointUnusable) with the field
         tl.mark("manifest read")
-        if os.environ.get("FV_RESTORE", "1") == "0":
+        if runenv.value("FV_RESTORE") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         kernel_facts = criu.warm_kernel_facts()  # CRIU's kernel probing, beside the checks
         # The cuda-checkpoint service starts first: its cuInit overlaps the checks and CRIU.
@@ -253,7 +258,7 @@ def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipe
                 settings: dict, oom: Optional[OomWatch] = None):
     cmd, name, how = launch_command(layout, m, run_args)
     port = server_port(cmd)
-    timeout = float(os.environ.get(START_TIMEOUT_ENV, "3600"))
+    timeout = runenv.seconds(START_TIMEOUT_ENV)
     check_serving_port(cmd)  # taken: no start can serve, and vLLM would say so only after its imports
     log(f"starting vLLM with {how}; waiting up to {timeout:.0f} s for it on port {port}")
     caches = writable_caches(layout)

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from .envchoice import choice
+from . import runenv
 from .errors import CheckpointUnusable
 from .helper_process import helper_command
 from .output import log
@@ -56,7 +56,6 @@ COPY_ENV = "FV_WEIGHT_STAGING_COPY"  # register (default) or ring: see copy_regi
 HEADROOM = 2 << 30
 
 
-STAGING_VALUES = ("auto", "on", "off")
 YIELD_ENV = "FV_WEIGHT_STAGING_YIELD"  # off (default) or resume: see Yield
 MARK_ENV = "FV_CUDA_RESUME_MARK"  # the stager's: the file that exists while a CUDA restore runs
 YIELD_MAX_S = 3.0
@@ -69,7 +68,7 @@ WAKE_MEMORY_ENV = "FV_WAKE_MEMORY"  # helper (default) or engine: see fvboot.ado
 def staging_mode() -> str:
     """FV_WEIGHT_STAGING: "auto" (default), "on" or "off". Read before the restore: a bad value
     is found before CRIU runs."""
-    return choice(STAGING_ENV, STAGING_VALUES, "auto")
+    return runenv.value(STAGING_ENV)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +294,7 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
                 emit(event="failed", why=short)
                 return _hold_until_released(pool, commands, emit)
             buf = drv.alloc(size)
-            mode = os.environ.get(COPY_ENV, "register")
+            mode = runenv.value(COPY_ENV)
             if mode == "ring":
                 locking = copy_through_ring(drv, buf, mapping.addr, size, pause=pause)
             else:
@@ -513,7 +512,7 @@ def wake_memory() -> str:
     while CRIU restores and the worker adopts it, fvboot.adopt; H200: 1.44 s against 1.81 for
     3B, 1.57 against 2.09 for 8B) or "engine" (vLLM allocates it at its wake, after the CUDA
     resume). Read before the restore."""
-    return choice(WAKE_MEMORY_ENV, ("engine", "helper"), "helper")
+    return runenv.value(WAKE_MEMORY_ENV)
 
 
 def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0, run_dir: Optional[Path] = None,
@@ -530,10 +529,8 @@ def start(weights_dir: Path, gpus: Sequence[str], resume_bytes: int = 0, run_dir
     mode = staging_mode()
     if mode == "off":
         return None
-    copy = os.environ.get(COPY_ENV, "register")
-    if copy not in ("register", "ring"):
-        raise CheckpointUnusable(f"{COPY_ENV}={copy!r}: expected register or ring")
-    yielding = choice(YIELD_ENV, ("off", "resume"), "off") == "resume"
+    runenv.value(COPY_ENV)  # the stager reads it; a bad value is said here, before CRIU runs
+    yielding = runenv.value(YIELD_ENV) == "resume"
     files = sorted(p for p in weights_dir.glob("*.fvw") if p.is_file()) if weights_dir.is_dir() else []
     if len(gpus) != 1 or len(files) != 1:
         if mode == "on":

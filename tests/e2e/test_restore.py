@@ -1194,3 +1194,21 @@ def test_arguments_given_at_docker_run_are_added_to_the_baked_ones(baked_image, 
         assert "checkpoint not used: arguments ['--port', '9000'] were given, and a restored server has only the" \
                " baked ones" in logs, logs[-3000:]
         assert "starting vLLM with the baked command and ['--port', '9000']" in logs, logs[-3000:]
+
+
+def test_a_bad_setting_ends_the_start_at_once_and_a_misspelt_one_is_said(baked_image, port_free):
+    """Tried as an operator would (2026-12-05): FV_WEIGHT_CHECK=bogus cost the whole restore (a
+    normal start), FV_START_TIMEOUT_S=soon was ignored until a normal start died on it, and
+    FV_RESTOR=0 was ignored without a word. Now a bad value ends the container at once with
+    what it takes, and an unknown FV_* name is said with the closest one fvboot knows."""
+    with Container(baked_image, "-e", "FV_WEIGHT_CHECK=bogus") as c:
+        code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=120).stdout.strip()
+        logs = c.logs()
+        assert code == "1", logs[-3000:]
+        assert "fvboot: FV_WEIGHT_CHECK='bogus': expected inline or overlap" in logs, logs[-3000:]
+        assert "starting vLLM" not in logs and "Traceback" not in logs, logs[-3000:]
+    with Container(baked_image, "-e", "FV_RESTOR=0") as c:
+        _wait_ready(container=c.id)
+        logs = c.logs()
+        assert "FV_RESTOR is not a setting of fvboot (did you mean FV_RESTORE?): it changes nothing" in logs, logs[-3000:]
+        assert "restored from checkpoint" in logs, logs[-3000:]

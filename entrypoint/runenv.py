@@ -1,0 +1,116 @@
+"""The FV_* settings an operator may give fvboot (`docker run -e`), in one table: each is read
+through it, and `fvboot serve` checks them all before anything runs. A bad value ends the
+start with what each one takes (a typo in FV_WEIGHT_CHECK used to cost the whole restore, and
+one in a timeout was ignored); an FV_* name fvboot does not know is said, with the closest one
+it does (FV_RESTOR=0 started from the checkpoint). Torch-free: the weight stager reads it too."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from .errors import CheckpointUnusable
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A setting that takes one of CHOICES (case and blanks aside), or a number of seconds above
+    0 (SECONDS); DEFAULT where unset or blank."""
+
+    name: str
+    default: str
+    choices: tuple[str, ...] = ()
+    seconds: bool = False
+
+    def parse(self, raw: Optional[str]) -> str:
+        """The value RAW stands for; ValueError saying what the setting takes."""
+        value = (raw or "").strip().lower() or self.default
+        if self.seconds:
+            try:
+                ok = float(value) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{self.name}={raw!r} is not a number of seconds above 0")
+        elif value not in self.choices:
+            words = ", ".join(self.choices[:-1]) + " or " + self.choices[-1]
+            raise ValueError(f"{self.name}={raw!r}: expected {words}")
+        return value
+
+
+_SECONDS = (
+    ("FV_GATE_WAIT_S", "600"),  # a request's wait at the closed gate
+    ("FV_START_TIMEOUT_S", "3600"),  # a normal start's wait for /health
+    ("FV_CRIU_RESTORE_TIMEOUT_S", "600"),
+    ("FV_CRIU_DUMP_TIMEOUT_S", "3600"),  # bake
+    ("FV_RESTORE_STEP_TIMEOUT_S", "300"),  # each call to the restored server
+    ("FV_PAGE_CHECK_TIMEOUT_S", "300"),  # the memory images' check after the probe
+    ("FV_CUDA_CHECKPOINT_TIMEOUT_S", "300"),  # each cuda-checkpoint call
+)
+_CHOICES = (
+    ("FV_RESTORE", "1", ("0", "1")),
+    ("FV_CRIU_RESTORE_LOG_LEVEL", "3", ("0", "1", "2", "3", "4")),
+    ("FV_PREFETCH", "read", ("read", "vmtouch", "off")),
+    ("FV_RESTORE_THP", "auto", ("auto", "0", "1")),
+    ("FV_RESTORE_MAP_PAGES", "auto", ("auto", "0", "1")),
+    ("FV_CUDA_CHECKPOINT_SERVICE", "1", ("0", "1")),
+    ("FV_WEIGHT_CHECK", "overlap", ("inline", "overlap")),
+    ("FV_WAKE_ORDER", "auto", ("auto", "weights-first", "kv-beside")),
+    ("FV_WEIGHT_STAGING", "auto", ("auto", "on", "off")),
+    ("FV_WEIGHT_STAGING_COPY", "register", ("register", "ring")),
+    ("FV_WEIGHT_STAGING_YIELD", "off", ("off", "resume")),
+    ("FV_WAKE_MEMORY", "helper", ("engine", "helper")),
+    ("FV_GRAPH_POOL", "vllm", ("vllm", "sleep")),  # bake
+    ("FV_DISABLE_IO_URING", "1", ("0", "1")),
+)
+SETTINGS: dict[str, Setting] = {
+    **{name: Setting(name, default, seconds=True) for name, default in _SECONDS},
+    **{name: Setting(name, default, choices) for name, default, choices in _CHOICES},
+}
+# FV_* names fvboot reads that take free text (paths, a key, a map) or are its own between
+# processes: never called unknown.
+FREE_NAMES = frozenset({
+    "FV_API_KEY", "FV_HOME", "FV_RUN_DIR", "FV_PORT", "FV_SERVED_MODEL", "FV_CUDA_DEVICE_MAP",
+    "FV_CUDA_CHECKPOINT_LIBCUDA", "FV_CRIU_PLUGIN_DIR", "FV_RUNTIME_FILE", "FV_ADMIN_TOKEN",
+    "FV_CUDA_CHECKPOINT_SOCKET", "FV_CUDA_RESUME_MARK", "FV_STAGER_POOL", "FV_GPU_LOADER",
+    "FV_LOAD_REGISTER", "FV_LOAD_THREADS", "FV_LOAD_BUFFERS", "FV_LOAD_BUFFER_MB", "FV_LOAD_STREAMS",
+    "FV_LOAD_ODIRECT", "FV_CRIU_WRAPPED", "FV_CRIU_SAVED_LD_LIBRARY_PATH",
+})
+
+
+def value(name: str, env: Optional[Mapping[str, str]] = None) -> str:
+    """NAME's value (its default where unset); CheckpointUnusable for one it does not take
+    (`fvboot serve` checked them all first: only a bake or a direct caller meets it)."""
+    raw = (os.environ if env is None else env).get(name)
+    try:
+        return SETTINGS[name].parse(raw)
+    except ValueError as e:
+        raise CheckpointUnusable(str(e)) from None
+
+
+def seconds(name: str, env: Optional[Mapping[str, str]] = None) -> float:
+    return float(value(name, env))
+
+
+def problems(env: Mapping[str, str]) -> list[str]:
+    """What is wrong with each setting ENV gives, in the table's order."""
+    out = []
+    for name, setting in SETTINGS.items():
+        try:
+            setting.parse(env.get(name))
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def unknown(env: Mapping[str, str]) -> list[str]:
+    """A line for each FV_* name in ENV that fvboot does not read, with the closest it does."""
+    known = set(SETTINGS) | FREE_NAMES
+    out = []
+    for name in sorted(k for k in env if k.startswith("FV_") and k not in known):
+        near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        out.append(f"{name} is not a setting of fvboot" + (f" (did you mean {near[0]}?)" if near else "")
+                   + ": it changes nothing")
+    return out

@@ -1,0 +1,83 @@
+"""The FV_* settings `docker run -e` gives fvboot: one table, every value checked before
+anything runs, names fvboot does not know said with the closest one it does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fvboot import runenv
+from fvboot.errors import CheckpointUnusable
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_unset_and_blank_settings_are_their_defaults():
+    assert runenv.value("FV_WEIGHT_CHECK", {}) == "overlap"
+    assert runenv.value("FV_WEIGHT_CHECK", {"FV_WEIGHT_CHECK": "  "}) == "overlap"
+    assert runenv.value("FV_WEIGHT_CHECK", {"FV_WEIGHT_CHECK": " Inline\n"}) == "inline"
+    assert runenv.seconds("FV_START_TIMEOUT_S", {}) == 3600.0
+    assert runenv.seconds("FV_START_TIMEOUT_S", {"FV_START_TIMEOUT_S": "90.5"}) == 90.5
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"FV_WEIGHT_CHECK": "bogus"}, "FV_WEIGHT_CHECK='bogus': expected inline or overlap"),
+    ({"FV_START_TIMEOUT_S": "soon"}, "FV_START_TIMEOUT_S='soon' is not a number of seconds above 0"),
+    ({"FV_CRIU_RESTORE_TIMEOUT_S": "0"}, "FV_CRIU_RESTORE_TIMEOUT_S='0' is not a number of seconds above 0"),
+    ({"FV_RESTORE_THP": "maybe"}, "FV_RESTORE_THP='maybe': expected auto, 0 or 1"),
+    ({"FV_PREFETCH": "bogus"}, "FV_PREFETCH='bogus': expected read, vmtouch or off"),
+    ({"FV_CRIU_RESTORE_LOG_LEVEL": "debug"}, "FV_CRIU_RESTORE_LOG_LEVEL='debug': expected 0, 1, 2, 3 or 4"),
+])
+def test_each_bad_value_is_said_with_what_the_setting_takes(env, said):
+    assert runenv.problems(env) == [said]
+    name = next(iter(env))
+    with pytest.raises(CheckpointUnusable, match=said.replace("(", r"\(").replace(")", r"\)")):
+        runenv.value(name, env)
+
+
+def test_every_bad_value_is_said_at_once():
+    assert len(runenv.problems({"FV_WEIGHT_CHECK": "x", "FV_RESTORE": "no", "FV_GATE_WAIT_S": "-1"})) == 3
+    assert runenv.problems({"FV_RESTORE": "0", "FV_API_KEY": "anything"}) == []
+
+
+def test_a_name_fvboot_does_not_know_is_said_with_the_closest_it_does():
+    assert runenv.unknown({"FV_RESTOR": "0", "FV_RESTORE": "1", "FV_API_KEY": "k", "PATH": "/bin"}) == [
+        "FV_RESTOR is not a setting of fvboot (did you mean FV_RESTORE?): it changes nothing"]
+    assert runenv.unknown({"FV_COLOUR": "blue"}) == ["FV_COLOUR is not a setting of fvboot: it changes nothing"]
+
+
+def test_every_fv_name_fvboot_reads_is_in_the_table():
+    """A setting read without the table would be called unknown when given, and go unchecked."""
+    read = set()
+    for path in (REPO / "entrypoint").glob("*.py"):
+        read |= set(__import__("re").findall(r'"(FV_[A-Z0-9_]+)"', path.read_text()))
+    read = {n for n in read if not n.endswith("_")}  # a prefix (FV_LOAD_)
+    assert read <= set(runenv.SETTINGS) | runenv.FREE_NAMES, read - set(runenv.SETTINGS) - runenv.FREE_NAMES
+
+
+def test_every_setting_in_the_table_is_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    missing = [n for n in runenv.SETTINGS if f"`{n}`" not in readme]
+    assert not missing, missing
+
+
+def _serve(tmp_path, **env) -> subprocess.CompletedProcess:
+    home = tmp_path / "fv"
+    home.mkdir(exist_ok=True)
+    (home / "manifest.json").write_text(json.dumps({"format": 1}))
+    return subprocess.run([sys.executable, "-m", "fvboot", "serve", "--home", str(home)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "FV_RUN_DIR": str(tmp_path / "run"), **env})
+
+
+def test_fvboot_serve_refuses_a_bad_value_before_anything_runs(tmp_path):
+    r = _serve(tmp_path, FV_WEIGHT_CHECK="bogus", FV_START_TIMEOUT_S="soon")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "fvboot: FV_START_TIMEOUT_S='soon' is not a number of seconds above 0;"
+        " FV_WEIGHT_CHECK='bogus': expected inline or overlap")
+    assert "Traceback" not in r.stderr and "starting vLLM" not in r.stderr
