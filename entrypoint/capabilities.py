@@ -109,6 +109,17 @@ def permitted(pid: "int | str" = "self") -> frozenset[str]:
     return frozenset()
 
 
+def seccomp_filtered(pid: "int | str" = "self") -> bool:
+    """Whether process PID runs under a seccomp filter (Docker's default profile, Kubernetes'
+    RuntimeDefault): CRIU then meets "Operation not permitted" on calls its capabilities allow
+    (pivot_root, seen 2026-12-05), which says nothing of the cause by itself."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split(":", 1)[1].strip() == "2" for line in f if line.startswith("Seccomp:"))
+    except OSError:
+        return False
+
+
 def restore_lacks(tree_caps: "tuple[str, ...] | None", have: frozenset[str]) -> list[str]:
     """What a restore needs and HAVE (fvboot's permitted set) lacks: CRIU's own capabilities
     (CONTAINER_CAPS), and every one the checkpoint's processes held (TREE_CAPS, recorded at bake;

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import runenv
-from .capabilities import CAP_NAMES, RUN_WITH
+from .capabilities import CAP_NAMES, RUN_WITH, seccomp_filtered
 from .errors import FvBootError
 
 # --tcp-established: the engine's loopback connections; --network-lock skip: no iptables in
@@ -63,8 +63,9 @@ _CONSEQUENCE = re.compile(r"Restoring FAILED|exited, status=|\d+ killed by signa
 _ADDRESS_GONE = re.compile(r"Can't bind inet socket back|Cannot assign requested address")
 
 
-def _name_capability(line: str) -> str:
-    """CRIU names a missing capability by number, or only says it lacks some; say which, and
+def _say_why_denied(line: str) -> str:
+    """A line where CRIU was refused something: CRIU names a missing capability by number, or
+    only says it lacks some, or was refused by the container's seccomp filter; say which, and
     what to do."""
     m = re.search(r"capability (\d+) missing", line)
     if m:
@@ -75,6 +76,9 @@ def _name_capability(line: str) -> str:
         return f"{line} (CAP_{name}: {RUN_WITH})"
     if re.search(r"capabilit", line, re.IGNORECASE):
         return f"{line} ({RUN_WITH})"
+    if seccomp_filtered():  # a call refused by the filter, not by a capability
+        return (f"{line} (this container runs under a seccomp filter, which refuses calls CRIU makes: {RUN_WITH};"
+                " in Kubernetes, seccompProfile: Unconfined)")
     return line
 
 
@@ -93,7 +97,7 @@ def last_error(log: Path, stderr: str = "", stdout: str = "") -> str:
     lines = [l for l in lines if l and not any(h in l for h in _HARMLESS)]
     causes = [l for l in lines if _CAUSE_FIRST.search(l)]
     if causes:
-        return _name_capability(causes[0])
+        return _say_why_denied(causes[0])
     for pick in (lambda l: "Error" in l and not _CONSEQUENCE.search(l), lambda l: "Error" in l,
                  lambda l: "error" in l or "Can't" in l or "fail" in l):
         hits = [l for l in lines if pick(l)]

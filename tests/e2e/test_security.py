@@ -180,6 +180,26 @@ def test_without_capabilities_the_reason_names_the_missing_one(baked_image, port
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
 
 
+def test_under_dockers_default_seccomp_profile_the_reason_says_to_lift_it(baked_image, port_free):
+    """The capabilities but not `--security-opt seccomp=unconfined` (Kubernetes' RuntimeDefault):
+    CRIU's pivot_root was refused with "Operation not permitted" and nothing said why (tried as
+    an operator would, 2026-12-05); the line names the filter and what to run with."""
+    from fvboot.capabilities import docker_run_flags
+
+    flags = [f for f in docker_run_flags() if f != "seccomp=unconfined"]
+    flags = [f for i, f in enumerate(flags) if not (f == "--security-opt" and flags[i + 1].startswith("--"))]
+    assert "seccomp=unconfined" not in flags and "SYS_ADMIN" in flags, flags
+    cid = subprocess.run(["docker", "run", "-d", "--network", "host", *flags, *gpu_flags(), baked_image],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        line = next(l for l in _wait_log(cid, "checkpoint not used", 60).splitlines() if "checkpoint not used" in l)
+        assert "Operation not permitted (this container runs under a seccomp filter, which refuses calls CRIU" \
+               " makes: run the container with" in line, line
+        assert "--security-opt seccomp=unconfined" in line, line
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+
+
 def test_an_api_key_given_at_docker_run_is_what_the_restored_server_asks_for(baked_image, manifest, port_free):
     """The key is this start's, not the bake's (the restored server's environment is the bake's):
     without it 401, with it the bake's answers. Given as a Kubernetes secret made from a file

@@ -365,3 +365,21 @@ def test_a_normal_start_the_oom_killer_ended_names_it_in_its_last_line(tmp_path,
     assert str(e.value) == ("the vLLM server exited before it became healthy (see its log above): the kernel's OOM"
                             " killer ended 1 of this container's processes: its memory limit, 128 MiB, is too small"
                             " for the server; raise it (docker run --memory, or the pod's resources.limits.memory)")
+
+
+PIVOT_ROOT_REFUSED = ("(00.2) 1: Error (criu/mount.c:2972): mnt: pivot_root(., crtools-put-root.A5Y2Ix) failed:"
+                      " Operation not permitted\n")
+
+
+@pytest.mark.parametrize("filtered", [True, False])
+def test_a_call_the_seccomp_filter_refused_is_said_as_such(tmp_path, monkeypatch, filtered):
+    """CRIU 4.2.1's words under Docker's default seccomp profile (2026-12-05): refused by the
+    filter, not by a capability; said so only where a filter is on."""
+    log = tmp_path / "restore.log"
+    log.write_text(PIVOT_ROOT_REFUSED)
+    monkeypatch.setattr(criu, "seccomp_filtered", lambda: filtered)
+    said = criu.last_error(log)
+    assert said.startswith("1: Error (criu/mount.c:2972): mnt: pivot_root(., crtools-put-root.A5Y2Ix) failed:")
+    assert ("this container runs under a seccomp filter, which refuses calls CRIU makes: run the container with"
+            in said) == filtered
+    assert ("--security-opt seccomp=unconfined" in said) == filtered
