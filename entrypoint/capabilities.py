@@ -3,7 +3,8 @@
 The container gets SYS_ADMIN, SYS_PTRACE, NET_ADMIN, DAC_READ_SEARCH and SYS_TIME for CRIU
 (README "Capabilities"). vLLM needs none of them, and it is what API clients talk to: the tree's
 init drops them from every set (bounding, effective, permitted, inheritable, ambient) before vLLM
-starts, so the server runs with a default container's capabilities. CRIU dumps the tree with
+starts, and with them Docker's defaults vLLM never uses (NET_RAW, MKNOD, AUDIT_WRITE, SETFCAP),
+so the server runs with less than a default container's capabilities. CRIU dumps the tree with
 those credentials and restores it with them; fvboot and CRIU keep theirs.
 """
 
@@ -53,6 +54,11 @@ def names(mask: int) -> frozenset[str]:
 # The capabilities only CRIU needs, by number: the served tree drops them
 RESTORE_ONLY = {f"CAP_{name}": CAP_NAMES.index(name) for name in
                 ("DAC_READ_SEARCH", "NET_ADMIN", "SYS_PTRACE", "SYS_ADMIN", "SYS_TIME", "CHECKPOINT_RESTORE")}
+# Docker's defaults vLLM never uses: the tree gives them up too, so that it holds none a cluster's
+# policy may take from the container (NET_RAW most often): CRIU can give a restored process only
+# what it holds itself, and a checkpoint whose tree held NET_RAW would not restore without it.
+UNUSED_DEFAULTS = ("NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP")
+TREE_GIVES_UP = {**RESTORE_ONLY, **{f"CAP_{name}": CAP_NAMES.index(name) for name in UNUSED_DEFAULTS}}
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _VERSION_3 = 0x20080522
@@ -67,17 +73,17 @@ class _Data(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def drop_restore_only() -> None:
-    """Drop RESTORE_ONLY from the calling process (and so from all it starts); OSError if the
+def give_up_unneeded() -> None:
+    """Drop TREE_GIVES_UP from the calling process (and so from all it starts); OSError if the
     kernel refuses the change of the capability sets."""
     libc = ctypes.CDLL(None, use_errno=True)
-    for cap in RESTORE_ONLY.values():
+    for cap in TREE_GIVES_UP.values():
         libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL: a cap this kernel lacks; EPERM: not ours
     libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header, data = _Header(_VERSION_3, 0), (_Data * 2)()
     if libc.capget(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capget: " + os.strerror(ctypes.get_errno()))
-    for cap in RESTORE_ONLY.values():
+    for cap in TREE_GIVES_UP.values():
         word, bit = divmod(cap, 32)
         keep = ~(1 << bit) & 0xFFFFFFFF
         data[word].effective &= keep
@@ -88,13 +94,13 @@ def drop_restore_only() -> None:
 
 
 def held(status_text: str) -> dict[str, set[str]]:
-    """Which of RESTORE_ONLY each set of a /proc/PID/status text holds: {"CapEff": {...}, ...}."""
+    """Which of TREE_GIVES_UP each set of a /proc/PID/status text holds: {"CapEff": {...}, ...}."""
     out = {}
     for line in status_text.splitlines():
         key, _, value = line.partition(":")
         if key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             mask = int(value.strip(), 16)
-            out[key] = {name for name, cap in RESTORE_ONLY.items() if mask >> cap & 1}
+            out[key] = {name for name, cap in TREE_GIVES_UP.items() if mask >> cap & 1}
     return out
 
 

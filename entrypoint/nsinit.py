@@ -1,5 +1,5 @@
-"""PID 1 of the served tree's own PID namespace: drops the capabilities only CRIU needs, starts
-vLLM, reaps orphans, forwards signals.
+"""PID 1 of the served tree's own PID namespace: drops the capabilities only CRIU needs (and
+Docker's defaults vLLM never uses), starts vLLM, reaps orphans, forwards signals.
 
 The tree gets its own PID and mount namespace so that CRIU restores it with its original PIDs in
 any fresh container (PIDs in a namespace start at 1, whatever runs beside it). This init is the
@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from .capabilities import drop_restore_only
+from .capabilities import give_up_unneeded
 from .noiouring import disable_io_uring
 
 
@@ -27,8 +27,8 @@ def main(argv: list[str]) -> int:
     os.close(null)
     if os.environ.get("FV_DISABLE_IO_URING", "1") == "1":
         disable_io_uring()
-    try:  # after the seccomp filter: the server needs none of what only CRIU needs
-        drop_restore_only()
+    try:  # after the seccomp filter: the server needs none of what only CRIU needs, nor Docker's unused ones
+        give_up_unneeded()
     except OSError as e:
         os.write(2, f"fvboot.nsinit: the server keeps CRIU's capabilities: {e}\n".encode())
     # Handlers before the fork: a signal that arrives before (or during) the fork is passed on

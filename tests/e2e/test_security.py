@@ -265,3 +265,17 @@ def test_an_api_key_given_as_an_argument_is_asked_for_by_the_restored_server_and
         assert requests.post(f"{URL}/v1/completions", json=body, timeout=60).status_code == 401
         _assert_same_as_bake(manifest, answers=_answers(manifest, headers={"Authorization": f"Bearer {key}"}))
         assert key not in c.logs()
+
+
+def test_a_container_without_the_defaults_vllm_never_uses_restores(baked_image, manifest, port_free):
+    """Cluster policies often drop NET_RAW (and MKNOD, AUDIT_WRITE, SETFCAP): the served tree gives
+    those up at bake, so the checkpoint does not need them back (found by hand, 2026-12-05: a
+    tree that held them was refused, 'missing capability: CAP_AUDIT_WRITE, ...')."""
+    from fvboot.capabilities import UNUSED_DEFAULTS
+
+    assert not set(UNUSED_DEFAULTS) & set(manifest["criu"]["capabilities"]), manifest["criu"]
+    dropped = [f for n in UNUSED_DEFAULTS for f in ("--cap-drop", n)]
+    with Container(baked_image, *dropped) as c:
+        _wait_ready(container=c.id)
+        assert "restored from checkpoint" in c.logs(), c.logs()[-3000:]
+        _assert_same_as_bake(manifest)

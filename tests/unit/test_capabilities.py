@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fvboot.capabilities import RESTORE_ONLY, held
+from fvboot.capabilities import RESTORE_ONLY, TREE_GIVES_UP, held
 
 ENTRYPOINT_PARENT = str(Path(__file__).resolve().parents[2])
 
@@ -22,7 +22,8 @@ def test_held_reads_the_sets_of_a_status_text():
     sets = held(text)
     assert sets["CapInh"] == set()
     assert sets["CapEff"] == {"CAP_SYS_ADMIN", "CAP_DAC_READ_SEARCH"}
-    assert sets["CapBnd"] == set(RESTORE_ONLY)
+    assert sets["CapBnd"] == set(TREE_GIVES_UP) > set(RESTORE_ONLY)
+    assert {"CAP_NET_RAW", "CAP_MKNOD", "CAP_AUDIT_WRITE", "CAP_SETFCAP"} <= set(TREE_GIVES_UP)
 
 
 def test_a_process_started_through_nsinit_holds_none_of_them_in_any_set():
