@@ -259,9 +259,12 @@ class BuildOptions(CriuOptions):
     @classmethod
     def _env_is_safe(cls, v: dict[str, str]) -> dict[str, str]:
         from fvboot.launcher import is_secret_name
+        from fvboot.runenv import SETTINGS
 
         for name, value in v.items():
             _env_var_name(name)
+            if name in SETTINGS:  # fvboot's own setting: a bad value fails the build now, not the bake
+                SETTINGS[name].parse(value)
             if is_secret_name(name):  # an image's ENV is in its config for anyone who pulls it
                 raise ValueError(f"{name} may hold a secret, which must not be in an image: pass it at run "
                                  "time (docker run -e), or for the model download as --hf-token-env")

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from . import (__version__, capabilities, criu, cuda_checkpoint_service, graph_pool, manifest, ports, sockets,
+from . import (__version__, capabilities, criu, cuda_checkpoint_service, manifest, ports, runenv, sockets,
                zeropages)
 from .capabilities import RUN_WITH
 from .control import ServerControl
@@ -82,7 +82,9 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     problem = ports.taken(port)  # another server would answer our health checks (host networking)
     if problem:
         raise BakeFailed(f"{problem}: free it, or bake on another one (fvbuild image --port) or network (--network)")
-    graph_pool.graph_pool_setting()  # a bad value said before anything starts
+    bad = runenv.problems(os.environ)  # said before anything starts, not at the dump minutes later
+    if bad:
+        raise BakeFailed("; ".join(bad))
     served_name = prepare_model(model, layout.model_dir, token_file)
     detach_build_inputs()
     tl.mark("model ready")

@@ -33,21 +33,9 @@ _pool: Optional[Any] = None  # the MemPool made: kept, or torch frees it with it
 
 def asked() -> bool:
     """FV_GRAPH_POOL=sleep (default ``vllm``: vLLM's own pool, kept through the sleep). The
-    bake validates it (``graph_pool_setting``) before vLLM starts; here a value it refused
-    never arrives."""
+    bake checks every FV_* setting (runenv) before vLLM starts; here a value it refused never
+    arrives."""
     return os.environ.get(ENV, "").strip().lower() == "sleep"
-
-
-def graph_pool_setting() -> str:
-    """The bake's FV_GRAPH_POOL, checked before vLLM starts: BakeFailed names a value that is
-    neither."""
-    from . import runenv
-    from .errors import BakeFailed, CheckpointUnusable
-
-    try:
-        return runenv.value(ENV)
-    except CheckpointUnusable as e:
-        raise BakeFailed(str(e)) from None
 
 
 def install() -> bool:

@@ -15,14 +15,22 @@ from fvboot import graph_pool
 from fvboot.errors import BakeFailed
 
 
-def test_the_bake_refuses_a_graph_pool_setting_it_does_not_know(monkeypatch):
+def test_the_bake_refuses_a_graph_pool_setting_it_does_not_know(monkeypatch, tmp_path):
+    """Before anything starts (the model is not even looked at), with every other bad setting."""
+    from fvboot.bake import bake
+    from fvboot.layout import Layout
+
     monkeypatch.delenv(graph_pool.ENV, raising=False)
-    assert graph_pool.graph_pool_setting() == "vllm" and not graph_pool.asked()
+    assert not graph_pool.asked()
     monkeypatch.setenv(graph_pool.ENV, " Sleep ")
-    assert graph_pool.graph_pool_setting() == "sleep" and graph_pool.asked()
+    assert graph_pool.asked()
     monkeypatch.setenv(graph_pool.ENV, "cumem")
-    with pytest.raises(BakeFailed, match="FV_GRAPH_POOL='cumem': expected vllm or sleep"):
-        graph_pool.graph_pool_setting()
+    monkeypatch.setenv("FV_CRIU_DUMP_TIMEOUT_S", "never")
+    monkeypatch.setenv("FV_RUN_DIR", str(tmp_path / "run"))
+    with pytest.raises(BakeFailed) as e:
+        bake(Layout(tmp_path / "fv"), "/no/such/model", [], 1, 0)
+    assert str(e.value) == ("FV_CRIU_DUMP_TIMEOUT_S='never' is not a number of seconds above 0;"
+                            " FV_GRAPH_POOL='cumem': expected vllm or sleep")
 
 
 class _Platform:  # vLLM's platform interface as graph_pool uses it (vLLM cannot run in CPU CI)
