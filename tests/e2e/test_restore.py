@@ -127,6 +127,12 @@ def _wait_log(container: str, text: str, timeout: float) -> str:
     return logs
 
 
+def _fallback_line(logs: str) -> str:
+    """fvboot's `checkpoint not used: <reason>` line of LOGS, or (none there) their tail, for the
+    caller's assertion to show."""
+    return next((l for l in logs.splitlines() if "checkpoint not used" in l), f"no fallback line in:\n{logs[-3000:]}")
+
+
 COMPOSE_FILE = REPO / "tests" / "e2e" / "docker-compose.yml"
 
 
@@ -750,7 +756,7 @@ def _fallback(baked_image: str, manifest: dict, shell: str, reason: str) -> str:
         metrics = requests.get(f"{URL}/metrics", timeout=10).text
         logs = c.logs()
     assert 'fastvllm_start_path{path="normal",reason="' in metrics and reason.split('"')[0][:40] in metrics
-    line = next(l for l in logs.splitlines() if "checkpoint not used" in l)
+    line = _fallback_line(logs)
     assert reason in line, line
     assert "starting vLLM normally" in line
     return logs
@@ -764,8 +770,7 @@ def _refused_before_restore(baked_image: str, shell: str, reason: str) -> None:
     of CI per fault and test nothing more."""
     with Container(baked_image, entry=["sh", "-c", shell + " && exec fvboot"]) as c:
         logs = _wait_log(c.id, "checkpoint not used", 120)
-    line = next((l for l in logs.splitlines() if "checkpoint not used" in l), None)
-    assert line is not None, f"no fallback within 120 s:\n{logs[-3000:]}"
+    line = _fallback_line(logs)
     assert reason in line and "starting vLLM normally" in line, line
     assert "the failed restore left" not in logs and "restored from checkpoint" not in logs, logs[-3000:]
 
@@ -987,7 +992,7 @@ def test_a_container_run_as_another_user_starts_normally_and_answers_the_same(ba
         _wait_ready(container=c.id)
         _assert_same_as_bake(manifest, exact=e2e_device() == "cpu")
         logs = c.logs()
-    line = next(l for l in logs.splitlines() if "checkpoint not used" in l)
+    line = _fallback_line(logs)
     assert "fvboot runs as uid 1000 (docker run --user?), and a restore needs root" in line, line
     assert "starting vLLM normally" in line and "criu restore" not in logs, logs[-3000:]
     assert "(fvboot runs as uid 1000, not root: docker run --user?): this start uses a copy of them in /tmp/fvboot-cache-" in logs, logs[-3000:]
@@ -1146,7 +1151,7 @@ def test_a_pids_limit_without_room_for_the_server_is_said_before_criu_runs(baked
     limit = tasks // 2
     with Container(baked_image, "--pids-limit", str(limit)) as c:
         logs = _wait_log(c.id, "checkpoint not used", 60)
-        line = next((l for l in logs.splitlines() if "checkpoint not used" in l), logs[-3000:])
+        line = _fallback_line(logs)
         assert f"this container may run {limit} processes and threads" in line, line
         assert f"the checkpoint's server has {tasks}: raise the limit" in line, line
         assert "Unable to create a thread" not in logs and "criu restore" not in logs, logs[-3000:]

@@ -16,7 +16,7 @@ import requests
 from fvboot.layout import ADMIN_HEADER
 from fvboot.middleware import is_public
 from test_restore import (PORT, RUN_DIR, URL, Container, _answers, _assert_same_as_bake, _completion_body,  # noqa: F401
-                          _logs, _probe_asks, _wait_log, _wait_ready, docker_compose_command, docker_compose_file, docker_setup, gpu_flags, manifest,
+                          _fallback_line, _logs, _probe_asks, _wait_log, _wait_ready, docker_compose_command, docker_compose_file, docker_setup, gpu_flags, manifest,
                           port_free)
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
@@ -172,7 +172,7 @@ def test_without_capabilities_the_reason_names_the_missing_one(baked_image, port
     cid = subprocess.run(["docker", "run", "-d", "--network", "host", "--shm-size", "1g", *gpu_flags(), baked_image],
                          capture_output=True, text=True, check=True).stdout.strip()
     try:
-        line = next(l for l in _wait_log(cid, "checkpoint not used", 60).splitlines() if "checkpoint not used" in l)
+        line = _fallback_line(_wait_log(cid, "checkpoint not used", 60))
         assert "capability" in line and "CAP_" in line and "no log" not in line, line
         took, code = _stop(cid)
         assert code == 143 and took < 9, (code, took)
@@ -192,7 +192,7 @@ def test_under_dockers_default_seccomp_profile_the_reason_says_to_lift_it(baked_
     cid = subprocess.run(["docker", "run", "-d", "--network", "host", *flags, *gpu_flags(), baked_image],
                          capture_output=True, text=True, check=True).stdout.strip()
     try:
-        line = next(l for l in _wait_log(cid, "checkpoint not used", 60).splitlines() if "checkpoint not used" in l)
+        line = _fallback_line(_wait_log(cid, "checkpoint not used", 60))
         assert "Operation not permitted (this container runs under a seccomp filter, which refuses calls CRIU" \
                " makes: run the container with" in line, line
         assert "--security-opt seccomp=unconfined" in line, line
@@ -237,7 +237,7 @@ def test_a_container_that_drops_every_capability_is_told_which_to_add_back(baked
     assert held and "SYS_ADMIN" not in held, held  # the tree gives CRIU's up (nsinit)
     with Container(baked_image, "--cap-drop", "ALL") as c:
         logs = _wait_log(c.id, "checkpoint not used", 60)
-        line = next((l for l in logs.splitlines() if "checkpoint not used" in l), logs[-3000:])
+        line = _fallback_line(logs)
         lacking = sorted(set(held) - set(CONTAINER_CAPS))
         assert "missing capability: " + ", ".join(f"CAP_{n}" for n in lacking) in line, line
         assert "add them: " + " ".join(f"--cap-add {n}" for n in lacking) in line, line
