@@ -24,6 +24,7 @@ command -v git >/dev/null || need="$need git"
 command -v curl >/dev/null || need="$need curl"
 command -v docker-compose >/dev/null || need="$need docker-compose"
 command -v xz >/dev/null || need="$need xz-utils"
+command -v podman >/dev/null || need="$need podman"  # the e2e test of the image under Podman (CRI-O's storage)
 if [ -n "$need" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null

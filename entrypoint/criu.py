@@ -21,9 +21,14 @@ from .errors import FvBootError
 # containers, and nothing outside the tree talks to it during the dump (the gate is shut);
 # --ext-unix-sk: sockets to outside peers (e.g. the log pipe's owner); --link-remap: open files
 # that were deleted; --external mnt[]: every mount belongs to the container, not the tree.
+# --skip-file-rwx-check (restore): the container engine, not the image, makes the container's
+# root directory, and they differ in its mode: Podman's (and CRI-O's, the same storage library)
+# is 0555, Docker's 0755, and CRIU refused a Docker bake's tree there ("File . has bad mode
+# 040555 (expect 040755)", 2026-12-05). The files themselves are the image's (their layers are
+# checked before the restore); CRIU still checks each one's type, size and identity.
 COMMON_FLAGS = ("--shell-job", "--tcp-established", "--ext-unix-sk", "--external", "mnt[]")
 DUMP_FLAGS = COMMON_FLAGS + ("--link-remap", "--network-lock", "skip")
-RESTORE_FLAGS = COMMON_FLAGS + ("--root", "/", "--restore-detached")
+RESTORE_FLAGS = COMMON_FLAGS + ("--root", "/", "--restore-detached", "--skip-file-rwx-check")
 
 
 def _criu() -> list[str]:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -1093,6 +1094,52 @@ def test_the_image_shipped_to_another_docker_engine_restores_and_answers_as_bake
     finally:
         engine.docker("rm", "-f", *engine.docker("ps", "-aq", check=False).stdout.split(), check=False)
         engine.close()
+
+
+def _podman_ulimits() -> list[str]:
+    """Podman's own defaults (nofile 1048576, nproc 32768), capped at what this process may set:
+    without CAP_SYS_RESOURCE (this project's CI machines) runc cannot raise them."""
+    import resource
+
+    out = []
+    for name, kind, default in (("nofile", resource.RLIMIT_NOFILE, 1048576), ("nproc", resource.RLIMIT_NPROC, 32768)):
+        hard = resource.getrlimit(kind)[1]
+        n = default if hard == resource.RLIM_INFINITY else min(default, hard)
+        out += ["--ulimit", f"{name}={n}:{n}"]
+    return out
+
+
+@pytest.mark.skipif(e2e_device() == "cuda", reason="a second copy of the CUDA image costs the GPU machine's 64 GB"
+                    " disk, and its setup brings no Podman")
+def test_the_image_restores_under_podman_and_answers_as_baked(baked_image, manifest, port_free):
+    """The image Docker baked, run by Podman (its storage library and defaults are CRI-O's, the
+    engine of OpenShift and other Kubernetes distributions): the container's root directory is
+    0555 there, 0755 under Docker, and CRIU refused the tree ("File . has bad mode 040555 (expect
+    040755)", tried by hand, 2026-12-05); its default capabilities lack NET_RAW, MKNOD and
+    AUDIT_WRITE, which the served tree gives up. Restored, answering as baked."""
+    podman = shutil.which("podman")
+    if podman is None:
+        pytest.skip("no podman on PATH (.ci/setup-cpu-host.sh installs it)")
+    name = f"fv-e2e-podman-{os.getpid()}"
+    save = subprocess.Popen(["docker", "save", baked_image], stdout=subprocess.PIPE)
+    loaded = subprocess.run([podman, "load", "-q"], stdin=save.stdout, capture_output=True, text=True, timeout=900)
+    save.stdout.close()
+    assert save.wait(timeout=60) == 0 and loaded.returncode == 0, loaded.stderr[-2000:]
+    try:
+        subprocess.run([podman, "run", "-d", "--name", name, *_podman_ulimits(), *run_flags(baked_image),
+                        "--network", "host", baked_image], capture_output=True, text=True, check=True, timeout=300)
+        deadline = time.monotonic() + 900
+        while not _ready() and time.monotonic() < deadline:
+            state = subprocess.run([podman, "inspect", "-f", "{{.State.Running}}", name], capture_output=True, text=True)
+            assert state.stdout.strip() == "true", subprocess.run([podman, "logs", name], capture_output=True,
+                                                                  text=True).stderr[-4000:]
+            time.sleep(0.2)
+        logs = (lambda r: r.stdout + r.stderr)(subprocess.run([podman, "logs", name], capture_output=True, text=True))
+        assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-4000:]
+        _assert_same_as_bake(manifest)
+    finally:
+        subprocess.run([podman, "rm", "-f", "-t", "5", name], capture_output=True, timeout=120)
+        subprocess.run([podman, "rmi", "-f", baked_image], capture_output=True, timeout=300)
 
 
 @pytest.mark.skipif(e2e_device() == "cuda", reason="the API server's listening socket, the same on a GPU; a second"
