@@ -292,7 +292,7 @@ class BuildOptions(CriuOptions):
     @field_validator("vllm_args")
     @classmethod
     def _no_owned_args(cls, v: list[str]) -> list[str]:
-        from fvboot.launcher import is_secret_name
+        from fvboot.launcher import is_secret_option
 
         for i, a in enumerate(v):
             if "\n" in a or "\r" in a or "\0" in a:
@@ -300,10 +300,10 @@ class BuildOptions(CriuOptions):
             name, eq, value = a.partition("=")
             if name in RESERVED_VLLM_ARGS:
                 raise ValueError(f"{name} is reserved: {RESERVED_VLLM_ARGS[name]}")
-            if name.startswith("--") and is_secret_name(name[2:].replace("-", "_")):
+            if is_secret_option(name):
                 raise ValueError(f"{name} may hold a secret, which must not be in an image (the manifest and the"
-                                 " checkpoint keep the server's arguments): give it at run time (docker run -e), or for the model"
-                                 " download as --hf-token-env")
+                                 " checkpoint keep the server's arguments): give it at run time (docker run -e),"
+                                 " or for the model download as --hf-token-env")
             if name == "--host":
                 value = value if eq else (v[i + 1] if i + 1 < len(v) else "")
                 if value not in WILDCARD_HOSTS:

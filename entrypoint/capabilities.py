@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Optional
 
 # What a container needs for CRIU on Docker 20.10 (README "Capabilities"; --privileged is not
 # needed, and fails on hosts without CAP_SYS_RESOURCE): one list for fvbuild's `run-flags` and
@@ -104,15 +105,21 @@ def held(status_text: str) -> dict[str, set[str]]:
     return out
 
 
+def _status_value(pid: "int | str", key: str) -> Optional[str]:
+    """KEY's value in /proc/PID/status, or None where it has none; OSError if PID is gone."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name == key:
+                return value.strip()
+    return None
+
 
 def permitted(pid: "int | str" = "self") -> frozenset[str]:
     """The capabilities process PID may use (its permitted set, from /proc), by name; OSError if
     it is gone."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("CapPrm:"):
-                return names(int(line.split(":", 1)[1].strip(), 16))
-    return frozenset()
+    mask = _status_value(pid, "CapPrm")
+    return names(int(mask, 16)) if mask is not None else frozenset()
 
 
 def seccomp_filtered(pid: "int | str" = "self") -> bool:
@@ -120,8 +127,7 @@ def seccomp_filtered(pid: "int | str" = "self") -> bool:
     RuntimeDefault): CRIU then meets "Operation not permitted" on calls its capabilities allow
     (pivot_root, seen 2026-12-05), which says nothing of the cause by itself."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return any(line.split(":", 1)[1].strip() == "2" for line in f if line.startswith("Seccomp:"))
+        return _status_value(pid, "Seccomp") == "2"
     except OSError:
         return False
 

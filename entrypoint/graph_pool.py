@@ -19,8 +19,9 @@ before vLLM builds its graph wrappers; it acts only where the engine runs on CUD
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
+
+from . import runenv
 
 # the KV cache's tag: vLLM's executor wakes only the tags its sleep set (weights, kv_cache) and
 # refuses a whole wake that names another (its KV cache then stays asleep: the 3B restore's first
@@ -35,7 +36,7 @@ def asked() -> bool:
     """FV_GRAPH_POOL=sleep (default ``vllm``: vLLM's own pool, kept through the sleep). The
     bake checks every FV_* setting (runenv) before vLLM starts; here a value it refused never
     arrives."""
-    return os.environ.get(ENV, "").strip().lower() == "sleep"
+    return runenv.value(ENV) == "sleep"
 
 
 def install() -> bool:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import runenv
 from .errors import ServerDied
 from .exitnoise import ExitFilter
-from . import runenv
 from .layout import RUNTIME_FILE_ENV
 from .output import write_line
 
@@ -241,6 +241,12 @@ def api_key_line(env: dict, arg: Optional[str] = None) -> str:
     return f"clients must send the API key {where}{trimmed} as `Authorization: Bearer <key>`"
 
 
+def is_secret_option(name: str) -> bool:
+    """A server option whose name says it holds a credential (--api-key, --hf-token): the names
+    is_secret_name knows, as options."""
+    return name.startswith("--") and is_secret_name(name[2:].replace("-", "_"))
+
+
 def shown_args(args: list[str]) -> list[str]:
     """ARGS as a log line may show them: the value of an option whose name says it holds a
     credential (--api-key, --hf-token; the names is_secret_name knows) is left out."""
@@ -252,7 +258,7 @@ def shown_args(args: list[str]) -> list[str]:
             hide_next = False
             continue
         name, eq, _ = a.partition("=")
-        secret = name.startswith("--") and is_secret_name(name[2:].replace("-", "_"))
+        secret = is_secret_option(name)
         if secret and eq:
             out.append(f"{name}=<hidden>")
         else:

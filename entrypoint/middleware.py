@@ -35,9 +35,10 @@ import re
 import sys
 import time
 
+from . import runenv
 from .layout import ADMIN_HEADER, RUNTIME_FILE_ENV
-from .served_metrics import zero_served_counts
 from .metrics import exposition
+from .served_metrics import zero_served_counts
 
 GATE_OPEN, GATE_CLOSE, GATE_STATE = "/fv/gate/open", "/fv/gate/close", "/fv/gate/state"
 TRIM = "/fv/trim"
@@ -95,7 +96,7 @@ class GateMiddleware:
         self.app = app
         self._open = asyncio.Event()
         self._open.set()
-        self._wait_s = float(os.environ.get("FV_GATE_WAIT_S", "600"))
+        self._wait_s = runenv.seconds("FV_GATE_WAIT_S")
         self._first_served = False
         self._held = 0  # requests that waited at the closed gate, since the bake (kept by the checkpoint)
         self._settings_path = os.environ.get(RUNTIME_FILE_ENV, "")

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from . import runenv
 from .capabilities import give_up_unneeded
 from .noiouring import disable_io_uring
 
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> int:
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    if os.environ.get("FV_DISABLE_IO_URING", "1") == "1":
+    if runenv.value("FV_DISABLE_IO_URING") == "1":
         disable_io_uring()
     try:  # after the seccomp filter: the server needs none of what only CRIU needs, nor Docker's unused ones
         give_up_unneeded()
