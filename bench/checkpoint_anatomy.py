@@ -181,6 +181,23 @@ def read_process(images: Path, pid: int, files: dict[int, str]) -> Process:
     return proc
 
 
+def shared_memory(images: Path) -> list[dict]:
+    """Shared memory's pages (anonymous shared mappings, memfd, /dev/shm files a process had
+    mapped): CRIU stores them once per segment, in a pagemap-shmem-<id>.img of its own, not in
+    any process's pagemap; a restore reads them as it reads the processes' pages."""
+    out = []
+    for path in sorted(images.glob("pagemap-shmem-*.img")):
+        pagemap = read_pagemap(path)
+        dumped = zero = 0
+        with open(images / f"pages-{pagemap.pages_id}.img", "rb") as pages:
+            for _, count in pagemap.runs:
+                data = pages.read(count * PAGE)
+                dumped += len(data)
+                zero += sum(data[k:k + PAGE] == ZERO for k in range(0, len(data), PAGE)) * PAGE
+        out.append({"segment": path.stem.rsplit("-", 1)[1], "dumped": dumped, "zero": zero})
+    return out
+
+
 def anatomy(images: Path, top: int) -> dict:
     # a zombie has no memory images (CRIU keeps only its exit state)
     files = file_names(images)
@@ -195,8 +212,9 @@ def anatomy(images: Path, top: int) -> dict:
         for area, h in p.page_hashes:
             if len(owners[h]) > 1:
                 area.shared_with_others += PAGE
-    total = sum(a.dumped for p in procs for a in p.areas)
-    zero = sum(a.zero for p in procs for a in p.areas)
+    shm = shared_memory(images)
+    total = sum(a.dumped for p in procs for a in p.areas) + sum(s["dumped"] for s in shm)
+    zero = sum(a.zero for p in procs for a in p.areas) + sum(s["zero"] for s in shm)
     by_kind: Counter = Counter()
     zero_by_kind: Counter = Counter()
     for p in procs:
@@ -218,6 +236,8 @@ def anatomy(images: Path, top: int) -> dict:
                                     for k, v in sorted(p.embedded.items())},
                        "gpu_libraries": sorted(p.gpu_libraries)}
                       for p in procs],
+        "shared_memory": [{"segment": s["segment"], "dumped_gb": round(s["dumped"] / 1e9, 3),
+                           "zero_gb": round(s["zero"] / 1e9, 3)} for s in shm],
         "largest_areas": [a.row(f"{p.pid} {p.comm}") for p, a in areas[:top]],
     }
 

@@ -14,15 +14,22 @@ from typing import Mapping, Optional
 from .errors import CheckpointUnusable
 
 
+_YES = ("1", "true", "yes", "on")
+_NO = ("0", "false", "no", "off")
+
+
 @dataclass(frozen=True)
 class Setting:
-    """A setting that takes one of CHOICES (case and blanks aside), or a number of seconds above
-    0 (SECONDS); DEFAULT where unset or blank."""
+    """A setting that takes one of CHOICES (case and blanks aside), a number of seconds above 0
+    (SECONDS), a whole number within BOUNDS, or yes/no (SWITCH: "1" or "0"); DEFAULT where
+    unset or blank."""
 
     name: str
     default: str
     choices: tuple[str, ...] = ()
     seconds: bool = False
+    bounds: Optional[tuple[int, int]] = None
+    switch: bool = False
 
     def parse(self, raw: Optional[str]) -> str:
         """The value RAW stands for; ValueError saying what the setting takes."""
@@ -34,6 +41,15 @@ class Setting:
                 ok = False
             if not ok:
                 raise ValueError(f"{self.name}={raw!r} is not a number of seconds above 0")
+        elif self.bounds:
+            lo, hi = self.bounds
+            if not (value.lstrip("-").isdigit() and lo <= int(value) <= hi):
+                raise ValueError(f"{self.name}={raw!r}: expected a whole number in [{lo}, {hi}]")
+            return str(int(value))
+        elif self.switch:
+            if value not in _YES + _NO:
+                raise ValueError(f"{self.name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+            return "1" if value in _YES else "0"
         elif value not in self.choices:
             words = ", ".join(self.choices[:-1]) + " or " + self.choices[-1]
             raise ValueError(f"{self.name}={raw!r}: expected {words}")
@@ -65,18 +81,31 @@ _CHOICES = (
     ("FV_GRAPH_POOL", "vllm", ("vllm", "sleep")),  # bake
     ("FV_DISABLE_IO_URING", "1", ("0", "1")),
 )
+# the GPU weight loader's (fvboot.weights.settings), handed to the restored worker at its load
+_WHOLE_NUMBERS = (
+    ("FV_LOAD_BUFFERS", "16", (1, 256)),  # pinned buffers of the ring (bench/results/gpu_weight_load_h100.json)
+    ("FV_LOAD_BUFFER_MB", "32", (1, 4096)),  # MiB each
+    ("FV_LOAD_THREADS", "0", (0, 256)),  # 0: from the machine's cores
+    ("FV_LOAD_STREAMS", "4", (1, 64)),  # CUDA streams the copies are spread over
+)
+_SWITCHES = (
+    ("FV_LOAD_ODIRECT", "0"),  # O_DIRECT reads, past the page cache
+    ("FV_LOAD_REGISTER", "1"),  # a file all in the page cache goes to the GPU with no CPU copy
+    ("FV_GPU_LOADER", "1"),  # 0: the simple per-chunk copies
+)
 SETTINGS: dict[str, Setting] = {
     **{name: Setting(name, default, seconds=True) for name, default in _SECONDS},
     **{name: Setting(name, default, choices) for name, default, choices in _CHOICES},
+    **{name: Setting(name, default, bounds=bounds) for name, default, bounds in _WHOLE_NUMBERS},
+    **{name: Setting(name, default, switch=True) for name, default in _SWITCHES},
 }
 # FV_* names fvboot reads that take free text (paths, a key, a map) or are its own between
 # processes: never called unknown.
 FREE_NAMES = frozenset({
     "FV_API_KEY", "FV_HOME", "FV_RUN_DIR", "FV_PORT", "FV_SERVED_MODEL", "FV_CUDA_DEVICE_MAP",
     "FV_CUDA_CHECKPOINT_LIBCUDA", "FV_CRIU_PLUGIN_DIR", "FV_RUNTIME_FILE", "FV_ADMIN_TOKEN",
-    "FV_CUDA_CHECKPOINT_SOCKET", "FV_CUDA_RESUME_MARK", "FV_STAGER_POOL", "FV_GPU_LOADER",
-    "FV_LOAD_REGISTER", "FV_LOAD_THREADS", "FV_LOAD_BUFFERS", "FV_LOAD_BUFFER_MB", "FV_LOAD_STREAMS",
-    "FV_LOAD_ODIRECT", "FV_CRIU_WRAPPED", "FV_CRIU_SAVED_LD_LIBRARY_PATH",
+    "FV_CUDA_CHECKPOINT_SOCKET", "FV_CUDA_RESUME_MARK", "FV_STAGER_POOL",
+    "FV_CRIU_WRAPPED", "FV_CRIU_SAVED_LD_LIBRARY_PATH",
 })
 
 

@@ -11,41 +11,34 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..runenv import SETTINGS
 from .fileformat import WeightFileError
 
 GPU_DEVICE_TYPES = ("cuda",)  # devices whose tensors go through the GPU paths (ring, page cache)
 
-DEFAULT_BUFFERS = 16  # measured best on an H100 box (bench/results/gpu_weight_load_h100.json)
-DEFAULT_BUFFER_MB = 32
-DEFAULT_STREAMS = 4
+# the defaults live with every other FV_* setting (fvboot.runenv), which fvboot checks at start
+DEFAULT_BUFFERS = int(SETTINGS["FV_LOAD_BUFFERS"].default)
+DEFAULT_BUFFER_MB = int(SETTINGS["FV_LOAD_BUFFER_MB"].default)
+DEFAULT_STREAMS = int(SETTINGS["FV_LOAD_STREAMS"].default)
 
 
 class GpuLoaderError(WeightFileError):
     """A GPU transfer could not run (no CUDA, bad settings, unusable file system)."""
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
+def _setting(env: Mapping[str, str], name: str) -> str:
     try:
-        v = int(raw)
-    except ValueError:
-        raise GpuLoaderError(f"{name}={raw!r}: expected an integer in [{lo}, {hi}]") from None
-    if not lo <= v <= hi:
-        raise GpuLoaderError(f"{name}={raw!r}: expected an integer in [{lo}, {hi}]")
-    return v
+        return SETTINGS[name].parse(env.get(name))
+    except ValueError as e:
+        raise GpuLoaderError(str(e)) from None
 
 
-def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise GpuLoaderError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    return int(_setting(env, name))
+
+
+def _env_bool(env: Mapping[str, str], name: str) -> bool:
+    return _setting(env, name) == "1"
 
 
 def auto_threads(buffers: int, cpus: int | None = None) -> int:
@@ -73,12 +66,9 @@ class Config:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
         """Settings from ``FV_LOAD_*``; keyword arguments that are not None win."""
         env = os.environ if env is None else env
-        vals = dict(buffers=_env_int(env, "FV_LOAD_BUFFERS", DEFAULT_BUFFERS, 1, 256),
-                    buffer_mb=_env_int(env, "FV_LOAD_BUFFER_MB", DEFAULT_BUFFER_MB, 1, 4096),
-                    threads=_env_int(env, "FV_LOAD_THREADS", 0, 0, 256),
-                    streams=_env_int(env, "FV_LOAD_STREAMS", DEFAULT_STREAMS, 1, 64),
-                    odirect=_env_bool(env, "FV_LOAD_ODIRECT", False),
-                    register=_env_bool(env, "FV_LOAD_REGISTER", True))
+        vals = dict(buffers=_env_int(env, "FV_LOAD_BUFFERS"), buffer_mb=_env_int(env, "FV_LOAD_BUFFER_MB"),
+                    threads=_env_int(env, "FV_LOAD_THREADS"), streams=_env_int(env, "FV_LOAD_STREAMS"),
+                    odirect=_env_bool(env, "FV_LOAD_ODIRECT"), register=_env_bool(env, "FV_LOAD_REGISTER"))
         vals.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**vals)
 
@@ -100,4 +90,4 @@ def verify_threads(cpus: int | None = None) -> int:
 
 def enabled(env: Mapping[str, str] | None = None) -> bool:
     """``FV_GPU_LOADER=0`` turns the fast paths off (the simple per-chunk loop is used)."""
-    return _env_bool(os.environ if env is None else env, "FV_GPU_LOADER", True)
+    return _env_bool(os.environ if env is None else env, "FV_GPU_LOADER")

@@ -11,7 +11,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
-from checkpoint_anatomy import EM_CUDA, FATBIN_MAGIC, GPU_LIBRARY, embedded_images  # noqa: E402
+from checkpoint_anatomy import EM_CUDA, FATBIN_MAGIC, GPU_LIBRARY, PAGE, embedded_images, shared_memory  # noqa: E402
+from fvboot.criu import PE_PRESENT, encode_fields  # noqa: E402
 
 
 def _elf(machine: int, shoff: int, shnum: int) -> bytes:
@@ -58,3 +59,18 @@ def test_the_gpu_libraries_a_process_maps_are_named_and_nothing_else():
     for path, want in named.items():
         m = GPU_LIBRARY.search(path)
         assert (m.group(0)[1:] if m else None) == want, path
+
+
+def test_shared_memory_pages_stored_apart_from_every_process_are_counted(tmp_path):
+    """CRIU stores a shared segment's pages once, under pagemap-shmem-<id>.img, in no process's
+    pagemap (a GPU engine has such segments): every byte of its pages-N.img is counted, the
+    all-zero pages among them said."""
+    magic = b"\x54\x56\x01\x00\x12\x34\x56\x78"
+    entries = [encode_fields([(1, 7)]),  # pages in pages-7.img
+               encode_fields([(1, 0), (4, PE_PRESENT), (5, 2)]),
+               encode_fields([(1, 5 * PAGE), (4, PE_PRESENT), (5, 1)])]
+    with open(tmp_path / "pagemap-shmem-4242.img", "wb") as f:
+        f.write(magic + b"".join(len(m).to_bytes(4, "little") + m for m in entries))
+    (tmp_path / "pages-7.img").write_bytes(b"\1" * PAGE + bytes(PAGE) + b"\2" * PAGE)
+    (tmp_path / "pagemap-12.img").write_bytes(magic)  # a process's own pagemap: not shared memory
+    assert shared_memory(tmp_path) == [{"segment": "4242", "dumped": 3 * PAGE, "zero": PAGE}]
