@@ -13,12 +13,14 @@ from typing import Any, Optional
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import BaseImageMissingError, FvBuildError, GpuAccessError, ImageNotBakedError, OptionsError
 from .options import BuildOptions, CriuOptions, load_options
 
-console = Console(stderr=True, highlight=False)
+# no emoji codes (":a:" in a tag would print as one) and no markup but fvbuild's own prefix
+console = Console(stderr=True, highlight=False, emoji=False)
 
 
 def _options_params(f):
@@ -66,7 +68,7 @@ def _load(values: dict[str, Any], kind: type[CriuOptions] = BuildOptions, **extr
 
 
 def _fail(e: FvBuildError) -> None:
-    console.print(f"[bold red]fvbuild:[/] {e}", markup=True, soft_wrap=True)
+    console.print(f"[bold red]fvbuild:[/] {escape(str(e))}", markup=True, soft_wrap=True)
     sys.exit(e.exit_code)
 
 
@@ -78,7 +80,12 @@ def main() -> None:
 
 
 def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt(signum)
+
+
+def _interrupted_exit_code(e: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a command a signal ended (Ctrl-C: 130)."""
+    return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else 2)
 
 
 def _stop_on_sigterm() -> None:
@@ -130,6 +137,7 @@ def image(bake: Optional[bool], as_json: bool, **values: Any) -> None:
     from .report import ConsoleReport, JsonReport
 
     report = JsonReport() if as_json else ConsoleReport(console)
+    engine = tag = replaced = None
     try:
         opts = _load(values, bake=bake)
         engine = DockerEngine.connect()
@@ -151,7 +159,7 @@ def image(bake: Optional[bool], as_json: bool, **values: Any) -> None:
                 phases.update(bake_image(engine, opts, result.image_id, tag, report.bake_line, plan))
             except BaseException:
                 with contextlib.suppress(Exception):  # the bake's own error is the one to report
-                    engine.remove_if_untagged(result.image_id, prune=False)  # nothing of a failed bake stays
+                    engine.remove_build(result)  # nothing of a failed or interrupted bake stays
                 raise
         else:
             engine.tag(result.image_id, tag)
@@ -168,6 +176,14 @@ def image(bake: Optional[bool], as_json: bool, **values: Any) -> None:
     except FvBuildError as e:
         report.error(str(e))
         sys.exit(e.exit_code)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (_stop_on_sigterm): cleaned up by now
+        tagged = None
+        with contextlib.suppress(Exception):
+            tagged = engine.image_id(tag) if engine and tag else None
+        report.error(f"interrupted after {tag} was baked and tagged: that image is complete"
+                     if tagged and tagged != replaced else
+                     "interrupted: no image was tagged, and nothing this build or its bake made is left")
+        sys.exit(_interrupted_exit_code(e))
     report.done(tag, info["Size"], phases, time.monotonic() - t0, sizes)
 
 
@@ -199,7 +215,7 @@ def criu(out: Path, **values: Any) -> None:
     console.print(f"CRIU {manifest['criu']['version']} ({manifest['criu']['source']}, patches: "
                   f"{', '.join(manifest['patches']) or 'none'}), {len(manifest['libs'])} libraries, "
                   f"built on {manifest['base_image']} (needs glibc >= {manifest['glibc_needed'].removeprefix('GLIBC_') or '?'})",
-                  soft_wrap=True)
+                  soft_wrap=True, markup=False)
     click.echo(str(out))
 
 

@@ -72,6 +72,9 @@ class BuildEvent:
 class BuildResult:
     image_id: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # the step images this build made (not its cache hits), oldest first: what `remove_build`
+    # takes away when what follows the build fails
+    created: tuple[str, ...] = ()
 
 
 class DockerEngine:
@@ -199,7 +202,14 @@ class DockerEngine:
                 self._remove_step_images(steps.created)
         if stage:
             seconds[stage] = time.monotonic() - stage_start
-        yield BuildResult(image_id, seconds)
+        yield BuildResult(image_id, seconds, tuple(steps.created))
+
+    def remove_build(self, result: BuildResult) -> None:
+        """Undo a finished build whose image is not wanted after all (its bake failed or was
+        interrupted): the image and every step image the build made, which `docker images`
+        would otherwise list as `<none>` (removing only the image leaves its parent, the step
+        before, dangling). The cache hits it used stay, for the next build."""
+        self._remove_step_images([*result.created, result.image_id])
 
     def _remove_step_images(self, created: list[str]) -> None:
         """Remove the images a failed build created, newest first (each one's parent is then

@@ -25,7 +25,11 @@ UPSTREAM_CRIU_REPO = "https://github.com/checkpoint-restore/criu.git"
 DEFAULT_CRIU_REF = "v4.2.1"
 CUDA_VLLM_VERSION = "0.26.0"
 CPU_VLLM_VERSION = "0.32.0"
-_TAG_RE = re.compile(r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[\w][\w.-]{0,127})?$")
+# What fvbuild may tag: [registry/]name[:tag] (Docker's grammar; a first component is a registry
+# where it has a dot or a port, or is localhost: registry.example.com:5000/team/llama:v1)
+_NAME_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_TAG_RE = re.compile(r"^(?:(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*:\d+)"
+                     r"(?::\d+)?/)?" + _NAME_PART + r"(?:/" + _NAME_PART + r")*(?::\w[\w.-]{0,127})?$")
 # Any local or registry reference: [host[:port]/]name[:tag][@digest], or an image ID.
 _IMAGE_RE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::\d+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
                        r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?"
@@ -211,7 +215,7 @@ class BuildOptions(CriuOptions):
     @classmethod
     def _tag_is_valid(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not _TAG_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid image reference (lower-case name[:tag])")
+            raise ValueError(f"{v!r} is not a valid image reference ([registry[:port]/]lower-case-name[:tag])")
         return v
 
     @field_validator("criu_prebuilt")

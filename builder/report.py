@@ -9,6 +9,7 @@ import sys
 from typing import Any, Iterable, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .engine import BuildEvent, BuildResult
@@ -53,7 +54,7 @@ class ConsoleReport:
         print(tag, flush=True)
 
     def error(self, message: str) -> None:
-        self.console.print(f"[bold red]fvbuild:[/] {message}", markup=True, soft_wrap=True)
+        self.console.print(f"[bold red]fvbuild:[/] {escape(message)}", markup=True, soft_wrap=True, emoji=False)
 
 
 class JsonReport:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from fvboot.capabilities import docker_run_flags
 
-from conftest import base_image, e2e_device, fvbuild
+from conftest import MODEL, base_image, e2e_device, fvbuild
 
 pytestmark = pytest.mark.docker
 CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
@@ -314,6 +315,7 @@ def test_vllm_failing_in_the_bake_is_one_clear_error_and_leaves_nothing(build_fl
     the failure in one line after the bake's own log, tags nothing, leaves no container or image."""
     tag = "fv-test/enginefail:x"
     containers = {c.id for c in docker_client.containers.list(all=True)}
+    before = _dangling(docker_client)
     flags = [f for f in build_flags if not f.startswith("--vllm-arg=--max-model-len")]
     r = fvbuild("image", "--model", "synthetic:tiny", "--tag", tag, *flags,
                 "--vllm-arg=--max-model-len=1048576", "--bake-timeout", "900")
@@ -326,6 +328,44 @@ def test_vllm_failing_in_the_bake_is_one_clear_error_and_leaves_nothing(build_fl
     assert not docker_client.images.list(name="fv-test/enginefail")
     assert not docker_client.images.list(name="fvbuild-bake-tmp")
     assert {c.id for c in docker_client.containers.list(all=True)} <= containers
+    assert _dangling(docker_client) <= before, "the failed bake left <none> images"
+
+
+def test_an_interrupted_bake_leaves_no_container_and_no_image(build_flags, docker_client):
+    """Tried as an operator would (2026-12-05): Ctrl-C, or SIGTERM from a CI cancel, while the
+    bake's vLLM started. fvbuild removed its container and the built image, but not the step
+    image below it, which `docker images` then listed as a <none> image of the image's full size,
+    and it ended in click's bare "Aborted!" (no `error` event for --json). An image environment of
+    its own makes this build's steps its own from there (no cache hit of the suite's build)."""
+    import json
+    import signal
+
+    tag = "fv-test/interrupted:x"
+    containers = {c.id for c in docker_client.containers.list(all=True)}
+    before = _dangling(docker_client)
+    proc = subprocess.Popen([sys.executable, "-m", "fvbuild.cli", "image", "--model", MODEL, "--tag", tag, "--json",
+                             "--env=FVTEST_INTERRUPTED_BUILD=1", *build_flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = []
+    try:
+        for line in proc.stdout:  # the first line of the bake's own log: its vLLM is starting
+            events.append(json.loads(line))
+            if events[-1]["event"] in ("bake", "done", "error"):
+                break
+        assert events and events[-1]["event"] == "bake", events[-3:]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    events += [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "Aborted" not in err, err[-3000:]
+    assert events[-1] == {"event": "error", "message": "interrupted: no image was tagged, and nothing this"
+                                                      " build or its bake made is left"}, events[-3:]
+    assert not docker_client.images.list(name="fv-test/interrupted")
+    assert not docker_client.images.list(name="fvbuild-bake-tmp")
+    assert {c.id for c in docker_client.containers.list(all=True)} <= containers
+    assert _dangling(docker_client) <= before, "the interrupted bake left <none> images"
 
 
 def test_json_progress_is_one_object_per_line_and_ends_in_done_or_error(build_flags, docker_client):

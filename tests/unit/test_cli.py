@@ -51,6 +51,10 @@ CASES = [
     (["image", *MODEL, "--criu-prebuilt", "{d}/missing.tar.gz"], ["--criu-prebuilt:", "is not a file"]),
     (["image", *MODEL, "--tag", "Bad Tag"], ["--tag: 'Bad Tag' is not a valid image reference"]),
     (["image", *MODEL, "--base-image", "bad image"], ["--base-image: 'bad image' is not an image reference"]),
+    # the user's words as given: ":a:" printed as an emoji, "[bold]" taken as markup (2026-12-05)
+    (["image", *MODEL, "--tag", "fv/test:a:b"], ["--tag: 'fv/test:a:b' is not a valid image reference"]),
+    (["image", *MODEL, "--base-image", "[bold]x:y"], ["--base-image: '[bold]x:y' is not an image reference"]),
+    (["image", *MODEL, "--base-image", "x[/]"], ["--base-image: 'x[/]' is not an image reference"]),
     (["image", *MODEL, "--device", "cpu", "--gpu-access", "devices"], ["--gpu-access/--nvidia-driver-dir apply to --device cuda only"]),
     (["image", *MODEL, "--gpu-access", "toolkit", "--nvidia-driver-dir", "{d}"], ["--nvidia-driver-dir is for --gpu-access devices"]),
     (["image", *MODEL, "--nvidia-driver-dir", "{d}/nope"], ["--nvidia-driver-dir:", "is not a folder"]),

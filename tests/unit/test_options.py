@@ -61,6 +61,23 @@ def test_invalid_values_say_what_to_change(values, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("tag, resolved", [
+    ("localhost:5000/fv/llama", "localhost:5000/fv/llama:latest"),  # a registry's port is not a tag
+    ("registry.example.com:5000/team/llama:v1", "registry.example.com:5000/team/llama:v1"),
+    ("registry.example.com/team/llama-3__b.x", "registry.example.com/team/llama-3__b.x:latest"),
+    ("fv/test:cpu", "fv/test:cpu"),
+])
+def test_a_tag_may_name_a_registry_to_push_to(tag, resolved):
+    """Operators push images to their registry: its host (with a port) leads the tag."""
+    assert load_options({"model": "m", "tag": tag}).resolved_tag == resolved
+
+
+@pytest.mark.parametrize("tag", ["Fv/Test:cpu", "fv/test:", "fv/test:a:b", "fv//x", "myhost:port/x"])
+def test_what_docker_would_refuse_to_tag_is_refused_first(tag):
+    with pytest.raises(OptionsError, match="is not a valid image reference"):
+        load_options({"model": "m", "tag": tag})
+
+
 def test_criu_src_excludes_repo_and_ref(tmp_path):
     with pytest.raises(OptionsError, match="either --criu-src or --criu-repo/--criu-ref"):
         load_options({"model": "m", "criu_src": str(tmp_path), "criu_ref": "v4.1"})
