@@ -120,6 +120,24 @@ def arg_value(args: list[str], name: str) -> Optional[str]:
     return value
 
 
+# Settings the image's environment gives fvboot for the server's command line (FV_PORT is the
+# baked port there): set at docker run to another value, they ask for a server the checkpoint is
+# not, and the normal start gets them as these options.
+RUN_ENV_OPTIONS = (("FV_PORT", "--port"), ("FV_SERVED_MODEL", "--served-model-name"))
+
+
+def args_from_env(baked_command: list[str], env: Optional[dict] = None) -> list[str]:
+    """The options FV_PORT / FV_SERVED_MODEL stand for where ENV gives them a value that is not
+    the baked command's (the image's own FV_PORT is the baked port: nothing)."""
+    env = os.environ if env is None else env
+    out: list[str] = []
+    for name, option in RUN_ENV_OPTIONS:
+        value = (env.get(name) or "").strip()
+        if value and value != arg_value(baked_command, option):
+            out += [option, value]
+    return out
+
+
 def server_port(cmd: list[str], default: int = 8000) -> int:
     """The port the server started by CMD listens on: what fvboot must wait on."""
     value = arg_value(cmd, "--port")

@@ -26,8 +26,8 @@ from . import capabilities, control, criu, manifest, pagecheck, pids, ports, run
 from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, ServerError
-from .launcher import (Pipes, arg_value, load_settings, shown_args, vllm_settings, vllm_settings_changed,
-                       write_runtime_settings)
+from .launcher import (Pipes, arg_value, args_from_env, load_settings, shown_args, vllm_settings,
+                       vllm_settings_changed, write_runtime_settings)
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
 from .output import log
@@ -58,6 +58,19 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     no_room = pids.lacking_room(m.criu.tasks if m.criu else None)
     if no_room:  # CRIU would fail on it mid-restore: "Unable to create a thread: -11"
         raise CheckpointUnusable(no_room)
+    asked = args_from_env(list(m.vllm.command))
+    if asked:  # the checkpoint listens on its baked port, under its baked name
+        port, name = arg_value(asked, "--port"), arg_value(asked, "--served-model-name")
+        baked_port = arg_value(list(m.vllm.command), "--port")
+        wants = []
+        if port:
+            wants.append(f"FV_PORT={port} asks for port {port}, and a restored server listens on the baked"
+                         f" {baked_port} (to keep the restore, publish that one instead: docker run -p"
+                         f" {port}:{baked_port})")
+        if name:
+            wants.append(f"FV_SERVED_MODEL={name!r} asks for that name, and a restored server keeps the"
+                         f" baked {m.model.served_name!r}")
+        raise CheckpointUnusable("; ".join(wants) + "; the normal start serves as asked")
     baked_args = list(m.vllm.args)
     if run_args and run_args != baked_args:
         raise CheckpointUnusable(f"arguments {shown_args(run_args)} were given, and a restored server has only the"

@@ -81,8 +81,10 @@ _CHOICES = (
     ("FV_GRAPH_POOL", "vllm", ("vllm", "sleep")),  # bake
     ("FV_DISABLE_IO_URING", "1", ("0", "1")),
 )
-# the GPU weight loader's (fvboot.weights.settings), handed to the restored worker at its load
+# the server's port, and the GPU weight loader's (fvboot.weights.settings, handed to the
+# restored worker at its load)
 _WHOLE_NUMBERS = (
+    ("FV_PORT", "8000", (1, 65535)),  # the server's (the image sets it to the baked one)
     ("FV_LOAD_BUFFERS", "16", (1, 256)),  # pinned buffers of the ring (bench/results/gpu_weight_load_h100.json)
     ("FV_LOAD_BUFFER_MB", "32", (1, 4096)),  # MiB each
     ("FV_LOAD_THREADS", "0", (0, 256)),  # 0: from the machine's cores
@@ -102,7 +104,7 @@ SETTINGS: dict[str, Setting] = {
 # FV_* names fvboot reads that take free text (paths, a key, a map) or are its own between
 # processes: never called unknown.
 FREE_NAMES = frozenset({
-    "FV_API_KEY", "FV_HOME", "FV_RUN_DIR", "FV_PORT", "FV_SERVED_MODEL", "FV_CUDA_DEVICE_MAP",
+    "FV_API_KEY", "FV_HOME", "FV_RUN_DIR", "FV_SERVED_MODEL", "FV_CUDA_DEVICE_MAP",
     "FV_CUDA_CHECKPOINT_LIBCUDA", "FV_CRIU_PLUGIN_DIR", "FV_RUNTIME_FILE", "FV_ADMIN_TOKEN",
     "FV_CUDA_CHECKPOINT_SOCKET", "FV_CUDA_RESUME_MARK", "FV_STAGER_POOL",
     "FV_CRIU_WRAPPED", "FV_CRIU_SAVED_LD_LIBRARY_PATH",

@@ -25,8 +25,8 @@ from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, FvBootError, ServerDied, Stopped
-from .launcher import (Pipes, ServedTree, add_runtime_info, api_key_line, runtime_settings, server_env,
-                       server_port, shown_args, take_api_key_arg, vllm_command, write_runtime_settings)
+from .launcher import (Pipes, ServedTree, add_runtime_info, api_key_line, arg_value, args_from_env, runtime_settings,
+                       server_env, server_port, shown_args, take_api_key_arg, vllm_command, write_runtime_settings)
 from .layout import Layout
 from .manifest import Manifest
 from .oom import OomWatch
@@ -238,9 +238,11 @@ def launch_command(layout: Layout, m: Optional[Manifest], run_args: list[str]) -
     the baked server, it does not drop its --max-model-len); without a valid manifest (M None),
     what can be read from the damaged file."""
     if m is not None:
-        cmd = list(m.vllm.command) + list(run_args)
-        how = "the baked command" + (f" and {shown_args(run_args)}" if run_args else "")
-        return [c for c in cmd if c != "--enable-sleep-mode"], m.model.served_name, how
+        added = args_from_env(list(m.vllm.command)) + list(run_args)  # the run's own last: they win
+        cmd = list(m.vllm.command) + added
+        how = "the baked command" + (f" and {shown_args(added)}" if added else "")
+        name = arg_value(added, "--served-model-name") or m.model.served_name
+        return [c for c in cmd if c != "--enable-sleep-mode"], name, how
     name, args, port = _salvage(layout)
     found = [what for what, v in (("name", name), ("arguments", args), ("port", port)) if v is not None]
     how = (f"the baked {', '.join(found)} read from the damaged manifest" if found

@@ -1223,17 +1223,31 @@ def test_a_memory_limit_too_small_for_the_server_is_named_as_what_ended_it(baked
         assert "raise it (docker run --memory, or the pod's resources.limits.memory)" in last, last
 
 
-def test_arguments_given_at_docker_run_are_added_to_the_baked_ones(baked_image, manifest, port_free):
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_arguments_given_at_docker_run_are_added_to_the_baked_ones(baked_image, manifest, port_free, how):
     """`docker run IMAGE --port 9000`: a restored server has only the baked arguments, so the
     start is a normal one, said with the arguments, and it keeps the baked ones (tried as an
     operator would, 2026-12-05: the run's arguments replaced them, so the server on 9000 ran
-    without the baked --max-model-len -- on a GPU, without a baked --gpu-memory-utilization)."""
+    without the baked --max-model-len -- on a GPU, without a baked --gpu-memory-utilization).
+    The same for `-e FV_PORT=9000 -e FV_SERVED_MODEL=...` (FV_PORT is in the image's config, at
+    the baked port): both were ignored without a word, the restored server on the baked port."""
     from fvboot.launcher import arg_value
 
     baked_len = arg_value(manifest["vllm"]["args"], "--max-model-len")
     if baked_len is None:
         pytest.skip("this image was baked without --max-model-len")
-    with Container(baked_image, entry=["fvboot", "--port", "9000"]) as c:
+    if how == "argument":
+        container, name = Container(baked_image, entry=["fvboot", "--port", "9000"]), manifest["model"]["served_name"]
+        said = ["checkpoint not used: arguments ['--port', '9000'] were given, and a restored server has only the"
+                " baked ones", "starting vLLM with the baked command and ['--port', '9000']"]
+    else:
+        name = "asked-at-run"
+        container = Container(baked_image, "-e", "FV_PORT=9000", "-e", f"FV_SERVED_MODEL={name}")
+        said = ["checkpoint not used: FV_PORT=9000 asks for port 9000, and a restored server listens on the baked"
+                f" {manifest['vllm']['port']} (to keep the restore, publish that one instead: docker run -p"
+                f" 9000:{manifest['vllm']['port']}); FV_SERVED_MODEL='{name}' asks for that name",
+                f"starting vLLM with the baked command and ['--port', '9000', '--served-model-name', '{name}']"]
+    with container as c:
         deadline, models = time.monotonic() + 900, None
         while time.monotonic() < deadline and models is None:
             try:
@@ -1244,10 +1258,9 @@ def test_arguments_given_at_docker_run_are_added_to_the_baked_ones(baked_image, 
                 time.sleep(1)
         logs = c.logs()
         assert models, logs[-3000:]
-        assert models[0]["max_model_len"] == int(baked_len), models
-        assert "checkpoint not used: arguments ['--port', '9000'] were given, and a restored server has only the" \
-               " baked ones" in logs, logs[-3000:]
-        assert "starting vLLM with the baked command and ['--port', '9000']" in logs, logs[-3000:]
+        assert models[0]["max_model_len"] == int(baked_len) and models[0]["id"] == name, models
+        for line in said:
+            assert line in logs, logs[-3000:]
 
 
 def test_a_bad_setting_ends_the_start_at_once_and_a_misspelt_one_is_said(baked_image, port_free):

@@ -246,6 +246,30 @@ def test_vllms_settings_in_this_start_that_are_not_the_bakes_are_refused_with_ea
         check_compatible(manifest.read(_write_json(tmp_path, baked)), Layout(tmp_path), [])
 
 
+def test_a_port_or_name_asked_for_at_run_time_is_said_and_left_to_the_normal_start(tmp_path, monkeypatch):
+    """FV_PORT at docker run other than the baked port (the image's environment sets the baked
+    one), or FV_SERVED_MODEL: the checkpoint listens on its port under its name, so the log says
+    what was asked, how to keep the restore (publish the baked port), and the normal start serves it."""
+    from fvboot.layout import Layout
+    from fvboot.restore import check_compatible
+
+    m = manifest.read(_write_json(tmp_path, _baked_dict({"kind": "cpu"})))
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: Device("cpu"))
+    monkeypatch.setattr(manifest, "verify_files", lambda home, files: "stop here")
+    monkeypatch.setenv("FV_PORT", "8000")
+    monkeypatch.delenv("FV_SERVED_MODEL", raising=False)
+    with pytest.raises(CheckpointUnusable, match="^stop here$"):  # the baked port: on to the next check
+        check_compatible(m, Layout(tmp_path), [])
+    monkeypatch.setenv("FV_PORT", "9000")
+    monkeypatch.setenv("FV_SERVED_MODEL", "qwen")
+    with pytest.raises(CheckpointUnusable) as e:
+        check_compatible(m, Layout(tmp_path), [])
+    assert str(e.value) == ("FV_PORT=9000 asks for port 9000, and a restored server listens on the baked 8000 (to"
+                            " keep the restore, publish that one instead: docker run -p 9000:8000); FV_SERVED_MODEL="
+                            "'qwen' asks for that name, and a restored server keeps the baked"
+                            " 'Qwen/Qwen2.5-0.5B-Instruct'; the normal start serves as asked")
+
+
 def test_a_manifests_vllm_settings_must_be_strings(tmp_path):
     bad = _baked_dict({"kind": "cpu"})
     bad["vllm"]["env"] = {"VLLM_X": 1}

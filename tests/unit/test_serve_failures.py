@@ -128,6 +128,22 @@ def test_normal_start_after_other_args_waits_on_their_port(tmp_path, monkeypatch
     assert how == "the baked command and ['--port', '9000']"
 
 
+def test_a_port_or_name_the_environment_asks_for_is_what_the_normal_start_serves(tmp_path, monkeypatch):
+    """FV_PORT / FV_SERVED_MODEL at docker run (the image's environment has FV_PORT at the baked
+    port, which adds nothing); an argument after the image name still has the last word."""
+    layout = _layout(tmp_path, monkeypatch)
+    m = manifest.Manifest.from_json(BAKED)
+    monkeypatch.setenv("FV_PORT", "8000")
+    assert serve.launch_command(layout, m, [])[2] == "the baked command"
+    monkeypatch.setenv("FV_PORT", "9000")
+    monkeypatch.setenv("FV_SERVED_MODEL", "other")
+    cmd, name, how = serve.launch_command(layout, m, [])
+    assert cmd[-4:] == ["--port", "9000", "--served-model-name", "other"] and server_port(cmd) == 9000
+    assert name == "other" and how == "the baked command and ['--port', '9000', '--served-model-name', 'other']"
+    cmd, name, _ = serve.launch_command(layout, m, ["--port", "9100"])
+    assert server_port(cmd) == 9100
+
+
 def test_a_secret_given_to_a_normal_start_is_not_in_the_line_saying_how(tmp_path, monkeypatch):
     layout = _layout(tmp_path, monkeypatch)
     cmd, _, how = serve.launch_command(layout, manifest.Manifest.from_json(BAKED), ["--hf-token", "hf_s3cret"])
