@@ -27,6 +27,8 @@ def _options_params(f):
     """The flags shared by `render` and `image`; each maps to one BuildOptions field."""
     decorators = [
         click.option("--model", help="HF repo id, local model folder, or synthetic:NAME (e.g. synthetic:tiny)"),
+        click.option("--served-model-name", help="the name clients ask for (default: --model as given; a local"
+                     " folder's path is seldom what clients should send)"),
         click.option("--tag", help="image name[:tag] (default fast-vllm/<model>:<device>)"),
         click.option("--device", type=click.Choice(["cuda", "cpu"]), help="target (default cuda)"),
         click.option("--base-image", help="FROM image (default: vLLM's image for cuda, debian:bookworm for cpu)"),

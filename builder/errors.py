@@ -16,6 +16,10 @@ class OptionsError(FvBuildError):
     exit_code = 2
 
 
+class ModelFolderError(OptionsError):
+    """A local model folder whose files the bake container could not read (links it cannot follow)."""
+
+
 class DockerUnavailableError(FvBuildError):
     """The Docker daemon does not answer."""
 

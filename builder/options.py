@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import CriuPrebuiltError, OptionsError
+from .errors import CriuPrebuiltError, ModelFolderError, OptionsError
+from .model_folder import ModelFolder
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -168,7 +169,7 @@ RESERVED_VLLM_ARGS = {
     "--worker-extension-cls": "fvboot sets it",
     "--middleware": "fvboot sets it",
     "--enable-sleep-mode": "fvboot sets it",
-    "--served-model-name": "fvboot serves the model under the name given to --model",
+    "--served-model-name": "use fvbuild's own --served-model-name (fvboot gives vLLM the name)",
     "--api-key": "pass the key at run time: docker run -e FV_API_KEY=... (or docker run IMAGE --api-key ...)",
     "--uds": "the restored server listens on --port",
 }
@@ -184,6 +185,7 @@ class BuildOptions(CriuOptions):
     """What to build. Defaults give the CUDA image of the pinned vLLM with upstream CRIU."""
 
     model: str = Field(description="HF repo id, local model directory, or synthetic:NAME")
+    served_model_name: Optional[str] = Field(None, description="the name clients ask for (default: model as given)")
     tag: Optional[str] = Field(None, description="image name:tag (default fast-vllm/<model>:<device>)")
     vllm_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments")
     port: int = Field(8000, ge=1, le=65535)
@@ -209,6 +211,18 @@ class BuildOptions(CriuOptions):
             if v[len(SYNTHETIC_PREFIX):] not in names:
                 raise ValueError(f"unknown synthetic model {v!r}; choose one of "
                                  + ", ".join(SYNTHETIC_PREFIX + n for n in names))
+        elif Path(v).is_dir():
+            try:
+                ModelFolder.of(Path(v))  # its links must be ones the bake container can follow
+            except ModelFolderError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _served_name_is_one_line(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (not v.strip() or v != v.strip() or any(c in v for c in "\n\r\0")):
+            raise ValueError(f"{v!r}: give a name without blanks at its ends or line breaks")
         return v
 
     @field_validator("tag")
@@ -355,7 +369,8 @@ class BuildOptions(CriuOptions):
     def resolved_tag(self) -> str:
         if self.tag:
             return self.tag if ":" in self.tag.rsplit("/", 1)[-1] else f"{self.tag}:latest"
-        slug = re.sub(r"[^a-z0-9]+", "-", self.model.lower().rsplit("/", 1)[-1]).strip("-") or "model"
+        named = self.served_model_name or self.model  # a folder's last part may be a revision's hash
+        slug = re.sub(r"[^a-z0-9]+", "-", named.lower().rstrip("/").rsplit("/", 1)[-1]).strip("-") or "model"
         return f"fast-vllm/{slug}:{self.device.value}"
 
 

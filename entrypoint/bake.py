@@ -70,7 +70,8 @@ def save_dev_shm(dest: Path, leave_out: Path) -> None:
 
 
 def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: int,
-         token_file: Optional[Path] = None, health_timeout: float = 1800) -> manifest.Manifest:
+         token_file: Optional[Path] = None, health_timeout: float = 1800,
+         model_dir: Optional[Path] = None, served_name: Optional[str] = None) -> manifest.Manifest:
     tl = Timeline("bake")
     for d in (layout.weights_dir, layout.checkpoint_dir):
         shutil.rmtree(d, ignore_errors=True)
@@ -85,7 +86,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     bad = runenv.problems(os.environ)  # said before anything starts, not at the dump minutes later
     if bad:
         raise BakeFailed("; ".join(bad))
-    served_name = prepare_model(model, layout.model_dir, token_file)
+    given_as = prepare_model(model, layout.model_dir, token_file, model_dir)
+    served_name = served_name or given_as
     detach_build_inputs()
     tl.mark("model ready")
     dev = manifest.device_info()

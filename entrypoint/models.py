@@ -35,10 +35,11 @@ def detach_build_inputs() -> list[str]:
     return gone
 
 
-def prepare_model(model: str, dest: Path, token_file: Optional[Path]) -> str:
+def prepare_model(model: str, dest: Path, token_file: Optional[Path], model_dir: Optional[Path] = None) -> str:
     """Fill DEST, readable by every user (a container run with --user must be able to start
-    vLLM normally from it); return the name clients use in requests (the model as the user wrote it)."""
-    name = _fill(model, dest, token_file)
+    vLLM normally from it); return the name clients use in requests (the model as the user wrote it).
+    MODEL_DIR: where fvbuild mounted a local model folder, when not at IMPORT_DIR itself."""
+    name = _fill(model, dest, token_file, model_dir or IMPORT_DIR)
     readable_by_all(dest)
     return name
 
@@ -53,7 +54,7 @@ def readable_by_all(root: Path) -> None:
         path.chmod(mode | (0o555 if path.is_dir() else 0o444))
 
 
-def _fill(model: str, dest: Path, token_file: Optional[Path]) -> str:
+def _fill(model: str, dest: Path, token_file: Optional[Path], imported: Path = IMPORT_DIR) -> str:
     name = synthetic.parse_name(model)
     if (dest / "config.json").exists():
         return model
@@ -61,10 +62,13 @@ def _fill(model: str, dest: Path, token_file: Optional[Path]) -> str:
         synthetic.make_model(name, dest)
         return model
     local = Path(model)
-    for candidate in (IMPORT_DIR, local):
+    for candidate in (imported, local):
         if (candidate / "config.json").exists():
-            shutil.copytree(candidate, dest, dirs_exist_ok=True)
+            shutil.copytree(candidate, dest, dirs_exist_ok=True)  # links followed: their files copied
             return model
+    if local.is_absolute() or local.exists():  # a folder, not a repo id: say so, not a hub error
+        raise BakeFailed(f"the model folder {model} holds no config.json that can be read here"
+                         f" ({imported} is what fvbuild mounted; a link in it leads nowhere?)")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:

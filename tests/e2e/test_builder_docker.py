@@ -13,10 +13,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import requests
 
 from fvboot.capabilities import docker_run_flags
 
 from conftest import MODEL, base_image, e2e_device, fvbuild
+from e2e.test_restore import port_free  # noqa: F401  (the compose service holds the baked port)
 
 pytestmark = pytest.mark.docker
 CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
@@ -388,3 +390,40 @@ def test_json_progress_is_one_object_per_line_and_ends_in_done_or_error(build_fl
     assert r.returncode != 0
     (event,) = [json.loads(line) for line in r.stdout.splitlines()]
     assert event["event"] == "error" and "fv-missing/nothing:1 is not on this machine" in event["message"]
+
+
+@pytest.mark.skipif(e2e_device() == "cuda", reason="the model folder is read the same way on a GPU; a second bake"
+                    " there costs minutes of device time and a second image on its 64 GB disk")
+def test_a_hugging_face_cache_snapshot_bakes_and_serves_under_the_name_given(build_flags, baked_image, tmp_path,
+                                                                              port_free):
+    """Tried as an operator would (2026-12-05): `--model ~/.cache/huggingface/hub/models--ORG--NAME/
+    snapshots/REV`, whose files are links to ../../blobs: mounted alone, every link dangled in
+    the bake container, which then took the path for a repo id ("cannot download ...:
+    HFValidationError"); and the model could only be served under that path. The folder's blobs
+    are mounted with it, and --served-model-name names it."""
+    from e2e.test_restore import Container, _wait_ready
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    files = subprocess.run(["docker", "run", "--rm", "--entrypoint", "tar", baked_image, "c", "-C", "/fv/model", "."],
+                           capture_output=True, timeout=120, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(files)) as tf:
+        for member in tf.getmembers():
+            if member.isfile() and member.name != "./fast-vllm-synthetic.json":
+                blob = repo / "blobs" / f"blob{len(list((repo / 'blobs').iterdir()))}"
+                blob.write_bytes(tf.extractfile(member).read())
+                (snap / Path(member.name).name).symlink_to(f"../../blobs/{blob.name}")
+    tag = "fv-test/hf-snapshot:x"
+    try:
+        r = fvbuild("image", "--model", str(snap), "--served-model-name", "org/tiny", "--tag", tag, *build_flags)
+        assert r.returncode == 0, r.stderr[-3000:]
+        with Container(tag) as c:
+            _wait_ready(container=c.id)
+            logs = c.logs()
+            models = requests.get("http://127.0.0.1:8000/v1/models", timeout=10).json()["data"]
+        assert "restored from checkpoint" in logs, logs[-3000:]
+        assert [m["id"] for m in models] == ["org/tiny"], models
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)

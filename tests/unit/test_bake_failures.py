@@ -88,7 +88,7 @@ def baking(tmp_path, monkeypatch):
     layout = Layout(tmp_path / "fv")
     tree = _Tree()
     _Control.tree, _Control.fail_at = tree, ("", None, False)
-    monkeypatch.setattr(bake, "prepare_model", lambda model, dest, token: "m")
+    monkeypatch.setattr(bake, "prepare_model", lambda model, dest, token, model_dir=None: "m")
     monkeypatch.setattr(bake, "detach_build_inputs", lambda: [])
     monkeypatch.setattr(bake.manifest, "device_info", lambda: manifest.Device("cpu"))
     monkeypatch.setattr(bake, "ServedTree", lambda *a, **k: tree)

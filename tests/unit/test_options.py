@@ -78,6 +78,24 @@ def test_what_docker_would_refuse_to_tag_is_refused_first(tag):
         load_options({"model": "m", "tag": tag})
 
 
+def test_the_served_name_is_given_to_the_bake_and_names_the_default_tag(tmp_path):
+    """A local folder is served under its path unless --served-model-name says otherwise; a
+    Hugging Face snapshot's last part is a revision's hash, no name for an image."""
+    from fvbuild.bake import bake_command
+
+    snap = tmp_path / "models--org--llama" / "snapshots" / "0cb88a4f"
+    snap.mkdir(parents=True)
+    opts = load_options({"model": str(snap), "served_model_name": "org/Llama-3B", "device": "cpu"})
+    cmd = bake_command(opts)
+    assert cmd[cmd.index("--served-model-name") + 1] == "org/Llama-3B"
+    assert opts.resolved_tag == "fast-vllm/llama-3b:cpu"
+    assert load_options({"model": str(snap), "device": "cpu"}).resolved_tag == "fast-vllm/0cb88a4f:cpu"
+    assert "--served-model-name" not in bake_command(load_options({"model": "synthetic:tiny"}))
+    for bad in ("", " padded", "two\nlines"):
+        with pytest.raises(OptionsError, match="--served-model-name: .*without blanks at its ends or line breaks"):
+            load_options({"model": "m", "served_model_name": bad})
+
+
 def test_criu_src_excludes_repo_and_ref(tmp_path):
     with pytest.raises(OptionsError, match="either --criu-src or --criu-repo/--criu-ref"):
         load_options({"model": "m", "criu_src": str(tmp_path), "criu_ref": "v4.1"})
