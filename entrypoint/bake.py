@@ -171,7 +171,9 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         pipes.close_write_ends()
         layout.runtime_file.unlink(missing_ok=True)
 
-    files = manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir])
+    # the model folder too: a restored server has it in memory, so one changed since (an image
+    # built FROM this one) must get the normal start
+    files = manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir, layout.model_dir])
     m = manifest.Manifest(
         fvboot_version=__version__,
         baked_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

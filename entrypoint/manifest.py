@@ -328,9 +328,12 @@ class FileEntry:
     size: int
     sha256: Optional[str] = None
     pieces: Optional[PieceSums] = None
+    # a large file of the model folder: the sha256 of samples of it (sampled_sha256), enough to
+    # tell another model's file of the same size, read in a few milliseconds at every start
+    sampled_sha256: Optional[str] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("path", "size", "sha256", "pieces")
+    _KEYS = ("path", "size", "sha256", "pieces", "sampled_sha256")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "file") -> "FileEntry":
@@ -339,11 +342,12 @@ class FileEntry:
                    size=_get(d, where, "size", _is_int, "an integer"),
                    sha256=_get(d, where, "sha256", _is_opt_str, "a string or null", None),
                    pieces=PieceSums.from_json(pieces, _name(where, "pieces")) if pieces is not None else None,
+                   sampled_sha256=_get(d, where, "sampled_sha256", _is_opt_str, "a string or null", None),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
         return _some({**self.extra, "path": self.path, "size": self.size, "sha256": self.sha256},
-                     pieces=self.pieces.to_json() if self.pieces else None)
+                     pieces=self.pieces.to_json() if self.pieces else None, sampled_sha256=self.sampled_sha256)
 
 
 @dataclass(frozen=True)
@@ -539,8 +543,30 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MODEL_DIR = "model/"  # the served model's files under FV_HOME (layout.model_dir)
+SAMPLED_FROM = 4 << 20  # a model file this large is checked by samples, not read whole
+_SAMPLE = 64 << 10
+
+
+def sampled_sha256(path: Path, size: int) -> str:
+    """The sha256 of PATH's size, its first MiB (a safetensors header and its first tensors),
+    its last 64 KiB and 64 KiB at each eighth of it: another checkpoint of the same model (a
+    fine-tune, the same size) differs in every one of them."""
+    h = hashlib.sha256(size.to_bytes(8, "little"))
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        for k in range(1, 8):
+            f.seek(size * k // 8)
+            h.update(f.read(_SAMPLE))
+        f.seek(max(0, size - _SAMPLE))
+        h.update(f.read(_SAMPLE))
+    return h.hexdigest()
+
+
 def _describe(home: Path, path: Path) -> FileEntry:
     rel, size = str(path.relative_to(home)), path.stat().st_size
+    if rel.startswith(MODEL_DIR) and size >= SAMPLED_FROM:
+        return FileEntry(rel, size, sampled_sha256=sampled_sha256(path, size))
     if path.name.startswith(_PIECEWISE_PREFIXES):
         from .pagecheck import piece_sums  # its checksums import blake3: only the bake needs it here
 
@@ -557,7 +583,16 @@ def describe_files(home: Path, roots: list[Path]) -> tuple[FileEntry, ...]:
 
 
 def verify_files(home: Path, files: tuple[FileEntry, ...]) -> str | None:
-    """None if every file is present with its size and checksum, else the first problem."""
+    """None if every file is present with its size and checksum, and the model folder holds no
+    file the bake's did not (where the manifest lists it), else the first problem."""
+    problem = _first_problem(home, files)
+    if problem and problem.startswith(MODEL_DIR):  # not damage: a model the server was not baked with
+        return (f"the model folder is not the one the server was baked with: {problem} (an image built FROM"
+                " this one, or a mount over it?); the normal start serves it as it is now")
+    return problem
+
+
+def _first_problem(home: Path, files: tuple[FileEntry, ...]) -> str | None:
     for f in files:
         try:
             size = (home / f.path).stat().st_size
@@ -565,12 +600,20 @@ def verify_files(home: Path, files: tuple[FileEntry, ...]) -> str | None:
             return f"{f.path} is missing"
         if size != f.size:
             return f"{f.path} has {size} bytes, expected {f.size}"
-    hashed = [f for f in files if f.sha256]
+    listed = {f.path for f in files if f.path.startswith(MODEL_DIR)}
+    if listed:  # a manifest of an fvboot that listed the model folder
+        here = sorted(str(p.relative_to(home)) for p in (home / MODEL_DIR).rglob("*") if p.is_file())
+        added = [p for p in here if p not in listed]
+        if added:
+            return f"{added[0]} was not there at the bake"
+    hashed = [f for f in files if f.sha256 or f.sampled_sha256]
     with ThreadPoolExecutor(8) as pool:
-        sums = list(pool.map(lambda f: _sha256(home / f.path), hashed))
+        sums = list(pool.map(lambda f: _sha256(home / f.path) if f.sha256 else
+                             sampled_sha256(home / f.path, f.size), hashed))
     for f, s in zip(hashed, sums):
-        if s != f.sha256:
-            return f"{f.path} is corrupt (sha256 mismatch)"
+        if s != (f.sha256 or f.sampled_sha256):
+            return f"{f.path} has other contents" if f.path.startswith(MODEL_DIR) else \
+                f"{f.path} is corrupt (sha256 mismatch)"
     return None
 
 

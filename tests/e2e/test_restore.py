@@ -1008,6 +1008,17 @@ FLIP_EMBEDDING_BYTE = (  # the embedding's last row: a token no probe prompt pro
     "f.write(bytes([b[0] ^ 0x10])); f.close()\"")
 
 
+def test_a_model_folder_changed_after_the_bake_gets_the_normal_start(baked_image, manifest, port_free):
+    """Tried as an operator would (2026-12-05): an image built FROM the baked one with another chat
+    template (or tokenizer, or fine-tuned weights), or a mount over /fv/model, restored the bake's
+    server, which has the baked model in memory, without a word. The bake lists the model folder
+    in the manifest; a changed or added file gets the normal start, which reads the folder as it is."""
+    if not any(f["path"].startswith("model/") for f in manifest["files"]):
+        pytest.skip("this image was baked by an fvboot that did not list the model folder")
+    _fallback(baked_image, manifest, "echo '{# changed after the bake #}' >> /fv/model/chat_template.jinja",
+              "the model folder is not the one the server was baked with: model/chat_template.jinja has")
+
+
 @pytest.mark.parametrize("check", ["inline", "overlap"])
 def test_one_damaged_weight_byte_the_probe_cannot_see_falls_back(baked_image, manifest, port_free, check):
     """A byte the probe prompts never reach (found by an operator: it was served as a wrong

@@ -74,6 +74,37 @@ def test_verify_files_reports_missing_resized_and_corrupt(tmp_path):
     assert manifest.verify_files(tmp_path, files) == "checkpoint/criu/pages-1.img is missing"
 
 
+def test_a_model_folder_changed_since_the_bake_is_said_and_left_to_the_normal_start(tmp_path):
+    """A restored server has the bake's model in memory (its weights come from the dump): an
+    image built FROM the baked one with another chat template, tokenizer or fine-tuned weights
+    (of the same size), or a mount over the folder, was served as the bake's without a word."""
+    layout = _home(tmp_path)
+    model = layout.model_dir
+    model.mkdir()
+    (model / "tokenizer_config.json").write_text('{"chat_template": "A"}')
+    big = bytes(range(256)) * ((manifest.SAMPLED_FROM // 256) + 4096)
+    (model / "model.safetensors").write_bytes(big)
+    files = manifest.describe_files(tmp_path, [layout.checkpoint_dir, model])
+    by_path = {f.path: f for f in files}
+    assert by_path["model/model.safetensors"].sampled_sha256 and not by_path["model/model.safetensors"].sha256
+    assert by_path["model/tokenizer_config.json"].sha256
+    assert manifest.verify_files(tmp_path, files) is None
+    said = ("the model folder is not the one the server was baked with: {} (an image built FROM this one, or a mount"
+            " over it?); the normal start serves it as it is now")
+    tuned = bytearray(big)
+    tuned[len(big) // 2: len(big) // 2 + 8] = b"finetune"  # same size, other weights
+    (model / "model.safetensors").write_bytes(tuned)
+    assert manifest.verify_files(tmp_path, files) == said.format("model/model.safetensors has other contents")
+    (model / "model.safetensors").write_bytes(big)
+    (model / "chat_template.jinja").write_text("B")
+    assert manifest.verify_files(tmp_path, files) == said.format("model/chat_template.jinja was not there at the bake")
+    (model / "chat_template.jinja").unlink()
+    (model / "tokenizer_config.json").write_text('{"chat_template": "B"}')
+    assert manifest.verify_files(tmp_path, files) == said.format("model/tokenizer_config.json has other contents")
+    # a manifest of an fvboot that did not list the model folder: nothing to compare with
+    assert manifest.verify_files(tmp_path, tuple(f for f in files if not f.path.startswith("model/"))) is None
+
+
 def _manifest(tmp_path, device):
     layout = _home(tmp_path)
     return layout, manifest.Manifest(
