@@ -215,9 +215,6 @@ def test_vllms_settings_in_this_start_that_are_not_the_bakes_are_refused_with_ea
     only a normal start, so the checkpoint is not used and the log says which and how to bake
     it. What fvboot sets itself and the API key (a runtime setting) are not compared; a
     manifest without the record (an older fvboot) is not checked."""
-    from fvboot.layout import Layout
-    from fvboot.restore import check_compatible
-
     baked = _baked_dict({"kind": "cpu"})
     baked["vllm"]["env"] = {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     m = manifest.read(_write_json(tmp_path, baked))
@@ -230,44 +227,45 @@ def test_vllms_settings_in_this_start_that_are_not_the_bakes_are_refused_with_ea
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     monkeypatch.setenv("VLLM_API_KEY", "k")  # a runtime setting
     monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")  # fvboot's own
-    with pytest.raises(CheckpointUnusable, match="^stop here$"):  # the same settings: on to the next check
-        check_compatible(m, Layout(tmp_path), [])
+    assert _refusal(m, tmp_path) == "stop here"  # the same settings: on to the next check
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert _refusal(m, tmp_path) == (
+        "vLLM's settings differ from the bake's: VLLM_CPU_OMP_THREADS_BIND=unset (baked: 0-1), "
+        "VLLM_LOGGING_LEVEL=DEBUG (baked: INFO), VLLM_USE_V2_MODEL_RUNNER=1 (baked: unset); a "
+        "restored server keeps the bake's environment (bake them into the image: fvbuild image --env NAME=VALUE)")
+    del baked["vllm"]["env"]
+    assert _refusal(manifest.read(_write_json(tmp_path, baked)), tmp_path) == "stop here"
+
+
+def _refusal(m, tmp_path) -> str:
+    """check_compatible's reason for refusing M ("stop here": every check before the files passed;
+    the callers stub verify_files to say so)."""
+    from fvboot.layout import Layout
+    from fvboot.restore import check_compatible
+
     with pytest.raises(CheckpointUnusable) as e:
         check_compatible(m, Layout(tmp_path), [])
-    assert str(e.value) == ("vLLM's settings differ from the bake's: VLLM_CPU_OMP_THREADS_BIND=unset (baked: 0-1), "
-                            "VLLM_LOGGING_LEVEL=DEBUG (baked: INFO), VLLM_USE_V2_MODEL_RUNNER=1 (baked: unset); a "
-                            "restored server keeps the bake's environment (bake them into the image: fvbuild image "
-                            "--env NAME=VALUE)")
-    del baked["vllm"]["env"]
-    with pytest.raises(CheckpointUnusable, match="^stop here$"):
-        check_compatible(manifest.read(_write_json(tmp_path, baked)), Layout(tmp_path), [])
+    return str(e.value)
 
 
 def test_a_port_or_name_asked_for_at_run_time_is_said_and_left_to_the_normal_start(tmp_path, monkeypatch):
     """FV_PORT at docker run other than the baked port (the image's environment sets the baked
     one), or FV_SERVED_MODEL: the checkpoint listens on its port under its name, so the log says
     what was asked, how to keep the restore (publish the baked port), and the normal start serves it."""
-    from fvboot.layout import Layout
-    from fvboot.restore import check_compatible
-
     m = manifest.read(_write_json(tmp_path, _baked_dict({"kind": "cpu"})))
     monkeypatch.setattr(manifest, "device_info", lambda lookup=None: Device("cpu"))
     monkeypatch.setattr(manifest, "verify_files", lambda home, files: "stop here")
     monkeypatch.setenv("FV_PORT", "8000")
     monkeypatch.delenv("FV_SERVED_MODEL", raising=False)
-    with pytest.raises(CheckpointUnusable, match="^stop here$"):  # the baked port: on to the next check
-        check_compatible(m, Layout(tmp_path), [])
+    assert _refusal(m, tmp_path) == "stop here"  # the baked port: on to the next check
     monkeypatch.setenv("FV_PORT", "9000")
     monkeypatch.setenv("FV_SERVED_MODEL", "qwen")
-    with pytest.raises(CheckpointUnusable) as e:
-        check_compatible(m, Layout(tmp_path), [])
-    assert str(e.value) == ("FV_PORT=9000 asks for port 9000, and a restored server listens on the baked 8000 (to"
-                            " keep the restore, publish that one instead: docker run -p 9000:8000); FV_SERVED_MODEL="
-                            "'qwen' asks for that name, and a restored server keeps the baked"
-                            " 'Qwen/Qwen2.5-0.5B-Instruct'; the normal start serves as asked")
+    assert _refusal(m, tmp_path) == (
+        "FV_PORT=9000 asks for port 9000, and a restored server listens on the baked 8000 (to keep the restore,"
+        " publish that one instead: docker run -p 9000:8000); FV_SERVED_MODEL='qwen' asks for that name, and a"
+        " restored server keeps the baked 'Qwen/Qwen2.5-0.5B-Instruct'; the normal start serves as asked")
 
 
 def test_a_manifests_vllm_settings_must_be_strings(tmp_path):
