@@ -22,8 +22,8 @@ from . import (__version__, capabilities, criu, cuda_checkpoint_service, manifes
 from .capabilities import RUN_WITH
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
-from .launcher import (Pipes, ServedTree, server_env, tree_processes, vllm_command, vllm_settings,
-                       write_runtime_settings)
+from .launcher import (Pipes, ServedTree, library_settings, server_env, tree_processes, vllm_command,
+                       vllm_settings, write_runtime_settings)
 from .layout import Layout
 from .models import detach_build_inputs, prepare_model, readable_by_all
 from .output import write_line
@@ -179,7 +179,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         baked_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         model=manifest.Model(served_name=served_name, source=model, path=str(layout.model_dir)),
         vllm=manifest.Vllm(args=tuple(user_args), command=tuple(cmd), port=port, version=_vllm_version(),
-                           env=vllm_settings()),
+                           env=vllm_settings(), library_env=library_settings()),
         runtime_file=str(layout.runtime_file),  # where the restored middleware looks
         criu=manifest.Criu(criu.version(), tuple(criu.DUMP_FLAGS), tuple(criu.RESTORE_FLAGS), addresses,
                            tree_caps, tasks),

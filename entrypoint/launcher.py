@@ -99,6 +99,18 @@ def vllm_settings(env: Optional[dict] = None) -> dict[str, str]:
             if k.startswith("VLLM_") and k not in OWN_VLLM_SETTINGS and not is_secret_name(k)}
 
 
+# Settings of the libraries under vLLM that act when its processes start (thread pools, the CUDA
+# allocator): a restored server keeps the bake's. Said, not refused: some platforms set them on
+# every container (Ray sets OMP_NUM_THREADS), which would make every start a normal one.
+LIBRARY_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF",
+                    "PYTORCH_ALLOC_CONF")
+
+
+def library_settings(env: Optional[dict] = None) -> dict[str, str]:
+    env = os.environ if env is None else env
+    return {k: env[k] for k in LIBRARY_SETTINGS if k in env}
+
+
 def vllm_settings_changed(baked: dict[str, str], here: dict[str, str]) -> str:
     """What of vLLM's settings HERE differs from BAKED, said as `NAME=VALUE (baked: VALUE)`, or ""."""
     def shown(v: Optional[str]) -> str:

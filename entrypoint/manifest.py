@@ -164,9 +164,12 @@ class Vllm:
     port: int
     version: Optional[str] = None
     env: Optional[Mapping[str, str]] = None
+    # the thread and allocator settings of the libraries under vLLM (launcher.library_settings)
+    # the served processes started with; None where not recorded
+    library_env: Optional[Mapping[str, str]] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("args", "command", "port", "version", "env")
+    _KEYS = ("args", "command", "port", "version", "env", "library_env")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "vllm") -> "Vllm":
@@ -175,11 +178,13 @@ class Vllm:
                    port=_get(d, where, "port", _is_int, "an integer"),
                    version=_get(d, where, "version", _is_str, "a string", None),
                    env=_get(d, where, "env", _is_str_map, "an object of strings", None),
+                   library_env=_get(d, where, "library_env", _is_str_map, "an object of strings", None),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
         return _some({**self.extra, "args": list(self.args), "command": list(self.command), "port": self.port},
-                     version=self.version, env=dict(self.env) if self.env is not None else None)
+                     version=self.version, env=dict(self.env) if self.env is not None else None,
+                     library_env=dict(self.library_env) if self.library_env is not None else None)
 
 
 @dataclass(frozen=True)

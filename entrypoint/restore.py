@@ -26,8 +26,8 @@ from . import capabilities, control, criu, manifest, pagecheck, pids, ports, run
 from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, ServerError
-from .launcher import (Pipes, arg_value, args_from_env, load_settings, shown_args, vllm_settings,
-                       vllm_settings_changed, write_runtime_settings)
+from .launcher import (Pipes, arg_value, args_from_env, library_settings, load_settings, shown_args,
+                       vllm_settings, vllm_settings_changed, write_runtime_settings)
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
 from .output import log
@@ -79,6 +79,11 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     if changed:  # the restored processes keep the bake's environment: the normal start gets this one
         raise CheckpointUnusable(f"vLLM's settings differ from the bake's: {changed}; a restored server keeps"
                                  " the bake's environment (bake them into the image: fvbuild image --env NAME=VALUE)")
+    ignored = vllm_settings_changed(dict(m.vllm.library_env), library_settings()) \
+        if m.vllm.library_env is not None else ""
+    if ignored:  # said only: a platform may set them on every container
+        log(f"{ignored}: a restored server keeps the bake's (they act when its processes start); FV_RESTORE=0"
+            " gives a normal start that has them, or bake them into the image (fvbuild image --env NAME=VALUE)")
     baked, here = m.device, manifest.device_info(devices)
     if baked.kind != here.kind:
         raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")

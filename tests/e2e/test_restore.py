@@ -798,6 +798,22 @@ def test_a_vllm_setting_given_at_run_time_gets_a_normal_start_that_has_it(baked_
     assert re.search(r"^(\(\w+ pid=\d+\) )?DEBUG \d\d-\d\d ", logs, re.M), logs[-3000:]
 
 
+def test_a_thread_setting_given_at_run_time_is_said_and_the_restore_goes_on(baked_image, manifest, port_free):
+    """`docker run -e OMP_NUM_THREADS=1` (tried as an operator would, 2026-12-05: ignored without a
+    word; it acts only when vLLM's processes start). Said with the bake's value; the restore goes
+    on (a platform may set it on every container)."""
+    if manifest["vllm"].get("library_env") is None:
+        pytest.skip("this image was baked by an fvboot that did not record the libraries' settings")
+    baked = manifest["vllm"]["library_env"].get("OMP_NUM_THREADS", "unset")
+    with Container(baked_image, "-e", "OMP_NUM_THREADS=1") as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs, logs[-3000:]
+    assert (f"OMP_NUM_THREADS=1 (baked: {baked}): a restored server keeps the bake's (they act when its processes"
+            " start); FV_RESTORE=0 gives a normal start that has them") in logs, logs[-3000:]
+
+
 def test_corrupt_checkpoint_file_falls_back(baked_image, manifest, port_free):
     victim = next(f["path"] for f in manifest["files"] if f["path"].endswith("pstree.img"))
     _refused_before_restore(baked_image, f"printf 'garbage' | dd of=/fv/{victim} bs=1 seek=4 conv=notrunc 2>/dev/null",

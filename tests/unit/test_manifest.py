@@ -268,6 +268,31 @@ def test_a_port_or_name_asked_for_at_run_time_is_said_and_left_to_the_normal_sta
         " restored server keeps the baked 'Qwen/Qwen2.5-0.5B-Instruct'; the normal start serves as asked")
 
 
+def test_library_settings_given_at_run_time_are_said_and_the_restore_goes_on(tmp_path, monkeypatch, capsys):
+    """OMP_NUM_THREADS or PYTORCH_CUDA_ALLOC_CONF at docker run acts only when processes start:
+    a restored server keeps the bake's, silently until now. Said, not refused (Ray sets
+    OMP_NUM_THREADS on every worker: a refusal would make each of its starts a normal one)."""
+    baked = _baked_dict({"kind": "cpu"})
+    baked["vllm"]["library_env"] = {"OMP_NUM_THREADS": "2"}
+    m = manifest.read(_write_json(tmp_path, baked))
+    assert m.to_json()["vllm"]["library_env"] == {"OMP_NUM_THREADS": "2"}
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: Device("cpu"))
+    monkeypatch.setattr(manifest, "verify_files", lambda home, files: "stop here")
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert _refusal(m, tmp_path) == "stop here" and "keeps the bake's" not in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert _refusal(m, tmp_path) == "stop here"  # on to the next check: the restore goes on
+    assert ("OMP_NUM_THREADS=1 (baked: 2), PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (baked: unset): a"
+            " restored server keeps the bake's (they act when its processes start); FV_RESTORE=0 gives a normal"
+            " start that has them") in capsys.readouterr().err
+    del baked["vllm"]["library_env"]  # an fvboot that did not record them: nothing to say
+    assert _refusal(manifest.read(_write_json(tmp_path, baked)), tmp_path) == "stop here"
+    assert "keeps the bake's" not in capsys.readouterr().err
+
+
 def test_a_manifests_vllm_settings_must_be_strings(tmp_path):
     bad = _baked_dict({"kind": "cpu"})
     bad["vllm"]["env"] = {"VLLM_X": 1}
