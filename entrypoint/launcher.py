@@ -150,6 +150,35 @@ def args_from_env(baked_command: list[str], env: Optional[dict] = None) -> list[
     return out
 
 
+def adds_nothing(command: list[str], args: list[str]) -> bool:
+    """Whether ARGS, put after COMMAND, leave every option as COMMAND has it: each is `--opt value`
+    or `--opt=value` with COMMAND's own value, or a flag COMMAND has (`docker run IMAGE --port
+    8000`, the baked port, as vLLM's image is called). Anything else may change the server."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            return False
+        if "=" in arg:
+            option, value = arg.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            option, value = arg, args[i + 1]
+            i += 2
+        else:
+            option, value = arg, None
+            i += 1
+        if (not _is_flag_in(command, option)) if value is None else (arg_value(command, option) != value):
+            return False
+    return True
+
+
+def _is_flag_in(command: list[str], option: str) -> bool:
+    """OPTION is in COMMAND as a flag (no value after it)."""
+    return any(a == option and (i + 1 == len(command) or command[i + 1].startswith("--"))
+               for i, a in enumerate(command))
+
+
 def server_port(cmd: list[str], default: int = 8000) -> int:
     """The port the server started by CMD listens on: what fvboot must wait on."""
     value = arg_value(cmd, "--port")

@@ -26,7 +26,7 @@ from . import capabilities, control, criu, manifest, pagecheck, pids, ports, run
 from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, ServerError
-from .launcher import (Pipes, arg_value, args_from_env, library_settings, load_settings, shown_args,
+from .launcher import (Pipes, adds_nothing, arg_value, args_from_env, library_settings, load_settings, shown_args,
                        vllm_settings, vllm_settings_changed, write_runtime_settings)
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
@@ -72,7 +72,7 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
                          f" baked {m.model.served_name!r}")
         raise CheckpointUnusable("; ".join(wants) + "; the normal start serves as asked")
     baked_args = list(m.vllm.args)
-    if run_args and run_args != baked_args:
+    if run_args and run_args != baked_args and not adds_nothing(list(m.vllm.command), run_args):
         raise CheckpointUnusable(f"arguments {shown_args(run_args)} were given, and a restored server has only the"
                                  f" baked ones {shown_args(baked_args)}; the normal start adds them after those")
     changed = vllm_settings_changed(dict(m.vllm.env), vllm_settings()) if m.vllm.env is not None else ""

@@ -1290,6 +1290,21 @@ def test_arguments_given_at_docker_run_are_added_to_the_baked_ones(baked_image, 
             assert line in logs, logs[-3000:]
 
 
+def test_arguments_given_at_docker_run_that_change_nothing_keep_the_restore(baked_image, manifest, port_free):
+    """`docker run IMAGE --port 8000 --max-model-len 512`, the baked values (vLLM's image is called
+    with its arguments, and an operator keeps them): a normal start until 2026-12-05, now the
+    restore, since the server would be the same."""
+    from fvboot.launcher import arg_value
+
+    baked = manifest["vllm"]["command"]
+    same = [a for opt in ("--port", "--max-model-len") if arg_value(baked, opt) for a in (opt, arg_value(baked, opt))]
+    with Container(baked_image, entry=["fvboot", *same]) as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-3000:]
+
+
 def test_a_bad_setting_ends_the_start_at_once_and_a_misspelt_one_is_said(baked_image, port_free):
     """Tried as an operator would (2026-12-05): FV_WEIGHT_CHECK=bogus cost the whole restore (a
     normal start), FV_START_TIMEOUT_S=soon was ignored until a normal start died on it, and

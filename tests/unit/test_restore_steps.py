@@ -206,6 +206,21 @@ def test_other_run_arguments_are_refused(tmp_path, monkeypatch):
     assert "s3cret" not in str(e.value) and "--hf-token=<hidden>" in str(e.value)
 
 
+def test_run_arguments_that_change_nothing_keep_the_restore(tmp_path, monkeypatch):
+    """`docker run IMAGE --max-model-len 512` with the baked value (vLLM's image is called with its
+    arguments; an operator keeps them): the same server, so the restore goes on, not a normal start."""
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
+    monkeypatch.setattr(manifest, "verify_files", lambda home, files: "stop here")
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    for same in (["--max-model-len=512"], ["--max-model-len", "512", "--max-model-len", "512"]):
+        with pytest.raises(CheckpointUnusable, match="^stop here$"):  # past the arguments' check
+            check_compatible(m, layout, same)
+    for other in (["--max-model-len", "1024"], ["--max-model-len"], ["--enforce-eager"], ["512"],
+                  ["--max-model-len", "512", "--seed", "1"]):
+        with pytest.raises(CheckpointUnusable, match="were given, and a restored server has only the baked ones"):
+            check_compatible(m, layout, other)
+
+
 def test_probe_comparison_catches_text_and_logprob_drift():
     baked = [manifest.ProbeAnswer("p", "abc", (-1.0, -2.0))]
     assert same_answers([{"text": "abc", "logprobs": [-1.0, -2.0004]}], baked) is None
