@@ -22,7 +22,7 @@ from . import __version__, gpu
 from .engine import DockerEngine, RunningContainer
 from .errors import BakeError, BakeTimeoutError, ContainerTimeoutError, EngineError, GpuAccessError
 from .model_folder import ModelFolder
-from .options import BuildOptions, Device
+from .options import SYNTHETIC_PREFIX, BuildOptions, Device
 from .render import render_template
 
 TOKEN_PATH = "/run/fv-secrets/token"
@@ -41,8 +41,8 @@ class BakeLayersContext:
 
 def _model_folder(opts: BuildOptions) -> Optional[ModelFolder]:
     """The local model folder to mount, or None (synthetic, or a repo to download)."""
-    return ModelFolder.of(Path(opts.model)) if not opts.model.startswith("synthetic:") and Path(opts.model).is_dir() \
-        else None
+    return ModelFolder.of(Path(opts.model)) \
+        if not opts.model.startswith(SYNTHETIC_PREFIX) and Path(opts.model).is_dir() else None
 
 
 def bake_command(opts: BuildOptions) -> list[str]:

@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
 from . import __version__
 from .errors import BaseImageMissingError, FvBuildError, GpuAccessError, ImageNotBakedError, OptionsError
@@ -70,7 +69,9 @@ def _load(values: dict[str, Any], kind: type[CriuOptions] = BuildOptions, **extr
 
 
 def _fail(e: FvBuildError) -> None:
-    console.print(f"[bold red]fvbuild:[/] {escape(str(e))}", markup=True, soft_wrap=True)
+    from .report import ConsoleReport  # the one way an error line is printed (the user's words as given)
+
+    ConsoleReport(console).error(str(e))
     sys.exit(e.exit_code)
 
 

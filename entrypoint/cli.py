@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ COMMANDS = ("bake", "serve", "inspect", "check", "make-model", "cuda-checkpoint"
 
 
 def _bake(argv: list[str]) -> int:
+    from . import runenv
     from .bake import bake, check_tools
 
     import argparse  # only bake parses options: serve starts faster without it
@@ -23,7 +23,7 @@ def _bake(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fvboot bake", description="warm up vLLM and checkpoint it into FV_HOME")
     p.add_argument("--model", required=True, help="synthetic:NAME, a model folder, or a HF repo id")
     p.add_argument("--home", help="where to write (default $FV_HOME or /fv)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("FV_PORT", "8000")))
+    p.add_argument("--port", type=int, default=int(runenv.value("FV_PORT")))
     p.add_argument("--warmup-requests", type=int, default=4)
     p.add_argument("--token-file", type=Path, help="file holding a model-download token (never stored)")
     p.add_argument("--served-model-name", help="the name clients ask for (default: --model as given)")

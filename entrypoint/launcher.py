@@ -144,8 +144,10 @@ def args_from_env(baked_command: list[str], env: Optional[dict] = None) -> list[
     env = os.environ if env is None else env
     out: list[str] = []
     for name, option in RUN_ENV_OPTIONS:
-        value = (env.get(name) or "").strip()
-        if value and value != arg_value(baked_command, option):
+        if not (env.get(name) or "").strip():
+            continue
+        value = runenv.value(name, env) if name in runenv.SETTINGS else env[name].strip()  # FV_PORT: 08000 is 8000
+        if value != arg_value(baked_command, option):
             out += [option, value]
     return out
 

@@ -61,7 +61,7 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     asked = args_from_env(list(m.vllm.command))
     if asked:  # the checkpoint listens on its baked port, under its baked name
         port, name = arg_value(asked, "--port"), arg_value(asked, "--served-model-name")
-        baked_port = arg_value(list(m.vllm.command), "--port")
+        baked_port = m.vllm.port
         wants = []
         if port:
             wants.append(f"FV_PORT={port} asks for port {port}, and a restored server listens on the baked"

@@ -248,7 +248,7 @@ def launch_command(layout: Layout, m: Optional[Manifest], run_args: list[str]) -
     how = (f"the baked {', '.join(found)} read from the damaged manifest" if found
            else "the image's defaults (no baked name or arguments could be read)")
     name = name or os.environ.get("FV_SERVED_MODEL") or str(layout.model_dir)
-    port = port or int(os.environ.get("FV_PORT", "8000"))
+    port = port or int(runenv.value("FV_PORT"))
     cmd = vllm_command(str(layout.model_dir), name, port, (args or []) + list(run_args), sleep_mode=False)
     return cmd, name, how
 

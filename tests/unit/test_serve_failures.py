@@ -133,8 +133,9 @@ def test_a_port_or_name_the_environment_asks_for_is_what_the_normal_start_serves
     port, which adds nothing); an argument after the image name still has the last word."""
     layout = _layout(tmp_path, monkeypatch)
     m = manifest.Manifest.from_json(BAKED)
-    monkeypatch.setenv("FV_PORT", "8000")
-    assert serve.launch_command(layout, m, [])[2] == "the baked command"
+    for same in ("8000", " 08000 "):  # the port as the settings table reads it
+        monkeypatch.setenv("FV_PORT", same)
+        assert serve.launch_command(layout, m, [])[2] == "the baked command"
     monkeypatch.setenv("FV_PORT", "9000")
     monkeypatch.setenv("FV_SERVED_MODEL", "other")
     cmd, name, how = serve.launch_command(layout, m, [])
