@@ -1002,6 +1002,66 @@ def test_normal_start_on_request_keeps_the_baked_arguments(baked_image, manifest
     _fallback(baked_image, manifest, "export FV_RESTORE=0", "FV_RESTORE=0 asks for a normal start")
 
 
+def _unprobed_answers(manifest: dict) -> list:
+    """Answers to requests the bake's probe never makes, asked one at a time: the bake's own
+    warm-up prompts (their prefixes were in the engine's cache before it slept), a long prompt
+    with every prompt token's logprob (the whole prefill, every weight on its way), a chat
+    request (the model's chat template) and, on a CPU, seeded sampling with two choices."""
+    from fvboot.bake import WARMUP_PROMPT
+
+    model = manifest["model"]["served_name"]
+    asks = [("/v1/completions", {"prompt": WARMUP_PROMPT.format(i=i) * (1 + i % 3), "max_tokens": 8 + 8 * (i % 4),
+                                 "temperature": 0.0, "logprobs": 1}) for i in range(4)]
+    asks.append(("/v1/completions", {"prompt": " ".join(f"word{i} is followed by" for i in range(30)),  # ~250 tokens: within 512
+                                      "max_tokens": 6, "temperature": 0.0, "logprobs": 1, "echo": True}))
+    asks.append(("/v1/chat/completions", {"messages": [{"role": "system", "content": "Answer briefly."},
+                                                       {"role": "user", "content": "Name three rivers."}],
+                                          "max_tokens": 12, "temperature": 0.0, "logprobs": True}))
+    if e2e_device() == "cpu":  # a GPU normal start's own kernels may turn a sampled token: CPU only
+        asks.append(("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.8,
+                                         "seed": 7, "n": 2, "logprobs": 1}))
+    answers = []
+    for route, body in asks:
+        r = requests.post(f"{URL}{route}", json={"model": model, **body}, timeout=600)
+        assert r.status_code == 200, (route, body, r.text[:2000])
+        for c in r.json()["choices"]:
+            if "message" in c:
+                text = c["message"]["content"]
+                logprobs = [t["logprob"] for t in c["logprobs"]["content"]]
+            else:
+                text = c["text"]
+                logprobs = [x for x in c["logprobs"]["token_logprobs"] if x is not None]
+            answers.append({"route": route, "text": text, "logprobs": [round(x, 4) for x in logprobs]})
+    return answers
+
+
+def test_prompts_the_probe_never_asks_are_answered_as_a_normal_start_answers_them(baked_image, manifest, port_free):
+    """The probe checks the restored server with the bake's own prompts, so it cannot see what
+    only other requests reach (a stale prefix cache, a damaged page only a long prompt reads, the
+    chat template, the sampler's state). A restored server and a normal start of the same image
+    are asked the same other requests: on a CPU the answers are identical, to the logprob; on a
+    GPU the text is, and the logprobs are within a normal start's own tolerance."""
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        restored = _unprobed_answers(manifest)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs, logs[-3000:]
+    with Container(baked_image, "-e", "FV_RESTORE=0") as c:
+        _wait_ready(container=c.id)
+        normal = _unprobed_answers(manifest)
+        logs = c.logs()
+    assert "FV_RESTORE=0 asks for a normal start" in _fallback_line(logs)
+    assert len(restored) == len(normal) >= 7
+    for got, want in zip(restored, normal):
+        assert got["text"] == want["text"], (got, want)
+        assert len(got["logprobs"]) == len(want["logprobs"]) > 0, (got, want)
+        if e2e_device() == "cpu":
+            assert got["logprobs"] == want["logprobs"], (got, want)
+        else:
+            worst = max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"]))
+            assert worst <= NORMAL_START_LOGPROB_TOL, (worst, got, want)
+
+
 def test_a_container_run_as_another_user_starts_normally_and_answers_the_same(baked_image, manifest, port_free):
     """docker run --user (a cluster's rule against root; tried as an operator would: the normal
     start died on the model's weights, which only root could read, then on the compile caches):
