@@ -204,6 +204,8 @@ class BuildOptions(CriuOptions):
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
+        """A synthetic model fvboot makes, a local folder the bake container can read, or what
+        can be a Hugging Face repo id: anything else is refused now, not after the image is built."""
         if not v.strip():
             raise ValueError("is empty")
         if v.startswith(SYNTHETIC_PREFIX):
@@ -211,11 +213,22 @@ class BuildOptions(CriuOptions):
             if v[len(SYNTHETIC_PREFIX):] not in names:
                 raise ValueError(f"unknown synthetic model {v!r}; choose one of "
                                  + ", ".join(SYNTHETIC_PREFIX + n for n in names))
-        elif Path(v).is_dir():
+            return v
+        if v.startswith("~"):
+            v = str(Path(v).expanduser())  # a quoted ~ the shell left alone
+        path = Path(v)
+        if path.is_dir():
             try:
-                ModelFolder.of(Path(v))  # its links must be ones the bake container can follow
+                ModelFolder.of(path)  # its links must be ones the bake container can follow
             except ModelFolderError as e:
                 raise ValueError(str(e)) from None
+        elif path.exists():
+            raise ValueError(f"{v} is a file, not a model folder: give the folder that holds the model's"
+                             f" config.json and weights")
+        elif v.startswith(("/", ".", "~")):
+            raise ValueError(f"no folder {v} on this machine (a local model is given by its folder)")
+        elif ".." in v or not HF_REPO_ID.fullmatch(v):
+            raise ValueError(f"{v!r} is neither a folder on this machine nor a Hugging Face repo id (ORG/NAME)")
         return v
 
     @field_validator("served_model_name")
@@ -375,6 +388,9 @@ class BuildOptions(CriuOptions):
 
 
 SYNTHETIC_PREFIX = "synthetic:"
+# A Hugging Face repo id as the Hub takes it: NAME or ORG/NAME, letters, digits, '-', '_', '.', not
+# starting or ending with '-' or '.', at most 96 characters (huggingface_hub's validate_repo_id)
+HF_REPO_ID = re.compile(r"(?=.{1,96}$)(?![-.])[\w.-]*[\w](/(?![-.])[\w.-]*[\w])?")
 
 # vLLM's options whose product is the number of GPUs one server takes (long and short spellings)
 _PARALLEL_FLAGS = {"--tensor-parallel-size": "tensor", "-tp": "tensor", "--pipeline-parallel-size": "pipeline",

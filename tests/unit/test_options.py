@@ -200,3 +200,37 @@ def test_host_refuses_one_address(args):
 
 def test_arguments_naming_a_key_file_are_not_secrets():
     assert load_options({"model": "m", "vllm_args": ["--ssl-keyfile", "/k.pem"]}).vllm_args == ["--ssl-keyfile", "/k.pem"]
+
+
+@pytest.mark.parametrize("model, message", [
+    ("../nope", "--model: no folder ../nope on this machine (a local model is given by its folder)"),
+    ("/nope/model", "--model: no folder /nope/model on this machine"),
+    ("bad name", "--model: 'bad name' is neither a folder on this machine nor a Hugging Face repo id (ORG/NAME)"),
+    ("org/name/extra", "is neither a folder on this machine nor a Hugging Face repo id"),
+    ("org/-name", "is neither a folder on this machine nor a Hugging Face repo id"),
+])
+def test_a_model_that_is_neither_a_folder_nor_a_repo_id_is_refused_before_any_build(model, message):
+    """Tried as an operator would (2026-12-05): each of these built the whole image, then the bake
+    failed on the Hub client's own validation of what it took for a repo id."""
+    with pytest.raises(OptionsError) as e:
+        load_options({"model": model})
+    assert message in str(e.value)
+
+
+def test_a_file_given_as_the_model_is_named_a_file(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(OptionsError, match="model.gguf is a file, not a model folder"):
+        load_options({"model": str(gguf)})
+
+
+@pytest.mark.parametrize("model", ["gpt2", "meta-llama/Llama-3.2-3B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct",
+                                   "TheBloke/Llama-2-7B-GPTQ", "org_x/model.v1"])
+def test_repo_ids_the_hub_takes_are_taken(model):
+    assert load_options({"model": model}).model == model
+
+
+def test_a_quoted_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_options({"model": "~/models/m"}).model == str(tmp_path / "models" / "m")
