@@ -222,6 +222,9 @@ class BuildOptions(CriuOptions):
                 ModelFolder.of(path)  # its links must be ones the bake container can follow
             except ModelFolderError as e:
                 raise ValueError(str(e)) from None
+            if not (path / "config.json").is_file():
+                raise ValueError(f"{v} holds no config.json: give the folder of a Transformers model (its"
+                                 f" config.json, tokenizer and weights; in the Hugging Face cache, snapshots/REV)")
         elif path.exists():
             raise ValueError(f"{v} is a file, not a model folder: give the folder that holds the model's"
                              f" config.json and weights")

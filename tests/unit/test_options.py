@@ -85,6 +85,7 @@ def test_the_served_name_is_given_to_the_bake_and_names_the_default_tag(tmp_path
 
     snap = tmp_path / "models--org--llama" / "snapshots" / "0cb88a4f"
     snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
     opts = load_options({"model": str(snap), "served_model_name": "org/Llama-3B", "device": "cpu"})
     cmd = bake_command(opts)
     assert cmd[cmd.index("--served-model-name") + 1] == "org/Llama-3B"
@@ -232,5 +233,16 @@ def test_repo_ids_the_hub_takes_are_taken(model):
 
 def test_a_quoted_tilde_is_the_home_folder(tmp_path, monkeypatch):
     (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "config.json").write_text("{}")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_options({"model": "~/models/m"}).model == str(tmp_path / "models" / "m")
+
+
+def test_a_folder_without_config_json_is_refused_before_any_build(tmp_path):
+    """The folder above the model's, or a Hugging Face cache folder above snapshots/REV: it built
+    the image, then the bake said it holds no config.json."""
+    (tmp_path / "snapshots" / "abc").mkdir(parents=True)
+    (tmp_path / "snapshots" / "abc" / "config.json").write_text("{}")
+    with pytest.raises(OptionsError, match="holds no config.json: give the folder of a Transformers model"):
+        load_options({"model": str(tmp_path)})
+    assert load_options({"model": str(tmp_path / "snapshots" / "abc")}).model.endswith("abc")
