@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -136,7 +137,7 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
 def _follow(container: RunningContainer, on_line: Callable[[str], None], timeout_s: float) -> None:
     """Show the bake's log while waiting for it, both bounded by TIMEOUT_S; BakeError unless it
     exited 0. The log is read in a thread: a silent bake must not hang the wait, nor the wait the log."""
-    tail: deque[str] = deque(maxlen=40)
+    tail: deque[str] = deque(maxlen=200)
 
     def pump() -> None:
         for line in container.log_lines():
@@ -154,7 +155,37 @@ def _follow(container: RunningContainer, on_line: Callable[[str], None], timeout
     reader.join(timeout=30)
     if code != 0:
         reason = next((l for l in reversed(tail) if l.startswith("fvboot: ")), tail[-1] if tail else "")
-        raise BakeError(f"bake failed (exit {code}): {reason.removeprefix('fvboot: ')}")
+        reason = reason.removeprefix("fvboot: ")
+        said = vllm_reason(list(tail)) if "(see its log above)" in reason else None
+        if said:
+            reason = reason.replace(" (see its log above)", f"; vLLM said: {said}")
+        raise BakeError(f"bake failed (exit {code}): {reason}")
+
+
+_ARGPARSE_ERROR = re.compile(r": error: (.+)$")
+_EXCEPTION = re.compile(r"^(?:\(.*?\)\s*)?(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
+_WRAPPERS = ("initialization failed", "See root cause above", "Engine core", "failed to start")
+
+
+def vllm_reason(lines: list[str], limit: int = 400) -> Optional[str]:
+    """What vLLM said when it stopped, from the end of the bake's log: its command line's refusal
+    (argparse), the first error of a refused configuration (pydantic), or the last exception that
+    is not a wrapper saying to look above. None where none of them is there."""
+    for line in reversed(lines):
+        m = _ARGPARSE_ERROR.search(line)
+        if m and "usage:" not in line:
+            return m.group(1).strip()[:limit]
+    for i, line in enumerate(lines):
+        if "validation error for" in line:
+            for follow in lines[i + 1:i + 4]:
+                text = follow.strip()
+                if text.startswith("Value error, "):
+                    return text.removeprefix("Value error, ").split(" [type=")[0][:limit]
+    for line in reversed(lines):
+        m = _EXCEPTION.match(line.strip())
+        if m and not any(w in m.group(2) for w in _WRAPPERS):
+            return f"{m.group(1)}: {m.group(2)}"[:limit]
+    return None
 
 
 # The bake manifest is fvboot's (fvboot.manifest defines it; the builder must not import fvboot):

@@ -1,0 +1,51 @@
+"""fvbuild's one line for a bake whose vLLM stopped before it served: vLLM's own reason, read
+from the end of the bake's log, instead of "see its log above" (tried as an operator would,
+2026-12-05: `--vllm-arg=--max-model-len=abc` ended in that line, the reason 20 lines up in a
+wrapped traceback). The lines are those vLLM 0.32 (CPU) printed in the bake of this machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from fvbuild.bake import vllm_reason
+
+ARGPARSE = [
+    "Triton is installed, but doesn't include CPU backend. Disabling Triton.",
+    "usage: vllm serve [model_tag] [options]",
+    "main.py serve: error: argument --max-model-len: invalid human_readable_int_or_auto value: 'abc'",
+    "fvboot: the vLLM server exited before it became healthy (see its log above)",
+]
+PYDANTIC = [
+    '  File "/opt/venv/lib/python3.11/site-packages/pydantic/_internal/_dataclasses.py", line 121, in __init__',
+    "    s.__pydantic_validator__.validate_python(ArgsKwargs(args, kwargs), self_instance=s)",
+    "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+    "  Value error, User-specified max_model_len (1048576) is greater than the derived max_model_len"
+    " (max_position_embeddings=2048.0 or model_max_length=None in model's config.json). To allow overriding"
+    " this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. [type=value_error, input_value=ArgsKwargs((),"
+    " {'model': ...}), input_type=ArgsKwargs]",
+    "    For further information visit https://errors.pydantic.dev/2.14/v/value_error",
+    "fvboot: the vLLM server exited before it became healthy (see its log above)",
+]
+ENGINE = [
+    "(EngineCore pid=108) ERROR 12-05 18:20:01 [core.py:700] EngineCore failed to start.",
+    "(EngineCore pid=108) ValueError: Free memory on device (1.2/79.1 GiB) on startup is less than desired"
+    " GPU memory utilization (0.9, 71.2 GiB).",
+    "(APIServer pid=2) RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+    "fvboot: the vLLM server exited before it became healthy (see its log above)",
+]
+
+
+@pytest.mark.parametrize("lines, said", [
+    (ARGPARSE, "argument --max-model-len: invalid human_readable_int_or_auto value: 'abc'"),
+    (PYDANTIC, "User-specified max_model_len (1048576) is greater than the derived max_model_len"),
+    (ENGINE, "ValueError: Free memory on device (1.2/79.1 GiB) on startup is less than desired"),
+])
+def test_vllms_own_reason_is_found(lines, said):
+    got = vllm_reason(lines)
+    assert got is not None and got.startswith(said), got
+    assert "[type=" not in got and "See root cause above" not in got
+
+
+def test_a_log_without_a_reason_gives_none_and_a_long_one_is_cut():
+    assert vllm_reason(["INFO starting", "fvboot: the vLLM server exited before it became healthy"]) is None
+    assert len(vllm_reason(["RuntimeError: " + "x" * 2000])) == 400
