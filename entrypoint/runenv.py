@@ -111,14 +111,14 @@ FREE_NAMES = frozenset({
 })
 
 
-def value(name: str, env: Optional[Mapping[str, str]] = None) -> str:
-    """NAME's value (its default where unset); CheckpointUnusable for one it does not take
-    (`fvboot serve` checked them all first: only a bake or a direct caller meets it)."""
+def value(name: str, env: Optional[Mapping[str, str]] = None, error: type[Exception] = CheckpointUnusable) -> str:
+    """NAME's value (its default where unset); ERROR (the caller's own kind of failure) for one
+    it does not take (`fvboot serve` checked them all first: only a bake or a direct caller meets it)."""
     raw = (os.environ if env is None else env).get(name)
     try:
         return SETTINGS[name].parse(raw)
     except ValueError as e:
-        raise CheckpointUnusable(str(e)) from None
+        raise error(str(e)) from None
 
 
 def seconds(name: str, env: Optional[Mapping[str, str]] = None) -> float:

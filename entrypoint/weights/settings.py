@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .. import runenv
 from ..runenv import SETTINGS
 from .fileformat import WeightFileError
 
@@ -27,10 +28,7 @@ class GpuLoaderError(WeightFileError):
 
 
 def _setting(env: Mapping[str, str], name: str) -> str:
-    try:
-        return SETTINGS[name].parse(env.get(name))
-    except ValueError as e:
-        raise GpuLoaderError(str(e)) from None
+    return runenv.value(name, env, GpuLoaderError)
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int:
