@@ -22,8 +22,7 @@ from typing import Any, Callable, Optional
 from . import __version__, gpu
 from .engine import DockerEngine, RunningContainer
 from .errors import BakeError, BakeTimeoutError, ContainerTimeoutError, EngineError, GpuAccessError
-from .model_folder import ModelFolder
-from .options import SYNTHETIC_PREFIX, BuildOptions, Device
+from .options import BuildOptions, Device
 from .render import render_template
 
 TOKEN_PATH = "/run/fv-secrets/token"
@@ -40,18 +39,12 @@ class BakeLayersContext:
     labels: tuple[tuple[str, str], ...]
 
 
-def _model_folder(opts: BuildOptions) -> Optional[ModelFolder]:
-    """The local model folder to mount, or None (synthetic, or a repo to download)."""
-    return ModelFolder.of(Path(opts.model)) \
-        if not opts.model.startswith(SYNTHETIC_PREFIX) and Path(opts.model).is_dir() else None
-
-
 def bake_command(opts: BuildOptions) -> list[str]:
     cmd = ["bake", "--model", opts.model, "--port", str(opts.port),
            "--warmup-requests", str(opts.warmup_requests)]
     if opts.served_model_name:
         cmd += ["--served-model-name", opts.served_model_name]
-    folder = _model_folder(opts)
+    folder = opts.model_folder
     if folder is not None and folder.inside:  # mounted with what its links reach (model_folder.py)
         cmd += ["--model-dir", f"{IMPORT_PATH}/{folder.inside}"]
     if os.environ.get(opts.hf_token_env):
@@ -85,7 +78,7 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
             token_file.touch(mode=0o600)
             token_file.write_text(token)
             volumes[str(token_file)] = {"bind": TOKEN_PATH, "mode": "ro"}
-        folder = _model_folder(opts)
+        folder = opts.model_folder
         if folder is not None:
             volumes[str(folder.mount)] = {"bind": IMPORT_PATH, "mode": "ro"}
         run_kwargs: dict = {}

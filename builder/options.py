@@ -6,6 +6,7 @@ combinations are rejected here, at the edge, with a message saying what to chang
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from enum import Enum
@@ -233,6 +234,14 @@ class BuildOptions(CriuOptions):
         elif ".." in v or not HF_REPO_ID.fullmatch(v):
             raise ValueError(f"{v!r} is neither a folder on this machine nor a Hugging Face repo id (ORG/NAME)")
         return v
+
+    @functools.cached_property
+    def model_folder(self) -> Optional[ModelFolder]:
+        """The local model folder the bake mounts, or None (synthetic, or a repo to download);
+        walked once (the validator walked it to check its links)."""
+        if self.model.startswith(SYNTHETIC_PREFIX) or not Path(self.model).is_dir():
+            return None
+        return ModelFolder.of(Path(self.model))
 
     @field_validator("served_model_name")
     @classmethod
