@@ -590,35 +590,43 @@ def describe_files(home: Path, roots: list[Path]) -> tuple[FileEntry, ...]:
 def verify_files(home: Path, files: tuple[FileEntry, ...]) -> str | None:
     """None if every file is present with its size and checksum, and the model folder holds no
     file the bake's did not (where the manifest lists it), else the first problem."""
-    problem = _first_problem(home, files)
-    if problem and problem.startswith(MODEL_DIR):  # not damage: a model the server was not baked with
+    found = _first_problem(home, files)
+    if found is None:
+        return None
+    path, problem = found
+    if _in_model_folder(path):  # not damage: a model the server was not baked with
         return (f"the model folder is not the one the server was baked with: {problem} (an image built FROM"
                 " this one, or a mount over it?); the normal start serves it as it is now")
     return problem
 
 
-def _first_problem(home: Path, files: tuple[FileEntry, ...]) -> str | None:
+def _in_model_folder(path: str) -> bool:
+    return path.startswith(MODEL_DIR)
+
+
+def _first_problem(home: Path, files: tuple[FileEntry, ...]) -> tuple[str, str] | None:
+    """(the file's path, what is wrong with it) for the first file that is not as the bake left it."""
     for f in files:
         try:
             size = (home / f.path).stat().st_size
         except OSError:
-            return f"{f.path} is missing"
+            return f.path, f"{f.path} is missing"
         if size != f.size:
-            return f"{f.path} has {size} bytes, expected {f.size}"
-    listed = {f.path for f in files if f.path.startswith(MODEL_DIR)}
+            return f.path, f"{f.path} has {size} bytes, expected {f.size}"
+    listed = {f.path for f in files if _in_model_folder(f.path)}
     if listed:  # a manifest of an fvboot that listed the model folder
         here = sorted(str(p.relative_to(home)) for p in (home / MODEL_DIR).rglob("*") if p.is_file())
         added = [p for p in here if p not in listed]
         if added:
-            return f"{added[0]} was not there at the bake"
+            return added[0], f"{added[0]} was not there at the bake"
     hashed = [f for f in files if f.sha256 or f.sampled_sha256]
     with ThreadPoolExecutor(8) as pool:
         sums = list(pool.map(lambda f: _sha256(home / f.path) if f.sha256 else
                              sampled_sha256(home / f.path, f.size), hashed))
     for f, s in zip(hashed, sums):
         if s != (f.sha256 or f.sampled_sha256):
-            return f"{f.path} has other contents" if f.path.startswith(MODEL_DIR) else \
-                f"{f.path} is corrupt (sha256 mismatch)"
+            return f.path, (f"{f.path} has other contents" if _in_model_folder(f.path) else
+                            f"{f.path} is corrupt (sha256 mismatch)")
     return None
 
 
