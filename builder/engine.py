@@ -6,6 +6,7 @@ errors, never docker-py exceptions. Build output is a generator of events; the C
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import deque
@@ -88,6 +89,11 @@ class DockerEngine:
             client.ping()
         except DockerException as e:
             where = getattr(getattr(e, "request", None), "url", None) or "the default socket"
+            if "Permission denied" in str(e):  # the daemon runs; this user may not use its socket
+                socket_path = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+                raise DockerUnavailableError(
+                    f"no permission to use the Docker daemon's socket ({socket_path}): run fvbuild as a member of"
+                    " the docker group (sudo usermod -aG docker $USER, then log in again) or as root") from None
             raise DockerUnavailableError(
                 f"cannot reach the Docker daemon ({_short(e)}); start dockerd or set DOCKER_HOST"
                 + ("" if where == "the default socket" else f" (tried {where})")) from None
