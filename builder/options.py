@@ -7,6 +7,7 @@ combinations are rejected here, at the edge, with a message saying what to chang
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from enum import Enum
@@ -388,6 +389,10 @@ class BuildOptions(CriuOptions):
             raise ValueError("--gpu-access/--nvidia-driver-dir apply to --device cuda only")
         if self.nvidia_driver_dir is not None and self.gpu_access is GpuAccess.toolkit:
             raise ValueError("--nvidia-driver-dir is for --gpu-access devices (the toolkit mounts the driver itself)")
+        downloads = not self.model.startswith(SYNTHETIC_PREFIX) and not Path(self.model).is_dir()
+        if downloads and "hf_token_env" in set_fields and not os.environ.get(self.hf_token_env):
+            raise ValueError(f"--hf-token-env {self.hf_token_env}: {self.hf_token_env} is not set in fvbuild's"
+                             f" environment: export it, or leave --hf-token-env out for a model that needs no token")
         return self
 
     @property

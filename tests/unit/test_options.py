@@ -246,3 +246,17 @@ def test_a_folder_without_config_json_is_refused_before_any_build(tmp_path):
     with pytest.raises(OptionsError, match="holds no config.json: give the folder of a Transformers model"):
         load_options({"model": str(tmp_path)})
     assert load_options({"model": str(tmp_path / "snapshots" / "abc")}).model.endswith("abc")
+
+
+def test_a_token_variable_named_but_not_set_is_refused_where_the_model_is_downloaded(monkeypatch, tmp_path):
+    """--hf-token-env MY_TOKEN with MY_TOKEN unset downloaded without a token, and a gated model
+    then failed in the bake with advice about HF_TOKEN."""
+    monkeypatch.delenv("MY_TOKEN", raising=False)
+    with pytest.raises(OptionsError, match="--hf-token-env MY_TOKEN: MY_TOKEN is not set in fvbuild's environment"):
+        load_options({"model": "org/gated", "hf_token_env": "MY_TOKEN"})
+    monkeypatch.setenv("MY_TOKEN", "hf_x")
+    assert load_options({"model": "org/gated", "hf_token_env": "MY_TOKEN"}).hf_token_env == "MY_TOKEN"
+    monkeypatch.delenv("MY_TOKEN")
+    (tmp_path / "config.json").write_text("{}")  # a local folder or a synthetic model needs none
+    assert load_options({"model": str(tmp_path), "hf_token_env": "MY_TOKEN"}).model == str(tmp_path)
+    assert load_options({"model": "synthetic:tiny", "hf_token_env": "MY_TOKEN"}).model == "synthetic:tiny"
