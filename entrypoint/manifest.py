@@ -256,9 +256,10 @@ class Device:
     driver: Optional[str] = None
     cuda: Optional[str] = None
     cpu_isa: tuple[str, ...] = ()  # the CPU's instruction-set extensions (cpu_isa()); () unknown
+    cpus: Optional[int] = None  # the CPUs fvboot's processes may run on (its affinity); None unknown
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("kind", "gpus", "driver", "cuda", "cpu_isa")
+    _KEYS = ("kind", "gpus", "driver", "cuda", "cpu_isa", "cpus")
 
     @property
     def is_cuda(self) -> bool:
@@ -271,12 +272,15 @@ class Device:
                    driver=_get(d, where, "driver", _is_str, "a string", None),
                    cuda=_get(d, where, "cuda", _is_opt_str, "a string or null", None),
                    cpu_isa=tuple(_get(d, where, "cpu_isa", _is_str_list, "a list of strings", [])),
+                   cpus=_get(d, where, "cpus", _is_opt_count, "a whole number or null", None),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
         d = {**self.extra, "kind": self.kind}
         if self.cpu_isa:
             d["cpu_isa"] = list(self.cpu_isa)
+        if self.cpus is not None:
+            d["cpus"] = self.cpus
         if self.is_cuda:
             return {**d, "gpus": [g.to_json() for g in self.gpus], "driver": self.driver, "cuda": self.cuda}
         if self.gpus:
@@ -534,10 +538,11 @@ def device_info(lookup: Optional[DeviceLookup] = None, timeout: float = LOOKUP_W
         gpus, isa = lookup.result(timeout)
     except TimeoutError:
         raise CheckpointUnusable(f"this machine's GPUs were not listed within {timeout:g} s (NVML did not answer)") from None
+    cpus = len(os.sched_getaffinity(0))
     if gpus is None:
-        return Device("cpu", cpu_isa=isa)
+        return Device("cpu", cpu_isa=isa, cpus=cpus)
     return Device("cuda", tuple(Gpu(name, uuid, gpus.driver) for name, uuid in gpus.gpus), gpus.driver,
-                  gpus.cuda, cpu_isa=isa)
+                  gpus.cuda, cpu_isa=isa, cpus=cpus)
 
 
 def _sha256(path: Path) -> str:

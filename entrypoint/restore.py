@@ -87,6 +87,8 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     baked, here = m.device, manifest.device_info(devices)
     if baked.kind != here.kind:
         raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")
+    if baked.kind == "cpu" and baked.cpus and here.cpus and baked.cpus != here.cpus:
+        log(cpus_differ(baked.cpus, here.cpus))  # said only: the restore serves the same answers
     lacking = sorted(set(baked.cpu_isa) - set(here.cpu_isa)) if here.cpu_isa else []
     if lacking:  # the restored processes chose their kernels on the bake's CPU
         raise CheckpointUnusable(f"baked on a CPU with {', '.join(lacking)}, which this CPU lacks: bake on the"
@@ -487,3 +489,18 @@ def run(s: RestoreState) -> RestoredTree:
             s.tree.terminate()
         raise
     return s.tree
+
+
+def cpus_differ(baked: int, here: int) -> str:
+    """What a restored CPU engine does on another number of CPUs than the bake's: vLLM sized its
+    OpenMP threads and bound them to CPUs when its worker started, at the bake."""
+    effect = ("more of its threads than this container has CPUs: slower, not other answers" if here < baked else
+              f"{here - baked} of this container's CPUs stay idle")
+    return (f"this container may run on {_cpus(here)}, the bake's on {baked}: the restored engine keeps the threads"
+            f" vLLM gave it at the bake ({effect}); FV_RESTORE=0 gives a normal start sized for this container,"
+            " or bake the image where it will serve")
+
+
+def _cpus(n: int) -> str:
+    return f"{n} CPU" if n == 1 else f"{n} CPUs"
+

@@ -814,6 +814,25 @@ def test_a_thread_setting_given_at_run_time_is_said_and_the_restore_goes_on(bake
             " start); FV_RESTORE=0 gives a normal start that has them") in logs, logs[-3000:]
 
 
+def test_fewer_cpus_than_the_bakes_are_said_and_the_restore_answers_the_same(baked_image, manifest, port_free):
+    """`docker run --cpuset-cpus` (a node's CPU manager, a smaller machine): vLLM's CPU engine
+    sized its threads and bound them at the bake, which a restore keeps. Said with both counts;
+    the restore goes on with the bake's answers. A CPU image's concern (a GPU engine's work is
+    the GPU's); a machine of one CPU cannot give fewer."""
+    if e2e_device() != "cpu":
+        pytest.skip("a GPU engine does its work on the GPU: the CPUs only feed it")
+    baked = manifest["device"].get("cpus")
+    if not baked or baked < 2:
+        pytest.skip("the image records no CPU count, or was baked with one CPU")
+    with Container(baked_image, "--cpuset-cpus", str(sorted(os.sched_getaffinity(0))[-1])) as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs, logs[-3000:]
+    assert (f"this container may run on 1 CPU, the bake's on {baked}: the restored engine keeps the threads vLLM"
+            " gave it at the bake (more of its threads than this container has CPUs") in logs, logs[-3000:]
+
+
 def test_corrupt_checkpoint_file_falls_back(baked_image, manifest, port_free):
     victim = next(f["path"] for f in manifest["files"] if f["path"].endswith("pstree.img"))
     _refused_before_restore(baked_image, f"printf 'garbage' | dd of=/fv/{victim} bs=1 seek=4 conv=notrunc 2>/dev/null",

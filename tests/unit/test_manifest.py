@@ -349,3 +349,31 @@ def test_the_trees_thread_count_is_kept_and_checked():
     assert manifest.Criu.from_json({}).tasks is None
     with pytest.raises(manifest.ManifestInvalid, match="criu.tasks must be a whole number"):
         manifest.Criu.from_json({"tasks": -1})
+
+
+def test_another_number_of_cpus_than_the_bakes_is_said_and_the_restore_goes_on(tmp_path, monkeypatch, capsys):
+    """vLLM's CPU engine sized its OpenMP threads and bound them to CPUs when its worker started,
+    at the bake: a restore on a bigger machine leaves CPUs idle, on a smaller one oversubscribes
+    them (found by reading vLLM's CPU worker, 2026-12-05: a CI machine's bake of 1 thread served
+    on a 64-core node without a word). Said, not refused: the answers are the same."""
+    baked = _baked_dict({"kind": "cpu", "cpus": 2})
+    m = manifest.read(_write_json(tmp_path, baked))
+    assert m.device.cpus == 2 and m.to_json()["device"]["cpus"] == 2
+    monkeypatch.setattr(manifest, "verify_files", lambda home, files: "stop here")
+    for here, said in ((2, None), (64, "62 of this container's CPUs stay idle"),
+                       (1, "more of its threads than this container has CPUs: slower, not other answers")):
+        monkeypatch.setattr(manifest, "device_info", lambda lookup=None, n=here: Device("cpu", cpus=n))
+        assert _refusal(m, tmp_path) == "stop here"  # on to the next check: the restore goes on
+        err = capsys.readouterr().err
+        if said is None:
+            assert "may run on" not in err
+        else:
+            assert f"this container may run on {here} CPU{'s' if here > 1 else ''}, the bake's on 2: the restored" \
+                " engine keeps" in err
+            assert said in err and "FV_RESTORE=0 gives a normal start sized for this container" in err
+    del baked["device"]["cpus"]  # an fvboot that did not record them: nothing to say
+    assert _refusal(manifest.read(_write_json(tmp_path, baked)), tmp_path) == "stop here"
+    assert "may run on" not in capsys.readouterr().err
+    bad = _baked_dict({"kind": "cpu", "cpus": "two"})
+    with pytest.raises(ManifestInvalid, match="device.cpus must be a whole number or null"):
+        manifest.read(_write_json(tmp_path, bad))
