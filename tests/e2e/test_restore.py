@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -798,6 +799,17 @@ def test_a_vllm_setting_given_at_run_time_gets_a_normal_start_that_has_it(baked_
     assert re.search(r"^(\(\w+ pid=\d+\) )?DEBUG \d\d-\d\d ", logs, re.M), logs[-3000:]
 
 
+def _restored_logs(baked_image: str, manifest: dict, *flags: str, **container: Any) -> str:
+    """The logs of a container of the image (Container's FLAGS and keywords) that restored and
+    answered as at bake."""
+    with Container(baked_image, *flags, **container) as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    assert "restored from checkpoint" in logs, logs[-3000:]
+    return logs
+
+
 def test_a_thread_setting_given_at_run_time_is_said_and_the_restore_goes_on(baked_image, manifest, port_free):
     """`docker run -e OMP_NUM_THREADS=1` (tried as an operator would, 2026-12-05: ignored without a
     word; it acts only when vLLM's processes start). Said with the bake's value; the restore goes
@@ -805,11 +817,7 @@ def test_a_thread_setting_given_at_run_time_is_said_and_the_restore_goes_on(bake
     if manifest["vllm"].get("library_env") is None:
         pytest.skip("this image was baked by an fvboot that did not record the libraries' settings")
     baked = manifest["vllm"]["library_env"].get("OMP_NUM_THREADS", "unset")
-    with Container(baked_image, "-e", "OMP_NUM_THREADS=1") as c:
-        _wait_ready(container=c.id)
-        _assert_same_as_bake(manifest)
-        logs = c.logs()
-    assert "restored from checkpoint" in logs, logs[-3000:]
+    logs = _restored_logs(baked_image, manifest, "-e", "OMP_NUM_THREADS=1")
     assert (f"OMP_NUM_THREADS=1 (baked: {baked}): a restored server keeps the bake's (they act when its processes"
             " start); FV_RESTORE=0 gives a normal start that has them") in logs, logs[-3000:]
 
@@ -824,11 +832,7 @@ def test_fewer_cpus_than_the_bakes_are_said_and_the_restore_answers_the_same(bak
     baked = manifest["device"].get("cpus")
     if not baked or baked < 2:
         pytest.skip("the image records no CPU count, or was baked with one CPU")
-    with Container(baked_image, "--cpuset-cpus", str(sorted(os.sched_getaffinity(0))[-1])) as c:
-        _wait_ready(container=c.id)
-        _assert_same_as_bake(manifest)
-        logs = c.logs()
-    assert "restored from checkpoint" in logs, logs[-3000:]
+    logs = _restored_logs(baked_image, manifest, "--cpuset-cpus", str(sorted(os.sched_getaffinity(0))[-1]))
     assert (f"this container may run on 1 CPU, the bake's on {baked}: the restored engine keeps the threads vLLM"
             " gave it at the bake (more of its threads than this container has CPUs") in logs, logs[-3000:]
 
@@ -979,11 +983,7 @@ def test_answers_together_that_differ_send_the_probe_one_prompt_at_a_time(baked_
     that formed otherwise can round otherwise on a GPU): the prompts go one at a time, their
     answers are the bake's, and the checkpoint serves."""
     edit = _edit_manifest("m['probe_together']=[dict(a,text=a['text']+' (edited)') for a in m['probe']]")
-    with Container(baked_image, entry=["sh", "-c", edit + " && exec fvboot"]) as c:
-        _wait_ready(container=c.id)
-        _assert_same_as_bake(manifest)
-        logs = c.logs()
-    assert "restored from checkpoint" in logs, logs[-3000:]
+    logs = _restored_logs(baked_image, manifest, entry=["sh", "-c", edit + " && exec fvboot"])
     first = manifest["probe"][0]["prompt"]
     assert f"prompts asked in one request answered otherwise (probe {first!r} answered" in logs
     assert "asking one at a time" in logs
