@@ -65,6 +65,18 @@ def _serve(argv: list[str]) -> int:
     return serve(Layout.from_env(home), argv, devices)
 
 
+def _check(argv: list[str]) -> int:
+    """0 where a start would restore the checkpoint, 1 where it would not (each line says why)."""
+    from .preflight import check
+
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    usable, lines = check(Layout.from_env(), argv)
+    for line in lines:
+        print(f"fvboot check: {line}", flush=True)
+    return 0 if usable else 1
+
+
 def _inspect(argv: list[str]) -> int:
     layout = Layout.from_env(argv[0] if argv else None)
     if not layout.manifest.exists():
@@ -90,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "inspect":
             return _inspect(rest)
         if cmd == "check":
-            from .bake import criu_check
-
-            r = criu_check()
-            sys.stdout.write(r.stdout + r.stderr)
-            return r.returncode
+            return _check(rest)
         if cmd == "make-model":
             from .synthetic import main as make_model
 

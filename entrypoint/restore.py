@@ -496,11 +496,11 @@ def cpus_differ(baked: int, here: int) -> str:
     OpenMP threads and bound them to CPUs when its worker started, at the bake."""
     effect = ("more of its threads than this container has CPUs: slower, not other answers" if here < baked else
               f"{here - baked} of this container's CPUs stay idle")
-    return (f"this container may run on {_cpus(here)}, the bake's on {baked}: the restored engine keeps the threads"
-            f" vLLM gave it at the bake ({effect}); FV_RESTORE=0 gives a normal start sized for this container,"
-            " or bake the image where it will serve")
+    return (f"this container may run on {cpu_count_text(here)}, the bake's on {baked}: the restored engine keeps"
+            f" the threads vLLM gave it at the bake ({effect}); FV_RESTORE=0 gives a normal start sized for this"
+            " container, or bake the image where it will serve")
 
 
-def _cpus(n: int) -> str:
+def cpu_count_text(n: int) -> str:
     return f"{n} CPU" if n == 1 else f"{n} CPUs"
 

@@ -779,6 +779,29 @@ def _refused_before_restore(baked_image: str, shell: str, reason: str) -> None:
     assert "the failed restore left" not in logs and "restored from checkpoint" not in logs, logs[-3000:]
 
 
+def _check(baked_image: str, *flags: str, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`docker run --rm ... IMAGE check ARGS`, as an operator tries a node before a rollout."""
+    return subprocess.run(["docker", "run", "--rm", *run_flags(baked_image), "--network", "host",
+                           *flags, baked_image, "check", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_check_says_whether_a_start_here_would_restore_and_why_not(baked_image, manifest, port_free):
+    """`IMAGE check`: what a start checks before it restores, and nothing restored. It ran only
+    `criu check` before ("Looks good." where the checkpoint would not be used)."""
+    r = _check(baked_image)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "fvboot check: `criu check`: Looks good." in r.stdout
+    assert f"fvboot check: the checkpoint would be restored here (this container: {e2e_device()}" in r.stdout, r.stdout
+    r = _check(baked_image, args=("--max-model-len", "256"))
+    assert r.returncode == 1 and "the checkpoint would not be used here: arguments ['--max-model-len', '256'] were" \
+        " given" in r.stdout and "a start would serve vLLM started normally" in r.stdout, r.stdout + r.stderr
+    r = _check(baked_image, "-e", "FV_WEIGHT_CHECK=bogus")
+    assert r.returncode == 1 and "a start would end at once: FV_WEIGHT_CHECK='bogus'" in r.stdout, r.stdout + r.stderr
+    r = _check(baked_image, "--user", "1000:1000")
+    assert r.returncode == 1 and "the checkpoint would not be used here: fvboot runs as uid 1000 (docker run" \
+        " --user?), and a restore needs root" in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
+
+
 def test_the_images_environment_reaches_the_bake_which_records_vllms_settings(manifest):
     """`fvbuild image --env` (the suite's image has conftest.IMAGE_ENV): the bake ran with it and
     recorded vLLM's settings, which every restore compares with its own (restored here: the

@@ -1,0 +1,48 @@
+"""`fvboot check [vLLM args]`: would a start of this image in this container restore its
+checkpoint, and if not, why. It runs what a start checks before it restores (fvboot's settings,
+the manifest, this machine and container against the bake's, the files, `criu check`) and
+restores nothing, so an operator can try a node before a rollout:
+
+    docker run --rm $(fvbuild run-flags IMAGE) [GPU flags] IMAGE check [the arguments the start gets]
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import manifest, restore, runenv
+from .bake import criu_check
+from .errors import CheckpointUnusable
+from .launcher import take_api_key_arg
+from .layout import Layout
+
+
+def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
+    """(whether a start would restore the checkpoint, the lines that say so and why), in the
+    order a start meets them: its settings, the checkpoint against this container, CRIU."""
+    bad = runenv.problems(os.environ)
+    if bad:
+        return False, [f"a start would end at once: {'; '.join(bad)}"]
+    lines = runenv.unknown(os.environ)
+    try:
+        run_args, _ = take_api_key_arg(run_args)
+    except ValueError as e:
+        return False, lines + [f"a start would end at once: {e}"]
+    try:
+        if not layout.manifest.exists():
+            raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
+        m = manifest.read(layout.manifest)
+        if runenv.value("FV_RESTORE") == "0":
+            raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
+        here = restore.check_compatible(m, layout, run_args)
+        r = criu_check()
+        said = (r.stdout + r.stderr).strip().splitlines()
+        if r.returncode != 0:
+            raise CheckpointUnusable(f"`criu check` failed: {said[-1] if said else 'no output'}")
+    except CheckpointUnusable as e:
+        return False, lines + [f"the checkpoint would not be used here: {e}; a start would serve vLLM started"
+                               " normally (compile caches reused)"]
+    gpus = f", {len(here.gpus)} x {here.gpus[0].name}, driver {here.driver}" if here.gpus else ""
+    return True, lines + [f"`criu check`: {said[0] if said else 'passed'}",
+                          f"the checkpoint would be restored here (this container: {here.kind}{gpus},"
+                          f" {restore.cpu_count_text(here.cpus or 0)}; baked: {m.device.kind})"]
