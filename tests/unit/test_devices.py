@@ -4,6 +4,7 @@ check sees them (manifest.device_info)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -24,7 +25,7 @@ def test_the_gpus_nvml_lists_become_the_manifests_device(monkeypatch):
     d = manifest.device_info(devices.DeviceLookup())
     assert d == manifest.Device("cuda", (manifest.Gpu("NVIDIA H200", "GPU-1", "580.159.04"),
                                          manifest.Gpu("NVIDIA H200", "GPU-2", "580.159.04")),
-                                "580.159.04", "13.0", cpu_isa=("avx2",))
+                                "580.159.04", "13.0", cpu_isa=("avx2",), cpus=len(os.sched_getaffinity(0)))
 
 
 def test_nvml_that_does_not_answer_gives_up_the_restore_in_time_and_says_why(monkeypatch):
