@@ -18,8 +18,9 @@ from .layout import Layout
 
 
 def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
-    """(whether a start would restore the checkpoint, the lines that say so and why), in the
-    order a start meets them: its settings, the checkpoint against this container, CRIU."""
+    """(whether a start would restore the checkpoint, the lines that say so and why): fvboot's
+    settings, then `criu check` (said in any image, a checkpoint in it or not), then the
+    checkpoint against this container and machine, as a start meets them."""
     bad = runenv.problems(os.environ)
     if bad:
         return False, [f"a start would end at once: {'; '.join(bad)}"]
@@ -28,6 +29,11 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
         run_args, _ = take_api_key_arg(run_args)
     except ValueError as e:
         return False, lines + [f"a start would end at once: {e}"]
+    r = criu_check()
+    said = (r.stdout + r.stderr).strip().splitlines()
+    criu_line = f"`criu check`: {said[0] if said else 'passed'}" if r.returncode == 0 else \
+        f"`criu check` failed: {said[-1] if said else 'no output'}"
+    lines.append(criu_line)
     try:
         if not layout.manifest.exists():
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
@@ -35,14 +41,11 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
         if runenv.value("FV_RESTORE") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         here = restore.check_compatible(m, layout, run_args)
-        r = criu_check()
-        said = (r.stdout + r.stderr).strip().splitlines()
         if r.returncode != 0:
-            raise CheckpointUnusable(f"`criu check` failed: {said[-1] if said else 'no output'}")
+            raise CheckpointUnusable(criu_line)
     except CheckpointUnusable as e:
         return False, lines + [f"the checkpoint would not be used here: {e}; a start would serve vLLM started"
                                " normally (compile caches reused)"]
     gpus = f", {len(here.gpus)} x {here.gpus[0].name}, driver {here.driver}" if here.gpus else ""
-    return True, lines + [f"`criu check`: {said[0] if said else 'passed'}",
-                          f"the checkpoint would be restored here (this container: {here.kind}{gpus},"
+    return True, lines + [f"the checkpoint would be restored here (this container: {here.kind}{gpus},"
                           f" {restore.cpu_count_text(here.cpus or 0)}; baked: {m.device.kind})"]
