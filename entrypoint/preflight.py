@@ -37,14 +37,18 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
     try:
         if not layout.manifest.exists():
             raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
-        m = manifest.read(layout.manifest)
+        try:
+            m = manifest.read(layout.manifest)
+        except OSError as e:  # a start says the same and serves normally
+            raise CheckpointUnusable(f"cannot read {layout.manifest}: {e.strerror}") from None
         if runenv.value("FV_RESTORE") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         here = restore.check_compatible(m, layout, run_args)
         if r.returncode != 0:
             raise CheckpointUnusable(criu_line)
-    except CheckpointUnusable as e:
-        return False, lines + [f"the checkpoint would not be used here: {e}; a start would serve vLLM started"
+    except Exception as e:  # noqa: BLE001 - a start ends any failure here in the normal start too
+        why = str(e) if isinstance(e, CheckpointUnusable) else f"{type(e).__name__}: {e}"
+        return False, lines + [f"the checkpoint would not be used here: {why}; a start would serve vLLM started"
                                " normally (compile caches reused)"]
     gpus = f", {len(here.gpus)} x {here.gpus[0].name}, driver {here.driver}" if here.gpus else ""
     return True, lines + [f"the checkpoint would be restored here (this container: {here.kind}{gpus},"

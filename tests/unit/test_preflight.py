@@ -1,0 +1,44 @@
+"""`fvboot check`'s verdict where there is nothing to restore or the manifest cannot be read: one
+line each, never a traceback. `criu check` is stood in for (it needs CRIU's rights, which the e2e
+test `test_restore.py::test_check_says_whether_a_start_here_would_restore_and_why_not` has)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from fvboot import preflight
+from fvboot.layout import Layout
+
+
+@pytest.fixture(autouse=True)
+def criu_looks_good(monkeypatch):
+    monkeypatch.setattr(preflight, "criu_check", lambda: subprocess.CompletedProcess(["criu"], 0, "Looks good.\n", ""))
+
+
+def test_an_image_without_a_checkpoint_says_so(tmp_path):
+    usable, lines = preflight.check(Layout(tmp_path), [])
+    assert not usable
+    assert lines[-2] == "`criu check`: Looks good."
+    assert lines[-1].startswith(f"the checkpoint would not be used here: no checkpoint in this image ({tmp_path}")
+
+
+def test_a_manifest_that_cannot_be_read_is_one_line(tmp_path):
+    layout = Layout(tmp_path)
+    layout.manifest.mkdir(parents=True)  # a folder where the manifest should be
+    usable, lines = preflight.check(layout, [])
+    assert not usable and lines[-1].startswith(f"the checkpoint would not be used here: cannot read {layout.manifest}")
+
+
+def test_a_bad_setting_ends_the_check_as_it_would_end_a_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("FV_WEIGHT_CHECK", "bogus")
+    usable, lines = preflight.check(Layout(tmp_path), [])
+    assert not usable and lines == ["a start would end at once: FV_WEIGHT_CHECK='bogus': expected inline or overlap"]
+
+
+def test_a_failed_criu_check_is_said_in_an_image_without_a_checkpoint_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(preflight, "criu_check",
+                        lambda: subprocess.CompletedProcess(["criu"], 1, "", "Error: no ptrace\nsomething failed\n"))
+    usable, lines = preflight.check(Layout(tmp_path), [])
+    assert not usable and "`criu check` failed: something failed" in lines
