@@ -83,12 +83,13 @@ def _fill(model: str, dest: Path, token_file: Optional[Path], imported: Path = I
         raise BakeFailed(download_problem(model, e, token_given=token is not None)) from None
     finally:
         token = None
-    shutil.rmtree(dest / ".cache" / "huggingface", ignore_errors=True)  # the client's own notes on the download
+    shutil.rmtree(dest / ".cache" / "huggingface", ignore_errors=True)  # the client's notes on the download
     with contextlib.suppress(OSError):
         (dest / ".cache").rmdir()  # left only where it is now empty
     if not (dest / "config.json").exists():
         raise BakeFailed(f"{model} on the Hugging Face Hub has no config.json: not a model vLLM serves from its"
-                         f" Transformers files (a GGUF-only repo?); give a folder that has them: --model /path/to/model")
+                         f" Transformers files (a GGUF-only repo?); give a folder that has them:"
+                         f" --model /path/to/model")
     if not any(dest.glob("*.safetensors")) and not any(dest.glob("*.bin")):
         raise BakeFailed(f"{model} on the Hugging Face Hub has no weights in *.safetensors or *.bin files;"
                          f" give a folder that has them: --model /path/to/model")
@@ -100,6 +101,11 @@ def _fill(model: str, dest: Path, token_file: Optional[Path], imported: Path = I
 DOWNLOADED = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
+# What says the bake could not reach the Hub at all (class names of the errors under the client's)
+UNREACHABLE = {"ConnectError", "ConnectionError", "ConnectTimeout", "Timeout", "TimeoutException",
+               "OfflineModeIsEnabled", "LocalEntryNotFoundError", "gaierror"}
+
+
 def download_problem(model: str, error: BaseException, token_given: bool) -> str:
     """What went wrong with the Hugging Face download of MODEL, and what to do, from ERROR and the
     errors under it (huggingface_hub wraps a failed request in LocalEntryNotFoundError). Read by
@@ -109,25 +115,26 @@ def download_problem(model: str, error: BaseException, token_given: bool) -> str
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     names = {c.__name__ for e in chain for c in type(e).__mro__}
-    status = next((code for e in chain if isinstance(code := getattr(getattr(e, "response", None), "status_code", None), int)),
-                  None)
+    codes = (getattr(getattr(e, "response", None), "status_code", None) for e in chain)
+    status = next((code for code in codes if isinstance(code, int)), None)
     token = "the token given" if token_given else "no token (none was given: set HF_TOKEN, or --hf-token-env NAME)"
     if "GatedRepoError" in names:
         return (f"{model} is gated on the Hugging Face Hub: accept its terms on https://huggingface.co/{model}"
                 f" with the account whose token the build gets; it got {token}")
     if "RepositoryNotFoundError" in names:
-        return (f"{model} is not a model on the Hugging Face Hub that {token} can read: check its name (ORG/NAME),"
-                f" give a token that can read a private one, or give a local folder: --model /path/to/model")
+        return (f"{model} is not a model on the Hugging Face Hub that {token} can read: check its name"
+                f" (ORG/NAME), give a token that can read a private one, or give a local folder:"
+                f" --model /path/to/model")
     if status == 401:
-        return (f"the Hugging Face Hub refused {token} for {model} (401 Unauthorized): an invalid or expired token;"
-                f" make one at https://huggingface.co/settings/tokens")
+        return (f"the Hugging Face Hub refused {token} for {model} (401 Unauthorized): an invalid or expired"
+                f" token; make one at https://huggingface.co/settings/tokens")
     if status is not None:
-        return f"the Hugging Face Hub answered {status} for {model}: {_first_line(error)}; try again, or give a local folder"
-    if names & {"ConnectError", "ConnectionError", "ConnectTimeout", "Timeout", "TimeoutException", "OfflineModeIsEnabled",
-                "LocalEntryNotFoundError", "gaierror"}:
-        return (f"the bake cannot reach the Hugging Face Hub to download {model} ({_first_line(chain[-1])}): build where"
-                f" the bake container has a network (fvbuild image --network host, where Docker's bridge has none),"
-                f" or download the model and give its folder: --model /path/to/model")
+        return (f"the Hugging Face Hub answered {status} for {model}: {_first_line(error)}; try again, or give"
+                " a local folder")
+    if names & UNREACHABLE:
+        return (f"the bake cannot reach the Hugging Face Hub to download {model} ({_first_line(chain[-1])}): build"
+                f" where the bake container has a network (fvbuild image --network host, where Docker's bridge has"
+                f" none), or download the model and give its folder: --model /path/to/model")
     return f"cannot download {model}: {type(error).__name__}: {_first_line(error)}"
 
 
