@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from . import (__version__, capabilities, criu, cuda_checkpoint_service, manifest, ports, runenv, sockets,
+from . import (__version__, capabilities, criu, cuda_checkpoint_service, errors, manifest, ports, runenv, sockets,
                zeropages)
 from .capabilities import RUN_WITH
 from .control import ServerControl
@@ -212,7 +212,7 @@ def step_failed(step: str, e: Exception, tree: ServedTree) -> FvBootError:
         return e  # the start itself: its message already says it
     if not tree.alive():
         return BakeFailed(f"the vLLM server exited during the bake's {step} (its log above says why)")
-    text = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
+    text = errors.reason(e)
     if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text:
         return BakeFailed(f"the bake's {step} failed: no space left on device (the weight dump and the "
                           "checkpoint, about twice the model's size, are written under /fv): free space "

@@ -5,6 +5,12 @@ class FvBootError(Exception):
     """Anything fvboot reports to the operator."""
 
 
+def reason(e: BaseException) -> str:
+    """E in one line for the operator: fvboot's own errors by their message (written to be read),
+    anything else with its type (a bare "[Errno 21] Is a directory" says too little)."""
+    return str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
+
+
 class BakeFailed(FvBootError):
     """The bake could not finish; no checkpoint was written."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from . import manifest, restore, runenv
+from . import errors, restore, runenv
 from .bake import criu_check
 from .errors import CheckpointUnusable
 from .launcher import take_api_key_arg
@@ -35,11 +35,9 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
         f"`criu check` failed: {said[-1] if said else 'no output'}"
     lines.append(criu_line)
     try:
-        if not layout.manifest.exists():
-            raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
         try:
-            m = manifest.read(layout.manifest)
-        except OSError as e:  # a start says the same and serves normally
+            m = restore.read_checkpoint_manifest(layout)
+        except OSError as e:  # a start ends it in the normal start too
             raise CheckpointUnusable(f"cannot read {layout.manifest}: {e.strerror}") from None
         if runenv.value("FV_RESTORE") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
@@ -47,9 +45,8 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
         if r.returncode != 0:
             raise CheckpointUnusable(criu_line)
     except Exception as e:  # noqa: BLE001 - a start ends any failure here in the normal start too
-        why = str(e) if isinstance(e, CheckpointUnusable) else f"{type(e).__name__}: {e}"
-        return False, lines + [f"the checkpoint would not be used here: {why}; a start would serve vLLM started"
-                               " normally (compile caches reused)"]
+        return False, lines + [f"the checkpoint would not be used here: {errors.reason(e)}; a start would serve"
+                               " vLLM started normally (compile caches reused)"]
     gpus = f", {len(here.gpus)} x {here.gpus[0].name}, driver {here.driver}" if here.gpus else ""
     return True, lines + [f"the checkpoint would be restored here (this container: {here.kind}{gpus},"
                           f" {restore.cpu_count_text(here.cpus or 0)}; baked: {m.device.kind})"]

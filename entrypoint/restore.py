@@ -39,6 +39,14 @@ from .weight_stager import Stager
 PROBE_LOGPROB_TOL = 1e-3
 
 
+def read_checkpoint_manifest(layout: Layout) -> Manifest:
+    """This image's manifest, read and valid; CheckpointUnusable where the image has none (a
+    ManifestInvalid, one, naming the field, where it cannot be read as one)."""
+    if not layout.manifest.exists():
+        raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
+    return manifest.read(layout.manifest)
+
+
 def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
                      devices: Optional[DeviceLookup] = None) -> Device:
     """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here; return this

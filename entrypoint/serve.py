@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Optional
 
-from . import criu, cuda_checkpoint_service, exitnoise, manifest, restore, runenv, weight_stager
+from . import criu, cuda_checkpoint_service, errors, exitnoise, restore, runenv, weight_stager
 from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
@@ -145,9 +145,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
     kernel_facts = None  # our own `criu check`, beside the checks: not a leftover of a restore
     stop_reading = threading.Event()
     try:
-        if not layout.manifest.exists():
-            raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
-        m = manifest.read(layout.manifest)  # ManifestInvalid (a CheckpointUnusable) with the field
+        m = restore.read_checkpoint_manifest(layout)
         tl.mark("manifest read")
         if runenv.value("FV_RESTORE") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
@@ -187,7 +185,7 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
         stop_reading.set()  # the normal start must not share the disk with reads nobody needs
         # let it end (~60 ms, bounded): killed, its own children would be orphans called left
         criu.wait_kernel_facts(kernel_facts, timeout=criu.KDAT_WARM_WAIT_S)
-        reason = str(e) if isinstance(e, FvBootError) else f"{type(e).__name__}: {e}"
+        reason = errors.reason(e)
         if check is not None and check.problem and check.problem not in reason:
             reason = f"{check.problem} ({reason})"  # a damaged image explains what CRIU made of it
         killed = oom.since() if oom is not None else None

@@ -1,7 +1,7 @@
 """FV_GRAPH_POOL=sleep: vLLM's CUDA graphs captured into memory of its CuMemAllocator, which
 sleeps with the engine. The setting is checked before the bake starts vLLM; the hook acts only
-where asked, in an engine on CUDA in sleep mode (vLLM's platform and config stood in for: vLLM
-cannot run in CPU CI); on a GPU, a graph captured into that pool replays the same bytes after
+where asked, in an engine on CUDA in sleep mode (vLLM's CUDA platform and config stood in for:
+CPU CI runs vLLM's CPU build, which has neither); on a GPU, a graph captured into that pool replays the same bytes after
 the pool slept and woke under its tag (the real allocator and driver)."""
 
 from __future__ import annotations
