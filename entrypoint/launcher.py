@@ -240,6 +240,36 @@ def apply_load_settings(settings: dict[str, str], env: Optional[dict] = None) ->
             env.pop(k, None)
 
 
+MODEL_ARG = "--model"
+
+
+def take_model_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
+    """ARGS without the model they name, and that model (None if they name none): a first argument
+    that is not an option, as vLLM's own image is called (`docker run vllm/vllm-openai MODEL
+    ...`: its entrypoint is `vllm serve`), or `--model NAME` / `--model=NAME` (the last one).
+    After the baked command it would be a second model, and vLLM would stop at "unrecognized
+    arguments" (restore.check_model_arg says whether it is the baked one). ValueError for
+    `--model` without a value."""
+    rest: list[str] = []
+    model: Optional[str] = None
+    if args and not args[0].startswith("-"):
+        model, args = args[0], args[1:]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == MODEL_ARG:
+            if i + 1 >= len(args) or args[i + 1].startswith("-"):
+                raise ValueError("--model needs a value (and this image serves the model it was baked with:"
+                                 " leave it out)")
+            model, i = args[i + 1], i + 2
+        elif a.startswith(MODEL_ARG + "="):
+            model, i = a[len(MODEL_ARG) + 1:], i + 1
+        else:
+            rest.append(a)
+            i += 1
+    return rest, model
+
+
 API_KEY_ENVS = ("FV_API_KEY", "VLLM_API_KEY")  # docker run -e ...: clients must send it
 API_KEY_ARG = "--api-key"  # docker run IMAGE --api-key KEY, as with vLLM's own image
 

@@ -12,8 +12,8 @@ import os
 
 from . import errors, restore, runenv
 from .bake import criu_check
-from .errors import CheckpointUnusable
-from .launcher import take_api_key_arg
+from .errors import CheckpointUnusable, FvBootError
+from .launcher import take_api_key_arg, take_model_arg
 from .layout import Layout
 
 
@@ -27,7 +27,10 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
     lines = runenv.unknown(os.environ)
     try:
         run_args, _ = take_api_key_arg(run_args)
-    except ValueError as e:
+        run_args, model_arg = take_model_arg(run_args)
+        if model_arg is not None:
+            lines.append(restore.check_model_arg(layout, model_arg))
+    except (ValueError, FvBootError) as e:
         return False, lines + [f"a start would end at once: {e}"]
     r = criu_check()
     said = (r.stdout + r.stderr).strip().splitlines()

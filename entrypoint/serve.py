@@ -26,7 +26,8 @@ from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, FvBootError, ServerDied, Stopped
 from .launcher import (Pipes, ServedTree, add_runtime_info, api_key_line, arg_value, args_from_env, runtime_settings,
-                       server_env, server_port, shown_args, take_api_key_arg, vllm_command, write_runtime_settings)
+                       server_env, server_port, shown_args, take_api_key_arg, take_model_arg, vllm_command,
+                       write_runtime_settings)
 from .layout import Layout
 from .manifest import Manifest
 from .oom import OomWatch
@@ -91,9 +92,12 @@ def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] =
         log(line)
     try:
         run_args, key_arg = take_api_key_arg(run_args)  # the middleware's to ask for, not vLLM's
+        run_args, model_arg = take_model_arg(run_args)  # vLLM's image is called with its model
         settings = runtime_settings(api_key_arg=key_arg)
     except ValueError as e:
         raise FvBootError(str(e)) from None
+    if model_arg is not None:
+        log(restore.check_model_arg(layout, model_arg))
     log(api_key_line(dict(os.environ), key_arg))
     become_subreaper()
     try:

@@ -1407,6 +1407,31 @@ def test_arguments_given_at_docker_run_that_change_nothing_keep_the_restore(bake
     assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-3000:]
 
 
+def test_the_baked_model_named_as_vllms_image_is_called_keeps_the_restore_and_another_ends_at_once(
+        baked_image, manifest, port_free):
+    """`docker run IMAGE MODEL --max-model-len 512`, how vLLM's own image (entrypoint `vllm serve`)
+    is called: tried as an operator would (2026-12-05), the model counted as an argument the
+    bake did not have (no restore), and the normal start ended in vLLM's "unrecognized arguments:
+    MODEL"; `docker run IMAGE bash` the same. Now the baked model is served as baked, restored,
+    and any other name ends the start at once, saying what the arguments after the image are."""
+    from fvboot.launcher import arg_value
+
+    baked = manifest["vllm"]["command"]
+    same = [a for opt in ("--max-model-len",) if arg_value(baked, opt) for a in (opt, arg_value(baked, opt))]
+    with Container(baked_image, entry=["fvboot", manifest["model"]["served_name"], *same]) as c:
+        _wait_ready(container=c.id)
+        _assert_same_as_bake(manifest)
+        logs = c.logs()
+    assert "names the model this image was baked with: served as baked" in logs, logs[-3000:]
+    assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-3000:]
+    with Container(baked_image, entry=["fvboot", "bash", "-c", "echo hi"]) as c:
+        code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=120).stdout.strip()
+        logs = c.logs()
+    assert code == "1", logs[-3000:]
+    assert "fvboot: 'bash' was given as the model to serve, and this image serves only the one it was baked" in logs
+    assert "docker run --entrypoint PROGRAM IMAGE" in logs and "starting vLLM" not in logs, logs[-3000:]
+
+
 def test_a_bad_setting_ends_the_start_at_once_and_a_misspelt_one_is_said(baked_image, port_free):
     """Tried as an operator would (2026-12-05): FV_WEIGHT_CHECK=bogus cost the whole restore (a
     normal start), FV_START_TIMEOUT_S=soon was ignored until a normal start died on it, and

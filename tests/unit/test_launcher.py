@@ -119,6 +119,28 @@ def test_an_api_key_argument_without_a_value_says_how_to_give_one():
         take_api_key_arg(["--port", "9000", "--api-key"])
 
 
+@pytest.mark.parametrize("args, rest, model", [
+    (["meta-llama/Llama-3.2-3B-Instruct", "--max-model-len", "512"], ["--max-model-len", "512"],
+     "meta-llama/Llama-3.2-3B-Instruct"),  # docker run IMAGE MODEL ..., as vLLM's image is called
+    (["--port", "9000", "--model", "m"], ["--port", "9000"], "m"),
+    (["--model=m", "--max-model-len=512"], ["--max-model-len=512"], "m"),
+    (["bash", "-c", "echo hi"], ["-c", "echo hi"], "bash"),
+    (["--max-model-len", "512"], ["--max-model-len", "512"], None),  # a value after an option is not one
+    ([], [], None),
+])
+def test_a_model_named_in_the_runs_arguments_is_taken_out_of_them(args, rest, model):
+    from fvboot.launcher import take_model_arg
+
+    assert take_model_arg(args) == (rest, model)
+
+
+def test_a_model_option_without_a_value_is_refused():
+    from fvboot.launcher import take_model_arg
+
+    with pytest.raises(ValueError, match="--model needs a value"):
+        take_model_arg(["--model", "--port", "9000"])
+
+
 def test_the_runs_api_key_is_the_key_and_is_said_where_it_came_from():
     from fvboot.launcher import api_key_line, runtime_settings
 

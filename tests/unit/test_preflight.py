@@ -42,3 +42,8 @@ def test_a_failed_criu_check_is_said_in_an_image_without_a_checkpoint_too(tmp_pa
                         lambda: subprocess.CompletedProcess(["criu"], 1, "", "Error: no ptrace\nsomething failed\n"))
     usable, lines = preflight.check(Layout(tmp_path), [])
     assert not usable and "`criu check` failed: something failed" in lines
+
+
+def test_a_model_argument_that_is_not_the_baked_model_ends_the_check_as_it_would_end_a_start(tmp_path):
+    usable, lines = preflight.check(Layout(tmp_path), ["bash"])
+    assert not usable and lines[-1].startswith("a start would end at once: 'bash' was given as the model to serve")
