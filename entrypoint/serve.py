@@ -308,7 +308,14 @@ def _supervise(tree, oom: Optional[OomWatch] = None) -> int:
             code = os.waitstatus_to_exitcode(status)
             break
     quiet = exitnoise.dropped()
-    killed = oom.since() if oom is not None and not exitnoise.stopping.is_set() else None
+    stopped = exitnoise.stopping.is_set()
+    killed = oom.since() if oom is not None and not stopped else None
     log(f"vLLM exited with code {code}" + (f" ({quiet} lines of its libraries' exit warnings not shown)"
                                            if quiet else "") + (f": {killed}" if killed else ""))
+    if code == 0 and not stopped:
+        # vLLM's API server shuts down cleanly, exit 0, when its engine dies (found by hand,
+        # 2026-12-05: a worker killed): a container that ends so must not read as a job done
+        log("the server ended while serving, unasked (its log above says why): exit 1, so that a restart"
+            " policy (on-failure, a pod's) starts the container again")
+        return 1
     return code & 0xFF if code >= 0 else 128 - code

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -656,6 +657,25 @@ def test_docker_restart_restores_the_same_container_again(baked_image, manifest,
         logs = c.logs()
     assert logs.count("restored from checkpoint") == 2, logs[-4000:]
     assert "checkpoint not used" not in logs, logs[-4000:]
+
+
+def test_a_restored_server_whose_engine_dies_ends_the_container_with_a_failure(baked_image, manifest, port_free):
+    """The engine process of a restored server killed (a crash, the OOM killer): vLLM's API
+    server then shuts down cleanly and exits 0, and the container ended "Exited (0)" (found by
+    hand, 2026-12-05), which a restart policy of `on-failure` takes for a job done. It ends with
+    1 now, saying why."""
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        top = subprocess.run(["docker", "top", c.id, "-eo", "pid,comm"], capture_output=True, text=True,
+                             check=True).stdout.splitlines()[1:]
+        engines = [int(pid) for pid, comm in (line.split(None, 1) for line in top) if comm.startswith("VLLM::EngineCor")]
+        assert len(engines) == 1, top
+        os.kill(engines[0], signal.SIGKILL)
+        code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=180).stdout.strip()
+        logs = c.logs()
+    assert "restored from checkpoint" in logs, logs[-3000:]
+    assert code == "1", logs[-3000:]
+    assert "fvboot: the server ended while serving, unasked (its log above says why): exit 1" in logs, logs[-3000:]
 
 
 def test_criu_reads_memory_into_huge_pages_when_asked(baked_image, manifest, port_free):
