@@ -8,30 +8,22 @@ restores nothing, so an operator can try a node before a rollout:
 
 from __future__ import annotations
 
-import os
-
 from . import errors, restore, runenv
 from .bake import criu_check
 from .errors import CheckpointUnusable, FvBootError
-from .launcher import take_api_key_arg, take_model_arg
 from .layout import Layout
+from .start_inputs import read_start_inputs
 
 
 def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
     """(whether a start would restore the checkpoint, the lines that say so and why): fvboot's
     settings, then `criu check` (said in any image, a checkpoint in it or not), then the
     checkpoint against this container and machine, as a start meets them."""
-    bad = runenv.problems(os.environ)
-    if bad:
-        return False, [f"a start would end at once: {'; '.join(bad)}"]
-    lines = runenv.unknown(os.environ)
     try:
-        run_args, _ = take_api_key_arg(run_args)
-        run_args, model_arg = take_model_arg(run_args)
-        if model_arg is not None:
-            lines.append(restore.check_model_arg(layout, model_arg))
-    except (ValueError, FvBootError) as e:
-        return False, lines + [f"a start would end at once: {e}"]
+        inputs = read_start_inputs(layout, run_args)
+    except FvBootError as e:
+        return False, [f"a start would end at once: {e}"]
+    run_args, lines = inputs.run_args, list(inputs.notes)
     r = criu_check()
     said = (r.stdout + r.stderr).strip().splitlines()
     criu_line = f"`criu check`: {said[0] if said else 'passed'}" if r.returncode == 0 else \

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 from . import capabilities, control, criu, manifest, pagecheck, pids, ports, runenv, sockets
 from .control import ServerControl
 from .devices import DeviceLookup
-from .errors import CheckpointUnusable, FvBootError, ServerError
+from .errors import CheckpointUnusable, ServerError
 from .launcher import (Pipes, adds_nothing, arg_value, args_from_env, library_settings, load_settings, shown_args,
                        vllm_settings, vllm_settings_changed, write_runtime_settings)
 from .layout import Layout
@@ -45,26 +45,6 @@ def read_checkpoint_manifest(layout: Layout) -> Manifest:
     if not layout.manifest.exists():
         raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
     return manifest.read(layout.manifest)
-
-
-def check_model_arg(layout: Layout, given: str) -> str:
-    """The line to say where GIVEN, the model a run named (launcher.take_model_arg: `docker run
-    IMAGE MODEL`, `--model MODEL`), is the one this image serves: its served name, the model it
-    was built from, or its folder here; the start then goes on without it. FvBootError where it
-    names another: no start of this image could serve it (vLLM would end at "unrecognized
-    arguments"), and a program's name there (`docker run IMAGE bash`) meant --entrypoint."""
-    names = [str(layout.model_dir)]
-    try:
-        m = read_checkpoint_manifest(layout)
-        names = [n for n in (m.model.served_name, m.model.source, m.model.path) if n] + names
-    except (CheckpointUnusable, OSError):  # the start's own reading of it says why
-        pass
-    if given.rstrip("/") in {n.rstrip("/") for n in names}:
-        return f"{given!r} names the model this image was baked with: served as baked"
-    raise FvBootError(f"{given!r} was given as the model to serve, and this image serves only the one it was baked"
-                      f" with ({names[0]!r}): the arguments after the image are vLLM options (docker run IMAGE"
-                      " --max-model-len 4096); another model needs an image of its own (fvbuild image --model"
-                      " NAME); a shell or another program: docker run --entrypoint PROGRAM IMAGE")
 
 
 def check_compatible(m: Manifest, layout: Layout, run_args: list[str],

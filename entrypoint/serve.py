@@ -25,9 +25,8 @@ from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, FvBootError, ServerDied, Stopped
-from .launcher import (Pipes, ServedTree, add_runtime_info, api_key_line, arg_value, args_from_env, runtime_settings,
-                       server_env, server_port, shown_args, take_api_key_arg, take_model_arg, vllm_command,
-                       write_runtime_settings)
+from .launcher import (Pipes, ServedTree, add_runtime_info, arg_value, args_from_env, server_env, server_port,
+                       shown_args, vllm_command, write_runtime_settings)
 from .layout import Layout
 from .manifest import Manifest
 from .oom import OomWatch
@@ -36,6 +35,7 @@ from .ports import check_serving_port
 from .pagecheck import PageCheck
 from .prefetch import prefetch
 from .restore import RestoredTree
+from .start_inputs import read_start_inputs
 from .timeline import Timeline
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -85,20 +85,10 @@ def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] =
     signal.signal(signal.SIGINT, _raise_stopped)
     tl = Timeline("serve")
     tl.mark("fvboot running")  # after Python's start-up and fvboot's imports
-    bad = runenv.problems(os.environ)
-    if bad:  # a typo must not cost the restore, nor be ignored
-        raise FvBootError("; ".join(bad))
-    for line in runenv.unknown(os.environ):
+    inputs = read_start_inputs(layout, run_args)
+    for line in inputs.notes:
         log(line)
-    try:
-        run_args, key_arg = take_api_key_arg(run_args)  # the middleware's to ask for, not vLLM's
-        run_args, model_arg = take_model_arg(run_args)  # vLLM's image is called with its model
-        settings = runtime_settings(api_key_arg=key_arg)
-    except ValueError as e:
-        raise FvBootError(str(e)) from None
-    if model_arg is not None:
-        log(restore.check_model_arg(layout, model_arg))
-    log(api_key_line(dict(os.environ), key_arg))
+    run_args, settings = inputs.run_args, inputs.settings
     become_subreaper()
     try:
         layout.run_dir.mkdir(parents=True, exist_ok=True)

@@ -47,3 +47,11 @@ def test_a_failed_criu_check_is_said_in_an_image_without_a_checkpoint_too(tmp_pa
 def test_a_model_argument_that_is_not_the_baked_model_ends_the_check_as_it_would_end_a_start(tmp_path):
     usable, lines = preflight.check(Layout(tmp_path), ["bash"])
     assert not usable and lines[-1].startswith("a start would end at once: 'bash' was given as the model to serve")
+
+
+def test_two_different_api_keys_end_the_check_as_they_would_end_a_start(tmp_path, monkeypatch):
+    """`fvboot check` read the run's settings with steps of its own and did not look at the keys."""
+    monkeypatch.setenv("FV_API_KEY", "a")
+    usable, lines = preflight.check(Layout(tmp_path), ["--api-key", "b"])
+    assert not usable and lines == ["a start would end at once: FV_API_KEY and --api-key are both set, to different keys;"
+                                    " set one of them"]

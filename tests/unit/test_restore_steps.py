@@ -5,15 +5,13 @@ timeline, and on a failure the restored tree killed and no later step run (the g
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 import types
 
 import pytest
 
 from fvboot import devices, manifest, restore
-from fvboot.errors import CheckpointUnusable, FvBootError, ServerError
+from fvboot.errors import CheckpointUnusable, ServerError
 from fvboot.layout import Layout
 from fvboot.restore import check_compatible, gpu_device_map, same_answers
 from fvboot.timeline import Timeline
@@ -114,25 +112,6 @@ def _manifest(tmp_path, device):
         vllm=manifest.Vllm(("--max-model-len", "512"), ("vllm", "--max-model-len", "512"), 8000),
         device=manifest.Device.from_json(device), pipes=manifest.Pipes("pipe:[1]", "pipe:[2]"),
         files=manifest.describe_files(tmp_path, [layout.checkpoint_dir]), probe=())
-
-
-def test_a_model_the_run_names_is_the_baked_one_or_the_start_ends_at_once(tmp_path):
-    """`docker run IMAGE MODEL` (vLLM's image's convention) with the model the image was built
-    from, its served name or its folder goes on; any other, `bash` among them, ends the start
-    before anything runs: given to vLLM it was "unrecognized arguments" after a lost restore
-    (tried as an operator would, 2026-12-05)."""
-    from fvboot.restore import check_model_arg
-
-    layout, m = _manifest(tmp_path, {"kind": "cpu"})
-    m = dataclasses.replace(m, model=manifest.Model("llama", "meta-llama/Llama-3.2-3B-Instruct", "/fv/model"))
-    layout.manifest.write_text(json.dumps(m.to_json()))
-    for given in ("llama", "meta-llama/Llama-3.2-3B-Instruct", "/fv/model/", str(layout.model_dir)):
-        assert check_model_arg(layout, given) == f"{given!r} names the model this image was baked with: served as baked"
-    for given in ("bash", "Qwen/Qwen3-8B"):
-        with pytest.raises(FvBootError, match=rf"^'{re.escape(given)}' was given as the model to serve, and this image"
-                           r" serves only the one it was baked with \('llama'\): the arguments after the image are"
-                           r" vLLM options .*another model needs an image of its own .*docker run --entrypoint PROGRAM"):
-            check_model_arg(layout, given)
 
 
 def test_a_user_other_than_root_is_refused_before_criu_runs(tmp_path, monkeypatch):

@@ -1,0 +1,62 @@
+"""What a start is given (fvboot's settings, the run's arguments), read alike by `fvboot serve`
+and `fvboot check`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from fvboot import manifest
+from fvboot.errors import FvBootError
+from fvboot.layout import Layout
+from fvboot.start_inputs import check_model_arg, read_start_inputs
+
+
+def _baked(tmp_path) -> Layout:
+    """A home whose manifest serves `llama`, built from meta-llama/Llama-3.2-3B-Instruct."""
+    layout = Layout(tmp_path)
+    layout.images_dir.mkdir(parents=True)
+    m = manifest.Manifest(
+        model=manifest.Model("llama", "meta-llama/Llama-3.2-3B-Instruct", "/fv/model"),
+        vllm=manifest.Vllm(("--max-model-len", "512"), ("vllm", "--max-model-len", "512"), 8000),
+        device=manifest.Device.from_json({"kind": "cpu"}), pipes=manifest.Pipes("pipe:[1]", "pipe:[2]"),
+        files=(), probe=())
+    layout.manifest.write_text(json.dumps(m.to_json()))
+    return layout
+
+
+def test_a_model_the_run_names_is_the_baked_one_or_the_start_ends_at_once(tmp_path):
+    """`docker run IMAGE MODEL` (vLLM's image's convention) with the model the image was built
+    from, its served name or its folder goes on; any other, `bash` among them, ends the start
+    before anything runs: given to vLLM it was "unrecognized arguments" after a lost restore
+    (tried as an operator would, 2026-12-05)."""
+    layout = _baked(tmp_path)
+    for given in ("llama", "meta-llama/Llama-3.2-3B-Instruct", "/fv/model/", str(layout.model_dir)):
+        assert check_model_arg(layout, given) == f"{given!r} names the model this image was baked with: served as baked"
+    for given in ("bash", "Qwen/Qwen3-8B"):
+        with pytest.raises(FvBootError, match=rf"^'{re.escape(given)}' was given as the model to serve, and this image"
+                           r" serves only the one it was baked with \('llama'\): the arguments after the image are"
+                           r" vLLM options .*another model needs an image of its own .*docker run --entrypoint PROGRAM"):
+            check_model_arg(layout, given)
+
+
+def test_the_runs_arguments_lose_the_key_and_the_baked_model_and_each_is_said(tmp_path):
+    inputs = read_start_inputs(_baked(tmp_path), ["llama", "--api-key", "k", "--max-model-len", "512"],
+                               {"FV_RESTOR": "0"})
+    assert inputs.run_args == ["--max-model-len", "512"] and inputs.settings["api_key"] == "k"
+    assert inputs.notes[0].startswith("FV_RESTOR is not a setting of fvboot (did you mean FV_RESTORE?)")
+    assert inputs.notes[1] == "'llama' names the model this image was baked with: served as baked"
+    assert "given as --api-key" in inputs.notes[2]
+
+
+@pytest.mark.parametrize("argv, env, said", [
+    ([], {"FV_WEIGHT_CHECK": "bogus"}, "FV_WEIGHT_CHECK='bogus': expected inline or overlap"),
+    (["--api-key"], {}, "--api-key needs a value"),
+    (["--model"], {}, "--model needs a value"),
+    (["bash"], {}, "'bash' was given as the model to serve"),
+])
+def test_what_ends_a_start_at_once_is_one_error(tmp_path, argv, env, said):
+    with pytest.raises(FvBootError, match=re.escape(said)):
+        read_start_inputs(_baked(tmp_path), argv, env)
