@@ -240,9 +240,7 @@ class BuildOptions(CriuOptions):
     def model_folder(self) -> Optional[ModelFolder]:
         """The local model folder the bake mounts, or None (synthetic, or a repo to download);
         walked once (the validator walked it to check its links)."""
-        if self.model.startswith(SYNTHETIC_PREFIX) or not Path(self.model).is_dir():
-            return None
-        return ModelFolder.of(Path(self.model))
+        return ModelFolder.of(Path(self.model)) if model_source(self.model) == "folder" else None
 
     @field_validator("served_model_name")
     @classmethod
@@ -389,8 +387,7 @@ class BuildOptions(CriuOptions):
             raise ValueError("--gpu-access/--nvidia-driver-dir apply to --device cuda only")
         if self.nvidia_driver_dir is not None and self.gpu_access is GpuAccess.toolkit:
             raise ValueError("--nvidia-driver-dir is for --gpu-access devices (the toolkit mounts the driver itself)")
-        downloads = not self.model.startswith(SYNTHETIC_PREFIX) and not Path(self.model).is_dir()
-        if downloads and "hf_token_env" in set_fields and not os.environ.get(self.hf_token_env):
+        if model_source(self.model) == "hub" and "hf_token_env" in set_fields and not os.environ.get(self.hf_token_env):
             raise ValueError(f"--hf-token-env {self.hf_token_env}: {self.hf_token_env} is not set in fvbuild's"
                              f" environment: export it, or leave --hf-token-env out for a model that needs no token")
         return self
@@ -405,6 +402,14 @@ class BuildOptions(CriuOptions):
 
 
 SYNTHETIC_PREFIX = "synthetic:"
+
+
+def model_source(model: str) -> str:
+    """Where the bake gets a valid --model: "synthetic" (fvboot makes it), "folder" (mounted from
+    this machine) or "hub" (downloaded in the bake container)."""
+    if model.startswith(SYNTHETIC_PREFIX):
+        return "synthetic"
+    return "folder" if Path(model).is_dir() else "hub"
 # A Hugging Face repo id as the Hub takes it: NAME or ORG/NAME, letters, digits, '-', '_', '.', not
 # starting or ending with '-' or '.', at most 96 characters (huggingface_hub's validate_repo_id)
 HF_REPO_ID = re.compile(r"(?=.{1,96}$)(?![-.])[\w.-]*[\w](/(?![-.])[\w.-]*[\w])?")
