@@ -1113,7 +1113,7 @@ def test_prompts_the_probe_never_asks_are_answered_as_a_normal_start_answers_the
         normal = _unprobed_answers(manifest)
         logs = c.logs()
     assert "FV_RESTORE=0 asks for a normal start" in _fallback_line(logs)
-    assert len(restored) == len(normal) >= 7
+    assert len(restored) == len(normal) >= (7 if e2e_device() == "cpu" else 6)  # sampling asked on a CPU only
     for got, want in zip(restored, normal):
         assert got["text"] == want["text"], (got, want)
         assert len(got["logprobs"]) == len(want["logprobs"]) > 0, (got, want)
