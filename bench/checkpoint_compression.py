@@ -12,7 +12,7 @@ have to store them to decompress them on every core, and times what a start woul
 
     python3 bench/checkpoint_compression.py IMAGE [--json OUT] [--frame-mib 16] [--rounds 3]
 
-Needs Docker and the Python packages zstandard and lz4 (GPU CI carries their wheels in
+Needs Docker and the Python packages zstandard and lz4 (`pip install -e ".[bench]"`; GPU CI carries their wheels in
 .whl/bench); the codecs run in threads (both release the GIL)."""
 
 from __future__ import annotations
