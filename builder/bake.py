@@ -44,6 +44,8 @@ def bake_command(opts: BuildOptions) -> list[str]:
            "--warmup-requests", str(opts.warmup_requests)]
     if opts.served_model_name:
         cmd += ["--served-model-name", opts.served_model_name]
+    if opts.revision:
+        cmd += ["--revision", opts.revision]
     folder = opts.model_folder
     if folder is not None and folder.inside:  # mounted with what its links reach (model_folder.py)
         cmd += ["--model-dir", f"{IMPORT_PATH}/{folder.inside}"]

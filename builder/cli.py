@@ -28,6 +28,8 @@ def _options_params(f):
         click.option("--model", help="HF repo id, local model folder, or synthetic:NAME (e.g. synthetic:tiny)"),
         click.option("--served-model-name", help="the name clients ask for (default: --model as given; a local"
                      " folder's path is seldom what clients should send)"),
+        click.option("--revision", help="Hub models: the branch, tag or commit to download (default: main);"
+                     " the commit it was is recorded in the manifest"),
         click.option("--tag", help="image name[:tag] (default fast-vllm/<model>:<device>)"),
         click.option("--device", type=click.Choice(["cuda", "cpu"]), help="target (default cuda)"),
         click.option("--base-image", help="FROM image (default: vLLM's image for cuda, debian:bookworm for cpu)"),

@@ -172,6 +172,7 @@ RESERVED_VLLM_ARGS = {
     "--middleware": "fvboot sets it",
     "--enable-sleep-mode": "fvboot sets it",
     "--served-model-name": "use fvbuild's own --served-model-name (fvboot gives vLLM the name)",
+    "--revision": "use fvbuild's own --revision (the bake downloads that revision; vLLM serves the folder)",
     "--api-key": "pass the key at run time: docker run -e FV_API_KEY=... (or docker run IMAGE --api-key ...)",
     "--uds": "the restored server listens on --port",
 }
@@ -188,6 +189,8 @@ class BuildOptions(CriuOptions):
 
     model: str = Field(description="HF repo id, local model directory, or synthetic:NAME")
     served_model_name: Optional[str] = Field(None, description="the name clients ask for (default: model as given)")
+    revision: Optional[str] = Field(None, description="the Hub revision to download: a branch, tag or commit"
+                                    " (default: the repo's main branch); the commit it was is in the manifest")
     tag: Optional[str] = Field(None, description="image name:tag (default fast-vllm/<model>:<device>)")
     vllm_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments")
     port: int = Field(8000, ge=1, le=65535)
@@ -241,6 +244,15 @@ class BuildOptions(CriuOptions):
         """The local model folder the bake mounts, or None (synthetic, or a repo to download);
         walked once (the validator walked it to check its links)."""
         return ModelFolder.of(Path(self.model)) if model_source(self.model) == "folder" else None
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_is_plain(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            _plain_value(v)
+            if v.startswith("-") or len(v) > 255:
+                raise ValueError(f"{v!r} is not a branch, tag or commit")
+        return v
 
     @field_validator("served_model_name")
     @classmethod
@@ -387,6 +399,9 @@ class BuildOptions(CriuOptions):
             raise ValueError("--gpu-access/--nvidia-driver-dir apply to --device cuda only")
         if self.nvidia_driver_dir is not None and self.gpu_access is GpuAccess.toolkit:
             raise ValueError("--nvidia-driver-dir is for --gpu-access devices (the toolkit mounts the driver itself)")
+        if self.revision is not None and model_source(self.model) != "hub":
+            raise ValueError(f"--revision applies to a model the bake downloads from the Hugging Face Hub, and"
+                             f" {self.model} is {'a synthetic model' if model_source(self.model) == 'synthetic' else 'a folder on this machine'}")
         if model_source(self.model) == "hub" and "hf_token_env" in set_fields and not os.environ.get(self.hf_token_env):
             raise ValueError(f"--hf-token-env {self.hf_token_env}: {self.hf_token_env} is not set in fvbuild's"
                              f" environment: export it, or leave --hf-token-env out for a model that needs no token")

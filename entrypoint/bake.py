@@ -71,7 +71,8 @@ def save_dev_shm(dest: Path, leave_out: Path) -> None:
 
 def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: int,
          token_file: Optional[Path] = None, health_timeout: float = 1800,
-         model_dir: Optional[Path] = None, served_name: Optional[str] = None) -> manifest.Manifest:
+         model_dir: Optional[Path] = None, served_name: Optional[str] = None,
+         revision: Optional[str] = None) -> manifest.Manifest:
     tl = Timeline("bake")
     for d in (layout.weights_dir, layout.checkpoint_dir):
         shutil.rmtree(d, ignore_errors=True)
@@ -86,8 +87,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     bad = runenv.problems(os.environ)  # said before anything starts, not at the dump minutes later
     if bad:
         raise BakeFailed("; ".join(bad))
-    given_as = prepare_model(model, layout.model_dir, token_file, model_dir)
-    served_name = served_name or given_as
+    prepared = prepare_model(model, layout.model_dir, token_file, model_dir, revision)
+    served_name = served_name or prepared.name
     detach_build_inputs()
     tl.mark("model ready")
     dev = manifest.device_info()
@@ -177,7 +178,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     m = manifest.Manifest(
         fvboot_version=__version__,
         baked_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        model=manifest.Model(served_name=served_name, source=model, path=str(layout.model_dir)),
+        model=manifest.Model(served_name=served_name, source=model, path=str(layout.model_dir),
+                             revision=prepared.commit),
         vllm=manifest.Vllm(args=tuple(user_args), command=tuple(cmd), port=port, version=_vllm_version(),
                            env=vllm_settings(), library_env=library_settings()),
         runtime_file=str(layout.runtime_file),  # where the restored middleware looks

@@ -27,6 +27,7 @@ def _bake(argv: list[str]) -> int:
     p.add_argument("--warmup-requests", type=int, default=4)
     p.add_argument("--token-file", type=Path, help="file holding a model-download token (never stored)")
     p.add_argument("--served-model-name", help="the name clients ask for (default: --model as given)")
+    p.add_argument("--revision", help="a Hub model's branch, tag or commit to download (default: main)")
     p.add_argument("--model-dir", type=Path, help="where fvbuild mounted the model folder, when not at"
                    " /fv-import/model itself (the folder it mounted also holds what the model's links reach)")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: extra vllm serve arguments")
@@ -35,7 +36,7 @@ def _bake(argv: list[str]) -> int:
     check_tools()
     _own_mounts()
     bake(Layout.from_env(a.home), a.model, args, a.port, a.warmup_requests, a.token_file, model_dir=a.model_dir,
-         served_name=a.served_model_name)
+         served_name=a.served_model_name, revision=a.revision)
     return 0
 
 

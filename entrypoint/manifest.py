@@ -138,19 +138,22 @@ class Model:
     served_name: str
     source: Optional[str] = None
     path: Optional[str] = None
+    revision: Optional[str] = None  # the Hub commit downloaded (a model from the Hub only)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("served_name", "source", "path")
+    _KEYS = ("served_name", "source", "path", "revision")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "model") -> "Model":
         return cls(served_name=_get(d, where, "served_name", _is_str, "a string"),
                    source=_get(d, where, "source", _is_str, "a string", None),
                    path=_get(d, where, "path", _is_str, "a string", None),
+                   revision=_get(d, where, "revision", _is_str, "a string", None),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
-        return _some({**self.extra, "served_name": self.served_name}, source=self.source, path=self.path)
+        return _some({**self.extra, "served_name": self.served_name}, source=self.source, path=self.path,
+                     revision=self.revision)
 
 
 @dataclass(frozen=True)

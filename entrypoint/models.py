@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -36,13 +37,20 @@ def detach_build_inputs() -> list[str]:
     return gone
 
 
-def prepare_model(model: str, dest: Path, token_file: Optional[Path], model_dir: Optional[Path] = None) -> str:
+@dataclass(frozen=True)
+class PreparedModel:
+    name: str  # what clients ask for unless --served-model-name says otherwise: the model as given
+    commit: Optional[str] = None  # the Hub commit downloaded (a model from the Hub only)
+
+
+def prepare_model(model: str, dest: Path, token_file: Optional[Path], model_dir: Optional[Path] = None,
+                  revision: Optional[str] = None) -> PreparedModel:
     """Fill DEST, readable by every user (a container run with --user must be able to start
-    vLLM normally from it); return the name clients use in requests (the model as the user wrote it).
-    MODEL_DIR: where fvbuild mounted a local model folder, when not at IMPORT_DIR itself."""
-    name = _fill(model, dest, token_file, model_dir or IMPORT_DIR)
+    vLLM normally from it). MODEL_DIR: where fvbuild mounted a local model folder, when not at
+    IMPORT_DIR itself. REVISION: a Hub model's branch, tag or commit (default: its main branch)."""
+    commit = _fill(model, dest, token_file, model_dir or IMPORT_DIR, revision)
     readable_by_all(dest)
-    return name
+    return PreparedModel(model, commit)
 
 
 def readable_by_all(root: Path) -> None:
@@ -55,32 +63,36 @@ def readable_by_all(root: Path) -> None:
         path.chmod(mode | (0o555 if path.is_dir() else 0o444))
 
 
-def _fill(model: str, dest: Path, token_file: Optional[Path], imported: Path = IMPORT_DIR) -> str:
+def _fill(model: str, dest: Path, token_file: Optional[Path], imported: Path = IMPORT_DIR,
+          revision: Optional[str] = None) -> Optional[str]:
+    """Fill DEST with MODEL; the Hub commit downloaded, or None (not from the Hub)."""
     name = synthetic.parse_name(model)
     if (dest / "config.json").exists():
-        return model
+        return None
     if name is not None:
         synthetic.make_model(name, dest)
-        return model
+        return None
     local = Path(model)
     for candidate in (imported, local):
         if (candidate / "config.json").exists():
             shutil.copytree(candidate, dest, dirs_exist_ok=True)  # links followed: their files copied
-            return model
+            return None
     if local.is_absolute() or local.exists():  # a folder, not a repo id: say so, not a hub error
         raise BakeFailed(f"the model folder {model} holds no config.json that can be read here"
                          f" ({imported} is what fvbuild mounted; a link in it leads nowhere?)")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
     except ImportError:
         raise BakeFailed("huggingface_hub is not installed; cannot download " + model) from None
     token = token_file.read_text().strip() if token_file and token_file.exists() else None
     try:
-        snapshot_download(model, local_dir=str(dest), token=token, allow_patterns=DOWNLOADED)
+        # the commit REVISION (or main) is now, downloaded as such: the manifest says which one it was
+        commit = HfApi().model_info(model, revision=revision, token=token).sha or revision
+        snapshot_download(model, revision=commit, local_dir=str(dest), token=token, allow_patterns=DOWNLOADED)
         if not any(dest.glob("*.safetensors")):  # an older repo: PyTorch's files, which vLLM also loads
-            snapshot_download(model, local_dir=str(dest), token=token, allow_patterns=["*.bin"])
+            snapshot_download(model, revision=commit, local_dir=str(dest), token=token, allow_patterns=["*.bin"])
     except Exception as e:  # noqa: BLE001 - the Hub's errors, whatever their class, end in one message
-        raise BakeFailed(download_problem(model, e, token_given=token is not None)) from None
+        raise BakeFailed(download_problem(model, e, token_given=token is not None, revision=revision)) from None
     finally:
         token = None
     shutil.rmtree(dest / ".cache" / "huggingface", ignore_errors=True)  # the client's notes on the download
@@ -93,7 +105,7 @@ def _fill(model: str, dest: Path, token_file: Optional[Path], imported: Path = I
     if not any(dest.glob("*.safetensors")) and not any(dest.glob("*.bin")):
         raise BakeFailed(f"{model} on the Hugging Face Hub has no weights in *.safetensors or *.bin files;"
                          f" give a folder that has them: --model /path/to/model")
-    return model
+    return commit
 
 
 # What a download takes of a repo: configuration, tokenizer, chat template and the safetensors
@@ -106,7 +118,7 @@ UNREACHABLE = {"ConnectError", "ConnectionError", "ConnectTimeout", "Timeout", "
                "OfflineModeIsEnabled", "LocalEntryNotFoundError", "gaierror"}
 
 
-def download_problem(model: str, error: BaseException, token_given: bool) -> str:
+def download_problem(model: str, error: BaseException, token_given: bool, revision: Optional[str] = None) -> str:
     """What went wrong with the Hugging Face download of MODEL, and what to do, from ERROR and the
     errors under it (huggingface_hub wraps a failed request in LocalEntryNotFoundError). Read by
     class name and HTTP status: the client's classes have moved between its versions."""
@@ -125,6 +137,9 @@ def download_problem(model: str, error: BaseException, token_given: bool) -> str
         return (f"{model} is not a model on the Hugging Face Hub that {token} can read: check its name"
                 f" (ORG/NAME), give a token that can read a private one, or give a local folder:"
                 f" --model /path/to/model")
+    if "RevisionNotFoundError" in names:
+        return (f"{model} on the Hugging Face Hub has no revision {revision!r}: give a branch, tag or commit it"
+                f" has (--revision), or leave --revision out for its main branch")
     if status == 401:
         return (f"the Hugging Face Hub refused {token} for {model} (401 Unauthorized): an invalid or expired"
                 f" token; make one at https://huggingface.co/settings/tokens")

@@ -17,6 +17,7 @@ import pytest
 from fvboot import bake, criu, manifest
 from fvboot.errors import BakeFailed, ServerError
 from fvboot.layout import Layout
+from fvboot.models import PreparedModel
 
 
 class _Tree:
@@ -88,7 +89,7 @@ def baking(tmp_path, monkeypatch):
     layout = Layout(tmp_path / "fv")
     tree = _Tree()
     _Control.tree, _Control.fail_at = tree, ("", None, False)
-    monkeypatch.setattr(bake, "prepare_model", lambda model, dest, token, model_dir=None: "m")
+    monkeypatch.setattr(bake, "prepare_model", lambda model, dest, token, model_dir=None, revision=None: PreparedModel("m"))
     monkeypatch.setattr(bake, "detach_build_inputs", lambda: [])
     monkeypatch.setattr(bake.manifest, "device_info", lambda: manifest.Device("cpu"))
     monkeypatch.setattr(bake, "ServedTree", lambda *a, **k: tree)

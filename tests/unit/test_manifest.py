@@ -28,7 +28,7 @@ def _baked_dict(device: dict) -> dict:
         "fvboot_version": "0.1.0",
         "baked_at": "2026-12-01T10:00:00Z",
         "model": {"source": "Qwen/Qwen2.5-0.5B-Instruct", "served_name": "Qwen/Qwen2.5-0.5B-Instruct",
-                  "path": "/fv/model"},
+                  "path": "/fv/model", "revision": "7ae557604adf67be50417f59c2c2f167def9a775"},
         "vllm": {"version": "vllm 0.11.0", "args": ["--max-model-len", "512"],
                  "command": ["/usr/bin/python3", "-m", "vllm.entrypoints.cli.main", "serve", "/fv/model",
                              "--served-model-name", "Qwen/Qwen2.5-0.5B-Instruct", "--host", "0.0.0.0", "--port",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -24,8 +25,10 @@ class FakeHub:
     """Serves one repo of FILES the way the Hub's API does for huggingface_hub's snapshot
     download, or answers every request with ERROR (status, X-Error-Code)."""
 
-    def __init__(self, files: dict[str, bytes] | None = None, error: tuple[int, str | None] | None = None):
+    def __init__(self, files: dict[str, bytes] | None = None, error: tuple[int, str | None] | None = None,
+                 revisions: dict[str, str] | None = None):
         self.files, self.error, self.seen = files or {}, error, []
+        self.revisions = {"main": SHA, **(revisions or {})}  # branch or tag -> commit
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -48,12 +51,17 @@ class FakeHub:
                     return self._send(200, json.dumps([{"type": "file", "path": f, "size": len(b), "oid": _oid(b)}
                                                        for f, b in hub.files.items()]).encode(), js)
                 if self.path.startswith("/api/models/"):
-                    return self._send(200, json.dumps({"id": "org/model", "sha": SHA, "siblings":
+                    rev = unquote(self.path.split("?")[0].split("/revision/", 1)[1]) if "/revision/" in self.path else "main"
+                    sha = rev if rev in hub.revisions.values() else hub.revisions.get(rev)
+                    if sha is None:
+                        return self._send(404, b'{"error": "no"}', (("X-Error-Code", "RevisionNotFound"),))
+                    return self._send(200, json.dumps({"id": "org/model", "sha": sha, "siblings":
                                                        [{"rfilename": f} for f in hub.files]}).encode(), js)
-                name = self.path.split("/resolve/", 1)[-1].split("/", 1)[-1]
+                rev, name = self.path.split("/resolve/", 1)[-1].split("/", 1)
                 if name in hub.files:
                     b = hub.files[name]
-                    return self._send(200, b, (("X-Repo-Commit", SHA), ("ETag", f'"{_oid(b)}"')))
+                    commit = hub.revisions.get(unquote(rev), unquote(rev))
+                    return self._send(200, b, (("X-Repo-Commit", commit), ("ETag", f'"{_oid(b)}"')))
                 self._send(404, b"{}", (("X-Error-Code", "EntryNotFound"),))
 
             do_HEAD = do_GET
@@ -87,7 +95,8 @@ def hub():
         h.close()
 
 
-def _prepare(endpoint: str, tmp_path: Path, token: str | None = None) -> subprocess.CompletedProcess:
+def _prepare(endpoint: str, tmp_path: Path, token: str | None = None, revision: str | None = None
+             ) -> subprocess.CompletedProcess:
     """prepare_model("org/model") in a process of its own, as the bake runs it (the client reads
     HF_ENDPOINT when it is imported)."""
     token_file = None
@@ -95,13 +104,14 @@ def _prepare(endpoint: str, tmp_path: Path, token: str | None = None) -> subproc
         token_file = tmp_path / "token"
         token_file.write_text(token)
     code = ("import sys; from pathlib import Path; from fvboot.models import prepare_model; from fvboot.errors import BakeFailed\n"
-            "try: print(prepare_model('org/model', Path(sys.argv[1]), Path(sys.argv[2]) if sys.argv[2] else None))\n"
+            "try: print(prepare_model('org/model', Path(sys.argv[1]), Path(sys.argv[2]) if sys.argv[2] else None,"
+            " revision=sys.argv[3] or None))\n"
             "except BakeFailed as e: print('BakeFailed:', e); sys.exit(3)\n")
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     env.pop("HF_TOKEN", None)
-    return subprocess.run([sys.executable, "-c", code, str(tmp_path / "dest"), str(token_file or "")],
+    return subprocess.run([sys.executable, "-c", code, str(tmp_path / "dest"), str(token_file or ""), revision or ""],
                           capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -156,3 +166,23 @@ def test_a_bake_without_a_network_says_how_to_give_it_one_or_a_folder(hub, tmp_p
     assert r.returncode == 3, r.stdout + r.stderr
     assert "the bake cannot reach the Hugging Face Hub to download org/model" in r.stdout
     assert "fvbuild image --network host" in r.stdout and "--model /path/to/model" in r.stdout
+
+
+def test_the_commit_downloaded_is_the_one_a_revision_names_and_is_returned(hub, tmp_path):
+    """`fvbuild image --revision v1`: the tag's commit is downloaded, every file from it, and the
+    manifest records that commit (main's without --revision)."""
+    tagged = "fedcba9876543210fedcba9876543210fedcba98"
+    h = hub(files={"config.json": b"{}", "model.safetensors": b"s"}, revisions={"v1": tagged})
+    r = _prepare(h.url, tmp_path, revision="v1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"PreparedModel(name='org/model', commit='{tagged}')" in r.stdout, r.stdout
+    resolved = [p for p in h.seen if "/resolve/" in p]
+    assert resolved and all(f"/resolve/{tagged}/" in p for p in resolved), h.seen
+    r = _prepare(h.url, tmp_path / "again")
+    assert f"commit='{SHA}'" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_revision_the_repo_lacks_is_named(hub, tmp_path):
+    r = _prepare(hub(files={"config.json": b"{}"}).url, tmp_path, revision="v9")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "org/model on the Hugging Face Hub has no revision 'v9': give a branch, tag or commit it has" in r.stdout

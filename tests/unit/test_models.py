@@ -24,7 +24,7 @@ def test_a_copied_model_folder_is_readable_by_every_user(tmp_path):
         p.chmod(mode)
     (src / "link.json").symlink_to("config.json")
     dest = tmp_path / "dest"
-    assert prepare_model(str(src), dest, None) == str(src)
+    assert prepare_model(str(src), dest, None).name == str(src)
     assert _mode(dest / "model.safetensors") == 0o644
     assert _mode(dest / "sub" / "tokenizer.model") == 0o644
     assert _mode(dest / "config.json") == 0o644

@@ -260,3 +260,24 @@ def test_a_token_variable_named_but_not_set_is_refused_where_the_model_is_downlo
     (tmp_path / "config.json").write_text("{}")  # a local folder or a synthetic model needs none
     assert load_options({"model": str(tmp_path), "hf_token_env": "MY_TOKEN"}).model == str(tmp_path)
     assert load_options({"model": "synthetic:tiny", "hf_token_env": "MY_TOKEN"}).model == "synthetic:tiny"
+
+
+def test_a_revision_is_given_to_the_bake_of_a_hub_model_and_refused_for_any_other(tmp_path):
+    """`--revision` pins what the bake downloads (the manifest records the commit it was); for a
+    synthetic model or a folder it could only be ignored, so it is refused, as is a value that
+    cannot be a branch, tag or commit, and `--vllm-arg=--revision` (vLLM serves the folder)."""
+    from fvbuild.bake import bake_command
+
+    cmd = bake_command(load_options({"model": "org/model", "revision": "v1.0", "device": "cpu"}))
+    assert cmd[cmd.index("--revision") + 1] == "v1.0"
+    assert "--revision" not in bake_command(load_options({"model": "org/model", "device": "cpu"}))
+    (tmp_path / "config.json").write_text("{}")
+    for model, what in (("synthetic:tiny", "a synthetic model"), (str(tmp_path), "a folder on this machine")):
+        with pytest.raises(OptionsError, match=f"--revision applies to a model the bake downloads from the Hugging"
+                                               f" Face Hub, and .* is {what}"):
+            load_options({"model": model, "revision": "main"})
+    for bad in ("v1 beta", "-x", "a;b"):
+        with pytest.raises(OptionsError, match="revision"):
+            load_options({"model": "org/model", "revision": bad})
+    with pytest.raises(OptionsError, match="--revision.*use fvbuild's own --revision"):
+        load_options({"model": "org/model", "vllm_args": ["--revision=v2"]})
