@@ -6,6 +6,7 @@ left behind, and each user mistake ends in one clear line, no traceback and no i
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import requests
 from fvboot.capabilities import docker_run_flags
 
 from conftest import MODEL, base_image, e2e_device, fvbuild
-from e2e.test_restore import port_free  # noqa: F401  (the compose service holds the baked port)
+from e2e.test_restore import manifest, port_free  # noqa: F401  (the baked manifest; the compose service holds the baked port)
 
 pytestmark = pytest.mark.docker
 CAPS = docker_run_flags() + ["--network", "host"]  # the documented capability set
@@ -202,15 +203,13 @@ def prebuilt(tmp_path_factory, build_flags, docker_client) -> Path:
 def test_prebuilt_holds_criu_plugin_client_vmtouch_and_their_libraries(prebuilt):
     with tarfile.open(prebuilt) as tf:
         names = set(tf.getnames())
-        import json
-
-        manifest = json.load(tf.extractfile("share/fast-vllm/criu-prebuilt.json"))
+        described = json.load(tf.extractfile("share/fast-vllm/criu-prebuilt.json"))
     assert {"sbin/criu", "libexec/fast-vllm/criu", "lib/criu/cuda_plugin.so", "bin/cuda-checkpoint",
             "bin/vmtouch"} <= names
     assert "lib/fast-vllm/libprotobuf-c.so.1" in names
     assert not [n for n in names if n.rsplit("/", 1)[-1].startswith(("libc.so", "ld-linux", "libm.so"))]
-    assert manifest["criu"]["version"].startswith("4.2") and manifest["patches"]
-    assert "Patched-by: fast-vllm" in manifest["criu"]["version_output"]
+    assert described["criu"]["version"].startswith("4.2") and described["patches"]
+    assert "Patched-by: fast-vllm" in described["criu"]["version_output"]
 
 
 @pytest.fixture(scope="module")
@@ -399,6 +398,46 @@ def test_json_progress_is_one_object_per_line_and_ends_in_done_or_error(build_fl
 
 @pytest.mark.skipif(e2e_device() == "cuda", reason="the model folder is read the same way on a GPU; a second bake"
                     " there costs minutes of device time and a second image on its 64 GB disk")
+def _model_files(image: str) -> dict[str, bytes]:
+    """The files of IMAGE's model folder, less fvboot's note that it made them (a synthetic model)."""
+    files = subprocess.run(["docker", "run", "--rm", "--entrypoint", "tar", image, "c", "-C", "/fv/model", "."],
+                           capture_output=True, timeout=120, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(files)) as tf:
+        return {Path(m.name).name: tf.extractfile(m).read() for m in tf.getmembers()
+                if m.isfile() and m.name != "./fast-vllm-synthetic.json"}
+
+
+def test_a_model_from_the_hub_bakes_at_the_revision_given_and_the_image_says_which(build_flags, baked_image, manifest,
+                                                                                   port_free):
+    """`fvbuild image --model ORG/NAME --revision TAG`, the product's main path, end to end: the
+    real client in the bake container downloads from a stand-in Hub on this machine (HF_ENDPOINT,
+    reached through --network host; the real Hub cannot be reached here) the commit TAG is at,
+    the manifest records that commit, and the image restores and answers as the suite's image of
+    the same files does."""
+    from stand_in_hub import FakeHub
+
+    from e2e.test_restore import Container, _assert_same_as_bake, _wait_ready
+
+    tagged = "fedcba9876543210fedcba9876543210fedcba98"
+    hub = FakeHub(files=_model_files(baked_image), revisions={"v1": tagged})
+    tag = "fv-test/hub-model:x"
+    try:
+        r = fvbuild("image", "--model", "org/tiny", "--revision", "v1", "--served-model-name",
+                    manifest["model"]["served_name"], "--tag", tag, *build_flags, f"--env=HF_ENDPOINT={hub.url}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert any(f"/resolve/{tagged}/config.json" in path for path in hub.seen), hub.seen
+        baked = json.loads(fvbuild("inspect", tag).stdout)
+        assert baked["model"]["source"] == "org/tiny" and baked["model"]["revision"] == tagged, baked["model"]
+        with Container(tag) as c:
+            _wait_ready(container=c.id)
+            _assert_same_as_bake(manifest)  # the suite's image's answers: the same weights
+            logs = c.logs()
+        assert "restored from checkpoint" in logs, logs[-3000:]
+    finally:
+        hub.close()
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+
 def test_a_hugging_face_cache_snapshot_bakes_and_serves_under_the_name_given(build_flags, baked_image, tmp_path,
                                                                               port_free):
     """Tried as an operator would (2026-12-05): `--model ~/.cache/huggingface/hub/models--ORG--NAME/
