@@ -248,7 +248,7 @@ def take_model_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
     that is not an option, as vLLM's own image is called (`docker run vllm/vllm-openai MODEL
     ...`: its entrypoint is `vllm serve`), or `--model NAME` / `--model=NAME` (the last one).
     After the baked command it would be a second model, and vLLM would stop at "unrecognized
-    arguments" (restore.check_model_arg says whether it is the baked one). ValueError for
+    arguments" (start_inputs.check_model_arg says whether it is the baked one). ValueError for
     `--model` without a value."""
     rest: list[str] = []
     model: Optional[str] = None
