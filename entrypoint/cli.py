@@ -13,6 +13,21 @@ from .layout import Layout
 
 COMMANDS = ("bake", "serve", "inspect", "check", "make-model", "cuda-checkpoint")
 
+HELP = """usage: docker run [flags from `fvbuild run-flags IMAGE`] IMAGE [COMMAND] [vllm serve options]
+
+Serves the model this image was baked with: restored from its checkpoint, or, where that cannot
+be used (each start says why), started normally. Options after the image are `vllm serve`'s, as
+with vLLM's own image; options the bake did not have give a normal start that has them.
+
+commands:
+  serve     the default: restore (or start) and serve
+  check     would a start here restore the checkpoint, and if not, why (restores nothing)
+  inspect   print the bake's manifest
+  bake, make-model, cuda-checkpoint   used by fvbuild while it builds the image
+
+vLLM's own options: docker run --rm --entrypoint vllm IMAGE serve --help
+"""
+
 
 def _bake(argv: list[str]) -> int:
     from . import runenv
@@ -93,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fvboot {__version__}")
         return 0
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS) + " (default: serve)")
+        print(HELP, end="")
         return 0
     cmd = argv[0] if argv and argv[0] in COMMANDS else "serve"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
