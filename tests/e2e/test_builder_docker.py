@@ -396,8 +396,6 @@ def test_json_progress_is_one_object_per_line_and_ends_in_done_or_error(build_fl
     assert event["event"] == "error" and "fv-missing/nothing:1 is not on this machine" in event["message"]
 
 
-@pytest.mark.skipif(e2e_device() == "cuda", reason="the model folder is read the same way on a GPU; a second bake"
-                    " there costs minutes of device time and a second image on its 64 GB disk")
 def _model_files(image: str) -> dict[str, bytes]:
     """The files of IMAGE's model folder, less fvboot's note that it made them (a synthetic model)."""
     files = subprocess.run(["docker", "run", "--rm", "--entrypoint", "tar", image, "c", "-C", "/fv/model", "."],
@@ -407,6 +405,8 @@ def _model_files(image: str) -> dict[str, bytes]:
                 if m.isfile() and m.name != "./fast-vllm-synthetic.json"}
 
 
+@pytest.mark.skipif(e2e_device() == "cuda", reason="the model is downloaded the same way on a GPU; a second bake"
+                    " there costs minutes of device time and a second image on its 64 GB disk")
 def test_a_model_from_the_hub_bakes_at_the_revision_given_and_the_image_says_which(build_flags, baked_image, manifest,
                                                                                    port_free):
     """`fvbuild image --model ORG/NAME --revision TAG`, the product's main path, end to end: the
@@ -438,6 +438,8 @@ def test_a_model_from_the_hub_bakes_at_the_revision_given_and_the_image_says_whi
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
 
 
+@pytest.mark.skipif(e2e_device() == "cuda", reason="the model folder is read the same way on a GPU; a second bake"
+                    " there costs minutes of device time and a second image on its 64 GB disk")
 def test_a_hugging_face_cache_snapshot_bakes_and_serves_under_the_name_given(build_flags, baked_image, tmp_path,
                                                                               port_free):
     """Tried as an operator would (2026-12-05): `--model ~/.cache/huggingface/hub/models--ORG--NAME/
