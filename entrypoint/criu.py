@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from . import runenv
 from .capabilities import CAP_NAMES, RUN_WITH, seccomp_filtered
 from .errors import FvBootError
+from .rlimits import too_few_open_files
 
 # --tcp-established: the engine's loopback connections; --network-lock skip: no iptables in
 # containers, and nothing outside the tree talks to it during the dump (the gate is shut);
@@ -107,6 +108,9 @@ def last_error(log: Path, stderr: str = "", stdout: str = "") -> str:
                  lambda l: "error" in l or "Can't" in l or "fail" in l):
         hits = [l for l in lines if pick(l)]
         if hits:
+            if "service_fd_base" in hits[-1]:  # no room for CRIU's own descriptors under the limit
+                low = too_few_open_files()
+                return f"{hits[-1]} ({low})" if low else hits[-1]
             if _ADDRESS_GONE.search(hits[-1]):
                 return (f"{hits[-1]} (a socket of the checkpoint is bound to an address this container's"
                         " network does not have: the bake container's own)")

@@ -35,6 +35,7 @@ from .ports import check_serving_port
 from .pagecheck import PageCheck
 from .prefetch import prefetch
 from .restore import RestoredTree
+from .rlimits import too_few_open_files
 from .start_inputs import read_start_inputs
 from .timeline import Timeline
 
@@ -266,6 +267,9 @@ def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipe
         killed = oom.since() if oom is not None else None
         if killed:  # vLLM's log shows nothing of a SIGKILL
             raise ServerDied(f"{e}: {killed}") from None
+        low = too_few_open_files()
+        if low:  # vLLM's log shows a worker's traceback, or "Too many open files" somewhere in it
+            raise ServerDied(f"{e}; {low}") from None
         raise
     except BaseException:
         tree.terminate(timeout=5)  # within docker stop's 10 s grace

@@ -1355,6 +1355,20 @@ def test_a_pids_limit_without_room_for_the_server_is_said_before_criu_runs(baked
         assert "Unable to create a thread" not in logs and "criu restore" not in logs, logs[-3000:]
 
 
+def test_an_open_files_limit_too_low_for_the_server_is_named_where_the_restore_and_the_start_fail(baked_image,
+                                                                                                   port_free):
+    """`docker run --ulimit nofile=64` (found by hand, 2026-12-05): CRIU said only "sfd: Can't chose
+    service_fd_base: 0 38", and the normal start ended in a worker's traceback. Both now name the
+    limit and what to raise it to; the container ends, bounded."""
+    with Container(baked_image, "--ulimit", "nofile=64:64") as c:
+        code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=600).stdout.strip()
+        logs = c.logs()
+    assert code == "1", logs[-3000:]
+    said = "this container's open-files limit is 64 (docker run --ulimit nofile=..., or the runtime's default?)"
+    assert said in _fallback_line(logs), logs[-3000:]
+    assert f"the vLLM server exited before it became healthy (see its log above); {said}" in logs, logs[-3000:]
+
+
 def test_a_memory_limit_too_small_for_the_server_is_named_as_what_ended_it(baked_image, port_free):
     """`docker run --memory` (a pod's resources.limits.memory) below what vLLM needs (found by
     hand, 2026-12-05): the kernel kills one of its processes, vLLM prints nothing of it, and
