@@ -240,6 +240,28 @@ def apply_load_settings(settings: dict[str, str], env: Optional[dict] = None) ->
             env.pop(k, None)
 
 
+def take_option(args: list[str], option: str, needs_value: str,
+                value_may_look_like_an_option: bool = True) -> tuple[list[str], Optional[str]]:
+    """ARGS without every `OPTION VALUE` / `OPTION=VALUE`, and VALUE (the last one, as vLLM's
+    parser takes it), or None. ValueError(NEEDS_VALUE) where OPTION ends ARGS, or is followed
+    by another option unless VALUE_MAY_LOOK_LIKE_AN_OPTION (an API key may start with '-')."""
+    rest: list[str] = []
+    value: Optional[str] = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == option:
+            if i + 1 >= len(args) or (not value_may_look_like_an_option and args[i + 1].startswith("-")):
+                raise ValueError(needs_value)
+            value, i = args[i + 1], i + 2
+        elif a.startswith(option + "="):
+            value, i = a[len(option) + 1:], i + 1
+        else:
+            rest.append(a)
+            i += 1
+    return rest, value
+
+
 MODEL_ARG = "--model"
 
 
@@ -250,24 +272,12 @@ def take_model_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
     After the baked command it would be a second model, and vLLM would stop at "unrecognized
     arguments" (start_inputs.check_model_arg says whether it is the baked one). ValueError for
     `--model` without a value."""
-    rest: list[str] = []
-    model: Optional[str] = None
+    first = None
     if args and not args[0].startswith("-"):
-        model, args = args[0], args[1:]
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == MODEL_ARG:
-            if i + 1 >= len(args) or args[i + 1].startswith("-"):
-                raise ValueError("--model needs a value (and this image serves the model it was baked with:"
-                                 " leave it out)")
-            model, i = args[i + 1], i + 2
-        elif a.startswith(MODEL_ARG + "="):
-            model, i = a[len(MODEL_ARG) + 1:], i + 1
-        else:
-            rest.append(a)
-            i += 1
-    return rest, model
+        first, args = args[0], args[1:]
+    rest, named = take_option(args, MODEL_ARG, "--model needs a value (and this image serves the model it was"
+                              " baked with: leave it out)", value_may_look_like_an_option=False)
+    return rest, named if named is not None else first
 
 
 API_KEY_ENVS = ("FV_API_KEY", "VLLM_API_KEY")  # docker run -e ...: clients must send it
@@ -279,21 +289,8 @@ def take_api_key_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
     takes it), or None. The key is the middleware's to ask for, in a restore as in a normal
     start: it is not an argument of the server (a restore goes ahead) and is never logged.
     ValueError for `--api-key` without a value."""
-    rest: list[str] = []
-    key: Optional[str] = None
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == API_KEY_ARG:
-            if i + 1 >= len(args):
-                raise ValueError("--api-key needs a value: docker run IMAGE --api-key KEY (or docker run -e FV_API_KEY=KEY)")
-            key, i = args[i + 1], i + 2
-        elif a.startswith(API_KEY_ARG + "="):
-            key, i = a[len(API_KEY_ARG) + 1:], i + 1
-        else:
-            rest.append(a)
-            i += 1
-    return rest, key
+    return take_option(args, API_KEY_ARG, "--api-key needs a value: docker run IMAGE --api-key KEY (or docker run"
+                       " -e FV_API_KEY=KEY)")
 
 
 def _key_sources(env: dict, arg: Optional[str]) -> dict[str, str]:
