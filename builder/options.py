@@ -399,10 +399,12 @@ class BuildOptions(CriuOptions):
             raise ValueError("--gpu-access/--nvidia-driver-dir apply to --device cuda only")
         if self.nvidia_driver_dir is not None and self.gpu_access is GpuAccess.toolkit:
             raise ValueError("--nvidia-driver-dir is for --gpu-access devices (the toolkit mounts the driver itself)")
-        if self.revision is not None and model_source(self.model) != "hub":
+        source = model_source(self.model)
+        if self.revision is not None and source != "hub":
+            what = "a synthetic model" if source == "synthetic" else "a folder on this machine"
             raise ValueError(f"--revision applies to a model the bake downloads from the Hugging Face Hub, and"
-                             f" {self.model} is {'a synthetic model' if model_source(self.model) == 'synthetic' else 'a folder on this machine'}")
-        if model_source(self.model) == "hub" and "hf_token_env" in set_fields and not os.environ.get(self.hf_token_env):
+                             f" {self.model} is {what}")
+        if source == "hub" and "hf_token_env" in set_fields and not os.environ.get(self.hf_token_env):
             raise ValueError(f"--hf-token-env {self.hf_token_env}: {self.hf_token_env} is not set in fvbuild's"
                              f" environment: export it, or leave --hf-token-env out for a model that needs no token")
         return self

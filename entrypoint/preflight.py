@@ -30,10 +30,7 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
         f"`criu check` failed: {said[-1] if said else 'no output'}"
     lines.append(criu_line)
     try:
-        try:
-            m = restore.read_checkpoint_manifest(layout)
-        except OSError as e:  # a start ends it in the normal start too
-            raise CheckpointUnusable(f"cannot read {layout.manifest}: {e.strerror}") from None
+        m = restore.read_checkpoint_manifest(layout)
         if runenv.value("FV_RESTORE") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         here = restore.check_compatible(m, layout, run_args)

@@ -40,11 +40,14 @@ PROBE_LOGPROB_TOL = 1e-3
 
 
 def read_checkpoint_manifest(layout: Layout) -> Manifest:
-    """This image's manifest, read and valid; CheckpointUnusable where the image has none (a
-    ManifestInvalid, one, naming the field, where it cannot be read as one)."""
+    """This image's manifest, read and valid; CheckpointUnusable where the image has none or it
+    cannot be read (a ManifestInvalid, one, naming the field, where it is not one)."""
     if not layout.manifest.exists():
         raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
-    return manifest.read(layout.manifest)
+    try:
+        return manifest.read(layout.manifest)
+    except OSError as e:  # a folder there, no read permission: said as a missing one is
+        raise CheckpointUnusable(f"cannot read {layout.manifest}: {e.strerror}") from None
 
 
 def check_compatible(m: Manifest, layout: Layout, run_args: list[str],

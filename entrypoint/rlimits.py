@@ -17,7 +17,7 @@ ENOUGH = 1024
 def too_few_open_files(limits: Optional[tuple[int, int]] = None) -> Optional[str]:
     """What to say where the open-files limit is low (LIMITS: soft, hard; this process's by
     default, which the container gave it), or None."""
-    soft, hard = limits if limits is not None else resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = limits if limits is not None else resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard >= ENOUGH:
         return None
     return (f"this container's open-files limit is {hard} (docker run --ulimit nofile=..., or the runtime's"

@@ -54,7 +54,7 @@ def check_model_arg(layout: Layout, given: str) -> str:
     try:
         m = read_checkpoint_manifest(layout)
         names = [n for n in (m.model.served_name, m.model.source, m.model.path) if n] + names
-    except (CheckpointUnusable, OSError):  # the start's own reading of it says why
+    except CheckpointUnusable:  # the start's own reading of it says why
         pass
     if given.rstrip("/") in {n.rstrip("/") for n in names}:
         return f"{given!r} names the model this image was baked with: served as baked"
