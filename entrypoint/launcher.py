@@ -100,15 +100,19 @@ def vllm_settings(env: Optional[dict] = None) -> dict[str, str]:
 
 
 # Settings of the libraries under vLLM that act when its processes start (thread pools, the CUDA
-# allocator): a restored server keeps the bake's. Said, not refused: some platforms set them on
-# every container (Ray sets OMP_NUM_THREADS), which would make every start a normal one.
+# allocator and module loading, the dynamic loader's preloads: vLLM's CPU docs have operators
+# preload tcmalloc; glibc's malloc): a restored server keeps the bake's. Said, not refused: some
+# platforms set them on every container (Ray sets OMP_NUM_THREADS), which would make every start
+# a normal one.
 LIBRARY_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF",
-                    "PYTORCH_ALLOC_CONF")
+                    "PYTORCH_ALLOC_CONF", "CUDA_MODULE_LOADING", "LD_PRELOAD", "GLIBC_TUNABLES",
+                    "MALLOC_ARENA_MAX")
 
 
 def library_settings(env: Optional[dict] = None) -> dict[str, str]:
+    """Those of LIBRARY_SETTINGS ENV gives a value (an empty one is no setting: `-e LD_PRELOAD=`)."""
     env = os.environ if env is None else env
-    return {k: env[k] for k in LIBRARY_SETTINGS if k in env}
+    return {k: env[k] for k in LIBRARY_SETTINGS if env.get(k, "").strip()}
 
 
 def vllm_settings_changed(baked: dict[str, str], here: dict[str, str]) -> str:

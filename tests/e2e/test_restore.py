@@ -853,15 +853,21 @@ def _restored_logs(baked_image: str, manifest: dict, *flags: str, **container: A
     return logs
 
 
-def test_a_thread_setting_given_at_run_time_is_said_and_the_restore_goes_on(baked_image, manifest, port_free):
+@pytest.mark.parametrize("name,value", [("OMP_NUM_THREADS", "1"), ("LD_PRELOAD", "libgcc_s.so.1")])
+def test_a_thread_setting_given_at_run_time_is_said_and_the_restore_goes_on(baked_image, manifest, port_free,
+                                                                            name, value):
     """`docker run -e OMP_NUM_THREADS=1` (tried as an operator would, 2026-12-05: ignored without a
-    word; it acts only when vLLM's processes start). Said with the bake's value; the restore goes
-    on (a platform may set it on every container)."""
+    word; it acts only when vLLM's processes start), or `-e LD_PRELOAD=...` (vLLM's CPU docs have
+    operators preload tcmalloc; 2026-12-06: ignored without a word, and fvboot and CRIU run under
+    it). Said with the bake's value; the restore goes on (a platform may set it on every
+    container)."""
     if manifest["vllm"].get("library_env") is None:
         pytest.skip("this image was baked by an fvboot that did not record the libraries' settings")
-    baked = manifest["vllm"]["library_env"].get("OMP_NUM_THREADS", "unset")
-    logs = _restored_logs(baked_image, manifest, "-e", "OMP_NUM_THREADS=1")
-    assert (f"OMP_NUM_THREADS=1 (baked: {baked}): a restored server keeps the bake's (they act when its processes"
+    baked = manifest["vllm"]["library_env"].get(name, "unset")
+    if baked == value:
+        pytest.skip(f"this image was baked with {name}={value}")
+    logs = _restored_logs(baked_image, manifest, "-e", f"{name}={value}")
+    assert (f"{name}={value} (baked: {baked}): a restored server keeps the bake's (they act when its processes"
             " start); FV_RESTORE=0 gives a normal start that has them") in logs, logs[-3000:]
 
 

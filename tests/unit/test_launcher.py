@@ -159,3 +159,16 @@ def test_arguments_shown_in_a_log_leave_credentials_out():
 
     assert shown_args(["--api-key", "k", "--hf-token=hf_x", "--ssl-keyfile", "/k.pem", "--port", "9000"]) == [
         "--api-key", "<hidden>", "--hf-token=<hidden>", "--ssl-keyfile", "/k.pem", "--port", "9000"]
+
+
+def test_the_libraries_start_time_settings_are_recorded_and_an_empty_one_is_none():
+    """What the bake records and a restore compares (restore.check_compatible says a difference):
+    the dynamic loader's preloads and glibc's malloc act when a process starts, as the thread
+    counts do; `-e LD_PRELOAD=` sets nothing and must not be said as a difference."""
+    from fvboot.launcher import library_settings
+
+    env = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "MALLOC_ARENA_MAX": "2",
+           "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "CUDA_MODULE_LOADING": "EAGER", "OMP_NUM_THREADS": "",
+           "HOME": "/root"}
+    assert library_settings(env) == {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "HOME")}
+    assert library_settings({"LD_PRELOAD": " "}) == {}
