@@ -3,7 +3,7 @@
 # 3B warm restores from 1.35 to 1.96 s at the same start path (README "GPU figures"), and the
 # CPU-bound steps (Python's start, CRIU's memory) moved with it. CPU model and its clock, the
 # driver's persistence mode and clocks, a cold cuInit, a pure-Python loop and `import torch`:
-#   bash bench/gpu_machine_facts.sh > $OUT/machine.txt
+#   bash bench/gpu_machine_facts.sh > $OUT/machine.txt   (.ci/gpu-run setup runs it: machine.txt)
 set -uo pipefail
 echo "date: $(date -u +%FT%TZ)"
 grep -m1 "model name" /proc/cpuinfo; echo "cpus: $(nproc)"; grep -m1 "cpu MHz" /proc/cpuinfo
