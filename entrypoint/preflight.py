@@ -11,6 +11,7 @@ from __future__ import annotations
 from . import errors, restore, runenv
 from .bake import criu_check
 from .errors import CheckpointUnusable, FvBootError
+from .launcher import running_server
 from .layout import Layout
 from .start_inputs import read_start_inputs
 
@@ -24,6 +25,11 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
     except FvBootError as e:
         return False, [f"a start would end at once: {e}"]
     run_args, lines = inputs.run_args, list(inputs.notes)
+    server = running_server()
+    if server is not None:
+        lines.append(f"this container serves already (its server's init is pid {server}, `docker exec`?): the"
+                     " checks below are for a second start here, less the port, which that server holds; a node is"
+                     " best tried in a container of its own (docker run --rm ... IMAGE check)")
     r = criu_check()
     said = (r.stdout + r.stderr).strip().splitlines()
     criu_line = f"`criu check`: {said[0] if said else 'passed'}" if r.returncode == 0 else \
@@ -33,7 +39,7 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
         m = restore.read_checkpoint_manifest(layout)
         if runenv.value("FV_RESTORE") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
-        here = restore.check_compatible(m, layout, run_args)
+        here = restore.check_compatible(m, layout, run_args, port=server is None)
         if r.returncode != 0:
             raise CheckpointUnusable(criu_line)
     except Exception as e:  # noqa: BLE001 - a start ends any failure here in the normal start too

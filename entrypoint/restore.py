@@ -51,10 +51,11 @@ def read_checkpoint_manifest(layout: Layout) -> Manifest:
 
 
 def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
-                     devices: Optional[DeviceLookup] = None) -> Device:
+                     devices: Optional[DeviceLookup] = None, port: bool = True) -> Device:
     """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here; return this
     machine's device info (the restore maps GPUs with it; DEVICES: a lookup started earlier).
-    M's format was checked when it was read."""
+    M's format was checked when it was read. PORT=False leaves out whether the port is free
+    (`fvboot check` beside this container's own server, which holds it)."""
     if os.geteuid() != 0:  # CRIU restores a tree of root's processes, and fvboot mounts for it
         raise CheckpointUnusable(f"fvboot runs as uid {os.geteuid()} (docker run --user?), and a restore needs"
                                  " root with CRIU's capabilities: run the image as root, with the flags `fvbuild"
@@ -121,7 +122,7 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
         raise CheckpointUnusable(problem)
     if shutil.which("criu") is None:
         raise CheckpointUnusable("criu is not on PATH")
-    in_use = ports.taken(m.vllm.port, arg_value(list(m.vllm.command), "--host"))
+    in_use = port and ports.taken(m.vllm.port, arg_value(list(m.vllm.command), "--host"))
     if in_use:  # CRIU could not put the listening socket back (the normal start says what to do)
         raise CheckpointUnusable(in_use)
     return here

@@ -822,6 +822,20 @@ def test_check_says_whether_a_start_here_would_restore_and_why_not(baked_image, 
         " --user?), and a restore needs root" in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
 
 
+def test_a_check_inside_a_serving_container_says_the_port_is_its_own_servers(baked_image, manifest, port_free):
+    """`docker exec C fvboot check` in a serving container (tried as an operator would, 2026-12-06):
+    it said the checkpoint would not be used, the port "taken ... by a process of the host". It
+    now says the container serves already and checks the rest; the server answers on."""
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        r = subprocess.run(["docker", "exec", c.id, "fvboot", "check"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "fvboot check: this container serves already (its server's init is pid " in r.stdout, r.stdout
+        assert "by a process of the host" not in r.stdout
+        assert f"the checkpoint would be restored here (this container: {e2e_device()}" in r.stdout, r.stdout
+        _assert_same_as_bake(manifest)
+
+
 def test_the_images_environment_reaches_the_bake_which_records_vllms_settings(manifest):
     """`fvbuild image --env` (the suite's image has conftest.IMAGE_ENV): the bake ran with it and
     recorded vLLM's settings, which every restore compares with its own (restored here: the

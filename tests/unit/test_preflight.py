@@ -15,6 +15,7 @@ from fvboot.layout import Layout
 @pytest.fixture(autouse=True)
 def criu_looks_good(monkeypatch):
     monkeypatch.setattr(preflight, "criu_check", lambda: subprocess.CompletedProcess(["criu"], 0, "Looks good.\n", ""))
+    monkeypatch.setattr(preflight, "running_server", lambda: None)  # a container's server is in the host's /proc
 
 
 def test_an_image_without_a_checkpoint_says_so(tmp_path):
@@ -55,3 +56,28 @@ def test_two_different_api_keys_end_the_check_as_they_would_end_a_start(tmp_path
     usable, lines = preflight.check(Layout(tmp_path), ["--api-key", "b"])
     assert not usable and lines == ["a start would end at once: FV_API_KEY and --api-key are both set, to different keys;"
                                     " set one of them"]
+
+
+def test_a_check_beside_this_containers_own_server_says_so(tmp_path, monkeypatch):
+    """`docker exec C fvboot check` in a serving container (tried as an operator would, 2026-12-06)
+    said the port was "taken ... by a process of the host": it is the container's own server's."""
+    monkeypatch.setattr(preflight, "running_server", lambda: 41)
+    usable, lines = preflight.check(Layout(tmp_path), [])
+    assert lines[1] == ("this container serves already (its server's init is pid 41, `docker exec`?): the checks"
+                        " below are for a second start here, less the port, which that server holds; a node is"
+                        " best tried in a container of its own (docker run --rm ... IMAGE check)")
+
+
+def test_a_served_trees_init_is_found_by_its_command_line(tmp_path):
+    from fvboot.launcher import running_server
+
+    def proc(pid: str, argv: list[str]) -> None:
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+
+    proc("7", ["/usr/bin/python3", "-c", "import fvboot.nsinit"])
+    (tmp_path / "self").mkdir()
+    (tmp_path / "9").mkdir()  # ended between the listing and the read: no cmdline
+    assert running_server(str(tmp_path)) is None
+    proc("41", ["/opt/venv/bin/python3", "-m", "fvboot.nsinit", "/opt/venv/bin/python3", "-m", "vllm"])
+    assert running_server(str(tmp_path)) == 41
