@@ -297,17 +297,45 @@ def take_api_key_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
                        " -e FV_API_KEY=KEY)")
 
 
+API_KEY_FILE_ENV = "FV_API_KEY_FILE"  # a file holding the key: Docker's secrets, a mounted Kubernetes secret
+
+
 def _key_sources(env: dict, arg: Optional[str]) -> dict[str, str]:
-    """Where a key was given (FV_API_KEY, VLLM_API_KEY, --api-key) -> the key as given."""
+    """Where a key was given (FV_API_KEY, VLLM_API_KEY, FV_API_KEY_FILE's file, --api-key) -> the
+    key as given. ValueError where FV_API_KEY_FILE names a file that gives no key."""
     given = {k: env[k] for k in API_KEY_ENVS if env.get(k, "").strip()}
+    path = env.get(API_KEY_FILE_ENV, "").strip()
+    if path:
+        given[API_KEY_FILE_ENV] = _read_key_file(path)
     if arg is not None and arg.strip():
         given[API_KEY_ARG] = arg
     return given
 
 
+def _read_key_file(path: str) -> str:
+    """The key in the file at PATH. ValueError where it cannot be read or holds none: the
+    operator asked for a key, and a start without one would serve anyone."""
+    fix = ("; a start without the key would serve anyone: mount the file there (docker run -v KEYFILE:PATH:ro,"
+           f" a secret volume) or leave {API_KEY_FILE_ENV} unset")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(65537)
+    except OSError as e:
+        raise ValueError(f"{API_KEY_FILE_ENV}={path}: cannot read it ({e.strerror}){fix}") from None
+    try:
+        key = raw.decode()
+    except UnicodeDecodeError:
+        key = ""
+    if len(raw) > 65536 or not key.strip():
+        what = "not a key (over 64 KiB)" if len(raw) > 65536 else "empty" if not raw.strip() else "not text"
+        raise ValueError(f"{API_KEY_FILE_ENV}={path}: the file is {what}{fix}")
+    return key
+
+
 def api_key(env: dict, arg: Optional[str] = None) -> Optional[str]:
-    """The key clients must send, from FV_API_KEY, VLLM_API_KEY or the run's --api-key (ARG);
-    None (an open API) where none is set or the one set is empty (compose's `${FV_API_KEY:-}`).
+    """The key clients must send, from FV_API_KEY, VLLM_API_KEY, the file FV_API_KEY_FILE names or
+    the run's --api-key (ARG); None (an open API) where none is set or the one set is empty
+    (compose's `${FV_API_KEY:-}`; an empty file is refused: _read_key_file).
     White space at its ends is left out: HTTP trims it from a header, so no client could send
     it, and a Kubernetes secret made from a file keeps the file's last newline. Two different
     keys are refused."""
@@ -328,8 +356,10 @@ def api_key_line(env: dict, arg: Optional[str] = None) -> str:
         return (f"{' and '.join(empty)} empty: clients need no API key" if empty
                 else "clients need no API key (FV_API_KEY sets one)")
     name, key = next(iter(given.items()))
-    where = "given as --api-key" if name == API_KEY_ARG else f"in {name}"
-    trimmed = " (white space at its ends left out)" if key != key.strip() else ""
+    where = "given as --api-key" if name == API_KEY_ARG else \
+        f"in the file {env[name].strip()} ({name})" if name == API_KEY_FILE_ENV else f"in {name}"
+    # a file's last newline is what a file has: said only for a variable or an argument
+    trimmed = " (white space at its ends left out)" if key != key.strip() and name != API_KEY_FILE_ENV else ""
     return f"clients must send the API key {where}{trimmed} as `Authorization: Bearer <key>`"
 
 

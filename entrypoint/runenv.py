@@ -104,7 +104,7 @@ SETTINGS: dict[str, Setting] = {
 # FV_* names fvboot reads that take free text (paths, a key, a map) or are its own between
 # processes: never called unknown.
 FREE_NAMES = frozenset({
-    "FV_API_KEY", "FV_HOME", "FV_RUN_DIR", "FV_SERVED_MODEL", "FV_CUDA_DEVICE_MAP",
+    "FV_API_KEY", "FV_API_KEY_FILE", "FV_HOME", "FV_RUN_DIR", "FV_SERVED_MODEL", "FV_CUDA_DEVICE_MAP",
     "FV_CUDA_CHECKPOINT_LIBCUDA", "FV_CRIU_PLUGIN_DIR", "FV_RUNTIME_FILE", "FV_ADMIN_TOKEN",
     "FV_CUDA_CHECKPOINT_SOCKET", "FV_CUDA_RESUME_MARK", "FV_STAGER_POOL",
     "FV_CRIU_WRAPPED", "FV_CRIU_SAVED_LD_LIBRARY_PATH",

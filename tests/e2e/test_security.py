@@ -217,6 +217,34 @@ def test_an_api_key_given_at_docker_run_is_what_the_restored_server_asks_for(bak
         _assert_same_as_bake(manifest, answers=_answers(manifest, headers={"Authorization": "Bearer k-e2e"}))
 
 
+def test_an_api_key_in_a_mounted_file_is_asked_for_and_a_missing_file_ends_the_start(baked_image, manifest, port_free,
+                                                                                        tmp_path):
+    """`-e FV_API_KEY_FILE=/run/secrets/fv_key` with the file mounted (Docker's secrets, a
+    Kubernetes secret volume; tried as an operator would, 2026-12-06: the name was unknown and the
+    server answered anyone). The file's key is asked for; a file that is not there ends the start
+    at once with the reason, never an open server."""
+    key_file = tmp_path / "fv_key"
+    key_file.write_text("k-file-e2e\n")
+    key_file.chmod(0o644)
+    with Container(baked_image, "-v", f"{key_file}:/run/secrets/fv_key:ro",
+                   "-e", "FV_API_KEY_FILE=/run/secrets/fv_key") as c:
+        _wait_ready(container=c.id)
+        logs = c.logs()
+        assert "restored from checkpoint" in logs, logs[-3000:]
+        assert "clients must send the API key in the file /run/secrets/fv_key (FV_API_KEY_FILE)" in logs, logs[-3000:]
+        body = _completion_body(*_probe_asks(manifest)[0])
+        assert requests.post(f"{URL}/v1/completions", json=body, timeout=60).status_code == 401
+        _assert_same_as_bake(manifest, answers=_answers(manifest, headers={"Authorization": "Bearer k-file-e2e"}))
+        assert "k-file-e2e" not in c.logs()
+    with Container(baked_image, "-e", "FV_API_KEY_FILE=/run/secrets/fv_key") as c:
+        code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=120).stdout.strip()
+        logs = c.logs()
+        assert code == "1", logs
+        assert "FV_API_KEY_FILE=/run/secrets/fv_key: cannot read it (No such file or directory); a start without the" \
+               " key would serve anyone" in logs, logs
+        assert "Traceback" not in logs and "restored from checkpoint" not in logs
+
+
 def test_two_different_api_keys_are_refused_at_once_with_the_reason(baked_image, port_free):
     with Container(baked_image, "-e", "FV_API_KEY=a", "-e", "VLLM_API_KEY=b") as c:
         code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=120).stdout.strip()

@@ -60,3 +60,29 @@ def test_the_runs_arguments_lose_the_key_and_the_baked_model_and_each_is_said(tm
 def test_what_ends_a_start_at_once_is_one_error(tmp_path, argv, env, said):
     with pytest.raises(FvBootError, match=re.escape(said)):
         read_start_inputs(_baked(tmp_path), argv, env)
+
+
+def test_a_key_file_gives_the_key_and_a_file_that_gives_none_ends_the_start(tmp_path):
+    """`-e FV_API_KEY_FILE=/run/secrets/fv_key` (Docker's secrets, a mounted Kubernetes secret;
+    tried as an operator would, 2026-12-06: an unknown name, and the server served without a
+    key). The file's key, its last newline left out and not said; a file that is missing, empty
+    or not text ends the start before anything runs, never an open server."""
+    layout = _baked(tmp_path)
+    key_file = tmp_path / "fv_key"
+    key_file.write_text("s3cret\n")
+    inputs = read_start_inputs(layout, [], {"FV_API_KEY_FILE": str(key_file)})
+    assert inputs.settings["api_key"] == "s3cret" and not [n for n in inputs.notes if "not a setting" in n]
+    assert inputs.notes[-1] == (f"clients must send the API key in the file {key_file} (FV_API_KEY_FILE) as"
+                                " `Authorization: Bearer <key>`")
+    assert read_start_inputs(layout, [], {"FV_API_KEY_FILE": str(key_file), "FV_API_KEY": "s3cret"}) \
+        .settings["api_key"] == "s3cret"  # the same key twice
+    with pytest.raises(FvBootError, match=r"^FV_API_KEY and FV_API_KEY_FILE are both set, to different keys"):
+        read_start_inputs(layout, [], {"FV_API_KEY_FILE": str(key_file), "FV_API_KEY": "other"})
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
+    for path, said in ((tmp_path / "missing", "cannot read it (No such file or directory)"),
+                       (tmp_path / "empty", "the file is empty"), (tmp_path / "binary", "the file is not text"),
+                       (tmp_path, "cannot read it (Is a directory)")):
+        with pytest.raises(FvBootError, match=re.escape(f"FV_API_KEY_FILE={path}: {said}; a start without the key"
+                                                        " would serve anyone: mount the file there")):
+            read_start_inputs(layout, [], {"FV_API_KEY_FILE": str(path)})
