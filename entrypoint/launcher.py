@@ -360,7 +360,12 @@ def api_key_line(env: dict, arg: Optional[str] = None) -> str:
         f"in the file {env[name].strip()} ({name})" if name == API_KEY_FILE_ENV else f"in {name}"
     # a file's last newline is what a file has: said only for a variable or an argument
     trimmed = " (white space at its ends left out)" if key != key.strip() and name != API_KEY_FILE_ENV else ""
-    return f"clients must send the API key {where}{trimmed} as `Authorization: Bearer <key>`"
+    core = key.strip()
+    # `docker run --env-file` and compose's env files of old keep a value's quotes: kept in the key
+    # (it may be meant), said, so that a 401 for every client is not a riddle
+    quoted = " (its quotes are part of it: `docker run --env-file` keeps a value's quotes)" \
+        if len(core) >= 2 and core[0] == core[-1] and core[0] in "\"'" else ""
+    return f"clients must send the API key {where}{trimmed}{quoted} as `Authorization: Bearer <key>`"
 
 
 def is_secret_option(name: str) -> bool:

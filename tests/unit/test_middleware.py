@@ -250,3 +250,16 @@ def test_two_different_keys_are_refused_and_the_same_one_twice_is_not(monkeypatc
         runtime_settings({"FV_API_KEY": "a", "VLLM_API_KEY": "b"})
     assert runtime_settings({"FV_API_KEY": "a", "VLLM_API_KEY": "a\n"})["api_key"] == "a"
     assert runtime_settings({"FV_API_KEY": "", "VLLM_API_KEY": "b"})["api_key"] == "b"
+
+
+def test_a_key_in_quotes_is_kept_and_its_quotes_are_said():
+    """`FV_API_KEY="k"` in a `docker run --env-file` file (tried as an operator would, 2026-12-06):
+    Docker keeps the quotes, so the key is `"k"` and a client sending `k` gets 401 with nothing
+    said. Kept (a key may hold quotes), and said."""
+    from fvboot.launcher import api_key_line, runtime_settings
+
+    env = {"FV_API_KEY": '"k-quoted"'}
+    assert runtime_settings(env)["api_key"] == '"k-quoted"'
+    assert api_key_line(env) == ("clients must send the API key in FV_API_KEY (its quotes are part of it: `docker run"
+                                 " --env-file` keeps a value's quotes) as `Authorization: Bearer <key>`")
+    assert "quotes" not in api_key_line({"FV_API_KEY": "'k"}) and "quotes" not in api_key_line({"FV_API_KEY": '"'})
