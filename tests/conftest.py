@@ -117,8 +117,9 @@ def build_flags(docker_client) -> list[str]:
         flags += ["--gpu-access", os.environ.get("FV_GPU_ACCESS", "auto")]
         if os.environ.get("FV_NVIDIA_DRIVER_DIR"):
             flags += ["--nvidia-driver-dir", os.environ["FV_NVIDIA_DRIVER_DIR"]]
-    # a small KV cache on every device: the suite's model is tiny, and sleep and wake stay quick
-    args = os.environ.get("FV_E2E_VLLM_ARGS", "--max-model-len=512 --kv-cache-memory-bytes=67108864")
+    # a small KV cache on every device: the suite's model is tiny, and sleep and wake stay quick; requests
+    # running at a stop are finished (vLLM aborts them by default: test_a_request_running_when_docker_stop_*)
+    args = os.environ.get("FV_E2E_VLLM_ARGS", "--max-model-len=512 --kv-cache-memory-bytes=67108864 --shutdown-timeout=60")
     return flags + [f"--env={IMAGE_ENV}"] + [f"--vllm-arg={a}" for a in args.split()]
 
 

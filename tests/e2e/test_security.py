@@ -144,6 +144,54 @@ def test_docker_stop_of_a_restored_server_is_quick_and_quiet(baked_image, port_f
     assert any("fvboot: vLLM exited with code 0" in line for line in after), after[-20:]
 
 
+def test_a_request_running_when_docker_stop_comes_is_answered_whole(baked_image, manifest, port_free):
+    """Nothing lost on a rolling update: a request streaming when `docker stop` comes is finished
+    before the restored server exits, in an image baked with vLLM's `--shutdown-timeout` (the
+    suite's is; vLLM's default, 0, aborts such requests: seen by hand on the CPU image,
+    2026-12-06, a streamed one cut, a plain one held open until Docker's SIGKILL). fvboot passes
+    the stop on and waits on the tree with no bound of its own: Docker's timeout is the bound.
+    The container exits 0."""
+    import threading
+
+    from fvboot.launcher import arg_value
+
+    grace = int(arg_value(manifest["vllm"]["args"], "--shutdown-timeout") or 0)
+    if grace < 30:
+        pytest.skip("this image was baked without vLLM's --shutdown-timeout (FV_E2E_VLLM_ARGS)")
+    body = {**_completion_body("Hello", 400, manifest["model"]["served_name"]), "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    body.pop("logprobs")
+    chunks: list[tuple[float, dict]] = []
+    first = threading.Event()
+
+    def read() -> None:
+        with requests.post(f"{URL}/v1/completions", json=body, stream=True, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith(b"data: {"):
+                    chunks.append((time.monotonic(), json.loads(line[6:])))
+                    first.set()
+
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        assert "restored from checkpoint" in c.logs()
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert first.wait(60), c.logs()[-3000:]
+        stop_sent = time.monotonic()
+        subprocess.run(["docker", "stop", "-t", str(grace + 30), c.id], capture_output=True, check=True,
+                       timeout=grace + 60)
+        reader.join(30)
+        code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", c.id], capture_output=True,
+                              text=True).stdout.strip()
+        logs = c.logs()
+    assert any(t > stop_sent for t, _ in chunks), "the request ended before the stop: nothing was tested"
+    reasons = [ch["choices"][0].get("finish_reason") for _, ch in chunks if ch.get("choices")]
+    usage = [ch["usage"] for _, ch in chunks if ch.get("usage")]
+    assert "length" in reasons and usage and usage[-1]["completion_tokens"] == 400, \
+        (reasons[-3:], usage[-1:], logs[-3000:])
+    assert code == "0", logs[-3000:]
+
+
 def test_docker_stop_during_a_restore_ends_it_at_once(baked_image, port_free):
     with Container(baked_image) as c:
         time.sleep(0.4)  # fvboot is up (its handlers are set first), the restore under way
