@@ -265,6 +265,19 @@ def test_an_api_key_given_at_docker_run_is_what_the_restored_server_asks_for(bak
         _assert_same_as_bake(manifest, answers=_answers(manifest, headers={"Authorization": "Bearer k-e2e"}))
 
 
+def _restored_asking_for(c: Container, manifest: dict, key: str, where: str) -> None:
+    """C restored, says where its key came from (WHERE), refuses a request without the key,
+    answers as at bake with it, and never logs it."""
+    _wait_ready(container=c.id)
+    logs = c.logs()
+    assert "restored from checkpoint" in logs, logs[-3000:]
+    assert f"clients must send the API key {where} as `Authorization: Bearer <key>`" in logs, logs[-3000:]
+    body = _completion_body(*_probe_asks(manifest)[0])
+    assert requests.post(f"{URL}/v1/completions", json=body, timeout=60).status_code == 401
+    _assert_same_as_bake(manifest, answers=_answers(manifest, headers={"Authorization": f"Bearer {key}"}))
+    assert key not in c.logs()
+
+
 def test_an_api_key_in_a_mounted_file_is_asked_for_and_a_missing_file_ends_the_start(baked_image, manifest, port_free,
                                                                                         tmp_path):
     """`-e FV_API_KEY_FILE=/run/secrets/fv_key` with the file mounted (Docker's secrets, a
@@ -276,14 +289,7 @@ def test_an_api_key_in_a_mounted_file_is_asked_for_and_a_missing_file_ends_the_s
     key_file.chmod(0o644)
     with Container(baked_image, "-v", f"{key_file}:/run/secrets/fv_key:ro",
                    "-e", "FV_API_KEY_FILE=/run/secrets/fv_key") as c:
-        _wait_ready(container=c.id)
-        logs = c.logs()
-        assert "restored from checkpoint" in logs, logs[-3000:]
-        assert "clients must send the API key in the file /run/secrets/fv_key (FV_API_KEY_FILE)" in logs, logs[-3000:]
-        body = _completion_body(*_probe_asks(manifest)[0])
-        assert requests.post(f"{URL}/v1/completions", json=body, timeout=60).status_code == 401
-        _assert_same_as_bake(manifest, answers=_answers(manifest, headers={"Authorization": "Bearer k-file-e2e"}))
-        assert "k-file-e2e" not in c.logs()
+        _restored_asking_for(c, manifest, "k-file-e2e", "in the file /run/secrets/fv_key (FV_API_KEY_FILE)")
     with Container(baked_image, "-e", "FV_API_KEY_FILE=/run/secrets/fv_key") as c:
         code = subprocess.run(["docker", "wait", c.id], capture_output=True, text=True, timeout=120).stdout.strip()
         logs = c.logs()
@@ -333,14 +339,7 @@ def test_an_api_key_given_as_an_argument_is_asked_for_by_the_restored_server_and
     arguments). The key is the middleware's: the restore goes ahead, and the key is in no line."""
     key = "k-arg-e2e-5d1f"
     with Container(baked_image, entry=["fvboot", "--api-key", key]) as c:
-        _wait_ready(container=c.id)
-        logs = c.logs()
-        assert "restored from checkpoint" in logs, logs[-3000:]
-        assert "clients must send the API key given as --api-key as `Authorization: Bearer <key>`" in logs, logs[-3000:]
-        body = _completion_body(*_probe_asks(manifest)[0])
-        assert requests.post(f"{URL}/v1/completions", json=body, timeout=60).status_code == 401
-        _assert_same_as_bake(manifest, answers=_answers(manifest, headers={"Authorization": f"Bearer {key}"}))
-        assert key not in c.logs()
+        _restored_asking_for(c, manifest, key, "given as --api-key")
 
 
 def test_a_container_without_the_defaults_vllm_never_uses_restores(baked_image, manifest, port_free):
