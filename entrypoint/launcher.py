@@ -438,23 +438,6 @@ def _write_private_json(path: Path, data: dict) -> None:
 _EVENT_LINE = re.compile(rb"^(?:\x1b\[[0-9;]*m)?(?:\([^)\n]*\)(?:\x1b\[[0-9;]*m)? )?fvboot-event (.*)$")
 
 
-
-def running_server(proc: str = "/proc") -> Optional[int]:
-    """The PID of a served tree's init (`python3 -m fvboot.nsinit ...`) in this PID namespace, or
-    None: `docker exec C fvboot check` runs beside the container's own server, whose port is then
-    held by it, not by "a process of the host"."""
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(os.path.join(entry.path, "cmdline"), "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:  # ended meanwhile, or not ours to read
-            continue
-        if argv[1:3] == [b"-m", b"fvboot.nsinit"]:
-            return int(entry.name)
-    return None
-
 def parse_event(line: bytes) -> Optional[tuple[str, list[str]]]:
     """(event, arguments) if LINE is one of the middleware's event lines, else None."""
     m = _EVENT_LINE.match(line.rstrip(b"\r\n"))
@@ -513,6 +496,23 @@ class Pipes:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def running_server(proc: str = "/proc") -> Optional[int]:
+    """The PID of a served tree's init (`python3 -m fvboot.nsinit ...`) in this PID namespace, or
+    None: `docker exec C fvboot check` runs beside the container's own server, whose port is then
+    held by it, not by "a process of the host"."""
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(os.path.join(entry.path, "cmdline"), "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        if argv[1:3] == [b"-m", b"fvboot.nsinit"]:
+            return int(entry.name)
+    return None
 
 
 class ServedTree:
