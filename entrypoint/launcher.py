@@ -498,6 +498,9 @@ class Pipes:
                 pass
 
 
+NSINIT = ("-m", "fvboot.nsinit")  # how ServedTree runs the tree's init, and how running_server knows it
+
+
 def running_server(proc: str = "/proc") -> Optional[int]:
     """The PID of a served tree's init (`python3 -m fvboot.nsinit ...`) in this PID namespace, or
     None: `docker exec C fvboot check` runs beside the container's own server, whose port is then
@@ -510,7 +513,7 @@ def running_server(proc: str = "/proc") -> Optional[int]:
                 argv = f.read().split(b"\0")
         except OSError:  # ended meanwhile, or not ours to read
             continue
-        if argv[1:3] == [b"-m", b"fvboot.nsinit"]:
+        if argv[1:3] == [a.encode() for a in NSINIT]:
             return int(entry.name)
     return None
 
@@ -520,7 +523,7 @@ class ServedTree:
 
     def __init__(self, cmd: list[str], env: dict, pipes: Pipes, namespaced: bool = True) -> None:
         self.pipes = pipes
-        argv = [sys.executable, "-m", "fvboot.nsinit", *cmd]
+        argv = [sys.executable, *NSINIT, *cmd]
         if namespaced:
             argv = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "private", *argv]
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=pipes.out_w,
