@@ -332,25 +332,43 @@ def _read_key_file(path: str) -> str:
     return key
 
 
-def api_key(env: dict, arg: Optional[str] = None) -> Optional[str]:
-    """The key clients must send, from FV_API_KEY, VLLM_API_KEY, the file FV_API_KEY_FILE names or
-    the run's --api-key (ARG); None (an open API) where none is set or the one set is empty
-    (compose's `${FV_API_KEY:-}`; an empty file is refused: _read_key_file).
+@dataclass(frozen=True)
+class ApiKey:
+    """The key clients must send at this start (None: an open API) and the log line saying so;
+    resolved once a start, so that FV_API_KEY_FILE's file is read once."""
+    key: Optional[str]
+    line: str
+
+
+def resolve_api_key(env: dict, arg: Optional[str] = None) -> ApiKey:
+    """The key from FV_API_KEY, VLLM_API_KEY, the file FV_API_KEY_FILE names or the run's
+    --api-key (ARG); None (an open API) where none is set or the one set is empty (compose's
+    `${FV_API_KEY:-}`; an empty file is refused: _read_key_file).
     White space at its ends is left out: HTTP trims it from a header, so no client could send
-    it, and a Kubernetes secret made from a file keeps the file's last newline. Two different
-    keys are refused."""
-    given = {k: v.strip() for k, v in _key_sources(env, arg).items()}
-    if len(set(given.values())) > 1:
-        names = list(given)
+    it, and a Kubernetes secret made from a file keeps the file's last newline. ValueError for
+    two different keys, or a key file that gives none."""
+    given = _key_sources(env, arg)
+    keys = {k: v.strip() for k, v in given.items()}
+    if len(set(keys.values())) > 1:
+        names = list(keys)
         both = "both" if len(names) == 2 else "all"
         raise ValueError(f"{' and '.join(names)} are {both} set, to different keys; set one of them")
-    return next(iter(given.values()), None)
+    return ApiKey(next(iter(keys.values()), None), _key_line(env, arg, given))
+
+
+def api_key(env: dict, arg: Optional[str] = None) -> Optional[str]:
+    """resolve_api_key's key."""
+    return resolve_api_key(env, arg).key
 
 
 def api_key_line(env: dict, arg: Optional[str] = None) -> str:
+    """resolve_api_key's line."""
+    return resolve_api_key(env, arg).line
+
+
+def _key_line(env: dict, arg: Optional[str], given: dict[str, str]) -> str:
     """One line for the log saying whether clients need a key, and where it came from: an empty
     variable or a key trimmed is said, not guessed at by the operator from a 401."""
-    given = _key_sources(env, arg)
     if not given:
         empty = [k for k in API_KEY_ENVS if k in env] + ([API_KEY_ARG] if arg is not None else [])
         return (f"{' and '.join(empty)} empty: clients need no API key" if empty
@@ -394,15 +412,16 @@ def shown_args(args: list[str]) -> list[str]:
     return out
 
 
-def runtime_settings(env: Optional[dict] = None, api_key_arg: Optional[str] = None) -> dict:
+def runtime_settings(env: Optional[dict] = None, api_key_arg: Optional[str] = None,
+                     key: Optional[ApiKey] = None) -> dict:
     """What `docker run` can set for the server's middleware at each start (the server's own
     environment is frozen at bake): the API key clients must present (-e FV_API_KEY, or the
-    run's --api-key, API_KEY_ARG), the gate's wait."""
+    run's --api-key, API_KEY_ARG; KEY where the start resolved it already), the gate's wait."""
     env = os.environ if env is None else env
     out: dict = {}
-    key = api_key(env, api_key_arg)
-    if key:
-        out["api_key"] = key
+    key = key or resolve_api_key(env, api_key_arg)
+    if key.key:
+        out["api_key"] = key.key
     if (env.get("FV_GATE_WAIT_S") or "").strip():
         out["gate_wait_s"] = float(runenv.SETTINGS["FV_GATE_WAIT_S"].parse(env["FV_GATE_WAIT_S"]))
     return out

@@ -12,7 +12,10 @@ import socket
 from typing import Optional
 
 from .errors import PortTaken
-from .launcher import arg_value, server_port
+from .launcher import arg_value, running_server, server_port
+
+
+ONE_SERVER = "a container serves once; another start needs a container of its own"
 
 
 def taken(port: int, host: Optional[str] = None) -> Optional[str]:
@@ -28,6 +31,10 @@ def taken(port: int, host: Optional[str] = None) -> Optional[str]:
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
                 return None
+            server = running_server()  # `docker exec C fvboot` beside the container's own server
+            if server is not None:
+                return (f"port {port} is taken by this container's own server (its served tree's init is pid"
+                        f" {server}): {ONE_SERVER}")
             return (f"port {port} is taken in this container's network (with --network host, by a process of the"
                     f" host: `ss -ltnp 'sport = :{port}'` names it)")
     return None
@@ -37,6 +44,8 @@ def check_serving_port(cmd: list[str]) -> None:
     """PortTaken, with what to do, if vLLM's command CMD could not listen on its port here."""
     port = server_port(cmd)
     problem = taken(port, arg_value(cmd, "--host"))
+    if problem and problem.endswith(ONE_SERVER):
+        raise PortTaken(problem)
     if problem:
         raise PortTaken(f"{problem}, so vLLM cannot listen on it: free the port, or give the container a network"
                         f" of its own (docker run -p HOST_PORT:{port})")

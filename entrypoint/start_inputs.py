@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 
 from . import runenv
 from .errors import CheckpointUnusable, FvBootError
-from .launcher import api_key_line, runtime_settings, take_api_key_arg, take_model_arg
+from .launcher import resolve_api_key, runtime_settings, take_api_key_arg, take_model_arg
 from .layout import Layout
 from .restore import read_checkpoint_manifest
 
@@ -35,12 +35,13 @@ def read_start_inputs(layout: Layout, argv: list[str], env: Optional[Mapping[str
     try:
         run_args, key_arg = take_api_key_arg(argv)
         run_args, model_arg = take_model_arg(run_args)
-        settings = runtime_settings(dict(env), api_key_arg=key_arg)
+        key = resolve_api_key(dict(env), key_arg)  # a key file read once
+        settings = runtime_settings(dict(env), key=key)
     except ValueError as e:
         raise FvBootError(str(e)) from None
     if model_arg is not None:
         notes.append(check_model_arg(layout, model_arg))
-    notes.append(api_key_line(dict(env), key_arg))
+    notes.append(key.line)
     return StartInputs(run_args, settings, tuple(notes))
 
 

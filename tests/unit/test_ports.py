@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from fvboot import ports
 from fvboot.errors import PortTaken
 from fvboot.ports import check_serving_port, taken
 
@@ -65,3 +66,17 @@ def test_a_dual_stack_server_finds_an_ipv4_listener_on_its_port():
             assert taken(other.getsockname()[1], "::") is not None
         except OSError as e:  # an IPv6 socket cannot even be made here (ipv6.disable=1)
             pytest.skip(f"no IPv6 sockets here: {e}")
+
+
+def test_a_port_this_containers_own_server_holds_is_said_to_be_its(monkeypatch):
+    """`docker exec C fvboot` beside the container's own server (tried by hand, 2026-12-06): the
+    port is its server's, not "a process of the host"'s, and freeing it is not the fix."""
+    monkeypatch.setattr(ports, "running_server", lambda: 4242)
+    with _listener("0.0.0.0") as other:
+        port = other.getsockname()[1]
+        assert taken(port) == (f"port {port} is taken by this container's own server (its served tree's init is"
+                               " pid 4242): a container serves once; another start needs a container of its own")
+        with pytest.raises(PortTaken) as e:
+            check_serving_port(["vllm", "serve", "/fv/model", f"--port={port}"])
+    assert "free the port" not in str(e.value) and "own server" in str(e.value)
+    assert taken(port) is None  # free: nobody is blamed

@@ -4,7 +4,9 @@ and `fvboot check`."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 
 import pytest
 
@@ -86,3 +88,30 @@ def test_a_key_file_gives_the_key_and_a_file_that_gives_none_ends_the_start(tmp_
         with pytest.raises(FvBootError, match=re.escape(f"FV_API_KEY_FILE={path}: {said}; a start without the key"
                                                         " would serve anyone: mount the file there")):
             read_start_inputs(layout, [], {"FV_API_KEY_FILE": str(path)})
+
+
+def test_a_start_reads_the_key_file_once(tmp_path):
+    """A key that can be read once (a named pipe a secrets agent writes into) gives the key: a
+    start reads the file once, for the key and its log line both (it read it twice until
+    2026-12-06, and the second read of such a pipe waits for a writer that never comes)."""
+    layout = _baked(tmp_path)
+    fifo = tmp_path / "fv_key"
+    os.mkfifo(fifo)
+
+    def feed_once() -> None:
+        with open(fifo, "w") as f:
+            f.write("s3cret\n")
+
+    threading.Thread(target=feed_once, daemon=True).start()
+    got: dict = {}
+    reader = threading.Thread(target=lambda: got.update(
+        inputs=read_start_inputs(layout, [], {"FV_API_KEY_FILE": str(fifo)})), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # waiting on a second open: a writer that writes nothing lets it end
+        with open(fifo, "w"):
+            pass
+        reader.join(10)
+    assert "inputs" in got, "the key file was read more than once"
+    assert got["inputs"].settings["api_key"] == "s3cret"
+    assert got["inputs"].notes[-1].startswith(f"clients must send the API key in the file {fifo} (FV_API_KEY_FILE)")
