@@ -8,7 +8,10 @@ have to store them to decompress them on every core, and times what a start woul
   and pays nothing for them;
 - cold (page cache dropped, root only): reading the memory images as fvboot's prefetch does (4
   threads, 8 MiB reads) against reading the compressed frames and decompressing them, pipelined
-  on every core.
+  on every core;
+- shipped: the whole checkpoint folder as an image layer travels through a registry, a tar
+  compressed with gzip (what `docker push` sends; Go's default level, 6) or zstd (containerd's
+  and buildx's `compression=zstd`, level 3): the bytes a node pulls, not the bytes it keeps.
 
     python3 bench/checkpoint_compression.py IMAGE [--json OUT] [--frame-mib 16] [--rounds 3]
 
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import tarfile
+import zlib
 import os
 import shutil
 import subprocess
@@ -59,6 +64,39 @@ def read_all(path: Path, threads: int = 4, block: int = 8 << 20) -> float:
     finally:
         os.close(fd)
     return time.perf_counter() - t
+
+
+class _Counted:
+    """A write-only file that counts what the gzip and zstd streams of what is written would be."""
+
+    def __init__(self) -> None:
+        self.raw = 0
+        self.gz = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip framing, Go's gzip.DefaultCompression
+        self.gz_bytes = 0
+        self.zst = zstandard.ZstdCompressor(level=3).compressobj()
+        self.zst_bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.raw += len(data)
+        self.gz_bytes += len(self.gz.compress(data))
+        self.zst_bytes += len(self.zst.compress(data))
+        return len(data)
+
+    def close(self) -> None:
+        self.gz_bytes += len(self.gz.flush())
+        self.zst_bytes += len(self.zst.flush())
+
+
+def shipped(folder: Path) -> dict:
+    """The layer FOLDER would be (a tar of it, as an image layer is) and its gzip and zstd sizes."""
+    out = _Counted()
+    t = time.perf_counter()
+    with tarfile.open(fileobj=out, mode="w|", bufsize=8 << 20) as tar:
+        tar.add(folder, arcname=folder.name)
+    out.close()
+    return {"layer_tar_bytes": out.raw, "gzip_6_bytes": out.gz_bytes, "zstd_3_bytes": out.zst_bytes,
+            "gzip_ratio": round(out.raw / out.gz_bytes, 2), "zstd_ratio": round(out.raw / out.zst_bytes, 2),
+            "took_s": round(time.perf_counter() - t, 1)}
 
 
 def compress(pages: Path, packed: Path, codec: str, frame: int, cores: int) -> tuple[list, float]:
@@ -122,6 +160,8 @@ def main() -> None:
             subprocess.run(["docker", "cp", f"{cid}:/fv/checkpoint", str(work)], capture_output=True, check=True)
         finally:
             subprocess.run(["docker", "rm", cid], capture_output=True)
+        layer = shipped(work / "checkpoint")
+        print(json.dumps({"shipped (the checkpoint layer through a registry)": layer}), flush=True)
         pages = work / "pages.bin"
         with pages.open("wb") as out:
             for img in sorted((work / "checkpoint" / "criu").glob("pages-*.img")):
@@ -131,7 +171,7 @@ def main() -> None:
         size = pages.stat().st_size
         can_drop = drop_caches()
         res = {"image": a.image, "cores": cores, "pages_bytes": size, "frame_bytes": frame,
-               "cold_measured": can_drop, "codecs": []}
+               "cold_measured": can_drop, "shipped": layer, "codecs": []}
         if can_drop:
             reads = []
             for _ in range(a.rounds):
