@@ -2,8 +2,7 @@
 # Issue 11, "fewer bytes": would vLLM's engine forked from its API server (instead of spawned), with
 # a CRIU that stores the pages a child still shares with its parent once
 # (bench/experiments/criu-dump-cow-pages-once.patch, CRIU_DUMP_COW=1), make the checkpoint smaller
-# without making the restore slower? Measured on the CPU image; not adopted (README, "Measured, not
-# adopted").
+# without making the restore slower? Measured on the CPU image; not adopted (docs/speed.md, "Measured, not adopted").
 #
 #   bench/cpu_fork_cow.sh IMAGE     # a baked CPU image of synthetic:tiny (the README's main job)
 #

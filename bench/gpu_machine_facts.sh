@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What a GPU machine of the device kind is, beside a measurement on it: the same kind has given
-# 3B warm restores from 1.35 to 1.96 s at the same start path (README "GPU figures"), and the
+# 3B warm restores from 1.35 to 1.96 s at the same start path (docs/figures-gpu.md), and the
 # CPU-bound steps (Python's start, CRIU's memory) moved with it. CPU model and its clock, the
 # driver's persistence mode and clocks, a cold cuInit, a pure-Python loop and `import torch`:
 #   bash bench/gpu_machine_facts.sh > $OUT/machine.txt   (.ci/gpu-run setup runs it: machine.txt)
