@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -318,10 +319,20 @@ def _read_key_file(path: str) -> str:
     fix = ("; a start without the key would serve anyone: mount the file there (docker run -v KEYFILE:PATH:ro,"
            f" a secret volume) or leave {API_KEY_FILE_ENV} unset")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(65537)
+        # non-blocking: a named pipe nobody writes to would hold the start for ever at open()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ValueError(f"{API_KEY_FILE_ENV}={path}: cannot read it ({e.strerror}){fix}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # Docker's and Kubernetes' secrets are files (through a link)
+            what = "a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "not a file"
+            raise ValueError(f"{API_KEY_FILE_ENV}={path}: that is {what}, not a file holding the key{fix}")
+        raw = os.read(fd, 65537)
+    except OSError as e:
+        raise ValueError(f"{API_KEY_FILE_ENV}={path}: cannot read it ({e.strerror}){fix}") from None
+    finally:
+        os.close(fd)
     try:
         key = raw.decode()
     except UnicodeDecodeError:

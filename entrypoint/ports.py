@@ -15,7 +15,7 @@ from .errors import PortTaken
 from .launcher import arg_value, running_server, server_port
 
 
-ONE_SERVER = "a container serves once; another start needs a container of its own"
+ONE_SERVER = "one start serves at a time; another start needs a container of its own"
 
 
 def taken(port: int, host: Optional[str] = None) -> Optional[str]:
@@ -33,8 +33,8 @@ def taken(port: int, host: Optional[str] = None) -> Optional[str]:
                 return None
             server = running_server()  # `docker exec C fvboot` beside the container's own server
             if server is not None:
-                return (f"port {port} is taken by this container's own server (its served tree's init is pid"
-                        f" {server}): {ONE_SERVER}")
+                return (f"port {port} is taken by the server fvboot serves here already (its served tree's init is"
+                        f" pid {server}): {ONE_SERVER}")
             return (f"port {port} is taken in this container's network (with --network host, by a process of the"
                     f" host: `ss -ltnp 'sport = :{port}'` names it)")
     return None

@@ -12,6 +12,13 @@ from fvboot.errors import PortTaken
 from fvboot.ports import check_serving_port, taken
 
 
+@pytest.fixture(autouse=True)
+def no_served_tree_here(monkeypatch):
+    """As in a container of its own: no fvboot served tree in this PID namespace (on this host,
+    a test or CI run beside may have one)."""
+    monkeypatch.setattr(ports, "running_server", lambda: None)
+
+
 def _listener(host: str = "127.0.0.1") -> socket.socket:
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as vLLM's server binds
@@ -74,9 +81,10 @@ def test_a_port_this_containers_own_server_holds_is_said_to_be_its(monkeypatch):
     monkeypatch.setattr(ports, "running_server", lambda: 4242)
     with _listener("0.0.0.0") as other:
         port = other.getsockname()[1]
-        assert taken(port) == (f"port {port} is taken by this container's own server (its served tree's init is"
-                               " pid 4242): a container serves once; another start needs a container of its own")
+        assert taken(port) == (f"port {port} is taken by the server fvboot serves here already (its served tree's"
+                               " init is pid 4242): one start serves at a time; another start needs a container of its"
+                               " own")
         with pytest.raises(PortTaken) as e:
             check_serving_port(["vllm", "serve", "/fv/model", f"--port={port}"])
-    assert "free the port" not in str(e.value) and "own server" in str(e.value)
+    assert "free the port" not in str(e.value) and "serves here already" in str(e.value)
     assert taken(port) is None  # free: nobody is blamed
