@@ -13,7 +13,7 @@ have to store them to decompress them on every core, and times what a start woul
   compressed with gzip (what `docker push` sends; Go's default level, 6) or zstd (containerd's
   and buildx's `compression=zstd`, level 3): the bytes a node pulls, not the bytes it keeps.
 
-    python3 bench/checkpoint_compression.py IMAGE [--json OUT] [--frame-mib 16] [--rounds 3]
+    python3 bench/checkpoint_compression.py IMAGE|CHECKPOINT_FOLDER [--json OUT] [--frame-mib 16] [--rounds 3]
 
 Needs Docker and the Python packages zstandard and lz4 (`pip install -e ".[bench]"`; GPU CI carries their wheels in
 .whl/bench); the codecs run in threads (both release the GIL)."""
@@ -143,7 +143,7 @@ def decompress(packed: Path, index: list, codec: str, target: Path, size: int, c
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("image")
+    p.add_argument("image", help="a baked image, or a checkpoint folder (a host-mode bake's $FV_HOME/checkpoint)")
     p.add_argument("--json")
     p.add_argument("--frame-mib", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
@@ -154,20 +154,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fv-compress-", dir="/var/tmp"))
     target = Path("/dev/shm/fv-compress-out")
     try:
-        cid = subprocess.run(["docker", "create", "--entrypoint", "true", a.image],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        try:
-            subprocess.run(["docker", "cp", f"{cid}:/fv/checkpoint", str(work)], capture_output=True, check=True)
-        finally:
-            subprocess.run(["docker", "rm", cid], capture_output=True)
-        layer = shipped(work / "checkpoint")
+        given = Path(a.image).is_dir()  # a host-mode bake's checkpoint folder (its criu/ inside), read in place
+        checkpoint = Path(a.image) if given else work / "checkpoint"
+        if not given:
+            cid = subprocess.run(["docker", "create", "--entrypoint", "true", a.image],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+            try:
+                subprocess.run(["docker", "cp", f"{cid}:/fv/checkpoint", str(work)], capture_output=True, check=True)
+            finally:
+                subprocess.run(["docker", "rm", cid], capture_output=True)
+        layer = shipped(checkpoint)
         print(json.dumps({"shipped (the checkpoint layer through a registry)": layer}), flush=True)
         pages = work / "pages.bin"
         with pages.open("wb") as out:
-            for img in sorted((work / "checkpoint" / "criu").glob("pages-*.img")):
+            for img in sorted((checkpoint / "criu").glob("pages-*.img")):
                 with img.open("rb") as f:
                     shutil.copyfileobj(f, out, 8 << 20)
-        shutil.rmtree(work / "checkpoint")
+        if not given:
+            shutil.rmtree(checkpoint)
         size = pages.stat().st_size
         can_drop = drop_caches()
         res = {"image": a.image, "cores": cores, "pages_bytes": size, "frame_bytes": frame,
