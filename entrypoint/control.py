@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .errors import ServerDied, ServerError
-from .layout import ADMIN_HEADER
+from .layout import ADMIN_HEADER, ADMIN_REFUSED
 
 # Fixed prompts whose greedy answers are recorded at bake and compared after restore: 4 tokens
 # each, the prefill and 3 decode steps (~6 ms a step on the CPU image; the weights and every
@@ -51,6 +51,13 @@ class ServerControl:
                 raw = r.read()
         except urllib.error.HTTPError as e:  # the server's own answer: say what it was
             detail = e.read().decode(errors="replace").strip().replace("\n", " ")[:400]
+            if admin and e.code == 403 and ADMIN_REFUSED in detail:
+                # only another start's server refuses this start's token: with the host's network two
+                # restored servers can share the port (vLLM's socket has SO_REUSEPORT), and the
+                # kernel hands each connection to either
+                raise ServerError(f"{method} {path} was refused by a server that does not know this start's admin"
+                                  f" token: another server listens on {self.base} beside this start's (with the"
+                                  " host's network, a container started at the same time?)") from None
             raise ServerError(f"{method} {path} answered {e.code}: {detail}") from None
         except TimeoutError:  # connected, then silence: a stuck server, not a slow network
             raise ServerError(f"{method} {path} got no answer within {timeout:g} s") from None

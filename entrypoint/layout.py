@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ADMIN_HEADER = b"x-fastvllm-admin"  # carries the per-start admin token (middleware, control)
+# what the middleware answers (403) to an admin route called without this start's token
+ADMIN_REFUSED = "this endpoint is reserved to fvboot"
 # The server learns where its runtime settings are from this variable, set once at bake: the
 # middleware's environment is frozen in the checkpoint, so a restore writes to the same path.
 RUNTIME_FILE_ENV = "FV_RUNTIME_FILE"

@@ -36,7 +36,7 @@ import sys
 import time
 
 from . import runenv
-from .layout import ADMIN_HEADER, RUNTIME_FILE_ENV
+from .layout import ADMIN_HEADER, ADMIN_REFUSED, RUNTIME_FILE_ENV
 from .metrics import exposition
 from .served_metrics import zero_served_counts
 
@@ -200,7 +200,7 @@ class GateMiddleware:
                 return await self.app(scope, receive, send)
             return await self._reply(scope, send, 404, {"error": "not found"})
         if path in ADMIN_PATHS:
-            return await self._reply(scope, send, 403, {"error": "this endpoint is reserved to fvboot"})
+            return await self._reply(scope, send, 403, {"error": ADMIN_REFUSED})
         if not is_public(path):
             return await self._reply(scope, send, 404, {"error": "not found"})
         if not self._key_ok(scope, path):

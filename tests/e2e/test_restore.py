@@ -1006,6 +1006,44 @@ def test_a_port_another_process_holds_ends_the_start_at_once_with_the_reason(bak
     assert probed == [], "no request may reach another server on the port"
 
 
+def test_two_containers_started_at_once_on_the_hosts_network_never_answer_wrong(baked_image, manifest, port_free):
+    """`docker run` twice at once with the host's network (compose's `scale` with `network_mode:
+    host`; tried by hand, 2026-12-06): both pass the port's check before either restores, and
+    both restored servers listen on the port (vLLM's socket has SO_REUSEPORT), the kernel handing
+    each connection to either. Each start ends serving what the bake served or exits 1 saying why
+    (a server not its own refused its calls, the port is taken); whatever serves answers as baked."""
+    port = manifest["vllm"]["port"]
+    with ThreadPoolExecutor(2) as pool:
+        starts = list(pool.map(lambda _: Container(baked_image), range(2)))
+    try:
+        deadline = time.monotonic() + 600
+        states: dict[str, str] = {}
+        while len(states) < 2 and time.monotonic() < deadline:
+            for c in starts:
+                status = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", c.id],
+                                        capture_output=True, text=True).stdout.split()
+                if status[0] == "exited":
+                    states[c.id] = f"exited {status[1]}"
+                elif '"event": "ready"' in c.logs():
+                    states[c.id] = "serving"
+            time.sleep(0.5)
+        assert len(states) == 2, {c.id: c.logs()[-2000:] for c in starts}
+        for c in starts:
+            logs = c.logs()
+            if states[c.id] != "serving":
+                assert states[c.id] == "exited 1", (states[c.id], logs[-3000:])
+                assert f"port {port} is taken" in logs, logs[-3000:]
+                said = _fallback_line(logs)
+                assert "answered 403" not in said, said  # the other server's refusal is named as such
+                assert "Traceback" not in logs, logs[-3000:]
+        if "serving" in states.values():
+            for _ in range(3):  # each connection may reach either server
+                _assert_same_as_bake(manifest)
+    finally:
+        for c in starts:
+            c.__exit__()
+
+
 def test_manifest_from_another_device_falls_back(baked_image, port_free):
     other = "cuda" if e2e_device() == "cpu" else "cpu"
     _refused_before_restore(

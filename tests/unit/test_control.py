@@ -77,6 +77,25 @@ def test_another_server_on_the_port_is_not_taken_for_ours():
             ServerControl(port, "a token of another start", "m").wait_healthy(5, lambda: True)
 
 
+def test_an_admin_call_another_starts_server_refuses_says_another_server_shares_the_port():
+    """Two containers of an image started at once with the host's network (tried by hand,
+    2026-12-06): both restored servers listen on the port (vLLM's socket has SO_REUSEPORT), the
+    kernel hands fvboot's calls to either, and the other's middleware refuses this start's token.
+    The start falls back saying so, not "answered 403: this endpoint is reserved to fvboot"."""
+    from fvboot.control import ServerControl
+    from fvboot.errors import ServerError
+    from fvboot.layout import ADMIN_REFUSED
+
+    with _server(lambda *_: (403, {"error": ADMIN_REFUSED})) as port:
+        with pytest.raises(ServerError, match=rf"^POST /collective_rpc was refused by a server that does not know this"
+                                              rf" start's admin token: another server listens on http://127.0.0.1:{port}"
+                                              " beside this start's"):
+            ServerControl(port, "token", "m").rpc("fv_dump_weights", "/x")
+    with _server(lambda *_: (403, {"error": "Forbidden"})) as port:  # any other 403 is said as it came
+        with pytest.raises(ServerError, match="answered 403: .*Forbidden"):
+            ServerControl(port, "token", "m").rpc("fv_dump_weights", "/x")
+
+
 def test_a_server_that_takes_the_call_and_stays_silent_is_a_bounded_error():
     """As a restored tree whose GPU state did not come back: it accepts the connection, then never
     answers. The call ends at its bound, named, and that ends the restore (fallback)."""
