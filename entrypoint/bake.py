@@ -23,10 +23,11 @@ from .capabilities import RUN_WITH
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
 from .launcher import (Pipes, ServedTree, library_settings, server_env, tree_processes, vllm_command,
-                       vllm_settings, write_runtime_settings)
+                       vllm_settings)
 from .layout import Layout
 from .models import detach_build_inputs, prepare_model, readable_by_all
 from .output import write_line
+from .runtime_file import write_runtime_settings
 from .timeline import Timeline
 
 WARMUP_PROMPT = "Warm-up request number {i}: the quick brown fox jumps over the lazy dog and"

@@ -7,12 +7,9 @@ pipes in their place.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import secrets
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -285,7 +282,6 @@ def take_model_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
     return rest, named if named is not None else first
 
 
-API_KEY_ENVS = ("FV_API_KEY", "VLLM_API_KEY")  # docker run -e ...: clients must send it
 API_KEY_ARG = "--api-key"  # docker run IMAGE --api-key KEY, as with vLLM's own image
 
 
@@ -296,105 +292,6 @@ def take_api_key_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
     ValueError for `--api-key` without a value."""
     return take_option(args, API_KEY_ARG, "--api-key needs a value: docker run IMAGE --api-key KEY (or docker run"
                        " -e FV_API_KEY=KEY)")
-
-
-API_KEY_FILE_ENV = "FV_API_KEY_FILE"  # a file holding the key: Docker's secrets, a mounted Kubernetes secret
-
-
-def _key_sources(env: dict, arg: Optional[str]) -> dict[str, str]:
-    """Where a key was given (FV_API_KEY, VLLM_API_KEY, FV_API_KEY_FILE's file, --api-key) -> the
-    key as given. ValueError where FV_API_KEY_FILE names a file that gives no key."""
-    given = {k: env[k] for k in API_KEY_ENVS if env.get(k, "").strip()}
-    path = env.get(API_KEY_FILE_ENV, "").strip()
-    if path:
-        given[API_KEY_FILE_ENV] = _read_key_file(path)
-    if arg is not None and arg.strip():
-        given[API_KEY_ARG] = arg
-    return given
-
-
-def _read_key_file(path: str) -> str:
-    """The key in the file at PATH. ValueError where it cannot be read or holds none: the
-    operator asked for a key, and a start without one would serve anyone."""
-    fix = ("; a start without the key would serve anyone: mount the file there (docker run -v KEYFILE:PATH:ro,"
-           f" a secret volume) or leave {API_KEY_FILE_ENV} unset")
-    try:
-        # non-blocking: a named pipe nobody writes to would hold the start for ever at open()
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise ValueError(f"{API_KEY_FILE_ENV}={path}: cannot read it ({e.strerror}){fix}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # Docker's and Kubernetes' secrets are files (through a link)
-            what = "a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "not a file"
-            raise ValueError(f"{API_KEY_FILE_ENV}={path}: that is {what}, not a file holding the key{fix}")
-        raw = os.read(fd, 65537)
-    except OSError as e:
-        raise ValueError(f"{API_KEY_FILE_ENV}={path}: cannot read it ({e.strerror}){fix}") from None
-    finally:
-        os.close(fd)
-    try:
-        key = raw.decode()
-    except UnicodeDecodeError:
-        key = ""
-    if len(raw) > 65536 or not key.strip():
-        what = "not a key (over 64 KiB)" if len(raw) > 65536 else "empty" if not raw.strip() else "not text"
-        raise ValueError(f"{API_KEY_FILE_ENV}={path}: the file is {what}{fix}")
-    return key
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """The key clients must send at this start (None: an open API) and the log line saying so;
-    resolved once a start, so that FV_API_KEY_FILE's file is read once."""
-    key: Optional[str]
-    line: str
-
-
-def resolve_api_key(env: dict, arg: Optional[str] = None) -> ApiKey:
-    """The key from FV_API_KEY, VLLM_API_KEY, the file FV_API_KEY_FILE names or the run's
-    --api-key (ARG); None (an open API) where none is set or the one set is empty (compose's
-    `${FV_API_KEY:-}`; an empty file is refused: _read_key_file).
-    White space at its ends is left out: HTTP trims it from a header, so no client could send
-    it, and a Kubernetes secret made from a file keeps the file's last newline. ValueError for
-    two different keys, or a key file that gives none."""
-    given = _key_sources(env, arg)
-    keys = {k: v.strip() for k, v in given.items()}
-    if len(set(keys.values())) > 1:
-        names = list(keys)
-        both = "both" if len(names) == 2 else "all"
-        raise ValueError(f"{' and '.join(names)} are {both} set, to different keys; set one of them")
-    return ApiKey(next(iter(keys.values()), None), _key_line(env, arg, given))
-
-
-def api_key(env: dict, arg: Optional[str] = None) -> Optional[str]:
-    """resolve_api_key's key."""
-    return resolve_api_key(env, arg).key
-
-
-def api_key_line(env: dict, arg: Optional[str] = None) -> str:
-    """resolve_api_key's line."""
-    return resolve_api_key(env, arg).line
-
-
-def _key_line(env: dict, arg: Optional[str], given: dict[str, str]) -> str:
-    """One line for the log saying whether clients need a key, and where it came from: an empty
-    variable or a key trimmed is said, not guessed at by the operator from a 401."""
-    if not given:
-        empty = [k for k in API_KEY_ENVS if k in env] + ([API_KEY_ARG] if arg is not None else [])
-        return (f"{' and '.join(empty)} empty: clients need no API key" if empty
-                else "clients need no API key (FV_API_KEY sets one)")
-    name, key = next(iter(given.items()))
-    where = "given as --api-key" if name == API_KEY_ARG else \
-        f"in the file {env[name].strip()} ({name})" if name == API_KEY_FILE_ENV else f"in {name}"
-    # a file's last newline is what a file has: said only for a variable or an argument
-    trimmed = " (white space at its ends left out)" if key != key.strip() and name != API_KEY_FILE_ENV else ""
-    core = key.strip()
-    # `docker run --env-file` and compose's env files of old keep a value's quotes: kept in the key
-    # (it may be meant), said, so that a 401 for every client is not a riddle
-    quoted = " (its quotes are part of it: `docker run --env-file` keeps a value's quotes)" \
-        if len(core) >= 2 and core[0] == core[-1] and core[0] in "\"'" else ""
-    return f"clients must send the API key {where}{trimmed}{quoted} as `Authorization: Bearer <key>`"
 
 
 def is_secret_option(name: str) -> bool:
@@ -423,48 +320,6 @@ def shown_args(args: list[str]) -> list[str]:
     return out
 
 
-def runtime_settings(env: Optional[dict] = None, api_key_arg: Optional[str] = None,
-                     key: Optional[ApiKey] = None) -> dict:
-    """What `docker run` can set for the server's middleware at each start (the server's own
-    environment is frozen at bake): the API key clients must present (-e FV_API_KEY, or the
-    run's --api-key, API_KEY_ARG; KEY where the start resolved it already), the gate's wait."""
-    env = os.environ if env is None else env
-    out: dict = {}
-    key = key or resolve_api_key(env, api_key_arg)
-    if key.key:
-        out["api_key"] = key.key
-    if (env.get("FV_GATE_WAIT_S") or "").strip():
-        out["gate_wait_s"] = float(runenv.SETTINGS["FV_GATE_WAIT_S"].parse(env["FV_GATE_WAIT_S"]))
-    return out
-
-
-def add_runtime_info(path: Path, **info) -> None:
-    """Add INFO (e.g. `startup=`) to this start's runtime file, keeping its token; atomic, 0600."""
-    _write_private_json(path, {**json.loads(path.read_text()), **info})
-
-
-def write_runtime_settings(path: Path, settings: Optional[dict] = None) -> str:
-    """Write this start's runtime settings (SETTINGS plus a fresh admin token) for the server's
-    middleware and return the token. Each start (bake, restore, normal start) gets its own
-    token: it is in no image layer and no checkpoint, and no two containers share it.
-    Root-only (0600), replaced atomically so the middleware never reads half a file."""
-    token = secrets.token_hex(32)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write_private_json(path, {**(settings or {}), "admin_token": token})
-    return token
-
-
-def _write_private_json(path: Path, data: dict) -> None:
-    """DATA as JSON at PATH, root-only (0600) and replaced atomically: the file holds the token."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-# An event line of the middleware's, as the server prints it: vLLM may put its process prefix in
-# front ("(APIServer pid=2) ", coloured where the output is a terminal) when it runs more processes.
 _EVENT_LINE = re.compile(rb"^(?:\x1b\[[0-9;]*m)?(?:\([^)\n]*\)(?:\x1b\[[0-9;]*m)? )?fvboot-event (.*)$")
 
 

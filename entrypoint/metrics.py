@@ -1,7 +1,7 @@
 """fvboot's own Prometheus metrics, served on vLLM's `/metrics` next to vLLM's.
 
 fvboot (PID 1) knows how the server started: it writes the path taken and the start-up timeline
-into this start's runtime file once the server is up (`launcher.add_runtime_info`); the gate
+into this start's runtime file once the server is up (`runtime_file.add_runtime_info`); the gate
 middleware, inside the server, adds these lines to every `/metrics` answer:
 
     fastvllm_start_path{path="restored",reason=""} 1

@@ -9,7 +9,7 @@ Two jobs, both inside the server process so they survive checkpoint and restore:
   (its dev mode adds routes with every release: /weight_checker, /abort_requests, ...) is
   refused, so a new route is closed until someone opens it here. fvboot makes a new token at
   every start and writes it to a root-only runtime file outside FV_HOME
-  (launcher.write_runtime_settings): it is in no image layer, and each container has its own.
+  (runtime_file.write_runtime_settings): it is in no image layer, and each container has its own.
   The file's path comes from FV_RUNTIME_FILE, set at bake, so the restored middleware (whose
   environment is the bake's) finds this start's file at the same path; it is opened, read and
   closed per check, so no descriptor is held across the checkpoint.

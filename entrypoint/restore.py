@@ -27,12 +27,13 @@ from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, ServerError
 from .launcher import (Pipes, adds_nothing, arg_value, args_from_env, library_settings, load_settings, shown_args,
-                       vllm_settings, vllm_settings_changed, write_runtime_settings)
+                       vllm_settings, vllm_settings_changed)
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
 from .output import log
 from .pagecheck import PageCheck
 from .prefetch import Residency
+from .runtime_file import write_runtime_settings
 from .timeline import Timeline
 from .weight_stager import Stager
 

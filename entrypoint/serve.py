@@ -25,8 +25,8 @@ from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, FvBootError, ServerDied, Stopped
-from .launcher import (Pipes, ServedTree, add_runtime_info, arg_value, args_from_env, server_env, server_port,
-                       shown_args, vllm_command, write_runtime_settings)
+from .launcher import (Pipes, ServedTree, arg_value, args_from_env, server_env, server_port,
+                       shown_args, vllm_command)
 from .layout import Layout
 from .manifest import Manifest
 from .oom import OomWatch
@@ -36,6 +36,7 @@ from .pagecheck import PageCheck
 from .prefetch import prefetch
 from .restore import RestoredTree
 from .rlimits import too_few_open_files
+from .runtime_file import add_runtime_info, write_runtime_settings
 from .start_inputs import read_start_inputs
 from .timeline import Timeline
 

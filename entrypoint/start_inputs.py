@@ -10,16 +10,18 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from . import runenv
+from .api_keys import resolve_api_key
 from .errors import CheckpointUnusable, FvBootError
-from .launcher import resolve_api_key, runtime_settings, take_api_key_arg, take_model_arg
+from .launcher import take_api_key_arg, take_model_arg
 from .layout import Layout
 from .restore import read_checkpoint_manifest
+from .runtime_file import runtime_settings
 
 
 @dataclass(frozen=True)
 class StartInputs:
     run_args: list[str]  # vLLM's, after the baked command
-    settings: dict  # launcher.runtime_settings: the key clients must send, the gate's wait
+    settings: dict  # runtime_file.runtime_settings: the key clients must send, the gate's wait
     notes: tuple[str, ...]  # lines to say before the start goes on
 
 

@@ -84,7 +84,7 @@ def test_each_start_writes_a_new_root_only_token_the_middleware_follows(monkeypa
     import os
     import stat
 
-    from fvboot.launcher import write_runtime_settings
+    from fvboot.runtime_file import write_runtime_settings
 
     path = tmp_path / "run" / "runtime.json"
     monkeypatch.setenv("FV_RUNTIME_FILE", str(path))

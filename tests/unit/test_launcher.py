@@ -142,7 +142,8 @@ def test_a_model_option_without_a_value_is_refused():
 
 
 def test_the_runs_api_key_is_the_key_and_is_said_where_it_came_from():
-    from fvboot.launcher import api_key_line, runtime_settings
+    from fvboot.api_keys import api_key_line
+    from fvboot.runtime_file import runtime_settings
 
     assert runtime_settings({}, "k-9\n")["api_key"] == "k-9"
     assert runtime_settings({"FV_API_KEY": "k-9"}, "k-9")["api_key"] == "k-9"

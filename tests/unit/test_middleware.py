@@ -156,7 +156,7 @@ def test_lifespan_passes_through(mw):
 
 def _start(tmp_path, monkeypatch, **env):
     """A start as fvboot serve makes it: settings from the environment into the runtime file."""
-    from fvboot.launcher import runtime_settings, write_runtime_settings
+    from fvboot.runtime_file import runtime_settings, write_runtime_settings
 
     path = tmp_path / "run" / "runtime.json"
     monkeypatch.setenv("FV_RUNTIME_FILE", str(path))
@@ -198,7 +198,7 @@ def test_gate_wait_is_a_docker_run_setting(monkeypatch, tmp_path):
 
 
 def test_bad_gate_wait_is_named():
-    from fvboot.launcher import runtime_settings
+    from fvboot.runtime_file import runtime_settings
 
     with pytest.raises(ValueError, match="FV_GATE_WAIT_S='soon'"):
         runtime_settings({"FV_GATE_WAIT_S": "soon"})
@@ -225,7 +225,8 @@ def test_cors_preflight_needs_no_api_key(monkeypatch, tmp_path):
 
 
 def test_an_empty_api_key_means_open_and_the_log_says_so():
-    from fvboot.launcher import api_key_line, runtime_settings
+    from fvboot.api_keys import api_key_line
+    from fvboot.runtime_file import runtime_settings
 
     assert "api_key" not in runtime_settings({"FV_API_KEY": ""})  # compose's ${FV_API_KEY:-}
     assert "api_key" not in runtime_settings({"FV_API_KEY": " \n"})
@@ -234,7 +235,7 @@ def test_an_empty_api_key_means_open_and_the_log_says_so():
 
 
 def test_a_key_from_a_secrets_file_loses_its_last_newline_and_the_log_says_so(monkeypatch, tmp_path):
-    from fvboot.launcher import api_key_line
+    from fvboot.api_keys import api_key_line
 
     mw, _ = _start(tmp_path, monkeypatch, FV_API_KEY="k-123\n")  # kubectl create secret --from-file
     assert call(mw, "/v1/models", headers=[(b"authorization", b"Bearer k-123")]) == 200
@@ -244,7 +245,7 @@ def test_a_key_from_a_secrets_file_loses_its_last_newline_and_the_log_says_so(mo
 
 
 def test_two_different_keys_are_refused_and_the_same_one_twice_is_not(monkeypatch, tmp_path):
-    from fvboot.launcher import runtime_settings
+    from fvboot.runtime_file import runtime_settings
 
     with pytest.raises(ValueError, match="FV_API_KEY and VLLM_API_KEY are both set, to different keys"):
         runtime_settings({"FV_API_KEY": "a", "VLLM_API_KEY": "b"})
@@ -256,7 +257,8 @@ def test_a_key_in_quotes_is_kept_and_its_quotes_are_said():
     """`FV_API_KEY="k"` in a `docker run --env-file` file (tried as an operator would, 2026-12-06):
     Docker keeps the quotes, so the key is `"k"` and a client sending `k` gets 401 with nothing
     said. Kept (a key may hold quotes), and said."""
-    from fvboot.launcher import api_key_line, runtime_settings
+    from fvboot.api_keys import api_key_line
+    from fvboot.runtime_file import runtime_settings
 
     env = {"FV_API_KEY": '"k-quoted"'}
     assert runtime_settings(env)["api_key"] == '"k-quoted"'

@@ -94,14 +94,14 @@ def test_a_start_reads_the_key_file_once_and_a_named_pipe_is_refused_without_wai
     """The key file is read once a start, for the key and its log line both (twice until
     2026-12-06). A named pipe there is refused at once: opened for reading, one nobody writes
     to would have held the start for ever (Docker's and Kubernetes' secrets are files)."""
-    from fvboot import launcher
+    from fvboot import api_keys
 
     layout = _baked(tmp_path)
     key_file = tmp_path / "fv_key"
     key_file.write_text("s3cret\n")
     reads = []
-    read_key_file = launcher._read_key_file
-    monkeypatch.setattr(launcher, "_read_key_file", lambda path: reads.append(path) or read_key_file(path))
+    read_key_file = api_keys._read_key_file
+    monkeypatch.setattr(api_keys, "_read_key_file", lambda path: reads.append(path) or read_key_file(path))
     inputs = read_start_inputs(layout, [], {"FV_API_KEY_FILE": str(key_file)})
     assert inputs.settings["api_key"] == "s3cret" and reads == [str(key_file)]
     fifo = tmp_path / "fv_pipe"
