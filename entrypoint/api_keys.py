@@ -82,16 +82,6 @@ def resolve_api_key(env: dict, arg: Optional[str] = None) -> ApiKey:
     return ApiKey(next(iter(keys.values()), None), _key_line(env, arg, given))
 
 
-def api_key(env: dict, arg: Optional[str] = None) -> Optional[str]:
-    """resolve_api_key's key."""
-    return resolve_api_key(env, arg).key
-
-
-def api_key_line(env: dict, arg: Optional[str] = None) -> str:
-    """resolve_api_key's line."""
-    return resolve_api_key(env, arg).line
-
-
 def _key_line(env: dict, arg: Optional[str], given: dict[str, str]) -> str:
     """One line for the log saying whether clients need a key, and where it came from: an empty
     variable or a key trimmed is said, not guessed at by the operator from a 401."""

@@ -320,6 +320,8 @@ def shown_args(args: list[str]) -> list[str]:
     return out
 
 
+# An event line of the middleware's, as the server prints it: vLLM may put its process prefix in
+# front ("(APIServer pid=2) ", coloured where the output is a terminal) when it runs more processes.
 _EVENT_LINE = re.compile(rb"^(?:\x1b\[[0-9;]*m)?(?:\([^)\n]*\)(?:\x1b\[[0-9;]*m)? )?fvboot-event (.*)$")
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 from . import runenv
 from .api_keys import ApiKey, resolve_api_key
 
+
 def runtime_settings(env: Optional[dict] = None, api_key_arg: Optional[str] = None,
                      key: Optional[ApiKey] = None) -> dict:
     """What `docker run` can set for the server's middleware at each start (the server's own
@@ -51,7 +52,3 @@ def _write_private_json(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)
-
-
-# An event line of the middleware's, as the server prints it: vLLM may put its process prefix in
-# front ("(APIServer pid=2) ", coloured where the output is a terminal) when it runs more processes.

@@ -142,13 +142,14 @@ def test_a_model_option_without_a_value_is_refused():
 
 
 def test_the_runs_api_key_is_the_key_and_is_said_where_it_came_from():
-    from fvboot.api_keys import api_key_line
+    from fvboot.api_keys import resolve_api_key
     from fvboot.runtime_file import runtime_settings
 
     assert runtime_settings({}, "k-9\n")["api_key"] == "k-9"
     assert runtime_settings({"FV_API_KEY": "k-9"}, "k-9")["api_key"] == "k-9"
-    assert api_key_line({}, "k-9") == "clients must send the API key given as --api-key as `Authorization: Bearer <key>`"
-    assert api_key_line({}, "") == "--api-key empty: clients need no API key"
+    assert resolve_api_key({}, "k-9").line == ("clients must send the API key given as --api-key as"
+                                               " `Authorization: Bearer <key>`")
+    assert resolve_api_key({}, "").line == "--api-key empty: clients need no API key"
     with pytest.raises(ValueError, match="FV_API_KEY and --api-key are both set, to different keys"):
         runtime_settings({"FV_API_KEY": "a"}, "b")
     with pytest.raises(ValueError, match="FV_API_KEY and VLLM_API_KEY and --api-key are all set, to different keys"):

@@ -225,23 +225,23 @@ def test_cors_preflight_needs_no_api_key(monkeypatch, tmp_path):
 
 
 def test_an_empty_api_key_means_open_and_the_log_says_so():
-    from fvboot.api_keys import api_key_line
+    from fvboot.api_keys import resolve_api_key
     from fvboot.runtime_file import runtime_settings
 
     assert "api_key" not in runtime_settings({"FV_API_KEY": ""})  # compose's ${FV_API_KEY:-}
     assert "api_key" not in runtime_settings({"FV_API_KEY": " \n"})
-    assert api_key_line({"FV_API_KEY": ""}) == "FV_API_KEY empty: clients need no API key"
-    assert api_key_line({}) == "clients need no API key (FV_API_KEY sets one)"
+    assert resolve_api_key({"FV_API_KEY": ""}).line == "FV_API_KEY empty: clients need no API key"
+    assert resolve_api_key({}).line == "clients need no API key (FV_API_KEY sets one)"
 
 
 def test_a_key_from_a_secrets_file_loses_its_last_newline_and_the_log_says_so(monkeypatch, tmp_path):
-    from fvboot.api_keys import api_key_line
+    from fvboot.api_keys import resolve_api_key
 
     mw, _ = _start(tmp_path, monkeypatch, FV_API_KEY="k-123\n")  # kubectl create secret --from-file
     assert call(mw, "/v1/models", headers=[(b"authorization", b"Bearer k-123")]) == 200
     assert call(mw, "/v1/models") == 401
-    assert "white space at its ends left out" in api_key_line({"FV_API_KEY": "k-123\n"})
-    assert "left out" not in api_key_line({"FV_API_KEY": "k-123"})
+    assert "white space at its ends left out" in resolve_api_key({"FV_API_KEY": "k-123\n"}).line
+    assert "left out" not in resolve_api_key({"FV_API_KEY": "k-123"}).line
 
 
 def test_two_different_keys_are_refused_and_the_same_one_twice_is_not(monkeypatch, tmp_path):
@@ -257,11 +257,13 @@ def test_a_key_in_quotes_is_kept_and_its_quotes_are_said():
     """`FV_API_KEY="k"` in a `docker run --env-file` file (tried as an operator would, 2026-12-06):
     Docker keeps the quotes, so the key is `"k"` and a client sending `k` gets 401 with nothing
     said. Kept (a key may hold quotes), and said."""
-    from fvboot.api_keys import api_key_line
+    from fvboot.api_keys import resolve_api_key
     from fvboot.runtime_file import runtime_settings
 
     env = {"FV_API_KEY": '"k-quoted"'}
     assert runtime_settings(env)["api_key"] == '"k-quoted"'
-    assert api_key_line(env) == ("clients must send the API key in FV_API_KEY (its quotes are part of it: `docker run"
-                                 " --env-file` keeps a value's quotes) as `Authorization: Bearer <key>`")
-    assert "quotes" not in api_key_line({"FV_API_KEY": "'k"}) and "quotes" not in api_key_line({"FV_API_KEY": '"'})
+    assert resolve_api_key(env).line == ("clients must send the API key in FV_API_KEY (its quotes are part of it:"
+                                         " `docker run --env-file` keeps a value's quotes) as `Authorization: Bearer"
+                                         " <key>`")
+    assert "quotes" not in resolve_api_key({"FV_API_KEY": "'k"}).line
+    assert "quotes" not in resolve_api_key({"FV_API_KEY": '"'}).line
