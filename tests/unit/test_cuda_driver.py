@@ -30,7 +30,8 @@ def test_uuid_text_is_the_manifests_spelling():
     assert uuid_text(raw) == "GPU-6e03ce3c-4f40-5da6-182f-72dd3e3106cd"
 
 
-@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine without a CUDA driver")
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"),
+                    reason="needs a machine without a CUDA driver: this one has /dev/nvidiactl")
 def test_no_driver_is_one_clear_error():
     with pytest.raises(CudaError, match=r"^no CUDA driver here \(libcuda.so.1: "):
         Driver()

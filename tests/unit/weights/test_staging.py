@@ -178,7 +178,8 @@ def test_the_stagers_check_passes_the_dump_and_names_a_flipped_bit(fvw):
         flip_bit(path, off)
 
 
-@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine without a CUDA driver")
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"),
+                    reason="needs a machine without a CUDA driver: this one has /dev/nvidiactl")
 def test_the_real_stager_without_a_cuda_driver_says_why_and_the_restore_goes_on(fvw):
     """The stager process itself (python -m fvboot.weight_stager) on this machine: it reads and
     maps the dump, finds no driver, says so and ends; the restore's side reports the reason at
