@@ -72,14 +72,28 @@ def resolve_api_key(env: dict, arg: Optional[str] = None) -> ApiKey:
     `${FV_API_KEY:-}`; an empty file is refused: _read_key_file).
     White space at its ends is left out: HTTP trims it from a header, so no client could send
     it, and a Kubernetes secret made from a file keeps the file's last newline. ValueError for
-    two different keys, or a key file that gives none."""
+    two different keys, a key with a control character inside it (a line break: no header can
+    carry it), or a key file that gives none."""
     given = _key_sources(env, arg)
     keys = {k: v.strip() for k, v in given.items()}
+    for name, key in keys.items():
+        if any(ord(c) < 32 or ord(c) == 127 for c in key):
+            # a secret file of two lines, a key pasted with a line break: no HTTP header can
+            # carry it, so every client would get 401 with nothing said
+            where = _where(env, name)
+            raise ValueError(f"the API key {where} holds a line break or another control character inside it,"
+                             " which no client can send in an HTTP header: give the key alone, on one line")
     if len(set(keys.values())) > 1:
         names = list(keys)
         both = "both" if len(names) == 2 else "all"
         raise ValueError(f"{' and '.join(names)} are {both} set, to different keys; set one of them")
     return ApiKey(next(iter(keys.values()), None), _key_line(env, arg, given))
+
+
+def _where(env: dict, name: str) -> str:
+    """Where the key NAME stands for was given, in the log's words."""
+    return "given as --api-key" if name == API_KEY_ARG else \
+        f"in the file {env[name].strip()} ({name})" if name == API_KEY_FILE_ENV else f"in {name}"
 
 
 def _key_line(env: dict, arg: Optional[str], given: dict[str, str]) -> str:
@@ -90,8 +104,7 @@ def _key_line(env: dict, arg: Optional[str], given: dict[str, str]) -> str:
         return (f"{' and '.join(empty)} empty: clients need no API key" if empty
                 else "clients need no API key (FV_API_KEY sets one)")
     name, key = next(iter(given.items()))
-    where = "given as --api-key" if name == API_KEY_ARG else \
-        f"in the file {env[name].strip()} ({name})" if name == API_KEY_FILE_ENV else f"in {name}"
+    where = _where(env, name)
     # a file's last newline is what a file has: said only for a variable or an argument
     trimmed = " (white space at its ends left out)" if key != key.strip() and name != API_KEY_FILE_ENV else ""
     core = key.strip()

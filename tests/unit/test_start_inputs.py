@@ -90,6 +90,27 @@ def test_a_key_file_gives_the_key_and_a_file_that_gives_none_ends_the_start(tmp_
             read_start_inputs(layout, [], {"FV_API_KEY_FILE": str(path)})
 
 
+@pytest.mark.parametrize("where, env, argv", [
+    ("in the file {file} (FV_API_KEY_FILE)", {"FV_API_KEY_FILE": "{file}"}, []),
+    ("in FV_API_KEY", {"FV_API_KEY": "k-first\r\nk-second"}, []),
+    ("given as --api-key", {}, ["--api-key", "k-first\tk-second"]),
+], ids=["file", "env", "argument"])
+def test_a_key_with_a_line_break_inside_ends_the_start_at_once(tmp_path, where, env, argv):
+    """A secret file of two lines (a key and a comment; tried as an operator would, 2026-12-06):
+    the key held the line break, no client could send it, and every request got 401 with
+    nothing said. Now the start ends at once saying why; the file's last newline is still fine."""
+    layout = _baked(tmp_path)
+    key_file = tmp_path / "fv_key"
+    key_file.write_text("k-first\n# rotated 2026-12\n")
+    env = {k: v.format(file=key_file) for k, v in env.items()}
+    with pytest.raises(FvBootError, match=re.escape(
+            f"the API key {where.format(file=key_file)} holds a line break or another control character inside it")):
+        read_start_inputs(layout, argv, env)
+    key_file.write_text("k-first\n")
+    assert read_start_inputs(layout, [], {"FV_API_KEY_FILE": str(key_file)}).notes[-1].startswith(
+        "clients must send the API key in the file")
+
+
 def test_a_start_reads_the_key_file_once_and_a_named_pipe_is_refused_without_waiting(tmp_path, monkeypatch):
     """The key file is read once a start, for the key and its log line both (twice until
     2026-12-06). A named pipe there is refused at once: opened for reading, one nobody writes
