@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from . import (__version__, capabilities, criu, cuda_checkpoint_service, errors, manifest, ports, runenv, sockets,
-               zeropages)
+from . import (__version__, capabilities, criu, cuda_checkpoint_service, errors, manifest, packages, ports, runenv,
+               sockets, zeropages)
 from .capabilities import RUN_WITH
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
@@ -195,6 +195,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         probe=probe,
         probe_together=probe_together,
         timeline=tl.as_dict(),
+        packages=packages.installed(packages.site_folders()),
     )
     manifest.write(layout.manifest, m)
     tl.mark("manifest written")

@@ -441,10 +441,13 @@ class Manifest:
     # the probe's answers to one request of all its prompts, where the bake's tries agreed
     # (ServerControl.probe_together): a restore asks that way first
     probe_together: Optional[tuple[ProbeAnswer, ...]] = None
+    # each site folder of the served Python -> its package entries (fvboot.packages): a start
+    # that finds them otherwise gets the normal start
+    packages: Optional[Mapping[str, tuple[str, ...]]] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _KEYS = ("format", "fvboot_version", "baked_at", "model", "vllm", "runtime_file", "criu", "device",
-             "pipes", "weights", "processes", "trim", "files", "probe", "probe_together", "timeline")
+             "pipes", "weights", "processes", "trim", "files", "probe", "probe_together", "timeline", "packages")
 
     @classmethod
     def from_json(cls, d: Any) -> "Manifest":
@@ -456,6 +459,8 @@ class Manifest:
         criu_d = _obj(d, "", "criu", None)
         timeline = _get(d, "", "timeline", lambda v: _is_obj(v) and all(map(_is_num, v.values())),
                         "an object of numbers", None)
+        packages = _get(d, "", "packages", lambda v: _is_obj(v) and all(map(_is_str_list, v.values())),
+                        "an object of lists of strings", None)
         return cls(format=FORMAT,
                    fvboot_version=_get(d, "", "fvboot_version", _is_str, "a string", None),
                    baked_at=_get(d, "", "baked_at", _is_str, "a string", None),
@@ -472,6 +477,7 @@ class Manifest:
                    probe=_items(d, "", "probe", ProbeAnswer.from_json),
                    probe_together=_items(d, "", "probe_together", ProbeAnswer.from_json, None),
                    timeline=timeline,
+                   packages=None if packages is None else {k: tuple(v) for k, v in packages.items()},
                    extra=_extra(d, cls._KEYS))
 
     def _trim_records(self) -> list[dict]:
@@ -524,6 +530,7 @@ class Manifest:
                      weights=self.weights,
                      processes=None if self.processes is None else [p.to_json() for p in self.processes],
                      trim=self.trim, timeline=None if self.timeline is None else dict(self.timeline),
+                     packages=None if self.packages is None else {k: list(v) for k, v in self.packages.items()},
                      probe_together=None if self.probe_together is None else [p.to_json() for p in self.probe_together])
 
 

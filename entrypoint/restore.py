@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import capabilities, control, criu, manifest, pagecheck, pids, ports, runenv, sockets
+from . import capabilities, control, criu, manifest, packages, pagecheck, pids, ports, runenv, sockets
 from .control import ServerControl
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable, ServerError
@@ -121,6 +121,10 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     problem = manifest.verify_files(layout.home, m.files)
     if problem:
         raise CheckpointUnusable(problem)
+    other = packages.changed(m.packages) if m.packages is not None else None
+    if other:  # the restored server runs the code it imported at the bake
+        raise CheckpointUnusable(f"the Python packages are not the ones the server was baked with: {other} (an"
+                                 " image built FROM this one?); the normal start imports them as they are now")
     if shutil.which("criu") is None:
         raise CheckpointUnusable("criu is not on PATH")
     in_use = port and ports.taken(m.vllm.port, arg_value(list(m.vllm.command), "--host"))

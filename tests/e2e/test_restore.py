@@ -1215,6 +1215,22 @@ def test_a_model_folder_changed_after_the_bake_gets_the_normal_start(baked_image
               "the model folder is not the one the server was baked with: model/chat_template.jinja has")
 
 
+def test_a_python_package_installed_after_the_bake_gets_the_normal_start(baked_image, manifest, port_free):
+    """Tried as an operator would (2026-12-06): an image built FROM the baked one that installs a
+    package (`pip install` of a vLLM plugin, which vLLM loads only when it starts, or of a fixed
+    release) restored the bake's server, which runs the code it imported then, without a word.
+    The bake records each site folder's package entries; one added gets the normal start, which
+    imports the packages as they are."""
+    if not manifest.get("packages"):
+        pytest.skip("this image was baked by an fvboot that did not record the Python packages")
+    site = next(iter(manifest["packages"]))
+    probe = f"{site}/fv_e2e_probe-1.0.dist-info"
+    _fallback(baked_image, manifest, f"mkdir {probe} && printf 'Metadata-Version: 2.1\\nName: fv-e2e-probe\\n"
+              f"Version: 1.0\\n' > {probe}/METADATA",
+              f"the Python packages are not the ones the server was baked with: in {site}, fv_e2e_probe-1.0.dist-info"
+              " was not there at the bake (an image built FROM this one?); the normal start imports them as they are now")
+
+
 @pytest.mark.parametrize("check", ["inline", "overlap"])
 def test_one_damaged_weight_byte_the_probe_cannot_see_falls_back(baked_image, manifest, port_free, check):
     """A byte the probe prompts never reach (found by an operator: it was served as a wrong
