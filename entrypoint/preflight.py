@@ -8,7 +8,7 @@ restores nothing, so an operator can try a node before a rollout:
 
 from __future__ import annotations
 
-from . import errors, restore, runenv
+from . import compatibility, errors, runenv
 from .bake import criu_check
 from .errors import CheckpointUnusable, FvBootError
 from .launcher import running_server
@@ -36,10 +36,10 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
         f"`criu check` failed: {said[-1] if said else 'no output'}"
     lines.append(criu_line)
     try:
-        m = restore.read_checkpoint_manifest(layout)
+        m = compatibility.read_checkpoint_manifest(layout)
         if runenv.value("FV_RESTORE") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
-        here = restore.check_compatible(m, layout, run_args, port=server is None)
+        here = compatibility.check_compatible(m, layout, run_args, port=server is None)
         if r.returncode != 0:
             raise CheckpointUnusable(criu_line)
     except Exception as e:  # noqa: BLE001 - a start ends any failure here in the normal start too
@@ -47,4 +47,4 @@ def check(layout: Layout, run_args: list[str]) -> tuple[bool, list[str]]:
                                " vLLM started normally (compile caches reused)"]
     gpus = f", {len(here.gpus)} x {here.gpus[0].name}, driver {here.driver}" if here.gpus else ""
     return True, lines + [f"the checkpoint would be restored here (this container: {here.kind}{gpus},"
-                          f" {restore.cpu_count_text(here.cpus or 0)}; baked: {m.device.kind})"]
+                          f" {compatibility.cpu_count_text(here.cpus or 0)}; baked: {m.device.kind})"]

@@ -1,7 +1,7 @@
 """The restore, as a short pipeline of named steps over one state object.
 
-`check_compatible` decides, before anything runs, whether this checkpoint can serve here. Then
-`run` takes the steps in order, each marked on the timeline under its name: a fresh admin token
+Once `compatibility.check_compatible` has found that this checkpoint can serve here, `run`
+takes the steps in order, each marked on the timeline under its name: a fresh admin token
 for the restored middleware, /dev/shm as it was at the dump, `criu restore` (bounded; the GPU
 UUID map and the huge-page choice go to it), the weights back (every tensor checked, or with
 FV_WEIGHT_CHECK=overlap the checking left to finish meanwhile), the KV cache awake, the probe's
@@ -14,7 +14,6 @@ fallback decision for every failure.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -22,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import capabilities, control, criu, manifest, packages, pagecheck, pids, ports, runenv, sockets
+from . import control, criu, pagecheck, runenv
 from .control import ServerControl
-from .devices import DeviceLookup
 from .errors import CheckpointUnusable, ServerError
-from .launcher import (Pipes, adds_nothing, arg_value, args_from_env, library_settings, load_settings, shown_args,
-                       vllm_settings, vllm_settings_changed)
+from .launcher import Pipes, load_settings
 from .layout import Layout
 from .manifest import Device, Manifest, ProbeAnswer
 from .output import log
@@ -38,99 +35,6 @@ from .timeline import Timeline
 from .weight_stager import Stager
 
 PROBE_LOGPROB_TOL = 1e-3
-
-
-def read_checkpoint_manifest(layout: Layout) -> Manifest:
-    """This image's manifest, read and valid; CheckpointUnusable where the image has none or it
-    cannot be read (a ManifestInvalid, one, naming the field, where it is not one)."""
-    if not layout.manifest.exists():
-        raise CheckpointUnusable(f"no checkpoint in this image ({layout.manifest} is missing)")
-    try:
-        return manifest.read(layout.manifest)
-    except OSError as e:  # a folder there, no read permission: said as a missing one is
-        raise CheckpointUnusable(f"cannot read {layout.manifest}: {e.strerror}") from None
-
-
-def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
-                     devices: Optional[DeviceLookup] = None, port: bool = True) -> Device:
-    """Raise CheckpointUnusable with the reason if this checkpoint cannot serve here; return this
-    machine's device info (the restore maps GPUs with it; DEVICES: a lookup started earlier).
-    M's format was checked when it was read. PORT=False leaves out whether the port is free
-    (`fvboot check` beside this container's own server, which holds it)."""
-    if os.geteuid() != 0:  # CRIU restores a tree of root's processes, and fvboot mounts for it
-        raise CheckpointUnusable(f"fvboot runs as uid {os.geteuid()} (docker run --user?), and a restore needs"
-                                 " root with CRIU's capabilities: run the image as root, with the flags `fvbuild"
-                                 " run-flags IMAGE` prints (the served tree gives the capabilities up either way)")
-    lacking = capabilities.restore_lacks(m.criu.capabilities if m.criu else None, capabilities.permitted())
-    if lacking:  # checked here: CRIU's restorer would fail on them only mid-restore (it hung)
-        raise CheckpointUnusable(
-            f"this container lacks what a restore needs (missing capability: {', '.join('CAP_' + c for c in lacking)}):"
-            " CRIU's own, and those the checkpoint's processes held at bake, which CRIU can give back only if it"
-            " holds them (docker run --cap-drop ALL, or Kubernetes' drop: [ALL]?); add them: "
-            + " ".join(f"--cap-add {c}" for c in lacking))
-    no_room = pids.lacking_room(m.criu.tasks if m.criu else None)
-    if no_room:  # CRIU would fail on it mid-restore: "Unable to create a thread: -11"
-        raise CheckpointUnusable(no_room)
-    asked = args_from_env(list(m.vllm.command))
-    if asked:  # the checkpoint listens on its baked port, under its baked name
-        port, name = arg_value(asked, "--port"), arg_value(asked, "--served-model-name")
-        baked_port = m.vllm.port
-        wants = []
-        if port:
-            wants.append(f"FV_PORT={port} asks for port {port}, and a restored server listens on the baked"
-                         f" {baked_port} (to keep the restore, publish that one instead: docker run -p"
-                         f" {port}:{baked_port})")
-        if name:
-            wants.append(f"FV_SERVED_MODEL={name!r} asks for that name, and a restored server keeps the"
-                         f" baked {m.model.served_name!r}")
-        raise CheckpointUnusable("; ".join(wants) + "; the normal start serves as asked")
-    baked_args = list(m.vllm.args)
-    if run_args and run_args != baked_args and not adds_nothing(list(m.vllm.command), run_args):
-        raise CheckpointUnusable(f"arguments {shown_args(run_args)} were given, and a restored server has only the"
-                                 f" baked ones {shown_args(baked_args)}; the normal start adds them after those")
-    changed = vllm_settings_changed(dict(m.vllm.env), vllm_settings()) if m.vllm.env is not None else ""
-    if changed:  # the restored processes keep the bake's environment: the normal start gets this one
-        raise CheckpointUnusable(f"vLLM's settings differ from the bake's: {changed}; a restored server keeps"
-                                 " the bake's environment (bake them into the image: fvbuild image --env NAME=VALUE)")
-    ignored = vllm_settings_changed(dict(m.vllm.library_env), library_settings()) \
-        if m.vllm.library_env is not None else ""
-    if ignored:  # said only: a platform may set them on every container
-        log(f"{ignored}: a restored server keeps the bake's (they act when its processes start); FV_RESTORE=0"
-            " gives a normal start that has them, or bake them into the image (fvbuild image --env NAME=VALUE)")
-    baked, here = m.device, manifest.device_info(devices)
-    if baked.kind != here.kind:
-        raise CheckpointUnusable(f"baked on {baked.kind}, running on {here.kind}")
-    if baked.kind == "cpu" and baked.cpus and here.cpus and baked.cpus != here.cpus:
-        log(cpus_differ(baked.cpus, here.cpus))  # said only: the restore serves the same answers
-    lacking = sorted(set(baked.cpu_isa) - set(here.cpu_isa)) if here.cpu_isa else []
-    if lacking:  # the restored processes chose their kernels on the bake's CPU
-        raise CheckpointUnusable(f"baked on a CPU with {', '.join(lacking)}, which this CPU lacks: bake on the"
-                                 " oldest CPU the image will run on")
-    if here.is_cuda:
-        b_names = [g.name for g in baked.gpus]
-        h_names = [g.name for g in here.gpus][: len(b_names)]
-        if b_names != h_names:
-            raise CheckpointUnusable(f"baked on {b_names}, this machine has {h_names}")
-        if baked.driver != here.driver:
-            raise CheckpointUnusable(f"baked with driver {baked.driver}, this machine has {here.driver}")
-    missing = sockets.missing_here(m.criu.addresses) if m.criu else []
-    if missing:
-        raise CheckpointUnusable(f"the checkpoint's sockets are bound to {', '.join(missing)}, which this"
-                                 " container's network does not have (the bake container's own address); bake the"
-                                 f" image again: {sockets.KEPT_ON_LOOPBACK}")
-    problem = manifest.verify_files(layout.home, m.files)
-    if problem:
-        raise CheckpointUnusable(problem)
-    other = packages.changed(m.packages) if m.packages is not None else None
-    if other:  # the restored server runs the code it imported at the bake
-        raise CheckpointUnusable(f"the Python packages are not the ones the server was baked with: {other} (an"
-                                 " image built FROM this one?); the normal start imports them as they are now")
-    if shutil.which("criu") is None:
-        raise CheckpointUnusable("criu is not on PATH")
-    in_use = port and ports.taken(m.vllm.port, arg_value(list(m.vllm.command), "--host"))
-    if in_use:  # CRIU could not put the listening socket back (the normal start says what to do)
-        raise CheckpointUnusable(in_use)
-    return here
 
 
 def gpu_device_map(baked: Device, here: Device) -> str:
@@ -506,18 +410,3 @@ def run(s: RestoreState) -> RestoredTree:
             s.tree.terminate()
         raise
     return s.tree
-
-
-def cpus_differ(baked: int, here: int) -> str:
-    """What a restored CPU engine does on another number of CPUs than the bake's: vLLM sized its
-    OpenMP threads and bound them to CPUs when its worker started, at the bake."""
-    effect = ("more of its threads than this container has CPUs: slower, not other answers" if here < baked else
-              f"{here - baked} of this container's CPUs stay idle")
-    return (f"this container may run on {cpu_count_text(here)}, the bake's on {baked}: the restored engine keeps"
-            f" the threads vLLM gave it at the bake ({effect}); FV_RESTORE=0 gives a normal start sized for this"
-            " container, or bake the image where it will serve")
-
-
-def cpu_count_text(n: int) -> str:
-    return f"{n} CPU" if n == 1 else f"{n} CPUs"
-

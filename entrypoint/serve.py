@@ -1,6 +1,6 @@
 """`fvboot serve` (the image's default): restore the baked server, or start vLLM normally.
 
-Restore: manifest -> compatibility check -> (page-cache prefetch, checking every memory-image piece
+Restore: manifest -> the checks, `compatibility.py` -> (page-cache prefetch, checking every memory-image piece
 || the restore's steps, `restore.py`) -> gate opens. Any failure on that path is logged as one line
 with its reason and leads to a normal start with the same arguments, which still reuses the
 compile caches baked into the image. Requests that arrive meanwhile wait at the gate.
@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Optional
 
-from . import criu, cuda_checkpoint_service, errors, exitnoise, restore, runenv, weight_stager
+from . import compatibility, criu, cuda_checkpoint_service, errors, exitnoise, restore, runenv, weight_stager
 from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
@@ -141,14 +141,14 @@ def _start(layout: Layout, run_args: list[str], pipes: Pipes, tl: Timeline, sett
     kernel_facts = None  # our own `criu check`, beside the checks: not a leftover of a restore
     stop_reading = threading.Event()
     try:
-        m = restore.read_checkpoint_manifest(layout)
+        m = compatibility.read_checkpoint_manifest(layout)
         tl.mark("manifest read")
         if runenv.value("FV_RESTORE") == "0":
             raise CheckpointUnusable("FV_RESTORE=0 asks for a normal start")
         kernel_facts = criu.warm_kernel_facts()  # CRIU's kernel probing, beside the checks
         # The cuda-checkpoint service starts first: its cuInit overlaps the checks and CRIU.
         with cuda_checkpoint_service.running(layout.run_dir, enabled=m.device.is_cuda) as service_env:
-            here = restore.check_compatible(m, layout, run_args, devices)
+            here = compatibility.check_compatible(m, layout, run_args, devices)
             tl.mark("checks passed")
             # The big reads start after the checks, not beside them: a cold CPU restore measured
             # 0.24 s slower that way (bench/fvboot_ab.py --cold: CRIU's own small reads then queue

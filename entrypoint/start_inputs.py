@@ -14,7 +14,7 @@ from .api_keys import resolve_api_key
 from .errors import CheckpointUnusable, FvBootError
 from .launcher import take_api_key_arg, take_model_arg
 from .layout import Layout
-from .restore import read_checkpoint_manifest
+from .compatibility import read_checkpoint_manifest
 from .runtime_file import runtime_settings
 
 

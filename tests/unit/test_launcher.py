@@ -164,7 +164,7 @@ def test_arguments_shown_in_a_log_leave_credentials_out():
 
 
 def test_the_libraries_start_time_settings_are_recorded_and_an_empty_one_is_none():
-    """What the bake records and a restore compares (restore.check_compatible says a difference):
+    """What the bake records and a restore compares (compatibility.check_compatible says a difference):
     the dynamic loader's preloads and glibc's malloc act when a process starts, as the thread
     counts do; `-e LD_PRELOAD=` sets nothing and must not be said as a difference."""
     from fvboot.launcher import library_settings

@@ -198,7 +198,7 @@ def test_a_device_that_does_not_fit_is_for_the_compatibility_check_to_refuse(tmp
     """What tests/e2e does: a CPU bake's manifest edited to say cuda still reads, and the start
     refuses it with the reason it always gave."""
     from fvboot.layout import Layout
-    from fvboot.restore import check_compatible
+    from fvboot.compatibility import check_compatible
 
     edited = _baked_dict({"kind": "cpu"})
     edited["device"]["kind"] = "cuda"
@@ -243,7 +243,7 @@ def _refusal(m, tmp_path) -> str:
     """check_compatible's reason for refusing M ("stop here": every check before the files passed;
     the callers stub verify_files to say so)."""
     from fvboot.layout import Layout
-    from fvboot.restore import check_compatible
+    from fvboot.compatibility import check_compatible
 
     with pytest.raises(CheckpointUnusable) as e:
         check_compatible(m, Layout(tmp_path), [])

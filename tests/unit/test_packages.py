@@ -11,7 +11,7 @@ import pytest
 from fvboot import capabilities, manifest, packages
 from fvboot.errors import CheckpointUnusable
 from fvboot.layout import Layout
-from fvboot.restore import check_compatible
+from fvboot.compatibility import check_compatible
 
 
 def _manifest(tmp_path, device):

@@ -13,7 +13,8 @@ import pytest
 from fvboot import devices, manifest, restore
 from fvboot.errors import CheckpointUnusable, ServerError
 from fvboot.layout import Layout
-from fvboot.restore import check_compatible, gpu_device_map, same_answers
+from fvboot.compatibility import check_compatible
+from fvboot.restore import gpu_device_map, same_answers
 from fvboot.timeline import Timeline
 
 

@@ -191,7 +191,7 @@ def test_any_exception_on_the_restore_path_ends_in_the_normal_start(tmp_path, mo
         raise RuntimeError("the namespace init did not start")
 
     started = []
-    monkeypatch.setattr(serve.restore, "check_compatible", broken)
+    monkeypatch.setattr(serve.compatibility, "check_compatible", broken)
     monkeypatch.setattr(serve, "_cold_start", lambda *a: started.append(a) or "tree")
     assert serve._start(layout, [], None, serve.Timeline("t"), {}) == "tree"
     assert not Path(f"/proc/{left.pid}").exists()  # killed and reaped
@@ -214,7 +214,7 @@ def test_a_refusal_before_criu_stops_its_own_kernel_probe_and_reports_no_leftove
     def refused(*_a, **_k):
         raise CheckpointUnusable("baked on cuda, running on cpu")
 
-    monkeypatch.setattr(serve.restore, "check_compatible", refused)
+    monkeypatch.setattr(serve.compatibility, "check_compatible", refused)
     monkeypatch.setattr(serve, "_cold_start", lambda *a: "tree")
     assert serve._start(layout, [], None, serve.Timeline("t"), {}) == "tree"
     assert probes and probes[0].returncode is not None  # stopped and reaped
@@ -357,7 +357,7 @@ def test_a_restore_the_oom_killer_ended_says_so_before_what_fvboot_saw(tmp_path,
         raise ConnectionError("Remote end closed connection without response")
 
     monkeypatch.setenv("FV_RESTORE", "1")
-    monkeypatch.setattr(serve.restore, "check_compatible", killed)
+    monkeypatch.setattr(serve.compatibility, "check_compatible", killed)
     monkeypatch.setattr(serve, "_cold_start", lambda *a: "tree")
     outcome: dict = {}
     assert serve._start(layout, [], None, serve.Timeline("t"), {}, outcome, None, watch) == "tree"
