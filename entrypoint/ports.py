@@ -22,6 +22,12 @@ def taken(port: int, host: Optional[str] = None) -> Optional[str]:
     """Why vLLM could not listen on HOST:PORT here (it binds with SO_REUSEADDR, as this does: a
     closed server's TIME_WAIT is no conflict), or None. Errors other than the port being in use
     (an address this network lacks, ...) are left for vLLM or CRIU to say."""
+    found = _holder(port, host)
+    return found and found[0]
+
+
+def _holder(port: int, host: Optional[str]) -> Optional[tuple[str, bool]]:
+    """(why PORT is taken, whether by the server fvboot serves in this container already), or None."""
     host = host or "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -34,18 +40,18 @@ def taken(port: int, host: Optional[str] = None) -> Optional[str]:
             server = running_server()  # `docker exec C fvboot` beside the container's own server
             if server is not None:
                 return (f"port {port} is taken by the server fvboot serves here already (its served tree's init is"
-                        f" pid {server}): {ONE_SERVER}")
+                        f" pid {server}): {ONE_SERVER}", True)
             return (f"port {port} is taken in this container's network (with --network host, by a process of the"
-                    f" host: `ss -ltnp 'sport = :{port}'` names it)")
+                    f" host: `ss -ltnp 'sport = :{port}'` names it)", False)
     return None
 
 
 def check_serving_port(cmd: list[str]) -> None:
     """PortTaken, with what to do, if vLLM's command CMD could not listen on its port here."""
     port = server_port(cmd)
-    problem = taken(port, arg_value(cmd, "--host"))
-    if problem and problem.endswith(ONE_SERVER):
-        raise PortTaken(problem)
-    if problem:
-        raise PortTaken(f"{problem}, so vLLM cannot listen on it: free the port, or give the container a network"
+    found = _holder(port, arg_value(cmd, "--host"))
+    if found and found[1]:  # another container is the answer, not another port
+        raise PortTaken(found[0])
+    if found:
+        raise PortTaken(f"{found[0]}, so vLLM cannot listen on it: free the port, or give the container a network"
                         f" of its own (docker run -p HOST_PORT:{port})")
