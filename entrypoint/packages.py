@@ -18,11 +18,11 @@ SITE_FOLDERS = ("site-packages", "dist-packages")
 SHOWN = 3  # entries named per side in the reason
 
 
-def site_folders(path: Sequence[str] = tuple(sys.path)) -> list[str]:
-    """The folders of PATH (the bake's sys.path, which the served vLLM shares) where packages
-    are installed, once each, in order."""
+def site_folders(path: Optional[Sequence[str]] = None) -> list[str]:
+    """The folders of PATH (default: sys.path as it is now, the bake's, which the served vLLM
+    shares) where packages are installed, once each, in order."""
     seen: list[str] = []
-    for p in path:
+    for p in sys.path if path is None else path:
         folder = os.path.realpath(p) if p else ""
         if os.path.basename(folder) in SITE_FOLDERS and os.path.isdir(folder) and folder not in seen:
             seen.append(folder)
