@@ -1,9 +1,9 @@
 """Whether this image's checkpoint can serve in this container: what a start checks before CRIU
-runs (and `fvboot check` runs alone). Each check below returns why not, or raises it where a
-check needs to say more; `check_compatible` runs them in order and raises the first reason as a
-CheckpointUnusable, on which the start serves vLLM started normally. What a restored server
-cannot take from this start (another user, capabilities, arguments, settings, another device,
-model folder or Python packages) is refused here, before anything runs, never found mid-restore.
+runs (and `fvboot check` runs alone). Each check returns why not, or None; `check_compatible`
+runs them in order and raises the first reason as a CheckpointUnusable, on which the start
+serves vLLM started normally. What a restored server cannot take from this start (another user,
+capabilities, arguments, settings, another device, model folder or Python packages) is refused
+here, before anything runs, never found mid-restore.
 """
 
 from __future__ import annotations
@@ -39,12 +39,17 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     machine's device info (the restore maps GPUs with it; DEVICES: a lookup started earlier).
     M's format was checked when it was read. PORT=False leaves out whether the port is free
     (`fvboot check` beside this container's own server, which holds it)."""
-    for check in (_user, _capabilities, _room_for_threads, _run_asks_for_another_server, _settings):
-        _refuse(check(m, run_args))
+    _refuse(_user())
+    _refuse(_capabilities(m))
+    _refuse(pids.lacking_room(m.criu.tasks if m.criu else None))  # CRIU's "Unable to create a thread: -11"
+    _refuse(_run_asks_for_another_server(m, run_args))
+    _refuse(_settings(m))
     here = manifest.device_info(devices)
     _refuse(_device(m.device, here))
-    for check in (_addresses, _files, _packages, _criu):
-        _refuse(check(m, layout))
+    _refuse(_addresses(m))
+    _refuse(manifest.verify_files(layout.home, m.files))
+    _refuse(_packages(m))
+    _refuse(None if shutil.which("criu") else "criu is not on PATH")
     if port:  # CRIU could not put the listening socket back (the normal start says what to do)
         _refuse(ports.taken(m.vllm.port, arg_value(list(m.vllm.command), "--host")))
     return here
@@ -55,7 +60,7 @@ def _refuse(reason: Optional[str]) -> None:
         raise CheckpointUnusable(reason)
 
 
-def _user(m: Manifest, run_args: list[str]) -> Optional[str]:
+def _user() -> Optional[str]:
     if os.geteuid() != 0:  # CRIU restores a tree of root's processes, and fvboot mounts for it
         return (f"fvboot runs as uid {os.geteuid()} (docker run --user?), and a restore needs root with CRIU's"
                 " capabilities: run the image as root, with the flags `fvbuild run-flags IMAGE` prints (the served"
@@ -63,7 +68,7 @@ def _user(m: Manifest, run_args: list[str]) -> Optional[str]:
     return None
 
 
-def _capabilities(m: Manifest, run_args: list[str]) -> Optional[str]:
+def _capabilities(m: Manifest) -> Optional[str]:
     lacking = capabilities.restore_lacks(m.criu.capabilities if m.criu else None, capabilities.permitted())
     if lacking:  # checked here: CRIU's restorer would fail on them only mid-restore (it hung)
         return (f"this container lacks what a restore needs (missing capability: {', '.join('CAP_' + c for c in lacking)}):"
@@ -71,11 +76,6 @@ def _capabilities(m: Manifest, run_args: list[str]) -> Optional[str]:
                 " holds them (docker run --cap-drop ALL, or Kubernetes' drop: [ALL]?); add them: "
                 + " ".join(f"--cap-add {c}" for c in lacking))
     return None
-
-
-def _room_for_threads(m: Manifest, run_args: list[str]) -> Optional[str]:
-    # CRIU would fail on too low a pids limit mid-restore: "Unable to create a thread: -11"
-    return pids.lacking_room(m.criu.tasks if m.criu else None)
 
 
 def _run_asks_for_another_server(m: Manifest, run_args: list[str]) -> Optional[str]:
@@ -99,7 +99,7 @@ def _run_asks_for_another_server(m: Manifest, run_args: list[str]) -> Optional[s
     return None
 
 
-def _settings(m: Manifest, run_args: list[str]) -> Optional[str]:
+def _settings(m: Manifest) -> Optional[str]:
     changed = vllm_settings_changed(dict(m.vllm.env), vllm_settings()) if m.vllm.env is not None else ""
     if changed:  # the restored processes keep the bake's environment: the normal start gets this one
         return (f"vLLM's settings differ from the bake's: {changed}; a restored server keeps the bake's environment"
@@ -131,7 +131,7 @@ def _device(baked: Device, here: Device) -> Optional[str]:
     return None
 
 
-def _addresses(m: Manifest, layout: Layout) -> Optional[str]:
+def _addresses(m: Manifest) -> Optional[str]:
     missing = sockets.missing_here(m.criu.addresses) if m.criu else []
     if missing:
         return (f"the checkpoint's sockets are bound to {', '.join(missing)}, which this container's network does"
@@ -139,20 +139,12 @@ def _addresses(m: Manifest, layout: Layout) -> Optional[str]:
     return None
 
 
-def _files(m: Manifest, layout: Layout) -> Optional[str]:
-    return manifest.verify_files(layout.home, m.files)
-
-
-def _packages(m: Manifest, layout: Layout) -> Optional[str]:
+def _packages(m: Manifest) -> Optional[str]:
     other = packages.changed(m.packages) if m.packages is not None else None
     if other:  # the restored server runs the code it imported at the bake
         return (f"the Python packages are not the ones the server was baked with: {other} (an image built FROM"
                 " this one?); the normal start imports them as they are now")
     return None
-
-
-def _criu(m: Manifest, layout: Layout) -> Optional[str]:
-    return None if shutil.which("criu") else "criu is not on PATH"
 
 
 def cpus_differ(baked: int, here: int) -> str:

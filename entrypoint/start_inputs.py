@@ -11,10 +11,10 @@ from typing import Mapping, Optional
 
 from . import runenv
 from .api_keys import resolve_api_key
+from .compatibility import read_checkpoint_manifest
 from .errors import CheckpointUnusable, FvBootError
 from .launcher import take_api_key_arg, take_model_arg
 from .layout import Layout
-from .compatibility import read_checkpoint_manifest
 from .runtime_file import runtime_settings
 
 
