@@ -34,14 +34,9 @@ from pathlib import Path
 
 from fvbuild import bench
 from fvboot.capabilities import docker_run_flags
+from fvboot.residency import PAGE, FileMapping
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 CHUNK = 8 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 
 
 def layer_files(image: str) -> list[str]:
@@ -57,25 +52,26 @@ def layer_files(image: str) -> list[str]:
 
 
 def cached_ranges(path: str) -> list[tuple[int, int]]:
-    """(offset, length) of each run of PATH's pages in the page cache."""
-    size = os.path.getsize(path)
-    if not size:
-        return []
+    """(offset, length) of each run of PATH's pages in the page cache (mincore over fvboot's own
+    read-only mapping of the file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = _libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        size = os.fstat(fd).st_size
+        if not size:
+            return []
+        try:
+            m = FileMapping(fd, size)
+        except OSError:
+            return []
+        try:
+            vec = (ctypes.c_ubyte * m.pages)()
+            m.libc.mincore(m.addr, size, vec)
+        finally:
+            m.close()
     finally:
         os.close(fd)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        return []
-    n = (size + PAGE - 1) // PAGE
-    vec = ctypes.create_string_buffer(n)
-    try:
-        _libc.mincore(addr, size, vec)
-    finally:
-        _libc.munmap(addr, size)
     runs, start = [], None
-    for i, b in enumerate(vec.raw + b"\0"):
+    for i, b in enumerate(bytes(vec) + b"\0"):
         if b & 1 and start is None:
             start = i
         elif not b & 1 and start is not None:
