@@ -158,7 +158,11 @@ def _follow(container: RunningContainer, on_line: Callable[[str], None], timeout
 
 
 _ARGPARSE_ERROR = re.compile(r": error: (.+)$")
-_EXCEPTION = re.compile(r"^(?:\(.*?\)\s*)?(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
+_EXCEPTION = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
+# vLLM (0.26 and others) writes "(APIServer pid=1) " before every line a process prints, its
+# tracebacks' too, coloured where asked (VLLM_LOGGING_COLOR=1); 0.32 prints it on its log records only
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PROCESS_PREFIX = re.compile(r"^\((?:[\w-]+) pid=\d+\) ?")
 _WRAPPERS = ("initialization failed", "See root cause above", "Engine core", "failed to start")
 
 
@@ -166,6 +170,7 @@ def vllm_reason(lines: list[str], limit: int = 400) -> Optional[str]:
     """What vLLM said when it stopped, from the end of the bake's log: its command line's refusal
     (argparse), the first error of a refused configuration (pydantic), or the last exception that
     is not a wrapper saying to look above. None where none of them is there."""
+    lines = [_PROCESS_PREFIX.sub("", _ANSI.sub("", line)) for line in lines]
     for line in reversed(lines):
         m = _ARGPARSE_ERROR.search(line)
         if m and "usage:" not in line:

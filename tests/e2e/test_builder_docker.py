@@ -330,7 +330,8 @@ def test_vllm_failing_in_the_bake_is_one_clear_error_and_leaves_nothing(build_fl
     assert len(err) == 1 and "bake failed (exit" in err[0], r.stderr[-3000:]
     assert "max_model_len" in r.stderr  # vLLM's own reason is in the bake's log shown above
     # ... and in fvbuild's line (it said "see its log above", the reason 20 wrapped lines up)
-    assert "vLLM said: User-specified max_model_len (1048576) is greater than" in err[0], err[0]
+    assert "vLLM said: User-specified max_model_len (1048576) is greater than" in err[0], \
+        err[0] + "\n" + r.stderr[-3000:]
     assert not docker_client.images.list(name="fv-test/enginefail")
     assert not docker_client.images.list(name="fvbuild-bake-tmp")
     assert {c.id for c in docker_client.containers.list(all=True)} <= containers
