@@ -23,6 +23,7 @@ from .errors import ServerDied
 from .exitnoise import ExitFilter
 from .layout import RUNTIME_FILE_ENV
 from .output import write_line
+from .proc_guard import OWN_PROC
 
 WORKER_EXTENSION = "fvboot.worker_extension.FastVllmWorkerExtension"
 MIDDLEWARE = "fvboot.middleware.GateMiddleware"
@@ -411,8 +412,9 @@ class ServedTree:
     def __init__(self, cmd: list[str], env: dict, pipes: Pipes, namespaced: bool = True) -> None:
         self.pipes = pipes
         argv = [sys.executable, *NSINIT, *cmd]
-        if namespaced:
-            argv = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "private", *argv]
+        if namespaced:  # nsinit mounts the namespace's /proc itself, with the container's guards
+            argv = ["unshare", "--pid", "--fork", "--mount", "--propagation", "private",
+                    *argv[:3], OWN_PROC, *cmd]
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=pipes.out_w,
                                      stderr=pipes.err_w, close_fds=True, start_new_session=True)
         self.namespaced = namespaced

@@ -16,9 +16,18 @@ import sys
 from . import runenv
 from .capabilities import give_up_unneeded
 from .noiouring import disable_io_uring
+from .proc_guard import OWN_PROC, ProcGuardError, fresh_guarded_proc
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == [OWN_PROC]:  # PID 1 of a PID and mount namespace of its own (launcher.ServedTree)
+        argv = argv[1:]
+        try:  # first, while this process still holds CAP_SYS_ADMIN and nothing else runs here
+            fresh_guarded_proc()
+        except ProcGuardError as e:
+            os.write(2, f"fvboot.nsinit: {e}; the server is not started with a /proc that would let it "
+                        "change the host's kernel settings\n".encode())
+            return 1
     if os.getsid(0) != os.getpid():  # already a session leader when started without unshare
         os.setsid()
     # stdin from this mount namespace: an fd opened outside it points at a mount CRIU cannot

@@ -120,6 +120,54 @@ def test_the_restored_server_holds_none_of_the_capabilities_only_criu_needs(bake
     assert "CAP_SYS_ADMIN" in fvboot["CapEff"]  # fvboot and CRIU keep theirs
 
 
+# Run by a process that entered a served process's mount and PID namespaces.
+_PROC_PROBE = r"""
+import errno, json, os
+out = {}
+value = open("/proc/sys/vm/swappiness").read()
+try:
+    open("/proc/sys/vm/swappiness", "w").write(value)  # the same value: harmless if it went through
+    out["sysctl"] = "written"
+except OSError as e:
+    out["sysctl"] = errno.errorcode[e.errno]
+out["keys"] = open("/proc/keys").read() if os.path.exists("/proc/keys") else ""
+out["mounts"] = [l.split()[4] for l in open("/proc/self/mountinfo")]
+print(json.dumps(out))
+"""
+# Run in the container: the newest process of the served tree, entered as root with every
+# capability the container has (more than any process of the tree holds).
+_PROC_SEEN = r"""
+import os, subprocess, sys
+own = os.readlink("/proc/1/ns/pid")
+tree = [p for p in filter(str.isdigit, os.listdir("/proc")) if os.readlink(f"/proc/{p}/ns/pid") != own]
+r = subprocess.run(["nsenter", "-t", max(tree, key=int), "-m", "-p", sys.executable, "-c", sys.argv[1]],
+                   capture_output=True, text=True)
+sys.stdout.write(r.stdout)
+sys.stderr.write(r.stderr)
+sys.exit(r.returncode)
+"""
+
+
+def test_the_restored_trees_proc_keeps_the_containers_guards(baked_image, manifest, port_free):
+    """Found by hand, 2026-12-06: the tree's own /proc (it has its own PID namespace, made at the
+    bake and restored with it) carried none of the guards Docker puts on the container's, so a
+    process of a restored vLLM, root without capabilities, wrote the host's kernel.core_pattern.
+    Now /proc/sys is read-only there, as in the container, whoever writes, and /proc/keys is
+    hidden; the container's own /proc and its guards are not in the tree's mounts. (A normal
+    start runs in the container's PID namespace and /proc, guarded by the runtime itself.)"""
+    with Container(baked_image) as c:
+        _wait_ready(container=c.id)
+        assert "restored from checkpoint" in c.logs()
+        r = subprocess.run(["docker", "exec", c.id, "python3", "-c", _PROC_SEEN, _PROC_PROBE], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        seen = json.loads(r.stdout)
+        _assert_same_as_bake(manifest)
+    assert seen["sysctl"] == "EROFS", seen
+    assert seen["keys"] == ""
+    assert seen["mounts"].count("/proc") == 1 and "/proc/sys" in seen["mounts"], seen["mounts"]
+
+
 def _stop(container: str, grace: int = 10) -> tuple[float, int]:
     """`docker stop -t GRACE`: (seconds it took, the container's exit code)."""
     t = time.monotonic()

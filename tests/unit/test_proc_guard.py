@@ -1,0 +1,110 @@
+"""The served tree's /proc carries the container's guards (found by hand, 2026-12-06: the tree's
+fresh proc mount had none, and a process of a restored vLLM, root without capabilities, wrote
+the host's kernel.core_pattern). The mountinfo lines are a Docker container's, on this project's
+CPU machine; the namespace test runs nsinit for real, in namespaces made here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fvboot.proc_guard import Guard, guards
+
+DOCKER = """\
+1096 1003 0:157 / / rw,relatime master:493 - overlay overlay rw,lowerdir=/var/lib/docker/overlay2/l/A
+90 89 0:43 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw
+91 89 0:44 / /dev rw,nosuid - tmpfs tmpfs rw,size=65536k,mode=755
+95 89 0:46 / /sys ro,nosuid,nodev,noexec,relatime - sysfs sysfs ro
+65 90 0:43 /bus /proc/bus ro,nosuid,nodev,noexec,relatime - proc proc rw
+66 90 0:43 /fs /proc/fs ro,nosuid,nodev,noexec,relatime - proc proc rw
+67 90 0:43 /irq /proc/irq ro,nosuid,nodev,noexec,relatime - proc proc rw
+68 90 0:43 /sys /proc/sys ro,nosuid,nodev,noexec,relatime - proc proc rw
+99 90 0:43 /sysrq-trigger /proc/sysrq-trigger ro,nosuid,nodev,noexec,relatime - proc proc rw
+69 90 0:48 / /proc/acpi ro,relatime - tmpfs tmpfs ro
+70 90 0:44 /null /proc/keys rw,nosuid - tmpfs tmpfs rw,size=65536k,mode=755
+71 90 0:44 /null /proc/timer_list rw,nosuid - tmpfs tmpfs rw,size=65536k,mode=755
+72 95 0:49 / /sys/firmware ro,relatime - tmpfs tmpfs ro
+""".splitlines()
+
+
+def test_the_guards_are_read_from_a_docker_containers_proc_mounts():
+    assert guards(DOCKER) == [
+        Guard("/proc/acpi", False), Guard("/proc/bus", True), Guard("/proc/fs", True), Guard("/proc/irq", True),
+        Guard("/proc/keys", False), Guard("/proc/sys", True), Guard("/proc/sysrq-trigger", True),
+        Guard("/proc/timer_list", False)]
+
+
+def test_only_the_visible_procs_guards_count_and_other_mounts_are_not_guards():
+    host = [
+        "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw",
+        "40 22 0:35 / /proc/sys/fs/binfmt_misc rw,relatime shared:13 - autofs systemd-1 rw,fd=30",
+        "41 22 0:21 /sys /proc/sys rw,nosuid - proc proc rw",  # a bind, but not read-only
+        "50 1 0:60 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw",  # a fresh proc on top
+        "51 50 0:44 /null /proc/kcore rw,nosuid - devtmpfs udev rw",
+        "52 22 0:44 /null /proc/keys rw,nosuid - tmpfs tmpfs rw",  # on the proc underneath
+        r"53 50 0:61 / /proc/a\040b ro - tmpfs tmpfs ro",
+    ]
+    assert guards(host) == [Guard("/proc/a b", False), Guard("/proc/kcore", False)]
+    assert guards(["1 0 0:1 / / rw - ext4 /dev/vda rw"]) == []
+
+
+@pytest.mark.parametrize("pid_namespace", [False, True], ids=["ordinary-process", "pid-namespace-only"])
+def test_nsinit_refuses_to_replace_proc_outside_namespaces_of_its_own(pid_namespace):
+    """Run as an ordinary process, or as PID 1 of a PID namespace that shares its starter's
+    mounts (`unshare --pid --fork` without `--mount`), it must change nothing: detaching /proc
+    there would take it from the container or the host. The second case runs inside a mount
+    namespace made for the test, so that a fault here could not take this machine's /proc."""
+    cmd = [sys.executable, "-m", "fvboot.nsinit", "--own-proc", "true"]
+    if pid_namespace:
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            pytest.skip("needs root and unshare(1) to make namespaces")
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'unshare --pid --fork "$@"; code=$?; test -e /proc/1/status || exit 99; exit $code', "sh", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "outside a PID and mount namespace of its own; nothing was changed" in r.stderr
+    assert os.path.exists("/proc/self/status")
+
+
+_CHECK = textwrap.dedent("""
+    import errno, json, os
+    out = {"pid": os.getpid()}
+    value = open("/proc/sys/vm/swappiness").read()
+    try:
+        open("/proc/sys/vm/swappiness", "w").write(value)  # the same value: harmless if it went through
+        out["sysctl"] = "written"
+    except OSError as e:
+        out["sysctl"] = errno.errorcode[e.errno]
+    out["keys"] = open("/proc/keys").read()
+    out["procs"] = [l.split()[4] for l in open("/proc/self/mountinfo") if l.split(" - ")[1].startswith("proc ")]
+    print(json.dumps(out))
+""")
+
+
+def test_the_tree_gets_a_fresh_proc_with_the_guards_the_container_had():
+    """A container's guards made here (a read-only /proc/sys, /proc/keys hidden behind /dev/null),
+    then nsinit started as ServedTree starts it: the server it runs sees its own PID namespace's
+    proc, one proc mount only, with the same guards: the sysctl write is refused (EROFS) and
+    /proc/keys reads empty."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to make namespaces")
+    if not os.path.exists("/proc/keys"):
+        pytest.skip("this kernel has no /proc/keys")
+    container = ("mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+                 "mount --bind /dev/null /proc/keys && "
+                 'exec unshare --pid --fork --mount --propagation private "$0" -m fvboot.nsinit --own-proc '
+                 '"$0" -c "$1"')
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", container, sys.executable,
+                        _CHECK], capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert r.returncode == 0, r.stderr
+    import json
+    seen = json.loads(r.stdout)
+    assert seen["pid"] == 2  # nsinit is 1: this is its namespace's proc
+    assert seen["sysctl"] == "EROFS"
+    assert seen["keys"] == ""
+    assert seen["procs"] == ["/proc", "/proc/sys"]  # one proc, its guard: the container's proc is gone
