@@ -164,8 +164,9 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         # --user starts normally from a copy of them (caches.writable_caches)
         readable_by_all(layout.cache_dir)
     except Exception as e:
+        failed = step_failed(step, e, tree)  # before the tree is stopped: whether it died by itself
         tree.terminate()
-        raise step_failed(step, e, tree) from None
+        raise failed from None
     except BaseException:
         tree.terminate()
         raise

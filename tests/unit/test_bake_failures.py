@@ -28,7 +28,7 @@ class _Tree:
         return not self.dead
 
     def terminate(self, timeout=10):
-        self.terminated = True
+        self.terminated = self.dead = True  # as the real one: not alive once terminated
 
     def init_pid(self, timeout=10):
         return 1
