@@ -12,7 +12,7 @@ import os
 import shutil
 from typing import Optional
 
-from . import capabilities, manifest, packages, pids, ports, sockets
+from . import capabilities, manifest, mounts, packages, pids, ports, sockets
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable
 from .launcher import (adds_nothing, arg_value, args_from_env, library_settings, shown_args, vllm_settings,
@@ -47,6 +47,7 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     here = manifest.device_info(devices)
     _refuse(_device(m.device, here))
     _refuse(_addresses(m))
+    _refuse(_mounts(m))
     _refuse(manifest.verify_files(layout.home, m.files))
     _refuse(_packages(m))
     _refuse(None if shutil.which("criu") else "criu is not on PATH")
@@ -136,6 +137,15 @@ def _addresses(m: Manifest) -> Optional[str]:
     if missing:
         return (f"the checkpoint's sockets are bound to {', '.join(missing)}, which this container's network does"
                 f" not have (the bake container's own address); bake the image again: {sockets.KEPT_ON_LOOPBACK}")
+    return None
+
+
+def _mounts(m: Manifest) -> Optional[str]:
+    missing = mounts.missing_here(m.criu.mounts) if m.criu and m.criu.mounts else []
+    if missing:  # CRIU would bind each from here; it says only "Can't stat mountpoint", late
+        return (f"this container has no {', '.join(missing)}, which the checkpoint's mounts are bound from (the"
+                " bake's container runtime mounted them: a runtime that mounts them too, such as Docker, Podman"
+                " or Kubernetes, restores)")
     return None
 
 

@@ -203,9 +203,12 @@ class Criu:
     capabilities: Optional[tuple[str, ...]] = None
     # how many threads the checkpoint's processes had (a pids limit counts each): None, not recorded
     tasks: Optional[int] = None
+    # the paths of the container the checkpoint's mounts are bound from at restore (mounts.py): a
+    # restore needs each of them here; None: not recorded (an older fvboot)
+    mounts: Optional[tuple[str, ...]] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("version", "dump_flags", "restore_flags", "addresses", "capabilities", "tasks")
+    _KEYS = ("version", "dump_flags", "restore_flags", "addresses", "capabilities", "tasks", "mounts")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "criu") -> "Criu":
@@ -216,6 +219,7 @@ class Criu:
                    capabilities=_opt_str_tuple(_get(d, where, "capabilities", _is_str_list, "a list of strings",
                                                     None)),
                    tasks=_get(d, where, "tasks", _is_opt_count, "a whole number", None),
+                   mounts=_opt_str_tuple(_get(d, where, "mounts", _is_str_list, "a list of strings", None)),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
@@ -225,6 +229,8 @@ class Criu:
             out["capabilities"] = list(self.capabilities)
         if self.tasks is not None:
             out["tasks"] = self.tasks
+        if self.mounts is not None:
+            out["mounts"] = list(self.mounts)
         return out
 
 

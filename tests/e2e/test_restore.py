@@ -1367,6 +1367,83 @@ def test_the_image_restores_under_podman_and_answers_as_baked(baked_image, manif
         subprocess.run([podman, "rmi", "-f", baked_image], capture_output=True, timeout=300)
 
 
+_CONTAINERD_SOCKETS = ("/run/containerd/containerd.sock", "/var/run/docker/containerd/containerd.sock")
+
+
+def _ctr_caps(image: str) -> list[str]:
+    """`fvbuild run-flags`' capabilities as ctr spells them; ctr adds no seccomp or AppArmor
+    profile unless asked, as the run flags ask of Docker."""
+    flags = run_flags(image)
+    return [f for i, v in enumerate(flags) if v == "--cap-add" for f in ("--cap-add", f"CAP_{flags[i + 1]}")]
+
+
+@pytest.mark.skipif(e2e_device() == "cuda", reason="a second copy of the CUDA image costs the GPU machine's 64 GB"
+                    " disk")
+def test_the_image_run_by_containerd_without_docker_restores_or_names_the_mount_it_lacks(baked_image, manifest,
+                                                                                          port_free):
+    """containerd is what runs a Kubernetes pod; `ctr run` is containerd without Docker or a CRI
+    spec, and mounts less than either: no cgroup file system, no /etc/hosts unless it shares the
+    host's network. Found by hand, 2026-12-06: an image baked on a cgroup v1 host fell back there,
+    CRIU saying only "mnt-v2: Can't stat mountpoint .../cpu". The bake now detaches the cgroup
+    mounts from the checkpoint, so the image restores under containerd and answers as baked; and a
+    container lacking a path the checkpoint's mounts are bound from (/etc/hosts, without the
+    host's network) is refused before CRIU runs, by name."""
+    ctr = shutil.which("ctr")
+    socket = next((s for s in _CONTAINERD_SOCKETS if os.path.exists(s)), None)
+    if ctr is None or socket is None:
+        pytest.skip("no ctr on PATH or no containerd socket (Docker's own containerd has one)")
+    ns = f"fv-e2e-{os.getpid()}"
+    base = [ctr, "--address", socket, "--namespace", ns]
+    ref = f"docker.io/{baked_image}" if baked_image.count("/") == 1 else baked_image
+    save = subprocess.Popen(["docker", "save", baked_image], stdout=subprocess.PIPE)
+    loaded = subprocess.run([*base, "images", "import", "-"], stdin=save.stdout, capture_output=True, text=True,
+                            timeout=900)
+    save.stdout.close()
+    assert save.wait(timeout=60) == 0 and loaded.returncode == 0, loaded.stderr[-2000:]
+
+    def start(name: str, *options: str) -> subprocess.Popen:
+        out = open(f"/tmp/{ns}-{name}.log", "w+")
+        return subprocess.Popen([*base, "run", "--rm", *options, *_ctr_caps(baked_image), ref, name], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(name: str, proc: subprocess.Popen) -> str:
+        subprocess.run([*base, "tasks", "kill", "--signal", "SIGKILL", name], capture_output=True, timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([*base, "containers", "rm", name], capture_output=True, timeout=60)
+        return Path(f"/tmp/{ns}-{name}.log").read_text(errors="replace")
+
+    try:
+        served = start("served", "--net-host")  # ctr then binds the host's /etc/hosts and resolv.conf
+        try:
+            deadline = time.monotonic() + 300
+            while not _ready() and time.monotonic() < deadline and served.poll() is None:
+                time.sleep(0.2)
+            _assert_same_as_bake(manifest)
+        finally:
+            logs = stop("served", served)
+        assert "restored from checkpoint" in logs and "checkpoint not used" not in logs, logs[-4000:]
+
+        lacking = start("lacking")  # a network of its own: no /etc/hosts at all in this image
+        try:
+            deadline = time.monotonic() + 120
+            log = Path(f"/tmp/{ns}-lacking.log")
+            while "checkpoint not used" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            logs = stop("lacking", lacking)
+        assert ("checkpoint not used: this container has no /etc/hosts, which the checkpoint's mounts are bound "
+                "from") in logs, logs[-4000:]
+        assert "criu restore" not in logs  # refused before CRIU ran
+    finally:
+        subprocess.run([*base, "images", "rm", "--sync", ref], capture_output=True, timeout=300)
+        subprocess.run([ctr, "--address", socket, "namespaces", "remove", ns], capture_output=True, timeout=60)
+        for name in ("served", "lacking"):
+            Path(f"/tmp/{ns}-{name}.log").unlink(missing_ok=True)
+
+
 @pytest.mark.skipif(e2e_device() == "cuda", reason="the API server's listening socket, the same on a GPU; a second"
                     " bake there costs minutes of device time")
 def test_an_image_baked_to_listen_on_ipv6_too_restores_and_answers_on_both(baked_image, manifest, port_free):
