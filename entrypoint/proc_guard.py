@@ -1,16 +1,21 @@
 """The served tree's /proc, guarded as the container runtime guarded the container's.
 
 The tree runs in a PID namespace of its own, so it needs a /proc of its own: a fresh proc mount.
-A fresh proc mount carries none of the guards the runtime put on the container's /proc: Docker,
+A fresh proc mount carries none of what the runtime put on the container's /proc: Docker,
 containerd, CRI-O and Podman (runc's and crun's `readonlyPaths` and `maskedPaths`) make
 /proc/sys, /proc/irq, /proc/bus, /proc/fs and /proc/sysrq-trigger read-only and hide
-/proc/kcore, /proc/keys, /proc/timer_list, /proc/acpi and the like. Without them a process of
-the tree, root without any capability, could write the host's kernel settings (found by hand,
-2026-12-06: `kernel.core_pattern` and `vm.swappiness` were written from a restored vLLM's
-processes; `kernel.core_pattern` is a known way out of a container). So nsinit reads the guards
-from the container's /proc mounts, replaces that /proc by a fresh one and puts the same guards on
-it before anything else runs. The container's /proc and its guards are then gone from the tree's
-mount namespace, so a checkpoint does not depend on which paths this runtime guarded.
+/proc/kcore, /proc/keys, /proc/timer_list, /proc/acpi and the like behind /dev/null or an empty
+tmpfs; NVIDIA's container toolkit puts a tmpfs of its own making on /proc/driver/nvidia (the
+driver's parameters as the container may see them, this container's GPUs only). Without the
+guards a process of the tree, root without any capability, could write the host's kernel
+settings (found by hand, 2026-12-06: `kernel.core_pattern` and `vm.swappiness` were written
+from a restored vLLM's processes; `kernel.core_pattern` is a known way out of a container).
+
+So nsinit, PID 1 of the tree's PID and mount namespaces, mounts its namespace's proc over the
+container's before anything else runs and carries each of those mounts over: a read-only part of
+proc is made read-only in the new proc too; a tmpfs or a device node on a proc path (a mask, the
+toolkit's folder) is bound there as it is, from the container's /proc. Other mounts (binfmt_misc
+on a host) are not carried.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from .errors import FvBootError
 PROC = "/proc"
 OWN_PROC = "--own-proc"  # nsinit's first argument where it is PID 1 of a PID and mount namespace of its own
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
-_MS_REMOUNT, _MS_BIND = 0x20, 0x1000
-_MNT_DETACH = 0x2
+_MS_REMOUNT, _MS_BIND, _MS_REC = 0x20, 0x1000, 0x4000
 _LOCKED = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+_O_PATH = 0o10000000
+_CARRIED = ("tmpfs", "devtmpfs")  # what masks and NVIDIA's toolkit put on proc paths
 
 
 class ProcGuardError(FvBootError):
@@ -37,7 +43,7 @@ class ProcGuardError(FvBootError):
 @dataclass(frozen=True)
 class Guard:
     path: str  # under /proc, e.g. /proc/sys
-    read_only: bool  # True: the path stays visible, read-only; False: it is hidden (masked)
+    read_only: bool  # True: that part of proc, read-only; False: the container's mount there, bound as it is
 
 
 def _unescape(field: str) -> str:
@@ -48,10 +54,9 @@ def _unescape(field: str) -> str:
 
 
 def guards(mountinfo: Iterable[str], proc: str = PROC) -> list[Guard]:
-    """The guards on the /proc mount that is visible now (the topmost mount at PROC), read from
-    /proc/self/mountinfo lines: a read-only bind of part of the same proc is a read-only guard; a
-    tmpfs (a folder) or a bind of a device node such as /dev/null (a file) on top of a path is a
-    mask. Other mounts there (binfmt_misc on a host) are not guards and are left out."""
+    """The mounts on the /proc that is visible now (the topmost proc mount at PROC), from
+    /proc/self/mountinfo lines: a read-only bind of part of the same proc, or a tmpfs or device
+    node (a folder or file hidden, or filled by NVIDIA's toolkit). Shallowest first."""
     rows = []
     for line in mountinfo:
         left, sep, right = line.rstrip("\n").partition(" - ")
@@ -59,21 +64,20 @@ def guards(mountinfo: Iterable[str], proc: str = PROC) -> list[Guard]:
         if not sep or len(f) < 6:
             continue
         fstype = right.split()[0] if right.split() else ""
-        rows.append((f[0], f[1], _unescape(f[3]), _unescape(f[4]), f[5].split(","), fstype))
-    procs = [r for r in rows if r[3] == proc and r[5] == "proc"]
+        rows.append((f[0], f[1], _unescape(f[4]), f[5].split(","), fstype))
+    procs = [r for r in rows if r[2] == proc and r[4] == "proc"]
     if not procs:
         return []
     proc_id = procs[-1][0]
-    out = []
-    for mount_id, parent, root, point, options, fstype in rows:
+    out = set()
+    for mount_id, parent, point, options, fstype in rows:
         if parent != proc_id or not point.startswith(proc + "/"):
             continue
-        if fstype == "proc":
-            if "ro" in options:
-                out.append(Guard(point, read_only=True))
-        elif fstype in ("tmpfs", "devtmpfs"):
-            out.append(Guard(point, read_only=False))
-    return sorted(set(out), key=lambda g: (g.path.count("/"), g.path))
+        if fstype == "proc" and "ro" in options:
+            out.add(Guard(point, read_only=True))
+        elif fstype in _CARRIED:
+            out.add(Guard(point, read_only=False))
+    return sorted(out, key=lambda g: (g.path.count("/"), g.path))
 
 
 def _mount(libc, source: str | None, target: str, fstype: str | None, flags: int, what: str) -> None:
@@ -81,22 +85,6 @@ def _mount(libc, source: str | None, target: str, fstype: str | None, flags: int
     if libc.mount(enc(source), enc(target), enc(fstype), flags, None) != 0:
         e = ctypes.get_errno()
         raise ProcGuardError(f"{what} {target} in the served tree failed: {os.strerror(e)}")
-
-
-def apply(found: list[Guard], libc=None) -> None:
-    """Put each guard on the /proc visible now. A path this /proc does not have is skipped (the
-    container's kernel had it, this proc does not show it: nothing to guard)."""
-    libc = libc or ctypes.CDLL(None, use_errno=True)
-    for g in found:
-        if not os.path.lexists(g.path):
-            continue
-        if g.read_only:
-            _mount(libc, g.path, g.path, None, _MS_BIND, "binding")
-            _mount(libc, None, g.path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _LOCKED, "making read-only")
-        elif os.path.isdir(g.path):
-            _mount(libc, "tmpfs", g.path, "tmpfs", _MS_RDONLY | _LOCKED, "hiding")
-        else:
-            _mount(libc, "/dev/null", g.path, None, _MS_BIND, "hiding")
 
 
 def _parent(proc: str, pid: str) -> int:
@@ -107,9 +95,9 @@ def _parent(proc: str, pid: str) -> int:
 def _own_namespaces(proc: str) -> None:
     """Refuse unless this process is PID 1 of a PID namespace and in a mount namespace made for
     it: `unshare --pid --fork --mount` makes both, so the `unshare` process, this one's parent,
-    shares it, and the process that started `unshare` does not. Elsewhere, detaching /proc would
-    take it from the container (or the host) itself. /proc is still the outer one here, so it
-    names these processes by their outer PIDs."""
+    shares it, and the process that started `unshare` does not. Elsewhere, a proc mounted over
+    /proc would hide the container's (or the host's) own. /proc is still the outer one here, so
+    it names these processes by their outer PIDs."""
     try:
         starter = _parent(proc, str(_parent(proc, "self")))
         own = os.stat(os.path.join(proc, "self/ns/mnt")).st_ino
@@ -122,16 +110,31 @@ def _own_namespaces(proc: str) -> None:
 
 
 def fresh_guarded_proc(proc: str = PROC) -> list[Guard]:
-    """In a new PID and mount namespace, before the server starts: read the guards on the
-    container's /proc, detach that /proc (with its guards), mount this namespace's proc and put
-    the same guards on it. Raises ProcGuardError if any step fails. Returns the guards."""
+    """In a new PID and mount namespace, before the server starts: mount this namespace's proc
+    over the container's /proc and carry the container's guards over to it. Raises
+    ProcGuardError if any step fails. Returns the guards."""
     _own_namespaces(proc)
     with open(os.path.join(proc, "self/mountinfo")) as f:
         found = guards(f, proc)
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(proc.encode(), _MNT_DETACH) != 0:
-        e = ctypes.get_errno()
-        raise ProcGuardError(f"detaching the container's {proc} in the served tree failed: {os.strerror(e)}")
-    _mount(libc, "proc", proc, "proc", _LOCKED, "mounting a proc on")
-    apply(found, libc)
+    held = {}  # the container's mounts to carry, held open: the new proc hides their paths
+    try:
+        for g in found:
+            if not g.read_only:
+                try:
+                    held[g.path] = os.open(g.path, _O_PATH | os.O_CLOEXEC)
+                except OSError as e:
+                    raise ProcGuardError(f"cannot open the container's {g.path}: {e.strerror}") from None
+        _mount(libc, "proc", proc, "proc", _LOCKED, "mounting a proc on")
+        for g in found:
+            if not os.path.lexists(g.path):  # the container's kernel showed it, this proc does not
+                continue
+            if g.read_only:
+                _mount(libc, g.path, g.path, None, _MS_BIND, "binding")
+                _mount(libc, None, g.path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _LOCKED, "making read-only")
+            else:  # /proc/self is this namespace's now, and this process's fds are still its own
+                _mount(libc, f"{proc}/self/fd/{held[g.path]}", g.path, None, _MS_BIND | _MS_REC, "carrying over")
+    finally:
+        for fd in held.values():
+            os.close(fd)
     return found

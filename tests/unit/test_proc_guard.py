@@ -39,7 +39,7 @@ def test_the_guards_are_read_from_a_docker_containers_proc_mounts():
         Guard("/proc/timer_list", False)]
 
 
-def test_only_the_visible_procs_guards_count_and_other_mounts_are_not_guards():
+def test_only_the_visible_procs_mounts_count_and_other_kinds_are_not_carried():
     host = [
         "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw",
         "40 22 0:35 / /proc/sys/fs/binfmt_misc rw,relatime shared:13 - autofs systemd-1 rw,fd=30",
@@ -48,8 +48,11 @@ def test_only_the_visible_procs_guards_count_and_other_mounts_are_not_guards():
         "51 50 0:44 /null /proc/kcore rw,nosuid - devtmpfs udev rw",
         "52 22 0:44 /null /proc/keys rw,nosuid - tmpfs tmpfs rw",  # on the proc underneath
         r"53 50 0:61 / /proc/a\040b ro - tmpfs tmpfs ro",
+        "54 50 0:62 / /proc/driver/nvidia ro,nosuid,nodev,noexec - tmpfs tmpfs ro,mode=555",  # NVIDIA's toolkit
+        "55 54 0:60 /driver/nvidia/gpus/0000:00:1e.0 /proc/driver/nvidia/gpus/0000:00:1e.0 ro - proc proc rw",
     ]
-    assert guards(host) == [Guard("/proc/a b", False), Guard("/proc/kcore", False)]
+    assert guards(host) == [Guard("/proc/a b", False), Guard("/proc/kcore", False),
+                            Guard("/proc/driver/nvidia", False)]
     assert guards(["1 0 0:1 / / rw - ext4 /dev/vda rw"]) == []
 
 
@@ -81,22 +84,26 @@ _CHECK = textwrap.dedent("""
     except OSError as e:
         out["sysctl"] = errno.errorcode[e.errno]
     out["keys"] = open("/proc/keys").read()
-    out["procs"] = [l.split()[4] for l in open("/proc/self/mountinfo") if l.split(" - ")[1].startswith("proc ")]
+    out["driver"] = sorted(os.listdir("/proc/driver"))
+    out["version"] = open("/proc/driver/version").read()
+    out["own"] = os.readlink("/proc/self")
     print(json.dumps(out))
 """)
 
 
-def test_the_tree_gets_a_fresh_proc_with_the_guards_the_container_had():
-    """A container's guards made here (a read-only /proc/sys, /proc/keys hidden behind /dev/null),
-    then nsinit started as ServedTree starts it: the server it runs sees its own PID namespace's
-    proc, one proc mount only, with the same guards: the sysctl write is refused (EROFS) and
-    /proc/keys reads empty."""
+def test_the_tree_gets_a_fresh_proc_with_the_containers_guards_and_mounts():
+    """A container's guards made here (a read-only /proc/sys, /proc/keys hidden behind
+    /dev/null) and a folder filled as NVIDIA's toolkit fills /proc/driver/nvidia (a tmpfs with
+    files), then nsinit started as ServedTree starts it: the server it runs sees its own PID
+    namespace's proc with the same guards (the sysctl write is refused, EROFS; /proc/keys reads
+    empty) and the same folder, with its files."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare(1) to make namespaces")
-    if not os.path.exists("/proc/keys"):
-        pytest.skip("this kernel has no /proc/keys")
+    if not os.path.exists("/proc/keys") or not os.path.isdir("/proc/driver"):
+        pytest.skip("this kernel has no /proc/keys or /proc/driver")
     container = ("mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
-                 "mount --bind /dev/null /proc/keys && "
+                 "mount --bind /dev/null /proc/keys && mount -t tmpfs -o mode=755 none /proc/driver && "
+                 "echo 'NVRM version: 580.1' > /proc/driver/version && mount -o remount,ro /proc/driver && "
                  'exec unshare --pid --fork --mount --propagation private "$0" -m fvboot.nsinit --own-proc '
                  '"$0" -c "$1"')
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", container, sys.executable,
@@ -104,7 +111,7 @@ def test_the_tree_gets_a_fresh_proc_with_the_guards_the_container_had():
     assert r.returncode == 0, r.stderr
     import json
     seen = json.loads(r.stdout)
-    assert seen["pid"] == 2  # nsinit is 1: this is its namespace's proc
+    assert seen["pid"] == 2 and seen["own"] == "2"  # nsinit is 1: this is its namespace's proc
     assert seen["sysctl"] == "EROFS"
     assert seen["keys"] == ""
-    assert seen["procs"] == ["/proc", "/proc/sys"]  # one proc, its guard: the container's proc is gone
+    assert seen["driver"] == ["version"] and seen["version"] == "NVRM version: 580.1\n"
