@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import (__version__, capabilities, criu, cuda_checkpoint_service, errors, manifest, mounts, packages, ports,
-               runenv, sockets, zeropages)
+               proc_guard, runenv, sockets, zeropages)
 from .capabilities import RUN_WITH
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
@@ -141,6 +141,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
             if mounts.detach_cgroups(tree.init_pid()):
                 write_line(f"fvboot bake: {mounts.CGROUPS} detached from the served tree's mounts (the container"
                            " runtime's and the host's cgroup layout; vLLM read its limits as it started)")
+            guarded = tuple(g.path for g in proc_guard.tree_guards(tree.init_pid()))
             step = "checkpoint"
             criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log",
                       env=service_env)
@@ -191,7 +192,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
                            env=vllm_settings(), library_env=library_settings()),
         runtime_file=str(layout.runtime_file),  # where the restored middleware looks
         criu=manifest.Criu(criu.version(), tuple(criu.DUMP_FLAGS), tuple(criu.RESTORE_FLAGS), addresses,
-                           tree_caps, tasks, mounts.needed(layout.images_dir)),
+                           tree_caps, tasks, mounts.needed(layout.images_dir), guarded),
         device=dev,
         pipes=pipe_keys,
         weights=dumped,

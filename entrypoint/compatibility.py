@@ -50,6 +50,7 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     _refuse(_mounts(m))
     _refuse(manifest.verify_files(layout.home, m.files))
     _refuse(_packages(m))
+    _refuse(_proc_guards(m))
     _refuse(None if shutil.which("criu") else "criu is not on PATH")
     if port:  # CRIU could not put the listening socket back (the normal start says what to do)
         _refuse(ports.taken(m.vllm.port, arg_value(list(m.vllm.command), "--host")))
@@ -146,6 +147,13 @@ def _mounts(m: Manifest) -> Optional[str]:
         return (f"this container has no {', '.join(missing)}, which the checkpoint's mounts are bound from (the"
                 " bake's container runtime mounted them: a runtime that mounts them too, such as Docker, Podman"
                 " or Kubernetes, restores)")
+    return None
+
+
+def _proc_guards(m: Manifest) -> Optional[str]:
+    if m.criu is not None and m.criu.proc_guards is None:  # the normal start runs under the container's /proc
+        return ("the checkpoint's server has a /proc without the container's guards (baked by an fvboot of before"
+                " 2026-12-06): restored, it could change the host's kernel settings; bake the image again")
     return None
 
 

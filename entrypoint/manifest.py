@@ -206,9 +206,12 @@ class Criu:
     # the paths of the container the checkpoint's mounts are bound from at restore (mounts.py): a
     # restore needs each of them here; None: not recorded (an older fvboot)
     mounts: Optional[tuple[str, ...]] = None
+    # the container's mounts on /proc the served tree's own /proc carried at the dump (proc_guard.py;
+    # empty where the container had none); None: a checkpoint of an fvboot that carried none over
+    proc_guards: Optional[tuple[str, ...]] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("version", "dump_flags", "restore_flags", "addresses", "capabilities", "tasks", "mounts")
+    _KEYS = ("version", "dump_flags", "restore_flags", "addresses", "capabilities", "tasks", "mounts", "proc_guards")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "criu") -> "Criu":
@@ -220,6 +223,8 @@ class Criu:
                                                     None)),
                    tasks=_get(d, where, "tasks", _is_opt_count, "a whole number", None),
                    mounts=_opt_str_tuple(_get(d, where, "mounts", _is_str_list, "a list of strings", None)),
+                   proc_guards=_opt_str_tuple(_get(d, where, "proc_guards", _is_str_list, "a list of strings",
+                                                   None)),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
@@ -231,6 +236,8 @@ class Criu:
             out["tasks"] = self.tasks
         if self.mounts is not None:
             out["mounts"] = list(self.mounts)
+        if self.proc_guards is not None:
+            out["proc_guards"] = list(self.proc_guards)
         return out
 
 

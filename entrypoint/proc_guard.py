@@ -138,3 +138,13 @@ def fresh_guarded_proc(proc: str = PROC) -> list[Guard]:
         for fd in held.values():
             os.close(fd)
     return found
+
+
+def tree_guards(init_pid: int) -> list[Guard]:
+    """The guards on the served tree's own /proc, read from its init's mounts (the bake records
+    them with the checkpoint)."""
+    try:
+        with open(f"/proc/{init_pid}/mountinfo") as f:
+            return guards(f)
+    except OSError as e:
+        raise ProcGuardError(f"cannot read the served tree's mounts: {e}") from None

@@ -96,6 +96,7 @@ def baking(tmp_path, monkeypatch):
     monkeypatch.setattr(bake, "ServerControl", _Control)
     monkeypatch.setattr(bake, "tree_processes", lambda pid: [])
     monkeypatch.setattr(bake.mounts, "detach_cgroups", lambda pid: False)  # the stand-in tree has no namespaces
+    monkeypatch.setattr(bake.proc_guard, "tree_guards", lambda pid: [])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -13,6 +13,9 @@ import textwrap
 
 import pytest
 
+from fvboot import manifest
+from fvboot.compatibility import check_compatible
+from fvboot.errors import CheckpointUnusable
 from fvboot.proc_guard import Guard, guards
 
 DOCKER = """\
@@ -115,3 +118,28 @@ def test_the_tree_gets_a_fresh_proc_with_the_containers_guards_and_mounts():
     assert seen["sysctl"] == "EROFS"
     assert seen["keys"] == ""
     assert seen["driver"] == ["version"] and seen["version"] == "NVRM version: 580.1\n"
+
+
+def test_a_checkpoint_whose_tree_had_an_unguarded_proc_gets_the_normal_start(tmp_path, monkeypatch):
+    """An image baked before the guards: its restored server would have the unguarded /proc
+    back, so it is not restored; the normal start runs under the container's own /proc. A
+    container with no guards at all (recorded as none) restores."""
+    import dataclasses
+
+    from test_restore_steps import _manifest
+
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
+    monkeypatch.setattr(manifest, "verify_files", lambda home, files: None)
+    old = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), ()))
+    with pytest.raises(CheckpointUnusable, match=r"^the checkpoint's server has a /proc without the container's "
+                                                 r"guards .*could change the host's kernel settings; bake the image"
+                                                 r" again$"):
+        check_compatible(old, layout, [], port=False)
+    for recorded in ((), ("/proc/sys", "/proc/keys")):
+        guarded = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), (), proc_guards=recorded))
+        assert manifest.Criu.from_json(guarded.criu.to_json()).proc_guards == recorded
+        try:
+            check_compatible(guarded, layout, [], port=False)
+        except CheckpointUnusable as e:  # a later check may refuse this machine; not this one
+            assert "without the container's guards" not in str(e)
