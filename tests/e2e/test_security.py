@@ -13,6 +13,8 @@ import time
 import pytest
 import requests
 
+import proc_probe
+
 from fvboot.layout import ADMIN_HEADER
 from fvboot.middleware import is_public
 from test_restore import (PORT, RUN_DIR, URL, Container, _answers, _assert_same_as_bake, _completion_body,  # noqa: F401
@@ -120,21 +122,6 @@ def test_the_restored_server_holds_none_of_the_capabilities_only_criu_needs(bake
     assert "CAP_SYS_ADMIN" in fvboot["CapEff"]  # fvboot and CRIU keep theirs
 
 
-# Run by a process that entered a served process's mount and PID namespaces.
-_PROC_PROBE = r"""
-import errno, json, os
-out = {}
-value = open("/proc/sys/vm/swappiness").read()
-try:
-    open("/proc/sys/vm/swappiness", "w").write(value)  # the same value: harmless if it went through
-    out["sysctl"] = "written"
-except OSError as e:
-    out["sysctl"] = errno.errorcode[e.errno]
-out["keys"] = open("/proc/keys").read() if os.path.exists("/proc/keys") else ""
-out["mounts"] = [l.split()[4] for l in open("/proc/self/mountinfo")]
-out["own"], out["pid"] = os.readlink("/proc/self"), os.getpid()
-print(json.dumps(out))
-"""
 # Run in the container: the newest process of the served tree, entered as root with every
 # capability the container has (more than any process of the tree holds).
 _PROC_SEEN = r"""
@@ -159,8 +146,8 @@ def test_the_restored_trees_proc_keeps_the_containers_guards(baked_image, manife
     with Container(baked_image) as c:
         _wait_ready(container=c.id)
         assert "restored from checkpoint" in c.logs()
-        r = subprocess.run(["docker", "exec", c.id, "python3", "-c", _PROC_SEEN, _PROC_PROBE], capture_output=True,
-                           text=True)
+        r = subprocess.run(["docker", "exec", c.id, "python3", "-c", _PROC_SEEN, proc_probe.SCRIPT],
+                           capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         seen = json.loads(r.stdout)
         _assert_same_as_bake(manifest)

@@ -9,9 +9,10 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
+
+import proc_probe
 
 from fvboot import manifest
 from fvboot.compatibility import check_compatible
@@ -77,23 +78,6 @@ def test_nsinit_refuses_to_replace_proc_outside_namespaces_of_its_own(pid_namesp
     assert os.path.exists("/proc/self/status")
 
 
-_CHECK = textwrap.dedent("""
-    import errno, json, os
-    out = {"pid": os.getpid()}
-    value = open("/proc/sys/vm/swappiness").read()
-    try:
-        open("/proc/sys/vm/swappiness", "w").write(value)  # the same value: harmless if it went through
-        out["sysctl"] = "written"
-    except OSError as e:
-        out["sysctl"] = errno.errorcode[e.errno]
-    out["keys"] = open("/proc/keys").read()
-    out["driver"] = sorted(os.listdir("/proc/driver"))
-    out["version"] = open("/proc/driver/version").read()
-    out["own"] = os.readlink("/proc/self")
-    print(json.dumps(out))
-""")
-
-
 def test_the_tree_gets_a_fresh_proc_with_the_containers_guards_and_mounts():
     """A container's guards made here (a read-only /proc/sys, /proc/keys hidden behind
     /dev/null) and a folder filled as NVIDIA's toolkit fills /proc/driver/nvidia (a tmpfs with
@@ -110,7 +94,7 @@ def test_the_tree_gets_a_fresh_proc_with_the_containers_guards_and_mounts():
                  'exec unshare --pid --fork --mount --propagation private "$0" -m fvboot.nsinit --own-proc '
                  '"$0" -c "$1"')
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", container, sys.executable,
-                        _CHECK], capture_output=True, text=True, timeout=60, start_new_session=True)
+                        proc_probe.SCRIPT], capture_output=True, text=True, timeout=60, start_new_session=True)
     assert r.returncode == 0, r.stderr
     import json
     seen = json.loads(r.stdout)
