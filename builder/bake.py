@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -150,42 +149,8 @@ def _follow(container: RunningContainer, on_line: Callable[[str], None], timeout
     reader.join(timeout=30)
     if code != 0:
         reason = next((l for l in reversed(tail) if l.startswith("fvboot: ")), tail[-1] if tail else "")
-        reason = reason.removeprefix("fvboot: ")
-        said = vllm_reason(list(tail)) if "(see its log above)" in reason else None
-        if said:
-            reason = reason.replace(" (see its log above)", f"; vLLM said: {said}")
+        reason = reason.removeprefix("fvboot: ")  # with vLLM's own reason where it had one (fvboot.vllm_log)
         raise BakeError(f"bake failed (exit {code}): {reason}")
-
-
-_ARGPARSE_ERROR = re.compile(r": error: (.+)$")
-_EXCEPTION = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
-# vLLM (0.26 and others) writes "(APIServer pid=1) " before every line a process prints, its
-# tracebacks' too, coloured where asked (VLLM_LOGGING_COLOR=1); 0.32 prints it on its log records only
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_PROCESS_PREFIX = re.compile(r"^\((?:[\w-]+) pid=\d+\) ?")
-_WRAPPERS = ("initialization failed", "See root cause above", "Engine core", "failed to start")
-
-
-def vllm_reason(lines: list[str], limit: int = 400) -> Optional[str]:
-    """What vLLM said when it stopped, from the end of the bake's log: its command line's refusal
-    (argparse), the first error of a refused configuration (pydantic), or the last exception that
-    is not a wrapper saying to look above. None where none of them is there."""
-    lines = [_PROCESS_PREFIX.sub("", _ANSI.sub("", line)) for line in lines]
-    for line in reversed(lines):
-        m = _ARGPARSE_ERROR.search(line)
-        if m and "usage:" not in line:
-            return m.group(1).strip()[:limit]
-    for i, line in enumerate(lines):
-        if "validation error for" in line:
-            for follow in lines[i + 1:i + 4]:
-                text = follow.strip()
-                if text.startswith("Value error, "):
-                    return text.removeprefix("Value error, ").split(" [type=")[0][:limit]
-    for line in reversed(lines):
-        m = _EXCEPTION.match(line.strip())
-        if m and not any(w in m.group(2) for w in _WRAPPERS):
-            return f"{m.group(1)}: {m.group(2)}"[:limit]
-    return None
 
 
 # The bake manifest is fvboot's (fvboot.manifest defines it; the builder must not import fvboot):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import (__version__, capabilities, criu, cuda_checkpoint_service, errors, manifest, mounts, packages, ports,
-               proc_guard, runenv, sockets, zeropages)
+               proc_guard, runenv, sockets, vllm_log, zeropages)
 from .capabilities import RUN_WITH
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
@@ -222,7 +222,7 @@ def step_failed(step: str, e: Exception, tree: ServedTree) -> FvBootError:
     if isinstance(e, ServerDied):
         return e  # the start itself: its message already says it
     if not tree.alive():
-        return BakeFailed(f"the vLLM server exited during the bake's {step} (its log above says why)")
+        return BakeFailed(vllm_log.exited(f"the vLLM server exited during the bake's {step}"))
     text = errors.reason(e)
     if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text:
         return BakeFailed(f"the bake's {step} failed: no space left on device (the weight dump and the "

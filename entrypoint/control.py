@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from . import vllm_log
 from .errors import ServerDied, ServerError
 from .layout import ADMIN_HEADER, ADMIN_REFUSED
 
@@ -92,7 +93,7 @@ class ServerControl:
                                      " that port (with --network host, on the host) or use another port")
                 return
             if not alive():
-                raise ServerDied("the vLLM server exited before it became healthy (see its log above)")
+                raise ServerDied(vllm_log.exited("the vLLM server exited before it became healthy"))
             time.sleep(poll)
         raise ServerDied(f"the vLLM server did not become healthy within {timeout:.0f} s")
 

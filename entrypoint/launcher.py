@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import runenv
+from . import runenv, vllm_log
 from .errors import ServerDied
 from .exitnoise import ExitFilter
 from .layout import RUNTIME_FILE_ENV
@@ -344,15 +344,19 @@ class LogPump(threading.Thread):
 
     def run(self) -> None:
         quiet = ExitFilter()  # after a stop: vLLM's libraries' exit warnings (exitnoise.py)
-        with os.fdopen(self.read_fd, "rb", buffering=0) as f:
-            for line in iter(f.readline, b""):
-                event = parse_event(line)
-                if event:
-                    self.on_event(*event)
-                for out in quiet.feed(line):
-                    write_line(out, self.err)
-        for out in quiet.flush():
-            write_line(out, self.err)
+        try:
+            with os.fdopen(self.read_fd, "rb", buffering=0) as f:
+                for line in iter(f.readline, b""):
+                    event = parse_event(line)
+                    if event:
+                        self.on_event(*event)
+                    vllm_log.recent.add(line)  # for vLLM's reason, should it exit
+                    for out in quiet.feed(line):
+                        write_line(out, self.err)
+            for out in quiet.flush():
+                write_line(out, self.err)
+        finally:
+            vllm_log.recent.stream_ended()
 
 
 @dataclass
@@ -375,6 +379,8 @@ class Pipes:
                 "stderr": f"pipe:[{os.fstat(self.err_w).st_ino}]"}
 
     def pump(self, on_event: Callable[[str, list[str]], None]) -> None:
+        vllm_log.recent.stream_started()
+        vllm_log.recent.stream_started()
         LogPump(self.out_r, False, on_event).start()
         LogPump(self.err_r, True, on_event).start()
 
@@ -411,6 +417,7 @@ class ServedTree:
 
     def __init__(self, cmd: list[str], env: dict, pipes: Pipes, namespaced: bool = True) -> None:
         self.pipes = pipes
+        vllm_log.recent.clear()  # what an earlier tree said is not this one's reason
         argv = [sys.executable, *NSINIT, *cmd]
         if namespaced:  # nsinit mounts the namespace's /proc itself, with the container's guards
             argv = ["unshare", "--pid", "--fork", "--mount", "--propagation", "private",

@@ -329,7 +329,7 @@ def test_vllm_failing_in_the_bake_is_one_clear_error_and_leaves_nothing(build_fl
     err = [l for l in own if l.startswith("fvbuild:")]
     assert len(err) == 1 and "bake failed (exit" in err[0], r.stderr[-3000:]
     assert "max_model_len" in r.stderr  # vLLM's own reason is in the bake's log shown above
-    # ... and in fvbuild's line (it said "see its log above", the reason 20 wrapped lines up)
+    # ... and in fvbuild's line, from fvboot's (it said "see its log above", the reason 20 wrapped lines up)
     assert "vLLM said: User-specified max_model_len (1048576) is greater than" in err[0], \
         err[0] + "\n" + r.stderr[-3000:]
     assert not docker_client.images.list(name="fv-test/enginefail")

@@ -1506,6 +1506,27 @@ def test_a_pids_limit_without_room_for_the_server_is_said_before_criu_runs(baked
         assert "Unable to create a thread" not in logs and "criu restore" not in logs, logs[-3000:]
 
 
+def test_a_normal_start_that_vllm_refuses_ends_with_vllms_own_reason(baked_image, port_free):
+    """Found by hand, 2026-12-06: the CPU image's normal start in a container with Docker's
+    default 64 MB /dev/shm (the restore fits there) ended in "the vLLM server exited before it
+    became healthy (see its log above)", and vLLM's reason, with what to do, was pages up. fvboot's
+    last line now carries it."""
+    flags = [f for f in run_flags(baked_image) if f not in ("--shm-size", "1g")]
+    assert len(flags) == len(run_flags(baked_image)) - 2
+    cid = subprocess.run(["docker", "run", "-d", *flags, "--network", "host", "-e", "FV_RESTORE=0", baked_image],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        code = subprocess.run(["docker", "wait", cid], capture_output=True, text=True, timeout=600).stdout.strip()
+        logs = _logs(cid)
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+    assert code == "1", logs[-3000:]
+    last = [l for l in logs.splitlines() if l.startswith("fvboot: ")][-1]
+    assert last.startswith("fvboot: the vLLM server exited before it became healthy; vLLM said: RuntimeError: "
+                           "Insufficient space in /dev/shm"), last
+    assert "Increase /dev/shm (e.g. --shm-size or --ipc=host)" in last, last
+
+
 def test_an_open_files_limit_too_low_for_the_server_is_named_where_the_restore_and_the_start_fail(baked_image,
                                                                                                    port_free):
     """`docker run --ulimit nofile=64` (found by hand, 2026-12-05): CRIU said only "sfd: Can't chose
@@ -1517,7 +1538,8 @@ def test_an_open_files_limit_too_low_for_the_server_is_named_where_the_restore_a
     assert code == "1", logs[-3000:]
     said = "this container's open-files limit is 64 (docker run --ulimit nofile=..., or the runtime's default?)"
     assert said in _fallback_line(logs), logs[-3000:]
-    assert f"the vLLM server exited before it became healthy (see its log above); {said}" in logs, logs[-3000:]
+    ended = [l for l in logs.splitlines() if "the vLLM server exited before it became healthy" in l]
+    assert ended and f"; {said}" in ended[-1], logs[-3000:]  # after vLLM's own reason ("Too many open files")
 
 
 def test_a_memory_limit_too_small_for_the_server_is_named_as_what_ended_it(baked_image, port_free):

@@ -115,7 +115,7 @@ def _nothing_left(layout, tree):
 def test_a_server_that_crashes_in_the_warm_up_is_named(baking):
     layout, run, tree = baking
     _Control.fail_at = ("complete", urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")), True)
-    with pytest.raises(BakeFailed, match=r"^the vLLM server exited during the bake's warm-up \(its log above says why\)$"):
+    with pytest.raises(BakeFailed, match=r"^the vLLM server exited during the bake's warm-up \(see its log above\)$"):
         run()
     _nothing_left(layout, tree)
 

@@ -1,7 +1,8 @@
-"""fvbuild's one line for a bake whose vLLM stopped before it served: vLLM's own reason, read
-from the end of the bake's log, instead of "see its log above" (tried as an operator would,
-2026-12-05: `--vllm-arg=--max-model-len=abc` ended in that line, the reason 20 lines up in a
-wrapped traceback). The lines are those vLLM 0.32 (CPU) printed in the bake of this machine;
+"""fvboot's one line for a vLLM that stopped before it served (a bake's, which fvbuild shows, or
+a normal start's): vLLM's own reason, read from the end of its output, instead of "see its log
+above" (tried as an operator would, 2026-12-05: `--vllm-arg=--max-model-len=abc` ended in that
+line, the reason 20 lines up in a wrapped traceback; 2026-12-06: a normal start with Docker's
+default 64 MB /dev/shm, vLLM's "Increase /dev/shm" pages up). The lines are those vLLM 0.32 (CPU) printed in the bake of this machine;
 vLLM 0.26 (the GPU machine's) prints the same with its process's name before every line, and the
 GPU suite found the reason missed there (H100, 2026-12-06: "vLLM said: ValidationError: 1
 validation error for ModelConfig")."""
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from fvbuild.bake import vllm_reason
+from fvboot.vllm_log import Tail, exited, reason as vllm_reason
+import fvboot.vllm_log as vllm_log
 
 ARGPARSE = [
     "Triton is installed, but doesn't include CPU backend. Disabling Triton.",
@@ -28,6 +30,15 @@ PYDANTIC = [
     " {'model': ...}), input_type=ArgsKwargs]",
     "    For further information visit https://errors.pydantic.dev/2.14/v/value_error",
     "fvboot: the vLLM server exited before it became healthy (see its log above)",
+]
+SHM = [  # the normal start of 2026-12-06, as vLLM 0.32 printed it
+    "Process EngineCore:",
+    "Traceback (most recent call last):",
+    "RuntimeError: Insufficient space in /dev/shm for shared-memory allocation: 160 MiB required, 64 MiB free."
+    " Increase /dev/shm (e.g. --shm-size or --ipc=host).",
+    "(EngineCore pid=54) ERROR 12-06 08:32:58 [core.py:1510] RuntimeError: Insufficient space in /dev/shm for"
+    " shared-memory allocation: 160 MiB required, 64 MiB free. Increase /dev/shm (e.g. --shm-size or --ipc=host).",
+    "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
 ]
 ENGINE = [
     "(EngineCore pid=108) ERROR 12-05 18:20:01 [core.py:700] EngineCore failed to start.",
@@ -48,8 +59,10 @@ COLOURED = [f"{CYAN}(APIServer pid=1){RESET} {line}" for line in PYDANTIC[:-1]] 
     (PYDANTIC, "User-specified max_model_len (1048576) is greater than the derived max_model_len"),
     (PREFIXED, "User-specified max_model_len (1048576) is greater than the derived max_model_len"),
     (COLOURED, "User-specified max_model_len (1048576) is greater than the derived max_model_len"),
+    (SHM, "RuntimeError: Insufficient space in /dev/shm for shared-memory allocation: 160 MiB required, 64 MiB "
+          "free. Increase /dev/shm (e.g. --shm-size or --ipc=host)."),
     (ENGINE, "ValueError: Free memory on device (1.2/79.1 GiB) on startup is less than desired"),
-], ids=["argparse", "pydantic", "pydantic-vllm-0.26", "pydantic-coloured", "engine"])
+], ids=["argparse", "pydantic", "pydantic-vllm-0.26", "pydantic-coloured", "shm", "engine"])
 def test_vllms_own_reason_is_found(lines, said):
     got = vllm_reason(lines)
     assert got is not None and got.startswith(said), got
@@ -59,3 +72,19 @@ def test_vllms_own_reason_is_found(lines, said):
 def test_a_log_without_a_reason_gives_none_and_a_long_one_is_cut():
     assert vllm_reason(["INFO starting", "fvboot: the vLLM server exited before it became healthy"]) is None
     assert len(vllm_reason(["RuntimeError: " + "x" * 2000])) == 400
+
+
+def test_the_tail_of_the_trees_output_gives_the_exit_its_reason_and_a_new_tree_starts_it_afresh(monkeypatch):
+    tail = Tail(size=4)
+    monkeypatch.setattr(vllm_log, "recent", tail)
+    tail.stream_started()
+    for line in [b"old noise\n", b"ValueError: from an earlier tree\n"]:
+        tail.add(line)
+    tail.clear()
+    assert exited("the vLLM server exited", wait=0.05) == "the vLLM server exited (see its log above)"
+    for line in [b"x\n", b"Traceback (most recent call last):\n", b"OSError: [Errno 24] Too many open files\n",
+                 b"RuntimeError: Engine core initialization failed. See root cause above.\n"]:
+        tail.add(line)
+    tail.stream_ended()  # the wait ends at once once every stream has ended
+    assert exited("the vLLM server exited", wait=30) == (
+        "the vLLM server exited; vLLM said: OSError: [Errno 24] Too many open files")
