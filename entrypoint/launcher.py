@@ -341,6 +341,7 @@ class LogPump(threading.Thread):
     def __init__(self, read_fd: int, err: bool, on_event: Callable[[str, list[str]], None]) -> None:
         super().__init__(daemon=True)
         self.read_fd, self.err, self.on_event = read_fd, err, on_event
+        vllm_log.recent.stream_started()  # ended when this pump reaches the stream's end
 
     def run(self) -> None:
         quiet = ExitFilter()  # after a stop: vLLM's libraries' exit warnings (exitnoise.py)
@@ -379,8 +380,6 @@ class Pipes:
                 "stderr": f"pipe:[{os.fstat(self.err_w).st_ino}]"}
 
     def pump(self, on_event: Callable[[str, list[str]], None]) -> None:
-        vllm_log.recent.stream_started()
-        vllm_log.recent.stream_started()
         LogPump(self.out_r, False, on_event).start()
         LogPump(self.err_r, True, on_event).start()
 
