@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import synthetic
+from . import mountinfo, synthetic
 from .errors import BakeFailed
 
 IMPORT_DIR = Path("/fv-import/model")
@@ -26,9 +26,7 @@ def detach_build_inputs() -> list[str]:
     before the server starts: the served tree's mount namespace must not contain them, or CRIU
     would need them again at every restore; and the token is then gone from the container."""
     gone = []
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for mp in reversed(points):
+    for mp in reversed([m.point for m in mountinfo.read()]):
         if mp.startswith((TOKEN_MOUNT_ROOT, str(IMPORT_DIR.parent))):
             r = subprocess.run(["umount", mp], capture_output=True, text=True)
             if r.returncode != 0:

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Iterable
 
+from . import mountinfo
 from .criu import image_entries, proto_fields
 from .errors import FvBootError
 
@@ -39,13 +40,11 @@ def detach_cgroups(init_pid: int, timeout: float = 30) -> bool:
     try:
         theirs = [os.stat(f"/proc/{init_pid}/ns/{kind}").st_ino for kind in ("mnt", "pid")]
         ours = [os.stat(f"/proc/self/ns/{kind}").st_ino for kind in ("mnt", "pid")]
-        with open(f"/proc/{init_pid}/mountinfo") as f:
-            mounted = any(line.split()[4] == CGROUPS for line in f)
     except OSError as e:
         raise MountsError(f"cannot read the served tree's mounts: {e}") from None
     if theirs[0] == ours[0] or theirs[1] == ours[1]:  # not a tree of its own: this container's, or the host's
         raise MountsError(f"process {init_pid} is not the init of a served tree's own namespaces: nothing detached")
-    if not mounted:
+    if CGROUPS not in _points(init_pid):
         return False
     for _ in range(16):  # each umount takes the topmost mount there, with every mount below it
         try:
@@ -57,10 +56,16 @@ def detach_cgroups(init_pid: int, timeout: float = 30) -> bool:
         if r.returncode != 0:
             raise MountsError(f"detaching {CGROUPS} from the served tree's mounts failed: "
                               f"{(r.stderr or r.stdout).strip() or f'exit {r.returncode}'}")
-        with open(f"/proc/{init_pid}/mountinfo") as f:
-            if not any(line.split()[4].startswith(CGROUPS) for line in f):
-                return True
+        if not any(p.startswith(CGROUPS) for p in _points(init_pid)):
+            return True
     raise MountsError(f"{CGROUPS} was still mounted in the served tree after 16 detaches")
+
+
+def _points(pid: int) -> list[str]:
+    try:
+        return [m.point for m in mountinfo.read(str(pid))]
+    except OSError as e:
+        raise MountsError(f"cannot read the served tree's mounts: {e}") from None
 
 
 def needed(images: Path) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .errors import FvBootError
+from .mountinfo import parse as mountinfo_parse
 
 PROC = "/proc"
 OWN_PROC = "--own-proc"  # nsinit's first argument where it is PID 1 of a PID and mount namespace of its own
@@ -46,37 +47,23 @@ class Guard:
     read_only: bool  # True: that part of proc, read-only; False: the container's mount there, bound as it is
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    for esc, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(esc, ch)
-    return field
-
-
 def guards(mountinfo: Iterable[str], proc: str = PROC) -> list[Guard]:
     """The mounts on the /proc that is visible now (the topmost proc mount at PROC), from
     /proc/self/mountinfo lines: a read-only bind of part of the same proc, or a tmpfs or device
     node (a folder or file hidden, or filled by NVIDIA's toolkit). Shallowest first."""
-    rows = []
-    for line in mountinfo:
-        left, sep, right = line.rstrip("\n").partition(" - ")
-        f = left.split()
-        if not sep or len(f) < 6:
-            continue
-        fstype = right.split()[0] if right.split() else ""
-        rows.append((f[0], f[1], _unescape(f[4]), f[5].split(","), fstype))
-    procs = [r for r in rows if r[2] == proc and r[4] == "proc"]
+    rows = mountinfo_parse(mountinfo)
+    procs = [m for m in rows if m.point == proc and m.fstype == "proc"]
     if not procs:
         return []
-    proc_id = procs[-1][0]
+    proc_id = procs[-1].id
     out = set()
-    for mount_id, parent, point, options, fstype in rows:
-        if parent != proc_id or not point.startswith(proc + "/"):
+    for m in rows:
+        if m.parent != proc_id or not m.point.startswith(proc + "/"):
             continue
-        if fstype == "proc" and "ro" in options:
-            out.add(Guard(point, read_only=True))
-        elif fstype in _CARRIED:
-            out.add(Guard(point, read_only=False))
+        if m.fstype == "proc" and "ro" in m.options:
+            out.add(Guard(m.point, read_only=True))
+        elif m.fstype in _CARRIED:
+            out.add(Guard(m.point, read_only=False))
     return sorted(out, key=lambda g: (g.path.count("/"), g.path))
 
 
