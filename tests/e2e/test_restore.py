@@ -1126,7 +1126,8 @@ def _unprobed_answers(manifest: dict) -> list:
     """Answers to requests the bake's probe never makes, asked one at a time: the bake's own
     warm-up prompts (their prefixes were in the engine's cache before it slept), a long prompt
     with every prompt token's logprob (the whole prefill, every weight on its way), a chat
-    request (the model's chat template) and, on a CPU, seeded sampling with two choices."""
+    request (the model's chat template) and, on a CPU, seeded sampling with two choices and
+    unseeded sampling (the engine's generator as a start leaves it)."""
     from fvboot.bake import WARMUP_PROMPT
 
     model = manifest["model"]["served_name"]
@@ -1140,6 +1141,10 @@ def _unprobed_answers(manifest: dict) -> list:
     if e2e_device() == "cpu":  # a GPU normal start's own kernels may turn a sampled token: CPU only
         asks.append(("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.8,
                                          "seed": 7, "n": 2, "logprobs": 1}))
+        # unseeded: the engine's own generator, which vLLM seeds at its start (--seed, 0 by default),
+        # so two normal starts sample alike; the checkpoint's must be where a start leaves it
+        asks.append(("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 1.0,
+                                         "logprobs": 1}))
     answers = []
     for route, body in asks:
         r = requests.post(f"{URL}{route}", json={"model": model, **body}, timeout=600)
@@ -1171,7 +1176,7 @@ def test_prompts_the_probe_never_asks_are_answered_as_a_normal_start_answers_the
         normal = _unprobed_answers(manifest)
         logs = c.logs()
     assert "FV_RESTORE=0 asks for a normal start" in _fallback_line(logs)
-    assert len(restored) == len(normal) >= (7 if e2e_device() == "cpu" else 6)  # sampling asked on a CPU only
+    assert len(restored) == len(normal) >= (8 if e2e_device() == "cpu" else 6)  # sampling asked on a CPU only
     for got, want in zip(restored, normal):
         assert got["text"] == want["text"], (got, want)
         assert len(got["logprobs"]) == len(want["logprobs"]) > 0, (got, want)
