@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,9 @@ def bake_image(engine: DockerEngine, opts: BuildOptions, built_id: str, tag: str
     token = os.environ.get(opts.hf_token_env)
     tmpdir = tempfile.mkdtemp(prefix="fvbuild-")
     container = None
-    bake_ref = f"fvbuild-bake-tmp:{built_id.split(':')[-1][:12]}"
+    # this bake's own name: two builds of the same model (two tags, a CI matrix) share BUILT_ID, and
+    # a shared name let one build's clean-up remove, or its commit replace, the other's bake
+    bake_ref = f"fvbuild-bake-tmp:{built_id.split(':')[-1][:12]}-{uuid.uuid4().hex[:8]}"
     try:
         if token:
             token_file = Path(tmpdir) / "token"

@@ -3,6 +3,7 @@ container is given, the `docker run` flags for each mode, and what is left after
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -156,11 +157,26 @@ def test_a_failed_or_endless_bake_leaves_no_container_no_tag_no_temp_image(outco
     if outcome == "daemon":
         assert str(e.value).startswith("bake failed: lost the Docker daemon while waiting")
     assert engine.container.removed and not engine.container.committed
-    assert engine.tags == [] and engine.removed == ["fvbuild-bake-tmp:aaaaaaaaaaaa"]
+    assert engine.tags == [] and len(engine.removed) == 1
+    assert re.fullmatch(r"fvbuild-bake-tmp:a{12}-[0-9a-f]{8}", engine.removed[0]), engine.removed
     # the GPU plan reached the container: device nodes, driver mount, its environment
     assert engine.run_kwargs["devices"][0] == "/dev/nvidia0:/dev/nvidia0:rwm"
     assert engine.run_kwargs["volumes"][str(driver)] == {"bind": str(driver), "mode": "ro"}
     assert engine.run_kwargs["environment"]["PATH"] == f"{driver}/bin:/usr/bin:/bin"
+
+
+def test_two_bakes_of_the_same_built_image_each_clean_up_only_their_own_temporary_image(host):
+    """Two builds of one model (two tags, a CI matrix) have the same built image; the bake's
+    temporary image was named after it alone, so one build's clean-up could remove, and its
+    commit replace, the other's bake while that one still made its layers from it."""
+    refs = []
+    for _ in range(2):
+        engine = FakeEngine("fail")
+        with pytest.raises(BakeError):
+            bake.bake_image(engine, load_options({"model": "synthetic:tiny", "bake_timeout_s": 60}),
+                            "sha256:" + "a" * 64, "fv/x:y", lambda line: None)
+        refs += engine.removed
+    assert len(refs) == 2 and refs[0] != refs[1], refs
 
 
 def test_the_baked_image_takes_its_config_from_the_built_image_not_the_bake_container():
