@@ -12,7 +12,7 @@ import os
 import shutil
 from typing import Optional
 
-from . import capabilities, manifest, mounts, packages, pids, ports, sockets
+from . import capabilities, manifest, mounts, packages, pids, ports, proc_guard, sockets
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable
 from .launcher import (adds_nothing, arg_value, args_from_env, library_settings, shown_args, vllm_settings,
@@ -151,9 +151,19 @@ def _mounts(m: Manifest) -> Optional[str]:
 
 
 def _proc_guards(m: Manifest) -> Optional[str]:
-    if m.criu is not None and m.criu.proc_guards is None:  # the normal start runs under the container's /proc
+    """The restored tree's /proc is the bake's, guards and all: refused where this container's
+    runtime guards a part of /proc the bake's did not (the normal start carries this container's)."""
+    if m.criu is None:
+        return None
+    if m.criu.proc_guards is None:
         return ("the checkpoint's server has a /proc without the container's guards (baked by an fvboot of before"
                 " 2026-12-06): restored, it could change the host's kernel settings; bake the image again")
+    unguarded = sorted({g.path for g in proc_guard.container_guards()} - set(m.criu.proc_guards))
+    if unguarded:
+        return (f"this container's runtime guards {', '.join(unguarded)}, which the checkpoint's server has"
+                " unguarded (baked in a container with fewer guards: --privileged, --security-opt"
+                " systempaths=unconfined?); restored, it could read or change them: bake the image under the"
+                " runtime's default guards")
     return None
 
 

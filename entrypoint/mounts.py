@@ -36,7 +36,7 @@ class MountsError(FvBootError):
 def detach_cgroups(init_pid: int, timeout: float = 30) -> bool:
     """Detach CGROUPS and every mount below it (as many as are stacked there) from the mount
     namespace of INIT_PID, the served tree's init. True if something was detached, False where
-    nothing is mounted there."""
+    nothing is mounted at or below it."""
     try:
         theirs = [os.stat(f"/proc/{init_pid}/ns/{kind}").st_ino for kind in ("mnt", "pid")]
         ours = [os.stat(f"/proc/self/ns/{kind}").st_ino for kind in ("mnt", "pid")]
@@ -44,21 +44,30 @@ def detach_cgroups(init_pid: int, timeout: float = 30) -> bool:
         raise MountsError(f"cannot read the served tree's mounts: {e}") from None
     if theirs[0] == ours[0] or theirs[1] == ours[1]:  # not a tree of its own: this container's, or the host's
         raise MountsError(f"process {init_pid} is not the init of a served tree's own namespaces: nothing detached")
-    if CGROUPS not in _points(init_pid):
-        return False
-    for _ in range(16):  # each umount takes the topmost mount there, with every mount below it
+    detached = False
+    for _ in range(32):  # each umount takes the topmost mount at a path, with every mount below it
+        below = [p for p in _points(init_pid) if _under_cgroups(p)]
+        if not below:
+            return detached
+        # CGROUPS itself where it is mounted; else the shallowest mount below it (a v1 host's
+        # controller folders on a /sys without a cgroup tmpfs)
+        target = CGROUPS if CGROUPS in below else min(below, key=lambda p: (p.count("/"), p))
         try:
             # the PID namespace too: umount reads /proc/self/mountinfo, and the tree's /proc is its own
             r = subprocess.run(["nsenter", f"--target={init_pid}", "--mount", "--pid", "--", "umount", "--lazy",
-                                CGROUPS], capture_output=True, text=True, timeout=timeout)
+                                target], capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise MountsError(f"detaching {CGROUPS} from the served tree's mounts failed: {e}") from None
+            raise MountsError(f"detaching {target} from the served tree's mounts failed: {e}") from None
         if r.returncode != 0:
-            raise MountsError(f"detaching {CGROUPS} from the served tree's mounts failed: "
+            raise MountsError(f"detaching {target} from the served tree's mounts failed: "
                               f"{(r.stderr or r.stdout).strip() or f'exit {r.returncode}'}")
-        if not any(p.startswith(CGROUPS) for p in _points(init_pid)):
-            return True
-    raise MountsError(f"{CGROUPS} was still mounted in the served tree after 16 detaches")
+        detached = True
+    raise MountsError(f"{CGROUPS} was still mounted in the served tree after 32 detaches")
+
+
+def _under_cgroups(point: str) -> bool:
+    """POINT is CGROUPS or below it (not /sys/fs/cgroup2 or the like beside it)."""
+    return point == CGROUPS or point.startswith(CGROUPS + "/")
 
 
 def _points(pid: int) -> list[str]:

@@ -14,8 +14,11 @@ from a restored vLLM's processes; `kernel.core_pattern` is a known way out of a 
 So nsinit, PID 1 of the tree's PID and mount namespaces, mounts its namespace's proc over the
 container's before anything else runs and carries each of those mounts over: a read-only part of
 proc is made read-only in the new proc too; a tmpfs or a device node on a proc path (a mask, the
-toolkit's folder) is bound there as it is, from the container's /proc. Other mounts (binfmt_misc
-on a host) are not carried.
+toolkit's folder) is bound there as it is, from the container's /proc. Other mounts are not
+carried: binfmt_misc on a host, and LXCFS's views (`fuse.lxcfs` on /proc/meminfo, /proc/cpuinfo,
+... on some Kubernetes nodes), so the tree reads the host's figures there (vLLM sizes nothing
+from them: its KV cache is sized by its arguments or the GPU); nor the container's proc mount's
+own options (`hidepid=`, a read-only /proc as a whole), which no common runtime sets.
 """
 
 from __future__ import annotations
@@ -55,10 +58,19 @@ def guards(mountinfo: Iterable[str], proc: str = PROC) -> list[Guard]:
     procs = [m for m in rows if m.point == proc and m.fstype == "proc"]
     if not procs:
         return []
-    proc_id = procs[-1].id
+    # the visible proc and the parts of it bound below it, to any depth: a runtime's mask may lie
+    # under its read-only /proc/sys (runc binds readonlyPaths before it masks maskedPaths); what
+    # lies under a carried tmpfs goes with it (bound recursively)
+    ids, grown = {procs[-1].id}, True
+    while grown:
+        grown = False
+        for m in rows:
+            if m.fstype == "proc" and m.parent in ids and m.id not in ids and m.point.startswith(proc + "/"):
+                ids.add(m.id)
+                grown = True
     out = set()
     for m in rows:
-        if m.parent != proc_id or not m.point.startswith(proc + "/"):
+        if m.parent not in ids or not m.point.startswith(proc + "/"):
             continue
         if m.fstype == "proc" and "ro" in m.options:
             out.add(Guard(m.point, read_only=True))
@@ -101,8 +113,11 @@ def fresh_guarded_proc(proc: str = PROC) -> list[Guard]:
     over the container's /proc and carry the container's guards over to it. Raises
     ProcGuardError if any step fails. Returns the guards."""
     _own_namespaces(proc)
-    with open(os.path.join(proc, "self/mountinfo")) as f:
-        found = guards(f, proc)
+    try:
+        with open(os.path.join(proc, "self/mountinfo")) as f:
+            found = guards(f, proc)
+    except OSError as e:
+        raise ProcGuardError(f"cannot read the container's mounts: {e.strerror}") from None
     libc = ctypes.CDLL(None, use_errno=True)
     held = {}  # the container's mounts to carry, held open: the new proc hides their paths
     try:
@@ -125,6 +140,16 @@ def fresh_guarded_proc(proc: str = PROC) -> list[Guard]:
         for fd in held.values():
             os.close(fd)
     return found
+
+
+def container_guards() -> list[Guard]:
+    """The guards on this process's /proc (fvboot's: the container's, as its runtime set them);
+    none where they cannot be read, as on a host."""
+    try:
+        with open(os.path.join(PROC, "self/mountinfo")) as f:
+            return guards(f)
+    except OSError:
+        return []
 
 
 def tree_guards(init_pid: int) -> list[Guard]:

@@ -18,7 +18,9 @@ import time
 from collections import deque
 from typing import Optional
 
-_ARGPARSE_ERROR = re.compile(r": error: (.+)$")
+# argparse: "PROG: error: MESSAGE", PROG a program name (vLLM's "vllm serve"); a compiler's
+# "file.c:6:10: error: ..." or "x.cu(12): error: ..." (Triton's, FlashInfer's builds) is not one
+_ARGPARSE_ERROR = re.compile(r"^[\w.\- ]+: error: (.+)$")
 _EXCEPTION = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
 # vLLM (0.26 and others) writes "(APIServer pid=1) " before every line a process prints, its
 # tracebacks' too, coloured where asked (VLLM_LOGGING_COLOR=1); 0.32 prints it on its log records
@@ -35,7 +37,7 @@ def reason(lines: list[str], limit: int = 400) -> Optional[str]:
     saying to look above. None where none of them is there."""
     lines = [_LOGGER_PREFIX.sub("", _PROCESS_PREFIX.sub("", _ANSI.sub("", line))) for line in lines]
     for line in reversed(lines):
-        m = _ARGPARSE_ERROR.search(line)
+        m = _ARGPARSE_ERROR.match(line.strip())
         if m and "usage:" not in line:
             return m.group(1).strip()[:limit]
     for i, line in enumerate(lines):
@@ -57,8 +59,9 @@ class Tail:
     def __init__(self, size: int = 300) -> None:
         self._lines: deque[str] = deque(maxlen=size)
         self._open = 0
+        self._last = 0.0  # when the last line came
         self._lock = threading.Lock()
-        self._ended = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)
 
     def clear(self) -> None:
         """A new tree starts: what an earlier one said is not its reason."""
@@ -72,19 +75,26 @@ class Tail:
     def add(self, line: bytes) -> None:
         with self._lock:
             self._lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._last = time.monotonic()
+            self._changed.notify_all()
 
     def stream_ended(self) -> None:
         with self._lock:
             self._open -= 1
-            self._ended.notify_all()
+            self._changed.notify_all()
 
-    def said(self, wait: float = 2.0) -> Optional[str]:
-        """vLLM's reason, once the tree's streams have ended (bounded by WAIT: a process of it
-        may hold them open), or None."""
-        deadline = time.monotonic() + wait
+    def said(self, wait: float = 2.0, quiet: float = 0.3) -> Optional[str]:
+        """vLLM's reason, or None: read once the tree's streams have ended, or have been quiet
+        for QUIET s (fvboot holds their write ends for the next tree, so they rarely end while it
+        runs; a dead server's last lines are in the pipe already), and WAIT s at most."""
+        asked = time.monotonic()
         with self._lock:
-            while self._open > 0 and time.monotonic() < deadline:
-                self._ended.wait(max(0.0, deadline - time.monotonic()))
+            while self._open > 0:
+                now = time.monotonic()
+                until = min(asked + wait, max(asked, self._last) + quiet)
+                if now >= until:
+                    break
+                self._changed.wait(until - now)
             lines = list(self._lines)
         return reason(lines)
 

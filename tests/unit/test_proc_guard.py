@@ -14,7 +14,7 @@ import pytest
 
 import proc_probe
 
-from fvboot import manifest
+from fvboot import manifest, proc_guard
 from fvboot.compatibility import check_compatible
 from fvboot.errors import CheckpointUnusable
 from fvboot.proc_guard import Guard, guards
@@ -58,6 +58,22 @@ def test_only_the_visible_procs_mounts_count_and_other_kinds_are_not_carried():
     assert guards(host) == [Guard("/proc/a b", False), Guard("/proc/kcore", False),
                             Guard("/proc/driver/nvidia", False)]
     assert guards(["1 0 0:1 / / rw - ext4 /dev/vda rw"]) == []
+
+
+def test_a_mask_under_a_read_only_part_of_proc_is_a_guard_too():
+    """runc binds the read-only paths before it masks: a runtime that masks a path under
+    /proc/sys puts that mask on the read-only bind, not on proc itself (found by review,
+    2026-12-06: it was left out). Proc's own parts under a carried tmpfs go with the tmpfs."""
+    nested = DOCKER + [
+        "80 68 0:44 /null /proc/sys/kernel/core_pattern rw,nosuid - tmpfs tmpfs rw",
+        "81 68 0:43 /sys/vm /proc/sys/vm ro,nosuid,nodev,noexec,relatime - proc proc rw",
+        "82 81 0:50 / /proc/sys/vm/x ro - tmpfs tmpfs ro",
+    ]
+    found = guards(nested)
+    assert Guard("/proc/sys/kernel/core_pattern", False) in found
+    assert Guard("/proc/sys/vm", True) in found and Guard("/proc/sys/vm/x", False) in found
+    assert found.index(Guard("/proc/sys", True)) < found.index(Guard("/proc/sys/vm", True)) \
+        < found.index(Guard("/proc/sys/vm/x", False))  # shallowest first: each lands on its parent
 
 
 @pytest.mark.parametrize("pid_namespace", [False, True], ids=["ordinary-process", "pid-namespace-only"])
@@ -120,10 +136,45 @@ def test_a_checkpoint_whose_tree_had_an_unguarded_proc_gets_the_normal_start(tmp
                                                  r"guards .*could change the host's kernel settings; bake the image"
                                                  r" again$"):
         check_compatible(old, layout, [], port=False)
+    monkeypatch.setattr(proc_guard, "container_guards", lambda: [])  # a host, or a container without guards
     for recorded in ((), ("/proc/sys", "/proc/keys")):
         guarded = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), (), proc_guards=recorded))
         assert manifest.Criu.from_json(guarded.criu.to_json()).proc_guards == recorded
         try:
             check_compatible(guarded, layout, [], port=False)
         except CheckpointUnusable as e:  # a later check may refuse this machine; not this one
-            assert "without the container's guards" not in str(e)
+            assert "guard" not in str(e)
+
+
+def test_a_container_guarding_more_of_proc_than_the_bakes_gets_the_normal_start(tmp_path, monkeypatch):
+    """The restored tree's /proc is the bake's, guards and all (found by review, 2026-12-06): a
+    checkpoint baked where /proc had fewer guards (--privileged, systempaths=unconfined) would
+    give the server parts of /proc this container's runtime guards. Refused by name; the
+    same guards, or fewer here, restore."""
+    import dataclasses
+
+    from test_restore_steps import _manifest
+
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
+    monkeypatch.setattr(manifest, "verify_files", lambda home, files: None)
+    here = [Guard("/proc/sys", True), Guard("/proc/keys", False), Guard("/proc/kcore", False)]
+    monkeypatch.setattr(proc_guard, "container_guards", lambda: here)
+    baked = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), (), proc_guards=("/proc/sys",)))
+    with pytest.raises(CheckpointUnusable, match=r"^this container's runtime guards /proc/kcore, /proc/keys, which the"
+                                                 r" checkpoint's server has unguarded .*--privileged.*bake the image"
+                                                 r" under the runtime's default guards$"):
+        check_compatible(baked, layout, [], port=False)
+    for recorded in (("/proc/keys", "/proc/kcore", "/proc/sys"), ("/proc/keys", "/proc/kcore", "/proc/sys", "/proc/acpi")):
+        same = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), (), proc_guards=recorded))
+        try:
+            check_compatible(same, layout, [], port=False)
+        except CheckpointUnusable as e:  # a later check may refuse this machine; not this one
+            assert "guard" not in str(e)
+
+
+def test_container_guards_reads_fvboots_own_proc():
+    """What the check compares: this process's /proc mounts (none on a host; a container's
+    runtime's list inside one)."""
+    with open("/proc/self/mountinfo") as f:
+        assert proc_guard.container_guards() == guards(f)

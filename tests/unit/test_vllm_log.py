@@ -88,3 +88,41 @@ def test_the_tail_of_the_trees_output_gives_the_exit_its_reason_and_a_new_tree_s
     tail.stream_ended()  # the wait ends at once once every stream has ended
     assert exited("the vLLM server exited", wait=30) == (
         "the vLLM server exited; vLLM said: OSError: [Errno 24] Too many open files")
+
+
+def test_a_compilers_error_line_is_not_taken_for_a_command_line_refusal():
+    """argparse's "PROG: error: ..." outranks every exception; a compiler's diagnostic from a
+    JIT build (Triton's, FlashInfer's) has the same words and must not (found by review,
+    2026-12-06: the C error was given instead of the out-of-memory that ended the server)."""
+    lines = ["/tmp/x/cuda_utils.c:6:10: error: unknown type name 'foo'", "kernel.cu(12): error: identifier undefined",
+             "Traceback (most recent call last):", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"]
+    assert vllm_reason(lines) == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"
+    assert vllm_reason(["usage: vllm serve [model_tag] [options]", "vllm serve: error: unrecognized arguments: --x"]) \
+        == "unrecognized arguments: --x"
+
+
+def test_the_reason_is_read_once_the_streams_are_quiet_not_after_the_whole_bound(monkeypatch):
+    """fvboot keeps the write ends of the tree's streams for the next tree, so they do not end
+    while it runs: the reason is read once no line has come for a moment, not after the whole
+    bound (every exit's line came 2 s late; found by review, 2026-12-06). Lines that keep
+    coming are waited for, within the bound."""
+    import threading
+    import time
+
+    tail = Tail()
+    monkeypatch.setattr(vllm_log, "recent", tail)
+    tail.stream_started()
+    tail.add(b"ValueError: the first reason\n")
+    t0 = time.monotonic()
+    assert exited("exited", wait=5) == "exited; vLLM said: ValueError: the first reason"
+    assert time.monotonic() - t0 < 1.5
+
+    def late() -> None:
+        for i in range(5):
+            time.sleep(0.1)
+            tail.add(f"RuntimeError: line {i}\n".encode())
+
+    writer = threading.Thread(target=late)
+    writer.start()
+    assert exited("exited", wait=5) == "exited; vLLM said: RuntimeError: line 4"
+    writer.join()
