@@ -151,19 +151,28 @@ def _mounts(m: Manifest) -> Optional[str]:
 
 
 def _proc_guards(m: Manifest) -> Optional[str]:
-    """The restored tree's /proc is the bake's, guards and all: refused where this container's
-    runtime guards a part of /proc the bake's did not (the normal start carries this container's)."""
+    """The restored tree's /proc is the bake's, guards and all: refused where the bake's had
+    fewer guards than this container's runtime puts on (a bake under --privileged or
+    systempaths=unconfined): a read-only part of /proc it left writable, or no mask at all. A
+    mask only this container has is a path the bake's kernel may not have had (/proc/asound,
+    /proc/scsi: kernel options): said, not refused. The normal start carries this container's."""
     if m.criu is None:
         return None
     if m.criu.proc_guards is None:
         return ("the checkpoint's server has a /proc without the container's guards (baked by an fvboot of before"
                 " 2026-12-06): restored, it could change the host's kernel settings; bake the image again")
-    unguarded = sorted({g.path for g in proc_guard.container_guards()} - set(m.criu.proc_guards))
+    here, baked = proc_guard.container_guards(), set(m.criu.proc_guards)
+    masks = {g.path for g in here if not g.read_only}
+    unguarded = sorted({g.path for g in here if g.read_only} - baked) or \
+        (sorted(masks) if masks and not masks & baked else [])
     if unguarded:
         return (f"this container's runtime guards {', '.join(unguarded)}, which the checkpoint's server has"
                 " unguarded (baked in a container with fewer guards: --privileged, --security-opt"
                 " systempaths=unconfined?); restored, it could read or change them: bake the image under the"
                 " runtime's default guards")
+    if masks - baked:
+        log(f"note: this container's runtime hides {', '.join(sorted(masks - baked))} in /proc, which the bake's"
+            " kernel did not show: not hidden from the restored server")
     return None
 
 

@@ -150,7 +150,8 @@ def test_a_container_guarding_more_of_proc_than_the_bakes_gets_the_normal_start(
     """The restored tree's /proc is the bake's, guards and all (found by review, 2026-12-06): a
     checkpoint baked where /proc had fewer guards (--privileged, systempaths=unconfined) would
     give the server parts of /proc this container's runtime guards. Refused by name; the
-    same guards, or fewer here, restore."""
+    same guards, or fewer here, restore; a mask only this container has (a path the bake's
+    kernel lacked, /proc/scsi or /proc/asound by kernel option) is said and restores."""
     import dataclasses
 
     from test_restore_steps import _manifest
@@ -158,19 +159,31 @@ def test_a_container_guarding_more_of_proc_than_the_bakes_gets_the_normal_start(
     layout, m = _manifest(tmp_path, {"kind": "cpu"})
     monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
     monkeypatch.setattr(manifest, "verify_files", lambda home, files: None)
-    here = [Guard("/proc/sys", True), Guard("/proc/keys", False), Guard("/proc/kcore", False)]
+    here = [Guard("/proc/sys", True), Guard("/proc/irq", True), Guard("/proc/keys", False),
+            Guard("/proc/kcore", False)]
     monkeypatch.setattr(proc_guard, "container_guards", lambda: here)
-    baked = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), (), proc_guards=("/proc/sys",)))
-    with pytest.raises(CheckpointUnusable, match=r"^this container's runtime guards /proc/kcore, /proc/keys, which the"
-                                                 r" checkpoint's server has unguarded .*--privileged.*bake the image"
-                                                 r" under the runtime's default guards$"):
-        check_compatible(baked, layout, [], port=False)
-    for recorded in (("/proc/keys", "/proc/kcore", "/proc/sys"), ("/proc/keys", "/proc/kcore", "/proc/sys", "/proc/acpi")):
+    refused = {(): "/proc/irq, /proc/sys",  # --privileged: nothing guarded
+               ("/proc/sys",): "/proc/irq",  # a read-only part left writable
+               ("/proc/sys", "/proc/irq"): "/proc/kcore, /proc/keys"}  # no mask at all
+    for recorded, named in refused.items():
+        baked = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), (), proc_guards=recorded))
+        with pytest.raises(CheckpointUnusable, match=rf"^this container's runtime guards {named}, which the"
+                                                     r" checkpoint's server has unguarded .*--privileged.*bake the"
+                                                     r" image under the runtime's default guards$"):
+            check_compatible(baked, layout, [], port=False)
+    said = []
+    monkeypatch.setattr("fvboot.compatibility.log", said.append)
+    for recorded in (("/proc/keys", "/proc/kcore", "/proc/sys", "/proc/irq"),
+                     ("/proc/keys", "/proc/kcore", "/proc/sys", "/proc/irq", "/proc/acpi"),
+                     ("/proc/keys", "/proc/sys", "/proc/irq")):  # /proc/kcore: a kernel option the bake's lacked
         same = dataclasses.replace(m, criu=manifest.Criu("4.2", (), (), (), proc_guards=recorded))
         try:
             check_compatible(same, layout, [], port=False)
         except CheckpointUnusable as e:  # a later check may refuse this machine; not this one
             assert "guard" not in str(e)
+    assert [l for l in said if "/proc/kcore" in l] == [
+        "note: this container's runtime hides /proc/kcore in /proc, which the bake's kernel did not show: not"
+        " hidden from the restored server"]
 
 
 def test_container_guards_reads_fvboots_own_proc():
