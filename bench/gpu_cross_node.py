@@ -84,14 +84,7 @@ CHILD_SOURCE = r'''
 import ctypes, hashlib, json, os, sys, time, traceback
 
 box, nbytes, seed, ptx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-
-
-def post(name, obj):
-    tmp = os.path.join(box, name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, os.path.join(box, name))
-
+''' + cc.MAILBOX_POST + r'''
 
 try:
     from fvboot.cuda_driver import Driver
@@ -148,23 +141,7 @@ try:
 except BaseException:
     post("ready.json", {"error": traceback.format_exc()})
     sys.exit(1)
-
-request = os.path.join(box, "request.json")
-while True:
-    if not os.path.exists(request):
-        time.sleep(0.02)
-        continue
-    with open(request) as f:
-        req = json.load(f)
-    os.unlink(request)
-    try:
-        answer = digest() if req["cmd"] == "digest" else {"bye": True}
-    except BaseException:
-        answer = {"error": traceback.format_exc()}
-    post(f"answer-{req['id']}.json", answer)
-    if req["cmd"] == "exit":
-        break
-'''
+''' + cc.MAILBOX_LOOP
 
 
 def expected_digests() -> dict:

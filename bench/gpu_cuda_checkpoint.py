@@ -45,6 +45,35 @@ from harness import BenchError, Budget, link_fvboot, record, start, stop
 DEADLINE_S = 170.0
 SEED = 20240607
 
+# The mailbox both children of the GPU scripts answer in (gpu_cross_node.py's too): a child's
+# source is its own part between MAILBOX_POST and MAILBOX_LOOP, which runs digest() on request.
+MAILBOX_POST = r'''
+
+def post(name, obj):
+    tmp = os.path.join(box, name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, os.path.join(box, name))
+'''
+
+MAILBOX_LOOP = r'''
+request = os.path.join(box, "request.json")
+while True:
+    if not os.path.exists(request):
+        time.sleep(0.02)
+        continue
+    with open(request) as f:
+        req = json.load(f)
+    os.unlink(request)
+    try:
+        answer = digest() if req["cmd"] == "digest" else {"bye": True}
+    except BaseException:
+        answer = {"error": traceback.format_exc()}
+    post(f"answer-{req['id']}.json", answer)
+    if req["cmd"] == "exit":
+        break
+'''
+
 CHILD_SOURCE = r'''
 """Holds seeded GPU tensors; answers requests dropped into its mailbox folder.
 
@@ -54,14 +83,7 @@ that only sleeps and opens files, but a pipe to the bench would be an external r
 import ctypes, hashlib, json, os, sys, time, traceback
 
 box, gib, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-
-
-def post(name, obj):
-    tmp = os.path.join(box, name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, os.path.join(box, name))
-
+''' + MAILBOX_POST + r'''
 
 try:
     import torch
@@ -95,23 +117,7 @@ try:
 except BaseException:
     post("ready.json", {"error": traceback.format_exc()})
     sys.exit(1)
-
-request = os.path.join(box, "request.json")
-while True:
-    if not os.path.exists(request):
-        time.sleep(0.02)
-        continue
-    with open(request) as f:
-        req = json.load(f)
-    os.unlink(request)
-    try:
-        answer = digest() if req["cmd"] == "digest" else {"bye": True}
-    except BaseException:
-        answer = {"error": traceback.format_exc()}
-    post(f"answer-{req['id']}.json", answer)
-    if req["cmd"] == "exit":
-        break
-'''
+''' + MAILBOX_LOOP
 
 
 class Child:
