@@ -178,6 +178,17 @@ RESERVED_VLLM_ARGS = {
 }
 
 
+# Arguments that would make several API-server processes or engines, allowed only at 1 (vLLM's
+# default): fvboot closes and opens the gate of the one API server its calls reach, so another
+# would answer clients before a restore's checks (found by review, 2026-12-06)
+ONE_ONLY_VLLM_ARGS = {
+    "--api-server-count": "one API-server process per container (scale with more containers)",
+    "-asc": "one API-server process per container (scale with more containers)",
+    "--data-parallel-size": "one engine per container (data parallelism: one container per GPU or group)",
+    "-dp": "one engine per container (data parallelism: one container per GPU or group)",
+}
+
+
 # --host values a checkpoint restores with in any network: every IPv4 address, or every IPv6 and
 # IPv4 one (a dual-stack socket, what an IPv6-only Kubernetes cluster needs); fvboot's own calls
 # go to 127.0.0.1, which either reaches
@@ -358,6 +369,10 @@ class BuildOptions(CriuOptions):
                 raise ValueError(f"{name} may hold a secret, which must not be in an image (the manifest and the"
                                  " checkpoint keep the server's arguments): give it at run time (docker run -e),"
                                  " or for the model download as --hf-token-env")
+            if name in ONE_ONLY_VLLM_ARGS:
+                given = value if eq else (v[i + 1] if i + 1 < len(v) else "")
+                if given.strip() != "1":
+                    raise ValueError(f"{name} {given!r}: only 1 is supported, {ONE_ONLY_VLLM_ARGS[name]}")
             if name == "--host":
                 value = value if eq else (v[i + 1] if i + 1 < len(v) else "")
                 if value not in WILDCARD_HOSTS:

@@ -48,6 +48,11 @@ def test_invalid_toml_names_the_file(tmp_path):
     ({"model": "m", "vllm_args": ["--port=9"]}, "--vllm-arg: --port is reserved: use --port"),
     ({"model": "m", "vllm_args": ["--hf-token", "hf_x"]}, "--vllm-arg: --hf-token may hold a secret, which must not be in an image"),
     ({"model": "m", "vllm_args": ["--api-key=k"]}, "--vllm-arg: --api-key is reserved: pass the key at run time"),
+    # several API servers: fvboot gates the one its calls reach (found by review, 2026-12-06)
+    ({"model": "m", "vllm_args": ["--api-server-count", "2"]}, "--vllm-arg: --api-server-count '2': only 1 is supported"),
+    ({"model": "m", "vllm_args": ["-asc=4"]}, "--vllm-arg: -asc '4': only 1 is supported, one API-server process"),
+    ({"model": "m", "vllm_args": ["--data-parallel-size=2"]}, "--vllm-arg: --data-parallel-size '2': only 1 is"),
+    ({"model": "m", "vllm_args": ["-dp"]}, "--vllm-arg: -dp '': only 1 is supported"),
     ({"device": "cpu"}, "--model: Field required"),
     ({"model": "m", "env": ["VLLM_X"]}, "--env: 'VLLM_X' is not NAME=VALUE"),
     ({"model": "m", "env": ["1X=a"]}, "--env: '1X' is not an environment variable name"),
@@ -59,6 +64,11 @@ def test_invalid_values_say_what_to_change(values, message):
     with pytest.raises(OptionsError) as e:
         load_options(values)
     assert message in str(e.value)
+
+
+def test_one_api_server_and_one_engine_as_vllm_defaults_are_allowed():
+    opts = load_options({"model": "m", "vllm_args": ["--api-server-count", "1", "--data-parallel-size=1"]})
+    assert opts.vllm_args == ["--api-server-count", "1", "--data-parallel-size=1"]
 
 
 @pytest.mark.parametrize("tag, resolved", [
@@ -160,7 +170,7 @@ def test_cpu_prebuilt_cannot_serve_a_cuda_image(tmp_path):
     (["--max-model-len=4096"], 1),
     (["--tensor-parallel-size", "2"], 2),
     (["-tp=2", "--pipeline-parallel-size=2"], 4),
-    (["--data-parallel-size", "2", "-tp", "4"], 8),
+    (["--pipeline-parallel-size", "2", "-tp", "4", "-dp", "1"], 8),
 ])
 def test_the_gpus_a_model_takes_come_from_vllms_parallel_sizes(args, gpus):
     assert load_options({"model": "synthetic:tiny", "vllm_args": args}).gpus_used == gpus
