@@ -36,11 +36,12 @@ class Setting:
         value = (raw or "").strip().lower() or self.default
         if self.seconds:
             try:
-                ok = float(value) > 0
+                ok = 0 < float(value) <= MAX_SECONDS  # not "inf" or 1e999: every wait has a bound
             except ValueError:
                 ok = False
             if not ok:
-                raise ValueError(f"{self.name}={raw!r} is not a number of seconds above 0")
+                raise ValueError(f"{self.name}={raw!r} is not a number of seconds above 0 (and at most "
+                                 f"{MAX_SECONDS}, a week)")
         elif self.bounds:
             lo, hi = self.bounds
             if not (value.lstrip("-").isdigit() and lo <= int(value) <= hi):
@@ -55,6 +56,8 @@ class Setting:
             raise ValueError(f"{self.name}={raw!r}: expected {words}")
         return value
 
+
+MAX_SECONDS = 7 * 24 * 3600  # the longest any of fvboot's waits may be set to
 
 _SECONDS = (
     ("FV_GATE_WAIT_S", "600"),  # a request's wait at the closed gate

@@ -29,8 +29,8 @@ def test_the_bake_refuses_a_graph_pool_setting_it_does_not_know(monkeypatch, tmp
     monkeypatch.setenv("FV_RUN_DIR", str(tmp_path / "run"))
     with pytest.raises(BakeFailed) as e:
         bake(Layout(tmp_path / "fv"), "/no/such/model", [], 1, 0)
-    assert str(e.value) == ("FV_CRIU_DUMP_TIMEOUT_S='never' is not a number of seconds above 0;"
-                            " FV_GRAPH_POOL='cumem': expected vllm or sleep")
+    assert str(e.value) == ("FV_CRIU_DUMP_TIMEOUT_S='never' is not a number of seconds above 0 (and at most"
+                            " 604800, a week); FV_GRAPH_POOL='cumem': expected vllm or sleep")
 
 
 class _Platform:  # vLLM's platform interface as graph_pool uses it (vLLM cannot run in CPU CI)

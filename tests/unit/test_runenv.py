@@ -36,8 +36,12 @@ def test_unset_and_blank_settings_are_their_defaults():
 
 @pytest.mark.parametrize("env, said", [
     ({"FV_WEIGHT_CHECK": "bogus"}, "FV_WEIGHT_CHECK='bogus': expected inline or overlap"),
-    ({"FV_START_TIMEOUT_S": "soon"}, "FV_START_TIMEOUT_S='soon' is not a number of seconds above 0"),
-    ({"FV_CRIU_RESTORE_TIMEOUT_S": "0"}, "FV_CRIU_RESTORE_TIMEOUT_S='0' is not a number of seconds above 0"),
+    ({"FV_START_TIMEOUT_S": "soon"}, "FV_START_TIMEOUT_S='soon' is not a number of seconds above 0 (and at most 604800, a week)"),
+    ({"FV_CRIU_RESTORE_TIMEOUT_S": "0"}, "FV_CRIU_RESTORE_TIMEOUT_S='0' is not a number of seconds above 0 (and at most 604800, a week)"),
+    # an endless wait is no bound (found by review, 2026-12-06: "inf" held requests at the gate forever)
+    ({"FV_GATE_WAIT_S": "inf"}, "FV_GATE_WAIT_S='inf' is not a number of seconds above 0 (and at most 604800, a week)"),
+    ({"FV_START_TIMEOUT_S": "1e999"}, "FV_START_TIMEOUT_S='1e999' is not a number of seconds above 0 (and at most 604800, a week)"),
+    ({"FV_RESTORE_STEP_TIMEOUT_S": "nan"}, "FV_RESTORE_STEP_TIMEOUT_S='nan' is not a number of seconds above 0 (and at most 604800, a week)"),
     ({"FV_RESTORE_THP": "maybe"}, "FV_RESTORE_THP='maybe': expected auto, 0 or 1"),
     ({"FV_PREFETCH": "bogus"}, "FV_PREFETCH='bogus': expected read, vmtouch or off"),
     ({"FV_CRIU_RESTORE_LOG_LEVEL": "debug"}, "FV_CRIU_RESTORE_LOG_LEVEL='debug': expected 0, 1, 2, 3 or 4"),
@@ -92,6 +96,6 @@ def test_fvboot_serve_refuses_a_bad_value_before_anything_runs(tmp_path):
     r = _serve(tmp_path, FV_WEIGHT_CHECK="bogus", FV_START_TIMEOUT_S="soon")
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        "fvboot: FV_START_TIMEOUT_S='soon' is not a number of seconds above 0;"
+        "fvboot: FV_START_TIMEOUT_S='soon' is not a number of seconds above 0 (and at most 604800, a week);"
         " FV_WEIGHT_CHECK='bogus': expected inline or overlap")
     assert "Traceback" not in r.stderr and "starting vLLM" not in r.stderr
