@@ -103,10 +103,13 @@ class ServerControl:
         return answer if isinstance(answer, dict) else {}
 
     def trim(self) -> Any:
-        """Shrink the server's processes before the dump (API server, then every worker);
-        returns each worker's figures (memory before/after, GPU memory the checkpoint saves)."""
+        """Shrink the server's processes before the dump (every worker, then the API server);
+        returns each worker's figures (memory before/after, GPU memory the checkpoint saves).
+        The API server's is last: it forgets this start's token, and any admin call after it
+        would read the token back into the memory the checkpoint keeps."""
+        figures = self.rpc("fv_trim")
         self._call("POST", "/fv/trim")
-        return self.rpc("fv_trim")
+        return figures
 
     def sleep(self, level: int) -> None:
         self._call("POST", f"/sleep?level={level}")

@@ -176,3 +176,46 @@ def test_whether_vllm_still_sleeps_is_read_from_its_own_route():
         assert ctl.is_sleeping(timeout=5) is True
         assert ctl.is_sleeping(timeout=5) is False
         assert tokens == ["secret", "secret"]
+
+
+def test_the_trim_leaves_no_admin_token_in_the_servers_memory(tmp_path, monkeypatch):
+    """The bake's last calls before the dump are the trim's; the middleware forgets this start's
+    token on /fv/trim so that the checkpoint holds none. Found by review, 2026-12-06: the trim
+    asked the workers after /fv/trim, and that admin call read the token back in. The real
+    middleware behind a real HTTP server, asked as the bake asks it."""
+    import asyncio
+
+    from fvboot.control import ServerControl
+    from fvboot.middleware import GateMiddleware
+
+    token = "7a" * 32
+    (tmp_path / "runtime.json").write_text(json.dumps({"admin_token": token}))
+    monkeypatch.setenv("FV_RUNTIME_FILE", str(tmp_path / "runtime.json"))
+
+    async def app(scope, receive, send):  # vLLM's routes: each worker answers its collective_rpc
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps({"results": [{"rank": 0}]}).encode()})
+
+    mw = GateMiddleware(app)
+    seen = []
+
+    def answer(method, request, body):
+        seen.append(request.path)
+        sent = []
+        scope = {"type": "http", "method": method, "path": request.path, "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()]}
+
+        async def receive():
+            return {"type": "http.request", "body": json.dumps(body).encode() if body is not None else b""}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(mw(scope, receive, send))
+        data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], json.loads(data) if data else {}
+
+    with _server(answer) as port:
+        ServerControl(port, token, "m").trim()
+    assert seen[-1] == "/fv/trim" and "/collective_rpc" in seen, seen
+    assert token not in json.dumps(mw.__dict__, default=repr), "the token is still in the middleware's memory"
