@@ -76,6 +76,18 @@ def canonical_path(path: str, root_path: str = "") -> str | None:
     return "/" + path.strip("/") if path != "/" else "/"
 
 
+def forwarded(scope: dict, path: str) -> dict:
+    """SCOPE as vLLM gets it: the path the allowlist judged (canonical_path's PATH, under the
+    root path where the request had it), so that routing serves what was checked and nothing a
+    raw spelling would reach (`/metrics/../v1/models` is a mount's path raw, a public one
+    canonical); this start's admin token taken out of the headers (vLLM's code never sees it)."""
+    given, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")
+    under_root = bool(root) and (given == root or given.startswith(root + "/"))
+    full = root + path if under_root else path
+    headers = [(k, v) for k, v in scope.get("headers", ()) if k != ADMIN_HEADER]
+    return {**scope, "path": full, "raw_path": full.encode(), "headers": headers}
+
+
 def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or any(p.fullmatch(path) for p in PUBLIC_PATTERNS)
 
@@ -197,7 +209,7 @@ class GateMiddleware:
             if path == GATE_STATE:
                 return await self._reply(scope, send, 200, {"gate": "open" if self._open.is_set() else "closed"})
             if path in ADMIN_PATHS or is_public(path):
-                return await self.app(scope, receive, send)
+                return await self.app(forwarded(scope, path), receive, send)
             return await self._reply(scope, send, 404, {"error": "not found"})
         if path in ADMIN_PATHS:
             return await self._reply(scope, send, 403, {"error": ADMIN_REFUSED})
@@ -214,6 +226,7 @@ class GateMiddleware:
                 await asyncio.wait_for(self._open.wait(), self._gate_wait_s())
             except asyncio.TimeoutError:
                 return await self._reply(scope, send, 503, {"error": "server is starting"}, [(b"retry-after", b"5")])
+        scope = forwarded(scope, path)
         if path == "/metrics" and scope["type"] == "http":
             return await self._metrics(scope, receive, send)
         await self.app(scope, receive, send)

@@ -113,6 +113,32 @@ def test_path_spellings_do_not_sneak_past(mw, path):
 def test_spellings_of_public_paths_still_reach_the_api(mw):
     for path in ("/v1/completions/", "//v1//completions", "/v1/./completions", "/health/"):
         assert call(mw, path) == 200, path
+    # as the path the allowlist judged: vLLM routes the path it is given
+    assert mw.app.seen == ["/v1/completions"] * 3 + ["/health"]
+
+
+def test_the_app_routes_the_path_that_was_judged_not_the_raw_one(mw):
+    """Found by review, 2026-12-06: `/metrics/../v1/models` passed as /v1/models, and vLLM's
+    `/metrics` mount (a regex on the raw path) served it. Any route under a non-public prefix
+    that takes the rest of the path would have been reachable that way."""
+    assert call(mw, "/metrics/../v1/models") == 200
+    assert call(mw, "/api/x/../v1/models", root_path="/api") == 200
+    assert mw.app.seen == ["/v1/models", "/api/v1/models"]
+
+
+def test_the_admin_token_never_reaches_vllm(mw):
+    headers = []
+
+    async def app(scope, receive, send):
+        headers.append(dict(scope["headers"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw.app = app
+    assert call(mw, "/collective_rpc", admin=TOKEN) == 200
+    assert call(mw, "/v1/models", admin=TOKEN) == 200
+    assert call(mw, "/v1/models", admin="not the token") == 200
+    assert [b"x-fastvllm-admin" in h for h in headers] == [False, False, False]
 
 
 def test_canonical_path():
