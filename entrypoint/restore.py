@@ -81,8 +81,15 @@ class RestoredTree:
 
 
 def same_answers(now: list[dict], baked: Sequence[ProbeAnswer]) -> Optional[str]:
-    """None if the answers NOW (as ServerControl.probe gives them) are the baked ones, else how not."""
+    """None if the answers NOW (as ServerControl.probe gives them) are the baked ones, else how not.
+    No baked answers, or not one answer for each, is a difference: nothing was compared."""
+    if not baked:
+        return "the manifest holds no probe answers to compare the restored server's with"
+    if len(now) != len(baked):
+        return f"the probe gave {len(now)} answers for the bake's {len(baked)}"
     for a, b in zip(now, baked):
+        if a.get("prompt", b.prompt) != b.prompt:
+            return f"the probe asked {a['prompt']!r} where the bake asked {b.prompt!r}"
         if a["text"] != b.text:
             return f"probe {b.prompt!r} answered {a['text']!r}, baked answer {b.text!r}"
         if len(a["logprobs"]) != len(b.logprobs) or any(

@@ -229,6 +229,20 @@ def test_probe_comparison_catches_text_and_logprob_drift():
     assert "logprobs differ" in same_answers([{"text": "abc", "logprobs": [-1.0, -2.1]}], baked)
 
 
+def test_a_probe_that_compares_nothing_is_no_match():
+    """Found by review, 2026-12-06: answers were zipped, so a manifest with no probe answers (or
+    fewer than the probe gives) passed without a comparison; and a probe of other prompts than
+    the bake's (another fvboot's) is not the bake's answer either."""
+    baked = [manifest.ProbeAnswer("p", "abc", (-1.0,)), manifest.ProbeAnswer("q", "de", (-0.5,))]
+    answers = [{"prompt": "p", "text": "abc", "logprobs": [-1.0]}, {"prompt": "q", "text": "de", "logprobs": [-0.5]}]
+    assert same_answers(answers, baked) is None
+    assert same_answers(answers, []) == "the manifest holds no probe answers to compare the restored server's with"
+    assert same_answers(answers[:1], baked) == "the probe gave 1 answers for the bake's 2"
+    assert same_answers(answers, baked[:1]) == "the probe gave 2 answers for the bake's 1"
+    assert same_answers([{**answers[0], "prompt": "other"}, answers[1]], baked) == \
+        "the probe asked 'other' where the bake asked 'p'"
+
+
 
 class _Prober:
     """A restored server's answers: TOGETHER to one request of all probe prompts, ALONE to one
