@@ -3,7 +3,10 @@
 Restore: manifest -> the checks, `compatibility.py` -> (page-cache prefetch, checking every memory-image piece
 || the restore's steps, `restore.py`) -> gate opens. Any failure on that path is logged as one line
 with its reason and leads to a normal start with the same arguments, which still reuses the
-compile caches baked into the image. Requests that arrive meanwhile wait at the gate.
+compile caches baked into the image. Requests that arrive while the restored server is checked
+wait at its gate; where the restore fails they end with it (their connections close, unanswered),
+and until the normal start listens its port refuses connections: clients retry, and a load
+balancer waits for /health.
 Nothing waits unbounded (CRIU, the start, the tree's end have timeouts), what a failed restore
 leaves is killed before the normal start, and SIGTERM (docker stop) at any point before the
 server is up stops what runs and ends fvboot with 143; after that it is forwarded to vLLM.
