@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,14 @@ def _own_mounts() -> None:
     if not done:
         print(f"fvboot: /dev/shm and /tmp are the ones this container was given (under docker run"
               f" --ipc=host, the host's /dev/shm): {why}", file=sys.stderr, flush=True)
+        if not os.environ.get("FV_RUN_DIR"):
+            # the run folder holds this start's admin token and API key: one of its own, made
+            # here (0700, a random name), not the shared default another container or a host
+            # user could have made or read (found by review, 2026-12-06)
+            import tempfile
+
+            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            os.environ["FV_RUN_DIR"] = tempfile.mkdtemp(prefix=".fvboot-", dir=shm)
 
 
 def _serve(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ import os
 import shutil
 from typing import Optional
 
-from . import capabilities, manifest, mounts, packages, pids, ports, proc_guard, sockets
+from . import capabilities, manifest, mounts, packages, pids, ports, private_mounts, proc_guard, sockets
 from .devices import DeviceLookup
 from .errors import CheckpointUnusable
 from .launcher import (adds_nothing, arg_value, args_from_env, library_settings, shown_args, vllm_settings,
@@ -41,6 +41,7 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     (`fvboot check` beside this container's own server, which holds it)."""
     _refuse(_user())
     _refuse(_capabilities(m))
+    _refuse(_own_mounts())
     _refuse(pids.lacking_room(m.criu.tasks if m.criu else None))  # CRIU's "Unable to create a thread: -11"
     _refuse(_run_asks_for_another_server(m, run_args))
     _refuse(_settings(m))
@@ -67,6 +68,14 @@ def _user() -> Optional[str]:
         return (f"fvboot runs as uid {os.geteuid()} (docker run --user?), and a restore needs root with CRIU's"
                 " capabilities: run the image as root, with the flags `fvbuild run-flags IMAGE` prints (the served"
                 " tree gives the capabilities up either way)")
+    return None
+
+
+def _own_mounts() -> Optional[str]:
+    if private_mounts.not_isolated:  # the restored tree's /dev/shm and settings are bound from fvboot's
+        why = private_mounts.not_isolated
+        return (f"fvboot could not make its own /dev/shm ({why}): a restored server's shared-memory files and"
+                " settings would be this container's as given (under --ipc=host, the host's)")
     return None
 
 

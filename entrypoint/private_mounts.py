@@ -25,6 +25,9 @@ import ctypes
 import os
 
 SHM, TMP = "/dev/shm", "/tmp"
+# why this process is not in a mount namespace of its own, once isolate() failed ("" otherwise):
+# a restore must not run then (compatibility), its files would be the host's under --ipc=host
+not_isolated = ""
 _CLONE_NEWNS = 0x00020000
 _MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
 
@@ -44,7 +47,14 @@ def isolate(shm: str = SHM, tmp: str = TMP) -> tuple[bool, str]:
     """Move this process into a mount namespace of its own with a fresh tmpfs on SHM (the size
     of the one it replaces) and, where TMP cannot be written, one on TMP. Call it before any
     thread starts: a mount namespace is per thread, and only this one and what it starts later
-    get the new one. Returns (done, why not)."""
+    get the new one. Returns (done, why not); not_isolated keeps the why."""
+    global not_isolated
+    done, why = _isolate(shm, tmp)
+    not_isolated = "" if done else why
+    return done, why
+
+
+def _isolate(shm: str, tmp: str) -> tuple[bool, str]:
     try:
         st = os.statvfs(shm)
     except OSError as e:

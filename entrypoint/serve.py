@@ -39,7 +39,7 @@ from .pagecheck import PageCheck
 from .prefetch import prefetch
 from .restore import RestoredTree
 from .rlimits import too_few_open_files
-from .runtime_file import add_runtime_info, write_runtime_settings
+from .runtime_file import add_runtime_info, private_folder, write_runtime_settings
 from .start_inputs import read_start_inputs
 from .timeline import Timeline
 
@@ -96,7 +96,7 @@ def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] =
     run_args, settings = inputs.run_args, inputs.settings
     become_subreaper()
     try:
-        layout.run_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(layout.run_dir)
     except OSError as e:
         raise FvBootError(f"cannot make fvboot's run folder {layout.run_dir}: {e.strerror}") from None
     pipes = Pipes.create()

@@ -80,10 +80,14 @@ def test_without_cap_sys_admin_it_says_why_and_leaves_dev_shm_as_it_was():
     assert "mine" not in seen
 
 
-def test_a_missing_dev_shm_is_said_not_raised(tmp_path):
+def test_a_missing_dev_shm_is_said_not_raised(tmp_path, monkeypatch):
+    from fvboot import private_mounts
+
+    monkeypatch.setattr(private_mounts, "not_isolated", "")  # this process's, put back after
     done, why = isolate(str(tmp_path / "absent"))
     assert not done
     assert "cannot be read" in why
+    assert private_mounts.not_isolated == why  # what a restore is then refused with
 
 
 def test_the_bakes_dev_shm_archive_leaves_fvboots_run_folder_out(tmp_path):
@@ -241,3 +245,52 @@ def test_caches_that_can_be_neither_overlaid_nor_copied_are_said_and_no_half_cop
     assert ": Operation not permitted) nor a copy (copying " in err and "/triton/sock to " in err
     assert "No such device or address" in err and "could make them so: vLLM's start needs to write there" in err
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_without_its_own_dev_shm_fvboot_takes_a_run_folder_of_its_own():
+    """Found by review, 2026-12-06: without CAP_SYS_ADMIN fvboot kept the /dev/shm it was given
+    (under --ipc=host the host's), and its run folder there, /dev/shm/.fvboot, with this start's
+    admin token and API key, was the same for every such container and anyone on the host who
+    made it first. Now the start makes one of its own (0700, a random name) and says why."""
+    _needs_root_with_sys_admin()
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("no setpriv (util-linux) to drop CAP_SYS_ADMIN with")
+    code = ("import json, os, stat; from fvboot import cli, private_mounts; cli._own_mounts(); d = os.environ['FV_RUN_DIR'];"
+            " st = os.stat(d); print(json.dumps({'dir': d, 'mode': stat.S_IMODE(st.st_mode),"
+            " 'why': private_mounts.not_isolated})); os.rmdir(d)")
+    env = {k: v for k, v in os.environ.items() if k != "FV_RUN_DIR"}
+    r = subprocess.run([setpriv, "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--", sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["dir"].startswith("/dev/shm/.fvboot-") and seen["mode"] == 0o700, seen
+    assert "Operation not permitted" in seen["why"]
+    assert "fvboot: /dev/shm and /tmp are the ones this container was given" in r.stderr
+
+
+def test_a_run_folder_another_user_made_or_may_write_is_refused(tmp_path):
+    """What a host user could plant where fvboot's run folder goes: a folder of theirs, one open
+    to all, a link to elsewhere. Each is refused by name, before the token is written there; a
+    temporary file planted under the name of the one fvboot writes is not written through."""
+    from fvboot.runtime_file import RunFolderNotOurs, private_folder, write_runtime_settings
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 1000, 1000)
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    for folder, words in ((theirs, "owner uid 1000, "), (open_to_all, "owner uid 0, mode drwxrwxrwx"),
+                          (link, "owner uid 0, mode l")):
+        with pytest.raises(RunFolderNotOurs, match=rf"run folder {folder} is not its own \({words}"):
+            write_runtime_settings(folder / "runtime.json")
+        assert not (folder / "runtime.json").exists()
+    ours = private_folder(tmp_path / "ours")
+    planted = ours / f".runtime.json.{os.getpid()}.tmp"  # the name the temp file had before
+    planted.symlink_to(tmp_path / "stolen")
+    token = write_runtime_settings(ours / "runtime.json")
+    assert not (tmp_path / "stolen").exists() and token in (ours / "runtime.json").read_text()

@@ -154,6 +154,19 @@ def test_checkpoint_from_another_device_is_refused(tmp_path, monkeypatch):
         check_compatible(m, layout, [])
 
 
+def test_no_restore_outside_fvboots_own_mounts(tmp_path, monkeypatch):
+    """Where fvboot could not make its own /dev/shm, a restored tree's shared-memory files and
+    its runtime file would be the ones this container was given (the host's under --ipc=host):
+    no restore, said with why."""
+    from fvboot import private_mounts
+
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    monkeypatch.setattr(private_mounts, "not_isolated", "unshare(CLONE_NEWNS): Operation not permitted")
+    with pytest.raises(CheckpointUnusable, match=r"^fvboot could not make its own /dev/shm \(unshare\(CLONE_NEWNS\): "
+                                                 r"Operation not permitted\): a restored server's shared-memory"):
+        check_compatible(m, layout, [])
+
+
 def test_other_gpu_model_or_driver_is_refused(tmp_path, monkeypatch):
     here = manifest.Device("cuda", (manifest.Gpu("NVIDIA H200", "GPU-2", "580.1"),), "580.1")
     monkeypatch.setattr(manifest, "device_info", lambda lookup=None: here)
