@@ -175,6 +175,14 @@ class FastVllmWorkerExtension:
         (the result says how many: ``checking``); ``fv_weights_checked`` waits for them, and
         nothing may be served before it has answered."""
         verify, cached, overlap = _flag(verify), _flag(cached), _flag(overlap)
+        taking = getattr(self, "_fv_taking", None)
+        if taking is not None and not taking.done():
+            # a background take of the staged copy still fills these tensors (fvboot did not
+            # wait for it, or its wait ran out): a load beside it would race it (found by
+            # review, 2026-12-06); the restore ends here, in the normal start
+            raise WeightCollectionError("a take of the stager's copy is still running: the weights cannot be loaded"
+                                        " beside it")
+        self._fv_taking = None
         if settings is not None:
             apply_load_settings(settings)
         t0 = time.perf_counter()
@@ -225,14 +233,19 @@ class FastVllmWorkerExtension:
     def fv_staged_taken(self, timeout: float = 300) -> dict[str, Any]:
         """Wait (at most TIMEOUT s) for the take fv_take_staged(background) started: its result,
         or its error (then the weights count as not loaded: the worker loads them itself)."""
-        taking, self._fv_taking = getattr(self, "_fv_taking", None), None
+        taking = getattr(self, "_fv_taking", None)
         if taking is None:
             raise WeightCollectionError("no staged copy is being taken: fv_take_staged(background) first")
         try:
-            return taking.result(float(timeout))
-        except FutureTimeout:
+            out = taking.result(float(timeout))
+        except FutureTimeout:  # kept: fv_load_weights refuses to load beside it
             self._fv_weights().release()
             raise WeightCollectionError(f"the staged copy's take did not end within {float(timeout):g} s") from None
+        except BaseException:
+            self._fv_taking = None  # it ended, failed: the worker may load the weights itself
+            raise
+        self._fv_taking = None
+        return out
 
     def fv_weights_checked(self, timeout: float = 300) -> dict[str, Any]:
         """Wait (at most TIMEOUT s each) for the checks fv_load_weights left running; raises the

@@ -43,15 +43,35 @@ def test_the_takes_value_or_error_comes_back():
         _worker(fail).fv_staged_taken(10)
 
 
-def test_a_take_past_the_bound_marks_the_weights_not_loaded():
+def test_a_take_past_the_bound_marks_the_weights_not_loaded_and_no_load_runs_beside_it(tmp_path):
+    """The take still runs after its bound: a load of the same tensors beside it would race it
+    (found by review, 2026-12-06), so the worker refuses one until the take has ended."""
     go = threading.Event()
     w = _worker(lambda: go.wait(10))
     try:
         with pytest.raises(WeightCollectionError, match="the staged copy's take did not end within 0.05 s"):
             w.fv_staged_taken(0.05)
         assert w._fv_weight_set.released
-        with pytest.raises(WeightCollectionError, match="no staged copy is being taken"):
-            w.fv_staged_taken(0.05)
+        with pytest.raises(WeightCollectionError, match="a take of the stager's copy is still running"):
+            w.fv_load_weights(str(tmp_path / "weights"))
     finally:
         go.set()
+    w._fv_taking.result(10)
+    with pytest.raises(Exception) as e:  # the take ended: the load runs (and finds no dump here)
+        w.fv_load_weights(str(tmp_path / "weights"))
+    assert "still running" not in str(e.value)
+
+
+def test_a_take_that_failed_leaves_the_load_to_the_worker(tmp_path):
+    def fail():
+        raise ValueError("cuIpcOpenMemHandle: CUDA_ERROR_INVALID_VALUE")
+
+    w = _worker(fail)
+    with pytest.raises(ValueError):
+        w.fv_staged_taken(10)
+    with pytest.raises(Exception) as e:
+        w.fv_load_weights(str(tmp_path / "weights"))
+    assert "still running" not in str(e.value)
+    with pytest.raises(WeightCollectionError, match="no staged copy is being taken"):
+        w.fv_staged_taken(0.05)
 
