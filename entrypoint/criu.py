@@ -118,6 +118,22 @@ def last_error(log: Path, stderr: str = "", stdout: str = "") -> str:
     return lines[-1] if lines else "no log and no output"
 
 
+KILLED_WAIT_S = 10.0  # how long a killed CRIU may take to go, and its pipes to close
+
+
+def _killed(proc: subprocess.Popen) -> tuple[bytes, bytes]:
+    """Kill PROC and take what it wrote, bounded: a process CRIU started may still hold its
+    pipes (a half-restored task), and one in uninterruptible sleep may not go at once."""
+    proc.kill()
+    try:
+        return proc.communicate(timeout=KILLED_WAIT_S)
+    except subprocess.TimeoutExpired:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return b"", f"(its output unread: its pipes still open {KILLED_WAIT_S:g} s after the kill)".encode()
+
+
 def _run(action: str, cmd: list[str], log: Path, timeout: float, **kw) -> None:
     """Run one CRIU command, bounded: past TIMEOUT it is killed (the caller cleans up what it
     left, e.g. a half-restored tree) and the error says so."""
@@ -126,13 +142,11 @@ def _run(action: str, cmd: list[str], log: Path, timeout: float, **kw) -> None:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
+        out, err = _killed(proc)
         raise CriuError(action, log, f"did not finish within {timeout:g} s and was killed",
                         err.decode(errors="replace"), out.decode(errors="replace")) from None
     except BaseException:  # docker stop meanwhile: no CRIU left behind
-        proc.kill()
-        proc.wait()
+        _killed(proc)
         raise
     said = err.decode(errors="replace"), out.decode(errors="replace")
     if proc.returncode < 0:
@@ -245,7 +259,10 @@ def wait_kernel_facts(proc: Optional[subprocess.Popen], timeout: float = KDAT_WA
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
+        try:
+            proc.wait(KILLED_WAIT_S)
+        except subprocess.TimeoutExpired:  # the restore probes for itself; the subreaper reaps it
+            pass
 
 
 def restore(images: Path, workdir: Path, inherit: Sequence[tuple[int, str]],

@@ -212,7 +212,11 @@ def running(run_dir: Path, enabled: bool = True) -> Iterator[dict[str, str]]:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            try:  # a service stuck in a driver call may not go at once: never wait unbounded
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                print(f"fvboot: the cuda-checkpoint service (pid {proc.pid}) did not end 10 s after SIGKILL",
+                      file=sys.stderr, flush=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 

@@ -37,6 +37,21 @@ def test_a_stuck_criu_restore_is_killed_and_said(tmp_path, monkeypatch):
     assert time.monotonic() - t < 5
 
 
+def test_a_stuck_criu_whose_tasks_hold_its_pipes_is_still_bounded(tmp_path, monkeypatch):
+    """Found by review, 2026-12-06: after the kill, CRIU's output was read until its pipes
+    closed, and a task it had started (a half-restored process) still held them: fvboot waited
+    for ever. The read after the kill is bounded too."""
+    # the stand-in's child keeps its stdout and stderr
+    _fake_criu(tmp_path, monkeypatch, f"sleep 60 &\necho $! > {tmp_path}/child.pid\nexec sleep 60\n")
+    monkeypatch.setenv("FV_CRIU_RESTORE_TIMEOUT_S", "0.5")
+    monkeypatch.setattr(criu, "KILLED_WAIT_S", 1.0)
+    t = time.monotonic()
+    with pytest.raises(criu.CriuError, match="criu restore did not finish within 0.5 s and was killed"):
+        criu.restore(tmp_path / "images", tmp_path / "work", [])
+    assert time.monotonic() - t < 5
+    os.kill(int((tmp_path / "child.pid").read_text()), 9)
+
+
 def test_criu_without_capabilities_says_so_not_no_log(tmp_path, monkeypatch):
     """What CRIU 4.2 says in a container without the capabilities (seen at -v3): its earliest
     log line on stderr, and why it stops on stdout, before it opens its log."""
