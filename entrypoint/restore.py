@@ -172,7 +172,8 @@ class RestoreState:
     adopt: bool = False  # FV_WAKE_MEMORY=helper: the stager made the sleeping memory, the worker adopts it
     adopted: bool = False  # and the worker did adopt it
     kv_awake: bool = False  # the KV cache woke already (before a load from the disk, or beside a staged copy)
-    checks_left: int = 0  # weight checks the load left running (check_weights waits for them)
+    checks_left: int = 0  # weight checks the load said it left running
+    load_deferred_checks: bool = False  # the worker's load was asked to leave checks running
     stager: Optional[Stager] = None  # the weight dump being staged on the GPU (FV_WEIGHT_STAGING)
     staged: bool = False  # the worker took the stager's copy: its verdict is the weights' check
     kernel_facts: Optional[subprocess.Popen] = None  # criu.warm_kernel_facts(), started beside the checks
@@ -249,6 +250,7 @@ def load_weights(s: RestoreState) -> None:
         s.tl.mark("KV cache awake (the weights come from the disk)")
     stats = s.ctl.rpc("fv_load_weights", str(s.layout.weights_dir), True, load_settings(), cached,
                       s.overlap_check, timeout=s.step_timeout_s)
+    s.load_deferred_checks = s.overlap_check
     s.checks_left = sum(int(r.get("checking", 0)) for r in stats if isinstance(r, dict))
     log(f"weights: {stats}")
 
@@ -374,7 +376,7 @@ def check_weights(s: RestoreState) -> None:
     if s.staged:
         verdict = s.stager.verdict(s.step_timeout_s)
         log(f"weights checked by the stager: every entry of the cached dump in {verdict.get('seconds')} s")
-    if s.checks_left:
+    if s.checks_left or s.load_deferred_checks:  # asked, not counted: an answer of another shape counts 0
         stats = s.ctl.rpc("fv_weights_checked", s.step_timeout_s, timeout=s.step_timeout_s + 10)
         log(f"weights checked: {stats}")
 

@@ -476,6 +476,31 @@ def test_an_overlapped_weight_check_is_waited_for_before_the_gate(tmp_path):
     assert ctl.calls[-1] == ("fv_weights_checked", (7,), 17)
 
 
+def test_an_overlapped_load_is_waited_for_whatever_its_answer_says(tmp_path):
+    """Found by review, 2026-12-06: whether the gate waited for the load's checks hung on a
+    count read from the worker's answer, and an answer of another shape (not a dict) counted 0:
+    the gate would have opened with checks still running. A load asked to leave them running is
+    always waited for (the wait answers at once where none run)."""
+    class Ctl(_Ctl):
+        def rpc(self, method, *args, timeout):
+            out = super().rpc(method, *args, timeout=timeout)
+            return ["loaded; 1 check running"] if method == "fv_load_weights" else out
+
+    ctl = Ctl()
+    layout, m = _manifest(tmp_path, {"kind": "cpu"})
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, ctl,
+                                 step_timeout_s=7, overlap_check=True)
+    restore.load_weights(state)
+    restore.check_weights(state)
+    assert state.checks_left == 0 and ctl.calls[-1] == ("fv_weights_checked", (7,), 17)
+    inline = _Ctl()
+    state = restore.RestoreState(layout, m, None, Timeline("serve"), None, {}, {}, None, inline,
+                                 step_timeout_s=7, overlap_check=False)
+    restore.load_weights(state)
+    restore.check_weights(state)
+    assert "fv_weights_checked" not in [c[0] for c in inline.calls]  # checked in the load already
+
+
 class _Stager:
     """The restore's view of a weight stager (fvboot.weight_stager.Stager), each call recorded;
     test_staging.py runs the real one."""
