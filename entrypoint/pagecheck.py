@@ -78,10 +78,11 @@ class PageCheck:
             return self._fail(f"{f.path} is corrupt: bytes {offset}-{end} differ from the bake's ({sums.alg})")
         self._count()
 
-    def unreadable(self, path: str, offset: int, err: OSError) -> None:
+    def unreadable(self, path: str, offset: int, err: BaseException) -> None:
         entry = self._expected.get(path)
         if entry is not None:
-            self._fail(f"{entry[0].path} cannot be read at byte {offset}: {err.strerror or err}")
+            said = getattr(err, "strerror", None) or f"{type(err).__name__}: {err}"
+            self._fail(f"{entry[0].path} cannot be read at byte {offset}: {said}")
 
     def result(self, timeout: float) -> Optional[str]:
         """None once every piece matched; the first problem found; or, after TIMEOUT s, a line

@@ -174,25 +174,24 @@ def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]
                 path, off, n = job
                 if cached(path):
                     continue
-                if path in checked:  # a piece already cached is checked where it lies
-                    m = mappings.get(path)
-                    if m is not None and off + n <= m.size and m.missing_in(off, n) == 0:
-                        check.piece(path, off, m.view(off, n))
-                        m.let_go(off, n)
-                        continue
                 try:
+                    if path in checked:  # a piece already cached is checked where it lies
+                        m = mappings.get(path)
+                        if m is not None and off + n <= m.size and m.missing_in(off, n) == 0:
+                            check.piece(path, off, m.view(off, n))
+                            m.let_go(off, n)
+                            continue
                     fd = fds.get(path)
                     if fd is None:
                         fd = fds[path] = os.open(path, os.O_RDONLY)
                     if buf is None:
                         buf = bytearray(size)
-                    got = os.preadv(fd, [memoryview(buf)[:n]], off)
-                except OSError as e:
+                    got = _read_full(fd, memoryview(buf)[:n], off)
+                    if check:
+                        check.piece(path, off, memoryview(buf)[:got])
+                except Exception as e:  # noqa: BLE001 -- a reader that dies loses its piece: the gate would wait
                     if check:  # for the check an unreadable piece is a failure; for a prefetch only a hint
                         check.unreadable(path, off, e)
-                    continue
-                if check:
-                    check.piece(path, off, memoryview(buf)[:got])
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -205,6 +204,18 @@ def _read_ahead(work: Sequence[tuple[str, int, int]], check: Optional[PageCheck]
             t.join()
     finally:
         mappings.close()
+
+
+def _read_full(fd: int, view: memoryview, off: int) -> int:
+    """Read VIEW's length from OFF, or up to the file's end: a file system may return less
+    than asked (a lazily pulled image layer over FUSE), which is not the end of the piece."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], off + got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 class _Mappings:

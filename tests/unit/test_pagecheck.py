@@ -161,6 +161,40 @@ def test_an_image_that_cannot_be_read_fails_the_check(tmp_path, monkeypatch):
     assert problem is not None and "pages-2.img cannot be read" in problem
 
 
+def test_a_reader_that_fails_otherwise_fails_the_check_at_once(tmp_path, monkeypatch):
+    """Found by review, 2026-12-06: only OSError was caught, and a reader that died of anything
+    else lost its piece: the gate waited the check's whole bound (300 s), then said only that
+    the images were not checked in time."""
+    layout = _home(tmp_path)
+    files = _files(layout)
+    _evict(layout)
+
+    def broken(fd, view, off):
+        raise MemoryError("no room for the piece")
+
+    monkeypatch.setattr(prefetch, "_read_full", broken)
+    t = time.monotonic()
+    problem = _restore_reads(layout, files, "read", monkeypatch).result(timeout=30)
+    assert problem is not None and "cannot be read at byte" in problem and "MemoryError: no room" in problem, problem
+    assert time.monotonic() - t < 10
+
+
+def test_short_reads_are_read_on_not_taken_for_damage(tmp_path, monkeypatch):
+    """A file system may return fewer bytes than asked (a lazily pulled layer over FUSE); the
+    piece is read on to its end, not hashed short and called corrupt."""
+    layout = _home(tmp_path)
+    files = _files(layout)
+    _evict(layout)
+    real = os.preadv
+
+    def short(fd, buffers, off):
+        view = memoryview(buffers[0])
+        return real(fd, [view[:max(1, len(view) // 3)]], off)
+
+    monkeypatch.setattr(os, "preadv", short)
+    assert _restore_reads(layout, files, "read", monkeypatch).result(timeout=30) is None
+
+
 def test_a_check_nobody_reads_for_says_so_within_its_bound(tmp_path):
     layout = _home(tmp_path)
     check = PageCheck(layout.home, _files(layout))
