@@ -50,8 +50,11 @@ RESTORE_LOG_LEVEL_ENV = "FV_CRIU_RESTORE_LOG_LEVEL"  # default 3: runenv
 
 
 def restore_log_level() -> int:
-    """FV_CRIU_RESTORE_LOG_LEVEL, one of CRIU's 0-4 (default 3)."""
-    return int(runenv.value(RESTORE_LOG_LEVEL_ENV))
+    """FV_CRIU_RESTORE_LOG_LEVEL, one of CRIU's 1-4 (default 3). 0 is taken as 1: at 0 CRIU logs
+    not even its errors, and the reasons fvboot gives come from them, the cuda plugin's failed
+    GPU resume among them, which otherwise only the wake's bound (300 s) would find (found by
+    review, 2026-12-06)."""
+    return max(1, int(runenv.value(RESTORE_LOG_LEVEL_ENV)))
 
 
 class CriuError(FvBootError):

@@ -135,11 +135,12 @@ def test_the_kernel_facts_are_learned_beside_the_checks_into_the_folder_the_rest
     criu.wait_kernel_facts(None)  # it could not start: nothing to wait for
 
 
-@pytest.mark.parametrize("setting, level", [(None, 3), ("4", 4), ("0", 0), (" 2 ", 2)])
+@pytest.mark.parametrize("setting, level", [(None, 3), ("4", 4), ("0", 1), ("1", 1), (" 2 ", 2)])
 def test_the_restore_logs_at_the_info_level_unless_told_otherwise(monkeypatch, setting, level):
     """-v3 keeps the timestamps and the lines the restore reads (the cuda plugin's resume, the
     end); only CRIU's own levels 0-4 are taken (others are refused before anything runs:
-    test_runenv.py)."""
+    test_runenv.py), and 0 as 1: its errors, the cuda plugin's failed resume among them, are
+    what fvboot's reasons come from."""
     from fvboot import criu
 
     if setting is None:
