@@ -51,10 +51,12 @@ def become_subreaper() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def kill_children(timeout: float = 10) -> list[int]:
+def kill_children(timeout: float = 30) -> list[int]:
     """SIGKILL every process that is our child (after a failed restore: CRIU, a half-restored or
-    unchecked tree reparented to us, prefetch readers), then reap them, for at most TIMEOUT s.
-    Returns the PIDs killed. Nothing else runs as our child at these points."""
+    unchecked tree reparented to us, prefetch readers), then reap them, for at most TIMEOUT s
+    (a restored worker's GPU teardown can take seconds), and say which still run after that:
+    they may hold the port or GPU memory the normal start needs. Returns the PIDs killed.
+    Nothing else runs as our child at these points."""
     pids = []
     for task in os.listdir("/proc/self/task"):
         try:
@@ -74,7 +76,20 @@ def kill_children(timeout: float = 10) -> list[int]:
             break
         if pid == 0:
             time.sleep(0.02)
+    left = [pid for pid in pids if _running(pid)]
+    if left:
+        log(f"{len(left)} process(es) still ran {timeout:g} s after SIGKILL (pid {', '.join(map(str, left))}; in a"
+            " driver call or the GPU's teardown?): what they hold, the port or GPU memory, may be taken still")
     return pids
+
+
+def _running(pid: int) -> bool:
+    """PID exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _raise_stopped(signum, _frame) -> None:

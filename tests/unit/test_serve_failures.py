@@ -415,3 +415,19 @@ def test_a_call_the_seccomp_filter_refused_is_said_as_such(tmp_path, monkeypatch
     assert ("this container runs under a seccomp filter, which refuses calls CRIU makes: run the container with"
             in said) == filtered
     assert ("--security-opt seccomp=unconfined" in said) == filtered
+
+
+def test_what_a_failed_restore_leaves_running_after_the_kill_is_named(monkeypatch, capfd):
+    """A restored worker stuck in a driver call outlives SIGKILL for a while, holding its port and
+    GPU memory: the normal start that follows would fail on them, so the survivors are named
+    (found by review, 2026-12-06: they were left silently)."""
+    from fvboot import serve
+
+    child = subprocess.Popen(["sleep", "60"])
+    monkeypatch.setattr(serve, "_running", lambda pid: pid == child.pid)  # as one in D state would be
+    try:
+        assert child.pid in serve.kill_children(timeout=0.2)
+    finally:
+        child.kill()
+        child.wait(10)
+    assert f"1 process(es) still ran 0.2 s after SIGKILL (pid {child.pid};" in capfd.readouterr().err
