@@ -359,6 +359,10 @@ class BuildOptions(CriuOptions):
     def _no_owned_args(cls, v: list[str]) -> list[str]:
         from fvboot.launcher import is_secret_option
 
+        # vLLM's parser takes `--api_server_count` for `--api-server-count`: every check below,
+        # and fvboot's reading of the baked arguments, see the one spelling (found by review,
+        # 2026-12-06: the underscore spellings passed every refusal)
+        v = [dashed_option(a) for a in v]
         for i, a in enumerate(v):
             if "\n" in a or "\r" in a or "\0" in a:
                 raise ValueError("a --vllm-arg value contains a newline")
@@ -445,6 +449,15 @@ def model_source(model: str) -> str:
 # A Hugging Face repo id as the Hub takes it: NAME or ORG/NAME, letters, digits, '-', '_', '.', not
 # starting or ending with '-' or '.', at most 96 characters (huggingface_hub's validate_repo_id)
 HF_REPO_ID = re.compile(r"(?=.{1,96}$)(?![-.])[\w.-]*[\w](/(?![-.])[\w.-]*[\w])?")
+
+def dashed_option(arg: str) -> str:
+    """ARG with a long option's name as vLLM's parser reads it (`--max_model_len=8` is
+    `--max-model-len=8`); a value, or a short option, as it is."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return "--" + name[2:].replace("_", "-") + eq + value
+
 
 # vLLM's options whose product is the number of GPUs one server takes (long and short spellings)
 _PARALLEL_FLAGS = {"--tensor-parallel-size": "tensor", "-tp": "tensor", "--pipeline-parallel-size": "pipeline",

@@ -53,6 +53,11 @@ def test_invalid_toml_names_the_file(tmp_path):
     ({"model": "m", "vllm_args": ["-asc=4"]}, "--vllm-arg: -asc '4': only 1 is supported, one API-server process"),
     ({"model": "m", "vllm_args": ["--data-parallel-size=2"]}, "--vllm-arg: --data-parallel-size '2': only 1 is"),
     ({"model": "m", "vllm_args": ["-dp"]}, "--vllm-arg: -dp '': only 1 is supported"),
+    # vLLM reads --a_b as --a-b: the underscore spellings are the same options (found by review)
+    ({"model": "m", "vllm_args": ["--api_server_count=4"]}, "--vllm-arg: --api-server-count '4': only 1 is"),
+    ({"model": "m", "vllm_args": ["--served_model_name=x"]}, "--vllm-arg: --served-model-name is reserved"),
+    ({"model": "m", "vllm_args": ["--worker_extension_cls", "x"]}, "--vllm-arg: --worker-extension-cls is reserved"),
+    ({"model": "m", "vllm_args": ["--hf_token", "hf_x"]}, "--vllm-arg: --hf-token may hold a secret"),
     ({"device": "cpu"}, "--model: Field required"),
     ({"model": "m", "env": ["VLLM_X"]}, "--env: 'VLLM_X' is not NAME=VALUE"),
     ({"model": "m", "env": ["1X=a"]}, "--env: '1X' is not an environment variable name"),
@@ -64,6 +69,14 @@ def test_invalid_values_say_what_to_change(values, message):
     with pytest.raises(OptionsError) as e:
         load_options(values)
     assert message in str(e.value)
+
+
+def test_long_options_are_kept_as_vllm_reads_them():
+    """The baked arguments fvboot compares a run's with, in vLLM's own spelling; values as given."""
+    opts = load_options({"model": "m", "vllm_args": ["--max_model_len=512", "--tensor_parallel_size", "2",
+                                                     "--chat-template", "a_b.jinja", "-O3"]})
+    assert opts.vllm_args == ["--max-model-len=512", "--tensor-parallel-size", "2", "--chat-template", "a_b.jinja",
+                              "-O3"]
 
 
 def test_one_api_server_and_one_engine_as_vllm_defaults_are_allowed():
