@@ -113,6 +113,7 @@ class CriuOptions(BaseModel):
     @classmethod
     def _repo_is_url_or_path(cls, v: str) -> str:
         _plain_value(v)
+        _no_credentials(v, "fetch CRIU yourself and give its folder or tarball: --criu-src")
         if not (re.match(r"^(https?|git|ssh|file)://[^/]", v) or re.match(r"^[\w.-]+@[\w.-]+:", v)
                 or v.startswith(("/", "./", "../")) or Path(v).is_dir()):
             raise ValueError(f"{v!r} is neither a git URL nor a local folder")
@@ -335,6 +336,9 @@ class BuildOptions(CriuOptions):
                                  "time (docker run -e), or for the model download as --hf-token-env")
             if any(c in value for c in "\n\r\0"):
                 raise ValueError(f"the value of {name} contains a line break or a NUL")
+            if _URL_PASSWORD.search(value):  # HTTPS_PROXY=http://user:password@proxy
+                raise ValueError(f"the value of {name} holds a URL with a password, which must not be in an image:"
+                                 " pass it at run time (docker run -e)")
         return v
 
     @field_validator("wheels")
@@ -350,6 +354,7 @@ class BuildOptions(CriuOptions):
     def _index_urls(cls, v: list[str]) -> list[str]:
         for url in v:
             _plain_value(url)
+            _no_credentials(url, "download the wheels yourself and give their folder: --wheels")
             if not re.match(r"^(https?|file)://[^/]", url) and not url.startswith("/"):
                 raise ValueError(f"{url!r} is not an http(s)/file URL or an absolute path")
         return v
@@ -449,6 +454,22 @@ def model_source(model: str) -> str:
 # A Hugging Face repo id as the Hub takes it: NAME or ORG/NAME, letters, digits, '-', '_', '.', not
 # starting or ending with '-' or '.', at most 96 characters (huggingface_hub's validate_repo_id)
 HF_REPO_ID = re.compile(r"(?=.{1,96}$)(?![-.])[\w.-]*[\w](/(?![-.])[\w.-]*[\w])?")
+
+# a URL's user information: anything before '@' in its authority
+_URL_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][\w+.-]*)://(?P<info>[^/@]*)@")
+_URL_PASSWORD = re.compile(r"[A-Za-z][\w+.-]*://[^/\s@:]*:[^/\s@]+@")
+
+
+def _no_credentials(url: str, instead: str) -> None:
+    """Refuse URL where it carries credentials: a password, or over http(s) any user part (a
+    token as the user name). It would be in the image's labels and its build history, which
+    anyone who pulls the image reads (found by review, 2026-12-06); an ssh user name is no secret."""
+    m = _URL_USERINFO.match(url)
+    if m and (":" in m.group("info") or m.group("scheme").lower() in ("http", "https")):
+        shown = url[:m.start("info")] + "***" + url[m.end("info"):]
+        raise ValueError(f"{shown} carries credentials, which would be in the image's labels and build history"
+                         f" for anyone who pulls it: use a source that needs none, or {instead}")
+
 
 def dashed_option(arg: str) -> str:
     """ARG with a long option's name as vLLM's parser reads it (`--max_model_len=8` is

@@ -58,6 +58,14 @@ def test_invalid_toml_names_the_file(tmp_path):
     ({"model": "m", "vllm_args": ["--served_model_name=x"]}, "--vllm-arg: --served-model-name is reserved"),
     ({"model": "m", "vllm_args": ["--worker_extension_cls", "x"]}, "--vllm-arg: --worker-extension-cls is reserved"),
     ({"model": "m", "vllm_args": ["--hf_token", "hf_x"]}, "--vllm-arg: --hf-token may hold a secret"),
+    # credentials in a URL would be in the image's labels and history (found by review)
+    ({"model": "m", "criu_repo": "https://oauth2:glpat-SECRET@gitlab.example.com/criu.git"},
+     "https://***@gitlab.example.com/criu.git carries credentials"),
+    ({"model": "m", "criu_repo": "https://TOKEN@github.com/me/criu.git"}, "--criu-src"),
+    ({"model": "m", "device": "cpu", "extra_index_urls": ["https://__token__:pypi-SECRET@pypi.example.com/simple"]},
+     "https://***@pypi.example.com/simple carries credentials"),
+    ({"model": "m", "env": ["HTTPS_PROXY=http://me:pa55@proxy:3128"]},
+     "--env: the value of HTTPS_PROXY holds a URL with a password"),
     ({"device": "cpu"}, "--model: Field required"),
     ({"model": "m", "env": ["VLLM_X"]}, "--env: 'VLLM_X' is not NAME=VALUE"),
     ({"model": "m", "env": ["1X=a"]}, "--env: '1X' is not an environment variable name"),
@@ -69,6 +77,13 @@ def test_invalid_values_say_what_to_change(values, message):
     with pytest.raises(OptionsError) as e:
         load_options(values)
     assert message in str(e.value)
+
+
+def test_urls_without_secrets_are_taken():
+    opts = load_options({"model": "m", "criu_repo": "ssh://git@example.com/criu.git",
+                         "env": ["HTTPS_PROXY=http://proxy:3128", "NO_PROXY=localhost"]})
+    assert opts.criu_repo == "ssh://git@example.com/criu.git"
+    assert load_options({"model": "m", "criu_repo": "git@github.com:me/criu.git"})
 
 
 def test_long_options_are_kept_as_vllm_reads_them():
