@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -11,6 +12,7 @@ from .options import BuildOptions, CriuOptions
 DEVICE_LABEL = "org.fast-vllm.device"  # the device an image was built for (fvbuild run-flags IMAGE reads it)
 
 PREBUILT_ARCHIVE = "criu-prebuilt.tar.gz"  # build-context path of a --criu-prebuilt tarball
+_UNSAFE_IN_TEXT = re.compile(r"[^A-Za-z0-9 ._:/@+=,~()-]")  # what a describing text may show as it is
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,11 @@ class CriuSource:
     repo: str = ""
     ref: str = ""
     archive: str = ""  # build-context path of the source tarball (kind == "local")
+
+    def __post_init__(self) -> None:
+        # DESCRIBE goes into Dockerfile comments and a RUN line's message: a file name's newline
+        # or quote must not become an instruction or shell (found by review, 2026-12-06)
+        object.__setattr__(self, "describe", _UNSAFE_IN_TEXT.sub("?", self.describe))
 
 
 @dataclass(frozen=True)

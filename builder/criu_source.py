@@ -4,6 +4,8 @@ wrong ref fails in a second with a clear message, not minutes into a build."""
 
 from __future__ import annotations
 
+import re
+
 import shutil
 import subprocess
 import tarfile
@@ -97,6 +99,9 @@ def _normalise(ti: tarfile.TarInfo) -> tarfile.TarInfo:
     return ti
 
 
+_PATCH_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]*")
+
+
 def read_series(patches_dir: Path) -> tuple[str, ...]:
     """Patch names from `series` (comments and blanks skipped); each must exist."""
     series = patches_dir / "series"
@@ -107,6 +112,12 @@ def read_series(patches_dir: Path) -> tuple[str, ...]:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
+        # a plain file name: the name goes into the build context and a RUN line of its stage
+        # (found by review, 2026-12-06: `../x.patch` copied a file from outside the folder, and
+        # `x;touch${IFS}y` would have run as shell)
+        if not _PATCH_NAME.fullmatch(line):
+            raise OptionsError(f"{series} names {line!r}: a patch file name is letters, digits and . _ + - only,"
+                               " no folder")
         if not (patches_dir / line).is_file():
             raise OptionsError(f"{series} names {line!r}, which is not in {patches_dir}")
         names.append(line)

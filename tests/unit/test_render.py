@@ -85,6 +85,31 @@ def test_local_criu_source_goes_into_the_context(tmp_path):
     assert ("criu-src.tar" in dict(bc.listing()))
 
 
+def test_a_source_or_patch_name_cannot_write_the_dockerfile_or_its_shell(tmp_path):
+    """Found by review, 2026-12-06: a --criu-src file name with a newline became a RUN line of
+    the CRIU stage, and a `series` entry was put in a RUN line's loop unquoted (`x;touch${IFS}y`)
+    or copied from outside the patches folder (`../x.patch`)."""
+    from fvbuild.criu_source import read_series
+    from fvbuild.errors import OptionsError
+
+    src = tmp_path / "criu\nRUN touch pwned\n#.tar"
+    src.mkdir()
+    (src / "criu").mkdir()
+    (src / "Makefile").write_text("all:\n")
+    dockerfile = _render(tmp_path, device="cpu", criu_src=str(src)).dockerfile
+    assert not re.search(r"^RUN touch pwned", dockerfile, re.M), dockerfile[:600]
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (tmp_path / "outside.patch").write_text("x")
+    (patches / "ok-1.patch").write_text("x")
+    for bad in ("../outside.patch", "x;touch${IFS}y", "sub/ok-1.patch"):
+        (patches / "series").write_text(f"ok-1.patch\n{bad}\n")
+        with pytest.raises(OptionsError, match="a patch file name is letters, digits and"):
+            read_series(patches)
+    (patches / "series").write_text("ok-1.patch  # the one\n")
+    assert read_series(patches) == ("ok-1.patch",)
+
+
 def test_ca_cert_is_installed_before_any_network_step_in_every_stage(tmp_path):
     cert = tmp_path / "ca.pem"
     cert.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
@@ -220,6 +245,6 @@ def test_the_images_environment_is_set_in_the_runtime_stage_quoted_and_unexpande
 
 
 def test_index_urls_reach_the_pip_line_shell_quoted(tmp_path):
-    url = "https://user@example.org/simple/?a=1"
+    url = "https://example.org/simple/?a=1"
     df = _render(tmp_path, device="cpu", extra_index_urls=[url]).dockerfile
     assert f"--extra-index-url '{url}' \\" in df
