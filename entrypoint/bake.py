@@ -118,6 +118,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         tl.mark("weights dumped")
         write_line(f"fvboot bake: weight dump written: {_gb(layout.weights_dir)}")
         for rank in dumped:
+            if isinstance(rank, dict) and rank.get("incomplete"):
+                raise BakeFailed(f"the weight dump misses live memory of the weights: {rank.get('warning')}")
             if isinstance(rank, dict) and rank.get("warning"):
                 write_line(f"fvboot: warning: {rank['warning']}", err=True)
         step = "sleep"

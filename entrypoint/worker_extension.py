@@ -123,10 +123,8 @@ class FastVllmWorkerExtension:
         w = self._fv_weights()
         out: dict[str, Any] = {}
         if isinstance(w, GpuWeights):
-            out = {k: v for k, v in w.coverage().items() if not k.startswith("_")}
-            if out.get("coverage") is not None:
-                out.pop("warning", None)  # uncovered blocks are dumped raw (see GpuWeights.items)
-            elif out.get("warning"):
+            out = w.dump_report()  # "incomplete": the bake fails on it
+            if out.get("warning"):
                 print(f"fvboot worker: WARNING: {out['warning']}", file=sys.stderr, flush=True)
         # a CPU engine's restore checks its weights on the cores that run CRIU and the probe:
         # by the digest this machine hashes fastest (XXH3 where the system has xxHash: ~8x

@@ -314,6 +314,21 @@ class GpuWeights:
                 + "); /sleep?level=2 discards them and they come back as garbage after restore")
         return out
 
+    def dump_report(self) -> dict[str, Any]:
+        """What a dump says of its completeness: coverage(), its warning dropped where the
+        uncovered blocks are dumped raw (items()), and ``incomplete`` where live memory of the
+        weights pool is measured as neither dumped nor raw: the level-2 sleep discards it and a
+        restore would bring it back as garbage, so the bake must fail (found by review,
+        2026-12-06: without the pool's snapshot nothing was dumped raw, and the warning was
+        dropped all the same)."""
+        cov = self.coverage()
+        out = {k: v for k, v in cov.items() if not k.startswith("_")}
+        if out.get("warning") and cov.get("_uncovered"):
+            out.pop("warning")
+        elif out.get("warning") and out.get("coverage") is not None:
+            out["incomplete"] = True
+        return out
+
     def info(self) -> dict[str, Any]:
         cov = {k: v for k, v in self.coverage().items() if not k.startswith("_")}
         raw = getattr(self, "raw_blocks", [])

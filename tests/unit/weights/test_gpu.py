@@ -90,9 +90,15 @@ def test_gpu_weights_storages_and_coverage():
     assert "weights coverage" in cov["warning"] and "4000 B" in cov["warning"]
     assert w.info()["storages"] == 5
 
+    report = w.dump_report()  # the lost block is dumped raw: no warning, complete
+    assert "warning" not in report and not report.get("incomplete")
+
     alloc.allocator_and_pools.clear()  # no snapshot: falls back to reserved segment sizes
     cov = w.coverage()
     assert cov["measured_against"].startswith("reserved segments") and cov["coverage"] < 0.9
+    # nothing is dumped raw then: the bake must fail, not drop the warning (found by review)
+    report = w.dump_report()
+    assert report["incomplete"] and "come back as garbage after restore" in report["warning"]
 
 
 def test_gpu_weights_state_machine():
