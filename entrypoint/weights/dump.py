@@ -21,18 +21,12 @@ from typing import Any, Sequence
 import torch
 
 from . import pipeline
-from .fileformat import ALIGN, flat_bytes
+from .fileformat import ALIGN, flat_bytes, pwrite_full
 from ..worker_threads import run_workers
 from .pipeline import OrderedHashes, Slot, finish, one_device
 from .plan import plan
 from .settings import Config, GpuLoaderError
 from .stats import TransferStats
-
-
-def _pwrite_full(fd: int, mv: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(mv):
-        done += os.pwrite(fd, mv[done:], offset + done)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -113,7 +107,7 @@ def dump(fd: int, spans: Sequence[tuple[int, int]], tensors: Sequence[torch.Tens
                             ctypes.memset(base + a, 0, b - a)
                         for p in c.pieces:
                             hashes.update(p, slot.view[p.buf:p.buf + p.length])
-                        _pwrite_full(fd, slot.view[:c.length], c.offset)
+                        pwrite_full(fd, slot.view[:c.length], c.offset)
                         _start_writeback(fd, c.offset, c.length)
                 finally:
                     free.put(slot)

@@ -110,12 +110,24 @@ def lay_out(items: Sequence[tuple[str, Any]], meta: Mapping[str, Any] | None,
         data_start = need
 
 
+def pwrite_full(fd: int, data, offset: int) -> None:
+    """Write all of DATA at OFFSET: pwrite may write less than asked (a file system's short
+    write, the first bytes of an ENOSPC), and a checksum recorded over the whole would then
+    cover bytes never written (found by review, 2026-12-06)."""
+    mv = memoryview(data).cast("B")
+    done = 0
+    while done < len(mv):
+        n = os.pwrite(fd, mv[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"pwrite wrote nothing at byte {offset + done}")
+        done += n
+
+
 def write_header(fd: int, doc: dict[str, Any]) -> bytes:
     """Write the header and the index (with the entries' real checksums by now); its sha256."""
     index = json.dumps(doc).encode()
     sha = hashlib.sha256(index).digest()
-    os.pwrite(fd, HEADER.pack(MAGIC, VERSION, 0, len(index), sha).ljust(HEADER_SIZE, b"\0")
-              + index, 0)
+    pwrite_full(fd, HEADER.pack(MAGIC, VERSION, 0, len(index), sha).ljust(HEADER_SIZE, b"\0") + index, 0)
     return sha
 
 

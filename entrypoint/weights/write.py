@@ -53,7 +53,7 @@ def write_weights(path: str | os.PathLike, items: Iterable[tuple[str, torch.Tens
                 part = flat[a:a + fileformat.CHUNK]
                 host = part if part.device.type == "cpu" else part.cpu()  # keep it alive
                 h.update(mv := host_view(host))
-                os.pwrite(fd, mv, e["offset"] + a)
+                fileformat.pwrite_full(fd, mv, e["offset"] + a)
             e["checksum"] = h.hexdigest()
         sha = write_header(fd, doc)
         os.ftruncate(fd, max(end, data_start))
