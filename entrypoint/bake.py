@@ -67,7 +67,10 @@ def save_dev_shm(dest: Path, leave_out: Path) -> None:
     LEAVE_OUT (fvboot's run folder, with the bake's admin token) is not saved."""
     names = sorted(p.name for p in Path("/dev/shm").iterdir() if p != leave_out)
     what = ["--", *names] if names else ["--files-from=/dev/null"]  # not tar's "cowardly" refusal
-    subprocess.run(["tar", "--sparse", "-cf", str(dest), "-C", "/dev/shm", *what], check=True)
+    r = subprocess.run(["tar", "--sparse", "-cf", str(dest), "-C", "/dev/shm", *what], capture_output=True, text=True)
+    if r.returncode != 0:  # tar's own words: "No space left on device" is what the bake's reason looks for
+        said = (r.stderr or r.stdout).strip().splitlines()
+        raise FvBootError(f"tar exited {r.returncode}: {said[-1] if said else 'nothing said'}")
 
 
 def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: int,
@@ -102,7 +105,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     pipes.pump(lambda *_: None)
     tree = ServedTree(cmd, server_env(layout.runtime_file), pipes)
     ctl = ServerControl(port, token, served_name)
-    step = "start"
+    step, tree_dumped = "start", False
     try:
         ctl.wait_healthy(health_timeout, tree.alive)
         tl.mark("server healthy")
@@ -147,6 +150,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
             step = "checkpoint"
             criu.dump(tree.init_pid(), layout.images_dir, layout.checkpoint_dir / "criu-dump.log",
                       env=service_env)
+            tree_dumped = True  # CRIU ended the tree: what fails from here is fvboot's, not vLLM's
+            layout.runtime_file.unlink(missing_ok=True)  # the bake's token, in no saved file
         tl.mark("checkpoint written")
         write_line(f"fvboot bake: checkpoint written: {_gb(layout.images_dir)}")
         addresses = sockets.bound_addresses(layout.images_dir)
@@ -172,7 +177,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         # --user starts normally from a copy of them (caches.writable_caches)
         readable_by_all(layout.cache_dir)
     except Exception as e:
-        failed = step_failed(step, e, tree)  # before the tree is stopped: whether it died by itself
+        failed = step_failed(step, e, tree, tree_dumped)  # before the tree is stopped: whether it died by itself
         tree.terminate()
         raise failed from None
     except BaseException:
@@ -218,12 +223,14 @@ def _gb(folder: Path) -> str:
     return f"{sum(p.stat().st_size for p in files) / 1e9:.2f} GB in {len(files)} files"
 
 
-def step_failed(step: str, e: Exception, tree: ServedTree) -> FvBootError:
+def step_failed(step: str, e: Exception, tree: ServedTree, dumped: bool = False) -> FvBootError:
     """One line for a failed bake step: which step, why, and what to do (the builder shows it
-    after the bake's log, and tags nothing)."""
+    after the bake's log, and tags nothing). DUMPED: CRIU's dump ended the tree, so a tree not
+    alive is no longer vLLM's doing (found by review, 2026-12-06: every failure after the dump
+    was called "the vLLM server exited")."""
     if isinstance(e, ServerDied):
         return e  # the start itself: its message already says it
-    if not tree.alive():
+    if not dumped and not tree.alive():
         return BakeFailed(vllm_log.exited(f"the vLLM server exited during the bake's {step}"))
     text = errors.reason(e)
     if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text:

@@ -9,6 +9,7 @@ dead. vLLM dying in the bake's start is the e2e test
 from __future__ import annotations
 
 import socket
+import subprocess
 import types
 import urllib.error
 
@@ -142,6 +143,35 @@ def test_a_failing_criu_dump_is_the_checkpoint_step_with_crius_reason(baking, mo
     with pytest.raises(BakeFailed, match=r"^the bake's checkpoint failed: criu dump failed \(exit 1\): "
                                          r".*Connected TCP socket"):
         run()
+    _nothing_left(layout, tree)
+
+
+def test_a_failure_after_the_dump_is_the_bakes_not_vllms(baking, monkeypatch):
+    """CRIU's dump ends the tree, so a step after it that fails (here the save of /dev/shm, tar
+    on a full disk) was called "the vLLM server exited during the bake's save of /dev/shm"
+    with a stale vLLM line (found by review, 2026-12-06). It is the step's own failure, with
+    tar's words; and the bake's admin token was gone before anything was saved."""
+    layout, run, tree = baking
+    seen = {}
+
+    def dump(*_a, **_k):
+        tree.dead = True  # as CRIU leaves it
+        layout.images_dir.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(bake.criu, "dump", dump)
+    monkeypatch.setattr(bake.zeropages, "drop_zero_pages", lambda images: [])
+    monkeypatch.setattr(bake.criu, "pages_by_process", lambda images: {})
+    monkeypatch.setattr(bake.sockets, "bound_addresses", lambda images: [])
+
+    def tar(*a, **k):
+        seen["token_left"] = layout.runtime_file.exists()
+        return subprocess.CompletedProcess(a[0], 2, "", "tar: /fv/checkpoint/dev-shm.tar: Wrote only 4096 of 10240 bytes\n"
+                                           "tar: Error is not recoverable: exiting now\nNo space left on device\n")
+    monkeypatch.setattr(bake.subprocess, "run", tar)
+    with pytest.raises(BakeFailed) as e:
+        run()
+    assert str(e.value).startswith("the bake's save of /dev/shm failed: no space left on device"), str(e.value)
+    assert "vLLM" not in str(e.value)
+    assert seen == {"token_left": False}
     _nothing_left(layout, tree)
 
 
