@@ -356,9 +356,13 @@ class FileEntry:
     # a large file of the model folder: the sha256 of samples of it (sampled_sha256), enough to
     # tell another model's file of the same size, read in a few milliseconds at every start
     sampled_sha256: Optional[str] = None
+    # a weight dump: the sha256 of its header, which holds its index's sha256 (the index holds
+    # every tensor's checksum): binds the file to this bake, as its own checks cannot (another
+    # bake's dump of the same shapes passes them; found by review, 2026-12-06)
+    head_sha256: Optional[str] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("path", "size", "sha256", "pieces", "sampled_sha256")
+    _KEYS = ("path", "size", "sha256", "pieces", "sampled_sha256", "head_sha256")
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "file") -> "FileEntry":
@@ -368,11 +372,13 @@ class FileEntry:
                    sha256=_get(d, where, "sha256", _is_opt_str, "a string or null", None),
                    pieces=PieceSums.from_json(pieces, _name(where, "pieces")) if pieces is not None else None,
                    sampled_sha256=_get(d, where, "sampled_sha256", _is_opt_str, "a string or null", None),
+                   head_sha256=_get(d, where, "head_sha256", _is_opt_str, "a string or null", None),
                    extra=_extra(d, cls._KEYS))
 
     def to_json(self) -> dict[str, Any]:
         return _some({**self.extra, "path": self.path, "size": self.size, "sha256": self.sha256},
-                     pieces=self.pieces.to_json() if self.pieces else None, sampled_sha256=self.sampled_sha256)
+                     pieces=self.pieces.to_json() if self.pieces else None, sampled_sha256=self.sampled_sha256,
+                     head_sha256=self.head_sha256)
 
 
 @dataclass(frozen=True)
@@ -596,6 +602,14 @@ def sampled_sha256(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def head_sha256(path: Path) -> str:
+    """The sha256 of a weight dump's header (its first HEADER_SIZE bytes)."""
+    from .weightfile import HEADER_SIZE
+
+    with path.open("rb") as f:
+        return hashlib.sha256(f.read(HEADER_SIZE)).hexdigest()
+
+
 def _describe(home: Path, path: Path) -> FileEntry:
     rel, size = str(path.relative_to(home)), path.stat().st_size
     if rel.startswith(MODEL_DIR) and size >= SAMPLED_FROM:
@@ -604,7 +618,9 @@ def _describe(home: Path, path: Path) -> FileEntry:
         from .pagecheck import piece_sums  # its checksums import blake3: only the bake needs it here
 
         return FileEntry(rel, size, pieces=piece_sums(path))
-    if path.suffix in (".fvw", ".log"):
+    if path.suffix == ".fvw":
+        return FileEntry(rel, size, head_sha256=head_sha256(path))
+    if path.suffix == ".log":
         return FileEntry(rel, size)
     return FileEntry(rel, size, _sha256(path))
 
@@ -647,12 +663,15 @@ def _first_problem(home: Path, files: tuple[FileEntry, ...]) -> tuple[str, str] 
         added = [p for p in here if p not in listed]
         if added:
             return added[0], f"{added[0]} was not there at the bake"
-    hashed = [f for f in files if f.sha256 or f.sampled_sha256]
+    hashed = [f for f in files if f.sha256 or f.sampled_sha256 or f.head_sha256]
     with ThreadPoolExecutor(8) as pool:
         sums = list(pool.map(lambda f: _sha256(home / f.path) if f.sha256 else
-                             sampled_sha256(home / f.path, f.size), hashed))
+                             sampled_sha256(home / f.path, f.size) if f.sampled_sha256 else
+                             head_sha256(home / f.path), hashed))
     for f, s in zip(hashed, sums):
-        if s != (f.sha256 or f.sampled_sha256):
+        if s != (f.sha256 or f.sampled_sha256 or f.head_sha256):
+            if f.head_sha256:
+                return f.path, f"{f.path} is not the weight dump this checkpoint was baked with (its index differs)"
             return f.path, (f"{f.path} has other contents" if _in_model_folder(f.path) else
                             f"{f.path} is corrupt (sha256 mismatch)")
     return None

@@ -106,6 +106,28 @@ def test_a_model_folder_changed_since_the_bake_is_said_and_left_to_the_normal_st
     assert manifest.verify_files(tmp_path, tuple(f for f in files if not f.path.startswith("model/"))) is None
 
 
+def test_a_weight_dump_of_another_bake_is_not_restored_from(tmp_path):
+    """A dump checks each tensor against the checksums in its own index, so another bake's dump
+    of the same shapes (another rank's, a fine-tune's put in by an image built FROM this one)
+    passed them (found by review, 2026-12-06). The manifest binds the file by its header,
+    which holds its index's sha256."""
+    layout = _home(tmp_path)
+    layout.weights_dir.mkdir(parents=True, exist_ok=True)
+    dump = layout.weights_dir / "rank0.fvw"
+    dump.write_bytes(b"FVWEIGHT" + bytes(range(56)) + b"\0" * 4096)
+    files = manifest.describe_files(tmp_path, [layout.weights_dir])
+    assert files[0].head_sha256 and not files[0].sha256
+    assert manifest.FileEntry.from_json(files[0].to_json()) == files[0]
+    assert manifest.verify_files(tmp_path, files) is None
+    other = bytearray(dump.read_bytes())
+    other[40] ^= 1  # another index's sha256 in the header, the same size
+    dump.write_bytes(bytes(other))
+    problem = manifest.verify_files(tmp_path, files)
+    assert problem == "weights/rank0.fvw is not the weight dump this checkpoint was baked with (its index differs)", problem
+    dump.write_bytes(b"FVWEIGHT" + bytes(range(56)) + b"\1" * 4096)  # the tensors' bytes are the load's to check
+    assert manifest.verify_files(tmp_path, files) is None
+
+
 def _manifest(tmp_path, device):
     layout = _home(tmp_path)
     return layout, manifest.Manifest(
