@@ -345,19 +345,31 @@ class LogPump(threading.Thread):
 
     def run(self) -> None:
         quiet = ExitFilter()  # after a stop: vLLM's libraries' exit warnings (exitnoise.py)
+        said = False
         try:
             with os.fdopen(self.read_fd, "rb", buffering=0) as f:
                 for line in iter(f.readline, b""):
-                    event = parse_event(line)
-                    if event:
-                        self.on_event(*event)
-                    vllm_log.recent.add(line)  # for vLLM's reason, should it exit
-                    for out in quiet.feed(line):
-                        write_line(out, self.err)
+                    try:
+                        self._pass_on(line, quiet)
+                    except Exception as e:  # noqa: BLE001 -- the pipe must stay drained, whatever one line does
+                        # stopped, nobody would read the pipe, and every process of the tree would
+                        # block in its next write once it is full: a silent hang (found by review)
+                        if not said:
+                            said = True
+                            print(f"fvboot: a line of the server's output could not be passed on ({type(e).__name__}:"
+                                  f" {e}); its output is still read", file=sys.stderr, flush=True)
             for out in quiet.flush():
                 write_line(out, self.err)
         finally:
             vllm_log.recent.stream_ended()
+
+    def _pass_on(self, line: bytes, quiet: "ExitFilter") -> None:
+        event = parse_event(line)
+        if event:
+            self.on_event(*event)
+        vllm_log.recent.add(line)  # for vLLM's reason, should it exit
+        for out in quiet.feed(line):
+            write_line(out, self.err)
 
 
 @dataclass

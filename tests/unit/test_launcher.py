@@ -174,3 +174,34 @@ def test_the_libraries_start_time_settings_are_recorded_and_an_empty_one_is_none
            "HOME": "/root"}
     assert library_settings(env) == {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "HOME")}
     assert library_settings({"LD_PRELOAD": " "}) == {}
+
+
+def test_a_line_the_pump_cannot_pass_on_leaves_the_pipe_drained(capfd):
+    """An event callback that raises (a malformed event line), or a write that fails, ended the
+    pump's thread: nobody read the pipe, and the tree's processes would block in their next
+    write once it was full, a silent hang (found by review, 2026-12-06). The pump says so once
+    and reads on."""
+    import os
+    import threading
+
+    from fvboot.launcher import LogPump
+
+    r, w = os.pipe()
+    seen = []
+
+    def on_event(name, args):
+        seen.append(args)
+        float(args[0])  # what serve's callback does with the time it is given
+
+    pump = LogPump(r, True, on_event)
+    pump.start()
+    writer = threading.Thread(target=lambda: (os.write(w, b"fvboot-event first_request_served x\n"
+                                                       + b"y" * 100 + b"\n" * 2000 + b"z" * (256 << 10) + b"\n"),
+                                              os.close(w)))
+    writer.start()
+    writer.join(20)
+    assert not writer.is_alive(), "the writer blocked: the pipe was not drained"
+    pump.join(20)
+    assert seen == [["x"]]
+    err = capfd.readouterr().err
+    assert err.count("could not be passed on (ValueError: could not convert string to float: 'x')") == 1
