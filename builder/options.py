@@ -130,6 +130,8 @@ class CriuOptions(BaseModel):
     @field_validator("ca_cert")
     @classmethod
     def _pem(cls, v: Optional[Path]) -> Optional[Path]:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v} is not a file (a PEM certificate file)")
         if v is not None and b"-----BEGIN CERTIFICATE-----" not in v.read_bytes()[:1 << 20]:
             raise ValueError(f"{v} holds no PEM certificate (expected '-----BEGIN CERTIFICATE-----')")
         return v
@@ -163,6 +165,14 @@ class CriuOptions(BaseModel):
         from importlib.resources import files
 
         return Path(str(files("fvbuild.criu_patches")))
+
+
+# The image's own environment (templates/Dockerfile.j2): an --env of one of these came after it
+# and moved the bake's output or its caches out of the layers (found by review, 2026-12-06)
+IMAGE_OWNED_ENV = {name: "leave it to the image" for name in (
+    "FV_HOME", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE",
+    "CUDA_CACHE_PATH", "HF_HOME", "PATH", "VIRTUAL_ENV")}
+IMAGE_OWNED_ENV["FV_PORT"] = "use --port"
 
 
 # Arguments fvboot sets itself (or that would break the restore); the message says what to use.
@@ -329,6 +339,9 @@ class BuildOptions(CriuOptions):
 
         for name, value in v.items():
             _env_var_name(name)
+            if name in IMAGE_OWNED_ENV:  # set by the image itself: another value moves what the bake writes
+                raise ValueError(f"{name} is set by the image (the bake's output and compile caches live under"
+                                 f" /fv, in its layers; FV_PORT is --port): {IMAGE_OWNED_ENV[name]}")
             if name in SETTINGS:  # fvboot's own setting: a bad value fails the build now, not the bake
                 SETTINGS[name].parse(value)
             if is_secret_name(name):  # an image's ENV is in its config for anyone who pulls it

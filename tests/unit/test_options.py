@@ -66,6 +66,12 @@ def test_invalid_toml_names_the_file(tmp_path):
      "https://***@pypi.example.com/simple carries credentials"),
     ({"model": "m", "env": ["HTTPS_PROXY=http://me:pa55@proxy:3128"]},
      "--env: the value of HTTPS_PROXY holds a URL with a password"),
+    # the image's own environment: moved, the bake's output leaves the layers (found by review)
+    ({"model": "m", "env": ["FV_HOME=/data"]}, "--env: FV_HOME is set by the image"),
+    ({"model": "m", "env": ["VLLM_CACHE_ROOT=/tmp/c"]}, "--env: VLLM_CACHE_ROOT is set by the image"),
+    ({"model": "m", "env": ["FV_PORT=9000"]}, "--env: FV_PORT is set by the image (the bake's output and compile"
+                                              " caches live under /fv, in its layers; FV_PORT is --port): use --port"),
+    ({"model": "m", "ca_cert": "/etc"}, "--ca-cert: /etc is not a file"),
     ({"device": "cpu"}, "--model: Field required"),
     ({"model": "m", "env": ["VLLM_X"]}, "--env: 'VLLM_X' is not NAME=VALUE"),
     ({"model": "m", "env": ["1X=a"]}, "--env: '1X' is not an environment variable name"),
