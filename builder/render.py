@@ -12,15 +12,20 @@ from .context import RenderContext
 
 
 def docker_quote(value: str) -> str:
-    """Quote a value for LABEL/ENV lines. Refuses newlines and never echoes the value (it may be a secret)."""
+    """Quote a value for LABEL/ENV lines, as Docker reads a double-quoted word: `"` and `\\`
+    escaped, `$` kept literal (both instructions expand variables), every other character as
+    it is (Docker decodes no `\\uXXXX`: `héllo` was stored as `h\\u00e9llo`). Refuses control
+    characters, and never echoes the value (it may be a secret)."""
     if "\n" in value or "\r" in value:
         raise ValueError("a value for a Dockerfile LABEL/ENV line contains a newline")
-    return json.dumps(value)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("a value for a Dockerfile LABEL/ENV line contains a control character")
+    return json.dumps(value, ensure_ascii=False).replace("$", "\\$")
 
 
 def env_quote(value: str) -> str:
-    """Quote a value for an ENV line: docker_quote, with `$` kept literal (ENV expands variables)."""
-    return docker_quote(value).replace("$", "\\$")
+    """Quote a value for an ENV line (docker_quote)."""
+    return docker_quote(value)
 
 
 def sh_quote(value: object) -> str:

@@ -168,6 +168,16 @@ def test_label_values_refuse_newlines_without_echoing_them():
     assert "secret" not in str(e.value)
 
 
+def test_label_and_env_values_reach_docker_as_given():
+    """Docker reads a double-quoted word's `\\"` and `\\\\`, expands `$` in LABEL and ENV alike,
+    and decodes no `\\uXXXX` (found by review, 2026-12-06: `--env GREETING=héllo` was stored
+    as `h\\u00e9llo`, and a `$` in a label was expanded)."""
+    assert docker_quote("héllo wörld") == '"héllo wörld"'
+    assert docker_quote("a$HOME\\b") == '"a\\$HOME\\\\b"'
+    with pytest.raises(ValueError, match="contains a control character"):
+        docker_quote("tab\there")
+
+
 def test_baked_layers_template_orders_weights_before_checkpoint():
     from fvbuild.bake import BakeLayersContext
 
