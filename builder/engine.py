@@ -6,6 +6,8 @@ errors, never docker-py exceptions. Build output is a generator of events; the C
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 import time
@@ -246,15 +248,26 @@ class DockerEngine:
                            volumes: Optional[dict] = None, environment: Optional[dict] = None,
                            name: Optional[str] = None, device_requests: Optional[list] = None,
                            devices: Optional[list] = None) -> "RunningContainer":
-        """Start a detached container with the capability set CRIU needs (and GPU access, if given)."""
+        """Start a detached container with the capability set CRIU needs (and GPU access, if given).
+        Created, then started: one whose start fails (a GPU runtime's refusal) or is interrupted
+        is removed here, as docker run's would not be (found by review, 2026-12-06)."""
         try:
-            return RunningContainer(self.client.containers.run(
+            c = self.client.containers.create(
                 image, command, detach=True, name=name, network_mode=network_mode,
                 cap_add=list(CONTAINER_CAPS), security_opt=list(CONTAINER_SECURITY_OPT), shm_size=CONTAINER_SHM_SIZE,
                 volumes=volumes or {}, environment=environment or {},
-                device_requests=device_requests or None, devices=devices or None))
+                device_requests=device_requests or None, devices=devices or None)
         except (APIError, DockerException) as e:
             raise EngineError(f"docker run of {image} failed: {_short(e)}") from None
+        try:
+            c.start()
+        except BaseException as e:
+            with contextlib.suppress(APIError, DockerException):
+                c.remove(force=True)
+            if isinstance(e, (APIError, DockerException)):
+                raise EngineError(f"docker run of {image} failed: {_short(e)}") from None
+            raise
+        return RunningContainer(c)
 
     def read_tree(self, image: str, path: str) -> bytes:
         """The tar (Docker's archive API) of PATH in IMAGE, through a created, never started container."""

@@ -68,3 +68,37 @@ ModuleNotFoundError: No module named 'vllm'"""
     for line in output.splitlines():
         steps.feed(line)
     assert steps.created == ["111111111111", "222222222222"]
+
+
+def test_a_bake_container_whose_start_fails_is_removed():
+    """docker run creates, then starts; a start the daemon refuses (a GPU runtime's error) or an
+    interrupt then left the created container behind (found by review, 2026-12-06)."""
+    from docker.errors import APIError
+
+    from fvbuild.engine import DockerEngine
+    from fvbuild.errors import EngineError
+
+    class Container:
+        removed = False
+
+        def start(self):
+            raise self.fail
+
+        def remove(self, force=False):
+            Container.removed = force
+
+    class Containers:
+        def create(self, image, command, **kw):
+            self.kw = kw
+            return made
+
+    class Client:
+        containers = Containers()
+
+    for fail, raised in ((APIError("nvidia-container-cli: initialization error"), EngineError),
+                         (KeyboardInterrupt(), KeyboardInterrupt)):
+        made = Container()
+        made.fail, Container.removed = fail, False
+        with pytest.raises(raised):
+            DockerEngine(Client()).run_criu_container("img", ["fvboot", "bake"], "host")
+        assert Container.removed, fail
