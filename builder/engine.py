@@ -109,6 +109,8 @@ class DockerEngine:
             return
         except ImageNotFound:
             pass
+        except (APIError, DockerException) as e:  # "invalid reference format" (found by review)
+            raise BaseImageMissingError(f"base image {name}: {_short(e)}") from None
         try:
             self.client.images.pull(name)
         except (APIError, DockerException) as e:
@@ -121,6 +123,8 @@ class DockerEngine:
             return self.client.api.inspect_image(name)
         except ImageNotFound:
             raise BaseImageMissingError(f"image {name} does not exist") from None
+        except (APIError, DockerException) as e:  # an invalid reference, the daemon gone
+            raise BaseImageMissingError(f"image {name}: {_short(e)}") from None
 
     def image_id(self, ref: str) -> Optional[str]:
         """The ID REF names now, or None."""
@@ -128,6 +132,8 @@ class DockerEngine:
             return self.client.api.inspect_image(ref)["Id"]
         except ImageNotFound:
             return None
+        except (APIError, DockerException) as e:
+            raise EngineError(f"image {ref}: {_short(e)}") from None
 
     def remove_if_untagged(self, image_id: str, prune: bool) -> None:
         """Remove IMAGE_ID only if no tag names it (`docker rmi ID` would untag a single tag and

@@ -102,3 +102,31 @@ def test_a_bake_container_whose_start_fails_is_removed():
         with pytest.raises(raised):
             DockerEngine(Client()).run_criu_container("img", ["fvboot", "bake"], "host")
         assert Container.removed, fail
+
+
+def test_an_image_reference_the_daemon_refuses_is_one_line():
+    """`--base-image Foo/bar` passes the tag pattern, and the daemon answers 400 "invalid
+    reference format": that came out as a traceback (found by review, 2026-12-06)."""
+    from docker.errors import APIError
+
+    from fvbuild.engine import DockerEngine
+    from fvbuild.errors import BaseImageMissingError, EngineError
+
+    refused = APIError("400 Client Error: Bad Request (\"invalid reference format: repository name must be lowercase\")")
+
+    class Images:
+        def get(self, name):
+            raise refused
+
+    class Api:
+        def inspect_image(self, name):
+            raise refused
+
+    class Client:
+        images, api = Images(), Api()
+
+    engine = DockerEngine(Client())
+    for call, error in ((engine.ensure_image, BaseImageMissingError), (engine.inspect, BaseImageMissingError),
+                        (engine.image_id, EngineError)):
+        with pytest.raises(error, match="Foo/bar: .*invalid reference format"):
+            call("Foo/bar")
