@@ -113,6 +113,9 @@ def render(context_dir: Optional[Path], **values: Any) -> None:
     try:
         opts = _load(values)
         if context_dir is not None:
+            if context_dir.exists() and any(context_dir.iterdir()):  # assemble writes a whole context
+                raise OptionsError(f"--context-dir: {context_dir} is not empty (a context rendered before?): give"
+                                   " an empty or new folder")
             bc = buildcontext.assemble(opts, context_dir, check_remote=False)
             dockerfile, listing = bc.dockerfile, bc.listing()
         else:

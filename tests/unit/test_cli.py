@@ -67,6 +67,12 @@ CASES = [
     (["render", *MODEL, "--port", "0"], ["--port:", "greater than or equal to 1"]),
     (["criu", "--out", "{d}/criu.txt"], ["--out", "name it FILE.tar.gz"]),
     (["criu", "--out", "{d}/c.tar.gz", "--criu-ref", ""], ["--criu-ref: is empty"]),
+    # found by review, 2026-12-06: each was a traceback, or passed
+    (["render", *MODEL, "--context-dir", "{d}"], ["--context-dir:", "is not empty", "an empty or new folder"]),
+    (["image", *MODEL, "--ca-cert", "{d}"], ["--ca-cert:", "is not a file"]),
+    (["image", *MODEL, "--vllm-arg=--api_server_count=2"], ["--api-server-count '2': only 1 is supported"]),
+    (["image", *MODEL, "--env", "FV_HOME=/data"], ["--env: FV_HOME is set by the image"]),
+    (["image", *MODEL, "--criu-repo", "https://u:p@x.org/criu.git"], ["https://***@x.org/criu.git carries credentials"]),
 ]
 
 
