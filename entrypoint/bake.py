@@ -22,8 +22,8 @@ from . import (__version__, capabilities, criu, cuda_checkpoint_service, errors,
 from .capabilities import RUN_WITH
 from .control import ServerControl
 from .errors import BakeFailed, FvBootError, ServerDied
-from .launcher import (Pipes, ServedTree, library_settings, server_env, tree_processes, vllm_command,
-                       vllm_settings)
+from .launcher import (Pipes, ServedTree, is_secret_option, library_settings, server_env, tree_processes,
+                       vllm_command, vllm_settings)
 from .layout import Layout
 from .models import detach_build_inputs, prepare_model, readable_by_all
 from .output import write_line
@@ -89,6 +89,10 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     if problem:
         raise BakeFailed(f"{problem}: free it, or bake on another one (fvbuild image --port) or network (--network)")
     bad = runenv.problems(os.environ)  # said before anything starts, not at the dump minutes later
+    # a credential among the server's arguments would be in the manifest and in the checkpoint's
+    # memory; fvbuild refuses them, and so does a bake run by hand (host mode)
+    bad += [f"{a.partition('=')[0]} may hold a secret, which must not be in a checkpoint: give it at run time"
+            for a in user_args if is_secret_option(a.partition("=")[0])]
     if bad:
         raise BakeFailed("; ".join(bad))
     prepared = prepare_model(model, layout.model_dir, token_file, model_dir, revision)

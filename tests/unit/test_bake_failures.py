@@ -207,3 +207,11 @@ def test_a_gpu_engine_that_does_not_go_to_sleep_stops_the_bake(baking, monkeypat
                                          r" not asleep \(its log above says why\)"):
         run()
     _nothing_left(layout, tree)
+
+
+def test_a_bake_by_hand_refuses_a_credential_among_the_servers_arguments(tmp_path, monkeypatch):
+    """`fvboot bake -- --api-key K` (host mode: fvbuild refuses it, this is the bake run by hand):
+    the key would be in the manifest and in the checkpoint's memory (found by review)."""
+    monkeypatch.setenv("FV_RUN_DIR", str(tmp_path / "run"))
+    with pytest.raises(BakeFailed, match=r"^--api-key may hold a secret, which must not be in a checkpoint"):
+        bake.bake(Layout(tmp_path / "fv"), "synthetic:tiny", ["--api-key=s3cret"], 1, 0)
