@@ -89,13 +89,22 @@ def is_secret_name(name: str) -> bool:
 OWN_VLLM_SETTINGS = {"VLLM_SERVER_DEV_MODE", "VLLM_NO_USAGE_STATS"}
 
 
+# Settings besides vLLM's own that decide which server runs: the GPUs CUDA shows it, and where
+# Python finds its code (a plugin vLLM loads, a package folder): a restored server keeps the
+# bake's (found by review, 2026-12-06: `-e CUDA_VISIBLE_DEVICES=1` restored onto GPU 0, and
+# `-e PYTHONPATH=/plugins` left a plugin out, both without a word)
+SERVER_SETTINGS = ("CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PYTHONHOME")
+
+
 def vllm_settings(env: Optional[dict] = None) -> dict[str, str]:
-    """vLLM's own settings (VLLM_*) in ENV (fvboot's environment by default) that reach the
-    server: a restored one keeps the bake's, so the bake records them and a restore compares.
-    Secrets (VLLM_API_KEY: a runtime setting) and what fvboot sets itself are left out."""
+    """vLLM's own settings (VLLM_*) and SERVER_SETTINGS in ENV (fvboot's environment by
+    default) that reach the server: a restored one keeps the bake's, so the bake records them
+    and a restore compares. Secrets (VLLM_API_KEY: a runtime setting) and what fvboot sets
+    itself are left out."""
     env = os.environ if env is None else env
     return {k: v for k, v in env.items()
-            if k.startswith("VLLM_") and k not in OWN_VLLM_SETTINGS and not is_secret_name(k)}
+            if (k.startswith("VLLM_") or k in SERVER_SETTINGS) and k not in OWN_VLLM_SETTINGS
+            and not is_secret_name(k)}
 
 
 # Settings of the libraries under vLLM that act when its processes start (thread pools, the CUDA

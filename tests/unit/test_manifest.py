@@ -15,6 +15,7 @@ import pytest
 
 from fvboot import manifest
 from fvboot.errors import CheckpointUnusable, ManifestInvalid
+from fvboot.launcher import SERVER_SETTINGS
 from fvboot.manifest import Device, FileEntry, Gpu, Manifest, ProbeAnswer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,7 +222,7 @@ def test_vllms_settings_in_this_start_that_are_not_the_bakes_are_refused_with_ea
     assert m.vllm.env == baked["vllm"]["env"] and m.to_json()["vllm"]["env"] == baked["vllm"]["env"]
     monkeypatch.setattr(manifest, "device_info", lambda lookup=None: Device("cpu"))
     monkeypatch.setattr(manifest, "verify_files", lambda home, files: "stop here")
-    for k in [k for k in os.environ if k.startswith("VLLM_")]:
+    for k in [k for k in os.environ if k.startswith("VLLM_") or k in SERVER_SETTINGS]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
@@ -237,6 +238,24 @@ def test_vllms_settings_in_this_start_that_are_not_the_bakes_are_refused_with_ea
         "restored server keeps the bake's environment (bake them into the image: fvbuild image --env NAME=VALUE)")
     del baked["vllm"]["env"]
     assert _refusal(manifest.read(_write_json(tmp_path, baked)), tmp_path) == "stop here"
+
+
+def test_the_gpus_cuda_shows_and_where_python_finds_code_are_the_bakes_or_no_restore(tmp_path, monkeypatch):
+    """`docker run -e CUDA_VISIBLE_DEVICES=1` restored onto GPU 0, and `-e PYTHONPATH=/plugins`
+    left a vLLM plugin out, both without a word (found by review, 2026-12-06): they decide which
+    server runs, and a restored one keeps the bake's."""
+    baked = _baked_dict({"kind": "cpu"})
+    baked["vllm"]["env"] = {}
+    m = manifest.read(_write_json(tmp_path, baked))
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: Device("cpu"))
+    monkeypatch.setattr(manifest, "verify_files", lambda home, files: "stop here")
+    for k in [k for k in os.environ if k.startswith("VLLM_") or k in SERVER_SETTINGS]:
+        monkeypatch.delenv(k)
+    assert _refusal(m, tmp_path) == "stop here"
+    for name, value in (("CUDA_VISIBLE_DEVICES", "1"), ("PYTHONPATH", "/plugins")):
+        monkeypatch.setenv(name, value)
+        assert _refusal(m, tmp_path).startswith(f"vLLM's settings differ from the bake's: {name}={value} (baked: unset)")
+        monkeypatch.delenv(name)
 
 
 def _refusal(m, tmp_path) -> str:
