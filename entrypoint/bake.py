@@ -288,11 +288,20 @@ def _vllm_version() -> str:
     return "unknown"
 
 
+CRIU_CHECK_TIMEOUT_S = 120.0
+
+
 def criu_check() -> subprocess.CompletedProcess:
     """`criu check` as fvboot uses CRIU: from inside a fresh PID namespace with its own /proc
-    (Docker mounts the container's /proc/sys read-only, which a plain `criu check` trips on)."""
-    return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "criu", "check"],
-                          capture_output=True, text=True)
+    (Docker mounts the container's /proc/sys read-only, which a plain `criu check` trips on).
+    Bounded; a tool missing or a check past its bound is a failed check, said as such."""
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", "criu", "check"]
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=CRIU_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, 124, "", f"did not finish within {CRIU_CHECK_TIMEOUT_S:g} s")
+    except OSError as e:  # unshare or criu not there
+        return subprocess.CompletedProcess(argv, 127, "", f"cannot run {argv[0]}: {e.strerror}")
 
 
 def check_tools() -> None:

@@ -96,6 +96,7 @@ def _check(argv: list[str]) -> int:
 
     if argv[:1] == ["--"]:
         argv = argv[1:]
+    _own_mounts()  # as a start does: where it cannot, the check says the restore would not run
     usable, lines = check(Layout.from_env(), argv)
     for line in lines:
         print(f"fvboot check: {line}", flush=True)

@@ -81,3 +81,36 @@ def test_a_served_trees_init_is_found_by_its_command_line(tmp_path):
     assert running_server(str(tmp_path)) is None
     proc("41", ["/opt/venv/bin/python3", "-m", "fvboot.nsinit", "/opt/venv/bin/python3", "-m", "vllm"])
     assert running_server(str(tmp_path)) == 41
+
+
+def test_criu_check_missing_or_stuck_is_a_failed_check_not_a_traceback(monkeypatch):
+    """Found by review, 2026-12-06: `unshare` missing raised FileNotFoundError out of the check,
+    and the call had no bound."""
+    from fvboot import bake
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    r = bake.criu_check()
+    assert r.returncode == 127 and "cannot run unshare" in r.stderr
+    monkeypatch.setattr(bake, "CRIU_CHECK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(bake.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(subprocess.TimeoutExpired(a[0], 0.2)))
+    assert "did not finish within 0.2 s" in bake.criu_check().stderr
+
+
+def test_the_check_runs_in_fvboots_own_mounts_as_a_start_does(monkeypatch):
+    """`IMAGE check` said "would be restored" where a start could not make its own /dev/shm
+    (Docker's AppArmor profile denies mount) and fell back (found by review, 2026-12-06)."""
+    from fvboot import cli, private_mounts
+
+    order = []
+
+    def isolate():  # stands in for a kernel that refuses (AppArmor), as the real one sets the reason
+        order.append("isolate")
+        private_mounts.not_isolated = "unshare(CLONE_NEWNS): Permission denied"
+        return False, private_mounts.not_isolated
+
+    monkeypatch.setattr(private_mounts, "not_isolated", "")
+    monkeypatch.setattr(private_mounts, "isolate", isolate)
+    monkeypatch.setattr(preflight, "check", lambda layout, argv: (order.append("check"), (False, []))[1])
+    monkeypatch.setenv("FV_RUN_DIR", "/tmp")  # no run folder made here
+    assert cli._check([]) == 1
+    assert order == ["isolate", "check"]
