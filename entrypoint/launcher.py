@@ -295,38 +295,77 @@ def take_model_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
 API_KEY_ARG = "--api-key"  # docker run IMAGE --api-key KEY, as with vLLM's own image
 
 
+# The shortest spelling of each of vLLM's credential options its parser takes for it: argparse
+# takes a unique prefix of a long option (`--api-k`), and vLLM `_` for `-` (found by review,
+# 2026-12-06: `--api-k SECRET` was logged as given)
+_SECRET_OPTION_PREFIXES = {"--api-key": "--api-k", "--hf-token": "--hf-t"}
+
+
+def _spelling_of(name: str, option: str) -> bool:
+    """NAME is OPTION as vLLM's parser reads it: itself, with `_` for `-`, or a unique prefix."""
+    name = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+    return option.startswith(name) and name.startswith(_SECRET_OPTION_PREFIXES.get(option, option))
+
+
 def take_api_key_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
-    """ARGS without `--api-key KEY` / `--api-key=KEY`, and KEY (the last one, as vLLM's parser
-    takes it), or None. The key is the middleware's to ask for, in a restore as in a normal
-    start: it is not an argument of the server (a restore goes ahead) and is never logged.
-    ValueError for `--api-key` without a value."""
-    return take_option(args, API_KEY_ARG, "--api-key needs a value: docker run IMAGE --api-key KEY (or docker run"
-                       " -e FV_API_KEY=KEY)")
+    """ARGS without `--api-key KEY` / `--api-key=KEY` (in any spelling vLLM's parser takes), and
+    KEY (the last one, as vLLM's parser takes it), or None. The key is the middleware's to ask
+    for, in a restore as in a normal start: it is not an argument of the server (a restore goes
+    ahead) and is never logged. ValueError for `--api-key` without a value, or with several
+    keys (vLLM takes a list; this image's middleware one key: the words after the first would
+    have been taken for a model or logged as arguments)."""
+    needs = "--api-key needs a value: docker run IMAGE --api-key KEY (or docker run -e FV_API_KEY=KEY)"
+    rest: list[str] = []
+    key: Optional[str] = None
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if not _spelling_of(name, API_KEY_ARG):
+            rest.append(args[i])
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError(needs)
+            value, i = args[i + 1], i + 1  # a key may start with '-'
+        i += 1
+        if i < len(args) and not args[i].startswith("-"):
+            raise ValueError("--api-key was given more than one key, and this image's server takes one: docker run"
+                             " IMAGE --api-key KEY (or docker run -e FV_API_KEY=KEY)")
+        key = value
+    return rest, key
 
 
 def is_secret_option(name: str) -> bool:
-    """A server option whose name says it holds a credential (--api-key, --hf-token): the names
-    is_secret_name knows, as options."""
-    return name.startswith("--") and is_secret_name(name[2:].replace("-", "_"))
+    """A server option whose name says it holds a credential (--api-key, --hf-token: the names
+    is_secret_name knows, as options), in any spelling vLLM's parser takes for one."""
+    return name.startswith("--") and (is_secret_name(name[2:].replace("-", "_"))
+                                      or any(_spelling_of(name, o) for o in _SECRET_OPTION_PREFIXES))
 
 
 def shown_args(args: list[str]) -> list[str]:
-    """ARGS as a log line may show them: the value of an option whose name says it holds a
-    credential (--api-key, --hf-token; the names is_secret_name knows) is left out."""
+    """ARGS as a log line may show them: the values of an option whose name says it holds a
+    credential (--api-key, --hf-token; the names is_secret_name knows; in any spelling vLLM's
+    parser takes) are left out, every word up to the next option (vLLM takes several keys)."""
     out: list[str] = []
-    hide_next = False
-    for a in args:
-        if hide_next:
-            out.append("<hidden>")
-            hide_next = False
+    i = 0
+    while i < len(args):
+        name, eq, _ = args[i].partition("=")
+        if not is_secret_option(name):
+            out.append(args[i])
+            i += 1
             continue
-        name, eq, _ = a.partition("=")
-        secret = is_secret_option(name)
-        if secret and eq:
+        if eq:
             out.append(f"{name}=<hidden>")
         else:
-            out.append(a)
-            hide_next = secret
+            out.append(args[i])
+            if i + 1 < len(args):  # its first value, whatever it looks like (a key may start with '-')
+                out.append("<hidden>")
+                i += 1
+        i += 1
+        while i < len(args) and not args[i].startswith("-"):  # its further values
+            out.append("<hidden>")
+            i += 1
     return out
 
 

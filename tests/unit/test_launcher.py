@@ -205,3 +205,21 @@ def test_a_line_the_pump_cannot_pass_on_leaves_the_pipe_drained(capfd):
     assert seen == [["x"]]
     err = capfd.readouterr().err
     assert err.count("could not be passed on (ValueError: could not convert string to float: 'x')") == 1
+
+
+def test_the_api_key_in_every_spelling_vllms_parser_takes_is_the_middlewares_and_never_shown():
+    """vLLM's parser takes `--api_key` and a unique prefix (`--api-k`) for `--api-key`, and
+    several keys after it. fvboot knew only `--api-key KEY`: `--api-k SECRET` was logged as
+    given and left to vLLM, and `--api-key K1 K2` left K2 among the arguments, logged, or taken
+    for a model (found by review, 2026-12-06)."""
+    from fvboot.launcher import shown_args, take_api_key_arg
+
+    for argv in (["--api-k", "s3cret"], ["--api_key=s3cret"], ["--api-ke", "-starts-with-dash"], ["--api-key=s3cret"]):
+        rest, key = take_api_key_arg(["--max-model-len", "512", *argv])
+        assert rest == ["--max-model-len", "512"] and key == argv[-1].split("=")[-1], argv
+    assert take_api_key_arg(["--api", "x"]) == (["--api", "x"], None)  # not unique: vLLM's to refuse
+    with pytest.raises(ValueError, match="more than one key") as e:
+        take_api_key_arg(["--api-key", "k1", "k2"])
+    assert "k1" not in str(e.value) and "k2" not in str(e.value)
+    assert shown_args(["--api-k", "k1", "k2", "--max-model-len", "512", "--hf_token=abc", "--hf-t", "-x1"]) == [
+        "--api-k", "<hidden>", "<hidden>", "--max-model-len", "512", "--hf_token=<hidden>", "--hf-t", "<hidden>"]
