@@ -165,32 +165,42 @@ def args_from_env(baked_command: list[str], env: Optional[dict] = None) -> list[
 
 
 def adds_nothing(command: list[str], args: list[str]) -> bool:
-    """Whether ARGS, put after COMMAND, leave every option as COMMAND has it: each is `--opt value`
-    or `--opt=value` with COMMAND's own value, or a flag COMMAND has (`docker run IMAGE --port
-    8000`, the baked port, as vLLM's image is called). Anything else may change the server."""
+    """Whether ARGS, put after COMMAND, leave the server as COMMAND makes it: what each option
+    ends up as, as vLLM's parser reads them (its last occurrence wins; every word up to the next
+    option is its value, as for `--lora-modules a=... b=...`; `--no-X` undoes `--X`), is the
+    same with them as without (`docker run IMAGE --port 8000`, the baked port, as vLLM's image
+    is called). A word that is no option's value, or anything else, may change the server.
+    Found by review, 2026-12-06: only each option's first value was compared, and a `--no-X`
+    baked after `--X` was not seen."""
+    first = next((i for i, a in enumerate(command) if a.startswith("--")), len(command))
+    baked = _settled(command[first:])
+    asked = _settled(command[first:] + list(args))
+    return baked is not None and asked is not None and asked == baked and not (args and not args[0].startswith("--"))
+
+
+def _settled(argv: list[str]) -> Optional[dict]:
+    """What each option of ARGV ends up as: its last values (a tuple), or for a flag on or off
+    (`--no-X` is `--X` off); None where a word is no option's value (a positional argument)."""
+    out: dict = {}
     i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            return False
-        if "=" in arg:
-            option, value = arg.split("=", 1)
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--"):
+            return None
+        name, eq, value = a.partition("=")
+        name = "--" + name[2:].replace("_", "-")
+        i += 1
+        values = [value] if eq else []
+        while i < len(argv) and not argv[i].startswith("--"):
+            values.append(argv[i])
             i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            option, value = arg, args[i + 1]
-            i += 2
+        if values:
+            out[name] = tuple(values)
+        elif name.startswith("--no-"):
+            out[("flag", "--" + name[5:])] = False
         else:
-            option, value = arg, None
-            i += 1
-        if (not _is_flag_in(command, option)) if value is None else (arg_value(command, option) != value):
-            return False
-    return True
-
-
-def _is_flag_in(command: list[str], option: str) -> bool:
-    """OPTION is in COMMAND as a flag (no value after it)."""
-    return any(a == option and (i + 1 == len(command) or command[i + 1].startswith("--"))
-               for i, a in enumerate(command))
+            out[("flag", name)] = True
+    return out
 
 
 def server_port(cmd: list[str], default: int = 8000) -> int:
