@@ -5,7 +5,6 @@ wrong ref fails in a second with a clear message, not minutes into a build."""
 from __future__ import annotations
 
 import re
-
 import shutil
 import subprocess
 import tarfile

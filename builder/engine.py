@@ -7,7 +7,6 @@ errors, never docker-py exceptions. Build output is a generator of events; the C
 from __future__ import annotations
 
 import contextlib
-
 import os
 import re
 import time

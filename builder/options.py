@@ -375,7 +375,7 @@ class BuildOptions(CriuOptions):
     @field_validator("vllm_args")
     @classmethod
     def _no_owned_args(cls, v: list[str]) -> list[str]:
-        from fvboot.launcher import is_secret_option
+        from fvboot.launcher import dashed_option, is_secret_option
 
         # vLLM's parser takes `--api_server_count` for `--api-server-count`: every check below,
         # and fvboot's reading of the baked arguments, see the one spelling (found by review,
@@ -482,15 +482,6 @@ def _no_credentials(url: str, instead: str) -> None:
         shown = url[:m.start("info")] + "***" + url[m.end("info"):]
         raise ValueError(f"{shown} carries credentials, which would be in the image's labels and build history"
                          f" for anyone who pulls it: use a source that needs none, or {instead}")
-
-
-def dashed_option(arg: str) -> str:
-    """ARG with a long option's name as vLLM's parser reads it (`--max_model_len=8` is
-    `--max-model-len=8`); a value, or a short option, as it is."""
-    if not arg.startswith("--"):
-        return arg
-    name, eq, value = arg.partition("=")
-    return "--" + name[2:].replace("_", "-") + eq + value
 
 
 # vLLM's options whose product is the number of GPUs one server takes (long and short spellings)

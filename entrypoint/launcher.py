@@ -174,8 +174,17 @@ def adds_nothing(command: list[str], args: list[str]) -> bool:
     baked after `--X` was not seen."""
     first = next((i for i, a in enumerate(command) if a.startswith("--")), len(command))
     baked = _settled(command[first:])
-    asked = _settled(command[first:] + list(args))
-    return baked is not None and asked is not None and asked == baked and not (args and not args[0].startswith("--"))
+    # a leading word of ARGS that is no option joins the command's last option's values: a change
+    return baked is not None and _settled(command[first:] + list(args)) == baked
+
+
+def dashed_option(arg: str) -> str:
+    """ARG with a long option's name as vLLM's parser reads it (`--max_model_len=8` is
+    `--max-model-len=8`); a value, or a short option, as it is."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return "--" + name[2:].replace("_", "-") + eq + value
 
 
 def _settled(argv: list[str]) -> Optional[dict]:
@@ -187,8 +196,7 @@ def _settled(argv: list[str]) -> Optional[dict]:
         a = argv[i]
         if not a.startswith("--"):
             return None
-        name, eq, value = a.partition("=")
-        name = "--" + name[2:].replace("_", "-")
+        name, eq, value = dashed_option(a).partition("=")
         i += 1
         values = [value] if eq else []
         while i < len(argv) and not argv[i].startswith("--"):
@@ -313,7 +321,7 @@ _SECRET_OPTION_PREFIXES = {"--api-key": "--api-k", "--hf-token": "--hf-t"}
 
 def _spelling_of(name: str, option: str) -> bool:
     """NAME is OPTION as vLLM's parser reads it: itself, with `_` for `-`, or a unique prefix."""
-    name = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+    name = dashed_option(name)
     return option.startswith(name) and name.startswith(_SECRET_OPTION_PREFIXES.get(option, option))
 
 
