@@ -102,6 +102,14 @@ class ServerControl:
         answer = self._call("POST", f"/fv/gate/{state}", timeout=timeout)
         return answer if isinstance(answer, dict) else {}
 
+    def gate_is_open(self) -> bool:
+        """Whether the gate is open, asked once and briefly: False where nothing answers."""
+        try:
+            answer = self._call("GET", "/fv/gate/state", timeout=5)
+        except (OSError, ValueError, ServerError):
+            return False
+        return isinstance(answer, dict) and answer.get("gate") == "open"
+
     def trim(self) -> Any:
         """Shrink the server's processes before the dump (every worker, then the API server);
         returns each worker's figures (memory before/after, GPU memory the checkpoint saves).

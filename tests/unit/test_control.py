@@ -219,3 +219,33 @@ def test_the_trim_leaves_no_admin_token_in_the_servers_memory(tmp_path, monkeypa
         ServerControl(port, token, "m").trim()
     assert seen[-1] == "/fv/trim" and "/collective_rpc" in seen, seen
     assert token not in json.dumps(mw.__dict__, default=repr), "the token is still in the middleware's memory"
+
+
+@pytest.mark.parametrize("gate_opened", [True, False])
+def test_an_opening_of_the_gate_answered_late_stops_only_a_server_whose_gate_stayed_shut(gate_opened, capsys):
+    """The middleware opens the gate before it answers: an answer that comes too late (a loop
+    busy with the requests just let through) must not stop a server already serving checked
+    answers; a gate still shut ends the restore, as any failed step does."""
+    import time
+
+    from fvboot import restore
+    from fvboot.control import ServerControl
+    from fvboot.errors import ServerError
+    from fvboot.timeline import Timeline
+
+    def answer(method, req, body):
+        if req.path == "/fv/gate/open":
+            time.sleep(1.5)
+            return 200, {"gate": "open"}
+        return 200, {"gate": "open" if gate_opened else "closed"}
+
+    with _server(answer) as port:
+        s = restore.RestoreState(layout=None, manifest=None, here=None, tl=Timeline("serve"), pipes=None,
+                                 criu_env={}, settings={}, check=None, ctl=ServerControl(port, "token", "m"),
+                                 step_timeout_s=0.3)
+        if gate_opened:
+            restore.open_gate(s)
+            assert "the gate is open, though opening it answered: POST /fv/gate/open got no answer" in capsys.readouterr().err
+        else:
+            with pytest.raises(ServerError, match="POST /fv/gate/open got no answer within 0.3 s"):
+                restore.open_gate(s)
