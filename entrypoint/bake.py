@@ -194,6 +194,11 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     # the model folder too: a restored server has it in memory, so one changed since (an image
     # built FROM this one) must get the normal start
     files = manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir, layout.model_dir])
+    named_files, unrecorded = manifest.describe_named_files(layout.home, user_args)
+    for folder in unrecorded:
+        write_line(f"fvboot bake: warning: {folder}, which the vLLM arguments name, holds more than"
+                   f" {manifest.NAMED_FOLDER_MAX_FILES} files and is not checked at a start: a change there"
+                   " is not seen by a restore (keep it in the model folder)", err=True)
     m = manifest.Manifest(
         fvboot_version=__version__,
         baked_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -210,6 +215,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         processes=processes,
         trim=trimmed,
         files=files,
+        named_files=named_files,
         probe=probe,
         probe_together=probe_together,
         timeline=tl.as_dict(),

@@ -18,7 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .devices import LOOKUP_WAIT_S, DeviceLookup
 from .errors import CheckpointUnusable, ManifestInvalid
@@ -463,10 +463,14 @@ class Manifest:
     # each site folder of the served Python -> its package entries (fvboot.packages): a start
     # that finds them otherwise gets the normal start
     packages: Optional[Mapping[str, tuple[str, ...]]] = None
+    # the files outside FV_HOME that the baked vLLM arguments name (describe_named_files), by
+    # absolute path: the restored server read them at the bake
+    named_files: tuple[FileEntry, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _KEYS = ("format", "fvboot_version", "baked_at", "model", "vllm", "runtime_file", "criu", "device",
-             "pipes", "weights", "processes", "trim", "files", "probe", "probe_together", "timeline", "packages")
+             "pipes", "weights", "processes", "trim", "files", "probe", "probe_together", "timeline", "packages",
+             "named_files")
 
     @classmethod
     def from_json(cls, d: Any) -> "Manifest":
@@ -497,6 +501,7 @@ class Manifest:
                    probe_together=_items(d, "", "probe_together", ProbeAnswer.from_json, None),
                    timeline=timeline,
                    packages=None if packages is None else {k: tuple(v) for k, v in packages.items()},
+                   named_files=_items(d, "", "named_files", FileEntry.from_json, ()),
                    extra=_extra(d, cls._KEYS))
 
     def _trim_records(self) -> list[dict]:
@@ -550,6 +555,7 @@ class Manifest:
                      processes=None if self.processes is None else [p.to_json() for p in self.processes],
                      trim=self.trim, timeline=None if self.timeline is None else dict(self.timeline),
                      packages=None if self.packages is None else {k: list(v) for k, v in self.packages.items()},
+                     named_files=[f.to_json() for f in self.named_files] or None,
                      probe_together=None if self.probe_together is None else [p.to_json() for p in self.probe_together])
 
 
@@ -631,6 +637,64 @@ def describe_files(home: Path, roots: list[Path]) -> tuple[FileEntry, ...]:
         return tuple(pool.map(lambda p: _describe(home, p), files))
 
 
+# a folder the baked arguments name with more files than this is not recorded (the bake says so)
+NAMED_FOLDER_MAX_FILES = 1000
+_NOT_FILES = ("/proc/", "/sys/", "/dev/")
+
+
+def named_paths(args: Sequence[str], home: Path) -> list[Path]:
+    """The existing files and folders outside HOME that ARGS name by absolute path: an option's
+    value (`--chat-template /etc/t.jinja`, `--chat-template=/etc/t.jinja`) or the part after `=`
+    of one (`--lora-modules sql=/adapters/sql`); nothing under /proc, /sys or /dev."""
+    found: list[Path] = []
+    for arg in args:
+        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+        for candidate in {value, value.rsplit("=", 1)[-1]}:
+            if not candidate.startswith("/"):
+                continue
+            path = Path(os.path.normpath(candidate))
+            if str(path).startswith(_NOT_FILES) or path == home or home in path.parents:
+                continue
+            if (path.is_file() or path.is_dir()) and path not in found:
+                found.append(path)
+    return found
+
+
+def describe_named_files(home: Path, args: Sequence[str]) -> tuple[tuple[FileEntry, ...], list[str]]:
+    """The files outside HOME that ARGS name (named_paths; a folder's files), each with its
+    size and sha256 (a large one: sampled_sha256), by absolute path; and the folders left out
+    for holding more than NAMED_FOLDER_MAX_FILES files."""
+    files: list[Path] = []
+    too_many: list[str] = []
+    for path in named_paths(args, home):
+        if path.is_file():
+            files.append(path)
+            continue
+        inside = sorted(p for p in path.rglob("*") if p.is_file())
+        if len(inside) > NAMED_FOLDER_MAX_FILES:
+            too_many.append(str(path))
+        else:
+            files.extend(inside)
+
+    def entry(path: Path) -> FileEntry:
+        size = path.stat().st_size
+        if size >= SAMPLED_FROM:
+            return FileEntry(str(path), size, sampled_sha256=sampled_sha256(path, size))
+        return FileEntry(str(path), size, _sha256(path))
+
+    with ThreadPoolExecutor(8) as pool:
+        return tuple(pool.map(entry, sorted(set(files)))), too_many
+
+
+def verify_named_files(files: tuple[FileEntry, ...]) -> str | None:
+    """None if every file the baked arguments name is as the bake read it, else why not."""
+    found = _first_problem(Path("/"), files)
+    if found is None:
+        return None
+    return (f"a file the baked vLLM arguments name is not the one the server was baked with: {found[1]}"
+            " (an image built FROM this one, or a mount over it?); the normal start reads it as it is now")
+
+
 def verify_files(home: Path, files: tuple[FileEntry, ...]) -> str | None:
     """None if every file is present with its size and checksum, and the model folder holds no
     file the bake's did not (where the manifest lists it), else the first problem."""
@@ -672,7 +736,7 @@ def _first_problem(home: Path, files: tuple[FileEntry, ...]) -> tuple[str, str] 
         if s != (f.sha256 or f.sampled_sha256 or f.head_sha256):
             if f.head_sha256:
                 return f.path, f"{f.path} is not the weight dump this checkpoint was baked with (its index differs)"
-            return f.path, (f"{f.path} has other contents" if _in_model_folder(f.path) else
+            return f.path, (f"{f.path} has other contents" if _in_model_folder(f.path) or f.path.startswith("/") else
                             f"{f.path} is corrupt (sha256 mismatch)")
     return None
 

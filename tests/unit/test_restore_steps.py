@@ -106,6 +106,62 @@ def test_a_model_folder_changed_since_the_bake_is_said_and_left_to_the_normal_st
     assert manifest.verify_files(tmp_path, tuple(f for f in files if not f.path.startswith("model/"))) is None
 
 
+def test_a_file_the_baked_arguments_name_outside_the_home_is_checked_at_a_start(tmp_path):
+    """A restored server keeps what it read at the bake: `--chat-template /etc/t.jinja` changed
+    or mounted over since (an image built FROM this one) was served as the bake's template,
+    while a normal start would read the new one (a known limit until 2026-12-06)."""
+    home, outside = tmp_path / "fv", tmp_path / "etc"
+    (home / "model").mkdir(parents=True)
+    (outside / "adapter").mkdir(parents=True)
+    template, weights = outside / "t.jinja", outside / "adapter" / "adapter.safetensors"
+    template.write_text("{{ messages }}")
+    weights.write_bytes(b"w" * (manifest.SAMPLED_FROM + 10))
+    args = ["--max-model-len", "512", f"--chat-template={template}", "--lora-modules", f"sql={outside / 'adapter'}",
+            "--model", str(home / "model"), "--download-dir", "/proc/self", "--tokenizer", "relative/name"]
+    assert manifest.named_paths(args, home) == [template, outside / "adapter"]
+    files, left_out = manifest.describe_named_files(home, args)
+    assert [f.path for f in files] == [str(weights), str(template)] and not left_out
+    assert files[0].sampled_sha256 and files[1].sha256
+    m = dataclasses.replace(_manifest(tmp_path / "m", {"kind": "cpu"})[1], named_files=files)
+    assert manifest.Manifest.from_json(m.to_json()).named_files == files
+    assert manifest.verify_named_files(files) is None
+    said = ("a file the baked vLLM arguments name is not the one the server was baked with: {} (an image built FROM"
+            " this one, or a mount over it?); the normal start reads it as it is now")
+    template.write_text("{{ messages }}!")
+    assert manifest.verify_named_files(files) == said.format(f"{template} has 15 bytes, expected 14")
+    template.write_text("{{ message  }}")
+    assert manifest.verify_named_files(files) == said.format(f"{template} has other contents")
+    template.unlink()
+    assert manifest.verify_named_files(files) == said.format(f"{template} is missing")
+
+
+def test_a_start_whose_named_file_changed_gets_the_normal_start_with_the_reason(tmp_path, monkeypatch):
+    from fvboot import capabilities
+
+    template = tmp_path / "t.jinja"
+    template.write_text("A")
+    layout, m = _manifest(tmp_path / "fv", {"kind": "cpu"})
+    m = dataclasses.replace(m, named_files=manifest.describe_named_files(layout.home, [f"--chat-template={template}"])[0])
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(capabilities, "permitted", lambda pid="self": frozenset(capabilities.CONTAINER_CAPS))
+    monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
+    monkeypatch.setattr("shutil.which", lambda name: None)  # past the file checks: the next check stops it
+    with pytest.raises(CheckpointUnusable, match="^criu is not on PATH$"):
+        check_compatible(m, layout, [])
+    template.write_text("B")
+    with pytest.raises(CheckpointUnusable, match=f"^a file the baked vLLM arguments name is not the one the server was"
+                                                 f" baked with: {template} has other contents"):
+        check_compatible(m, layout, [])
+
+
+def test_a_folder_the_baked_arguments_name_with_too_many_files_is_said_not_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "NAMED_FOLDER_MAX_FILES", 2)
+    for i in range(3):
+        (tmp_path / "many" / f"{i}").mkdir(parents=True)
+        (tmp_path / "many" / f"{i}" / "f").write_text("x")
+    assert manifest.describe_named_files(tmp_path / "fv", [f"--x={tmp_path / 'many'}"]) == ((), [str(tmp_path / "many")])
+
+
 def test_a_weight_dump_of_another_bake_is_not_restored_from(tmp_path):
     """A dump checks each tensor against the checksums in its own index, so another bake's dump
     of the same shapes (another rank's, a fine-tune's put in by an image built FROM this one)
