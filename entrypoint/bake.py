@@ -219,7 +219,7 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         probe=probe,
         probe_together=probe_together,
         timeline=tl.as_dict(),
-        packages=packages.installed(packages.site_folders()),
+        packages=packages.installed(packages.served_site_folders()),
     )
     manifest.write(layout.manifest, m)
     tl.mark("manifest written")

@@ -93,7 +93,7 @@ OWN_VLLM_SETTINGS = {"VLLM_SERVER_DEV_MODE", "VLLM_NO_USAGE_STATS"}
 # Python finds its code (a plugin vLLM loads, a package folder): a restored server keeps the
 # bake's (found by review, 2026-12-06: `-e CUDA_VISIBLE_DEVICES=1` restored onto GPU 0, and
 # `-e PYTHONPATH=/plugins` left a plugin out, both without a word)
-SERVER_SETTINGS = ("CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PYTHONHOME")
+SERVER_SETTINGS = ("CUDA_VISIBLE_DEVICES", "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONNOUSERSITE")
 
 
 def vllm_settings(env: Optional[dict] = None) -> dict[str, str]:

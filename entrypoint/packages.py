@@ -29,6 +29,21 @@ def site_folders(path: Optional[Sequence[str]] = None) -> list[str]:
     return seen
 
 
+def served_site_folders() -> list[str]:
+    """site_folders(), and the user's site folder wherever the served Python adds it once it
+    exists (no virtual environment, `site` not told otherwise), though the bake finds none:
+    `pip install --user` in an image built FROM this one makes it (found by review, 2026-12-06).
+    Called in the bake's Python, which is the server's, with `site` imported."""
+    import site
+
+    folders = site_folders()
+    if site.ENABLE_USER_SITE:
+        user = os.path.realpath(site.getusersitepackages())
+        if user not in folders:
+            folders.append(user)
+    return folders
+
+
 def installed(folders: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Each folder -> its package entries, sorted; a folder that cannot be listed holds none."""
     out = {}

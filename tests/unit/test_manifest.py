@@ -252,7 +252,8 @@ def test_the_gpus_cuda_shows_and_where_python_finds_code_are_the_bakes_or_no_res
     for k in [k for k in os.environ if k.startswith("VLLM_") or k in SERVER_SETTINGS]:
         monkeypatch.delenv(k)
     assert _refusal(m, tmp_path) == "stop here"
-    for name, value in (("CUDA_VISIBLE_DEVICES", "1"), ("PYTHONPATH", "/plugins")):
+    for name, value in (("CUDA_VISIBLE_DEVICES", "1"), ("PYTHONPATH", "/plugins"), ("PYTHONUSERBASE", "/plugins"),
+                        ("PYTHONNOUSERSITE", "1")):
         monkeypatch.setenv(name, value)
         assert _refusal(m, tmp_path).startswith(f"vLLM's settings differ from the bake's: {name}={value} (baked: unset)")
         monkeypatch.delenv(name)

@@ -46,6 +46,27 @@ def test_the_site_folders_are_those_named_so_on_the_path_once_each(tmp_path):
     assert packages.site_folders(path) == [site, str(dist)]
 
 
+@pytest.mark.parametrize("user_site_on", [True, False])
+def test_the_users_site_folder_is_recorded_though_missing_where_the_served_python_would_add_it(
+        tmp_path, monkeypatch, user_site_on):
+    """`pip install --user` of a plugin in an image built FROM the baked one makes a site folder
+    the bake never saw (Python adds it only once it exists), and the restore went on without it
+    (found by review, 2026-12-06). In a virtual environment Python never adds it."""
+    import site
+
+    user = tmp_path / "root" / ".local" / "lib" / "python3.12" / "site-packages"
+    monkeypatch.setattr(site, "ENABLE_USER_SITE", user_site_on)
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(user))
+    folders = packages.served_site_folders()
+    assert (str(user) in folders) is user_site_on
+    baked = packages.installed(folders)
+    assert packages.changed(baked) is None
+    user.mkdir(parents=True)
+    (user / "vllm_plugin-1.0.dist-info").mkdir()
+    said = packages.changed(baked)
+    assert said == (f"in {user}, vllm_plugin-1.0.dist-info was not there at the bake" if user_site_on else None), said
+
+
 def test_the_entries_are_pips_records_sorted_and_nothing_else(tmp_path):
     site = _site(tmp_path, "vllm-0.26.0.dist-info", "distutils-precedence.pth", "old-1.0.egg-info")
     assert packages.installed([site, str(tmp_path / "unreadable")]) == {
