@@ -530,11 +530,19 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise OptionsError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'}: {e}") from None
     if not isinstance(data, dict):
         raise OptionsError(f"{path}: expected a table of options at the top level")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        name = _FIELDS_BY_FLAG.get(name, name)  # the CLI's own spelling (`vllm-arg`) names the field too
+        if name in out:
+            raise OptionsError(f"{path}: {key!r} gives an option the file already gave (as {_FLAGS.get(name, name)!r})")
+        out[name] = value
+    return out
 
 
 # Fields whose CLI flag is not simply the field name with dashes.
 _FLAGS = {"vllm_args": "--vllm-arg", "extra_index_urls": "--extra-index-url", "bake_timeout_s": "--bake-timeout"}
+_FIELDS_BY_FLAG = {flag[2:].replace("-", "_"): name for name, flag in _FLAGS.items()}
 
 
 def _explain(e: ValidationError) -> str:

@@ -33,6 +33,21 @@ def test_cli_overrides_config_file(tmp_path):
     assert (opts.port, opts.device, opts.vllm_args) == (8123, Device.cpu, ["--max-model-len", "512"])
 
 
+def test_a_config_file_takes_the_clis_spelling_of_each_option(tmp_path):
+    """README: options "can also come from `--config file.toml` (same names)"; the three whose flag
+    is not the field's name (`--vllm-arg`, `--extra-index-url`, `--bake-timeout`) were refused
+    as unknown options under the very name --help gives (found by review, 2026-12-06)."""
+    cfg = tmp_path / "fv.toml"
+    cfg.write_text('model = "synthetic:tiny"\ndevice = "cpu"\nvllm-arg = ["--max-model-len=512"]\nbake-timeout = 900\n'
+                   'extra-index-url = ["https://example.org/simple"]\n')
+    opts = load_options({}, cfg)
+    assert (opts.vllm_args, opts.bake_timeout_s, opts.extra_index_urls) == (
+        ["--max-model-len=512"], 900, ["https://example.org/simple"])
+    cfg.write_text('model = "synthetic:tiny"\nvllm-arg = ["--max-model-len=512"]\nvllm_args = ["--seed=1"]\n')
+    with pytest.raises(OptionsError, match=r"fv.toml: 'vllm_args' gives an option the file already gave \(as '--vllm-arg'\)"):
+        load_options({}, cfg)
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("model = \n")
