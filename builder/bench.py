@@ -175,6 +175,17 @@ def _logs(cid: str) -> str:
     return r.stdout + r.stderr
 
 
+EXITED_POLL_S = 1.0  # how often a start that does not answer yet is asked whether its container ended
+
+
+def _exit_code(cid: str) -> Optional[int]:
+    """The container's exit code once it has ended, None while it runs (or Docker cannot say)."""
+    r = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", cid],
+                       capture_output=True, text=True, timeout=60)
+    running, _, code = r.stdout.strip().partition(" ")
+    return int(code) if r.returncode == 0 and running == "false" and code.lstrip("-").isdigit() else None
+
+
 def first_answer(plan: BenchPlan, m: dict, flags: list[str], extra: bool = False) -> tuple[float, str, list]:
     """Seconds from `docker run` to the first correct answer, the container's log, and (with
     EXTRA) its answers to EXTRA_PROMPTS. BenchError on a wrong answer or none within the limit."""
@@ -187,11 +198,18 @@ def first_answer(plan: BenchPlan, m: dict, flags: list[str], extra: bool = False
     if run.returncode != 0:
         raise BenchError(f"docker run {plan.image} failed: {run.stderr.strip()[-500:]}")
     cid = run.stdout.strip()
+    looked = t0
     try:
         while time.monotonic() - t0 < plan.limit_s:
             try:
                 text = _post(port, body, plan.limit_s)["choices"][0]["text"]
             except (urllib.error.URLError, ConnectionError, OSError):
+                if time.monotonic() - looked >= EXITED_POLL_S:  # a container that ended answers never
+                    looked = time.monotonic()
+                    ended = _exit_code(cid)
+                    if ended is not None:
+                        raise BenchError(f"the container ended (exit code {ended}) before it answered:\n"
+                                         f"{_logs(cid)[-3000:]}") from None
                 time.sleep(0.01)
                 continue
             took = time.monotonic() - t0

@@ -286,8 +286,8 @@ def _image_device(image_ref: str, asked: Optional[str]) -> str:
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="runtime setting for the restores")
 @click.option("--settle", "settle_s", type=click.FloatRange(0, 600), default=0.0, show_default=True,
               help="seconds to wait before each timed restore (the GPU settles after the previous container)")
-@click.option("--gpu-access", type=click.Choice(["none", "auto", "toolkit", "devices"]), default="none",
-              show_default=True, help="how containers get the GPUs (as `fvbuild run-flags`)")
+@click.option("--gpu-access", type=click.Choice(["none", "auto", "toolkit", "devices"]), default=None,
+              help="how containers get the GPUs (as `fvbuild run-flags`)  [default: auto for a cuda image, none for cpu]")
 @click.option("--nvidia-driver-dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="write the results here")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path, dir_okay=False), help="draw them here (PNG)")
@@ -301,13 +301,13 @@ def bench(image_ref: str, runs: int, cold: bool, normal: bool, nocache: bool, en
     from .gpu import gpu_run_flags
 
     try:
-        bad = [kv for kv in env if "=" not in kv or not kv.split("=", 1)[0]]
-        if bad:
-            raise OptionsError(f"--env takes KEY=VALUE, not {bad[0]!r}")
+        _bench_env(env)
         engine = DockerEngine.connect()
         m = read_image_manifest(engine, image_ref)
         if m is None:
             raise ImageNotBakedError(f"{image_ref} carries no fast-vllm checkpoint; build it with `fvbuild image`")
+        if gpu_access is None:  # a CUDA image's containers without GPUs only ever measure the fallback
+            gpu_access = "auto" if _image_device(image_ref, None) == "cuda" else "none"
         flags = docker_run_flags() + ["--network", "host"]
         if gpu_access != "none":
             flags += gpu_run_flags(gpu_access, nvidia_driver_dir)
@@ -324,6 +324,19 @@ def bench(image_ref: str, runs: int, cold: bool, normal: bool, nocache: bool, en
     click.echo(res.table())
     if res.restore_equals_normal_start is False:
         _fail(fvbench.BenchError("the restored server answers differently from a normal start"))
+
+
+def _bench_env(env: tuple[str, ...]) -> None:
+    """OptionsError for a bench --env that is not KEY=VALUE, or an fvboot setting it does not
+    take (its containers would end at once, each start measuring nothing)."""
+    from fvboot.runenv import problems
+
+    bad = [kv for kv in env if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad:
+        raise OptionsError(f"--env takes KEY=VALUE, not {bad[0]!r}")
+    wrong = problems(dict(kv.split("=", 1) for kv in env))
+    if wrong:
+        raise OptionsError(f"--env: {wrong[0]}")
 
 
 @main.command()

@@ -65,7 +65,7 @@ _UNSAFE_CHARS = re.compile(r"[\s'\"`$\\;|&<>(){}]")
 
 def _env_var_name(v: str) -> str:
     """V, where it can name an environment variable."""
-    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
         raise ValueError(f"{v!r} is not an environment variable name")
     return v
 
@@ -95,10 +95,19 @@ class CriuOptions(BaseModel):
     network: Optional[str] = Field(None, description="docker network mode for build and bake, e.g. host")
     cuda_checkpoint: CudaCheckpointTool = CudaCheckpointTool.fast_vllm
 
+    @field_validator("vllm_version")
+    @classmethod
+    def _vllm_version_is_a_version(cls, v: Optional[str]) -> Optional[str]:
+        """A release number (PEP 440's characters): it is pip's requirement and the default base
+        image's tag (found by review, 2026-12-06: `0.32.0 && touch /x` reached a RUN line)."""
+        if v is not None and not re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", v):
+            raise ValueError(f"{v!r} is not a vLLM release number (e.g. {CPU_VLLM_VERSION})")
+        return v
+
     @field_validator("base_image")
     @classmethod
     def _base_is_a_reference(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not _IMAGE_RE.match(v):
+        if v is not None and not _IMAGE_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not an image reference")
         return v
 
@@ -130,9 +139,16 @@ class CriuOptions(BaseModel):
     @field_validator("ca_cert")
     @classmethod
     def _pem(cls, v: Optional[Path]) -> Optional[Path]:
-        if v is not None and not v.is_file():
+        if v is None:
+            return v
+        if not v.is_file():
             raise ValueError(f"{v} is not a file (a PEM certificate file)")
-        if v is not None and b"-----BEGIN CERTIFICATE-----" not in v.read_bytes()[:1 << 20]:
+        try:
+            with v.open("rb") as f:
+                head = f.read(1 << 20)
+        except OSError as e:
+            raise ValueError(f"cannot read {v}: {e.strerror}") from None
+        if b"-----BEGIN CERTIFICATE-----" not in head:
             raise ValueError(f"{v} holds no PEM certificate (expected '-----BEGIN CERTIFICATE-----')")
         return v
 
@@ -200,6 +216,18 @@ ONE_ONLY_VLLM_ARGS = {
 }
 
 
+def _abbreviates(name: str) -> Optional[str]:
+    """The option fvbuild refuses or checks that NAME is a strict prefix of (`--por` of `--port`),
+    which vLLM's parser would read it as (argparse's allow_abbrev; none of vLLM's own options is
+    a strict prefix of these, vLLM 0.26-0.32); None otherwise (found by review, 2026-12-06:
+    `--api-server-c=2`, `--por=9000`, `--ho=10.0.0.5` passed every refusal)."""
+    if not name.startswith("--") or len(name) < 3:
+        return None
+    guarded = [*RESERVED_VLLM_ARGS, *ONE_ONLY_VLLM_ARGS, *_PARALLEL_FLAGS, "--host"]
+    longer = sorted({g for g in guarded if g.startswith("--") and g.startswith(name) and g != name})
+    return " or ".join(longer) or None
+
+
 # --host values a checkpoint restores with in any network: every IPv4 address, or every IPv6 and
 # IPv4 one (a dual-stack socket, what an IPv6-only Kubernetes cluster needs); fvboot's own calls
 # go to 127.0.0.1, which either reaches
@@ -241,6 +269,8 @@ class BuildOptions(CriuOptions):
                 raise ValueError(f"unknown synthetic model {v!r}; choose one of "
                                  + ", ".join(SYNTHETIC_PREFIX + n for n in names))
             return v
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+            raise ValueError(f"{v!r} holds a line break or another control character: rename the folder")
         if v.startswith("~"):
             v = str(Path(v).expanduser())  # a quoted ~ the shell left alone
         path = Path(v)
@@ -286,7 +316,7 @@ class BuildOptions(CriuOptions):
     @field_validator("tag")
     @classmethod
     def _tag_is_valid(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not _TAG_RE.match(v):
+        if v is not None and not _TAG_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a valid image reference ([registry[:port]/]lower-case-name[:tag])")
         return v
 
@@ -347,8 +377,8 @@ class BuildOptions(CriuOptions):
             if is_secret_name(name):  # an image's ENV is in its config for anyone who pulls it
                 raise ValueError(f"{name} may hold a secret, which must not be in an image: pass it at run "
                                  "time (docker run -e), or for the model download as --hf-token-env")
-            if any(c in value for c in "\n\r\0"):
-                raise ValueError(f"the value of {name} contains a line break or a NUL")
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+                raise ValueError(f"the value of {name} contains a line break or another control character")
             if _URL_PASSWORD.search(value):  # HTTPS_PROXY=http://user:password@proxy
                 raise ValueError(f"the value of {name} holds a URL with a password, which must not be in an image:"
                                  " pass it at run time (docker run -e)")
@@ -385,6 +415,10 @@ class BuildOptions(CriuOptions):
             if "\n" in a or "\r" in a or "\0" in a:
                 raise ValueError("a --vllm-arg value contains a newline")
             name, eq, value = a.partition("=")
+            guarded = _abbreviates(name)
+            if guarded:  # argparse takes a unique prefix for the option: every check here would miss it
+                raise ValueError(f"{name}: vLLM's parser reads it as {guarded} (a prefix of it); give {guarded}"
+                                 " by its full name")
             if name in RESERVED_VLLM_ARGS:
                 raise ValueError(f"{name} is reserved: {RESERVED_VLLM_ARGS[name]}")
             if is_secret_option(name):
@@ -514,9 +548,12 @@ def synthetic_names() -> tuple[str, ...]:
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise OptionsError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else "TOML"
+        raise OptionsError(f"{path}: not valid {kind}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml  # optional: only for YAML config files

@@ -9,6 +9,7 @@ from pathlib import Path
 import jinja2
 
 from .context import RenderContext
+from .errors import OptionsError
 
 
 def docker_quote(value: str) -> str:
@@ -54,7 +55,12 @@ def _environment() -> jinja2.Environment:
 
 
 def render_template(name: str, ctx: object) -> str:
-    return _environment().get_template(name).render(ctx=ctx)
+    """NAME rendered with CTX; OptionsError where a value cannot be written into a Dockerfile
+    line (the quoting filters refuse it: the options' validators should have said so first)."""
+    try:
+        return _environment().get_template(name).render(ctx=ctx)
+    except ValueError as e:
+        raise OptionsError(str(e)) from None
 
 
 def render_dockerfile(ctx: RenderContext) -> str:

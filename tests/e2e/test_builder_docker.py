@@ -469,3 +469,21 @@ def test_a_hugging_face_cache_snapshot_bakes_and_serves_under_the_name_given(bui
         assert [m["id"] for m in models] == ["org/tiny"], models
     finally:
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+
+def test_bench_says_at_once_that_a_container_ended_before_it_answered(docker_client):
+    """A start that ends (a CUDA image's container without its GPUs, a setting it refuses) never
+    answers: bench polled for its 30 minutes (found by review, 2026-12-06). The base image's
+    shell, given no command, ends at once, as such a start does."""
+    import time
+
+    from fvbuild import bench
+
+    base = base_image()
+    docker_client.images.get(base)  # the setup script made it
+    manifest = {"vllm": {"port": 1}, "model": {"served_name": "m"},
+                "probe": [{"prompt": "p", "text": "t", "logprobs": [0]}]}
+    t0 = time.monotonic()
+    with pytest.raises(bench.BenchError, match=r"the container ended \(exit code 0\) before it answered"):
+        bench.first_answer(bench.BenchPlan(base, ("--entrypoint", "sh"), limit_s=120), manifest, [])
+    assert time.monotonic() - t0 < 30

@@ -19,6 +19,7 @@ from fvbuild.cli import main
 def files(tmp_path):
     (tmp_path / "unknown-key.toml").write_text('model = "synthetic:tiny"\ncolour = "blue"\n')
     (tmp_path / "bad.toml").write_text("model = \n")
+    (tmp_path / "latin1.toml").write_bytes('# café\nmodel = "synthetic:tiny"\n'.encode("latin-1"))
     with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tf:
         tf.add(__file__, arcname="x.py")
     (tmp_path / "criu").mkdir()
@@ -73,6 +74,20 @@ CASES = [
     (["image", *MODEL, "--vllm-arg=--api_server_count=2"], ["--api-server-count '2': only 1 is supported"]),
     (["image", *MODEL, "--env", "FV_HOME=/data"], ["--env: FV_HOME is set by the image"]),
     (["image", *MODEL, "--criu-repo", "https://u:p@x.org/criu.git"], ["https://***@x.org/criu.git carries credentials"]),
+    # found by review, 2026-12-06 (session 23): vLLM's parser takes a unique prefix of an option
+    (["image", *MODEL, "--vllm-arg=--api-server-c=2"], ["--api-server-c: vLLM's parser reads it as --api-server-count"]),
+    (["image", *MODEL, "--vllm-arg=--por=9000"], ["--por: vLLM's parser reads it as --port", "by its full name"]),
+    (["image", *MODEL, "--vllm-arg=--ho", "--vllm-arg=10.0.0.5"], ["--ho: vLLM's parser reads it as --host"]),
+    (["image", *MODEL, "--vllm-arg=--tensor-parallel=2"], ["reads it as --tensor-parallel-size"]),
+    (["image", "--config", "{d}/latin1.toml"], ["latin1.toml: not valid TOML", "UTF-8"]),
+    (["bench", "fv/x:cpu", "--env", "FV_WEIGHT_CHECK=bogus"], ["--env: FV_WEIGHT_CHECK='bogus'"]),
+    (["bench", "fv/x:cpu", "--env", "NOEQUALS"], ["--env takes KEY=VALUE, not 'NOEQUALS'"]),
+    (["render", *MODEL, "--env", "FOO=a\tb"], ["--env: the value of FOO contains a line break or another control character"]),
+    (["render", *MODEL, "--env", "FOO\n=1"], ["--env:", "is not an environment variable name"]),
+    (["render", *MODEL, "--tag", "fv/x:1\n"], ["--tag:", "is not a valid image reference"]),
+    (["render", *MODEL, "--device", "cpu", "--vllm-version", "0.32.0 && touch /pwned"], ["--vllm-version:", "is not a vLLM release number"]),
+    (["render", "--model", "{d}/odd\tname"], ["--model:", "control character", "rename the folder"]),
+    (["image", *MODEL, "--ca-cert", "/proc/self/mem"], ["--ca-cert: cannot read /proc/", "/mem: Input/output error"]),
 ]
 
 

@@ -91,7 +91,7 @@ def test_invalid_toml_names_the_file(tmp_path):
     ({"model": "m", "env": ["VLLM_X"]}, "--env: 'VLLM_X' is not NAME=VALUE"),
     ({"model": "m", "env": ["1X=a"]}, "--env: '1X' is not an environment variable name"),
     ({"model": "m", "env": ["AWS_SECRET_ACCESS_KEY=a"]}, "--env: AWS_SECRET_ACCESS_KEY may hold a secret, which must not be in an image"),
-    ({"model": "m", "env": {"VLLM_X": "a\nb"}}, "--env: the value of VLLM_X contains a line break or a NUL"),
+    ({"model": "m", "env": {"VLLM_X": "a\nb"}}, "--env: the value of VLLM_X contains a line break or another control character"),
     ({"model": "m", "env": ["FV_GRAPH_POOL=cumem"]}, "--env: FV_GRAPH_POOL='cumem': expected vllm or sleep"),
 ])
 def test_invalid_values_say_what_to_change(values, message):
