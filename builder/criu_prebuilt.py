@@ -105,11 +105,15 @@ def pack(out_archive: bytes, dest: Path, fields: dict) -> dict:
     entries.append((MANIFEST_PATH, (json.dumps(manifest, indent=2) + "\n").encode(), 0o644))
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp:
-        with tarfile.open(fileobj=tmp, mode="w:gz") as tf:
-            for name, data, mode in sorted(entries):
-                ti = tarfile.TarInfo(name)
-                ti.size, ti.mode, ti.mtime = len(data), mode, 0
-                tf.addfile(ti, io.BytesIO(data))
+        try:
+            with tarfile.open(fileobj=tmp, mode="w:gz") as tf:
+                for name, data, mode in sorted(entries):
+                    ti = tarfile.TarInfo(name)
+                    ti.size, ti.mode, ti.mtime = len(data), mode, 0
+                    tf.addfile(ti, io.BytesIO(data))
+        except BaseException:  # a full disk, an interrupt: no hidden half tarball stays beside DEST
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
     os.chmod(tmp.name, 0o644)
     Path(tmp.name).replace(dest)  # a half-written tarball never carries the final name
     return manifest

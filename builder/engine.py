@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import docker
+import urllib3
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-
 from requests.exceptions import ConnectionError as RequestsConnectionError
-from requests.exceptions import ReadTimeout
+from requests.exceptions import ReadTimeout, RequestException
 
 # CRIU's container rights are fvboot's list (its restore names them when they lack); fvbuild's CLI
 # takes docker_run_flags (`fvbuild run-flags`) from here
@@ -145,11 +145,18 @@ class DockerEngine:
         self.remove_image(image_id, prune=prune, force=False)
 
     def tag(self, image_id: str, ref: str) -> None:
+        """Tag IMAGE_ID as REF; the image REF named until then (read right before, not at the
+        build's start: another build of the same tag may have moved it since; found by review,
+        2026-12-06) is removed where nothing else tags or uses it: it would stay as a <none>
+        of full size."""
+        previous = self.image_id(ref)
         repo, _, tag = ref.rpartition(":")
         try:
             self.client.api.tag(image_id, repo, tag)
         except (APIError, DockerException) as e:
             raise EngineError(f"docker tag {ref} failed: {_short(e)}") from None
+        if previous and previous != image_id:
+            self.remove_if_untagged(previous, prune=True)
 
     def remove_image(self, ref: str, prune: bool = True, force: bool = True) -> None:
         """Remove REF; PRUNE also removes its untagged parents (prune=False keeps them as the build
@@ -210,6 +217,9 @@ class DockerEngine:
             if isinstance(e, (PatchError, CriuSourceError, BuildFailedError)):
                 raise
             raise BuildFailedError(f"docker build failed: {_short(e)}") from None
+        except (RequestException, urllib3.exceptions.HTTPError) as e:  # the daemon went away mid-stream
+            raise BuildFailedError(f"docker build failed: lost the Docker daemon ({_short(e)}); is dockerd"
+                                   " still running? (journalctl -u docker)") from None
         finally:
             if not finished:  # failed, interrupted, or its reader stopped: leave no <none> image
                 self._remove_step_images(steps.created)
@@ -231,7 +241,7 @@ class DockerEngine:
         for image_id in reversed(created):
             try:
                 self.remove_if_untagged(image_id, prune=False)
-            except (EngineError, APIError, DockerException):
+            except (EngineError, APIError, DockerException, RequestException, urllib3.exceptions.HTTPError):
                 pass
 
     # ---- containers -------------------------------------------------------------------------

@@ -42,4 +42,7 @@ class ModelFolder:
         if mount == Path(mount.anchor):
             raise ModelFolderError(f"the links in {folder} reach across the whole file system, which the bake"
                                    f" would have to mount: give a copy with the links resolved (cp -rL {folder} DIR)")
+        if ":" in str(mount) or "," in str(mount):  # a bind's "SOURCE:TARGET:ro" splits there
+            raise ModelFolderError(f"{mount} holds ':' or ',', which a Docker bind mount cannot take (docker: invalid"
+                                   f" volume specification): give the model from a folder whose path has neither")
         return cls(mount, str(root.relative_to(mount)) if root != mount else "")

@@ -340,6 +340,8 @@ class BuildOptions(CriuOptions):
     def _driver_dir(cls, v: Optional[Path]) -> Optional[Path]:
         if v is not None and not v.is_dir():
             raise ValueError(f"{v} is not a folder")
+        if v is not None and (":" in str(v.resolve()) or "," in str(v.resolve())):
+            raise ValueError(f"{v} holds ':' or ',', which a Docker bind mount cannot take")
         return v.resolve() if v is not None else v
 
     @field_validator("hf_token_env")

@@ -23,6 +23,8 @@ def files(tmp_path):
     with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tf:
         tf.add(__file__, arcname="x.py")
     (tmp_path / "criu").mkdir()
+    (tmp_path / "llama:8b").mkdir()
+    (tmp_path / "llama:8b" / "config.json").write_text("{}")
     return tmp_path
 
 
@@ -87,6 +89,7 @@ CASES = [
     (["render", *MODEL, "--tag", "fv/x:1\n"], ["--tag:", "is not a valid image reference"]),
     (["render", *MODEL, "--device", "cpu", "--vllm-version", "0.32.0 && touch /pwned"], ["--vllm-version:", "is not a vLLM release number"]),
     (["render", "--model", "{d}/odd\tname"], ["--model:", "control character", "rename the folder"]),
+    (["image", "--model", "{d}/llama:8b", "--device", "cpu"], ["--model:", "llama:8b holds ':' or ','", "bind mount"]),
     (["image", *MODEL, "--ca-cert", "/proc/self/mem"], ["--ca-cert: cannot read /proc/", "/mem: Input/output error"]),
 ]
 

@@ -130,3 +130,62 @@ def test_an_image_reference_the_daemon_refuses_is_one_line():
                         (engine.image_id, EngineError)):
         with pytest.raises(error, match="Foo/bar: .*invalid reference format"):
             call("Foo/bar")
+
+
+def test_a_daemon_that_goes_away_mid_build_is_one_line_not_a_traceback(tmp_path):
+    """docker-py's build stream raises urllib3's ProtocolError when the daemon closes the
+    connection mid-chunk (a daemon restart): it escaped as a traceback (found by review,
+    2026-12-06)."""
+    from fvbuild.engine import DockerEngine
+    from fvbuild.errors import BuildFailedError
+
+    def stream():
+        yield {"stream": "Step 1/3 : FROM debian:bookworm\n"}
+        raise ProtocolError("Connection broken: IncompleteRead(0 bytes read)")
+
+    class Api:
+        def build(self, **kw):
+            return stream()
+
+        def inspect_image(self, ref):
+            raise RequestsConnectionError("connection refused")
+
+    class Client:
+        api = Api()
+
+    with pytest.raises(BuildFailedError, match=r"^docker build failed: lost the Docker daemon \(.*IncompleteRead"):
+        list(DockerEngine(Client()).build(tmp_path))
+
+
+def test_a_tag_moves_from_the_image_it_named_right_before_and_that_one_goes():
+    """Two builds of one tag: the second removed only the image the tag named when it began, so
+    the first build's whole image stayed as a <none> (found by review, 2026-12-06)."""
+    from docker.errors import ImageNotFound
+
+    from fvbuild.engine import DockerEngine
+
+    class Api:
+        tags = {"fv/x:cpu": "sha256:first"}
+        images = {"sha256:first", "sha256:second"}
+        removed: list = []
+
+        def inspect_image(self, ref):
+            if ref in self.tags:
+                return {"Id": self.tags[ref], "RepoTags": [ref]}
+            if ref in self.images:
+                return {"Id": ref, "RepoTags": [t for t, i in self.tags.items() if i == ref]}
+            raise ImageNotFound(ref)
+
+        def tag(self, image_id, repo, tag):
+            self.tags[f"{repo}:{tag}"] = image_id
+
+        def remove_image(self, ref, force, noprune):
+            self.removed.append(ref)
+
+    class Client:
+        api = Api()
+
+    DockerEngine(Client()).tag("sha256:second", "fv/x:cpu")
+    assert Client.api.tags == {"fv/x:cpu": "sha256:second"} and Client.api.removed == ["sha256:first"]
+    DockerEngine(Client()).tag("sha256:second", "fv/x:cpu")  # the same image again: nothing to remove
+    assert Client.api.removed == ["sha256:first"]

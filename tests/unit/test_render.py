@@ -258,3 +258,17 @@ def test_index_urls_reach_the_pip_line_shell_quoted(tmp_path):
     url = "https://example.org/simple/?a=1"
     df = _render(tmp_path, device="cpu", extra_index_urls=[url]).dockerfile
     assert f"--extra-index-url '{url}' \\" in df
+
+
+def test_an_interrupted_prebuilt_tarball_leaves_no_hidden_file(tmp_path, monkeypatch):
+    """`fvbuild criu --out FILE` interrupted (or out of disk) mid-write left `.FILE.XXXX` behind
+    (found by review, 2026-12-06)."""
+    import tarfile
+
+    def interrupted(self, tarinfo, fileobj=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fake_prebuilt(tmp_path / "criu.tar.gz")
+    assert list(tmp_path.iterdir()) == []
