@@ -6,6 +6,7 @@ completions API clients use, so a probe that matches proves what clients will ge
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -62,6 +63,8 @@ class ServerControl:
             raise ServerError(f"{method} {path} answered {e.code}: {detail}") from None
         except TimeoutError:  # connected, then silence: a stuck server, not a slow network
             raise ServerError(f"{method} {path} got no answer within {timeout:g} s") from None
+        except http.client.HTTPException as e:  # not HTTP on the port, or an answer cut short
+            raise ServerError(f"{method} {path} got no HTTP answer: {type(e).__name__}: {e}"[:400]) from None
         return json.loads(raw) if raw.strip() else None
 
     def healthy(self) -> bool:

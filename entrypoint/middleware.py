@@ -171,9 +171,12 @@ class GateMiddleware:
 
     async def _metrics(self, scope, receive, send):
         """vLLM's /metrics answer with fvboot's lines after it (uncompressed: the request's
-        Accept-Encoding is dropped; the length is left to the server's chunked encoding)."""
+        Accept-Encoding is dropped; Prometheus' text format, whatever the scraper accepts: in
+        OpenMetrics they would come after its `# EOF` and the whole scrape be refused; found by
+        review, 2026-12-06; the length is left to the server's chunked encoding)."""
         extra = exposition(self.settings().get("startup"), self._held).encode()
-        scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ()) if k != b"accept-encoding"]}
+        scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ()) if k not in (b"accept-encoding", b"accept")]
+                 + [(b"accept", b"text/plain; version=0.0.4")]}
         ok = False
 
         async def send_with_ours(msg):

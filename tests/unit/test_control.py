@@ -249,3 +249,38 @@ def test_an_opening_of_the_gate_answered_late_stops_only_a_server_whose_gate_sta
         else:
             with pytest.raises(ServerError, match="POST /fv/gate/open got no answer within 0.3 s"):
                 restore.open_gate(s)
+
+
+def test_an_answer_that_is_not_http_or_is_cut_short_is_a_server_error():
+    """Something else on the port (`SSH-2.0-...`), or a body shorter than its length: http.client's
+    own exceptions are not OSErrors, and escaped every caller as a traceback (found by review,
+    2026-12-06); healthy() and gate_is_open() then say no."""
+    import socket
+
+    from fvboot.control import ServerControl
+    from fvboot.errors import ServerError
+
+    for reply in (b"SSH-2.0-OpenSSH_9.2\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"gate\":"):
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        port = srv.getsockname()[1]
+
+        def answer(srv=srv, reply=reply):
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                conn.recv(4096)
+                conn.sendall(reply)
+                conn.close()
+
+        threading.Thread(target=answer, daemon=True).start()
+        try:
+            ctl = ServerControl(port, "token", "m")
+            with pytest.raises(ServerError, match=r"^GET /fv/gate/state got no HTTP answer: (BadStatusLine|IncompleteRead)"):
+                ctl._call("GET", "/fv/gate/state", timeout=5)
+            assert not ctl.healthy() and not ctl.gate_is_open()
+        finally:
+            srv.close()

@@ -27,7 +27,8 @@ def _get(mw, path="/metrics"):
     async def send(msg):
         sent.append(msg)
 
-    scope = {"type": "http", "method": "GET", "path": path, "headers": [(b"accept-encoding", b"gzip")]}
+    scope = {"type": "http", "method": "GET", "path": path,
+             "headers": [(b"accept-encoding", b"gzip"), (b"accept", b"application/openmetrics-text; version=1.0.0")]}
     asyncio.run(mw(scope, None, send))
     return sent
 
@@ -52,6 +53,9 @@ def test_metrics_answer_is_vllms_then_ours(tmp_path, monkeypatch):
     assert start["status"] == 200 and b"content-length" not in dict(start["headers"])
     assert body["body"].startswith(VLLM_METRICS) and b'fastvllm_start_path{path="normal"' in body["body"]
     assert b"accept-encoding" not in dict(_vllm_metrics.seen["headers"])  # so the answer is plain text
+    # Prometheus asks for OpenMetrics first: fvboot's lines after its `# EOF` would fail the whole
+    # scrape (found by review, 2026-12-06), so vLLM is asked for the text format
+    assert [v for k, v in _vllm_metrics.seen["headers"] if k == b"accept"] == [b"text/plain; version=0.0.4"]
 
 
 def test_requests_held_at_the_gate_are_counted(tmp_path, monkeypatch):
