@@ -16,7 +16,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import BaseImageMissingError, FvBuildError, GpuAccessError, ImageNotBakedError, OptionsError
-from .options import BuildOptions, CriuOptions, load_options
+from .options import BuildOptions, CriuOptions, check_bench_env, load_options
 
 # no emoji codes (":a:" in a tag would print as one) and no markup but fvbuild's own prefix
 console = Console(stderr=True, highlight=False, emoji=False)
@@ -301,7 +301,7 @@ def bench(image_ref: str, runs: int, cold: bool, normal: bool, nocache: bool, en
     from .gpu import gpu_run_flags
 
     try:
-        _bench_env(env)
+        check_bench_env(env)
         engine = DockerEngine.connect()
         m = read_image_manifest(engine, image_ref)
         if m is None:
@@ -324,19 +324,6 @@ def bench(image_ref: str, runs: int, cold: bool, normal: bool, nocache: bool, en
     click.echo(res.table())
     if res.restore_equals_normal_start is False:
         _fail(fvbench.BenchError("the restored server answers differently from a normal start"))
-
-
-def _bench_env(env: tuple[str, ...]) -> None:
-    """OptionsError for a bench --env that is not KEY=VALUE, or an fvboot setting it does not
-    take (its containers would end at once, each start measuring nothing)."""
-    from fvboot.runenv import problems
-
-    bad = [kv for kv in env if "=" not in kv or not kv.split("=", 1)[0]]
-    if bad:
-        raise OptionsError(f"--env takes KEY=VALUE, not {bad[0]!r}")
-    wrong = problems(dict(kv.split("=", 1) for kv in env))
-    if wrong:
-        raise OptionsError(f"--env: {wrong[0]}")
 
 
 @main.command()

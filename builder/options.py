@@ -205,29 +205,6 @@ RESERVED_VLLM_ARGS = {
 }
 
 
-# Arguments that would make several API-server processes or engines, allowed only at 1 (vLLM's
-# default): fvboot closes and opens the gate of the one API server its calls reach, so another
-# would answer clients before a restore's checks (found by review, 2026-12-06)
-ONE_ONLY_VLLM_ARGS = {
-    "--api-server-count": "one API-server process per container (scale with more containers)",
-    "-asc": "one API-server process per container (scale with more containers)",
-    "--data-parallel-size": "one engine per container (data parallelism: one container per GPU or group)",
-    "-dp": "one engine per container (data parallelism: one container per GPU or group)",
-}
-
-
-def _abbreviates(name: str) -> Optional[str]:
-    """The option fvbuild refuses or checks that NAME is a strict prefix of (`--por` of `--port`),
-    which vLLM's parser would read it as (argparse's allow_abbrev; none of vLLM's own options is
-    a strict prefix of these, vLLM 0.26-0.32); None otherwise (found by review, 2026-12-06:
-    `--api-server-c=2`, `--por=9000`, `--ho=10.0.0.5` passed every refusal)."""
-    if not name.startswith("--") or len(name) < 3:
-        return None
-    guarded = [*RESERVED_VLLM_ARGS, *ONE_ONLY_VLLM_ARGS, *_PARALLEL_FLAGS, "--host"]
-    longer = sorted({g for g in guarded if g.startswith("--") and g.startswith(name) and g != name})
-    return " or ".join(longer) or None
-
-
 # --host values a checkpoint restores with in any network: every IPv4 address, or every IPv6 and
 # IPv4 one (a dual-stack socket, what an IPv6-only Kubernetes cluster needs); fvboot's own calls
 # go to 127.0.0.1, which either reaches
@@ -407,7 +384,7 @@ class BuildOptions(CriuOptions):
     @field_validator("vllm_args")
     @classmethod
     def _no_owned_args(cls, v: list[str]) -> list[str]:
-        from fvboot.launcher import dashed_option, is_secret_option
+        from fvboot.launcher import dashed_option, is_secret_option, refused_vllm_arg
 
         # vLLM's parser takes `--api_server_count` for `--api-server-count`: every check below,
         # and fvboot's reading of the baked arguments, see the one spelling (found by review,
@@ -417,20 +394,12 @@ class BuildOptions(CriuOptions):
             if "\n" in a or "\r" in a or "\0" in a:
                 raise ValueError("a --vllm-arg value contains a newline")
             name, eq, value = a.partition("=")
-            guarded = _abbreviates(name)
-            if guarded:  # argparse takes a unique prefix for the option: every check here would miss it
-                raise ValueError(f"{name}: vLLM's parser reads it as {guarded} (a prefix of it); give {guarded}"
-                                 " by its full name")
             if name in RESERVED_VLLM_ARGS:
                 raise ValueError(f"{name} is reserved: {RESERVED_VLLM_ARGS[name]}")
             if is_secret_option(name):
                 raise ValueError(f"{name} may hold a secret, which must not be in an image (the manifest and the"
                                  " checkpoint keep the server's arguments): give it at run time (docker run -e),"
                                  " or for the model download as --hf-token-env")
-            if name in ONE_ONLY_VLLM_ARGS:
-                given = value if eq else (v[i + 1] if i + 1 < len(v) else "")
-                if given.strip() != "1":
-                    raise ValueError(f"{name} {given!r}: only 1 is supported, {ONE_ONLY_VLLM_ARGS[name]}")
             if name == "--host":
                 value = value if eq else (v[i + 1] if i + 1 < len(v) else "")
                 if value not in WILDCARD_HOSTS:
@@ -438,6 +407,11 @@ class BuildOptions(CriuOptions):
                                      " 0.0.0.0 (IPv4, the default) or :: (IPv6 and IPv4: an IPv6-only cluster);"
                                      " one address would tie the checkpoint to one network: publish the port with"
                                      " docker run instead")
+        # what no server of this image may have (TLS, a config file, several API servers), and an
+        # abbreviation of any option refused or read here: vLLM's parser takes a unique prefix
+        problem = refused_vllm_arg(v, also=[*RESERVED_VLLM_ARGS, *_PARALLEL_FLAGS, "--host"])
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("vllm_args")
@@ -605,3 +579,16 @@ def load_options(cli_values: dict[str, Any], config_file: Optional[Path] = None,
         return kind(**merged)
     except ValidationError as e:
         raise OptionsError(_explain(e)) from None
+
+
+def check_bench_env(env: tuple[str, ...]) -> None:
+    """OptionsError for a bench --env that is not KEY=VALUE, or an fvboot setting it does not
+    take (its containers would end at once, each start measuring nothing)."""
+    from fvboot.runenv import problems
+
+    bad = [kv for kv in env if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad:
+        raise OptionsError(f"--env takes KEY=VALUE, not {bad[0]!r}")
+    wrong = problems(dict(kv.split("=", 1) for kv in env))
+    if wrong:
+        raise OptionsError(f"--env: {wrong[0]}")

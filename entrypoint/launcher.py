@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from . import runenv, vllm_log
 from .errors import ServerDied
@@ -311,6 +311,64 @@ def take_model_arg(args: list[str]) -> tuple[list[str], Optional[str]]:
 
 
 API_KEY_ARG = "--api-key"  # docker run IMAGE --api-key KEY, as with vLLM's own image
+
+# vLLM options no server of this image may be given, at the bake or at a start, and why: fvboot's
+# calls to the server (health, gate, probe) speak plain HTTP to its port, reach one API-server
+# process, name the baked model, and need fvboot's middleware and worker extension in it
+_TLS = ("fvboot's checks of the server speak plain HTTP on 127.0.0.1: terminate TLS in front of the"
+        " container (an ingress or a proxy)")
+NEVER_VLLM_ARGS = {
+    "--ssl-keyfile": _TLS,
+    "--ssl-certfile": _TLS,
+    "--uds": "the server listens on its port, where fvboot checks it",
+    "--config": "a file of vLLM options is read by vLLM alone, past fvboot's checks: give each option by itself",
+    "--middleware": "fvboot sets it",
+    "--worker-extension-cls": "fvboot sets it",
+}
+# Allowed only at 1 (vLLM's default): fvboot closes and opens the gate of the one API server its
+# calls reach, so another would answer clients before a restore's checks; one engine per container
+ONE_ONLY_VLLM_ARGS = {
+    "--api-server-count": "one API-server process per container (scale with more containers)",
+    "-asc": "one API-server process per container (scale with more containers)",
+    "--data-parallel-size": "one engine per container (data parallelism: one container per GPU or group)",
+    "-dp": "one engine per container (data parallelism: one container per GPU or group)",
+}
+
+
+def abbreviated(name: str, options: Sequence[str]) -> Optional[str]:
+    """Which of OPTIONS NAME is a strict prefix of (`--por` of `--port`, `-as` of `-asc`), as
+    vLLM's parser would read it (argparse's allow_abbrev; no option of vLLM's own, 0.26-0.32, is
+    a strict prefix of those this project guards); None where it is none's (found by review,
+    2026-12-06: `--api-server-c=2`, `-as 2`, `--por=9000` passed every refusal)."""
+    name = dashed_option(name)
+    if len(name) < 2 or not name.startswith("-") or name.startswith("---"):
+        return None
+    longer = sorted({o for o in options if o.startswith(name) and o != name
+                     and o.startswith("--") == name.startswith("--")})
+    return " or ".join(longer) or None
+
+
+def refused_vllm_arg(args: Sequence[str], also: Sequence[str] = ()) -> Optional[str]:
+    """Why ARGS (vLLM's, in any spelling its parser takes) give an option no server of this image
+    may have (NEVER_VLLM_ARGS), one of ONE_ONLY_VLLM_ARGS other than 1, or an abbreviation of
+    one of those or of ALSO (options the caller reads or refuses itself, such as --port); None
+    where they give none."""
+    guarded = [*NEVER_VLLM_ARGS, *ONE_ONLY_VLLM_ARGS, *also]
+    args = [dashed_option(a) for a in args]
+    for i, a in enumerate(args):
+        name, eq, value = a.partition("=")
+        if not name.startswith("-"):
+            continue
+        longer = abbreviated(name, guarded)
+        if longer:
+            return f"{name}: vLLM's parser reads it as {longer} (a prefix of it); give {longer} by its full name"
+        if name in NEVER_VLLM_ARGS:
+            return f"{name} is not taken: {NEVER_VLLM_ARGS[name]}"
+        if name in ONE_ONLY_VLLM_ARGS:
+            given = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            if given.strip() != "1":
+                return f"{name} {given!r}: only 1 is supported, {ONE_ONLY_VLLM_ARGS[name]}"
+    return None
 
 
 # The shortest spelling of each of vLLM's credential options its parser takes for it: argparse

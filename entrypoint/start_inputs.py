@@ -13,7 +13,7 @@ from . import runenv
 from .api_keys import resolve_api_key
 from .compatibility import read_checkpoint_manifest
 from .errors import CheckpointUnusable, FvBootError
-from .launcher import take_api_key_arg, take_model_arg
+from .launcher import dashed_option, refused_vllm_arg, take_api_key_arg, take_model_arg
 from .layout import Layout
 from .runtime_file import runtime_settings
 
@@ -41,10 +41,31 @@ def read_start_inputs(layout: Layout, argv: list[str], env: Optional[Mapping[str
         settings = runtime_settings(dict(env), key=key)
     except ValueError as e:
         raise FvBootError(str(e)) from None
+    refused = refused_run_arg(run_args)
+    if refused:
+        raise FvBootError(refused)
     if model_arg is not None:
         notes.append(check_model_arg(layout, model_arg))
     notes.append(key.line)
     return StartInputs(run_args, settings, tuple(notes))
+
+
+# options a run may not give though vLLM takes them, and why (besides launcher.NEVER_VLLM_ARGS)
+_BAKED_ONLY = {"--served-model-name": "fvboot asks the server by its name: docker run -e FV_SERVED_MODEL=NAME (a normal"
+                                      " start then serves that name)"}
+
+
+def refused_run_arg(run_args: list[str]) -> Optional[str]:
+    """Why vLLM's arguments given at `docker run` cannot make this image's server (neither a
+    restore nor a normal start could serve with them: TLS, a second API server, a config file,
+    another served name; found by review, 2026-12-06: TLS ended after an hour's wait for a
+    health answer in plain HTTP), or None. Abbreviations of the options fvboot reads from them
+    (`--por 9000`: fvboot would wait on 8000) are refused too."""
+    for i, a in enumerate(run_args):
+        name = dashed_option(a).partition("=")[0]
+        if name in _BAKED_ONLY:
+            return f"{name} is not taken at a start: {_BAKED_ONLY[name]}"
+    return refused_vllm_arg(run_args, also=["--port", "--host", "--model", *_BAKED_ONLY])
 
 
 def check_model_arg(layout: Layout, given: str) -> str:

@@ -258,8 +258,16 @@ def test_host_refuses_one_address(args):
         BuildOptions(model="synthetic:tiny", vllm_args=args)
 
 
-def test_arguments_naming_a_key_file_are_not_secrets():
-    assert load_options({"model": "m", "vllm_args": ["--ssl-keyfile", "/k.pem"]}).vllm_args == ["--ssl-keyfile", "/k.pem"]
+def test_arguments_naming_a_key_file_are_not_secrets_and_tls_is_refused_for_what_it_is():
+    """A file's name is no secret; TLS is refused (fvboot's checks speak plain HTTP to the server:
+    a TLS server waited an hour for its health answer, then was stopped; found by review,
+    2026-12-06), and said so, not as a secret."""
+    from fvboot.launcher import is_secret_option
+
+    assert not is_secret_option("--ssl-keyfile")
+    with pytest.raises(OptionsError, match=r"^--vllm-arg: --ssl-keyfile is not taken: fvboot's checks of the server"
+                                           r" speak plain HTTP on 127.0.0.1: terminate TLS in front of the container"):
+        load_options({"model": "m", "vllm_args": ["--ssl-keyfile", "/k.pem"]})
 
 
 @pytest.mark.parametrize("model, message", [

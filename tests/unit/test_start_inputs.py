@@ -58,6 +58,14 @@ def test_the_runs_arguments_lose_the_key_and_the_baked_model_and_each_is_said(tm
     (["--api-key"], {}, "--api-key needs a value"),
     (["--model"], {}, "--model needs a value"),
     (["bash"], {}, "'bash' was given as the model to serve"),
+    # found by review, 2026-12-06: TLS waited an hour for a health answer in plain HTTP, then the
+    # serving server was stopped; `--por 9000` had fvboot wait on 8000; a second API server
+    (["--ssl-keyfile", "/k.pem", "--ssl-certfile", "/c.pem"], {}, "--ssl-keyfile is not taken: fvboot's checks"),
+    (["--por", "9000"], {}, "--por: vLLM's parser reads it as --port (a prefix of it)"),
+    (["--api-server-count", "2"], {}, "--api-server-count '2': only 1 is supported"),
+    (["-as", "2"], {}, "-as: vLLM's parser reads it as -asc"),
+    (["--served-model-name", "x"], {}, "--served-model-name is not taken at a start: fvboot asks the server by its name: docker run -e FV_SERVED_MODEL=NAME"),
+    (["--config", "/c.yaml"], {}, "--config is not taken"),
 ])
 def test_what_ends_a_start_at_once_is_one_error(tmp_path, argv, env, said):
     with pytest.raises(FvBootError, match=re.escape(said)):
