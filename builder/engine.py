@@ -102,20 +102,33 @@ class DockerEngine:
 
     # ---- images -----------------------------------------------------------------------------
     def ensure_image(self, name: str) -> None:
-        """The base image must be local or pullable; say how to get it if neither."""
+        """The base image must be local or pullable; say how to get it if neither. A fast-vllm
+        image is no base: its /fv (model, weight dump, checkpoint, manifest) would be merged with
+        the new bake's, and an image built --no-bake would restore the old server under the new
+        name (found by review, 2026-12-06)."""
         try:
-            self.client.images.get(name)
+            self._not_fast_vllm(name, self.client.images.get(name).labels or {})
             return
         except ImageNotFound:
             pass
         except (APIError, DockerException) as e:  # "invalid reference format" (found by review)
             raise BaseImageMissingError(f"base image {name}: {_short(e)}") from None
         try:
-            self.client.images.pull(name)
+            pulled = self.client.images.pull(name)
         except (APIError, DockerException) as e:
             raise BaseImageMissingError(
                 f"base image {name} is not on this machine and cannot be pulled ({_short(e)}); "
                 "load or import it first (README: 'local base image') or pass --base-image") from None
+        self._not_fast_vllm(name, getattr(pulled, "labels", None) or {})
+
+    @staticmethod
+    def _not_fast_vllm(name: str, labels: dict) -> None:
+        from .context import DEVICE_LABEL
+
+        if DEVICE_LABEL in labels:
+            raise BaseImageUnsuitableError(
+                f"base image {name} is a fast-vllm image (it carries its own bake in /fv, which the new one would be"
+                " mixed with): build from the image it was built on, with what you added to it installed there")
 
     def inspect(self, name: str) -> dict:
         try:

@@ -8,8 +8,10 @@ download step; it never enters the server's environment, so no checkpoint page h
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -63,17 +65,30 @@ def readable_by_all(root: Path) -> None:
 
 def _fill(model: str, dest: Path, token_file: Optional[Path], imported: Path = IMPORT_DIR,
           revision: Optional[str] = None) -> Optional[str]:
-    """Fill DEST with MODEL; the Hub commit downloaded, or None (not from the Hub)."""
+    """Fill DEST with MODEL; the Hub commit downloaded, or None (not from the Hub). A DEST that
+    holds a model is kept only where its source record says MODEL (and REVISION) filled it:
+    another model there (an earlier bake's in the same FV_HOME) was served under MODEL's name
+    (found by review, 2026-12-06)."""
     name = synthetic.parse_name(model)
-    if (dest / "config.json").exists():
-        return None
-    if name is not None:
-        synthetic.make_model(name, dest)
-        return None
     local = Path(model)
+    if (dest / "config.json").exists():
+        if local.is_absolute() and local.resolve() == dest.resolve():  # the folder is the model given
+            return None
+        recorded = filled_from(dest)
+        if recorded is not None and (recorded.get("model"), recorded.get("revision")) == (model, revision):
+            commit = recorded.get("commit")
+            return commit if isinstance(commit, str) else None
+        said = f"{recorded.get('model')!r}" if recorded else "a model fvboot did not put there"
+        print(f"fvboot bake: {dest} holds {said}, not {model!r}{f' at {revision}' if revision else ''}: replaced",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(dest)
+    if name is not None:
+        synthetic.make_model(name, dest)  # its own record says what it is
+        return None
     for candidate in (imported, local):
         if (candidate / "config.json").exists():
             shutil.copytree(candidate, dest, dirs_exist_ok=True)  # links followed: their files copied
+            record_source(dest, model, revision)
             return None
     if local.is_absolute() or local.exists():  # a folder, not a repo id: say so, not a hub error
         raise BakeFailed(f"the model folder {model} holds no config.json that can be read here"
@@ -103,7 +118,33 @@ def _fill(model: str, dest: Path, token_file: Optional[Path], imported: Path = I
     if not any(dest.glob("*.safetensors")) and not any(dest.glob("*.bin")):
         raise BakeFailed(f"{model} on the Hugging Face Hub has no weights in *.safetensors or *.bin files;"
                          f" give a folder that has them: --model /path/to/model")
+    record_source(dest, model, revision, commit)
     return commit
+
+
+SOURCE_RECORD = ".fv-source.json"  # in a model folder fvboot filled: what filled it
+
+
+def record_source(dest: Path, model: str, revision: Optional[str] = None, commit: Optional[str] = None) -> None:
+    """Say in DEST what filled it (MODEL as given, REVISION asked, COMMIT downloaded): a later
+    bake into the same folder keeps it only for the same model."""
+    (dest / SOURCE_RECORD).write_text(json.dumps({"model": model, "revision": revision, "commit": commit}) + "\n")
+
+
+def filled_from(dest: Path) -> Optional[dict]:
+    """What DEST's source record says filled it (a synthetic model's own record, from `fvboot
+    make-model`, says so too: its seed 0 is the bake's), or None (no record, or one that
+    cannot be read)."""
+    for name, read in ((SOURCE_RECORD, lambda r: r),
+                       (synthetic.RECORD, lambda r: {"model": synthetic.PREFIX + str(r.get("name"))
+                                                     + ("" if r.get("seed") == 0 else f" (seed {r.get('seed')})")})):
+        try:
+            recorded = json.loads((dest / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(recorded, dict):
+            return read(recorded)
+    return None
 
 
 # What a download takes of a repo: configuration, tokenizer, chat template and the safetensors

@@ -159,6 +159,9 @@ def _write_tokenizer(spec: SyntheticSpec, out: Path) -> tuple[int, int]:
     return tok.token_to_id(specials[0]), tok.token_to_id(specials[1])
 
 
+RECORD = "fast-vllm-synthetic.json"  # in the folder: which synthetic model, and its seed
+
+
 def make_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write synthetic model NAME (config, tokenizer, safetensors) to OUT_DIR, deterministically."""
     import torch
@@ -181,7 +184,7 @@ def make_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
             t = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
             tensors[key] = t.to(torch.bfloat16)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "fast-vllm-synthetic.json").write_text(
+    (out / RECORD).write_text(
         json.dumps({"name": name, "seed": seed}) + "\n"
     )
     return out

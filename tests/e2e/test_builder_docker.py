@@ -154,6 +154,20 @@ def test_missing_base_image_is_a_clear_error(build_flags):
     _one_line_error(r, "base image fv-missing/nothing:1 is not on this machine", "--base-image")
 
 
+def test_a_fast_vllm_image_as_the_base_is_refused_before_building(build_flags, baked_image, docker_client):
+    """A baked image as the base: its /fv (model, weight dump, checkpoint, manifest) was merged
+    with the new bake's, the bake kept its model and served it under the new name, and a
+    --no-bake image restored the old server (found by review, 2026-12-06)."""
+    flags = list(build_flags)
+    if "--base-image" in flags:
+        i = flags.index("--base-image")
+        del flags[i:i + 2]
+    r = fvbuild("image", "--model", "synthetic:tiny", "--tag", "fv-test/on-baked:x", "--no-bake", *flags,
+                "--base-image", baked_image)
+    _one_line_error(r, f"base image {baked_image} is a fast-vllm image", "build from the image it was built on")
+    assert not docker_client.images.list(name="fv-test/on-baked")
+
+
 def test_stopped_docker_daemon_is_a_clear_error(tmp_path):
     r = fvbuild("image", "--model", "synthetic:tiny", "--device", "cpu", "--no-bake",
                 env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})

@@ -55,14 +55,14 @@ def test_a_repo_is_downloaded_without_the_pytorch_copies_of_its_safetensors(hub,
     r = _prepare(h.url, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == [
-        "chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json"]
+        ".fv-source.json", "chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_a_repo_with_only_pytorch_weights_gets_them(hub, tmp_path):
     h = hub(files={"config.json": b"{}", "pytorch_model.bin": b"b"})
     r = _prepare(h.url, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["config.json", "pytorch_model.bin"]
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == [".fv-source.json", "config.json", "pytorch_model.bin"]
 
 
 @pytest.mark.parametrize("files, said", [
