@@ -194,8 +194,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     # the model folder too: a restored server has it in memory, so one changed since (an image
     # built FROM this one) must get the normal start
     files = manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir, layout.model_dir])
-    named_files, unrecorded = manifest.describe_named_files(layout.home, user_args)
-    for folder in unrecorded:
+    named = manifest.describe_named_files(layout.home, user_args)
+    for folder in named.too_many:
         write_line(f"fvboot bake: warning: {folder}, which the vLLM arguments name, holds more than"
                    f" {manifest.NAMED_FOLDER_MAX_FILES} files and is not checked at a start: a change there"
                    " is not seen by a restore (keep it in the model folder)", err=True)
@@ -215,7 +215,8 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
         processes=processes,
         trim=trimmed,
         files=files,
-        named_files=named_files,
+        named_files=named.files,
+        named_folders=named.folders,
         probe=probe,
         probe_together=probe_together,
         timeline=tl.as_dict(),

@@ -50,7 +50,7 @@ def check_compatible(m: Manifest, layout: Layout, run_args: list[str],
     _refuse(_addresses(m))
     _refuse(_mounts(m))
     _refuse(manifest.verify_files(layout.home, m.files))
-    _refuse(manifest.verify_named_files(m.named_files))
+    _refuse(manifest.verify_named_files(m.named_files, m.named_folders))
     _refuse(_packages(m))
     _refuse(_proc_guards(m))
     _refuse(None if shutil.which("criu") else "criu is not on PATH")

@@ -466,11 +466,12 @@ class Manifest:
     # the files outside FV_HOME that the baked vLLM arguments name (describe_named_files), by
     # absolute path: the restored server read them at the bake
     named_files: tuple[FileEntry, ...] = ()
+    named_folders: tuple[str, ...] = ()  # the folders among them, whose files named_files lists whole
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _KEYS = ("format", "fvboot_version", "baked_at", "model", "vllm", "runtime_file", "criu", "device",
              "pipes", "weights", "processes", "trim", "files", "probe", "probe_together", "timeline", "packages",
-             "named_files")
+             "named_files", "named_folders")
 
     @classmethod
     def from_json(cls, d: Any) -> "Manifest":
@@ -502,6 +503,7 @@ class Manifest:
                    timeline=timeline,
                    packages=None if packages is None else {k: tuple(v) for k, v in packages.items()},
                    named_files=_items(d, "", "named_files", FileEntry.from_json, ()),
+                   named_folders=tuple(_get(d, "", "named_folders", _is_str_list, "a list of strings", ())),
                    extra=_extra(d, cls._KEYS))
 
     def _trim_records(self) -> list[dict]:
@@ -556,6 +558,7 @@ class Manifest:
                      trim=self.trim, timeline=None if self.timeline is None else dict(self.timeline),
                      packages=None if self.packages is None else {k: list(v) for k, v in self.packages.items()},
                      named_files=[f.to_json() for f in self.named_files] or None,
+                     named_folders=list(self.named_folders) or None,
                      probe_together=None if self.probe_together is None else [p.to_json() for p in self.probe_together])
 
 
@@ -649,7 +652,15 @@ def named_paths(args: Sequence[str], home: Path) -> list[Path]:
     found: list[Path] = []
     for arg in args:
         value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
-        for candidate in {value, value.rsplit("=", 1)[-1]}:
+        candidates = {value, value.rsplit("=", 1)[-1]}
+        if value.lstrip().startswith("{"):  # vLLM's JSON form: --lora-modules '{"name": ..., "path": ...}'
+            try:
+                given = json.loads(value)
+            except ValueError:
+                given = None
+            if isinstance(given, dict):
+                candidates |= {v for v in given.values() if isinstance(v, str)}
+        for candidate in sorted(candidates):
             if not candidate.startswith("/"):
                 continue
             path = Path(os.path.normpath(candidate))
@@ -660,11 +671,21 @@ def named_paths(args: Sequence[str], home: Path) -> list[Path]:
     return found
 
 
-def describe_named_files(home: Path, args: Sequence[str]) -> tuple[tuple[FileEntry, ...], list[str]]:
+@dataclass(frozen=True)
+class NamedFiles:
+    """What describe_named_files found: the files (a folder's too), the folders recorded whole,
+    and the folders left out for holding more than NAMED_FOLDER_MAX_FILES files."""
+
+    files: tuple[FileEntry, ...]
+    folders: tuple[str, ...]
+    too_many: tuple[str, ...]
+
+
+def describe_named_files(home: Path, args: Sequence[str]) -> NamedFiles:
     """The files outside HOME that ARGS name (named_paths; a folder's files), each with its
-    size and sha256 (a large one: sampled_sha256), by absolute path; and the folders left out
-    for holding more than NAMED_FOLDER_MAX_FILES files."""
+    size and sha256 (a large one: sampled_sha256), by absolute path."""
     files: list[Path] = []
+    folders: list[str] = []
     too_many: list[str] = []
     for path in named_paths(args, home):
         if path.is_file():
@@ -675,6 +696,7 @@ def describe_named_files(home: Path, args: Sequence[str]) -> tuple[tuple[FileEnt
             too_many.append(str(path))
         else:
             files.extend(inside)
+            folders.append(str(path))
 
     def entry(path: Path) -> FileEntry:
         size = path.stat().st_size
@@ -683,12 +705,20 @@ def describe_named_files(home: Path, args: Sequence[str]) -> tuple[tuple[FileEnt
         return FileEntry(str(path), size, _sha256(path))
 
     with ThreadPoolExecutor(8) as pool:
-        return tuple(pool.map(entry, sorted(set(files)))), too_many
+        return NamedFiles(tuple(pool.map(entry, sorted(set(files)))), tuple(folders), tuple(too_many))
 
 
-def verify_named_files(files: tuple[FileEntry, ...]) -> str | None:
-    """None if every file the baked arguments name is as the bake read it, else why not."""
+def verify_named_files(files: tuple[FileEntry, ...], folders: Sequence[str] = ()) -> str | None:
+    """None if every file the baked arguments name is as the bake read it, and each folder they
+    name (FOLDERS) holds no file the bake's did not, else why not."""
     found = _first_problem(Path("/"), files)
+    if found is None:
+        listed = {f.path for f in files}
+        for folder in folders:
+            added = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and str(p) not in listed)
+            if added:
+                found = (added[0], f"{added[0]} was not there at the bake")
+                break
     if found is None:
         return None
     return (f"a file the baked vLLM arguments name is not the one the server was baked with: {found[1]}"

@@ -28,12 +28,20 @@ def piece_sums(path: Path, alg: str = "", piece: int = PIECE) -> PieceSums:
     alg = alg or fastest_checksum()
     sums = []
     buf = bytearray(piece)
+    view = memoryview(buf)
     with path.open("rb", buffering=0) as f:
         while True:
-            n = f.readinto(buf)
+            n = 0
+            while n < piece:  # a file system may return less than asked before the end (found by review, 2026-12-06)
+                got = f.readinto(view[n:])
+                if not got:
+                    break
+                n += got
             if not n:
                 break
-            sums.append(digest(alg, memoryview(buf)[:n]))
+            sums.append(digest(alg, view[:n]))
+            if n < piece:
+                break
     return PieceSums(alg, piece, tuple(sums))
 
 

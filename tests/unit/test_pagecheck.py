@@ -247,3 +247,31 @@ def test_a_stopped_prefetch_reads_no_further(tmp_path, monkeypatch):
     assert reads == []
     prefetch._read_ahead(prefetch.plan((layout.images_dir, layout.weights_dir)), None, prefetch.threading.Event())
     assert len(reads) >= 3  # the same plan, not stopped: every piece of the big image
+
+
+def test_the_bakes_digests_are_of_whole_pieces_whatever_the_reads_return(tmp_path, monkeypatch):
+    """The bake's side of the same: each piece was hashed from one read, so reads that return
+    less than asked gave digests of short pieces, and every start called the intact image
+    corrupt (found by review, 2026-12-06)."""
+    import io
+
+    from fvboot.pagecheck import piece_sums
+
+    path = tmp_path / "pages-1.img"
+    path.write_bytes(bytes(range(256)) * 40000)  # 10.24 MB: one whole 8 MiB piece and a short one
+    whole = piece_sums(path, "crc32")
+    real_open = type(path).open
+
+    class Short(io.RawIOBase):  # a file system that returns a fifth of each read
+        def __init__(self, f):
+            self.f = f
+
+        def readinto(self, buf):
+            view = memoryview(buf)
+            return self.f.readinto(view[:max(1, len(view) // 5)])
+
+        def close(self):
+            self.f.close()
+
+    monkeypatch.setattr(type(path), "open", lambda self, *a, **k: Short(real_open(self, *a, **k)))
+    assert piece_sums(path, "crc32") == whole and len(whole.digests) == 2

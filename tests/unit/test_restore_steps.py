@@ -5,6 +5,7 @@ timeline, and on a failure the restored tree killed and no later step run (the g
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 
@@ -113,26 +114,36 @@ def test_a_file_the_baked_arguments_name_outside_the_home_is_checked_at_a_start(
     home, outside = tmp_path / "fv", tmp_path / "etc"
     (home / "model").mkdir(parents=True)
     (outside / "adapter").mkdir(parents=True)
+    (outside / "tok").mkdir()
     template, weights = outside / "t.jinja", outside / "adapter" / "adapter.safetensors"
     template.write_text("{{ messages }}")
     weights.write_bytes(b"w" * (manifest.SAMPLED_FROM + 10))
+    (outside / "tok" / "tokenizer_config.json").write_text("{}")
+    lora_json = json.dumps({"name": "sql", "path": str(outside / "tok"), "base_model_name": "m"})
     args = ["--max-model-len", "512", f"--chat-template={template}", "--lora-modules", f"sql={outside / 'adapter'}",
-            "--model", str(home / "model"), "--download-dir", "/proc/self", "--tokenizer", "relative/name"]
-    assert manifest.named_paths(args, home) == [template, outside / "adapter"]
-    files, left_out = manifest.describe_named_files(home, args)
-    assert [f.path for f in files] == [str(weights), str(template)] and not left_out
-    assert files[0].sampled_sha256 and files[1].sha256
-    m = dataclasses.replace(_manifest(tmp_path / "m", {"kind": "cpu"})[1], named_files=files)
-    assert manifest.Manifest.from_json(m.to_json()).named_files == files
-    assert manifest.verify_named_files(files) is None
+            lora_json, "--model", str(home / "model"), "--download-dir", "/proc/self", "--tokenizer", "relative/name"]
+    assert manifest.named_paths(args, home) == [template, outside / "adapter", outside / "tok"]
+    named = manifest.describe_named_files(home, args)
+    assert [f.path for f in named.files] == [str(weights), str(template), str(outside / "tok" / "tokenizer_config.json")]
+    assert named.folders == (str(outside / "adapter"), str(outside / "tok")) and not named.too_many
+    assert named.files[0].sampled_sha256 and named.files[1].sha256
+    m = dataclasses.replace(_manifest(tmp_path / "m", {"kind": "cpu"})[1], named_files=named.files,
+                            named_folders=named.folders)
+    back = manifest.Manifest.from_json(m.to_json())
+    assert (back.named_files, back.named_folders) == (named.files, named.folders)
+    assert manifest.verify_named_files(named.files, named.folders) is None
     said = ("a file the baked vLLM arguments name is not the one the server was baked with: {} (an image built FROM"
             " this one, or a mount over it?); the normal start reads it as it is now")
+    (outside / "tok" / "chat_template.jinja").write_text("B")  # transformers loads it with the tokenizer
+    assert manifest.verify_named_files(named.files, named.folders) == said.format(
+        f"{outside / 'tok' / 'chat_template.jinja'} was not there at the bake")
+    (outside / "tok" / "chat_template.jinja").unlink()
     template.write_text("{{ messages }}!")
-    assert manifest.verify_named_files(files) == said.format(f"{template} has 15 bytes, expected 14")
+    assert manifest.verify_named_files(named.files) == said.format(f"{template} has 15 bytes, expected 14")
     template.write_text("{{ message  }}")
-    assert manifest.verify_named_files(files) == said.format(f"{template} has other contents")
+    assert manifest.verify_named_files(named.files) == said.format(f"{template} has other contents")
     template.unlink()
-    assert manifest.verify_named_files(files) == said.format(f"{template} is missing")
+    assert manifest.verify_named_files(named.files) == said.format(f"{template} is missing")
 
 
 def test_a_start_whose_named_file_changed_gets_the_normal_start_with_the_reason(tmp_path, monkeypatch):
@@ -141,7 +152,7 @@ def test_a_start_whose_named_file_changed_gets_the_normal_start_with_the_reason(
     template = tmp_path / "t.jinja"
     template.write_text("A")
     layout, m = _manifest(tmp_path / "fv", {"kind": "cpu"})
-    m = dataclasses.replace(m, named_files=manifest.describe_named_files(layout.home, [f"--chat-template={template}"])[0])
+    m = dataclasses.replace(m, named_files=manifest.describe_named_files(layout.home, [f"--chat-template={template}"]).files)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(capabilities, "permitted", lambda pid="self": frozenset(capabilities.CONTAINER_CAPS))
     monkeypatch.setattr(manifest, "device_info", lambda lookup=None: manifest.Device("cpu"))
@@ -159,7 +170,8 @@ def test_a_folder_the_baked_arguments_name_with_too_many_files_is_said_not_recor
     for i in range(3):
         (tmp_path / "many" / f"{i}").mkdir(parents=True)
         (tmp_path / "many" / f"{i}" / "f").write_text("x")
-    assert manifest.describe_named_files(tmp_path / "fv", [f"--x={tmp_path / 'many'}"]) == ((), [str(tmp_path / "many")])
+    assert manifest.describe_named_files(tmp_path / "fv", [f"--x={tmp_path / 'many'}"]) == manifest.NamedFiles(
+        (), (), (str(tmp_path / "many"),))
 
 
 def test_a_weight_dump_of_another_bake_is_not_restored_from(tmp_path):
