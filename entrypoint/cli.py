@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from . import __version__
-from .errors import FvBootError
+from .errors import FvBootError, Stopped
 from .layout import Layout
 
 COMMANDS = ("bake", "serve", "inspect", "check", "make-model", "cuda-checkpoint")
@@ -50,18 +52,21 @@ def _bake(argv: list[str]) -> int:
     a = p.parse_args(argv)
     args = a.vllm_args[1:] if a.vllm_args[:1] == ["--"] else a.vllm_args
     check_tools()
-    _own_mounts()
-    bake(Layout.from_env(a.home), a.model, args, a.port, a.warmup_requests, a.token_file, model_dir=a.model_dir,
-         served_name=a.served_model_name, revision=a.revision)
+    with _own_mounts():
+        bake(Layout.from_env(a.home), a.model, args, a.port, a.warmup_requests, a.token_file, model_dir=a.model_dir,
+             served_name=a.served_model_name, revision=a.revision)
     return 0
 
 
-def _own_mounts() -> None:
+@contextlib.contextmanager
+def _own_mounts() -> Iterator[None]:
     """Our own /dev/shm (--ipc=host shares the host's) and a writable /tmp (--read-only), before
-    any thread starts (private_mounts)."""
+    any thread starts (private_mounts); where fvboot cannot have them, a run folder of its own in
+    the shared one, removed when fvboot ends."""
     from .private_mounts import isolate
 
     done, why = isolate()
+    made = None
     if not done:
         print(f"fvboot: /dev/shm and /tmp are the ones this container was given (under docker run"
               f" --ipc=host, the host's /dev/shm): {why}", file=sys.stderr, flush=True)
@@ -72,22 +77,44 @@ def _own_mounts() -> None:
             import tempfile
 
             shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-            os.environ["FV_RUN_DIR"] = tempfile.mkdtemp(prefix=".fvboot-", dir=shm)
+            made = os.environ["FV_RUN_DIR"] = tempfile.mkdtemp(prefix=".fvboot-", dir=shm)
+    try:
+        yield
+    finally:
+        if made:  # in a shared /dev/shm it would outlive the container, key and all (found by review, 2026-12-06)
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _stop_on_signals() -> None:
+    """docker stop (SIGTERM) or Ctrl-C from the first moment: PID 1 ignores a signal it has no
+    handler for, and one that came before `serve` set its own ended in a traceback (found by
+    review, 2026-12-06). Raises Stopped, which unwinds what runs (a bake's tree terminated)."""
+    import signal
+
+    def stop(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwinding; a second signal waits for it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def _serve(argv: list[str]) -> int:
-    _own_mounts()
-    from .devices import DeviceLookup
+    with _own_mounts():
+        from .devices import DeviceLookup
 
-    devices = DeviceLookup()  # NVML's start beside the imports below, not before the restore
-    from .serve import serve
+        devices = DeviceLookup()  # NVML's start beside the imports below, not before the restore
+        from .serve import serve
 
-    home = None
-    if argv[:1] == ["--home"]:
-        home, argv = argv[1], argv[2:]
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    return serve(Layout.from_env(home), argv, devices)
+        home = None
+        if argv[:1] == ["--home"]:
+            home, argv = argv[1], argv[2:]
+        if argv[:1] == ["--"]:
+            argv = argv[1:]
+        return serve(Layout.from_env(home), argv, devices)
 
 
 def _check(argv: list[str]) -> int:
@@ -96,8 +123,8 @@ def _check(argv: list[str]) -> int:
 
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    _own_mounts()  # as a start does: where it cannot, the check says the restore would not run
-    usable, lines = check(Layout.from_env(), argv)
+    with _own_mounts():  # as a start does: where it cannot, the check says the restore would not run
+        usable, lines = check(Layout.from_env(), argv)
     for line in lines:
         print(f"fvboot check: {line}", flush=True)
     return 0 if usable else 1
@@ -123,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argv[0] if argv and argv[0] in COMMANDS else "serve"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
     try:
+        if cmd in ("serve", "bake", "check"):
+            _stop_on_signals()
         if cmd == "bake":
             return _bake(rest)
         if cmd == "inspect":
@@ -141,5 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     except FvBootError as e:
         print(f"fvboot: {e}", file=sys.stderr, flush=True)
         return 1
+    except Stopped as stop:
+        print(f"fvboot: {stop}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         return 130

@@ -16,6 +16,26 @@ import threading
 
 stopping = threading.Event()  # set when fvboot passes SIGTERM/SIGINT on to the server
 
+
+def forward_stops(root: int) -> None:
+    """From now on SIGTERM/SIGINT go to ROOT, the serving tree's init, which shuts vLLM down
+    gracefully (its --shutdown-timeout finishes the requests in flight): set once the server
+    serves, the restore's gate open, and by fvboot's supervision. A stop in between, while fvboot
+    still tidied up after the restore, had killed the serving tree at once (found by review,
+    2026-12-06)."""
+    import os
+    import signal
+
+    def stop(signum, _frame):
+        stopping.set()
+        try:
+            os.kill(root, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
 # vLLM prefixes each process's lines with "(APIServer pid=2) " and the like, and its logger each
 # line of a record with "ERROR 12-02 17:50:30 [async_llm.py:906] ".
 _PREFIX = re.compile(rb"^\([A-Za-z0-9_:]+ pid=\d+\) ")

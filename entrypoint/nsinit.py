@@ -74,7 +74,11 @@ def main(argv: list[str]) -> int:
         except InterruptedError:
             continue
         if died == pid:
-            return os.waitstatus_to_exitcode(status) & 0xFF
+            code = os.waitstatus_to_exitcode(status)
+            # killed by a signal: 128 + its number, as a shell says it (137 for SIGKILL, the OOM
+            # killer's): `& 0xFF` of -9 made 247, which restart and alert rules miss (found by
+            # review, 2026-12-06)
+            return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import control, criu, pagecheck, runenv
+from . import control, criu, exitnoise, pagecheck, runenv
 from .control import ServerControl
 from .errors import CheckpointUnusable, ServerError
 from .launcher import Pipes, load_settings
@@ -398,6 +398,8 @@ def open_gate(s: RestoreState) -> None:
             raise
         log(f"the gate is open, though opening it answered: {e}")
         metrics = {}
+    if s.tree is not None:  # serving now: a stop from here on is the server's graceful one
+        exitnoise.forward_stops(s.tree.pid)
     if metrics.get("not_zeroed") or metrics.get("skipped"):  # served anyway: monitoring only
         log(f"vLLM's metrics still count the bake's warm-up and this start's probe: {metrics}")
 

@@ -21,9 +21,9 @@ import re
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
-from . import compatibility, criu, cuda_checkpoint_service, errors, exitnoise, restore, runenv, weight_stager
+from . import compatibility, criu, cuda_checkpoint_service, errors, exitnoise, restore, runenv, vllm_log, weight_stager
 from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
@@ -123,7 +123,7 @@ def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] =
         tree = _start(layout, run_args, pipes, tl, settings, outcome, devices, oom)
         tl.print_table()
         _publish_startup(layout, tree, tl, outcome)
-        return _supervise(tree, oom)
+        return _supervise(tree, oom, drain=lambda: _drain(pipes))
     except Stopped as stop:
         log(f"stopped by signal {stop.signum} before the server was serving; stopping what runs")
         if tree is not None:
@@ -297,20 +297,20 @@ def _cold_start(layout: Layout, m: Optional[Manifest], run_args: list[str], pipe
     return tree
 
 
-def _supervise(tree, oom: Optional[OomWatch] = None) -> int:
+def _drain(pipes: Pipes, wait: float = 2.0) -> None:
+    """Once the tree has ended: let the log pumps pass on what it wrote last (why it ended, most
+    often) before fvboot's own last line and exit (found by review, 2026-12-06: a server's last
+    lines were lost from `docker logs`), WAIT s at most."""
+    pipes.close_write_ends()
+    vllm_log.recent.said(wait)
+
+
+def _supervise(tree, oom: Optional[OomWatch] = None, drain: Callable[[], None] = lambda: None) -> int:
     """Wait for the tree, reaping whatever is reparented to us; forward SIGTERM/SIGINT to it.
-    Its end is said in one line, with the OOM killer's part in it where it had one."""
+    Its end is said in one line (after DRAIN, which passes on its last output), with the OOM
+    killer's part in it where it had one."""
     root = tree.pid if isinstance(tree, RestoredTree) else tree.proc.pid
-
-    def stop(signum, _frame):
-        exitnoise.stopping.set()
-        try:
-            os.kill(root, signum)
-        except ProcessLookupError:
-            pass
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    exitnoise.forward_stops(root)
     code = 0
     while True:
         try:
@@ -320,6 +320,7 @@ def _supervise(tree, oom: Optional[OomWatch] = None) -> int:
         if pid == root:
             code = os.waitstatus_to_exitcode(status)
             break
+    drain()
     quiet = exitnoise.dropped()
     stopped = exitnoise.stopping.is_set()
     killed = oom.since() if oom is not None and not stopped else None

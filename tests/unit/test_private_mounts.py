@@ -251,20 +251,25 @@ def test_without_its_own_dev_shm_fvboot_takes_a_run_folder_of_its_own():
     """Found by review, 2026-12-06: without CAP_SYS_ADMIN fvboot kept the /dev/shm it was given
     (under --ipc=host the host's), and its run folder there, /dev/shm/.fvboot, with this start's
     admin token and API key, was the same for every such container and anyone on the host who
-    made it first. Now the start makes one of its own (0700, a random name) and says why."""
+    made it first. Now the start makes one of its own (0700, a random name) and says why; and
+    removes it when it ends (found by review, 2026-12-06: in a shared /dev/shm it outlived the
+    container, key and all, one more at each start)."""
     _needs_root_with_sys_admin()
     setpriv = shutil.which("setpriv")
     if not setpriv:
         pytest.skip("no setpriv (util-linux) to drop CAP_SYS_ADMIN with")
-    code = ("import json, os, stat; from fvboot import cli, private_mounts; cli._own_mounts(); d = os.environ['FV_RUN_DIR'];"
-            " st = os.stat(d); print(json.dumps({'dir': d, 'mode': stat.S_IMODE(st.st_mode),"
-            " 'why': private_mounts.not_isolated})); os.rmdir(d)")
+    code = ("import json, os, stat; from fvboot import cli, private_mounts\n"
+            "with cli._own_mounts():\n"
+            "    d = os.environ['FV_RUN_DIR']; st = os.stat(d); open(d + '/runtime.json', 'w').write('{}')\n"
+            "    seen = {'dir': d, 'mode': stat.S_IMODE(st.st_mode), 'why': private_mounts.not_isolated}\n"
+            "print(json.dumps({**seen, 'left': os.path.exists(d)}))")
     env = {k: v for k, v in os.environ.items() if k != "FV_RUN_DIR"}
     r = subprocess.run([setpriv, "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--", sys.executable, "-c", code],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout)
     assert seen["dir"].startswith("/dev/shm/.fvboot-") and seen["mode"] == 0o700, seen
+    assert not seen["left"], seen
     assert "Operation not permitted" in seen["why"]
     assert "fvboot: /dev/shm and /tmp are the ones this container was given" in r.stderr
 

@@ -826,3 +826,32 @@ def test_weights_not_in_place_are_loaded_by_the_worker(tmp_path, capsys, stager,
     assert _order(ctl)[-2:] == ["fv_load_weights", "kv_cache"] and not state.staged
     assert "stop" in stager.calls
     assert f"weights not staged: {said}" in capsys.readouterr().err
+
+
+def test_a_stop_once_the_gate_is_open_reaches_the_serving_tree_not_a_kill(tmp_path):
+    """The gate open, fvboot still tidies up (the stager, the cuda-checkpoint service) before its
+    supervision: a docker stop there had the serving tree killed at once, its requests in flight
+    cut (found by review, 2026-12-06). From the gate's opening on, a stop is passed to the tree."""
+    import signal
+    import subprocess
+    import sys
+
+    from fvboot import exitnoise
+
+    class Ctl:
+        def gate(self, state, timeout):
+            return {"gate": "open", "metrics": {}}
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    try:
+        s = restore.RestoreState(layout=None, manifest=None, here=None, tl=Timeline("serve"), pipes=None,
+                                 criu_env={}, settings={}, check=None, ctl=Ctl(), tree=restore.RestoredTree(child.pid))
+        restore.open_gate(s)
+        os.kill(os.getpid(), signal.SIGTERM)  # docker stop
+        assert child.wait(timeout=30) == -signal.SIGTERM and exitnoise.stopping.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+        exitnoise.stopping.clear()
+        child.kill()

@@ -40,3 +40,20 @@ def test_a_server_stopped_by_docker_stop_ends_the_container_with_0(capsys):
     exitnoise.stopping.set()  # what _supervise's SIGTERM handler sets before passing the stop on
     assert serve._supervise(_tree(0)) == 0
     assert "ended while serving" not in capsys.readouterr().err
+
+
+def test_a_servers_last_lines_are_passed_on_before_fvboots_own_last_line(capfd):
+    """A server that writes much and then exits: fvboot logged its exit line and ended while its
+    log pumps still had the end of the output, the reason most often, unread in the pipes (found
+    by review, 2026-12-06: 3,000 lines, ~300 lost; the reason line lost every time at 600)."""
+    from fvboot.launcher import Pipes
+
+    pipes = Pipes.create()
+    pipes.pump(lambda event, args: None)
+    code = ("import sys\nfor i in range(3000): sys.stderr.write(f'line {i} ' + 'x' * 200 + '\\n')\n"
+            "sys.stderr.write('RuntimeError: the reason it ended\\n'); raise SystemExit(3)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=pipes.out_w, stderr=pipes.err_w)
+    assert serve._supervise(types.SimpleNamespace(proc=proc), drain=lambda: serve._drain(pipes)) == 3
+    err = capfd.readouterr().err
+    assert err.count("x" * 200) == 3000
+    assert err.index("RuntimeError: the reason it ended") < err.index("vLLM exited with code 3"), err[-500:]
