@@ -115,16 +115,17 @@ static char *read_reply(int fd, size_t *len)
 }
 
 /* Send and receive timeouts on FD, so a service that stops answering cannot hang us. */
-static long set_timeouts(int fd)
+static double set_timeouts(int fd)
 {
+	/* seconds as fvboot's settings take them, fractions and exponents too ("0.5", "1e3") */
 	const char *env = getenv("FV_CUDA_CHECKPOINT_TIMEOUT_S");
-	long seconds = env && *env ? strtol(env, NULL, 10) : TIMEOUT_S;
+	double seconds = env && *env ? strtod(env, NULL) : TIMEOUT_S;
 	struct timeval tv;
 
-	if (seconds <= 0)
+	if (!(seconds > 0) || seconds > 604800)
 		seconds = TIMEOUT_S;
-	tv.tv_sec = seconds;
-	tv.tv_usec = 0;
+	tv.tv_sec = (time_t)seconds;
+	tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
 	if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) ||
 	    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)))
 		return -1;
@@ -138,7 +139,7 @@ int main(int argc, char **argv)
 	unsigned long n_out, n_err;
 	size_t len;
 	char *reply, *body;
-	long timeout;
+	double timeout;
 	int fd, rc, err;
 
 	if (!path || !*path || strlen(path) >= sizeof(addr.sun_path))
@@ -162,7 +163,7 @@ int main(int argc, char **argv)
 		if (reply)
 			fprintf(stderr, "fv-cuda-checkpoint: the cuda-checkpoint service at %s failed: malformed reply\n", path);
 		else if (err == EAGAIN || err == EWOULDBLOCK)
-			fprintf(stderr, "fv-cuda-checkpoint: the cuda-checkpoint service at %s failed: no answer within %ld s\n",
+			fprintf(stderr, "fv-cuda-checkpoint: the cuda-checkpoint service at %s failed: no answer within %g s\n",
 				path, timeout);
 		else
 			fprintf(stderr, "fv-cuda-checkpoint: the cuda-checkpoint service at %s failed: %s\n", path,

@@ -97,6 +97,7 @@ _SWITCHES = (
     ("FV_LOAD_ODIRECT", "0"),  # O_DIRECT reads, past the page cache
     ("FV_LOAD_REGISTER", "1"),  # a file all in the page cache goes to the GPU with no CPU copy
     ("FV_GPU_LOADER", "1"),  # 0: the simple per-chunk copies
+    ("FV_DUMP_WRITEBACK", "1"),  # bake: the weight dump's writeback started behind each chunk
 )
 SETTINGS: dict[str, Setting] = {
     **{name: Setting(name, default, seconds=True) for name, default in _SECONDS},
@@ -110,7 +111,7 @@ FREE_NAMES = frozenset({
     "FV_API_KEY", "FV_API_KEY_FILE", "FV_HOME", "FV_RUN_DIR", "FV_SERVED_MODEL", "FV_CUDA_DEVICE_MAP",
     "FV_CUDA_CHECKPOINT_LIBCUDA", "FV_CRIU_PLUGIN_DIR", "FV_RUNTIME_FILE", "FV_ADMIN_TOKEN",
     "FV_CUDA_CHECKPOINT_SOCKET", "FV_CUDA_RESUME_MARK", "FV_STAGER_POOL",
-    "FV_CRIU_WRAPPED", "FV_CRIU_SAVED_LD_LIBRARY_PATH",
+    "FV_CRIU_WRAPPED", "FV_CRIU_SAVED_LD_LIBRARY_PATH", "FV_CUDA_CHECKPOINT_FALLBACK",
 })
 
 

@@ -51,6 +51,21 @@ def test_c_client_gives_up_on_a_silent_service(c_client, silent_service):
                            "no answer within 1 s\n")
 
 
+@pytest.mark.parametrize("given, said, within", [("0.5", "0.5", (0.3, 3)), ("2e0", "2", (1.5, 5))])
+def test_c_client_takes_the_bound_as_fvboots_settings_do(c_client, silent_service, given, said, within):
+    """fvboot's settings take seconds as numbers (`0.5`, `1e3`); the C client read the whole
+    number before the first other character: `0.5` fell back to 300 s, `1e3` was 1 s (found by
+    review, 2026-12-06)."""
+    env = dict(os.environ, FV_CUDA_CHECKPOINT_SOCKET=silent_service, FV_CUDA_CHECKPOINT_TIMEOUT_S=given,
+               FV_CUDA_CHECKPOINT_FALLBACK="/bin/false")
+    t = time.monotonic()
+    proc = subprocess.run([str(c_client), "--action", "restore", "--pid", "3"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    took = time.monotonic() - t
+    assert within[0] < took < within[1], took
+    assert proc.returncode == 1 and f"no answer within {said} s" in proc.stderr, proc.stderr
+
+
 def test_python_client_gives_up_on_a_silent_service(silent_service, monkeypatch):
     monkeypatch.setenv("FV_CUDA_CHECKPOINT_TIMEOUT_S", "1")
     t = time.monotonic()
