@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from . import vllm_log
 from .errors import ServerDied, ServerError
-from .layout import ADMIN_HEADER, ADMIN_REFUSED
+from .layout import ADMIN_ANSWER, ADMIN_HEADER, ADMIN_REFUSED
 
 # Fixed prompts whose greedy answers are recorded at bake and compared after restore: 4 tokens
 # each, the prefill and 3 decode steps (~6 ms a step on the CPU image; the weights and every
@@ -51,6 +51,7 @@ class ServerControl:
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
+                marked = r.headers.get(ADMIN_ANSWER.decode()) is not None
         except urllib.error.HTTPError as e:  # the server's own answer: say what it was
             detail = e.read().decode(errors="replace").strip().replace("\n", " ")[:400]
             if admin and e.code == 403 and ADMIN_REFUSED in detail:
@@ -65,11 +66,15 @@ class ServerControl:
             raise ServerError(f"{method} {path} got no answer within {timeout:g} s") from None
         except http.client.HTTPException as e:  # not HTTP on the port, or an answer cut short
             raise ServerError(f"{method} {path} got no HTTP answer: {type(e).__name__}: {e}"[:400]) from None
+        if admin and not marked:  # a public route (the probe) answered by a server that took us for a client
+            raise ServerError(f"{method} {path} was answered by a server that does not know this start's admin"
+                              f" token: another server listens on {self.base} beside this start's (with the"
+                              " host's network, a container started at the same time?)")
         return json.loads(raw) if raw.strip() else None
 
     def healthy(self) -> bool:
         try:
-            self._call("GET", "/health", timeout=5)
+            self._call("GET", "/health", timeout=5, admin=False)  # whose server it is: knows_the_token
             return True
         except (OSError, ValueError, ServerError):  # urllib's URLError is an OSError
             return False

@@ -9,6 +9,9 @@ from pathlib import Path
 ADMIN_HEADER = b"x-fastvllm-admin"  # carries the per-start admin token (middleware, control)
 # what the middleware answers (403) to an admin route called without this start's token
 ADMIN_REFUSED = "this endpoint is reserved to fvboot"
+# on every answer to a request whose admin token the middleware took: an answer without it came
+# from a server that does not know this start's token (another on the same port)
+ADMIN_ANSWER = b"x-fastvllm-admin-answer"
 # The server learns where its runtime settings are from this variable, set once at bake: the
 # middleware's environment is frozen in the checkpoint, so a restore writes to the same path.
 RUNTIME_FILE_ENV = "FV_RUNTIME_FILE"

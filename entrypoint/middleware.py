@@ -36,7 +36,7 @@ import sys
 import time
 
 from . import runenv
-from .layout import ADMIN_HEADER, ADMIN_REFUSED, RUNTIME_FILE_ENV
+from .layout import ADMIN_ANSWER, ADMIN_HEADER, ADMIN_REFUSED, RUNTIME_FILE_ENV
 from .metrics import exposition
 from .served_metrics import zero_served_counts
 
@@ -101,6 +101,19 @@ def _trim() -> dict:
     collected = gc.collect()
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     return {"collected": collected, "trimmed": bool(trim(0)) if trim else False}
+
+
+def _marked(send):
+    """SEND that puts ADMIN_ANSWER on the answer's headers: the probe goes to a public route,
+    where another start's server on the same port (the host's network, SO_REUSEPORT) would
+    have answered it as a client's (found by review, 2026-12-06)."""
+
+    async def send_marked(msg):
+        if msg.get("type") == "http.response.start":
+            msg = {**msg, "headers": [*msg.get("headers", []), (ADMIN_ANSWER, b"1")]}
+        await send(msg)
+
+    return send_marked
 
 
 class GateMiddleware:
@@ -199,6 +212,7 @@ class GateMiddleware:
         if path is None:
             return await self._reply(scope, send, 404, {"error": "not found"})
         if self._is_admin(scope):
+            send = _marked(send)  # fvboot's calls tell this server's answers from another's on the port
             if path == GATE_CLOSE:
                 self._open.clear()
                 return await self._reply(scope, send, 200, {"gate": "closed"})

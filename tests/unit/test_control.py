@@ -15,15 +15,18 @@ import pytest
 @contextlib.contextmanager
 def _server(answer: Callable[[str, http.server.BaseHTTPRequestHandler, Any], tuple[int, Any]]) -> Iterator[int]:
     """A real HTTP server on 127.0.0.1 whose every request ANSWER(method, request, JSON body or
-    None) turns into (status, JSON answer); its port."""
+    None) turns into (status, JSON answer); its port. As fvboot's middleware does, it marks its
+    answer to a request with an admin token (unless ANSWER gives a third item, False)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self, method: str) -> None:
             n = int(self.headers.get("content-length") or 0)
-            status, out = answer(method, self, json.loads(self.rfile.read(n)) if n else None)
+            status, out, *mark = answer(method, self, json.loads(self.rfile.read(n)) if n else None)
             data = json.dumps(out).encode()
             self.send_response(status)
             self.send_header("content-length", str(len(data)))
+            if self.headers.get("x-fastvllm-admin") and (mark or [True])[0]:
+                self.send_header("x-fastvllm-admin-answer", "1")
             self.end_headers()
             self.wfile.write(data)
 
@@ -284,3 +287,19 @@ def test_an_answer_that_is_not_http_or_is_cut_short_is_a_server_error():
             assert not ctl.healthy() and not ctl.gate_is_open()
         finally:
             srv.close()
+
+
+def test_an_admin_call_answered_without_this_starts_mark_is_another_servers():
+    """The probe goes to a public route: another start's server on the port (the host's network,
+    both listening with SO_REUSEPORT) answered it as a client's, and the gate opened on answers
+    this start's server never gave (found by review, 2026-12-06). fvboot's middleware marks its
+    answers to a request whose token it took; an answer without the mark is not this server's."""
+    from fvboot.control import ServerControl
+    from fvboot.errors import ServerError
+
+    with _server(lambda *_: (200, {"choices": [{"text": " B answers"}]}, False)) as port:
+        ctl = ServerControl(port, "token", "m")
+        with pytest.raises(ServerError, match=r"^POST /v1/completions was answered by a server that does not know"
+                                              r" this start's admin token: another server listens on"):
+            ctl.complete("p", 4)
+        assert ctl.healthy()  # /health is public: whose server it is, knows_the_token says

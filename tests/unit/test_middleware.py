@@ -293,3 +293,30 @@ def test_a_key_in_quotes_is_kept_and_its_quotes_are_said():
                                          " <key>`")
     assert "quotes" not in resolve_api_key({"FV_API_KEY": "'k"}).line
     assert "quotes" not in resolve_api_key({"FV_API_KEY": '"'}).line
+
+
+def test_answers_to_fvboots_calls_are_marked_and_clients_are_not(mw):
+    """fvboot's control tells this server's answers from another's on the same port by a mark
+    the middleware puts only on answers to a request whose admin token it took."""
+    def marked(path, admin):
+        sent = []
+        scope = {"type": "http", "path": path, "root_path": "",
+                 "headers": [(b"x-fastvllm-admin", admin.encode())] if admin else []}
+
+        async def send(msg):
+            sent.append(msg)
+
+        async def receive():
+            return {"type": "http.request"}
+
+        asyncio.run(mw(scope, receive, send))
+        return (b"x-fastvllm-admin-answer", b"1") in sent[0]["headers"]
+
+    asyncio.run(mw({"type": "http", "path": "/fv/gate/open", "root_path": "",
+                    "headers": [(b"x-fastvllm-admin", TOKEN.encode())]}, None, _ignore))
+    assert marked("/v1/completions", TOKEN) and marked("/fv/gate/state", TOKEN) and marked("/sleep", TOKEN)
+    assert not marked("/v1/completions", None) and not marked("/v1/completions", "cd" * 32)
+
+
+async def _ignore(msg):
+    pass
