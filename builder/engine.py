@@ -79,6 +79,9 @@ class BuildResult:
     created: tuple[str, ...] = ()
 
 
+STEP_IMAGES_WAIT_S = 30.0  # how long an interrupted build's step images are tried again while the daemon cancels it
+
+
 class DockerEngine:
     def __init__(self, client: docker.DockerClient) -> None:
         self.client = client
@@ -192,7 +195,7 @@ class DockerEngine:
         half-tagged image. BASE_IMAGE names the base in errors about it."""
         stage, stage_start, seconds = "", time.monotonic(), {}
         image_id, tail, steps = None, deque(maxlen=60), StepImages()
-        finished = False
+        finished, stream, read_to_end = False, None, False
         try:
             stream = self.client.api.build(path=str(context), dockerfile=dockerfile, rm=True,
                                            forcerm=True, decode=True, network_mode=network_mode,
@@ -223,6 +226,7 @@ class DockerEngine:
                 m = re.search(r"Successfully built ([0-9a-f]+)", text)
                 if m and not image_id:
                     image_id = m.group(1)
+            read_to_end = True
             if not image_id:
                 raise BuildFailedError("docker build ended without an image id:\n" + "\n".join(list(tail)[-20:]))
             finished = True
@@ -235,7 +239,14 @@ class DockerEngine:
                                    " still running? (journalctl -u docker)") from None
         finally:
             if not finished:  # failed, interrupted, or its reader stopped: leave no <none> image
-                self._remove_step_images(steps.created)
+                hung_up = stream is not None and not read_to_end
+                if hung_up:
+                    # the daemon goes on with a build whose client is still connected, its step's
+                    # container holding the newest image: hang up first, then remove, waiting a
+                    # little while it lets go (found by review, 2026-12-06)
+                    with contextlib.suppress(Exception):
+                        stream.close()
+                self._remove_step_images(steps.created, wait_s=STEP_IMAGES_WAIT_S if hung_up else 0.0)
         if stage:
             seconds[stage] = time.monotonic() - stage_start
         yield BuildResult(image_id, seconds, tuple(steps.created))
@@ -247,15 +258,33 @@ class DockerEngine:
         before, dangling). The cache hits it used stay, for the next build."""
         self._remove_step_images([*result.created, result.image_id])
 
-    def _remove_step_images(self, created: list[str]) -> None:
+    def _remove_step_images(self, created: list[str], wait_s: float = 0.0) -> None:
         """Remove the images a failed build created, newest first (each one's parent is then
-        free to go); one that is tagged or used since stays. Best effort: the build's own error
-        is what the user must see."""
-        for image_id in reversed(created):
+        free to go); one that is tagged stays. One still in use (a cancelled step's container
+        the daemon has not removed yet) is tried again for WAIT_S. Best effort: the build's own
+        error is what the user must see."""
+        deadline = time.monotonic() + wait_s
+        left = list(created)
+        while left:
+            for image_id in reversed(left):
+                try:
+                    self.remove_if_untagged(image_id, prune=False)
+                except (EngineError, APIError, DockerException, RequestException, urllib3.exceptions.HTTPError):
+                    pass
             try:
-                self.remove_if_untagged(image_id, prune=False)
+                left = [i for i in left if self._untagged_image(i)]
             except (EngineError, APIError, DockerException, RequestException, urllib3.exceptions.HTTPError):
-                pass
+                return
+            if not left or time.monotonic() >= deadline:
+                return
+            time.sleep(0.5)
+
+    def _untagged_image(self, image_id: str) -> bool:
+        """Whether IMAGE_ID is still there with no tag (what _remove_step_images may remove)."""
+        try:
+            return not self.client.api.inspect_image(image_id).get("RepoTags")
+        except ImageNotFound:
+            return False
 
     # ---- containers -------------------------------------------------------------------------
     def root_dir(self) -> Path:

@@ -501,3 +501,25 @@ def test_bench_says_at_once_that_a_container_ended_before_it_answered(docker_cli
     with pytest.raises(bench.BenchError, match=r"the container ended \(exit code 0\) before it answered"):
         bench.first_answer(bench.BenchPlan(base, ("--entrypoint", "sh"), limit_s=120), manifest, [])
     assert time.monotonic() - t0 < 30
+
+
+def test_a_build_stopped_mid_step_leaves_no_image(tmp_path, docker_client):
+    """Ctrl-C while a RUN step runs: the removal ran while the daemon, its client still connected,
+    kept the step's container on the newest image, so every image of the build stayed as a
+    <none> (found by review, 2026-12-06). Now fvbuild hangs up first, then removes them as the
+    daemon lets go."""
+    from fvbuild.engine import DockerEngine
+
+    base = base_image()
+    docker_client.images.get(base)
+    (tmp_path / "Dockerfile").write_text(f"FROM {base}\nRUN echo one > /one-{tmp_path.name}\n"
+                                         "RUN echo started && sleep 60\n")
+    before = _dangling(docker_client)
+    gen = DockerEngine.connect().build(tmp_path, network_mode="host")
+    for event in gen:
+        if getattr(event, "text", "") == "started":  # the second RUN step runs
+            break
+    gen.close()  # what an interrupt does to the reader
+    assert _dangling(docker_client) <= before
+    leftovers = [c for c in docker_client.containers.list(all=True) if "sleep 60" in " ".join(c.attrs["Config"]["Cmd"] or [])]
+    assert not leftovers, leftovers
