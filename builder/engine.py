@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import docker
 import urllib3
@@ -77,6 +77,14 @@ class BuildResult:
     # the step images this build made (not its cache hits), oldest first: what `remove_build`
     # takes away when what follows the build fails
     created: tuple[str, ...] = ()
+
+
+def _streamed_response(stream: Iterator) -> Any:
+    """The HTTP response behind docker-py's build stream (the argument of its `_stream_helper`
+    generator, which has not run yet), or None: closing it is how a client hangs up on the
+    daemon, whatever holds the generator's frames (docker-py 7 keeps it nowhere else)."""
+    frame = getattr(stream, "gi_frame", None)
+    return None if frame is None else frame.f_locals.get("response")
 
 
 STEP_IMAGES_WAIT_S = 30.0  # how long an interrupted build's step images are tried again while the daemon cancels it
@@ -195,11 +203,12 @@ class DockerEngine:
         half-tagged image. BASE_IMAGE names the base in errors about it."""
         stage, stage_start, seconds = "", time.monotonic(), {}
         image_id, tail, steps = None, deque(maxlen=60), StepImages()
-        finished, stream, read_to_end = False, None, False
+        finished, stream, read_to_end, response = False, None, False, None
         try:
             stream = self.client.api.build(path=str(context), dockerfile=dockerfile, rm=True,
                                            forcerm=True, decode=True, network_mode=network_mode,
                                            pull=False, target=target)
+            response = _streamed_response(stream)
             for chunk in stream:
                 if "errorDetail" in chunk or "error" in chunk:
                     msg = chunk.get("error") or chunk["errorDetail"].get("message", "")
@@ -243,9 +252,14 @@ class DockerEngine:
                 if hung_up:
                     # the daemon goes on with a build whose client is still connected, its step's
                     # container holding the newest image: hang up first, then remove, waiting a
-                    # little while it lets go (found by review, 2026-12-06)
+                    # little while it lets go (found by review, 2026-12-06). An interrupt in the
+                    # stream's read has urllib3 close the connection itself; a reader that just
+                    # stops leaves it open, and whatever holds the stream's frames keeps it so.
                     with contextlib.suppress(Exception):
                         stream.close()
+                    with contextlib.suppress(Exception):
+                        if response is not None:
+                            response.close()
                 self._remove_step_images(steps.created, wait_s=STEP_IMAGES_WAIT_S if hung_up else 0.0)
         if stage:
             seconds[stage] = time.monotonic() - stage_start

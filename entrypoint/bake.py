@@ -98,6 +98,9 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     prepared = prepare_model(model, layout.model_dir, token_file, model_dir, revision)
     served_name = served_name or prepared.name
     detach_build_inputs()
+    # the files the arguments name outside FV_HOME as they are before vLLM runs: what it writes
+    # there at the bake (a compile cache_dir) is not in the image, which keeps only FV_HOME
+    named = manifest.describe_named_files(layout.home, user_args)
     tl.mark("model ready")
     dev = manifest.device_info()
     gpu = dev.is_cuda
@@ -194,7 +197,6 @@ def bake(layout: Layout, model: str, user_args: list[str], port: int, warmup: in
     # the model folder too: a restored server has it in memory, so one changed since (an image
     # built FROM this one) must get the normal start
     files = manifest.describe_files(layout.home, [layout.weights_dir, layout.checkpoint_dir, layout.model_dir])
-    named = manifest.describe_named_files(layout.home, user_args)
     for folder in named.too_many:
         write_line(f"fvboot bake: warning: {folder}, which the vLLM arguments name, holds more than"
                    f" {manifest.NAMED_FOLDER_MAX_FILES} files and is not checked at a start: a change there"

@@ -321,6 +321,7 @@ NEVER_VLLM_ARGS = {
     "--ssl-keyfile": _TLS,
     "--ssl-certfile": _TLS,
     "--uds": "the server listens on its port, where fvboot checks it",
+    "--headless": "the server must serve HTTP on its port, where fvboot checks it (a headless engine serves none)",
     "--config": "a file of vLLM options is read by vLLM alone, past fvboot's checks: give each option by itself",
     "--middleware": "fvboot sets it",
     "--worker-extension-cls": "fvboot sets it",

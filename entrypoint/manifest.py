@@ -643,6 +643,9 @@ def describe_files(home: Path, roots: list[Path]) -> tuple[FileEntry, ...]:
 # a folder the baked arguments name with more files than this is not recorded (the bake says so)
 NAMED_FOLDER_MAX_FILES = 1000
 _NOT_FILES = ("/proc/", "/sys/", "/dev/")
+# options whose folder vLLM reads at each request, not at its start: a restored server reads it
+# as a normal start does (found by review, 2026-12-06: media mounted there at run time cost the restore)
+_READ_PER_REQUEST = ("--allowed-local-media-path",)
 
 
 def named_paths(args: Sequence[str], home: Path) -> list[Path]:
@@ -650,7 +653,10 @@ def named_paths(args: Sequence[str], home: Path) -> list[Path]:
     value (`--chat-template /etc/t.jinja`, `--chat-template=/etc/t.jinja`) or the part after `=`
     of one (`--lora-modules sql=/adapters/sql`); nothing under /proc, /sys or /dev."""
     found: list[Path] = []
-    for arg in args:
+    for i, arg in enumerate(args):
+        option = arg.partition("=")[0] if arg.startswith("-") else (args[i - 1] if i else "")
+        if option.replace("_", "-") in _READ_PER_REQUEST:
+            continue
         value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
         candidates = {value, value.rsplit("=", 1)[-1]}
         if value.lstrip().startswith("{"):  # vLLM's JSON form: --lora-modules '{"name": ..., "path": ...}'
@@ -708,6 +714,20 @@ def describe_named_files(home: Path, args: Sequence[str]) -> NamedFiles:
         return NamedFiles(tuple(pool.map(entry, sorted(set(files)))), tuple(folders), tuple(too_many))
 
 
+def _first_added(folder: Path, listed: set[str]) -> Optional[str]:
+    """A file under FOLDER that LISTED lacks, or None; the walk stops there, or once it has seen
+    more files than a recorded folder may hold (a mount of millions must not hold up a start)."""
+    seen = 0
+    for path in folder.rglob("*"):
+        if path.is_file():
+            if str(path) not in listed:
+                return str(path)
+            seen += 1
+            if seen > NAMED_FOLDER_MAX_FILES:
+                return None
+    return None
+
+
 def verify_named_files(files: tuple[FileEntry, ...], folders: Sequence[str] = ()) -> str | None:
     """None if every file the baked arguments name is as the bake read it, and each folder they
     name (FOLDERS) holds no file the bake's did not, else why not."""
@@ -715,9 +735,9 @@ def verify_named_files(files: tuple[FileEntry, ...], folders: Sequence[str] = ()
     if found is None:
         listed = {f.path for f in files}
         for folder in folders:
-            added = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and str(p) not in listed)
+            added = _first_added(Path(folder), listed)
             if added:
-                found = (added[0], f"{added[0]} was not there at the bake")
+                found = (added, f"{added} was not there at the bake")
                 break
     if found is None:
         return None

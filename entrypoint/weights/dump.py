@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from . import pipeline
+from .. import runenv
 from .fileformat import ALIGN, flat_bytes, pwrite_full
 from ..worker_threads import run_workers
 from .pipeline import OrderedHashes, Slot, finish, one_device
@@ -46,7 +47,7 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
             _sync_file_range = fn
         except (AttributeError, OSError):
             _sync_file_range = None
-    if _sync_file_range is not None and os.environ.get("FV_DUMP_WRITEBACK", "1") != "0":
+    if _sync_file_range is not None and runenv.value("FV_DUMP_WRITEBACK", error=ValueError) != "0":  # off, no, false too
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 

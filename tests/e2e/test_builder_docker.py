@@ -507,7 +507,10 @@ def test_a_build_stopped_mid_step_leaves_no_image(tmp_path, docker_client):
     """Ctrl-C while a RUN step runs: the removal ran while the daemon, its client still connected,
     kept the step's container on the newest image, so every image of the build stayed as a
     <none> (found by review, 2026-12-06). Now fvbuild hangs up first, then removes them as the
-    daemon lets go."""
+    daemon lets go. The interrupt comes as Ctrl-C's does, in the stream's read."""
+    import signal
+    import threading
+
     from fvbuild.engine import DockerEngine
 
     base = base_image()
@@ -516,10 +519,11 @@ def test_a_build_stopped_mid_step_leaves_no_image(tmp_path, docker_client):
                                          "RUN echo started && sleep 60\n")
     before = _dangling(docker_client)
     gen = DockerEngine.connect().build(tmp_path, network_mode="host")
-    for event in gen:
-        if getattr(event, "text", "") == "started":  # the second RUN step runs
-            break
-    gen.close()  # what an interrupt does to the reader
+    with pytest.raises(KeyboardInterrupt):
+        for event in gen:
+            if getattr(event, "text", "") == "started":  # the second RUN step runs: interrupt the read
+                threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     assert _dangling(docker_client) <= before
-    leftovers = [c for c in docker_client.containers.list(all=True) if "sleep 60" in " ".join(c.attrs["Config"]["Cmd"] or [])]
+    leftovers = [c for c in docker_client.containers.list(all=True)
+                 if "sleep 60" in " ".join(c.attrs["Config"]["Cmd"] or [])]
     assert not leftovers, leftovers

@@ -51,7 +51,8 @@ def test_c_client_gives_up_on_a_silent_service(c_client, silent_service):
                            "no answer within 1 s\n")
 
 
-@pytest.mark.parametrize("given, said, within", [("0.5", "0.5", (0.3, 3)), ("2e0", "2", (1.5, 5))])
+@pytest.mark.parametrize("given, said, within", [("0.5", "0.5", (0.3, 3)), ("2e0", "2", (1.5, 5)),
+                                                  ("1e-7", "1e-07", (0, 3))])  # rounds to 0: a microsecond, not no bound
 def test_c_client_takes_the_bound_as_fvboots_settings_do(c_client, silent_service, given, said, within):
     """fvboot's settings take seconds as numbers (`0.5`, `1e3`); the C client read the whole
     number before the first other character: `0.5` fell back to 300 s, `1e3` was 1 s (found by

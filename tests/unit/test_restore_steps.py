@@ -121,7 +121,9 @@ def test_a_file_the_baked_arguments_name_outside_the_home_is_checked_at_a_start(
     (outside / "tok" / "tokenizer_config.json").write_text("{}")
     lora_json = json.dumps({"name": "sql", "path": str(outside / "tok"), "base_model_name": "m"})
     args = ["--max-model-len", "512", f"--chat-template={template}", "--lora-modules", f"sql={outside / 'adapter'}",
-            lora_json, "--model", str(home / "model"), "--download-dir", "/proc/self", "--tokenizer", "relative/name"]
+            lora_json, "--model", str(home / "model"), "--download-dir", "/proc/self", "--tokenizer", "relative/name",
+            # read at each request, as a normal start reads it (media mounted at run time)
+            "--allowed-local-media-path", str(outside), f"--allowed_local_media_path={outside}"]
     assert manifest.named_paths(args, home) == [template, outside / "adapter", outside / "tok"]
     named = manifest.describe_named_files(home, args)
     assert [f.path for f in named.files] == [str(weights), str(template), str(outside / "tok" / "tokenizer_config.json")]

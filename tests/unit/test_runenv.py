@@ -107,3 +107,11 @@ def test_fvboot_serve_refuses_a_bad_value_before_anything_runs(tmp_path):
         "fvboot: FV_START_TIMEOUT_S='soon' is not a number of seconds above 0 (and at most 604800, a week);"
         " FV_WEIGHT_CHECK='bogus': expected inline or overlap")
     assert "Traceback" not in r.stderr and "starting vLLM" not in r.stderr
+
+
+def test_the_weight_dumps_writeback_switch_reads_every_spelling_the_table_takes():
+    """FV_DUMP_WRITEBACK=off passed the table's check and changed nothing: the dump compared the
+    raw value with "0" (found by review, 2026-12-06)."""
+    for given, read in (("off", "0"), ("no", "0"), ("false", "0"), ("0", "0"), ("1", "1"), (None, "1")):
+        env = {} if given is None else {"FV_DUMP_WRITEBACK": given}
+        assert runenv.value("FV_DUMP_WRITEBACK", env) == read, given

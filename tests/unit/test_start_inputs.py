@@ -66,6 +66,7 @@ def test_the_runs_arguments_lose_the_key_and_the_baked_model_and_each_is_said(tm
     (["-as", "2"], {}, "-as: vLLM's parser reads it as -asc"),
     (["--served-model-name", "x"], {}, "--served-model-name is not taken at a start: fvboot asks the server by its name: docker run -e FV_SERVED_MODEL=NAME"),
     (["--config", "/c.yaml"], {}, "--config is not taken"),
+    (["--headless"], {}, "--headless is not taken: the server must serve HTTP on its port"),
 ])
 def test_what_ends_a_start_at_once_is_one_error(tmp_path, argv, env, said):
     with pytest.raises(FvBootError, match=re.escape(said)):
