@@ -120,6 +120,19 @@ def _yield_cpu() -> None:
         pass  # not allowed, or no per-thread priorities here: the check runs at normal priority
 
 
+def checked(check: Callable[[], Optional[str]]) -> dict:
+    """The verdict of CHECK (None, or what is wrong): ok, why, seconds. A check that fails
+    otherwise than by finding a difference (an unknown checksum, no memory) is a verdict too,
+    with its reason: the thread ended without one, and the fallback said "weights: None"
+    (found by review, 2026-12-06)."""
+    t = time.perf_counter()
+    try:
+        problem = check()
+    except Exception as e:  # noqa: BLE001 - any failure is the verdict, with its reason
+        problem = f"the check of the staged weights failed: {type(e).__name__}: {e}"
+    return {"ok": problem is None, "why": problem, "seconds": round(time.perf_counter() - t, 4)}
+
+
 def check_entries(addr: int, entries: Sequence, alg: str, path: str, threads: int,
                   pause: Callable[[], None] = lambda: None) -> Optional[str]:
     """Every entry of a file mapped at ADDR against its recorded checksum, largest first, in
@@ -264,10 +277,8 @@ def stage(path: str, gpu: str, emit: Callable[..., None], commands: Iterable[str
         pause = Yield(os.environ.get(MARK_ENV))  # fvboot gives the mark only where the stager is to yield
 
         def check() -> None:
-            t = time.perf_counter()
-            problem = check_entries(mapping.addr, list(idx.entries.values()), idx.checksum, path,
-                                    check_threads(), pause)
-            verdict.update(ok=problem is None, why=problem, seconds=round(time.perf_counter() - t, 4))
+            verdict.update(checked(lambda: check_entries(mapping.addr, list(idx.entries.values()), idx.checksum,
+                                                         path, check_threads(), pause)))
 
         checking = threading.Thread(target=check, name="fv-stager-check", daemon=True)
         checking.start()  # beside the CUDA work: the hashes and the copies read the same cached pages

@@ -98,9 +98,10 @@ class CuMemPool:
         self.refresh()
         return any(a.asleep for a in self.tagged(tag))
 
-    def blocks(self, tag: str = "weights") -> tuple[list[tuple[int, int]] | None, str | None]:
-        """Live blocks (address, size) the caching allocator handed out inside the tag's
-        segments, from the MemPool snapshot; (None, why) where that is not available."""
+    def blocks(self, tag: str = "weights") -> tuple[list[tuple[int, int, int]] | None, str | None]:
+        """Live blocks (address, size, bytes asked for) the caching allocator handed out inside
+        the tag's segments, from the MemPool snapshot (what was asked for is the size where the
+        snapshot does not say); (None, why) where that is not available."""
         entry = getattr(self.allocator, "allocator_and_pools", {}).get(tag)
         if not entry:
             return None, f"no MemPool kept for tag {tag!r}"
@@ -118,7 +119,8 @@ class CuMemPool:
                 size = int(blk.get("size", 0))
                 baddr = int(blk.get("address", addr))
                 if str(blk.get("state", "")).startswith("active"):
-                    out.append((baddr, size))
+                    asked = int(blk.get("requested_size") or size)
+                    out.append((baddr, size, min(size, asked) if asked > 0 else size))
                 addr = baddr + size
         return sorted(out), None
 
@@ -278,15 +280,28 @@ class GpuWeights:
         blocks, why = self.pool.blocks("weights")
         uncovered: list[tuple[int, int]] = []
         if blocks:
-            starts = [b for b, _ in blocks]
-            hit = [False] * len(blocks)
-            for p, _ in in_pool:
+            # a block counts as dumped only where the dumped storages span every byte of it that
+            # was asked for: one only started inside it (a view of part of a workspace through
+            # a storage of its own) left the rest to come back as garbage, all counted as dumped
+            # (found by review, 2026-12-06). A block not spanned whole is dumped raw, whole.
+            starts = [b for b, _, _ in blocks]
+            spanned = [0] * len(blocks)
+            reached = [b for b in starts]  # per block: how far the union of sorted spans reaches
+            for p, n in in_pool:
                 k = bisect.bisect_right(starts, p) - 1
-                if k >= 0 and p < blocks[k][0] + blocks[k][1]:
-                    hit[k] = True
-            pool_bytes = sum(n for _, n in blocks)
-            covered = sum(n for (_, n), h in zip(blocks, hit) if h)
-            uncovered = sorted(((a, n) for (a, n), h in zip(blocks, hit) if not h),
+                if k < 0:
+                    continue
+                a, _, asked = blocks[k]
+                lo, hi = max(p, reached[k]), min(p + n, a + asked)
+                if hi > lo:
+                    spanned[k] += hi - lo
+                    reached[k] = hi
+            # (less than the allocator's rounding, 512 B, unspanned: a snapshot without the size
+            # asked for gives the rounded one, whose tail nothing reads)
+            whole = [spanned[k] >= blocks[k][2] - 511 for k in range(len(blocks))]
+            pool_bytes = sum(n for _, n, _ in blocks)
+            covered = sum(n for (_, n, _), w in zip(blocks, whole) if w)
+            uncovered = sorted(((a, n) for (a, n, _), w in zip(blocks, whole) if not w),
                                key=lambda x: -x[1])
             out["measured_against"] = "allocated blocks (MemPool snapshot)"
         else:

@@ -181,3 +181,20 @@ def test_vllms_cpu_copies_of_buffers_a_restore_brings_back_are_dropped_before_th
     assert list(worker._sleep_saved_buffers) == ["kvbuf"]
     assert out == {"bytes": 200 + 160, "dropped_bytes": 200, "kept": 1}
     assert FastVllmWorkerExtension()._fv_drop_saved_buffers() == {}  # CPU, or no level-2 sleep
+
+
+def test_a_block_a_dumped_storage_only_starts_in_is_dumped_raw_whole():
+    """A live block of the weights pool reached only through a storage that views part of it
+    (a workspace imported through DLPack): it counted as dumped whole, and the rest of it came
+    back as garbage after the level-2 sleep (found by review, 2026-12-06)."""
+    cls, m, alloc = _gpu_weights_fixture()
+    block = torch.zeros(1 << 18)  # 1 MiB, live in the weights pool
+    alloc.add(block, "weights")
+    part = torch.empty(0)
+    part.set_(block.untyped_storage(), 0, (16,))  # its first 64 bytes, dumped as a storage of 64 bytes
+    w = cls({"": m}, pool=CuMemPool(alloc))
+    w.storages[id(part)] = type(next(iter(w.storages.values())))(key="small", tensor=part.view(torch.uint8), nbytes=64,
+                                                                 storage=part.untyped_storage())
+    cov = w.coverage()
+    assert cov["uncovered_blocks"] == 1 and cov["largest_uncovered"][0]["bytes"] == 1 << 20, cov
+    assert "warning" not in w.dump_report()  # dumped raw, whole: complete

@@ -656,3 +656,17 @@ def test_gpu_the_stager_puts_the_dump_into_the_weights_the_worker_adopts(fvw):
                 drv.release(k.value)
             drv.address_free(p, n)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_stagers_check_that_fails_otherwise_is_a_verdict_with_its_reason():
+    """A check that raised (an unknown checksum, no memory) ended its thread with no verdict,
+    and the fallback's reason read "weights: None" (found by review, 2026-12-06)."""
+
+    def unknown():
+        raise ValueError("checksum algorithm 'sha999' is not available here")
+
+    v = weight_stager.checked(unknown)
+    assert v["ok"] is False and v["why"] == ("the check of the staged weights failed: ValueError: checksum"
+                                             " algorithm 'sha999' is not available here")
+    assert weight_stager.checked(lambda: None)["ok"] is True
+    assert weight_stager.checked(lambda: "entry x differs")["why"] == "entry x differs"
