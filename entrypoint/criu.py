@@ -66,6 +66,7 @@ class CriuError(FvBootError):
 # Printed by every CRIU run in containers, never the cause (vllm-cpu-and-criu.md).
 _HARMLESS = ("RLIMIT_NOFILE", "Unable to create tun", "Warn")
 _CAUSE_FIRST = re.compile(r"CAP_|capabilit|Permission denied|Operation not permitted", re.IGNORECASE)
+_CAPABILITY_NOTE = re.compile(r"Effective capability \d+ missing")
 # lines that only say a failure went on (a task exited, the restore failed), not what failed
 _CONSEQUENCE = re.compile(r"Restoring FAILED|exited, status=|\d+ killed by signal|Unable to open fd=|Dumping FAILED")
 # a socket put back on an address this network namespace does not have
@@ -104,6 +105,12 @@ def last_error(log: Path, stderr: str = "", stdout: str = "") -> str:
     lines = stdout.splitlines() + lines + stderr.splitlines()
     lines = [re.sub(r"^\(\s*[\d.]+\)\s*", "", l).strip() for l in lines]
     lines = [l for l in lines if l and not any(h in l for h in _HARMLESS)]
+    if not any("CRIU needs to have" in l for l in lines):
+        # CRIU notes each capability it looks for and lacks (CHECKPOINT_RESTORE, which a
+        # container never gets and SYS_ADMIN covers) at debug level, and goes on: not the cause
+        # of a failure where it did not also say it lacks what it needs (found by review,
+        # 2026-12-06: every failed bake dump was reported as a missing capability)
+        lines = [l for l in lines if not _CAPABILITY_NOTE.search(l)]
     causes = [l for l in lines if _CAUSE_FIRST.search(l)]
     if causes:
         return _say_why_denied(causes[0])
@@ -114,6 +121,10 @@ def last_error(log: Path, stderr: str = "", stdout: str = "") -> str:
             if "service_fd_base" in hits[-1]:  # no room for CRIU's own descriptors under the limit
                 low = too_few_open_files()
                 return f"{hits[-1]} ({low})" if low else hits[-1]
+            if "Unable to create a thread: -11" in hits[-1]:  # EAGAIN: a process limit fvboot could not see
+                return (f"{hits[-1]} (the process limit this container runs under left no room for the checkpoint's"
+                        " threads: docker run --pids-limit, or a Kubernetes pod's pids limit, which a container's"
+                        " own cgroup does not show: raise or lift it)")
             if _ADDRESS_GONE.search(hits[-1]):
                 return (f"{hits[-1]} (a socket of the checkpoint is bound to an address this container's"
                         " network does not have: the bake container's own)")
@@ -210,12 +221,17 @@ def restore_thp() -> tuple[bool, str]:
     return True, "FV_RESTORE_THP=1" if setting == "1" else "auto"
 
 
-def restore_map_pages() -> tuple[bool, str]:
+def restore_map_pages(allocators: Sequence[str] = ()) -> tuple[bool, str]:
     """Whether CRIU maps private memory from the page images instead of reading it all back
-    (criu-patches/0003: serving touches a few percent of it), and why. FV_RESTORE_MAP_PAGES=1 /
-    0 decide; auto (default): yes, CPU and GPU images alike (3B CUDA image on an H200, restores
-    interleaved with read-back ones: median 2.84 s against 3.42 s, faster in every round;
-    bench/results/gpu_3b_cuda_image_h200_2026-12-03d/)."""
+    (criu-patches/0003: serving touches a few percent of it), and why. Never where the served
+    processes run an allocator that reads memory it gave back as zeros (ALLOCATORS, which the
+    bake found mapped: launcher.ZEROS_AFTER_PURGE): a mapped page reads as the checkpoint's.
+    FV_RESTORE_MAP_PAGES=1 / 0 decide otherwise; auto (default): yes, CPU and GPU images alike
+    (3B CUDA image on an H200, restores interleaved with read-back ones: median 2.84 s against
+    3.42 s, faster in every round; bench/results/gpu_3b_cuda_image_h200_2026-12-03d/)."""
+    if allocators:
+        return False, (f"the served processes run {', '.join(sorted(set(allocators)))}, which takes memory it gave"
+                       " back for zeros, where a page mapped from the checkpoint would read as the checkpoint's")
     setting = runenv.value("FV_RESTORE_MAP_PAGES")
     if setting in ("0", "1"):
         return setting == "1", f"FV_RESTORE_MAP_PAGES={setting}"
@@ -326,8 +342,29 @@ def read_restore_log(log: Path) -> RestoreLog:
         if m:
             phases[key] = float(m.group(1))
     hits = [i for i in (text.find(f) for f in _GPU_RESUME_FAILURES) if i >= 0]
+    hits += _tid_lookups_failed(text)
     failure = _line_at(text, min(hits)).split("cuda_plugin: ", 1)[-1].strip() if hits else None
     return RestoreLog(phases, failure)
+
+
+_TID_LOOKUP = "Failed to launch cuda-checkpoint to retrieve restore tid"
+# the lookup's answer where the tool itself could not ask the driver (its service gone or silent,
+# the driver not starting), rather than the driver saying the process has no CUDA state to resume
+_TOOL_FAILED = ("fv-cuda-checkpoint:", "Error initializing CUDA", "cuda-checkpoint service")
+
+
+def _tid_lookups_failed(text: str) -> list[int]:
+    """Where the cuda plugin's lookup of a process's restore thread failed because the tool could
+    not ask: the plugin then skips the process's resume ("No need to resume devices") and CRIU
+    reports success with its GPU state still checkpointed, found only by the wake's bound
+    (found by review, 2026-12-06). Every process without CUDA fails the lookup too, with the
+    driver's answer: not a failure."""
+    out, i = [], text.find(_TID_LOOKUP)
+    while i >= 0:
+        if any(t in _line_at(text, i) for t in _TOOL_FAILED):
+            out.append(i)
+        i = text.find(_TID_LOOKUP, i + 1)
+    return out
 
 
 def _line_at(text: str, i: int) -> str:

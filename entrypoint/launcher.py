@@ -43,11 +43,31 @@ def tree_processes(root: int) -> list[dict]:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         args = [a.decode(errors="replace") for a in cmd if a]
-        out.append({"host_pid": pid, "pid": int(fields.get("NSpid", str(pid)).split()[-1]),
-                    "name": fields.get("Name", "").strip(), "command": " ".join(args)[:160],
-                    "rss_anon_bytes": int(fields.get("RssAnon", "0 kB").split()[0]) * 1024})
+        found = {"host_pid": pid, "pid": int(fields.get("NSpid", str(pid)).split()[-1]),
+                 "name": fields.get("Name", "").strip(), "command": " ".join(args)[:160],
+                 "rss_anon_bytes": int(fields.get("RssAnon", "0 kB").split()[0]) * 1024}
+        allocators = zeroing_allocators(pid)
+        if allocators:
+            found["allocators"] = allocators
+        out.append(found)
         todo += [int(k) for k in kids]
     return out
+
+
+# Allocators that take memory they gave back with MADV_DONTNEED to read as zeros (jemalloc marks a
+# purged extent zeroed, and its calloc skips the clearing): a restore that maps memory from the
+# page images brings the checkpoint's bytes back there instead (found by review, 2026-12-06)
+ZEROS_AFTER_PURGE = ("jemalloc", "mimalloc")
+
+
+def zeroing_allocators(pid: int | str, proc: str = "/proc") -> list[str]:
+    """Which of ZEROS_AFTER_PURGE process PID has mapped (preloaded or linked), by name."""
+    try:
+        maps = open(f"{proc}/{pid}/maps").read()
+    except OSError:
+        return []
+    names = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/" in line}
+    return sorted({a for a in ZEROS_AFTER_PURGE for n in names if n.startswith(f"lib{a}")})
 
 
 def vllm_command(model_dir: str, served_name: str, port: int, user_args: list[str], sleep_mode: bool) -> list[str]:

@@ -512,6 +512,16 @@ class Manifest:
         workers = self.trim if isinstance(self.trim, list) else [self.trim]
         return [w for w in workers if isinstance(w, dict)]
 
+    def zeroing_allocators(self) -> list[str]:
+        """The allocators the bake found in the served processes that read memory they gave
+        back as zeros (launcher.ZEROS_AFTER_PURGE), by name; [] where none, or not recorded."""
+        found = set()
+        for p in self.processes or ():
+            names = p.extra.get("allocators")
+            if isinstance(names, list):
+                found |= {n for n in names if isinstance(n, str)}
+        return sorted(found)
+
     def gpu_bytes_at_checkpoint(self) -> int:
         """The most GPU memory one worker's GPU had in use when the workers were checkpointed
         (asleep: no weights, no KV cache; what the CUDA resume allocates again), 0 where the

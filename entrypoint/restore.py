@@ -207,7 +207,7 @@ def criu_restore(s: RestoreState) -> None:
     thp, why = criu.restore_thp()
     if not thp:
         log(f"memory is restored into 4 KiB pages: {why}")
-    mapped, why = criu.restore_map_pages()
+    mapped, why = criu.restore_map_pages(s.manifest.zeroing_allocators())
     if not mapped:
         log(f"memory is read back whole, not mapped from the checkpoint: {why}")
     criu.wait_kernel_facts(s.kernel_facts)  # done by now, as a rule: the restore loads its cache
@@ -217,7 +217,8 @@ def criu_restore(s: RestoreState) -> None:
     m = s.manifest
     pid = criu.restore(s.layout.images_dir, s.layout.run_dir,
                        [(s.pipes.out_w, m.pipes.stdout), (s.pipes.err_w, m.pipes.stderr)],
-                       env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {})})
+                       env={**s.criu_env, **({"FV_CUDA_DEVICE_MAP": device_map} if device_map else {}),
+                            **({} if mapped else {"CRIU_RESTORE_MAP_PAGES": "0"})})
     s.tree = RestoredTree(pid, Path(m.runtime_file))
     restore_log = criu.read_restore_log(s.layout.run_dir / "criu-restore.log")
     if s.gpu and restore_log.gpu_failure:  # CRIU carried on; the tree would block on its first CUDA call

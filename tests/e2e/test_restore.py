@@ -493,6 +493,27 @@ def test_zero_pages_left_out_come_back_as_zeros_in_parent_and_child(baked_image,
     assert sum(said in line for line in res["restore_log"]) == 3, res["restore_log"]
 
 
+@pytest.mark.parametrize("mapped", ["1", "0"])
+def test_code_written_at_run_time_still_runs_after_a_restore(baked_image, mapped):
+    """oneDNN's JIT kernels live in read-write-execute anonymous memory: a run of it mapped from
+    the page images (criu-patches/0003) lost PROT_EXEC, and the first long prompt after a
+    restore killed the worker (found by review, 2026-12-06: a 128x4096x4096 bf16 matmul's
+    kernels, runs of 64-108 KiB). Such areas are read back, keeping their protection."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the test's code is x86-64")
+    r = subprocess.run(["docker", "run", "--rm", *CAPS, "-e", f"CRIU_RESTORE_MAP_PAGES={mapped}",
+                        "-v", f"{REPO / 'tests' / 'e2e' / 'jit_code_tree.py'}:/fv-test/jit_code_tree.py:ro",
+                        "--entrypoint", "python3", baked_image, "/fv-test/jit_code_tree.py", "run", "/tmp/fv-test"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.splitlines()[-1])
+    assert res["before"] == "42" and res["after"] == "42", res
+    said = "private memory mapped from the page images: " + ("yes" if mapped == "1" else "no")
+    assert any(said in line for line in res["restore_log"]), res["restore_log"]
+
+
 def test_the_checkpoint_holds_no_socket_bound_to_the_bakes_own_address(manifest):
     """The served tree's sockets stay on loopback (launcher.LOOPBACK_SETTINGS), so the image
     restores in any network: left alone, vLLM's GPU worker connected its TCP store from the bake

@@ -318,11 +318,30 @@ def test_restored_tree_terminate_is_bounded(monkeypatch):
 
 
 def test_a_missing_capability_is_named(tmp_path):
-    """What CRIU 4.2 logs in a container started without the documented capabilities."""
+    """What CRIU 4.2 says in a container started without the documented capabilities: a note per
+    capability it lacks, then that it needs them (on its stdout)."""
     log = tmp_path / "criu-restore.log"
-    log.write_text("(00.000012) Version: 4.2.1\n(00.000300) Error (criu/cr-check.c:1): Effective capability 40 missing\n")
-    assert criu.last_error(log).startswith("Error (criu/cr-check.c:1): Effective capability 40 missing (CAP_CHECKPOINT_RESTORE "
-                                           "(SYS_ADMIN covers it): run the container with --cap-add SYS_ADMIN ")
+    log.write_text("(00.000012) Version: 4.2.1\n(00.000300) Effective capability 40 missing\n"
+                   "(00.000301) Effective capability 21 missing\n")
+    said = "CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability: \n"
+    assert criu.last_error(log, stdout=said).startswith(
+        "CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability: (run the container with"
+        " --cap-add SYS_ADMIN ")
+    # without its stdout (a log alone), the notes name what it lacked
+    log.write_text(log.read_text() + "(00.000302) CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE"
+                   " capability:\n")
+    assert criu.last_error(log).startswith("Effective capability 40 missing (CAP_CHECKPOINT_RESTORE (SYS_ADMIN covers it)")
+
+
+def test_a_capability_note_is_not_the_cause_where_criu_had_what_it_needs(tmp_path):
+    """CRIU notes at debug level each capability it looks for and lacks, CHECKPOINT_RESTORE in
+    every container (SYS_ADMIN covers it), and goes on: every failed bake dump was reported as
+    that missing capability, the real error left out (found by review, 2026-12-06)."""
+    log = tmp_path / "criu-dump.log"
+    log.write_text("(00.000012) Version: 4.2.1\n(00.000300) Effective capability 40 missing\n"
+                   "(00.120000) Error (criu/files.c:1180): send_fds failed (-22)\n"
+                   "(00.120100) Error (criu/cr-dump.c:2100): Dumping FAILED.\n")
+    assert criu.last_error(log) == "Error (criu/files.c:1180): send_fds failed (-22)"
 
 
 def test_a_full_disk_that_stops_the_normal_start_too_is_one_line(tmp_path):
@@ -431,3 +450,15 @@ def test_what_a_failed_restore_leaves_running_after_the_kill_is_named(monkeypatc
         child.kill()
         child.wait(10)
     assert f"1 process(es) still ran 0.2 s after SIGKILL (pid {child.pid};" in capfd.readouterr().err
+
+
+def test_a_thread_criu_could_not_create_names_the_process_limit(tmp_path):
+    """A Kubernetes pod's pids limit is on the pod's cgroup, which the container's own does not
+    show, so fvboot's check before CRIU passes and CRIU fails with EAGAIN: its line alone did not
+    say what to change (found by review, 2026-12-06)."""
+    log = tmp_path / "criu-restore.log"
+    log.write_text("(00.300000) Error (criu/cr-restore.c:1500): Unable to create a thread: -11\n"
+                   "(00.300100) Error (criu/cr-restore.c:2400): Restoring FAILED.\n")
+    said = criu.last_error(log)
+    assert said.startswith("Error (criu/cr-restore.c:1500): Unable to create a thread: -11 (the process limit")
+    assert "a Kubernetes pod's pids limit" in said
