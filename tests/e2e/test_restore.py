@@ -481,16 +481,22 @@ def test_zero_pages_left_out_come_back_as_zeros_in_parent_and_child(baked_image,
     inherited (CRIU drops those pages with MADV_DONTNEED), data over zeros, fresh areas written
     with zeros, zeros written before the forks and left alone in all three. Dumped, rewritten,
     restored (memory mapped from the images or read): every process's memory digests the same."""
-    r = subprocess.run(["docker", "run", "--rm", *CAPS, "-e", f"CRIU_RESTORE_MAP_PAGES={mapped}",
-                        "-v", f"{REPO / 'tests' / 'e2e' / 'zero_pages_tree.py'}:/fv-test/zero_pages_tree.py:ro",
-                        "--entrypoint", "python3", baked_image, "/fv-test/zero_pages_tree.py", "run", "/tmp/fv-test"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.splitlines()[-1])
+    res = _tree_script_in_the_image(baked_image, "zero_pages_tree.py", mapped)
     assert res["after"] == res["before"], res
     assert len(res["left_out"]) == 3 and all(n > 400 for n in res["left_out"].values()), res  # 1.6 MiB+ each
     said = "private memory mapped from the page images: " + ("yes" if mapped == "1" else "no")
     assert sum(said in line for line in res["restore_log"]) == 3, res["restore_log"]
+
+
+def _tree_script_in_the_image(image: str, script: str, mapped: str) -> dict:
+    """tests/e2e/SCRIPT `run` in IMAGE as its restore runs (CRIU's capabilities), with
+    CRIU_RESTORE_MAP_PAGES=MAPPED: the JSON it prints last."""
+    r = subprocess.run(["docker", "run", "--rm", *CAPS, "-e", f"CRIU_RESTORE_MAP_PAGES={mapped}",
+                        "-v", f"{REPO / 'tests' / 'e2e' / script}:/fv-test/{script}:ro",
+                        "--entrypoint", "python3", image, f"/fv-test/{script}", "run", "/tmp/fv-test"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("mapped", ["1", "0"])
@@ -503,12 +509,7 @@ def test_code_written_at_run_time_still_runs_after_a_restore(baked_image, mapped
 
     if platform.machine() != "x86_64":
         pytest.skip("the test's code is x86-64")
-    r = subprocess.run(["docker", "run", "--rm", *CAPS, "-e", f"CRIU_RESTORE_MAP_PAGES={mapped}",
-                        "-v", f"{REPO / 'tests' / 'e2e' / 'jit_code_tree.py'}:/fv-test/jit_code_tree.py:ro",
-                        "--entrypoint", "python3", baked_image, "/fv-test/jit_code_tree.py", "run", "/tmp/fv-test"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.splitlines()[-1])
+    res = _tree_script_in_the_image(baked_image, "jit_code_tree.py", mapped)
     assert res["before"] == "42" and res["after"] == "42", res
     said = "private memory mapped from the page images: " + ("yes" if mapped == "1" else "no")
     assert any(said in line for line in res["restore_log"]), res["restore_log"]
