@@ -158,15 +158,16 @@ class DockerEngine:
         except (APIError, DockerException) as e:
             raise EngineError(f"image {ref}: {_short(e)}") from None
 
-    def remove_if_untagged(self, image_id: str, prune: bool) -> None:
+    def remove_if_untagged(self, image_id: str, prune: bool) -> bool:
         """Remove IMAGE_ID only if no tag names it (`docker rmi ID` would untag a single tag and
-        delete the image) and nothing uses it; its build cache stays unless PRUNE."""
+        delete the image) and nothing uses it; its build cache stays unless PRUNE. True where it
+        stays untagged: something still uses it."""
         try:
             if self.client.api.inspect_image(image_id).get("RepoTags"):
-                return
+                return False
         except ImageNotFound:
-            return
-        self.remove_image(image_id, prune=prune, force=False)
+            return False
+        return not self.remove_image(image_id, prune=prune, force=False)
 
     def tag(self, image_id: str, ref: str) -> None:
         """Tag IMAGE_ID as REF; the image REF named until then (read right before, not at the
@@ -182,10 +183,10 @@ class DockerEngine:
         if previous and previous != image_id:
             self.remove_if_untagged(previous, prune=True)
 
-    def remove_image(self, ref: str, prune: bool = True, force: bool = True) -> None:
+    def remove_image(self, ref: str, prune: bool = True, force: bool = True) -> bool:
         """Remove REF; PRUNE also removes its untagged parents (prune=False keeps them as the build
         cache: `docker images` does not list them, the next build reuses them). Without FORCE an
-        image that something else still tags or uses stays."""
+        image that something else still tags or uses stays: False then, True where REF is gone."""
         try:
             self.client.api.remove_image(ref, force=force, noprune=not prune)
         except NotFound:
@@ -193,6 +194,8 @@ class DockerEngine:
         except APIError as e:
             if e.status_code != 409:  # still used by a container or a child image: not ours to force
                 raise EngineError(f"docker rmi {ref} failed: {_short(e)}") from None
+            return False
+        return True
 
     # ---- build ------------------------------------------------------------------------------
     def build(self, context: Path, network_mode: Optional[str] = None,
@@ -280,25 +283,19 @@ class DockerEngine:
         deadline = time.monotonic() + wait_s
         left = list(created)
         while left:
+            stays = []
             for image_id in reversed(left):
                 try:
-                    self.remove_if_untagged(image_id, prune=False)
-                except (EngineError, APIError, DockerException, RequestException, urllib3.exceptions.HTTPError):
-                    pass
-            try:
-                left = [i for i in left if self._untagged_image(i)]
-            except (EngineError, APIError, DockerException, RequestException, urllib3.exceptions.HTTPError):
-                return
+                    if self.remove_if_untagged(image_id, prune=False):
+                        stays.append(image_id)
+                except (EngineError, APIError):  # the daemon refused: tried again
+                    stays.append(image_id)
+                except (DockerException, RequestException, urllib3.exceptions.HTTPError):  # no daemon to ask
+                    return
+            left = stays[::-1]
             if not left or time.monotonic() >= deadline:
                 return
             time.sleep(0.5)
-
-    def _untagged_image(self, image_id: str) -> bool:
-        """Whether IMAGE_ID is still there with no tag (what _remove_step_images may remove)."""
-        try:
-            return not self.client.api.inspect_image(image_id).get("RepoTags")
-        except ImageNotFound:
-            return False
 
     # ---- containers -------------------------------------------------------------------------
     def root_dir(self) -> Path:

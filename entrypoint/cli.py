@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import __version__
-from .errors import FvBootError, Stopped
+from .errors import FvBootError, Stopped, stop_on_signals
 from .layout import Layout
 
 COMMANDS = ("bake", "serve", "inspect", "check", "make-model", "cuda-checkpoint")
@@ -87,21 +87,6 @@ def _own_mounts() -> Iterator[None]:
             shutil.rmtree(made, ignore_errors=True)
 
 
-def _stop_on_signals() -> None:
-    """docker stop (SIGTERM) or Ctrl-C from the first moment: PID 1 ignores a signal it has no
-    handler for, and one that came before `serve` set its own ended in a traceback (found by
-    review, 2026-12-06). Raises Stopped, which unwinds what runs (a bake's tree terminated)."""
-    import signal
-
-    def stop(signum, _frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwinding; a second signal waits for it
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise Stopped(signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-
-
 def _serve(argv: list[str]) -> int:
     with _own_mounts():
         from .devices import DeviceLookup
@@ -151,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
     try:
         if cmd in ("serve", "bake", "check"):
-            _stop_on_signals()
+            # docker stop from the first moment: PID 1 ignores a signal it has no handler for, and
+            # one before `serve` set its own ended in a traceback (found by review, 2026-12-06)
+            stop_on_signals()
         if cmd == "bake":
             return _bake(rest)
         if cmd == "inspect":

@@ -82,11 +82,7 @@ class ServerControl:
     def knows_the_token(self) -> bool:
         """Whether the server answering is the one this start runs: only its middleware knows
         this start's admin token (another server on the port, on the host's network, does not)."""
-        try:
-            self._call("GET", "/fv/gate/state", timeout=5)
-            return True
-        except (OSError, ValueError, ServerError):
-            return False
+        return self._gate_state() is not None
 
     def wait_healthy(self, timeout: float, alive: Callable[[], bool], poll: float = 0.05) -> None:
         """Until the server answers /health (bounded by TIMEOUT; ServerDied once ALIVE says the
@@ -112,11 +108,16 @@ class ServerControl:
 
     def gate_is_open(self) -> bool:
         """Whether the gate is open, asked once and briefly: False where nothing answers."""
-        try:
-            answer = self._call("GET", "/fv/gate/state", timeout=5)
-        except (OSError, ValueError, ServerError):
-            return False
+        answer = self._gate_state()
         return isinstance(answer, dict) and answer.get("gate") == "open"
+
+    def _gate_state(self) -> Any:
+        """The middleware's answer to this start's gate-state call (5 s at most), or None where
+        no server that knows this start's admin token answers."""
+        try:
+            return self._call("GET", "/fv/gate/state", timeout=5) or {}
+        except (OSError, ValueError, ServerError):
+            return None
 
     def trim(self) -> Any:
         """Shrink the server's processes before the dump (every worker, then the API server);

@@ -45,3 +45,17 @@ class Stopped(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by signal {signum}")
         self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """From now on SIGTERM and SIGINT raise Stopped, once: a second signal waits for the first's
+    unwinding. fvboot's first step (PID 1 ignores a signal it has no handler for), and a start's."""
+    import signal
+
+    def stop(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)

@@ -27,7 +27,7 @@ from . import compatibility, criu, cuda_checkpoint_service, errors, exitnoise, r
 from .caches import writable_caches
 from .control import ServerControl
 from .devices import DeviceLookup
-from .errors import CheckpointUnusable, FvBootError, ServerDied, Stopped
+from .errors import CheckpointUnusable, FvBootError, ServerDied, Stopped, stop_on_signals
 from .launcher import (Pipes, ServedTree, arg_value, args_from_env, server_env, server_port,
                        shown_args, vllm_command)
 from .layout import Layout
@@ -92,17 +92,10 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _raise_stopped(signum, _frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwinding; a second signal waits for it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise Stopped(signum)
-
-
 def serve(layout: Layout, run_args: list[str], devices: Optional[DeviceLookup] = None) -> int:
     # First of all: docker stop during a restore or a start stops what runs and ends the container
     # (143), instead of waiting for Docker's SIGKILL.
-    signal.signal(signal.SIGTERM, _raise_stopped)
-    signal.signal(signal.SIGINT, _raise_stopped)
+    stop_on_signals()
     tl = Timeline("serve")
     tl.mark("fvboot running")  # after Python's start-up and fvboot's imports
     inputs = read_start_inputs(layout, run_args)

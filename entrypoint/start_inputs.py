@@ -61,7 +61,7 @@ def refused_run_arg(run_args: list[str]) -> Optional[str]:
     another served name; found by review, 2026-12-06: TLS ended after an hour's wait for a
     health answer in plain HTTP), or None. Abbreviations of the options fvboot reads from them
     (`--por 9000`: fvboot would wait on 8000) are refused too."""
-    for i, a in enumerate(run_args):
+    for a in run_args:
         name = dashed_option(a).partition("=")[0]
         if name in _BAKED_ONLY:
             return f"{name} is not taken at a start: {_BAKED_ONLY[name]}"
